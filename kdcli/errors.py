@@ -1,0 +1,84 @@
+"""kdcli's exceptions, and the one table that maps errors to what the user sees.
+
+Every error kdcli raises on purpose is a :class:`KdcliError`. Its message says what is
+wrong; its ``hint`` says how to fix it. ``cli.main`` prints both on one line.
+"""
+
+from __future__ import annotations
+
+
+class KdcliError(Exception):
+    """Base class of every error kdcli reports to the user.
+
+    Args:
+        message: What is wrong.
+        hint: How to fix it (shown after the message).
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}. {self.hint}" if self.hint else self.message
+
+
+class UsageError(KdcliError):
+    """An option or argument has a bad value."""
+
+
+class DataError(KdcliError):
+    """A data file is missing, malformed or inconsistent."""
+
+
+class FormatError(KdcliError):
+    """A model or transfer-set file is not in the format kdcli expects."""
+
+
+class ModelError(KdcliError):
+    """A model cannot be built, loaded or run."""
+
+
+class UnsafePickleError(FormatError):
+    """A file holds a pickled object that would run code when loaded."""
+
+
+class OutputExistsError(KdcliError):
+    """The output path exists and ``--force`` was not given."""
+
+
+class ExportError(KdcliError):
+    """ONNX export or its verification failed."""
+
+
+def user_message(exc: BaseException) -> tuple[str, int]:
+    """Map any exception to the one-line message and exit code the CLI shows.
+
+    This is the single error-mapping table of the CLI.
+
+    Args:
+        exc: The exception that ended a command.
+
+    Returns:
+        The message (without the ``Error:`` prefix) and the process exit code.
+    """
+    if isinstance(exc, KdcliError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted. Outputs were not written; rerun (with --resume where supported)", 130
+    if isinstance(exc, MemoryError):
+        return "out of memory. Lower --batch-size or use a smaller --limit", 1
+    if isinstance(exc, FileNotFoundError):
+        return f"file not found: {exc.filename}. Check the path", 1
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {exc.filename}. Choose a writable path", 1
+    if isinstance(exc, IsADirectoryError):
+        return f"{exc.filename} is a directory. Give a file path", 1
+    return (
+        f"unexpected {type(exc).__name__}: {exc}. "
+        "Rerun with KDCLI_DEBUG=1 for a traceback and report it",
+        1,
+    )

@@ -1,0 +1,253 @@
+"""``kdcli export``: a kdcli model to ONNX, verified against PyTorch on real inputs.
+
+The graph takes raw inputs (for MNIST: float32 pixels 0-255, shape ``[batch, 28, 28]``);
+scaling, normalization and flattening are inside it. Inputs are named ``input``; outputs
+``logits`` and/or ``probabilities`` (softmax at T = 1). Every export is checked with
+``onnx.checker`` (full check) and by running onnxruntime against torch; a file that fails
+is removed.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import json
+import logging
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from kdcli import __version__
+from kdcli.errors import ExportError, FormatError, UsageError
+from kdcli.files import atomic_output, check_output, require_file
+from kdcli.output import Reporter
+
+OUTPUT_MODES = {"logits": ["logits"], "probs": ["probabilities"],
+                "both": ["logits", "probabilities"]}
+
+
+def main_export(model: str | Path = "student.safetensors", output: str | Path = "student.onnx",
+                *, opset: int | None = None, outputs: str = "logits", batch: str = "dynamic",
+                atol: float = 1e-4, data: str | None = None, check_examples: int = 1000,
+                force: bool = False, verbose: bool = False,
+                reporter: Reporter | None = None) -> dict[str, Any]:
+    """Export a kdcli model file to ONNX and verify it.
+
+    Args:
+        model: A kdcli model file (student, teacher or baseline).
+        output: The ``.onnx`` path.
+        opset: ONNX opset (default: the exporter's).
+        outputs: ``logits``, ``probs`` or ``both``.
+        batch: ``dynamic`` or a fixed batch size.
+        atol: Largest allowed absolute logit difference between onnxruntime and torch.
+        data: Data for the check (default: the data recorded in the model file).
+        check_examples: How many examples to check on.
+        force: Overwrite ``output``.
+        verbose: Show the exporter's own messages and warnings.
+        reporter: Output sink.
+
+    Returns:
+        The verification report: max difference, agreement, size, opset, op counts.
+
+    Raises:
+        ExportError: export failed, or the ONNX model disagrees with torch.
+    """
+    import onnx
+
+    from kdcli.models import load_model
+
+    rep = reporter or Reporter()
+    if outputs not in OUTPUT_MODES:
+        raise UsageError(f"unknown --outputs {outputs!r}", "Use logits, probs or both")
+    fixed = _parse_batch(batch)
+    if not atol > 0:
+        raise UsageError(f"--atol must be positive, got {atol}", "Try --atol 1e-4")
+    check_output(output, force)
+    require_file(model, "model file")
+    try:
+        mf = load_model(model)
+    except FormatError as e:
+        raise FormatError(f"{e.message}; kdcli export takes a kdcli model file",
+                          "Train one with kdcli train or kdcli train-student") from e
+    x_check = _check_inputs(mf, data, fixed, check_examples)
+    start = time.perf_counter()
+    with atomic_output(output, force) as tmp:
+        log = _to_onnx(mf.model, OUTPUT_MODES[outputs], list(mf.preprocessing.raw_shape),
+                       fixed, opset, tmp, verbose)
+        if verbose and log.strip():
+            rep.err.print(log.rstrip(), markup=False, highlight=False)
+        proto = onnx.load(str(tmp))
+        _set_metadata(proto, mf, outputs)
+        onnx.save(proto, str(tmp))
+        report = verify(tmp, mf.model, x_check, OUTPUT_MODES[outputs], atol)
+    report.update(out=str(output), model=str(model), outputs=OUTPUT_MODES[outputs],
+                  batch="dynamic" if fixed is None else fixed,
+                  seconds=round(time.perf_counter() - start, 2))
+    ops = ", ".join(f"{k} {v}" for k, v in sorted(report["op_counts"].items()))
+    rep.table(f"Exported {output}", ["", "value"], [
+        ["max |logit diff| vs torch", f"{report['max_abs_diff']:.3g} (atol {atol:g})"],
+        ["argmax agreement", f"{100 * report['agreement']:.2f}% of {report['checked']}"],
+        ["file size", f"{report['file_bytes']:,} bytes"], ["opset", report["opset"]],
+        ["ops", ops], ["batch", report["batch"]]])
+    return report
+
+
+def _parse_batch(batch: str | int) -> int | None:
+    if str(batch) == "dynamic":
+        return None
+    try:
+        n = int(batch)
+    except ValueError as e:
+        raise UsageError(f"bad --batch {batch!r}", "Use dynamic or a positive number") from e
+    if n <= 0:
+        raise UsageError(f"--batch must be positive, got {n}", "Use dynamic or e.g. 1")
+    return n
+
+
+def _check_inputs(mf, data: str | None, fixed: int | None, count: int):
+    """Real raw inputs for the check, as float32 ``[n, *raw_shape]``."""
+    import torch
+
+    from kdcli.data import load_data
+
+    spec = data or mf.training.get("test_data") or mf.training.get("data")
+    if not spec:
+        raise UsageError("the model records no data source to check the export on",
+                         "Pass --data with examples the model takes")
+    ds = load_data(spec, limit=max(count, fixed or 0))
+    x = ds.inputs.float()
+    if list(x.shape[1:]) != list(mf.preprocessing.raw_shape):
+        raise UsageError(f"--data examples have shape {list(x.shape[1:])}, but the model takes "
+                         f"{mf.preprocessing.raw_shape}", "Pass --data the model was trained on")
+    if fixed is not None:
+        reps = -(-fixed // len(x))
+        x = torch.cat([x] * reps)[: fixed * max(1, len(x) // fixed)]
+    return x
+
+
+def _to_onnx(model, output_names: list[str], raw_shape: list[int], fixed: int | None,
+             opset: int | None, path: Path, verbose: bool = False) -> str:
+    """Export with torch's exporter; return what it printed (shown only with --verbose)."""
+    import torch
+
+    class Exportable(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input: torch.Tensor):  # noqa: A002 - the ONNX input's name
+            logits = self.model(input)
+            if output_names == ["logits"]:
+                return logits
+            probs = torch.softmax(logits, dim=-1)
+            return probs if output_names == ["probabilities"] else (logits, probs)
+
+    example = torch.zeros(fixed or 2, *raw_shape)
+    kwargs: dict[str, Any] = {"input_names": ["input"], "output_names": output_names,
+                              "dynamo": True, "external_data": False}
+    if fixed is None:
+        kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1)},)
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    buf = io.StringIO()
+    if not verbose:  # torch logs straight to its own handlers; mute them for the export
+        logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.onnx.export(Exportable().eval(), (example,), str(path), **kwargs)
+    except Exception as e:  # noqa: BLE001 - the exporter raises many types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ExportError(f"the ONNX exporter failed: {first}",
+                          "Rerun with --verbose for its log; try another --opset") from e
+    finally:
+        logging.disable(logging.NOTSET)
+    return buf.getvalue() + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
+
+
+def _set_metadata(proto, mf, outputs: str) -> None:
+    pre = asdict(mf.preprocessing)
+    props = {
+        "kdcli_version": __version__,
+        "architecture": mf.arch.spec(),
+        "architecture_json": json.dumps(asdict(mf.arch)),
+        "preprocessing": json.dumps(pre),
+        "input_units": f"{pre['units']} as float32, shape [batch, "
+                       f"{', '.join(map(str, pre['raw_shape']))}]; normalization is inside",
+        "num_classes": str(mf.num_classes),
+        "outputs": outputs,
+        "training": json.dumps(_training_summary(mf.training), default=float),
+    }
+    del proto.metadata_props[:]
+    for k, v in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+
+
+def _training_summary(training: dict[str, Any]) -> dict[str, Any]:
+    keys = ("command", "data", "T", "alpha", "loss", "epochs", "test_errors", "test_data",
+            "transfer_sha256")
+    out = {k: training[k] for k in keys if training.get(k) is not None}
+    if training.get("teachers"):
+        out["teachers"] = [{"file": t.get("file"), "sha256": t.get("sha256"),
+                            "test_errors": (t.get("training") or {}).get("test_errors")}
+                           for t in training["teachers"]]
+    return out
+
+
+def verify(path: Path, model, x, output_names: list[str], atol: float) -> dict[str, Any]:
+    """Check an exported file: ``onnx.checker`` and onnxruntime against torch.
+
+    Args:
+        path: The ONNX file.
+        model: The torch model it was exported from.
+        x: Real raw inputs, float32 ``[n, *raw_shape]``.
+        output_names: The graph's outputs.
+        atol: Largest allowed absolute logit difference.
+
+    Raises:
+        ExportError: a check failed.
+    """
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:  # noqa: BLE001 - checker raises ValidationError and others
+        raise ExportError(f"onnx.checker rejected the export: {str(e).splitlines()[0]}",
+                          "Try another --opset, or report this bug") from e
+    proto = onnx.load(str(path))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        batch = sess.get_inputs()[0].shape[0]
+        step = batch if isinstance(batch, int) else len(x)
+        got = [sess.run(None, {"input": x[i:i + step].numpy()})
+               for i in range(0, len(x) - step + 1, step)]
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"onnxruntime cannot run the export: {str(e).splitlines()[0]}",
+                          "Try another --opset") from e
+    n = sum(len(g[0]) for g in got)
+    with torch.inference_mode():
+        ref = model(x[:n]).float()
+    first = torch.from_numpy(np.concatenate([g[0] for g in got]))
+    if output_names == ["probabilities"]:
+        ref = torch.softmax(ref, -1)
+    diff = float((first - ref).abs().max())
+    agree = float((first.argmax(-1) == ref.argmax(-1)).float().mean())
+    if not diff <= atol or agree < 1.0:
+        raise ExportError(
+            f"the ONNX model disagrees with torch: max |diff| {diff:.3g} > atol {atol:g} "
+            f"or argmax agreement {100 * agree:.2f}% < 100%; the file was removed",
+            "Report this bug; a larger --atol only hides it")
+    ops = collections.Counter(node.op_type for node in proto.graph.node)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {"max_abs_diff": diff, "agreement": agree, "checked": n,
+            "file_bytes": Path(path).stat().st_size, "opset": opset, "op_counts": dict(ops)}

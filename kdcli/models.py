@@ -1,0 +1,316 @@
+"""kdcli's model family (MLP and CNN) and the kdcli model file format.
+
+A kdcli model takes inputs in the raw units of its training data (MNIST: pixels 0-255, shape
+``[B, 28, 28]``) and does its own preprocessing, so that a model file is all a user, a
+teacher loader or the ONNX exporter needs. See ``docs/formats.md`` for the file format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kdcli import __version__
+from kdcli.errors import FormatError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+MODEL_FORMAT = "kdcli.model"
+MODEL_FORMAT_VERSION = 1
+
+
+@dataclass
+class Preprocessing:
+    """How raw inputs become the network's inputs: ``((x / scale) - mean) / std``, reshaped.
+
+    Attributes:
+        scale: Raw units per unit of model input (255 for 8-bit pixels).
+        mean: Mean subtracted after scaling.
+        std: Standard deviation divided by after centring.
+        raw_shape: Shape of one raw example, e.g. ``[28, 28]``.
+        units: Human-readable description of the raw units.
+    """
+
+    scale: float = 1.0
+    mean: float = 0.0
+    std: float = 1.0
+    raw_shape: list[int] = field(default_factory=list)
+    units: str = "raw"
+
+    @classmethod
+    def fit(cls, inputs: torch.Tensor) -> Preprocessing:
+        """Derive preprocessing from training inputs: scale by dtype, mean/std from data."""
+        import torch
+
+        scale = 255.0 if inputs.dtype == torch.uint8 else 1.0
+        sample = inputs[: min(len(inputs), 20000)].float() / scale
+        mean, std = float(sample.mean()), float(sample.std())
+        units = "pixel values 0-255" if inputs.dtype == torch.uint8 else f"{inputs.dtype}"
+        return cls(scale, round(mean, 4), round(std if std > 0 else 1.0, 4),
+                   list(inputs.shape[1:]), units)
+
+
+@dataclass
+class Architecture:
+    """A model of kdcli's family.
+
+    Attributes:
+        family: ``"mlp"`` or ``"cnn"``.
+        hidden: MLP hidden widths, e.g. ``[1200, 1200]``.
+        width: CNN width multiplier (1.0 = 32/64 channels and a 128-unit dense layer).
+        dropout: Dropout probability on hidden units.
+        input_dropout: Dropout probability on the inputs (MLP only).
+        max_norm: Max L2 norm of each unit's incoming weights (None: unconstrained).
+    """
+
+    family: str = "mlp"
+    hidden: list[int] = field(default_factory=list)
+    width: float = 1.0
+    dropout: float = 0.0
+    input_dropout: float = 0.0
+    max_norm: float | None = None
+
+    @classmethod
+    def parse(cls, spec: str, **kwargs: Any) -> Architecture:
+        """Parse ``mlp:1200,1200`` or ``cnn:0.5`` (extra fields from kwargs)."""
+        family, _, rest = spec.strip().partition(":")
+        try:
+            if family == "mlp":
+                hidden = [int(h) for h in rest.split(",") if h.strip()]
+                arch = cls("mlp", hidden=hidden, **kwargs)
+            elif family == "cnn":
+                arch = cls("cnn", width=float(rest or 1.0), **kwargs)
+            else:
+                raise ValueError(family)
+        except ValueError as e:
+            raise UsageError(f"bad architecture spec {spec!r}",
+                             "Use mlp:WIDTH,WIDTH,... (e.g. mlp:1200,1200) or cnn:MULT "
+                             "(e.g. cnn:0.5)") from e
+        arch.check()
+        return arch
+
+    def check(self) -> None:
+        if any(h <= 0 for h in self.hidden):
+            raise UsageError(f"hidden widths must be positive, got {self.hidden}",
+                             "Pass --hidden 1 or more")
+        if self.family == "cnn" and not self.width > 0:
+            raise UsageError(f"CNN width must be positive, got {self.width}",
+                             "Use cnn:0.25 or larger")
+        for name in ("dropout", "input_dropout"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1), got {p}",
+                                 "Pass a probability such as 0.5")
+        if self.max_norm is not None and not self.max_norm > 0:
+            raise UsageError(f"--max-norm must be positive, got {self.max_norm}",
+                             "Pass e.g. --max-norm 3.5")
+
+    def spec(self) -> str:
+        if self.family == "mlp":
+            return "mlp:" + ",".join(map(str, self.hidden))
+        return f"cnn:{self.width:g}"
+
+
+def _preprocess_module(pre: Preprocessing, in_shape: list[int]) -> nn.Module:
+    from torch import nn
+
+    class Preprocess(nn.Module):
+        """Raw inputs ``[B, *raw_shape]`` -> float32 network inputs ``[B, *in_shape]``."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale, self.mean, self.std = pre.scale, pre.mean, pre.std
+            self.in_shape = list(in_shape)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x.float()
+            if self.scale != 1.0:
+                x = x / self.scale
+            if self.mean != 0.0 or self.std != 1.0:
+                x = (x - self.mean) / self.std
+            return x.reshape([x.shape[0], *self.in_shape])
+
+    return Preprocess()
+
+
+def build_model(arch: Architecture, pre: Preprocessing, num_classes: int) -> nn.Module:
+    """Build a model of kdcli's family: ``Sequential(preprocess, net)``.
+
+    Args:
+        arch: The architecture.
+        pre: The preprocessing (``pre.raw_shape`` sets the input size).
+        num_classes: Output size.
+
+    Returns:
+        A module mapping raw inputs ``[B, *raw_shape]`` to logits ``[B, num_classes]``.
+    """
+    from torch import nn
+
+    raw = list(pre.raw_shape)
+    if arch.family == "mlp":
+        n_in = math.prod(raw) if raw else 1
+        layers: list[nn.Module] = [nn.Dropout(arch.input_dropout)] if arch.input_dropout else []
+        for h in arch.hidden:
+            layers += [nn.Linear(n_in, h), nn.ReLU()]
+            if arch.dropout:
+                layers.append(nn.Dropout(arch.dropout))
+            n_in = h
+        layers.append(nn.Linear(n_in, num_classes))
+        in_shape = [math.prod(raw)] if raw else [1]
+    elif arch.family == "cnn":
+        if len(raw) == 2:
+            in_shape = [1, *raw]
+        elif len(raw) == 3:
+            in_shape = raw
+        else:
+            raise UsageError(f"a CNN needs image inputs, but examples have shape {raw}",
+                             "Use an MLP (--arch mlp:...) for non-image data")
+        c1, c2, fc = (max(1, round(c * arch.width)) for c in (32, 64, 128))
+        h, w = in_shape[1] // 4, in_shape[2] // 4
+        if h == 0 or w == 0:
+            raise UsageError(f"images of shape {raw} are too small for the CNN",
+                             "Use images of at least 4x4 pixels or an MLP")
+        layers = [
+            nn.Conv2d(in_shape[0], c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(c2 * h * w, fc), nn.ReLU(),
+        ]
+        if arch.dropout:
+            layers.append(nn.Dropout(arch.dropout))
+        layers.append(nn.Linear(fc, num_classes))
+    else:
+        raise UsageError(f"unknown model family {arch.family!r}", "Use mlp or cnn")
+    return nn.Sequential(_preprocess_module(pre, in_shape), nn.Sequential(*layers))
+
+
+def apply_max_norm(model: nn.Module, max_norm: float) -> None:
+    """Rescale each unit's incoming weight vector to L2 norm at most ``max_norm``."""
+    import torch
+    from torch import nn
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.renorm_(2, 0, max_norm)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def final_linear(model: nn.Module) -> nn.Module:
+    """The last Linear layer (the logits' weights and biases)."""
+    from torch import nn
+
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not last:
+        raise UsageError("the model has no Linear output layer", "Use a kdcli MLP or CNN")
+    return last[-1]
+
+
+@dataclass
+class ModelFile:
+    """A loaded kdcli model file: the module and everything its metadata says."""
+
+    model: nn.Module
+    arch: Architecture
+    preprocessing: Preprocessing
+    num_classes: int
+    training: dict[str, Any]
+    metadata: dict[str, str]
+
+
+def save_model(path: str | Path, model: nn.Module, arch: Architecture, pre: Preprocessing,
+               num_classes: int, training: dict[str, Any]) -> None:
+    """Write a kdcli model file (``format: kdcli.model``, version 1) at ``path``.
+
+    The caller is responsible for atomicity (see :func:`kdcli.files.atomic_output`).
+    """
+    from safetensors.torch import save_file
+
+    meta = {
+        "format": MODEL_FORMAT,
+        "format_version": str(MODEL_FORMAT_VERSION),
+        "kdcli_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "architecture": json.dumps(asdict(arch)),
+        "preprocessing": json.dumps(asdict(pre)),
+        "num_classes": str(num_classes),
+        "training": json.dumps(training, default=float),
+    }
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata=meta)
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str] | None:
+    """The ``__metadata__`` of a safetensors file, or None if it is not one."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 1 or n > 100_000_000 or n + 8 > p.stat().st_size:
+                return None
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    return header.get("__metadata__") or {}
+
+
+def check_format(meta: dict[str, str], path: Path, name: str, version: int) -> None:
+    """Check a file's format name and version, saying exactly what is wrong."""
+    got = meta.get("format")
+    if got != name:
+        what = f"format {got!r}" if got else "no kdcli format name"
+        raise FormatError(f"{path} has {what}, not {name!r}",
+                          "Give a file written by kdcli (see docs/formats.md)")
+    v = meta.get("format_version", "")
+    if not v.isdigit():
+        raise FormatError(f"{path} has no valid format_version", "The file is damaged")
+    if int(v) > version:
+        raise FormatError(f"{path} is {name} version {v}; this kdcli reads up to {version}",
+                          "Upgrade kdcli")
+    if int(v) < 1:
+        raise FormatError(f"{path} has unsupported {name} version {v}", "Regenerate the file")
+
+
+def load_model(path: str | Path) -> ModelFile:
+    """Load a kdcli model file without any user code.
+
+    Raises:
+        FormatError: not a kdcli model file, a newer version, or inconsistent tensors.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from kdcli.files import require_file
+
+    p = require_file(path, "model file")
+    meta = read_safetensors_metadata(p)
+    if meta is None:
+        raise FormatError(f"{p} is not a safetensors file", "Give a kdcli model .safetensors")
+    check_format(meta, p, MODEL_FORMAT, MODEL_FORMAT_VERSION)
+    try:
+        arch = Architecture(**json.loads(meta["architecture"]))
+        pre = Preprocessing(**json.loads(meta["preprocessing"]))
+        num_classes = int(meta["num_classes"])
+        training = json.loads(meta.get("training", "{}"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{p} has bad kdcli.model metadata ({e})", "Regenerate the file") from e
+    model = build_model(arch, pre, num_classes)
+    try:
+        state = load_file(str(p))
+        model.load_state_dict(state, strict=True)
+    except (SafetensorError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise FormatError(f"{p} has tensors that do not fit its architecture: {first}",
+                          "The file is damaged; regenerate it") from e
+    model.eval()
+    return ModelFile(model, arch, pre, num_classes, training, meta)

@@ -1,0 +1,139 @@
+"""Everything kdcli shows: progress bars and messages on stderr, result tables, JSON.
+
+Library functions take a :class:`Reporter` and never print directly. The CLI builds one
+from ``--json`` / ``--quiet``; Python callers get a quiet one by default.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+
+class _RateColumn(ProgressColumn):
+    """Samples per second, the unit every kdcli progress bar counts in."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        if speed is None:
+            return Text("-- samples/s", style="progress.data.speed")
+        return Text(f"{speed:,.0f} samples/s", style="progress.data.speed")
+
+
+class Reporter:
+    """Routes a command's output to the right place for the chosen mode.
+
+    Args:
+        mode: ``"rich"`` (progress and tables), ``"json"`` (one JSON document on stdout,
+            nothing on stderr but errors) or ``"quiet"`` (nothing but errors).
+    """
+
+    def __init__(self, mode: str = "quiet") -> None:
+        if mode not in ("rich", "json", "quiet"):
+            raise ValueError(mode)
+        self.mode = mode
+        self.err = Console(stderr=True, highlight=False)
+        self.out = Console(highlight=False)
+
+    @property
+    def chatty(self) -> bool:
+        return self.mode == "rich"
+
+    def info(self, message: str) -> None:
+        """A one-line message on stderr (rich mode only)."""
+        if self.chatty:
+            self.err.print(message)
+
+    def warn(self, message: str) -> None:
+        """A warning on stderr; shown in every mode but quiet and json."""
+        if self.chatty:
+            self.err.print(f"[yellow]Warning:[/yellow] {message}")
+
+    @contextmanager
+    def progress(self, description: str, total: int) -> Iterator[Any]:
+        """A progress bar counting samples; yields ``advance(n)``.
+
+        Args:
+            description: Shown left of the bar.
+            total: Number of samples the bar counts to.
+        """
+        if not self.chatty:
+            yield lambda n=1: None
+            return
+        columns = [
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            _RateColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+        ]
+        with Progress(*columns, console=self.err, transient=True) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda n=1: bar.advance(task, n)
+
+    def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Print a results table on stdout (rich mode only)."""
+        if not self.chatty:
+            return
+        table = Table(title=title, title_justify="left")
+        for c in columns:
+            table.add_column(c, justify="left" if c == columns[0] else "right")
+        for row in rows:
+            table.add_row(*(_fmt(v) for v in row))
+        self.out.print(table)
+
+    def result(self, data: dict[str, Any]) -> None:
+        """Emit the command's machine-readable result (json mode only)."""
+        if self.mode == "json":
+            sys.stdout.write(json.dumps(data, indent=2, default=_json_default) + "\n")
+            sys.stdout.flush()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e6):
+            return f"{v:.3g}"
+        return f"{v:,.4f}".rstrip("0").rstrip(".")
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "__fspath__"):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+class Timer:
+    """Wall-clock stopwatch: ``with Timer() as t: ...; t.seconds``."""
+
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start

@@ -159,11 +159,10 @@ def soft_targets(
     correct = torch.zeros(m + 1, dtype=torch.long)
     disagree = 0
     with atomic_output(out, force) as tmp, Timer() as timer:
-        writer = SafetensorsWriter(tmp, specs, meta)
-        try:
-            writer.write_rows("inputs", 0, inputs)
+        with SafetensorsWriter(tmp, specs, meta) as writer:
+            writer.write("inputs", 0, inputs)
             if labels is not None:
-                writer.write_rows("labels", 0, labels)
+                writer.write("labels", 0, labels)
             with rep.progress(f"soft targets T={T:g}", n) as advance:
                 for start in range(0, n, batch_size):
                     x = inputs[start:start + batch_size]
@@ -173,18 +172,16 @@ def soft_targets(
                     logits, probs = combine_members(z, weights, combine, T)
                     if m > 1:
                         for i in range(m):
-                            writer.write_rows("member_logits", i * n + start, z[i])
+                            writer.write("member_logits", (i * n + start) * c, z[i])
                         preds = z.argmax(-1)
                         disagree += int((preds != preds[0]).any(0).sum())
-                    writer.write_rows("logits", start, logits)
-                    writer.write_rows("soft_targets", start, probs)
+                    writer.write("logits", start * c, logits)
+                    writer.write("soft_targets", start * c, probs)
                     if labels is not None:
                         y = labels[start:start + batch_size]
                         correct[:m] += (z.argmax(-1) == y).sum(-1)
                         correct[m] += int((logits.argmax(-1) == y).sum())
                     advance(x.shape[0])
-        finally:
-            writer.close()
     for t in members:
         for note in t.notes:
             rep.info(note)

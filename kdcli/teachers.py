@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 import sys
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -336,9 +337,9 @@ def _torch_runner(t: Teacher, module: Any) -> None:
     import torch
 
     dev = torch.device(t.device)
-    if hasattr(module, "to"):
+    if dev.type != "cpu":
         module = module.to(dev)
-    if hasattr(module, "eval"):
+    if t.format != "torch.export":  # exported programs are already in inference form
         module.eval()
     t.module = module
 
@@ -455,7 +456,7 @@ def _module_from_state_dict(t: Teacher, sd: dict, opts: TeacherOptions) -> Any:
         num_classes = _state_dict_num_classes(sd)
         model = build_model(arch, Preprocessing(raw_shape=raw), num_classes)
         net = model[1]
-        _load_positional(net, sd, t.name)
+        _load_positional(net, sd, t.name, sorted_keys=t.format == "safetensors-state-dict")
         if not t.shape_from_user and arch.family == "cnn":
             t.input_shape = raw
         return model
@@ -480,23 +481,47 @@ def _state_dict_num_classes(sd: dict) -> int:
     return int(weights[-1].shape[0])
 
 
-def _load_positional(net: nn.Module, sd: dict, name: str) -> None:
-    """Load ``sd`` into ``net`` by key, or else by order when every shape matches."""
-    own = net.state_dict()
+def _load_positional(net: nn.Module, sd: dict, name: str, sorted_keys: bool = False) -> None:
+    """Load ``sd`` into ``net`` by key, or else module by module in order.
+
+    Modules are the key prefixes (``fc1`` of ``fc1.weight``). They keep the file's order,
+    or natural order (``layer2`` before ``layer10``) for formats that sort keys
+    (safetensors). Within a module, parameters match by name; every shape must agree.
+    """
     try:
         net.load_state_dict(sd, strict=True)
         return
     except RuntimeError:
         pass
-    theirs = [(k, v) for k, v in sd.items() if not k.endswith("num_batches_tracked")]
-    shapes_own = [tuple(v.shape) for v in own.values()]
-    shapes_theirs = [tuple(v.shape) for _, v in theirs]
-    if shapes_own != shapes_theirs:
+
+    def groups(d: dict, natural: bool) -> list[tuple[str, dict]]:
+        out: dict[str, dict] = {}
+        for k, v in d.items():
+            if k.endswith("num_batches_tracked"):
+                continue
+            prefix, _, leaf = k.rpartition(".")
+            out.setdefault(prefix, {})[leaf] = v
+        items = list(out.items())
+        if natural:
+            items.sort(key=lambda kv: [int(s) if s.isdigit() else s
+                                       for s in re.split(r"(\d+)", kv[0])])
+        return items
+
+    own, theirs = groups(net.state_dict(), False), groups(sd, sorted_keys)
+    shape = lambda gs: [{k: tuple(v.shape) for k, v in g.items()} for _, g in gs]  # noqa: E731
+    if shape(own) != shape(theirs):
         raise FormatError(
-            f"the state dict in {name} does not fit the architecture: it has shapes "
-            f"{shapes_theirs[:6]}..., the architecture needs {shapes_own[:6]}...",
+            f"the state dict in {name} does not fit the architecture: it has "
+            f"{_shapes(theirs)}, the architecture needs {_shapes(own)}",
             "Pass the --arch the teacher was built with")
-    net.load_state_dict({k: v for k, (_, v) in zip(own, theirs, strict=True)}, strict=True)
+    mapped = {f"{po}.{leaf}": g2[leaf] for (po, g1), (_, g2) in zip(own, theirs, strict=True)
+              for leaf in g1}
+    net.load_state_dict(mapped, strict=True)
+
+
+def _shapes(groups: list[tuple[str, dict]]) -> str:
+    text = ", ".join(f"{p or '.'}:{[list(v.shape) for v in g.values()]}" for p, g in groups)
+    return text if len(text) < 160 else text[:157] + "..."
 
 
 def _call_factory(spec: str) -> Any:

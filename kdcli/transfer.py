@@ -43,9 +43,9 @@ def _st_name(dtype) -> str:
 
 
 class SafetensorsWriter:
-    """Write a safetensors file whose tensors arrive in row chunks, in any order.
+    """Write a safetensors file whose tensors arrive in chunks, in any order.
 
-    The header is laid out up front from the declared shapes; ``write_rows`` seeks to each
+    The header is laid out up front from the declared shapes; ``write`` seeks to each
     chunk's place. ``close`` checks that every byte was written.
 
     Args:
@@ -59,15 +59,14 @@ class SafetensorsWriter:
         import math
 
         header: dict[str, Any] = {"__metadata__": metadata}
-        self.layout: dict[str, tuple[int, int, int]] = {}  # name -> (start, row_bytes, size)
+        self.layout: dict[str, tuple[int, int, int]] = {}  # name -> (start, itemsize, size)
         offset = 0
         for name, (dtype, shape) in specs.items():
             itemsize = _torch_dtype(_st_name(dtype)).itemsize
             size = math.prod(shape) * itemsize
             header[name] = {"dtype": _st_name(dtype), "shape": list(shape),
                             "data_offsets": [offset, offset + size]}
-            row = size // shape[0] if shape and shape[0] else size
-            self.layout[name] = (offset, row, size)
+            self.layout[name] = (offset, itemsize, size)
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
@@ -77,17 +76,23 @@ class SafetensorsWriter:
         self.f.write(len(raw).to_bytes(8, "little") + raw)
         self.f.truncate(self.base + offset)
 
-    def write_rows(self, name: str, start_row: int, rows: torch.Tensor) -> None:
-        """Write ``rows`` (a chunk of tensor ``name``) starting at row ``start_row``."""
-        start, row_bytes, _ = self.layout[name]
-        buf = _to_bytes(rows)
-        self.f.seek(self.base + start + start_row * row_bytes)
+    def write(self, name: str, first: int, chunk: torch.Tensor) -> None:
+        """Write ``chunk`` into tensor ``name`` from flat (row-major) element ``first`` on."""
+        start, itemsize, _ = self.layout[name]
+        buf = _to_bytes(chunk)
+        self.f.seek(self.base + start + first * itemsize)
         self.f.write(buf)
         self.written[name] += len(buf)
 
-    def close(self) -> None:
-        """Flush and check completeness."""
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
         self.f.close()
+        if exc_type is None:
+            self._check_complete()
+
+    def _check_complete(self) -> None:
         for name, (_, _, size) in self.layout.items():
             if self.written[name] != size:
                 raise FormatError(f"internal: tensor {name} got {self.written[name]} of "
@@ -208,6 +213,9 @@ class TransferSet:
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
+
+    def __repr__(self) -> str:
+        return f"TransferSet({self.path}, N={len(self)}, C={self.num_classes}, T={self.T:g})"
 
     def targets_at(self, T: float) -> torch.Tensor:
         """Soft targets at temperature ``T``, re-derived exactly from stored logits if needed."""

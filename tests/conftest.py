@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny models built here, small real-MNIST subsets, a CLI runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kdcli.cli import app
+from kdcli.models import Architecture
+from kdcli.output import Reporter
+from kdcli.train import TrainConfig, train
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def cli(runner, tmp_path, monkeypatch):
+    """Invoke kdcli in a fresh working folder; returns the CliRunner result."""
+    monkeypatch.chdir(tmp_path)
+
+    def invoke(*args: str):
+        return runner.invoke(app, [str(a) for a in args])
+
+    return invoke
+
+
+@pytest.fixture(scope="session")
+def teacher_file(tmp_path_factory) -> Path:
+    """A small kdcli MLP teacher trained for one epoch on 3,000 real MNIST digits."""
+    out = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    train("mnist[:3000]", arch=Architecture.parse("mlp:64"), out=out,
+          config=TrainConfig(epochs=2, lr=0.1), eval_data="mnist:test[:500]",
+          reporter=Reporter("quiet"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def transfer_file(tmp_path_factory, teacher_file) -> Path:
+    """A transfer set (T=4) from the small teacher on 2,000 MNIST training digits."""
+    from kdcli.soft_targets import soft_targets
+
+    out = tmp_path_factory.mktemp("transfer") / "transfer.safetensors"
+    soft_targets([teacher_file], T=4.0, data="mnist[:2000]", out=out)
+    return out
+
+
+class TinyMLP(torch.nn.Module):
+    """A teacher kdcli did not make: flattens [B, 28, 28] or [B, 784] inputs in [0, 1]."""
+
+    def __init__(self, seed: int = 0, classes: int = 10) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.fc1 = torch.nn.Linear(784, 32)
+        self.fc2 = torch.nn.Linear(32, classes)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def tiny_factory() -> torch.nn.Module:
+    """Used as ``--arch conftest:tiny_factory`` in tests."""
+    return TinyMLP()
+
+
+@pytest.fixture
+def tiny() -> TinyMLP:
+    return TinyMLP().eval()

@@ -1,0 +1,89 @@
+"""The paper's maths, checked by autograd."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdcli.losses import DistillationLoss, LogitMSELoss
+
+
+def soft_grad(z: torch.Tensor, v: torch.Tensor, T: float) -> torch.Tensor:
+    """d/dz of the T^2-scaled soft term, by autograd."""
+    z = z.clone().requires_grad_(True)
+    p = torch.softmax(v / T, -1)
+    _, _, soft = DistillationLoss(T, alpha=0.0)(z, p)
+    (g,) = torch.autograd.grad(soft, z)
+    return g
+
+
+def test_high_T_gradient_approaches_logit_matching():
+    """Paper eq. 3-4: T^2 * dC/dz_i -> (z_i - v_i) / N for zero-mean logits as T grows."""
+    torch.manual_seed(0)
+    n_cls, batch = 10, 64
+    z = torch.randn(batch, n_cls, dtype=torch.float64)  # unit-variance logits
+    v = torch.randn(batch, n_cls, dtype=torch.float64)
+    z, v = z - z.mean(-1, keepdim=True), v - v.mean(-1, keepdim=True)
+    # The loss averages over the batch, so the per-example gradient is scaled by 1/batch.
+    target = (z - v) / n_cls / batch
+    errors = []
+    for T in (5.0, 20.0, 100.0, 500.0):
+        g = soft_grad(z, v, T)
+        errors.append(float((g - target).norm() / target.norm()))
+    assert errors[2] < 0.01, errors  # relative error below 1% at T = 100
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors  # falls as T rises
+
+
+def test_soft_gradient_is_q_minus_p_over_T_times_T2():
+    """Paper eq. 2: dC/dz_i = (q_i - p_i) / T, and the loss multiplies it by T^2."""
+    torch.manual_seed(1)
+    z, v, T = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64), 3.0
+    g = soft_grad(z, v, T)
+    q, p = torch.softmax(z / T, -1), torch.softmax(v / T, -1)
+    torch.testing.assert_close(g, T * (q - p) / 8)
+
+
+def test_kd_loss_mixes_terms_and_keeps_T2_at_alpha_zero():
+    torch.manual_seed(2)
+    z, v, y = torch.randn(16, 10), torch.randn(16, 10), torch.randint(0, 10, (16,))
+    T, alpha = 4.0, 0.3
+    p = torch.softmax(v / T, -1)
+    loss, hard, soft = DistillationLoss(T, alpha)(z, p, y)
+    expected_soft = T**2 * -(p * F.log_softmax(z / T, -1)).sum(-1).mean()
+    torch.testing.assert_close(soft, expected_soft)
+    torch.testing.assert_close(hard, F.cross_entropy(z, y))
+    torch.testing.assert_close(loss, alpha * hard + (1 - alpha) * soft)
+    loss0, _, soft0 = DistillationLoss(T, 0.0)(z, p)  # pure distillation: no labels needed
+    torch.testing.assert_close(loss0, expected_soft)  # T^2 still applied
+
+
+def test_kd_loss_needs_labels_when_alpha_positive():
+    with pytest.raises(ValueError):
+        DistillationLoss(2.0, 0.5)(torch.randn(2, 3), torch.full((2, 3), 1 / 3))
+
+
+def test_mse_loss_is_half_squared_error_of_centred_logits():
+    torch.manual_seed(3)
+    z, v = torch.randn(8, 10), torch.randn(8, 10) + 5.0  # v offset: centring removes it
+    _, _, soft = LogitMSELoss(alpha=0.0)(z, v)
+    zc, vc = z - z.mean(-1, keepdim=True), v - v.mean(-1, keepdim=True)
+    torch.testing.assert_close(soft, 0.5 * ((zc - vc) ** 2).sum(-1).mean())
+    _, _, raw = LogitMSELoss(alpha=0.0, center=False)(z, v)
+    torch.testing.assert_close(raw, 0.5 * ((z - v) ** 2).sum(-1).mean())
+    assert float(raw) > float(soft)
+
+
+def test_mse_gradient_matches_high_T_kd_gradient_direction():
+    """Logit matching and high-T distillation push the logits the same way."""
+    torch.manual_seed(4)
+    z = torch.randn(4, 10, dtype=torch.float64)
+    v = torch.randn(4, 10, dtype=torch.float64)
+    z, v = z - z.mean(-1, keepdim=True), v - v.mean(-1, keepdim=True)
+    zz = z.clone().requires_grad_(True)
+    _, _, soft = LogitMSELoss(alpha=0.0)(zz, v)
+    (g_mse,) = torch.autograd.grad(soft, zz)
+    g_kd = soft_grad(z, v, 1000.0)
+    cos = F.cosine_similarity(g_mse.flatten(), g_kd.flatten(), dim=0)
+    assert float(cos) > 1 - 1e-4
+    assert math.isclose(float(g_mse.norm() / g_kd.norm()), 10.0, rel_tol=1e-2)  # factor N

@@ -570,6 +570,8 @@ def _onnx_runner(t: Teacher, p: Path, opts: TeacherOptions) -> None:
         out_name = opts.output_name
     elif len(outputs) == 1:
         out_name = outputs[0]
+    elif "logits" in outputs and "kdcli_version" in sess.get_modelmeta().custom_metadata_map:
+        out_name = "logits"  # a kdcli export: its outputs are known
     else:
         raise UsageError(f"{p} has several outputs {outputs}", "Choose one with --output NAME")
     inp = inputs[0]

@@ -303,7 +303,7 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
 
     fingerprint = {"command": "train", "data": ds.source, "arch": asdict(arch),
                    "config": {k: v for k, v in asdict(cfg).items() if k != "dry_run"}}
-    history = fit(model, arch, ds.inputs, step, ["loss", "train_error"], cfg,
+    history = fit(model, arch, ds.inputs, step, ["train_loss", "train_error"], cfg,
                   eval_data=eval_ds, checkpoint=None if cfg.dry_run else checkpoint_path(out),
                   fingerprint=fingerprint, resume=resume, reporter=rep)
     training = {"command": "train", "architecture": arch.spec(), "data": ds.source,
@@ -395,7 +395,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     fingerprint = {"command": "train-student", "transfer_sha256": transfer_sha,
                    "arch": asdict(arch), "alpha": alpha, "T": T, "loss": loss, "center": center,
                    "config": {k: v for k, v in asdict(cfg).items() if k != "dry_run"}}
-    history = fit(model, arch, ts.inputs, step, ["loss", "hard", "soft", "agreement"], cfg,
+    history = fit(model, arch, ts.inputs, step, ["train_loss", "hard", "soft", "agreement"], cfg,
                   eval_data=eval_ds, checkpoint=None if cfg.dry_run else checkpoint_path(out),
                   fingerprint=fingerprint, resume=resume, reporter=rep)
     teachers = [{k: t.get(k) for k in ("file", "sha256", "format", "training")}

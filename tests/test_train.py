@@ -1,0 +1,185 @@
+"""kdcli train and train-student: reproducibility, resume, options and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from kdcli.errors import FormatError, KdcliError, OutputExistsError, UsageError
+from kdcli.models import Architecture, load_model
+from kdcli.train import TrainConfig, train, train_student
+from kdcli.transfer import load_transfer_set
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    ta, tb = load_file(str(a)), load_file(str(b))
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_train_is_bit_identical_for_the_same_seed(tmp_path):
+    kw = dict(arch=Architecture.parse("mlp:32", dropout=0.5, input_dropout=0.2, max_norm=3.0),
+              eval_data="none")
+    cfg = dict(epochs=2, jitter=2, batch_size=128)
+    train("mnist[:1000]", out=tmp_path / "a.safetensors", config=TrainConfig(**cfg, seed=3), **kw)
+    train("mnist[:1000]", out=tmp_path / "b.safetensors", config=TrainConfig(**cfg, seed=3), **kw)
+    train("mnist[:1000]", out=tmp_path / "c.safetensors", config=TrainConfig(**cfg, seed=4), **kw)
+    assert same_weights(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert not same_weights(tmp_path / "a.safetensors", tmp_path / "c.safetensors")
+    m = load_model(tmp_path / "a.safetensors")
+    assert float(m.model[1][1].weight.norm(dim=1).max()) <= 3.0 + 1e-4  # max-norm held
+    assert m.training["jitter"] == 2 and m.training["command"] == "train"
+
+
+def test_train_learns_mnist_and_records_metrics(tmp_path):
+    s = train("mnist[:4000]", arch=Architecture.parse("mlp:64"), out=tmp_path / "m.safetensors",
+              config=TrainConfig(epochs=3), eval_data="mnist:test[:1000]")
+    assert s["test_errors"] < 150  # about 90% accuracy or better on 1,000 test digits
+    assert [h["epoch"] for h in s["history"]] == [1, 2, 3]
+    assert load_model(tmp_path / "m.safetensors").training["test_errors"] == s["test_errors"]
+
+
+def test_student_trains_against_teacher_and_records_provenance(tmp_path, transfer_file):
+    s = train_student(transfer_file, arch=Architecture.parse("mlp:32"), alpha=0.1,
+                      out=tmp_path / "s.safetensors", config=TrainConfig(epochs=3, lr=0.02),
+                      eval_data="mnist:test[:500]")
+    assert s["agreement"] > 0.8 and s["T"] == 4.0 and s["loss"] == "kd"
+    tr = load_model(tmp_path / "s.safetensors").training
+    assert tr["transfer_sha256"] and tr["alpha"] == 0.1 and tr["teachers"][0]["sha256"]
+    assert tr["test_errors"] == s["test_errors"]
+
+
+def test_student_cnn_and_mse_and_alpha_zero(tmp_path, transfer_file):
+    s = train_student(transfer_file, arch=Architecture.parse("cnn:0.25"), alpha=0.0,
+                      loss="mse", out=tmp_path / "c.safetensors",
+                      config=TrainConfig(epochs=1, lr=0.01), eval_data="none")
+    assert s["hard"] == 0.0 and s["soft"] > 0
+    assert load_model(tmp_path / "c.safetensors").arch.family == "cnn"
+
+
+def test_other_T_re_derives_targets_and_says_so(tmp_path, transfer_file, cli):
+    r = cli("train-student", "--transfer", transfer_file, "--hidden", "16", "--T", "2",
+            "--epochs", "1", "--eval-data", "none", "--out", tmp_path / "s.safetensors")
+    assert r.exit_code == 0, r.output
+    assert "re-deriving soft targets at T=2" in r.stderr
+    ts = load_transfer_set(transfer_file)
+    expected = torch.softmax(ts.logits / 2, -1)
+    torch.testing.assert_close(ts.targets_at(2.0), expected)
+    assert load_model(tmp_path / "s.safetensors").training["T"] == 2.0
+
+
+def test_student_training_is_bit_identical(tmp_path, transfer_file):
+    for name in ("a", "b"):
+        train_student(transfer_file, arch=Architecture.parse("mlp:16"), alpha=0.5,
+                      out=tmp_path / f"{name}.safetensors", config=TrainConfig(epochs=2),
+                      eval_data="none")
+    assert same_weights(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+
+
+def run_cli(args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "kdcli", *map(str, args)], env=env, **kw)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, transfer_file):
+    base = ["train-student", "--transfer", transfer_file, "--hidden", "64", "--epochs", "6",
+            "--eval-data", "none", "-q"]
+    ref = tmp_path / "ref.safetensors"
+    assert run_cli([*base, "--out", ref]).wait(timeout=300) == 0
+    out = tmp_path / "s.safetensors"
+    ckpt = Path(f"{out}.ckpt")
+    proc = run_cli([*base, "--out", out])
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "killed before the end, so no model file"
+    epoch = torch.load(ckpt, weights_only=True)["epoch"]
+    assert 1 <= epoch < 6
+    assert run_cli([*base, "--out", out, "--resume"]).wait(timeout=300) == 0
+    assert same_weights(ref, out)
+    assert not ckpt.exists()  # cleaned up after success
+
+
+def test_sigint_leaves_a_resumable_checkpoint(tmp_path, transfer_file):
+    base = ["train-student", "--transfer", transfer_file, "--hidden", "64", "--epochs", "4",
+            "--eval-data", "none", "-q"]
+    out = tmp_path / "s.safetensors"
+    proc = run_cli([*base, "--out", out], stderr=subprocess.PIPE, text=True)
+    while not Path(f"{out}.ckpt").exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("finished before the signal arrived")
+    assert proc.returncode == 130 and err.startswith("Error: interrupted")
+    assert run_cli([*base, "--out", out, "--resume"]).wait(timeout=300) == 0
+    assert out.exists()
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path, transfer_file):
+    out = tmp_path / "s.safetensors"
+    cfg = TrainConfig(epochs=1)
+    kw = dict(arch=Architecture.parse("mlp:16"), eval_data="none", out=out)
+    train_student(transfer_file, config=cfg, **kw)
+    torch.save({"fingerprint": json.dumps({"command": "train-student", "alpha": 0.9}),
+                "epoch": 1}, f"{out}.ckpt")
+    with pytest.raises(UsageError, match="different configuration.*alpha"):
+        train_student(transfer_file, config=cfg, resume=True, force=True, **kw)
+    with pytest.raises(UsageError, match="no checkpoint"):
+        train_student(transfer_file, config=cfg, resume=True, force=True,
+                      **{**kw, "out": tmp_path / "x.safetensors"})
+
+
+def test_dry_run_writes_nothing(tmp_path, transfer_file):
+    s = train_student(transfer_file, arch=Architecture.parse("mlp:16"),
+                      out=tmp_path / "s.safetensors", eval_data="none",
+                      config=TrainConfig(epochs=5, dry_run=True))
+    assert len(s["history"]) == 1 and not (tmp_path / "s.safetensors").exists()
+
+
+def test_bad_student_input(tmp_path, transfer_file, teacher_file):
+    arch = Architecture.parse("mlp:8")
+    tensors = load_file(str(transfer_file))
+    meta = {k: (v if isinstance(v, str) else json.dumps(v))
+            for k, v in load_transfer_set(transfer_file).meta.items()}
+    unlabelled = tmp_path / "unlabelled.safetensors"
+    save_file({k: v for k, v in tensors.items() if k != "labels"}, str(unlabelled), meta)
+    cases = {
+        "missing": (dict(transfer=tmp_path / "none.safetensors"), KdcliError),
+        "not a transfer set": (dict(transfer=teacher_file), FormatError),
+        "alpha high": (dict(alpha=1.5), UsageError),
+        "alpha negative": (dict(alpha=-0.1), UsageError),
+        "alpha needs labels": (dict(transfer=unlabelled, alpha=0.3), UsageError),
+        "T zero": (dict(T=0.0), UsageError),
+        "loss": (dict(loss="l1"), UsageError),
+    }
+    out = tmp_path / "s.safetensors"
+    for name, (kw, exc) in cases.items():
+        kw = {"transfer": transfer_file, "arch": arch, "out": out, "eval_data": "none",
+              "config": TrainConfig(epochs=1), **kw}
+        with pytest.raises(exc):
+            train_student(**kw)
+            pytest.fail(name)
+        assert not out.exists(), name
+    train_student(unlabelled, arch=arch, alpha=0.0, out=out, eval_data="none",
+                  config=TrainConfig(epochs=1))  # pure distillation needs no labels
+    with pytest.raises(OutputExistsError):
+        train_student(transfer_file, arch=arch, out=out, config=TrainConfig(epochs=1))
+
+
+def test_cli_student_errors_are_one_line(cli, transfer_file):
+    for args, text in ((["--hidden", "0"], "--hidden must be positive"),
+                       (["--alpha", "2"], "--alpha must lie in [0, 1]"),
+                       (["--T", "-3"], "--T must be"),
+                       (["--transfer", "nope.safetensors"], "does not exist")):
+        r = cli("train-student", "--transfer", transfer_file, *args)
+        assert r.exit_code == 1 and r.stderr.startswith(f"Error: "), (args, r.output)
+        assert text in r.stderr and len(r.stderr.strip().splitlines()) == 1

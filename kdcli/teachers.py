@@ -283,7 +283,7 @@ def _is_onnx(path: Path) -> bool:
 
 
 def load_teacher(path: str | Path, opts: TeacherOptions | None = None, device: str = "cpu",
-                 precision: str = "fp32") -> Teacher:
+                 precision: str = "fp32", role: str = "teacher") -> Teacher:
     """Load a teacher from any supported format.
 
     Args:
@@ -291,6 +291,7 @@ def load_teacher(path: str | Path, opts: TeacherOptions | None = None, device: s
         opts: Loading and input options (see :class:`TeacherOptions`).
         device: ``cpu`` or ``cuda`` (PyTorch formats; ONNX uses CUDA if its provider exists).
         precision: ``fp32`` or ``bf16`` (autocast, PyTorch formats only).
+        role: What to call the file in error messages (``teacher``, ``model``).
 
     Raises:
         DataError: the file is missing or empty.
@@ -301,7 +302,7 @@ def load_teacher(path: str | Path, opts: TeacherOptions | None = None, device: s
     if opts.output is not None and opts.output not in OUTPUT_KINDS:
         raise UsageError(f"unknown --teacher-output {opts.output!r}",
                          f"Use one of {', '.join(OUTPUT_KINDS)}")
-    p = require_file(path, "teacher")
+    p = require_file(path, role)
     fmt = detect_format(p)
     t = Teacher(path=p, format=fmt, sha256=sha256_file(p), output=opts.output,
                 device=device, precision=precision)

@@ -44,7 +44,7 @@ def test_errors_are_one_line_and_traceback_only_with_debug(tmp_path):
     r = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [
-        "Error: teacher missing.safetensors does not exist. Check the path"]
+        "Error: model missing.safetensors does not exist. Check the path"]
     env = {**os.environ, "KDCLI_DEBUG": "1"}
     r = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert r.returncode == 1 and "Traceback" in r.stderr

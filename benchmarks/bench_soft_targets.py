@@ -1,0 +1,53 @@
+"""soft_targets() against a bare inference loop over the same teacher, data and batch."""
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from common import best_of, report
+from kdcli.data import load_data
+from kdcli.models import Architecture, Preprocessing, build_model, save_model
+from kdcli.soft_targets import soft_targets
+
+BATCH = 1024
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    data = load_data("mnist:train")
+    tmp = Path(tempfile.mkdtemp())
+    arch = Architecture.parse("mlp:1200,1200")
+    pre = Preprocessing.fit(data.inputs)
+    model = build_model(arch, pre, 10).eval()
+    teacher = tmp / "teacher.safetensors"
+    save_model(teacher, model, arch, pre, 10, {})
+    n = len(data)
+    result, rows = {}, []
+    for precision in ("fp32", "bf16"):
+        def bare(precision=precision):
+            with torch.inference_mode(), torch.autocast(
+                    "cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                for i in range(0, n, BATCH):
+                    model(data.inputs[i:i + BATCH]).float()
+
+        def kd(precision=precision):
+            soft_targets([teacher], T=20, data="mnist:train", out=tmp / "t.safetensors",
+                         batch_size=BATCH, precision=precision, force=True, device="cpu")
+
+        t_bare, t_kd = best_of(bare), best_of(kd)
+        ratio = t_bare / t_kd
+        result[precision] = {"bare_samples_per_s": n / t_bare, "kdcli_samples_per_s": n / t_kd,
+                             "ratio": ratio}
+        rows.append((f"{precision} bare loop", f"{n / t_bare:,.0f} samples/s"))
+        rows.append((f"{precision} kdcli soft-targets", f"{n / t_kd:,.0f} samples/s "
+                     f"(ratio {ratio:.2f}, whole command incl. data load and file write)"))
+    result["target_met"] = result["fp32"]["ratio"] >= 0.9
+    rows.append(("target: fp32 ratio >= 0.9", "met" if result["target_met"] else "NOT met"))
+    rows.append(("bf16 / fp32 speed-up (kdcli)",
+                 f"{result['bf16']['kdcli_samples_per_s'] / result['fp32']['kdcli_samples_per_s']:.2f}x"))
+    report("soft-targets, 784-1200-1200-10 teacher on 60,000 MNIST digits", rows, result)
+
+
+if __name__ == "__main__":
+    main()

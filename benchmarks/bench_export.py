@@ -5,8 +5,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 import torch
-
 from common import median_of, report
+
 from kdcli.data import load_data
 from kdcli.export import main_export
 from kdcli.models import Architecture, Preprocessing, build_model, save_model

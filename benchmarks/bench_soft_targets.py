@@ -4,8 +4,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from common import best_of, report
+
 from kdcli.data import load_data
 from kdcli.models import Architecture, Preprocessing, build_model, save_model
 from kdcli.soft_targets import soft_targets
@@ -44,8 +44,8 @@ def main() -> None:
                      f"(ratio {ratio:.2f}, whole command incl. data load and file write)"))
     result["target_met"] = result["fp32"]["ratio"] >= 0.9
     rows.append(("target: fp32 ratio >= 0.9", "met" if result["target_met"] else "NOT met"))
-    rows.append(("bf16 / fp32 speed-up (kdcli)",
-                 f"{result['bf16']['kdcli_samples_per_s'] / result['fp32']['kdcli_samples_per_s']:.2f}x"))
+    speedup = result["bf16"]["kdcli_samples_per_s"] / result["fp32"]["kdcli_samples_per_s"]
+    rows.append(("bf16 / fp32 speed-up (kdcli)", f"{speedup:.2f}x"))
     report("soft-targets, 784-1200-1200-10 teacher on 60,000 MNIST digits", rows, result)
 
 

@@ -18,7 +18,8 @@ def main() -> None:
         "kdcli --help": median_of(lambda: run([*kd, "--help"]), N),
         "kdcli train --help": median_of(lambda: run([*kd, "train", "--help"]), N),
         "kdcli soft-targets --help": median_of(lambda: run([*kd, "soft-targets", "--help"]), N),
-        "python -c 'import torch'": median_of(lambda: run([sys.executable, "-c", "import torch"]), 5),
+        "python -c 'import torch'": median_of(
+            lambda: run([sys.executable, "-c", "import torch"]), 5),
         "python -c 'pass'": median_of(lambda: run([sys.executable, "-c", "pass"]), N),
     }
     torch_t = times["python -c 'import torch'"]

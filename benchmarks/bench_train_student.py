@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import report
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import report
 from kdcli.models import Architecture
 from kdcli.soft_targets import soft_targets
 from kdcli.train import TrainConfig, train, train_student

@@ -38,6 +38,15 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed (same seed: same weights on CPU).")]
 PrecisionOpt = Annotated[str, typer.Option(help="fp32, or bf16 autocast (faster on CPU/GPU).")]
+# Optimization options shared by train and train-student (see kdcli.train.TrainConfig).
+BatchOpt = Annotated[int, typer.Option(help="Examples per step.")]
+OptimizerOpt = Annotated[str, typer.Option(help="sgd (Nesterov momentum) or adam.")]
+MomentumOpt = Annotated[float, typer.Option(help="SGD momentum.")]
+WeightDecayOpt = Annotated[float, typer.Option(help="L2 weight decay.")]
+ScheduleOpt = Annotated[str, typer.Option(help="cosine (per step) or constant.")]
+EvalDataOpt = Annotated[str, typer.Option(help="Data for per-epoch test errors (auto: mnist:test for MNIST; none).")]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue from OUT.ckpt after an interruption.")]
+DryRunOpt = Annotated[bool, typer.Option(help="Train one batch; write nothing.")]
 
 
 def command(name: str, example: str) -> Callable[[F], F]:
@@ -131,19 +140,19 @@ def train_cmd(
     max_norm: Annotated[float | None, typer.Option(help="Max L2 norm of each unit's incoming weights.")] = None,
     jitter: Annotated[int, typer.Option(help="Shift training images by up to K pixels.")] = 0,
     epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 20,
-    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 256,
+    batch_size: BatchOpt = 256,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.1,
-    optimizer: Annotated[str, typer.Option(help="sgd (Nesterov momentum) or adam.")] = "sgd",
-    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 0.0,
-    schedule: Annotated[str, typer.Option(help="cosine (per step) or constant.")] = "cosine",
+    optimizer: OptimizerOpt = "sgd",
+    momentum: MomentumOpt = 0.9,
+    weight_decay: WeightDecayOpt = 0.0,
+    schedule: ScheduleOpt = "cosine",
     precision: PrecisionOpt = "fp32",
     seed: SeedOpt = 0,
-    eval_data: Annotated[str, typer.Option(help="Data for per-epoch test errors (auto: mnist:test for MNIST; none).")] = "auto",
+    eval_data: EvalDataOpt = "auto",
     limit: Annotated[int | None, typer.Option(help="Use only the first N examples.")] = None,
     out: Annotated[Path, typer.Option(help="Output model file.")] = Path("model.safetensors"),
-    resume: Annotated[bool, typer.Option(help="Continue from OUT.ckpt after an interruption.")] = False,
-    dry_run: Annotated[bool, typer.Option(help="Train one batch; write nothing.")] = False,
+    resume: ResumeOpt = False,
+    dry_run: DryRunOpt = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -248,18 +257,18 @@ def train_student_cmd(
     loss: Annotated[str, typer.Option(help="kd: alpha*CE(y,softmax(z)) + (1-alpha)*T^2*CE(p_T,softmax(z/T)); mse: alpha*CE + (1-alpha)*1/2*sum_i (z_i-v_i)^2 on logits.")] = "kd",
     center: Annotated[bool, typer.Option(help="mse: centre both logit vectors per example.")] = True,
     epochs: Annotated[int, typer.Option(help="Passes over the transfer set.")] = 20,
-    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 256,
+    batch_size: BatchOpt = 256,
     lr: Annotated[float, typer.Option(help="Peak learning rate (T^2 makes early gradients large).")] = 0.02,
-    optimizer: Annotated[str, typer.Option(help="sgd (Nesterov momentum) or adam.")] = "sgd",
-    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 0.0,
-    schedule: Annotated[str, typer.Option(help="cosine (per step) or constant.")] = "cosine",
+    optimizer: OptimizerOpt = "sgd",
+    momentum: MomentumOpt = 0.9,
+    weight_decay: WeightDecayOpt = 0.0,
+    schedule: ScheduleOpt = "cosine",
     precision: PrecisionOpt = "fp32",
     seed: SeedOpt = 0,
-    eval_data: Annotated[str, typer.Option(help="Data for per-epoch test errors (auto: mnist:test for MNIST; none).")] = "auto",
+    eval_data: EvalDataOpt = "auto",
     out: Annotated[Path, typer.Option(help="Output student model file.")] = Path("student.safetensors"),
-    resume: Annotated[bool, typer.Option(help="Continue from OUT.ckpt after an interruption.")] = False,
-    dry_run: Annotated[bool, typer.Option(help="Train one batch; write nothing.")] = False,
+    resume: ResumeOpt = False,
+    dry_run: DryRunOpt = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,

@@ -233,7 +233,11 @@ def read_idx(path: Path) -> np.ndarray:
     import numpy as np
 
     try:
-        raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
     except (OSError, EOFError) as e:
         raise DataError(f"cannot read {path}: {e}", "The file is corrupt; fetch it again") from e
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES:

@@ -124,7 +124,8 @@ def soft_targets(
         labels = None if labels is None else labels.repeat(copies + 1)
     n = int(inputs.shape[0])
 
-    members = [load_teacher(p, o, device=dev, precision=precision) for p, o in zip(teachers, opts)]
+    members = [load_teacher(p, o, device=dev, precision=precision)
+               for p, o in zip(teachers, opts, strict=True)]
     first = [t.logits(inputs[:batch_size]) for t in members]
     c = _check_classes(members, labels)
 
@@ -158,30 +159,30 @@ def soft_targets(
 
     correct = torch.zeros(m + 1, dtype=torch.long)
     disagree = 0
-    with atomic_output(out, force) as tmp, Timer() as timer:
-        with SafetensorsWriter(tmp, specs, meta) as writer:
-            writer.write("inputs", 0, inputs)
-            if labels is not None:
-                writer.write("labels", 0, labels)
-            with rep.progress(f"soft targets T={T:g}", n) as advance:
-                for start in range(0, n, batch_size):
-                    x = inputs[start:start + batch_size]
-                    outs = first if start == 0 else [t.logits(x) for t in members]
-                    z = torch.stack(outs)  # [M, B, C]
-                    _check_finite(z, members, start)
-                    logits, probs = combine_members(z, weights, combine, T)
-                    if m > 1:
-                        for i in range(m):
-                            writer.write("member_logits", (i * n + start) * c, z[i])
-                        preds = z.argmax(-1)
-                        disagree += int((preds != preds[0]).any(0).sum())
-                    writer.write("logits", start * c, logits)
-                    writer.write("soft_targets", start * c, probs)
-                    if labels is not None:
-                        y = labels[start:start + batch_size]
-                        correct[:m] += (z.argmax(-1) == y).sum(-1)
-                        correct[m] += int((logits.argmax(-1) == y).sum())
-                    advance(x.shape[0])
+    with atomic_output(out, force) as tmp, Timer() as timer, \
+            SafetensorsWriter(tmp, specs, meta) as writer:
+        writer.write("inputs", 0, inputs)
+        if labels is not None:
+            writer.write("labels", 0, labels)
+        with rep.progress(f"soft targets T={T:g}", n) as advance:
+            for start in range(0, n, batch_size):
+                x = inputs[start:start + batch_size]
+                outs = first if start == 0 else [t.logits(x) for t in members]
+                z = torch.stack(outs)  # [M, B, C]
+                _check_finite(z, members, start)
+                logits, probs = combine_members(z, weights, combine, T)
+                if m > 1:
+                    for i in range(m):
+                        writer.write("member_logits", (i * n + start) * c, z[i])
+                    preds = z.argmax(-1)
+                    disagree += int((preds != preds[0]).any(0).sum())
+                writer.write("logits", start * c, logits)
+                writer.write("soft_targets", start * c, probs)
+                if labels is not None:
+                    y = labels[start:start + batch_size]
+                    correct[:m] += (z.argmax(-1) == y).sum(-1)
+                    correct[m] += int((logits.argmax(-1) == y).sum())
+                advance(x.shape[0])
     for t in members:
         for note in t.notes:
             rep.info(note)

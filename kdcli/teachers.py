@@ -127,10 +127,7 @@ class Teacher:
         if self.input_shape is None:
             self.resolve_input_shape(raw[:2])
         x = self._prepare(raw)
-        if self.fixed_batch:
-            out = self._run_fixed(x)
-        else:
-            out = self._call(x)
+        out = self._run_fixed(x) if self.fixed_batch else self._call(x)
         out = self._check_output(out, raw.shape[0])
         if self.output is None:
             self.output = detect_output_kind(out)
@@ -605,7 +602,8 @@ def parse_shape(text: str) -> list[int]:
     try:
         shape = [int(s) for s in text.replace("x", ",").split(",") if s.strip()]
     except ValueError as e:
-        raise UsageError(f"bad --input-shape {text!r}", "Use comma-separated sizes, e.g. 1,28,28") from e
+        raise UsageError(f"bad --input-shape {text!r}",
+                         "Use comma-separated sizes, e.g. 1,28,28") from e
     if not shape or any(s <= 0 for s in shape):
         raise UsageError(f"bad --input-shape {text!r}", "Use positive sizes, e.g. 1,28,28")
     return shape

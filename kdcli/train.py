@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from kdcli.errors import FormatError, UsageError
 from kdcli.files import atomic_output, check_output, sha256_file
 from kdcli.models import Architecture, Preprocessing, apply_max_norm, build_model, save_model
-from kdcli.output import Reporter, Timer
+from kdcli.output import Reporter
 
 if TYPE_CHECKING:
     import torch
@@ -196,7 +196,8 @@ def _load_checkpoint(path: Path | None, fingerprint: dict, model, opt, gen):
         raise FormatError(f"checkpoint {path} is damaged ({e})",
                           "Delete it and run without --resume") from e
     if saved != fingerprint:
-        keys = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+        keys = sorted(k for k in set(saved) | set(fingerprint)
+                      if saved.get(k) != fingerprint.get(k))
         raise UsageError(f"checkpoint {path} comes from a different configuration "
                          f"(differs in: {', '.join(keys)})",
                          "Rerun with the original options, or delete the checkpoint")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcli.errors import DataError, FormatError, UsageError
+from kdcli.errors import FormatError, UsageError
 from kdcli.models import check_format
 
 if TYPE_CHECKING:
@@ -241,7 +241,6 @@ def load_transfer_set(path: str | Path, check_values: bool = True) -> TransferSe
         DataError: the file is missing.
         FormatError: anything about its format, shapes or values is wrong.
     """
-    import torch
 
     from kdcli.files import require_file
 
@@ -260,7 +259,7 @@ def load_transfer_set(path: str | Path, check_values: bool = True) -> TransferSe
         T = float(meta["T"])
     except (KeyError, ValueError) as e:
         raise FormatError(f"{p} has bad or missing metadata ({e})", "Regenerate it") from e
-    if not (T > 0 and T < float("inf")):
+    if not (T > 0 and float("inf") > T):
         raise FormatError(f"{p} records T={meta['T']}", "Regenerate it with a positive --T")
     inputs, logits, soft = tensors["inputs"], tensors["logits"], tensors["soft_targets"]
     labels = tensors.get("labels")

@@ -32,7 +32,7 @@ def test_high_T_gradient_approaches_logit_matching():
         g = soft_grad(z, v, T)
         errors.append(float((g - target).norm() / target.norm()))
     assert errors[2] < 0.01, errors  # relative error below 1% at T = 100
-    assert all(a > b for a, b in zip(errors, errors[1:])), errors  # falls as T rises
+    assert all(a > b for a, b in zip(errors, errors[1:], strict=False)), errors  # falls as T rises
 
 
 def test_soft_gradient_is_q_minus_p_over_T_times_T2():

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from kdcli.data import load_data
-from kdcli.errors import FormatError, KdcliError, ModelError, UsageError
+from kdcli.errors import FormatError, KdcliError, ModelError
 from kdcli.soft_targets import soft_targets
 from kdcli.teachers import TeacherOptions, load_teacher
 from kdcli.transfer import load_transfer_set

@@ -14,7 +14,6 @@ from kdcli.errors import FormatError, ModelError, UnsafePickleError, UsageError
 from kdcli.teachers import TeacherOptions, detect_format, load_teacher
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import TinyMLP  # noqa: E402
 
 X = torch.randint(0, 256, (37, 28, 28), dtype=torch.uint8)  # raw MNIST-like pixels
 

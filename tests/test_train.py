@@ -181,5 +181,5 @@ def test_cli_student_errors_are_one_line(cli, transfer_file):
                        (["--T", "-3"], "--T must be"),
                        (["--transfer", "nope.safetensors"], "does not exist")):
         r = cli("train-student", "--transfer", transfer_file, *args)
-        assert r.exit_code == 1 and r.stderr.startswith(f"Error: "), (args, r.output)
+        assert r.exit_code == 1 and r.stderr.startswith("Error: "), (args, r.output)
         assert text in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -17,6 +17,10 @@ class DistillationLoss(nn.Module):
     The soft term's gradients scale as ``1/T^2``, so it is multiplied by ``T^2``; this holds
     for ``alpha = 0`` too (pure distillation). Terms are means over the batch.
 
+    ``CE(p_T, q) = H(p_T) + KL(p_T || q)`` and the teacher's entropy ``H(p_T)`` does not depend
+    on the student, so the soft term is computed as ``T^2 * KL(p_T || softmax(z / T))``: the
+    same gradients, and a value that is 0 when the student matches the teacher.
+
     Args:
         T: Softmax temperature of the soft targets (> 0).
         alpha: Weight on the hard-label term, in ``[0, 1]``.
@@ -35,7 +39,8 @@ class DistillationLoss(nn.Module):
     def forward(self, student_logits: torch.Tensor, soft_targets: torch.Tensor,
                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         log_q = F.log_softmax(student_logits / self.T, dim=-1)
-        soft = -(soft_targets * log_q).sum(-1).mean() * (self.T * self.T)
+        kl = torch.special.xlogy(soft_targets, soft_targets) - soft_targets * log_q
+        soft = kl.sum(-1).mean() * (self.T * self.T)
         hard = _hard(student_logits, labels, self.alpha)
         return self.alpha * hard + (1.0 - self.alpha) * soft, hard, soft
 

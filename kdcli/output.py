@@ -95,7 +95,8 @@ class Reporter:
         """Print a results table on stdout (rich mode only)."""
         if not self.chatty:
             return
-        table = Table(title=title, title_justify="left")
+        self.out.print(f"[bold]{title}[/bold]")
+        table = Table()
         for c in columns:
             table.add_column(c, justify="left" if c == columns[0] else "right")
         for row in rows:

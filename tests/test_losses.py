@@ -50,7 +50,10 @@ def test_kd_loss_mixes_terms_and_keeps_T2_at_alpha_zero():
     T, alpha = 4.0, 0.3
     p = torch.softmax(v / T, -1)
     loss, hard, soft = DistillationLoss(T, alpha)(z, p, y)
-    expected_soft = T**2 * -(p * F.log_softmax(z / T, -1)).sum(-1).mean()
+    expected_soft = T**2 * (p * (p.log() - F.log_softmax(z / T, -1))).sum(-1).mean()
+    ce = T**2 * -(p * F.log_softmax(z / T, -1)).sum(-1).mean()  # the formula's CE form
+    entropy = T**2 * -(p * p.log()).sum(-1).mean()  # differs by the teacher's entropy only
+    torch.testing.assert_close(ce, expected_soft + entropy)
     torch.testing.assert_close(soft, expected_soft)
     torch.testing.assert_close(hard, F.cross_entropy(z, y))
     torch.testing.assert_close(loss, alpha * hard + (1 - alpha) * soft)

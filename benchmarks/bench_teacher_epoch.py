@@ -5,10 +5,10 @@ import tempfile
 from pathlib import Path
 from unittest import mock
 
+from common import report
 from torch import nn
 
 import kdcli.models
-from common import report
 from kdcli.models import Architecture
 from kdcli.train import TrainConfig, train
 

@@ -338,6 +338,34 @@ def calibrate_bias_cmd(
                               eval_data=eval_data, force=force, reporter=rep))
 
 
+@command("sweep", "kdcli sweep teacher.safetensors --T 1,2,2.5,4,8,20 --hidden 30,300 --epochs 20")
+def sweep_cmd(
+    teacher: Annotated[Path, typer.Argument(help="The teacher model file.")],
+    T: Annotated[str, typer.Option("--T", "-T", help="Temperatures, e.g. 1,2,2.5,4,8,20.")] = "1,2,4,8,20",
+    hidden: Annotated[str, typer.Option(help="Student widths, e.g. 30,300.")] = "30,300",
+    layers: Annotated[int, typer.Option(help="Hidden layers of each student.")] = 2,
+    data: Annotated[str, typer.Option(help="Transfer data.")] = "mnist:train",
+    alpha: Annotated[float, typer.Option(help="Weight on the hard labels.")] = 0.0,
+    epochs: Annotated[int, typer.Option(help="Epochs per student.")] = 20,
+    lr: Annotated[float, typer.Option(help="Learning rate per student.")] = 0.02,
+    batch_size: BatchOpt = 256,
+    precision: PrecisionOpt = "fp32",
+    seed: SeedOpt = 0,
+    eval_data: EvalDataOpt = "auto",
+    out_dir: Annotated[Path, typer.Option(help="Folder for everything the sweep writes (finished points are kept).")] = Path("sweep"),
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train students over a grid of T and widths; print a table and plot errors against T."""
+    from kdcli.sweep import sweep
+
+    rep = _reporter(json_out, quiet)
+    rep.result(sweep(teacher, temperatures=_floats(T, "--T") or [], hidden=_ints(hidden, "--hidden") or [],
+                     layers=layers, data=data, alpha=alpha, epochs=epochs, lr=lr,
+                     batch_size=batch_size, precision=precision, seed=seed, eval_data=eval_data,
+                     out_dir=out_dir, reporter=rep))
+
+
 @command("inspect", "kdcli inspect transfer.safetensors")
 def inspect_cmd(
     file: Annotated[Path, typer.Argument(help="A transfer set, kdcli model or ONNX export.")],

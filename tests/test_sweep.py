@@ -1,0 +1,35 @@
+"""kdcli sweep: the grid, its table, resuming, and the plot."""
+
+import json
+
+import pytest
+
+from kdcli.errors import UsageError
+from kdcli.models import load_model
+from kdcli.sweep import sweep
+
+
+def test_sweep_trains_the_grid_and_resumes(tmp_path, teacher_file):
+    kw = dict(temperatures=[2.0, 8.0], hidden=[8, 16], data="mnist[:1500]", epochs=1,
+              eval_data="mnist:test[:300]", out_dir=tmp_path / "sw")
+    res = sweep(teacher_file, **kw)
+    points = res["points"]
+    assert [(p["hidden"], p["T"]) for p in points] == [(8, 2.0), (8, 8.0), (16, 2.0), (16, 8.0)]
+    assert all(p["status"] == "trained" and p["test_errors"] >= 0 for p in points)
+    assert load_model(points[1]["file"]).training["T"] == 8.0
+    saved = json.loads((tmp_path / "sw" / "results.json").read_text())
+    assert saved["points"][0]["test_errors"] == points[0]["test_errors"]
+    again = sweep(teacher_file, **kw)  # finished points are kept, not retrained
+    assert [p["status"] for p in again["points"]] == ["kept"] * 4
+    assert [p["test_errors"] for p in again["points"]] == [p["test_errors"] for p in points]
+    if res["plot"]:
+        assert (tmp_path / "sw" / "sweep.png").stat().st_size > 1000
+
+
+def test_sweep_rejects_bad_grids(tmp_path, teacher_file):
+    with pytest.raises(UsageError):
+        sweep(teacher_file, temperatures=[], hidden=[8], out_dir=tmp_path)
+    with pytest.raises(UsageError):
+        sweep(teacher_file, temperatures=[0.0], hidden=[8], out_dir=tmp_path)
+    with pytest.raises(UsageError):
+        sweep(teacher_file, temperatures=[1.0], hidden=[0], out_dir=tmp_path)

@@ -47,6 +47,7 @@ ScheduleOpt = Annotated[str, typer.Option(help="cosine (per step) or constant.")
 EvalDataOpt = Annotated[str, typer.Option(help="Data for per-epoch test errors (auto: mnist:test for MNIST; none).")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue from OUT.ckpt after an interruption.")]
 DryRunOpt = Annotated[bool, typer.Option(help="Train one batch; write nothing.")]
+NormalizeOpt = Annotated[bool, typer.Option(help="Zero-mean, unit-variance inputs; --no-normalize only scales them (8-bit pixels to [0, 1]), so dropped input pixels are black.")]
 
 
 def command(name: str, example: str) -> Callable[[F], F]:
@@ -153,6 +154,7 @@ def train_cmd(
     out: Annotated[Path, typer.Option(help="Output model file.")] = Path("model.safetensors"),
     resume: ResumeOpt = False,
     dry_run: DryRunOpt = False,
+    normalize: NormalizeOpt = True,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -163,7 +165,7 @@ def train_cmd(
     rep = _reporter(json_out, quiet)
     a = _arch(arch, hidden, layers, dropout=dropout, input_dropout=input_dropout, max_norm=max_norm)
     cfg = TrainConfig(epochs, batch_size, lr, optimizer, momentum, weight_decay, schedule,
-                      precision, jitter, seed, dry_run)
+                      precision, jitter, seed, dry_run, normalize)
     rep.result(train(data, arch=a, out=out, config=cfg, eval_data=eval_data, limit=limit,
                      force=force, resume=resume, reporter=rep))
 
@@ -269,6 +271,7 @@ def train_student_cmd(
     out: Annotated[Path, typer.Option(help="Output student model file.")] = Path("student.safetensors"),
     resume: ResumeOpt = False,
     dry_run: DryRunOpt = False,
+    normalize: NormalizeOpt = True,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -283,7 +286,7 @@ def train_student_cmd(
     rep = _reporter(json_out, quiet)
     a = _arch(arch, hidden, layers, dropout=dropout)
     cfg = TrainConfig(epochs, batch_size, lr, optimizer, momentum, weight_decay, schedule,
-                      precision, 0, seed, dry_run)
+                      precision, 0, seed, dry_run, normalize)
     rep.result(train_student(transfer, arch=a, alpha=alpha, T=T, loss=loss, center=center,
                              out=out, config=cfg, eval_data=eval_data, force=force,
                              resume=resume, reporter=rep))

@@ -44,14 +44,17 @@ class Preprocessing:
     units: str = "raw"
 
     @classmethod
-    def fit(cls, inputs: torch.Tensor) -> Preprocessing:
-        """Derive preprocessing from training inputs: scale by dtype, mean/std from data."""
+    def fit(cls, inputs: torch.Tensor, normalize: bool = True) -> Preprocessing:
+        """Derive preprocessing from training inputs: scale by dtype (8-bit to [0, 1]), then,
+        with ``normalize``, zero mean and unit variance from the data."""
         import torch
 
         scale = 255.0 if inputs.dtype == torch.uint8 else 1.0
+        units = "pixel values 0-255" if inputs.dtype == torch.uint8 else f"{inputs.dtype}"
+        if not normalize:
+            return cls(scale, 0.0, 1.0, list(inputs.shape[1:]), units)
         sample = inputs[: min(len(inputs), 20000)].float() / scale
         mean, std = float(sample.mean()), float(sample.std())
-        units = "pixel values 0-255" if inputs.dtype == torch.uint8 else f"{inputs.dtype}"
         return cls(scale, round(mean, 4), round(std if std > 0 else 1.0, 4),
                    list(inputs.shape[1:]), units)
 

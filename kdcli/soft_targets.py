@@ -126,6 +126,11 @@ def soft_targets(
 
     members = [load_teacher(p, o, device=dev, precision=precision)
                for p, o in zip(teachers, opts, strict=True)]
+    for t, o in zip(members, opts, strict=True):
+        if t.format != "kdcli" and inputs.dtype == torch.uint8 and \
+                o.scale is None and o.mean is None and o.std is None:
+            rep.warn(f"{t.name} gets raw 8-bit values (0-255): no --scale/--mean/--std given. "
+                     "If it was trained on [0, 1] inputs, pass --scale 255")
     first = [t.logits(inputs[:batch_size]) for t in members]
     c = _check_classes(members, labels)
 

@@ -42,6 +42,7 @@ class TrainConfig:
     jitter: int = 0  # shift each training image by up to this many pixels
     seed: int = 0  # seeds initialization, shuffling, dropout and jitter
     dry_run: bool = False  # train one batch, write nothing
+    normalize: bool = True  # zero-mean, unit-variance inputs (else only scaled, e.g. to [0, 1])
 
     def check(self) -> None:
         if self.epochs <= 0:
@@ -293,7 +294,7 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
         raise UsageError(f"--jitter needs image inputs, but examples have shape "
                          f"{list(ds.sample_shape)}", "Drop --jitter")
     torch.manual_seed(cfg.seed)
-    pre = Preprocessing.fit(ds.inputs)
+    pre = Preprocessing.fit(ds.inputs, cfg.normalize)
     model = build_model(arch, pre, num_classes)
     labels = ds.labels
 
@@ -385,7 +386,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     transfer_sha = sha256_file(ts.path)
 
     torch.manual_seed(cfg.seed)
-    pre = Preprocessing.fit(ts.inputs)
+    pre = Preprocessing.fit(ts.inputs, cfg.normalize)
     model = build_model(arch, pre, ts.num_classes)
 
     def step(z: torch.Tensor, idx: torch.Tensor):

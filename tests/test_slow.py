@@ -33,3 +33,14 @@ def test_quickstart_script_runs_end_to_end(tmp_path):
                  "student.safetensors", "student.onnx"):
         assert (tmp_path / "quickstart" / name).exists(), name
     assert "Top-1 agreement" in r.stdout and "student.onnx" in r.stdout
+
+
+@pytest.mark.slow
+def test_paper_reproduction_quick_mode(tmp_path):
+    script = ROOT / "examples" / "mnist-paper" / "reproduce.py"
+    r = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    table = (tmp_path / "results.md").read_text()
+    assert "| teacher 2x1200" in table and "| 2x300 |" in table and "3's bias raised" in table
+    assert len((tmp_path / "commands.txt").read_text().splitlines()) >= 15

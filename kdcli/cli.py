@@ -47,7 +47,7 @@ ScheduleOpt = Annotated[str, typer.Option(help="cosine (per step) or constant.")
 EvalDataOpt = Annotated[str, typer.Option(help="Data for per-epoch test errors (auto: mnist:test for MNIST; none).")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue from OUT.ckpt after an interruption.")]
 DryRunOpt = Annotated[bool, typer.Option(help="Train one batch; write nothing.")]
-NormalizeOpt = Annotated[bool, typer.Option(help="Zero-mean, unit-variance inputs; --no-normalize only scales them (8-bit pixels to [0, 1]), so dropped input pixels are black.")]
+NormalizeOpt = Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="Zero-mean, unit-variance inputs, or only scaled (8-bit pixels to [0, 1]). Default: normalize unless --input-dropout is used, so that a dropped pixel is black.", show_default=False)]
 
 
 def command(name: str, example: str) -> Callable[[F], F]:
@@ -154,7 +154,7 @@ def train_cmd(
     out: Annotated[Path, typer.Option(help="Output model file.")] = Path("model.safetensors"),
     resume: ResumeOpt = False,
     dry_run: DryRunOpt = False,
-    normalize: NormalizeOpt = True,
+    normalize: NormalizeOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -271,7 +271,7 @@ def train_student_cmd(
     out: Annotated[Path, typer.Option(help="Output student model file.")] = Path("student.safetensors"),
     resume: ResumeOpt = False,
     dry_run: DryRunOpt = False,
-    normalize: NormalizeOpt = True,
+    normalize: NormalizeOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,

@@ -42,7 +42,9 @@ class TrainConfig:
     jitter: int = 0  # shift each training image by up to this many pixels
     seed: int = 0  # seeds initialization, shuffling, dropout and jitter
     dry_run: bool = False  # train one batch, write nothing
-    normalize: bool = True  # zero-mean, unit-variance inputs (else only scaled, e.g. to [0, 1])
+    # Zero-mean, unit-variance inputs (False: only scaled, 8-bit pixels to [0, 1]). None: auto,
+    # normalize unless the model has input dropout, so that a dropped pixel is black.
+    normalize: bool | None = None
 
     def check(self) -> None:
         if self.epochs <= 0:
@@ -209,6 +211,11 @@ def _load_checkpoint(path: Path | None, fingerprint: dict, model, opt, gen):
     return int(state["epoch"]), json.loads(state["history"])
 
 
+def _normalize(cfg: TrainConfig, arch: Architecture) -> bool:
+    """Resolve ``normalize=None`` (auto): normalize unless there is input dropout."""
+    return cfg.normalize if cfg.normalize is not None else not arch.input_dropout
+
+
 def checkpoint_path(out: str | Path) -> Path:
     """Where the per-epoch checkpoint of a run writing ``out`` lives."""
     return Path(f"{out}.ckpt")
@@ -294,7 +301,7 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
         raise UsageError(f"--jitter needs image inputs, but examples have shape "
                          f"{list(ds.sample_shape)}", "Drop --jitter")
     torch.manual_seed(cfg.seed)
-    pre = Preprocessing.fit(ds.inputs, cfg.normalize)
+    pre = Preprocessing.fit(ds.inputs, _normalize(cfg, arch))
     model = build_model(arch, pre, num_classes)
     labels = ds.labels
 
@@ -386,7 +393,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     transfer_sha = sha256_file(ts.path)
 
     torch.manual_seed(cfg.seed)
-    pre = Preprocessing.fit(ts.inputs, cfg.normalize)
+    pre = Preprocessing.fit(ts.inputs, _normalize(cfg, arch))
     model = build_model(arch, pre, ts.num_classes)
 
     def step(z: torch.Tensor, idx: torch.Tensor):

@@ -183,3 +183,21 @@ def test_cli_student_errors_are_one_line(cli, transfer_file):
         r = cli("train-student", "--transfer", transfer_file, *args)
         assert r.exit_code == 1 and r.stderr.startswith("Error: "), (args, r.output)
         assert text in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_no_normalize_only_scales_inputs(tmp_path, cli):
+    r = cli("train", "--data", "mnist[:500]", "--hidden", "8", "--layers", "1", "--epochs", "1",
+            "--no-normalize", "--eval-data", "none", "--out", tmp_path / "m.safetensors", "-q")
+    assert r.exit_code == 0, r.output
+    pre = load_model(tmp_path / "m.safetensors").preprocessing
+    assert (pre.scale, pre.mean, pre.std) == (255.0, 0.0, 1.0)
+    s = train("mnist[:500]", arch=Architecture.parse("mlp:8"), out=tmp_path / "n.safetensors",
+              config=TrainConfig(epochs=1), eval_data="none")
+    pre = load_model(s["out"]).preprocessing
+    assert abs(pre.mean - 0.13) < 0.01 and abs(pre.std - 0.31) < 0.01  # MNIST's statistics
+
+
+def test_normalize_defaults_off_with_input_dropout(tmp_path):
+    s = train("mnist[:300]", arch=Architecture.parse("mlp:8", input_dropout=0.2),
+              out=tmp_path / "d.safetensors", config=TrainConfig(epochs=1), eval_data="none")
+    assert load_model(s["out"]).preprocessing.mean == 0.0  # a dropped pixel is black

@@ -38,7 +38,7 @@ class TrainConfig:
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 0.0  # L2 penalty
     schedule: str = "cosine"  # cosine: decay to 0 per step; constant: keep lr
-    precision: str = "fp32"  # fp32, or bf16 autocast (about 3x faster on CPUs with AMX)
+    precision: str = "fp32"  # fp32, or bf16 autocast (much faster on CPUs with bf16 units)
     jitter: int = 0  # shift each training image by up to this many pixels
     seed: int = 0  # seeds initialization, shuffling, dropout and jitter
     dry_run: bool = False  # train one batch, write nothing

@@ -99,13 +99,14 @@ class SafetensorsWriter:
                                   f"{size} bytes", "Report this bug")
 
 
-def _to_bytes(t: torch.Tensor) -> bytes:
+def _to_bytes(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a CPU tensor (bf16 is viewed as int16, same bytes)."""
     import torch
 
     t = t.detach().contiguous().cpu()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
-    return t.numpy().tobytes()
+    return memoryview(t.numpy()).cast("B")
 
 
 

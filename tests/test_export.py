@@ -143,3 +143,17 @@ def test_export_is_quiet_unless_verbose(cli, teacher_file, capfd):
     assert r.exit_code == 0, r.output
     err = r.stderr + capfd.readouterr().err
     assert "torch.onnx" not in err and "Warning" not in err
+
+
+def test_inspect_model_and_onnx_files(cli, teacher_file, exported):
+    r = cli("inspect", teacher_file, "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["kind"] == "model" and info["architecture"] == "mlp:64"
+    assert info["params"] == 784 * 64 + 64 + 64 * 10 + 10 and info["format_version"] == 1
+    r = cli("inspect", exported[0], "--json")
+    info = json.loads(r.stdout)
+    assert info["kind"] == "onnx" and info["inputs"] == ["input"]
+    assert info["metadata"]["architecture"] == "mlp:64"
+    r = cli("inspect", teacher_file)
+    assert "mlp:64" in r.stdout and "training.command" in r.stdout

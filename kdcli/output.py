@@ -75,7 +75,7 @@ class Reporter:
             description: Shown left of the bar.
             total: Number of samples the bar counts to.
         """
-        if not self.chatty:
+        if not self.chatty or not self.err.is_terminal:  # no bars in logs and pipes
             yield lambda n=1: None
             return
         columns = [

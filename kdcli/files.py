@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from kdcli.errors import OutputExistsError, UsageError
+from kdcli.errors import DataError, OutputExistsError, UsageError
 
 
 def check_output(path: str | os.PathLike, force: bool) -> Path:
@@ -73,9 +73,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def require_file(path: str | os.PathLike, what: str = "file") -> Path:
-    """Return ``path`` as a Path, or raise a DataError-style message if it is missing."""
-    from kdcli.errors import DataError
-
+    """Return ``path`` as a Path; raise DataError if it is missing, a folder, or empty."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{what} {p} does not exist", "Check the path")

@@ -115,7 +115,9 @@ def _param_count(t) -> int | None:
         from onnx import numpy_helper
 
         m = onnx.load(str(t.path))
-        return int(sum(numpy_helper.to_array(i).size for i in m.graph.initializer))
+        arrays = (numpy_helper.to_array(i) for i in m.graph.initializer)
+        # Learned tensors only: not scalar constants (scale, mean, std) or integer shapes.
+        return int(sum(a.size for a in arrays if a.ndim >= 1 and a.dtype.kind == "f"))
     if runner_model is not None and hasattr(runner_model, "parameters"):
         return sum(p.numel() for p in runner_model.parameters())
     return None

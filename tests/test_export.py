@@ -81,6 +81,7 @@ def test_exported_student_is_a_first_class_model(exported, teacher_file, cli, tm
     res = json.loads(r.stdout)
     a, b = res["models"]
     assert a["errors"] == b["errors"] and abs(a["nll"] - b["nll"]) < 1e-4
+    assert a["params"] == b["params"]  # learned tensors only, in both formats
     assert res["agreement"][0][1] == 1.0
     r = cli("soft-targets", out, "--T", "5", "--data", "mnist[:500]", "--output", "logits",
             "--json")

@@ -12,6 +12,7 @@ Accepted specs (any of them may end in a slice such as ``[:1000]`` or ``[5000:60
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import re
@@ -164,8 +165,9 @@ def _load_arrays(base: str) -> tuple[np.ndarray, np.ndarray | None]:
                     "Use IDX (optionally .gz), .npz, .npy or .safetensors")
 
 
+@functools.cache
 def check_bundled_mnist() -> None:
-    """Verify the bundled MNIST against its SHA256SUMS (raises DataError if damaged)."""
+    """Verify the bundled MNIST against its SHA256SUMS, once per process (DataError if not)."""
     sums = (MNIST_DIR / "SHA256SUMS").read_text().split("\n")
     for line in filter(None, sums):
         digest, fname = line.split()

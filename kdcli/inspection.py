@@ -26,7 +26,9 @@ def inspect_file(path: str | Path, reporter: Reporter | None = None) -> dict[str
     p = require_file(path, "file")
     meta = read_safetensors_metadata(p)
     if meta is None:
-        if p.suffix == ".onnx" or _is_onnx(p):
+        from kdcli.teachers import is_onnx_file
+
+        if p.suffix == ".onnx" or is_onnx_file(p):
             return _inspect_onnx(p, rep)
         raise FormatError(f"{p} is not a kdcli file", "Give a transfer set, model or .onnx")
     fmt = meta.get("format")
@@ -36,12 +38,6 @@ def inspect_file(path: str | Path, reporter: Reporter | None = None) -> dict[str
         return _inspect_model(p, rep)
     raise FormatError(f"{p} is a safetensors file without a kdcli format name",
                       "Give a file written by kdcli")
-
-
-def _is_onnx(p: Path) -> bool:
-    from kdcli.teachers import _is_onnx as is_onnx
-
-    return is_onnx(p)
 
 
 def _inspect_transfer(p: Path, rep: Reporter) -> dict[str, Any]:

@@ -262,14 +262,15 @@ def detect_format(path: Path) -> str:
                           "Give a kdcli, TorchScript, torch.export, ONNX or torch.save file")
     if head[:1] == b"\x80":  # a pickle protocol header: legacy torch.save
         return "torch.save"
-    if _is_onnx(path):
+    if is_onnx_file(path):
         return "onnx"
     raise FormatError(f"{path} is not a model format kdcli knows",
                       "Give a kdcli .safetensors, TorchScript, torch.export .pt2, ONNX, "
                       "or torch.save state dict (with --arch)")
 
 
-def _is_onnx(path: Path) -> bool:
+def is_onnx_file(path: Path) -> bool:
+    """Whether ``path`` parses as an ONNX model with nodes and outputs."""
     import onnx
 
     try:

@@ -22,8 +22,7 @@ def test_sweep_trains_the_grid_and_resumes(tmp_path, teacher_file):
     again = sweep(teacher_file, **kw)  # finished points are kept, not retrained
     assert [p["status"] for p in again["points"]] == ["kept"] * 4
     assert [p["test_errors"] for p in again["points"]] == [p["test_errors"] for p in points]
-    if res["plot"]:
-        assert (tmp_path / "sw" / "sweep.png").stat().st_size > 1000
+    assert res["plot"] and (tmp_path / "sw" / "sweep.png").stat().st_size > 1000
 
 
 def test_sweep_rejects_bad_grids(tmp_path, teacher_file):

@@ -7,15 +7,13 @@ kdcli: ``train_student`` on a transfer-set file (index batching over memory-mapp
 Both are timed on their second epoch. Peak RSS of the CLI is measured in a subprocess.
 """
 
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import report
+from common import kdcli_peak_rss, report
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -60,28 +58,10 @@ def kdcli_epoch_seconds(transfer: Path, out: Path, precision: str) -> float:
     return s["history"][-1]["seconds"]
 
 
-# The child reports its own peak RSS (VmHWM). getrusage(RUSAGE_CHILDREN) would also count
-# the parent's pages that a forked child shares before it execs.
-_CHILD = """
-import atexit, runpy, sys
-def peak():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            sys.stderr.write("PEAK_KB " + line.split()[1] + "\\n")
-atexit.register(peak)
-sys.argv = ["kdcli", *sys.argv[1:]]
-runpy.run_module("kdcli", run_name="__main__")
-"""
-
-
 def peak_rss_mb(transfer: Path, out: Path) -> float:
-    r = subprocess.run([sys.executable, "-c", _CHILD, "train-student", "--transfer",
-                        str(transfer), "--hidden", "800", "--epochs", "1", "--eval-data", "none",
-                        "--out", str(out), "--force", "-q"], capture_output=True, text=True)
-    kb = [line.split()[1] for line in r.stderr.splitlines() if line.startswith("PEAK_KB")]
-    if r.returncode != 0 or not kb:
-        raise SystemExit(f"train-student failed: {r.stderr[-500:]}")
-    return int(kb[0]) / 1024
+    return kdcli_peak_rss(["train-student", "--transfer", str(transfer), "--hidden", "800",
+                           "--epochs", "1", "--eval-data", "none", "--out", str(out),
+                           "--force", "-q"])[0]
 
 
 def gemm_ceiling(precision: str) -> float:

@@ -109,7 +109,7 @@ def calibrate_bias(model: str | Path = "student.safetensors",
 
     if transfer is not None:
         ts = load_transfer_set(transfer)
-        inputs, pi = ts.inputs, torch.softmax(ts.logits, -1).mean(0)
+        inputs, pi = ts.columns["inputs"], ts.mean_targets(1.0)
         source = f"transfer set {Path(transfer).name}"
     else:
         spec = data or mf.training.get("data") or "mnist:train"

@@ -47,7 +47,13 @@ ScheduleOpt = Annotated[str, typer.Option(help="cosine (per step) or constant.")
 EvalDataOpt = Annotated[str, typer.Option(help="Data for per-epoch test errors (auto: mnist:test for MNIST; none).")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue from OUT.ckpt after an interruption.")]
 DryRunOpt = Annotated[bool, typer.Option(help="Train one batch; write nothing.")]
+TrainDeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, or auto (cuda when present).")]
+StopAfterOpt = Annotated[int | None, typer.Option(help="Stop after this epoch, keeping OUT.ckpt; continue later with --resume (for time-limited job slots).")]
 NormalizeOpt = Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="Zero-mean, unit-variance inputs, or only scaled (8-bit pixels to [0, 1]). Default: normalize unless --input-dropout is used, so that a dropped pixel is black.", show_default=False)]
+
+
+# Commands that run under torchrun (the others refuse, rather than race on their outputs).
+DISTRIBUTED = ("train", "train-student", "soft-targets")
 
 
 def command(name: str, example: str) -> Callable[[F], F]:
@@ -57,6 +63,10 @@ def command(name: str, example: str) -> Callable[[F], F]:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
+                if name not in DISTRIBUTED and os.environ.get("WORLD_SIZE", "1") != "1":
+                    raise UsageError(f"kdcli {name} does not run under torchrun",
+                                     f"Run it as one process; {', '.join(DISTRIBUTED)} "
+                                     "can be distributed")
                 return fn(*args, **kwargs)
             except (typer.Exit, typer.Abort):
                 raise
@@ -66,7 +76,9 @@ def command(name: str, example: str) -> Callable[[F], F]:
                 message, code = user_message(e)
                 if os.environ.get("KDCLI_DEBUG") == "1":
                     traceback.print_exc()
-                typer.echo(f"Error: {message}", err=True)
+                rank = os.environ.get("RANK", "0")  # set by torchrun
+                where = f"[rank {rank}] " if rank != "0" else ""
+                typer.echo(f"{where}Error: {message}", err=True)
                 raise typer.Exit(code) from None
 
         app.command(name, epilog=f"Example: {example}")(wrapper)
@@ -154,6 +166,8 @@ def train_cmd(
     out: Annotated[Path, typer.Option(help="Output model file.")] = Path("model.safetensors"),
     resume: ResumeOpt = False,
     dry_run: DryRunOpt = False,
+    stop_after: StopAfterOpt = None,
+    device: TrainDeviceOpt = "cpu",
     normalize: NormalizeOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -165,7 +179,7 @@ def train_cmd(
     rep = _reporter(json_out, quiet)
     a = _arch(arch, hidden, layers, dropout=dropout, input_dropout=input_dropout, max_norm=max_norm)
     cfg = TrainConfig(epochs, batch_size, lr, optimizer, momentum, weight_decay, schedule,
-                      precision, jitter, seed, dry_run, normalize)
+                      precision, jitter, seed, dry_run, normalize, stop_after, device)
     rep.result(train(data, arch=a, out=out, config=cfg, eval_data=eval_data, limit=limit,
                      force=force, resume=resume, reporter=rep))
 
@@ -193,7 +207,7 @@ def soft_targets_cmd(
     teachers: Annotated[list[Path], typer.Argument(help="Teacher file(s); several form an ensemble.")],
     T: Annotated[float, typer.Option("--T", "-T", help="Softmax temperature of the soft targets.")] = 20.0,
     data: Annotated[str, typer.Option(help="Transfer data: mnist:train, a path, ...[:N].")] = "mnist:train",
-    out: Annotated[Path, typer.Option(help="Output transfer set.")] = Path("transfer.safetensors"),
+    out: Annotated[Path, typer.Option(help="Output transfer set: a .safetensors file, or NAME.index.json for a sharded set.")] = Path("transfer.safetensors"),
     combine: Annotated[str, typer.Option(help="Ensemble rule: mean-probs (paper) or mean-logits.")] = "mean-probs",
     weights: Annotated[str | None, typer.Option(help="Ensemble weights, e.g. 0.5,0.3,0.2.")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per teacher call.")] = 1024,
@@ -212,6 +226,9 @@ def soft_targets_cmd(
     limit: Annotated[int | None, typer.Option(help="Use only the first N examples.")] = None,
     jitter: Annotated[int, typer.Option(help="Shift of the augmented copies, in pixels.")] = 0,
     copies: Annotated[int, typer.Option(help="Add this many jittered copies of each example.")] = 0,
+    top_k: Annotated[int | None, typer.Option(help="Store only the K largest logits per example, their classes and the tail mass (for many classes).")] = None,
+    targets_dtype: Annotated[str, typer.Option(help="Dtype of stored top-k logits: float32 or float16.")] = "float32",
+    shard_size: Annotated[str | None, typer.Option(help="Largest shard file of a sharded set, e.g. 500MB (default 1GB with an .index.json --out).")] = None,
     seed: SeedOpt = 0,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -220,7 +237,8 @@ def soft_targets_cmd(
     """Run a teacher (or an ensemble) and write soft targets at temperature T.
 
     Teachers may be kdcli models, TorchScript, torch.export (.pt2), ONNX, state dicts
-    (with --arch), or pickled modules (with --trust-pickle).
+    (with --arch), or pickled modules (with --trust-pickle). Memory stays bounded for any
+    number of examples; under torchrun each rank runs the teachers on its own share.
     """
     from kdcli.soft_targets import soft_targets
     from kdcli.teachers import TeacherOptions, parse_shape
@@ -244,12 +262,13 @@ def soft_targets_cmd(
         weights=_floats(weights, "--weights"), batch_size=batch_size, device=device,
         precision=precision, classes=_ints(classes, "--classes"),
         exclude_classes=_ints(exclude_classes, "--exclude-classes"), limit=limit,
-        jitter=jitter, copies=copies, seed=seed, force=force, reporter=rep))
+        jitter=jitter, copies=copies, seed=seed, top_k=top_k, targets_dtype=targets_dtype,
+        shard_size=shard_size, force=force, reporter=rep))
 
 
 @command("train-student", "kdcli train-student --hidden 300 --alpha 0.1")
 def train_student_cmd(
-    transfer: Annotated[Path, typer.Option(help="Transfer set from soft-targets.")] = Path("transfer.safetensors"),
+    transfer: Annotated[Path, typer.Option(help="Transfer set from soft-targets (a file, or a sharded set's .index.json).")] = Path("transfer.safetensors"),
     hidden: Annotated[int, typer.Option(help="Student MLP hidden width.")] = 300,
     layers: Annotated[int, typer.Option(help="Student MLP hidden layers.")] = 2,
     arch: Annotated[str | None, typer.Option(help="Student spec instead of --hidden/--layers: mlp:800,800 or cnn:0.25.")] = None,
@@ -258,6 +277,7 @@ def train_student_cmd(
     T: Annotated[float | None, typer.Option("--T", "-T", help="Temperature (default: the transfer set's; another value re-derives the targets).")] = None,
     loss: Annotated[str, typer.Option(help="kd: alpha*CE(y,softmax(z)) + (1-alpha)*T^2*CE(p_T,softmax(z/T)); mse: alpha*CE + (1-alpha)*1/2*sum_i (z_i-v_i)^2 on logits.")] = "kd",
     center: Annotated[bool, typer.Option(help="mse: centre both logit vectors per example.")] = True,
+    tail: Annotated[str, typer.Option(help="Top-k sets: student (spread the mass outside the top K like the student does), uniform (evenly) or renormalize (drop it).")] = "student",
     epochs: Annotated[int, typer.Option(help="Passes over the transfer set.")] = 20,
     batch_size: BatchOpt = 256,
     lr: Annotated[float, typer.Option(help="Peak learning rate (T^2 makes early gradients large).")] = 0.02,
@@ -271,6 +291,8 @@ def train_student_cmd(
     out: Annotated[Path, typer.Option(help="Output student model file.")] = Path("student.safetensors"),
     resume: ResumeOpt = False,
     dry_run: DryRunOpt = False,
+    stop_after: StopAfterOpt = None,
+    device: TrainDeviceOpt = "cpu",
     normalize: NormalizeOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -286,9 +308,9 @@ def train_student_cmd(
     rep = _reporter(json_out, quiet)
     a = _arch(arch, hidden, layers, dropout=dropout)
     cfg = TrainConfig(epochs, batch_size, lr, optimizer, momentum, weight_decay, schedule,
-                      precision, 0, seed, dry_run, normalize)
+                      precision, 0, seed, dry_run, normalize, stop_after, device)
     rep.result(train_student(transfer, arch=a, alpha=alpha, T=T, loss=loss, center=center,
-                             out=out, config=cfg, eval_data=eval_data, force=force,
+                             tail=tail, out=out, config=cfg, eval_data=eval_data, force=force,
                              resume=resume, reporter=rep))
 
 

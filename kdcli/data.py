@@ -16,9 +16,9 @@ import functools
 import gzip
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kdcli.errors import DataError
 
@@ -48,6 +48,7 @@ class Data:
     inputs: torch.Tensor
     labels: torch.Tensor | None
     source: str
+    files: list = field(default_factory=list)  # memory-mapped files the inputs live in
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -68,6 +69,11 @@ class Data:
         labels = None if self.labels is None else self.labels[index]
         return Data(self.inputs[index], labels, self.source)
 
+    def release(self) -> None:
+        """Drop the resident pages of memory-mapped inputs (they are re-read on use)."""
+        for f in self.files:
+            f.release()
+
 
 def load_data(spec: str, limit: int | None = None) -> Data:
     """Load a data source.
@@ -87,8 +93,18 @@ def load_data(spec: str, limit: int | None = None) -> Data:
     spec = spec.strip()
     base, sl = _split_slice(spec)
     inputs, labels = _load_arrays(base)
-    inputs_t = torch.from_numpy(inputs.copy() if not inputs.flags.writeable else inputs)
-    labels_t = None if labels is None else torch.from_numpy(labels.astype("int64"))
+    files = []
+    if isinstance(inputs, tuple):  # memory-mapped: (tensor, MappedFile)
+        inputs_t, mapped = inputs
+        files.append(mapped)
+    else:
+        inputs_t = torch.from_numpy(inputs.copy() if not inputs.flags.writeable else inputs)
+    if labels is None:
+        labels_t = None
+    elif isinstance(labels, torch.Tensor):
+        labels_t = labels.long()
+    else:
+        labels_t = torch.from_numpy(labels.astype("int64"))
     if sl is not None:
         inputs_t = inputs_t[sl]
         labels_t = None if labels_t is None else labels_t[sl]
@@ -97,7 +113,8 @@ def load_data(spec: str, limit: int | None = None) -> Data:
             raise DataError(f"--limit must be positive, got {limit}", "Pass a count above 0")
         inputs_t = inputs_t[:limit]
         labels_t = None if labels_t is None else labels_t[:limit]
-    data = Data(inputs_t.contiguous(), labels_t, spec if limit is None else f"{spec}[:{limit}]")
+    data = Data(inputs_t if inputs_t.is_contiguous() else inputs_t.contiguous(), labels_t,
+                spec if limit is None else f"{spec}[:{limit}]", files)
     validate(data)
     return data
 
@@ -115,10 +132,17 @@ def validate(data: Data) -> None:
     if data.inputs.dtype == torch.bool or data.inputs.is_complex():
         raise DataError(f"inputs of {data.source} have dtype {data.inputs.dtype}",
                         "Store real-valued inputs")
-    if data.inputs.is_floating_point() and not bool(torch.isfinite(data.inputs).all()):
-        bad = (~torch.isfinite(data.inputs.reshape(len(data), -1))).any(1).nonzero()[:5, 0]
-        raise DataError(f"inputs of {data.source} contain NaN or Inf (rows {bad.tolist()})",
-                        "Clean the data")
+    if data.inputs.is_floating_point():
+        step = max(1, (64 << 20) // max(1, data.inputs[0].numel() * data.inputs.element_size()))
+        for start in range(0, len(data), step):
+            chunk = data.inputs[start:start + step]
+            chunk = chunk.reshape(len(chunk), -1)
+            ok = torch.isfinite(chunk).all(1)
+            if not bool(ok.all()):
+                bad = (start + (~ok).nonzero()[:5, 0]).tolist()
+                raise DataError(f"inputs of {data.source} contain NaN or Inf (rows {bad})",
+                                "Clean the data")
+            data.release()
     if data.labels is not None:
         if data.labels.shape != (len(data),):
             raise DataError(
@@ -138,7 +162,8 @@ def _split_slice(spec: str) -> tuple[str, slice | None]:
     return m["base"], slice(start, stop)
 
 
-def _load_arrays(base: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _load_arrays(base: str) -> tuple[Any, Any]:
+    """Inputs (a numpy array, or ``(tensor, MappedFile)`` when memory-mapped) and labels."""
     name, _, split = base.partition(":")
     if name == "mnist":
         check_bundled_mnist()
@@ -261,9 +286,21 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def _load_numpy(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+def _load_numpy(path: Path):
     import numpy as np
 
+    from kdcli.storage import map_npy
+
+    if path.suffix == ".npy":
+        try:
+            mapped = map_npy(path)
+        except OSError as e:
+            raise DataError(f"cannot read {path}: {e}", "Check the file") from e
+        if mapped is not None:
+            tensor, mfile = mapped
+            if tensor.dim() == 0:
+                raise DataError(f"inputs in {path} are a scalar", "Store an [N, ...] array")
+            return ((tensor[:, None] if tensor.dim() == 1 else tensor), mfile), None
     try:
         obj = np.load(path, allow_pickle=False)
     except Exception as e:
@@ -278,26 +315,35 @@ def _load_numpy(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         return _check_arrays(path, obj["inputs"], labels)
 
 
-def _load_safetensors(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import safe_open
+def _load_safetensors(path: Path):
+    """Memory-map ``inputs`` (and read ``labels``) from a safetensors file."""
+    import torch
+
+    from kdcli.errors import FormatError
+    from kdcli.storage import read_safetensors
 
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            keys = set(f.keys())
-            if "inputs" not in keys:
-                raise DataError(f"{path} has no 'inputs' tensor (has {sorted(keys)})",
-                                "Store the examples under the name 'inputs'")
-            inputs = f.get_tensor("inputs")
-            labels = f.get_tensor("labels") if "labels" in keys else None
-    except SafetensorError as e:
-        raise DataError(f"{path} is not a valid safetensors file: {e}",
+        tensors, _, mapped = read_safetensors(path)
+    except FormatError as e:
+        raise DataError(f"{path} is not a valid safetensors file: {e.message}",
                         "The file is truncated or corrupt") from e
-    except Exception as e:  # numpy safe_open raises TypeError for bf16 etc.
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"cannot read {path}: {e}", "Store inputs as a numeric tensor") from e
-    return _check_arrays(path, inputs, labels)
+    if "inputs" not in tensors:
+        raise DataError(f"{path} has no 'inputs' tensor (has {sorted(tensors)})",
+                        "Store the examples under the name 'inputs'")
+    inputs, labels = tensors["inputs"], tensors.get("labels")
+    if inputs.dim() == 0:
+        raise DataError(f"inputs in {path} are a scalar", "Store an [N, ...] array")
+    if inputs.dim() == 1:
+        inputs = inputs[:, None]
+    if labels is not None:
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise DataError(f"labels in {path} have dtype {labels.dtype}",
+                            "Store integer class indices")
+        if labels.dim() != 1 or len(labels) != len(inputs):
+            raise DataError(f"{path} has {len(inputs)} inputs but labels of shape "
+                            f"{tuple(labels.shape)}", "Give one integer label per input")
+        labels = labels.clone()
+    return (inputs, mapped), labels
 
 
 def _check_arrays(path, inputs, labels):

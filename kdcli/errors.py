@@ -54,6 +54,10 @@ class ExportError(KdcliError):
     """ONNX export or its verification failed."""
 
 
+class DistributedError(KdcliError):
+    """A rank failed, or the ranks of a torchrun job could not reach each other."""
+
+
 def user_message(exc: BaseException) -> tuple[str, int]:
     """Map any exception to the one-line message and exit code the CLI shows.
 
@@ -69,6 +73,11 @@ def user_message(exc: BaseException) -> tuple[str, int]:
         return str(exc), exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted. Outputs were not written; rerun (with --resume where supported)", 130
+    if type(exc).__name__ in ("DistError", "DistBackendError", "DistNetworkError",
+                              "DistStoreError") or "ProcessGroup" in str(exc)[:200]:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return (f"a distributed collective failed ({first}). Another rank probably failed "
+                "or timed out; see its error above (KDCLI_DIST_TIMEOUT sets the timeout)", 1)
     if isinstance(exc, MemoryError):
         return "out of memory. Lower --batch-size or use a smaller --limit", 1
     if isinstance(exc, FileNotFoundError):

@@ -53,11 +53,12 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
     tmp_path = Path(tmp)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; outputs get normal permissions
     try:
         yield tmp_path
         if final.exists() and not force:  # appeared while we worked
             raise OutputExistsError(f"{final} already exists", "Pass --force to overwrite it")
+        # mkstemp (and some writers) make 0600 files; outputs get normal permissions
+        os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, final)
     finally:
         tmp_path.unlink(missing_ok=True)

@@ -10,6 +10,8 @@ from kdcli.errors import FormatError
 from kdcli.files import require_file
 from kdcli.output import Reporter
 
+MAX_DARK_CLASSES = 1000  # a [C, C] table of mean soft targets beyond this is too big to show
+
 
 def inspect_file(path: str | Path, reporter: Reporter | None = None) -> dict[str, Any]:
     """Describe a kdcli file: its format, metadata, tensors and (for transfer sets) the
@@ -20,10 +22,12 @@ def inspect_file(path: str | Path, reporter: Reporter | None = None) -> dict[str
         reporter: Output sink.
     """
     from kdcli.models import MODEL_FORMAT, read_safetensors_metadata
-    from kdcli.transfer import TRANSFER_FORMAT
+    from kdcli.transfer import TRANSFER_FORMAT, is_index_path
 
     rep = reporter or Reporter()
     p = require_file(path, "file")
+    if is_index_path(p):
+        return _inspect_transfer(p, rep)
     meta = read_safetensors_metadata(p)
     if meta is None:
         from kdcli.teachers import is_onnx_file
@@ -41,48 +45,78 @@ def inspect_file(path: str | Path, reporter: Reporter | None = None) -> dict[str
 
 
 def _inspect_transfer(p: Path, rep: Reporter) -> dict[str, Any]:
-    from kdcli.transfer import load_transfer_set
+    import torch
+
+    from kdcli.transfer import TopK, load_transfer_set
 
     ts = load_transfer_set(p, check_values=False)
-    probs = ts.soft_targets
-    entropy = float(-(probs * probs.clamp_min(1e-30).log()).sum(-1).mean())
-    group = ts.labels if ts.labels is not None else ts.logits.argmax(-1)
+    c, n = ts.num_classes, len(ts)
+    with_dark = c <= MAX_DARK_CLASSES
+    sums = torch.zeros(c if with_dark else 0, c, dtype=torch.float64)  # per class: sum of targets
+    counts = torch.zeros(c, dtype=torch.long)
+    entropy = tail_mass = 0.0
+    group_col = ts.columns.get("labels")
+    pred = ts.teacher_argmax()
+    step = ts.chunk_rows()
+    for a in range(0, n, step):
+        idx = torch.arange(a, min(n, a + step))
+        t = ts.targets(idx, ts.T)
+        if isinstance(t, TopK):
+            tail_mass += float(t.tail_logmass.exp().sum())
+            t = ts._dense_probs(t, ts.T)
+        probs = t.double()
+        entropy += float(-(probs * probs.clamp_min(1e-30).log()).sum())
+        group = group_col[idx].long() if group_col is not None else pred[idx]
+        if with_dark:
+            sums.index_add_(0, group, probs)
+        counts += torch.bincount(group, minlength=c)
     dark = []
-    for c in range(ts.num_classes):
-        sel = group == c
-        if not bool(sel.any()):
+    for k in range(c if with_dark else 0):
+        if counts[k] == 0:
             continue
-        mean = probs[sel].mean(0).clone()
-        mean[c] = -1
+        mean = sums[k] / counts[k]
+        mean[k] = -1
         other = int(mean.argmax())
-        dark.append({"class": c, "examples": int(sel.sum()), "closest": other,
+        dark.append({"class": k, "examples": int(counts[k]), "closest": other,
                      "soft_prob": float(mean[other])})
-    tensors = {"inputs": ts.inputs, "labels": ts.labels, "member_logits": ts.member_logits,
-               "logits": ts.logits, "soft_targets": ts.soft_targets}
+    file_bytes = sum(int(s.get("bytes", 0)) for s in ts.shards)
     info = {
         "file": str(p), "kind": "transfer set", "format": ts.meta["format"],
         "format_version": int(ts.meta["format_version"]), "T": ts.T,
-        "examples": len(ts), "classes": ts.num_classes,
+        "examples": n, "classes": c, "storage": ts.storage, "top_k": ts.top_k,
+        "shards": len(ts.shards), "bytes": file_bytes,
+        "bytes_per_example": round(file_bytes / n, 1),
+        "mean_tail_mass": (tail_mass / n) if ts.storage == "top-k" else 0.0,
         "combine": ts.meta.get("combine"), "weights": ts.meta.get("weights"),
         "teachers": ts.meta.get("teachers"), "data_source": ts.meta.get("data_source"),
         "inputs_sha256": ts.meta.get("inputs_sha256"), "created": ts.meta.get("created"),
         "kdcli_version": ts.meta.get("kdcli_version"),
         "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
-                    for k, v in tensors.items() if v is not None},
-        "mean_entropy_nats": entropy, "dark_knowledge": dark,
+                    for k, v in ts.columns.items()},
+        "mean_entropy_nats": entropy / n, "dark_knowledge": dark,
     }
-    rep.table(f"Transfer set {p.name}", ["", "value"], [
-        [k, _short(info[k])] for k in ("format", "format_version", "T", "examples", "classes",
-                                       "combine", "weights", "data_source", "created",
-                                       "kdcli_version", "mean_entropy_nats")])
+    form = "dense" if ts.storage == "dense" else f"top-{ts.top_k} ({ts.meta.get('targets_dtype')})"
+    rows = [[k, _short(info[k])] for k in ("format", "format_version", "T", "examples",
+                                           "classes")]
+    rows += [["storage", form],
+             ["files", "1 file" if len(ts.shards) == 1 else f"{len(ts.shards)} shards"],
+             ["bytes", f"{file_bytes:,} ({info['bytes_per_example']:,} per example)"]]
+    if ts.storage == "top-k":
+        rows.append(["mean tail mass", f"{info['mean_tail_mass']:.4g}"])
+    rows += [[k, _short(info[k])] for k in ("combine", "weights", "data_source", "created",
+                                            "kdcli_version", "mean_entropy_nats")]
+    rep.table(f"Transfer set {p.name}", ["", "value"], rows)
     rep.table("Teachers", ["file", "format", "output", "sha256"],
               [[t.get("file"), t.get("format"), t.get("output"), str(t.get("sha256"))[:12]]
                for t in info["teachers"] or []])
     rep.table("Tensors", ["name", "dtype", "shape"],
               [[k, v["dtype"], str(v["shape"])] for k, v in info["tensors"].items()])
-    rep.table("Dark knowledge: each class's most probable other class (mean soft target)",
-              ["class", "examples", "closest", "soft prob"],
-              [[d["class"], d["examples"], d["closest"], d["soft_prob"]] for d in dark])
+    if with_dark:
+        rep.table("Dark knowledge: each class's most probable other class (mean soft target)",
+                  ["class", "examples", "closest", "soft prob"],
+                  [[d["class"], d["examples"], d["closest"], d["soft_prob"]] for d in dark])
+    else:
+        rep.info(f"(the dark-knowledge table is shown for up to {MAX_DARK_CLASSES} classes)")
     return info
 
 

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+TAIL_RULES = ("student", "uniform", "renormalize")
+
 
 class DistillationLoss(nn.Module):
     """``L = alpha * CE(y, softmax(z)) + (1 - alpha) * T^2 * CE(p_T, softmax(z / T))``.
@@ -21,26 +23,48 @@ class DistillationLoss(nn.Module):
     on the student, so the soft term is computed as ``T^2 * KL(p_T || softmax(z / T))``: the
     same gradients, and a value that is 0 when the student matches the teacher.
 
+    Top-k targets (:class:`kdcli.transfer.TopK`) know the teacher's top-K probabilities
+    exactly and the total mass ``m`` outside them, but not how ``m`` is spread. ``tail``
+    says what to assume:
+
+    * ``student`` (default): ``m`` is spread over the other classes in proportion to the
+      student's own probabilities ``q``. Their KL terms then sum to ``m * log(m / Q)``, with
+      ``Q`` the student's mass outside the top K: the KL between the two distributions with
+      the tail merged into one bucket. Nothing is assumed about the tail's shape; the
+      student is only asked to give it the right total.
+    * ``uniform``: ``m`` is spread evenly over the ``C - K`` other classes.
+    * ``renormalize``: the tail is dropped and the top-K probabilities are rescaled to sum
+      to 1, so the student is pushed to put no mass outside the top K.
+
+    With K = C every rule equals the dense loss.
+
     Args:
         T: Softmax temperature of the soft targets (> 0).
         alpha: Weight on the hard-label term, in ``[0, 1]``.
+        tail: ``student``, ``uniform`` or ``renormalize`` (top-k targets only).
 
     Shapes:
         student_logits: ``[B, C]`` float.
-        soft_targets: ``[B, C]`` float, rows summing to 1 (teacher probabilities at T).
+        soft_targets: ``[B, C]`` float, rows summing to 1 (teacher probabilities at T), or
+            a ``TopK`` of ``logits [B, K]``, ``indices [B, K]`` and ``tail_logmass [B]``.
         labels: ``[B]`` int64, or None when ``alpha == 0``.
         returns: ``(loss, hard, soft)``, three scalars; ``hard`` and ``soft`` are unweighted.
     """
 
-    def __init__(self, T: float, alpha: float) -> None:
+    def __init__(self, T: float, alpha: float, tail: str = "student") -> None:
         super().__init__()
-        self.T, self.alpha = float(T), float(alpha)
+        if tail not in TAIL_RULES:
+            raise ValueError(f"tail must be one of {TAIL_RULES}, got {tail!r}")
+        self.T, self.alpha, self.tail = float(T), float(alpha), tail
 
-    def forward(self, student_logits: torch.Tensor, soft_targets: torch.Tensor,
+    def forward(self, student_logits: torch.Tensor, soft_targets: torch.Tensor | tuple,
                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         log_q = F.log_softmax(student_logits / self.T, dim=-1)
-        kl = torch.special.xlogy(soft_targets, soft_targets) - soft_targets * log_q
-        soft = kl.sum(-1).mean() * (self.T * self.T)
+        if isinstance(soft_targets, torch.Tensor):
+            kl = (torch.special.xlogy(soft_targets, soft_targets) - soft_targets * log_q).sum(-1)
+        else:
+            kl = top_k_kl(log_q, *soft_targets, T=self.T, tail=self.tail)
+        soft = kl.mean() * (self.T * self.T)
         hard = _hard(student_logits, labels, self.alpha)
         return self.alpha * hard + (1.0 - self.alpha) * soft, hard, soft
 
@@ -77,6 +101,34 @@ class LogitMSELoss(nn.Module):
         soft = 0.5 * (z - v).pow(2).sum(-1).mean()
         hard = _hard(student_logits, labels, self.alpha)
         return self.alpha * hard + (1.0 - self.alpha) * soft, hard, soft
+
+
+def top_k_kl(log_q: torch.Tensor, logits: torch.Tensor, indices: torch.Tensor,
+             tail_logmass: torch.Tensor, T: float, tail: str = "student") -> torch.Tensor:
+    """Per-example ``KL(p_T || q)`` from top-k teacher targets (see :class:`DistillationLoss`).
+
+    Shapes:
+        log_q: ``[B, C]`` student log-probabilities at T.
+        logits: ``[B, K]`` the teacher's top-K logits.
+        indices: ``[B, K]`` int64 their classes.
+        tail_logmass: ``[B]`` log of the teacher's probability mass outside the top K at T.
+        returns: ``[B]``.
+    """
+    log_top = F.log_softmax(logits / T, dim=-1)  # the top K, renormalized
+    log_q_top = log_q.gather(-1, indices)
+    if tail == "renormalize" or indices.shape[1] == log_q.shape[1]:
+        return (log_top.exp() * (log_top - log_q_top)).sum(-1)
+    # log(1 - m): the top K's share of the teacher's mass
+    log_keep = torch.log(-torch.expm1(tail_logmass.clamp(max=-1e-12)))
+    log_p = log_top + log_keep[:, None]
+    top = (log_p.exp() * (log_p - log_q_top)).sum(-1)
+    m = tail_logmass.exp()
+    if tail == "uniform":  # m / (C - K) on each class outside the top K
+        rest = log_q.shape[1] - indices.shape[1]
+        sum_log_q_tail = log_q.sum(-1) - log_q_top.sum(-1)
+        return top + torch.special.xlogy(m, m / rest) - m / rest * sum_log_q_tail
+    log_q_tail = torch.logsumexp(log_q.scatter(-1, indices, float("-inf")), dim=-1)
+    return top + torch.special.xlogy(m, m) - m * log_q_tail
 
 
 def _hard(logits: torch.Tensor, labels: torch.Tensor | None, alpha: float) -> torch.Tensor:

@@ -7,6 +7,7 @@ from ``--json`` / ``--quiet``; Python callers get a quiet one by default.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -49,6 +50,8 @@ class Reporter:
     def __init__(self, mode: str = "quiet") -> None:
         if mode not in ("rich", "json", "quiet"):
             raise ValueError(mode)
+        if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 speaks
+            mode = "quiet"
         self.mode = mode
         self.err = Console(stderr=True, highlight=False)
         self.out = Console(highlight=False)

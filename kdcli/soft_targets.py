@@ -5,21 +5,31 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from kdcli import __version__
-from kdcli.errors import DataError, ModelError, UsageError
+from kdcli.errors import DataError, DistributedError, ModelError, UsageError
 from kdcli.files import atomic_output, check_output
 from kdcli.output import Reporter, Timer
+from kdcli.storage import SafetensorsWriter, to_bytes
 from kdcli.teachers import Teacher, TeacherOptions, load_teacher
 from kdcli.transfer import (
     COMBINE_RULES,
+    INDEX_SUFFIX,
     TRANSFER_FORMAT,
     TRANSFER_FORMAT_VERSION,
-    SafetensorsWriter,
+    bytes_per_row,
     combine_members,
+    is_index_path,
+    merge_shards,
+    remove_set,
+    shard_paths,
+    top_k_targets,
+    transfer_specs,
+    write_index,
 )
 
 
@@ -43,6 +53,89 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def parse_size(text: str | int) -> int:
+    """Parse a byte size such as ``500MB``, ``2GB``, ``1.5GiB`` or ``1000000``."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    s = str(text).strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    try:
+        value = float(num) * units[s[len(num):]]
+    except (ValueError, KeyError):
+        raise UsageError(f"cannot read the size {text!r}", "Write e.g. 500MB or 2GB") from None
+    if not value >= 1:
+        raise UsageError(f"the size {text!r} is not positive", "Write e.g. 500MB or 2GB")
+    return int(value)
+
+
+class _Source:
+    """The transfer set's inputs in order: the kept examples, then each jittered copy.
+
+    A jittered copy's shifts come from generators seeded per block of examples, so any
+    row range is the same whichever process computes it and however it is batched.
+    """
+
+    BLOCK = 4096
+
+    def __init__(self, ds, keep, copies: int, jitter: int, seed: int) -> None:
+        from kdcli.storage import PageBudget
+
+        self.ds, self.keep, self.copies, self.jitter, self.seed = ds, keep, copies, jitter, seed
+        self.base = len(ds) if keep is None else len(keep)
+        self.n = self.base * (copies + 1)
+        self.budget = PageBudget(getattr(ds, "files", []))
+        self.row_bytes = ds.inputs[0].numel() * ds.inputs.element_size()
+
+    def rows(self, a: int, b: int):
+        """Inputs and labels (or None) of transfer rows ``[a, b)``."""
+        import torch
+
+        xs, ys = [], []
+        for copy in range(a // self.base, (b - 1) // self.base + 1):
+            lo = max(a, copy * self.base) - copy * self.base
+            hi = min(b, (copy + 1) * self.base) - copy * self.base
+            if self.keep is None:
+                x = self.ds.inputs[lo:hi]
+                y = None if self.ds.labels is None else self.ds.labels[lo:hi]
+            else:
+                x = self.ds.inputs[self.keep[lo:hi]]
+                y = None if self.ds.labels is None else self.ds.labels[self.keep[lo:hi]]
+            if copy:
+                x = self._shift(x, copy, lo, hi)
+            xs.append(x)
+            ys.append(y)
+            self.budget.add((hi - lo) * self.row_bytes)
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        y = None if ys[0] is None else (ys[0] if len(ys) == 1 else torch.cat(ys))
+        return x, y
+
+    def _shift(self, x, copy: int, lo: int, hi: int):
+        import torch
+
+        from kdcli.augment import random_shifts, shift
+
+        dys, dxs = [], []
+        for blk in range(lo // self.BLOCK, (hi - 1) // self.BLOCK + 1):
+            gen = torch.Generator().manual_seed(
+                (self.seed * 1_000_003 + copy) * 1_000_003 + blk)
+            dy, dx = random_shifts(self.BLOCK, self.jitter, gen)
+            s = slice(max(lo, blk * self.BLOCK) - blk * self.BLOCK,
+                      min(hi, (blk + 1) * self.BLOCK) - blk * self.BLOCK)
+            dys.append(dy[s])
+            dxs.append(dx[s])
+        return shift(x, torch.cat(dys), torch.cat(dxs), self.jitter)
+
+    def sha256(self, nbytes: int = 8 << 20) -> str:
+        chunk = max(1, nbytes // max(1, self.row_bytes))
+        h = hashlib.sha256()
+        for a in range(0, self.n, chunk):
+            x, _ = self.rows(a, min(self.n, a + chunk))
+            h.update(to_bytes(x))
+        return h.hexdigest()
+
+
 def soft_targets(
     teachers: list[str | Path],
     T: float = 20.0,
@@ -61,16 +154,23 @@ def soft_targets(
     jitter: int = 0,
     copies: int = 0,
     seed: int = 0,
+    top_k: int | None = None,
+    targets_dtype: str = "float32",
+    shard_size: str | int | None = None,
     force: bool = False,
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """Run one teacher or an ensemble over data and write a transfer set.
 
+    Memory stays bounded whatever the number of examples: inputs are read, and targets
+    written, a batch at a time. Under torchrun each rank runs the teachers on its own
+    contiguous share of the rows; the result is the same set a single process writes.
+
     Args:
         teachers: Teacher model files; several form an ensemble.
         T: Softmax temperature of the soft targets.
         data: Data spec (see :mod:`kdcli.data`).
-        out: Output transfer-set path.
+        out: Output transfer-set file, or an ``.index.json`` for a sharded set.
         options: Per-teacher :class:`TeacherOptions` (one for all, or one each).
         combine: ``mean-probs`` (the paper's arithmetic mean at T) or ``mean-logits``.
         weights: Per-teacher weights (default: equal).
@@ -83,6 +183,10 @@ def soft_targets(
         jitter: Largest random shift, in pixels, of the augmented copies.
         copies: How many jittered copies of each example to add.
         seed: Seed of the augmentation.
+        top_k: Store only the K largest logits per example, their classes and the tail mass
+            (None: all C logits and probabilities).
+        targets_dtype: ``float32`` or ``float16``, the dtype of stored top-k logits.
+        shard_size: Largest shard file, e.g. ``1GB``; needs an ``.index.json`` ``out``.
         force: Overwrite ``out`` if it exists.
         reporter: Where progress and tables go (default: quiet).
 
@@ -91,8 +195,8 @@ def soft_targets(
     """
     import torch
 
-    from kdcli.augment import jitter as jitter_batch
     from kdcli.data import load_data
+    from kdcli.distributed import session
 
     rep = reporter or Reporter()
     T = check_temperature(T)
@@ -108,114 +212,260 @@ def soft_targets(
         raise UsageError("--copies and --jitter must be 0 or more", "Try --jitter 2 --copies 1")
     if copies and not jitter:
         raise UsageError("--copies needs --jitter K", "Add --jitter 2")
+    if top_k is not None and top_k <= 0:
+        raise UsageError(f"--top-k must be at least 1, got {top_k}", "Try --top-k 32")
+    if targets_dtype not in ("float32", "float16"):
+        raise UsageError(f"unknown --targets-dtype {targets_dtype!r}", "Use float32 or float16")
+    if targets_dtype != "float32" and top_k is None:
+        raise UsageError("--targets-dtype applies to top-k targets only",
+                         "Add --top-k K, or drop --targets-dtype")
+    sharded = is_index_path(out)
+    if shard_size is not None and not sharded:
+        raise UsageError(f"--shard-size writes a sharded set, which is named by its index file, "
+                         f"not {out}", f"Use --out {Path(out).stem}{INDEX_SUFFIX}")
+    max_shard = parse_size(shard_size if shard_size is not None else "1GB")
     m = len(teachers)
     weights = _check_weights(weights, m)
     opts = _per_member(options, m)
-    check_output(out, force)
+    out = check_output(out, force)
     dev = resolve_device(device)
 
     ds = load_data(data, limit=limit)
-    ds = _filter_classes(ds, classes, exclude_classes)
-    inputs, labels = ds.inputs, ds.labels
-    if copies:
-        gen = torch.Generator().manual_seed(seed)
-        extra = [jitter_batch(inputs, jitter, gen) for _ in range(copies)]
-        inputs = torch.cat([inputs, *extra])
-        labels = None if labels is None else labels.repeat(copies + 1)
-    n = int(inputs.shape[0])
+    keep = _filter_classes(ds, classes, exclude_classes)
+    source = _Source(ds, keep, copies, jitter, seed)
+    n = source.n
 
     members = [load_teacher(p, o, device=dev, precision=precision)
                for p, o in zip(teachers, opts, strict=True)]
+    probe_x, probe_y = source.rows(0, min(n, batch_size))
     for t, o in zip(members, opts, strict=True):
-        if t.format != "kdcli" and inputs.dtype == torch.uint8 and \
+        if t.format != "kdcli" and probe_x.dtype == torch.uint8 and \
                 o.scale is None and o.mean is None and o.std is None:
             rep.warn(f"{t.name} gets raw 8-bit values (0-255): no --scale/--mean/--std given. "
                      "If it was trained on [0, 1] inputs, pass --scale 255")
-    first = [t.logits(inputs[:batch_size]) for t in members]
-    c = _check_classes(members, labels)
-
-    meta = {
-        "format": TRANSFER_FORMAT,
-        "format_version": str(TRANSFER_FORMAT_VERSION),
-        "kdcli_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "T": repr(T),
-        "combine": combine,
-        "weights": json.dumps(weights),
-        "teachers": json.dumps([t.describe() for t in members]),
-        "num_classes": str(c),
-        "num_examples": str(n),
-        "data_source": ds.source,
-        "inputs_sha256": hashlib.sha256(memoryview(inputs.contiguous().numpy())).hexdigest(),
-        "precision": precision,
-        "classes": json.dumps(sorted(classes) if classes else None),
-        "exclude_classes": json.dumps(sorted(exclude_classes) if exclude_classes else None),
-        "jitter": str(jitter),
-        "copies": str(copies),
-        "seed": str(seed),
-    }
-    specs: dict[str, Any] = {"inputs": (inputs.dtype, tuple(inputs.shape))}
-    if labels is not None:
-        specs["labels"] = (torch.int64, (n,))
-    if m > 1:
-        specs["member_logits"] = (torch.float32, (m, n, c))
-    specs["logits"] = (torch.float32, (n, c))
-    specs["soft_targets"] = (torch.float32, (n, c))
-
-    correct = torch.zeros(m + 1, dtype=torch.long)
-    disagree = 0
-    with atomic_output(out, force) as tmp, Timer() as timer, \
-            SafetensorsWriter(tmp, specs, meta) as writer:
-        writer.write("inputs", 0, inputs)
-        if labels is not None:
-            writer.write("labels", 0, labels)
-        with rep.progress(f"soft targets T={T:g}", n) as advance:
-            for start in range(0, n, batch_size):
-                x = inputs[start:start + batch_size]
-                outs = first if start == 0 else [t.logits(x) for t in members]
-                z = torch.stack(outs)  # [M, B, C]
-                _check_finite(z, members, start)
-                logits, probs = combine_members(z, weights, combine, T)
-                if m > 1:
-                    for i in range(m):
-                        writer.write("member_logits", (i * n + start) * c, z[i])
-                    preds = z.argmax(-1)
-                    disagree += int((preds != preds[0]).any(0).sum())
-                writer.write("logits", start * c, logits)
-                writer.write("soft_targets", start * c, probs)
-                if labels is not None:
-                    y = labels[start:start + batch_size]
-                    correct[:m] += (z.argmax(-1) == y).sum(-1)
-                    correct[m] += int((logits.argmax(-1) == y).sum())
-                advance(x.shape[0])
     for t in members:
-        for note in t.notes:
-            rep.info(note)
+        t.logits(probe_x)
+    labels_max = None if ds.labels is None else int(ds.labels.max())
+    c = _check_classes(members, labels_max)
+    if top_k is not None and top_k > c:
+        rep.info(f"--top-k {top_k} is more than the {c} classes; storing all {c} "
+                 "(the same targets as dense storage)")
+        top_k = c
 
+    with session(dev) as dist:
+        meta = {
+            "format": TRANSFER_FORMAT,
+            # the oldest version that describes the file: 1 for one dense file
+            "format_version": str(1 if top_k is None and not sharded
+                                  else TRANSFER_FORMAT_VERSION),
+            "kdcli_version": __version__,
+            "created": dist.broadcast(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+            "T": repr(T),
+            "combine": combine,
+            "weights": json.dumps(weights),
+            "teachers": json.dumps([t.describe() for t in members]),
+            "num_classes": str(c),
+            "num_examples": str(n),
+            "data_source": ds.source,
+            "inputs_sha256": source.sha256(),
+            "precision": precision,
+            "classes": json.dumps(sorted(classes) if classes else None),
+            "exclude_classes": json.dumps(sorted(exclude_classes) if exclude_classes else None),
+            "jitter": str(jitter),
+            "copies": str(copies),
+            "seed": str(seed),
+            "targets": "dense" if top_k is None else "top-k",
+        }
+        if top_k is not None:
+            meta.update(top_k=str(top_k), targets_dtype=targets_dtype)
+        writer = _RangeWriter(members, source, weights, combine, T, c, top_k,
+                              getattr(torch, targets_dtype), batch_size, rep)
+        layout = transfer_specs(1, tuple(probe_x.shape[1:]), probe_x.dtype,
+                                labels=probe_y is not None, members=m, num_classes=c,
+                                top_k=top_k, targets_dtype=getattr(torch, targets_dtype))
+        with Timer() as timer:
+            if sharded:
+                header = len(json.dumps(meta)) + 200 * (len(layout) + 4)  # a generous bound
+                rows_per_shard = (max_shard - header) // bytes_per_row(layout)
+                if rows_per_shard < 1:
+                    raise UsageError(f"--shard-size {shard_size} cannot hold one example "
+                                     f"({header + bytes_per_row(layout):,} bytes with header)",
+                                     "Give a larger --shard-size")
+                shards = _write_sharded(out, n, rows_per_shard, meta, writer, dist, force)
+            else:
+                shards = None
+                _write_single(out, n, meta, writer, dist, force)
+        stats = dist.all_reduce_sum(writer.stats)
+
+    correct, disagree = stats[:m + 1], int(stats[m + 1])
+    has_labels = probe_y is not None
     summary: dict[str, Any] = {
         "out": str(out), "examples": n, "classes": c, "T": T, "combine": combine,
-        "weights": weights, "seconds": round(timer.seconds, 3),
+        "weights": weights, "storage": meta["targets"], "top_k": top_k,
+        "shards": len(shards) if shards else 1, "ranks": dist.world,
+        "seconds": round(timer.seconds, 3),
         "samples_per_s": round(n / max(timer.seconds, 1e-9), 1),
         "teachers": [{"file": str(t.path), "format": t.format, "output": t.output,
-                      "accuracy": (float(correct[i]) / n if labels is not None else None)}
+                      "accuracy": (float(correct[i]) / n if has_labels else None)}
                      for i, t in enumerate(members)],
     }
-    if labels is not None:
+    if has_labels:
         summary["ensemble_accuracy"] = float(correct[m]) / n
     if m > 1:
         summary["disagreement"] = disagree / n
+    for t in members:
+        for note in t.notes:
+            rep.info(note)
     rows = [[Path(t["file"]).name, t["format"], t["output"],
              "-" if t["accuracy"] is None else f"{100 * t['accuracy']:.2f}%"]
             for t in summary["teachers"]]
     if m > 1:
         rows.append(["ensemble", combine, "logits",
-                     "-" if labels is None else f"{100 * summary['ensemble_accuracy']:.2f}%"])
-    rep.table(f"Transfer set {out}: {n:,} examples, {c} classes, T={T:g}, "
+                     "-" if not has_labels else f"{100 * summary['ensemble_accuracy']:.2f}%"])
+    form = "dense" if top_k is None else f"top-{top_k}"
+    where = f", {summary['shards']} shards" if shards else ""
+    rep.table(f"Transfer set {out}: {n:,} examples, {c} classes, T={T:g}, {form}{where}, "
               f"{summary['samples_per_s']:,.0f} samples/s",
               ["teacher", "format", "output", "accuracy"], rows)
     if m > 1:
         rep.info(f"members disagree on {100 * summary['disagreement']:.2f}% of examples")
     return summary
+
+
+class _RangeWriter:
+    """Runs the teachers over a range of rows and writes them to one transfer-set file."""
+
+    def __init__(self, members, source, weights, combine, T, c, top_k, targets_dtype,
+                 batch_size, rep) -> None:
+        import torch
+
+        self.members, self.source, self.weights, self.combine = members, source, weights, combine
+        self.T, self.c, self.top_k, self.targets_dtype = T, c, top_k, targets_dtype
+        self.batch_size, self.rep = batch_size, rep
+        m = len(members)
+        self.stats = torch.zeros(m + 2, dtype=torch.long)  # correct per member, ensemble; disagree
+
+    def write(self, path: Path, a: int, b: int, meta: dict[str, str], advance) -> None:
+        """Write rows ``[a, b)`` as a complete transfer-set file at ``path``."""
+        import torch
+
+        src, m, c, n = self.source, len(self.members), self.c, b - a
+        if n <= 0:
+            return
+        x0, y0 = src.rows(a, min(b, a + 1))
+        specs = transfer_specs(n, tuple(x0.shape[1:]), x0.dtype, labels=y0 is not None,
+                               members=m, num_classes=c, top_k=self.top_k,
+                               targets_dtype=self.targets_dtype)
+        with SafetensorsWriter(path, specs, meta) as w:
+            for start in range(a, b, self.batch_size):
+                stop = min(b, start + self.batch_size)
+                x, y = src.rows(start, stop)
+                z = torch.stack([t.logits(x) for t in self.members])  # [M, B, C]
+                _check_finite(z, self.members, start)
+                logits, probs = combine_members(z, self.weights, self.combine, self.T)
+                r = start - a
+                w.write("inputs", r * x[0].numel(), x)
+                if y is not None:
+                    w.write("labels", r, y)
+                if self.top_k is None:
+                    if m > 1:
+                        for i in range(m):
+                            w.write("member_logits", (i * n + r) * c, z[i])
+                    w.write("logits", r * c, logits)
+                    w.write("soft_targets", r * c, probs)
+                else:
+                    tk = top_k_targets(logits, self.top_k, self.T)
+                    k = self.top_k
+                    w.write("topk_logits", r * k, tk.logits.to(self.targets_dtype))
+                    w.write("topk_indices", r * k, tk.indices.to(torch.int32))
+                    w.write("tail_logmass", r, tk.tail_logmass)
+                if m > 1:
+                    preds = z.argmax(-1)
+                    self.stats[m + 1] += int((preds != preds[0]).any(0).sum())
+                if y is not None:
+                    self.stats[:m] += (z.argmax(-1) == y).sum(-1)
+                    self.stats[m] += int((logits.argmax(-1) == y).sum())
+                advance(stop - start)
+
+
+def _write_single(out: Path, n: int, meta: dict[str, str], writer: _RangeWriter, dist,
+                  force: bool) -> None:
+    """One file. Under torchrun, ranks write their rows to part files that rank 0 merges."""
+    if not dist.enabled:
+        with atomic_output(out, force) as tmp, \
+                writer.rep.progress(f"soft targets T={writer.T:g}", n) as advance:
+            writer.write(tmp, 0, n, meta, advance)
+        return
+    parts = [out.with_name(f".{out.name}.part{r:05d}-of-{dist.world:05d}.tmp")
+             for r in range(dist.world)]
+    a, b = dist.split(n)
+    ok = False
+    try:
+        with writer.rep.progress(f"soft targets T={writer.T:g} (rank 0)", b - a) as advance:
+            writer.write(parts[dist.rank], a, b, meta, advance)
+        ok = True
+    finally:
+        all_ok = dist.all_ok(ok)
+        try:
+            if all_ok and dist.main:
+                x0, y0 = writer.source.rows(0, 1)
+                specs = transfer_specs(n, tuple(x0.shape[1:]), x0.dtype, labels=y0 is not None,
+                                       members=len(writer.members), num_classes=writer.c,
+                                       top_k=writer.top_k, targets_dtype=writer.targets_dtype)
+                with atomic_output(out, force) as tmp:
+                    merge_shards([p for p in parts if p.exists()], tmp, specs, meta)
+        finally:
+            dist.barrier()
+            parts[dist.rank].unlink(missing_ok=True)
+    if not all_ok:
+        raise DistributedError("another rank failed while writing soft targets",
+                               "See that rank's error above; nothing was written")
+
+
+def _write_sharded(index: Path, n: int, rows_per_shard: int, meta: dict[str, str],
+                   writer: _RangeWriter, dist, force: bool) -> list[dict[str, Any]]:
+    """Shard files of at most ``rows_per_shard`` rows plus the index; under torchrun each
+    rank writes a contiguous run of shards. The index is written last, by rank 0."""
+    count = math.ceil(n / rows_per_shard)
+    finals = shard_paths(index, count)
+    temps = [p.with_name(f".{p.name}.tmp") for p in finals]
+    first, last = dist.split(count)
+    mine = range(first, last)
+    ok = False
+    try:
+        my_rows = sum(min(n, (i + 1) * rows_per_shard) - i * rows_per_shard for i in mine)
+        with writer.rep.progress(f"soft targets T={writer.T:g}", my_rows) as advance:
+            for i in mine:
+                a, b = i * rows_per_shard, min(n, (i + 1) * rows_per_shard)
+                shard_meta = {**meta, "shard_index": str(i + 1), "shard_count": str(count),
+                              "shard_row_start": str(a), "shard_rows": str(b - a)}
+                writer.write(temps[i], a, b, shard_meta, advance)
+        ok = True
+    finally:
+        all_ok = dist.all_ok(ok)
+        if not all_ok:
+            for i in mine:
+                temps[i].unlink(missing_ok=True)
+    if not all_ok:
+        raise DistributedError("another rank failed while writing soft targets",
+                               "See that rank's error above; nothing was written")
+    shards = [{"file": finals[i].name, "row_start": i * rows_per_shard,
+               "rows": min(n, (i + 1) * rows_per_shard) - i * rows_per_shard}
+              for i in range(count)]
+    try:
+        if dist.main:
+            if index.exists():
+                remove_set(index)
+            for t, f, s in zip(temps, finals, shards, strict=True):
+                s["bytes"] = t.stat().st_size
+                os.replace(t, f)
+            with atomic_output(index, force) as tmp:
+                write_index(tmp, meta, shards)
+    finally:
+        dist.barrier()
+        for t in temps:
+            t.unlink(missing_ok=True)
+    return shards
 
 
 def _check_weights(weights: list[float] | None, m: int) -> list[float]:
@@ -243,17 +493,18 @@ def _per_member(options: list[TeacherOptions] | None, m: int) -> list[TeacherOpt
 
 
 def _filter_classes(ds, classes, exclude):
+    """Indices of the examples to keep (None: all of them)."""
     if not classes and not exclude:
-        return ds
+        return None
     if ds.labels is None:
         raise UsageError("--classes/--exclude-classes need labelled data", "Use labelled data")
+    import torch
+
     present = set(ds.labels.unique().tolist())
     for c in (classes or []) + (exclude or []):
         if c not in present:
             raise UsageError(f"class {c} does not occur in {ds.source}",
                              f"Choose from {sorted(present)}")
-    import torch
-
     keep = torch.ones(len(ds), dtype=torch.bool)
     if classes:
         keep &= torch.isin(ds.labels, torch.tensor(classes))
@@ -261,18 +512,18 @@ def _filter_classes(ds, classes, exclude):
         keep &= ~torch.isin(ds.labels, torch.tensor(exclude))
     if not bool(keep.any()):
         raise DataError("no examples are left after filtering classes", "Relax the filter")
-    return ds.subset(keep)
+    return keep.nonzero()[:, 0]
 
 
-def _check_classes(members: list[Teacher], labels) -> int:
+def _check_classes(members: list[Teacher], labels_max: int | None) -> int:
     counts = {t.name: t.num_classes for t in members}
     if len(set(counts.values())) != 1:
         raise ModelError(f"ensemble members disagree on the class count: {counts}",
                          "Use teachers trained on the same classes")
     c = int(next(iter(counts.values())))
-    if labels is not None and int(labels.max()) >= c:
+    if labels_max is not None and labels_max >= c:
         raise ModelError(f"the teacher has {c} classes, but the data has label "
-                         f"{int(labels.max())}", "Use a teacher trained on all classes")
+                         f"{labels_max}", "Use a teacher trained on all classes")
     return c
 
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kdcli.distributed import Dist
 from kdcli.errors import FormatError, UsageError
 from kdcli.files import atomic_output, check_output, sha256_file
 from kdcli.models import Architecture, Preprocessing, apply_max_norm, build_model, save_model
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from kdcli.data import Data
+    from kdcli.transfer import Rows
 
 
 @dataclass
@@ -45,6 +47,8 @@ class TrainConfig:
     # Zero-mean, unit-variance inputs (False: only scaled, 8-bit pixels to [0, 1]). None: auto,
     # normalize unless the model has input dropout, so that a dropped pixel is black.
     normalize: bool | None = None
+    stop_after: int | None = None  # stop after this epoch, keeping the checkpoint to resume
+    device: str = "cpu"  # cpu, cuda, or auto (cuda when present)
 
     def check(self) -> None:
         if self.epochs <= 0:
@@ -62,21 +66,34 @@ class TrainConfig:
             raise UsageError(f"unknown --precision {self.precision!r}", "Use fp32 or bf16")
         if self.jitter < 0:
             raise UsageError(f"--jitter must be 0 or more, got {self.jitter}", "Try --jitter 2")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UsageError(f"unknown --device {self.device!r}", "Use auto, cpu or cuda")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise UsageError(f"--stop-after must be a positive epoch, got {self.stop_after}",
+                             "Try --stop-after 10")
 
+
+# Settings that do not change the result, so a resumed run may differ in them.
+_NOT_FINGERPRINTED = ("dry_run", "stop_after", "device")
 
 StepLoss = Callable[["torch.Tensor", "torch.Tensor"], tuple["torch.Tensor", "torch.Tensor"]]
 
 
-def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor, step_loss: StepLoss,
+def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_loss: StepLoss,
         stat_names: list[str], cfg: TrainConfig, *, eval_data: Data | None,
         checkpoint: Path | None, fingerprint: dict[str, Any], resume: bool,
-        reporter: Reporter) -> list[dict[str, Any]]:
+        reporter: Reporter, dist: Dist | None = None) -> list[dict[str, Any]]:
     """Train ``model`` in place: the one training loop of kdcli.
+
+    Under torchrun (``dist`` enabled) the model is wrapped in DistributedDataParallel and
+    every rank draws the same permutation; each step's global batch is split into
+    contiguous per-rank slices, and each rank's loss is weighted by its share, so the
+    averaged gradient is the global batch's mean: the same update as one process makes.
 
     Args:
         model: Maps raw input batches ``[B, ...]`` to logits ``[B, C]``.
         arch: Its architecture (for the max-norm constraint).
-        inputs: All training inputs ``[N, ...]`` (memory-mapped is fine).
+        inputs: All training inputs ``[N, ...]``: a tensor, or memory-mapped :class:`Rows`.
         step_loss: ``(logits [B, C] float32, index [B]) -> (loss, stats [K])``, where
             ``index`` selects the batch's rows of the training set.
         stat_names: Names of the ``K`` per-batch statistics (batch means).
@@ -86,17 +103,25 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor, step_loss: S
         fingerprint: Everything that must match for ``resume`` to be allowed.
         resume: Continue from ``checkpoint``.
         reporter: Output sink.
+        dist: This process's place in a torchrun job (default: a single process).
 
     Returns:
         One record per epoch: the statistics' epoch means, test errors, seconds.
     """
     import torch
 
-    from kdcli.augment import jitter
+    from kdcli.augment import random_shifts, shift
     from kdcli.evaluate import predict
+    from kdcli.soft_targets import resolve_device
 
+    dist = dist or Dist()
+    dev = torch.device(resolve_device(cfg.device))
+    model.to(dev)
     n = int(inputs.shape[0])
     bs = min(cfg.batch_size, n)
+    if bs < dist.world:
+        raise UsageError(f"--batch-size {bs} is smaller than the {dist.world} ranks",
+                         f"Use --batch-size of at least {dist.world}")
     steps = math.ceil(n / bs)
     total_steps = cfg.epochs * steps
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -112,6 +137,14 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor, step_loss: S
     if resume:
         start_epoch, history = _load_checkpoint(checkpoint, fingerprint, model, opt, gen)
         reporter.info(f"resuming from {checkpoint} after epoch {start_epoch}")
+    net = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[dist.local_rank]
+                                      if dev.type == "cuda" else None)
+        if dist.rank:  # distinct dropout masks on each rank
+            torch.manual_seed(cfg.seed + 7919 * dist.rank + start_epoch)
     autocast = cfg.precision == "bf16"
 
     with reporter.progress("training", (cfg.epochs - start_epoch) * n) as advance:
@@ -127,40 +160,62 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor, step_loss: S
                     lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch * steps + s) / total_steps))
                     for group in opt.param_groups:
                         group["lr"] = lr
-                x = inputs[idx]
+                if cfg.jitter:  # drawn for the global batch, so every rank agrees
+                    dy, dx = random_shifts(len(idx), cfg.jitter, gen)
+                lo, hi = dist.split(len(idx))
+                local = idx[lo:hi]
+                x = inputs[local]
                 if cfg.jitter:
-                    x = jitter(x, cfg.jitter, gen)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                    z = model(x)
-                loss, stats = step_loss(z.float(), idx)
+                    x = shift(x, dy[lo:hi], dx[lo:hi], cfg.jitter)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+                    z = net(x.to(dev, non_blocking=True))
+                if len(local):
+                    loss, stats = step_loss(z.float(), local)
+                    if dist.enabled:  # DDP averages over ranks: weight by this rank's share
+                        loss = loss * (len(local) * dist.world / len(idx))
+                else:  # a last batch smaller than the world: take part with no rows
+                    loss, stats = z.sum() * 0.0, torch.zeros(len(stat_names))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 if arch.max_norm:
                     apply_max_norm(model, arch.max_norm)
-                sums += stats.detach().double() * len(idx)
-                seen += len(idx)
+                sums += stats.detach().double().cpu() * len(local)
+                seen += len(local)
                 advance(len(idx))
                 if cfg.dry_run:
                     break
+            if dist.enabled:
+                totals = dist.all_reduce_sum(torch.cat([sums, torch.tensor([float(seen)],
+                                                                            dtype=torch.float64)]))
+                sums, seen = totals[:-1], int(totals[-1])
             if not math.isfinite(float(sums[0])):
                 raise UsageError(f"training diverged in epoch {epoch + 1} (loss is not finite)",
                                  "Lower --lr")
             record = {"epoch": epoch + 1, **{k: float(v / seen)
                                              for k, v in zip(stat_names, sums, strict=True)}}
-            if eval_data is not None:
+            if eval_data is not None and dist.main:
                 model.eval()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                    logits = predict(model, eval_data.inputs)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+                    logits = predict(lambda xb: model(xb.to(dev)), eval_data.inputs)
                 record["test_errors"] = int((logits.argmax(-1) != eval_data.labels).sum())
             record["seconds"] = round(time.perf_counter() - t0, 3)
             history.append(record)
             reporter.info(_epoch_line(record, cfg.epochs))
             if cfg.dry_run:
                 break
-            if checkpoint is not None:
+            if checkpoint is not None and dist.main:
                 _save_checkpoint(checkpoint, fingerprint, epoch + 1, history, model, opt, gen)
-    model.eval()
+            if cfg.stop_after and epoch + 1 >= cfg.stop_after and epoch + 1 < cfg.epochs:
+                reporter.info(f"stopped after epoch {epoch + 1} of {cfg.epochs}; continue with "
+                              "--resume")
+                break
+    if dist.enabled:  # free DDP's reducer now, before the process group is destroyed
+        import gc
+
+        del net
+        gc.collect()
+    model.cpu().eval()
     return history
 
 
@@ -230,12 +285,18 @@ def _default_eval(eval_data: str | None, source: str) -> str | None:
 
 
 def _finish(model, arch, pre, num_classes, training, history, eval_ds, out, force, cfg,
-            reporter, title, start_time) -> dict[str, Any]:
-    """Final fp32 evaluation, model file, checkpoint clean-up and the results table."""
+            reporter, title, start_time, dist: Dist) -> dict[str, Any]:
+    """Final fp32 evaluation, model file, checkpoint clean-up and the results table (the
+    model file and table on rank 0 only)."""
     from kdcli.evaluate import classification_metrics, predict
     from kdcli.models import count_params
 
     summary = dict(training)
+    if dist.enabled:
+        summary["ranks"] = dist.world
+    if not dist.main:
+        dist.barrier()
+        return summary
     if eval_ds is not None:
         m = classification_metrics(predict(model, eval_ds.inputs), eval_ds.labels)
         summary.update(test_data=eval_ds.source, test_errors=m["errors"],
@@ -246,16 +307,22 @@ def _finish(model, arch, pre, num_classes, training, history, eval_ds, out, forc
     summary["seconds"] = round(time.perf_counter() - start_time, 2)
     summary["params"] = count_params(model)
     summary["history"] = history
-    if not cfg.dry_run:
+    stopped = bool(history) and history[-1]["epoch"] < cfg.epochs and not cfg.dry_run
+    if stopped:
+        summary["stopped_after"] = history[-1]["epoch"]
+        summary["checkpoint"] = str(checkpoint_path(out))
+    elif not cfg.dry_run:
         with atomic_output(out, force) as tmp:
             save_model(tmp, model, arch, pre, num_classes,
                        {k: v for k, v in summary.items() if k != "history"})
         checkpoint_path(out).unlink(missing_ok=True)
         summary["out"] = str(out)
-    rows = [[k, v] for k, v in summary.items()
-            if k in ("architecture", "params", "T", "alpha", "loss", "epochs", "test_errors",
-                     "test_accuracy", "agreement", "train_error", "seconds", "out")]
+    shown = ("architecture", "params", "T", "alpha", "loss", "targets", "tail", "epochs",
+             "test_errors", "test_accuracy", "agreement", "train_error", "ranks", "seconds",
+             "out", "stopped_after", "checkpoint")
+    rows = [[k, v] for k, v in summary.items() if v is not None and k in shown]
     reporter.table(title, ["", "value"], rows)
+    dist.barrier()
     return summary
 
 
@@ -283,6 +350,8 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
     import torch.nn.functional as F
 
     from kdcli.data import load_data
+    from kdcli.distributed import session
+    from kdcli.soft_targets import resolve_device
 
     cfg = config or TrainConfig()
     cfg.check()
@@ -306,41 +375,49 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
     labels = ds.labels
 
     def step(z: torch.Tensor, idx: torch.Tensor):
-        y = labels[idx]
+        y = labels[idx].to(z.device)
         loss = F.cross_entropy(z, y)
         return loss, torch.stack([loss.detach(), (z.argmax(-1) != y).float().mean()])
 
     fingerprint = {"command": "train", "data": ds.source, "arch": asdict(arch),
-                   "config": {k: v for k, v in asdict(cfg).items() if k != "dry_run"}}
-    history = fit(model, arch, ds.inputs, step, ["train_loss", "train_error"], cfg,
-                  eval_data=eval_ds, checkpoint=None if cfg.dry_run else checkpoint_path(out),
-                  fingerprint=fingerprint, resume=resume, reporter=rep)
-    training = {"command": "train", "architecture": arch.spec(), "data": ds.source,
-                "epochs": cfg.epochs, **{k: v for k, v in asdict(cfg).items()
-                                         if k not in ("epochs", "dry_run")}}
-    return _finish(model, arch, pre, num_classes, training, history, eval_ds, out, force, cfg,
-                   rep, f"Trained {arch.spec()} on {ds.source}", start)
+                   "config": {k: v for k, v in asdict(cfg).items() if k not in _NOT_FINGERPRINTED}}
+    with session(resolve_device(cfg.device)) as dist:
+        history = fit(model, arch, ds.inputs, step, ["train_loss", "train_error"], cfg,
+                      eval_data=eval_ds, checkpoint=None if cfg.dry_run else checkpoint_path(out),
+                      fingerprint=fingerprint, resume=resume, reporter=rep, dist=dist)
+        training = {"command": "train", "architecture": arch.spec(), "data": ds.source,
+                    "epochs": cfg.epochs, **{k: v for k, v in asdict(cfg).items()
+                                             if k not in ("epochs", *_NOT_FINGERPRINTED)}}
+        return _finish(model, arch, pre, num_classes, training, history, eval_ds, out, force,
+                       cfg, rep, f"Trained {arch.spec()} on {ds.source}", start, dist)
 
 
 def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Architecture,
                   alpha: float = 0.1, T: float | None = None, loss: str = "kd",
-                  center: bool = True, out: str | Path = "student.safetensors",
-                  config: TrainConfig | None = None, eval_data: str | None = "auto",
-                  force: bool = False, resume: bool = False,
+                  center: bool = True, tail: str = "student",
+                  out: str | Path = "student.safetensors", config: TrainConfig | None = None,
+                  eval_data: str | None = "auto", force: bool = False, resume: bool = False,
                   reporter: Reporter | None = None) -> dict[str, Any]:
     """Train a student against a transfer set (Hinton et al. 2015).
 
     ``--loss kd``: ``L = alpha*CE(y, softmax(z)) + (1-alpha)*T^2*CE(p_T, softmax(z/T))``.
     ``--loss mse``: ``L = alpha*CE(y, softmax(z)) + (1-alpha)*1/2*sum_i (z_i - v_i)^2``.
 
+    The transfer set (one file or a sharded set) is memory-mapped and read a batch at a
+    time, so memory does not grow with its size. Under torchrun, training is data-parallel
+    (see :func:`fit`) and rank 0 writes the outputs.
+
     Args:
-        transfer: Transfer-set file from ``kdcli soft-targets``.
+        transfer: Transfer-set file, or the ``.index.json`` of a sharded set.
         arch: Student architecture.
         alpha: Weight on the hard labels, in [0, 1].
         T: Temperature; default the transfer set's. Another value re-derives the soft
-            targets exactly from the stored logits.
+            targets exactly from the stored logits where they allow it.
         loss: ``kd`` or ``mse`` (logit matching).
         center: For ``mse``, centre both logit vectors per example.
+        tail: For top-k sets, how the probability mass outside the top K is treated:
+            ``student``, ``uniform`` or ``renormalize`` (see
+            :class:`kdcli.losses.DistillationLoss`).
         out: Output student model file.
         config: Optimization settings.
         eval_data: Data for per-epoch test errors; ``auto`` is ``mnist:test`` for MNIST.
@@ -354,8 +431,9 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     import torch
 
     from kdcli.data import load_data
-    from kdcli.losses import DistillationLoss, LogitMSELoss
-    from kdcli.soft_targets import check_temperature
+    from kdcli.distributed import session
+    from kdcli.losses import TAIL_RULES, DistillationLoss, LogitMSELoss
+    from kdcli.soft_targets import check_temperature, resolve_device
     from kdcli.transfer import load_transfer_set
 
     cfg = config or TrainConfig(lr=0.02)
@@ -366,54 +444,72 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
         raise UsageError(f"--alpha must lie in [0, 1], got {alpha}", "Try --alpha 0.1")
     if loss not in ("kd", "mse"):
         raise UsageError(f"unknown --loss {loss!r}", "Use kd or mse")
+    if tail not in TAIL_RULES:
+        raise UsageError(f"unknown --tail {tail!r}", f"Use one of {', '.join(TAIL_RULES)}")
     if T is not None:
         check_temperature(T)
     if not cfg.dry_run:
         check_output(out, force)
     start = time.perf_counter()
     ts = load_transfer_set(transfer)
-    if alpha > 0 and ts.labels is None:
+    if alpha > 0 and not ts.has_labels:
         raise UsageError(f"--alpha {alpha} needs labels, but {transfer} has none",
                          "Use --alpha 0 (pure distillation) or a labelled transfer set")
     T = ts.T if T is None else float(T)
-    if loss == "kd" and T != ts.T:
-        how = "each member's" if ts.member_logits is not None else "the stored"
-        rep.info(f"re-deriving soft targets at T={T:g} from {how} logits "
-                 f"(the transfer set was made at T={ts.T:g})")
-    targets = ts.targets_at(T) if loss == "kd" else ts.logits
-    teacher_pred = ts.logits.argmax(-1)
-    labels = ts.labels if alpha > 0 else None
+    probe = torch.arange(1)
+    if loss == "kd":
+        ts.targets(probe, T)  # fails early, saying why, if T cannot be re-derived
+        if T != ts.T:
+            how = "each member's" if "member_logits" in ts.columns else "the stored"
+            rep.info(f"re-deriving soft targets at T={T:g} from {how} logits "
+                     f"(the transfer set was made at T={ts.T:g})")
+    else:
+        ts.teacher_logits(probe)  # fails early for top-k sets
+    topk = ts.storage == "top-k"
+    teacher_pred = ts.teacher_argmax()
+    labels = ts.columns["labels"] if alpha > 0 else None
     eval_spec = _default_eval(eval_data, str(ts.meta.get("data_source", "")))
     eval_ds = load_data(eval_spec) if eval_spec else None
     if eval_ds is not None and eval_ds.labels is not None and (
             int(eval_ds.labels.max()) >= ts.num_classes):
         raise UsageError(f"--eval-data has labels up to {int(eval_ds.labels.max())}, but the "
                          f"transfer set has {ts.num_classes} classes", "Use matching data")
-    crit = DistillationLoss(T, alpha) if loss == "kd" else LogitMSELoss(alpha, center)
+    crit = DistillationLoss(T, alpha, tail) if loss == "kd" else LogitMSELoss(alpha, center)
     transfer_sha = sha256_file(ts.path)
 
     torch.manual_seed(cfg.seed)
-    pre = Preprocessing.fit(ts.inputs, _normalize(cfg, arch))
+    inputs = ts.columns["inputs"]
+    pre = Preprocessing.fit(inputs, _normalize(cfg, arch))
     model = build_model(arch, pre, ts.num_classes)
 
     def step(z: torch.Tensor, idx: torch.Tensor):
-        total, hard, soft = crit(z, targets[idx], None if labels is None else labels[idx])
-        agree = (z.argmax(-1) == teacher_pred[idx]).float().mean()
+        target = ts.targets(idx, T) if loss == "kd" else ts.teacher_logits(idx)
+        target = (target.to(z.device) if isinstance(target, torch.Tensor)
+                  else type(target)(*(t.to(z.device) for t in target)))
+        y = None if labels is None else labels[idx].long().to(z.device)
+        total, hard, soft = crit(z, target, y)
+        agree = (z.argmax(-1) == teacher_pred[idx].to(z.device)).float().mean()
         return total, torch.stack([total.detach(), hard.detach(), soft.detach(), agree])
 
     fingerprint = {"command": "train-student", "transfer_sha256": transfer_sha,
                    "arch": asdict(arch), "alpha": alpha, "T": T, "loss": loss, "center": center,
-                   "config": {k: v for k, v in asdict(cfg).items() if k != "dry_run"}}
-    history = fit(model, arch, ts.inputs, step, ["train_loss", "hard", "soft", "agreement"], cfg,
-                  eval_data=eval_ds, checkpoint=None if cfg.dry_run else checkpoint_path(out),
-                  fingerprint=fingerprint, resume=resume, reporter=rep)
+                   "tail": tail if topk else None,
+                   "config": {k: v for k, v in asdict(cfg).items() if k not in _NOT_FINGERPRINTED}}
     teachers = [{k: t.get(k) for k in ("file", "sha256", "format", "training")}
                 for t in ts.meta.get("teachers", [])]
     training = {"command": "train-student", "architecture": arch.spec(),
                 "transfer": Path(transfer).name, "transfer_sha256": transfer_sha,
                 "data": ts.meta.get("data_source"), "T": T, "alpha": alpha, "loss": loss,
-                "center": center if loss == "mse" else None, "teachers": teachers,
+                "center": center if loss == "mse" else None,
+                "targets": ts.storage if not topk else f"top-{ts.top_k}",
+                "tail": tail if topk and loss == "kd" else None, "teachers": teachers,
                 "epochs": cfg.epochs, **{k: v for k, v in asdict(cfg).items()
-                                         if k not in ("epochs", "dry_run", "jitter")}}
-    return _finish(model, arch, pre, ts.num_classes, training, history, eval_ds, out, force,
-                   cfg, rep, f"Distilled {arch.spec()} from {Path(transfer).name}", start)
+                                         if k not in ("epochs", "jitter", *_NOT_FINGERPRINTED)}}
+    with session(resolve_device(cfg.device)) as dist:
+        history = fit(model, arch, inputs, step, ["train_loss", "hard", "soft", "agreement"],
+                      cfg, eval_data=eval_ds,
+                      checkpoint=None if cfg.dry_run else checkpoint_path(out),
+                      fingerprint=fingerprint, resume=resume, reporter=rep, dist=dist)
+        return _finish(model, arch, pre, ts.num_classes, training, history, eval_ds, out,
+                       force, cfg, rep, f"Distilled {arch.spec()} from {Path(transfer).name}",
+                       start, dist)

@@ -1,159 +1,59 @@
-"""The transfer-set file: a teacher's soft targets, in safetensors (see docs/formats.md).
+"""The transfer-set file: a teacher's soft targets, in safetensors (spec: docs/formats.md).
 
-Writing streams rows straight to their place in the file, so memory does not grow with the
-output; reading memory-maps the file, so tensors are paged in on demand.
+A transfer set is one ``.safetensors`` file, or a sharded set: files of a bounded size that
+each hold a contiguous range of rows, plus an ``.index.json`` file naming them. Targets are
+``dense`` (all C logits and probabilities per example) or ``top-k`` (the K largest logits,
+their class indices, and the log of the probability mass outside them).
+
+Writing streams rows straight to their place in a file (:class:`kdcli.storage.SafetensorsWriter`);
+reading memory-maps every file and gathers rows on demand under a page budget, so neither
+grows in memory with the number of examples.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from kdcli.errors import FormatError, UsageError
+from kdcli.errors import DataError, FormatError, UsageError
 from kdcli.models import check_format
+from kdcli.storage import (
+    MappedFile,
+    PageBudget,
+    SafetensorsWriter,
+    read_safetensors,
+)
 
 if TYPE_CHECKING:
     import torch
 
 TRANSFER_FORMAT = "kdcli.transfer-set"
-TRANSFER_FORMAT_VERSION = 1
+TRANSFER_FORMAT_VERSION = 2  # 1: dense single files; 2 adds top-k targets and shards
+INDEX_FORMAT = "kdcli.transfer-set.index"
+INDEX_FORMAT_VERSION = 1
 COMBINE_RULES = ("mean-probs", "mean-logits")
-
-_DTYPES = {  # safetensors dtype name <-> torch dtype name
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32",
-    "I64": "int64", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
-}
+STORAGE_FORMS = ("dense", "top-k")
+SHARD_KEYS = ("shard_index", "shard_count", "shard_row_start", "shard_rows")
+INDEX_SUFFIX = ".index.json"
 
 
-def _torch_dtype(name: str):
-    import torch
+class TopK(NamedTuple):
+    """Top-k soft targets of a batch.
 
-    return getattr(torch, _DTYPES[name])
-
-
-def _st_name(dtype) -> str:
-    tname = str(dtype).removeprefix("torch.")
-    for k, v in _DTYPES.items():
-        if v == tname:
-            return k
-    raise FormatError(f"dtype {dtype} cannot be stored", "Use a numeric dtype")
-
-
-class SafetensorsWriter:
-    """Write a safetensors file whose tensors arrive in chunks, in any order.
-
-    The header is laid out up front from the declared shapes; ``write`` seeks to each
-    chunk's place. ``close`` checks that every byte was written.
-
-    Args:
-        path: The file to write (normally a temporary path).
-        specs: ``name -> (torch dtype, shape)``, in file order.
-        metadata: String-to-string ``__metadata__``.
+    Attributes:
+        logits: ``[B, K]`` float32, the teacher's K largest logits, largest first.
+        indices: ``[B, K]`` int64 class indices of those logits.
+        tail_logmass: ``[B]`` float32, ``log(1 - sum of the top-K probabilities at T)``;
+            ``-inf`` when nothing is left out.
     """
 
-    def __init__(self, path: str | Path, specs: dict[str, tuple[Any, tuple[int, ...]]],
-                 metadata: dict[str, str]) -> None:
-        import math
-
-        header: dict[str, Any] = {"__metadata__": metadata}
-        self.layout: dict[str, tuple[int, int, int]] = {}  # name -> (start, itemsize, size)
-        offset = 0
-        for name, (dtype, shape) in specs.items():
-            itemsize = _torch_dtype(_st_name(dtype)).itemsize
-            size = math.prod(shape) * itemsize
-            header[name] = {"dtype": _st_name(dtype), "shape": list(shape),
-                            "data_offsets": [offset, offset + size]}
-            self.layout[name] = (offset, itemsize, size)
-            offset += size
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.base = 8 + len(raw)
-        self.written = dict.fromkeys(specs, 0)
-        self.f = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self.f.write(len(raw).to_bytes(8, "little") + raw)
-        self.f.truncate(self.base + offset)
-
-    def write(self, name: str, first: int, chunk: torch.Tensor) -> None:
-        """Write ``chunk`` into tensor ``name`` from flat (row-major) element ``first`` on."""
-        start, itemsize, _ = self.layout[name]
-        buf = _to_bytes(chunk)
-        self.f.seek(self.base + start + first * itemsize)
-        self.f.write(buf)
-        self.written[name] += len(buf)
-
-    def __enter__(self) -> SafetensorsWriter:
-        return self
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        self.f.close()
-        if exc_type is None:
-            self._check_complete()
-
-    def _check_complete(self) -> None:
-        for name, (_, _, size) in self.layout.items():
-            if self.written[name] != size:
-                raise FormatError(f"internal: tensor {name} got {self.written[name]} of "
-                                  f"{size} bytes", "Report this bug")
-
-
-def _to_bytes(t: torch.Tensor) -> memoryview:
-    """A zero-copy byte view of a CPU tensor (bf16 is viewed as int16, same bytes)."""
-    import torch
-
-    t = t.detach().contiguous().cpu()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return memoryview(t.numpy()).cast("B")
-
-
-
-
-def read_safetensors_mmap(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Memory-map a safetensors file and return its tensors (zero-copy) and metadata.
-
-    Raises:
-        FormatError: the header is malformed or the file is truncated.
-    """
-    import torch
-
-    p = Path(path)
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n <= 1 or 8 + n > size:
-            raise FormatError(f"{p} is not a safetensors file (bad header length)",
-                              "The file is truncated or not safetensors")
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise FormatError(f"{p} has a corrupt safetensors header", "Regenerate it") from e
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    meta = header.pop("__metadata__", None) or {}
-    tensors: dict[str, torch.Tensor] = {}
-    for name, info in header.items():
-        try:
-            dtype = _torch_dtype(info["dtype"])
-            shape = [int(s) for s in info["shape"]]
-            lo, hi = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"{p}: tensor {name!r} has a bad header entry",
-                              "The file is corrupt") from e
-        count = 1
-        for s in shape:
-            count *= s
-        if hi - lo != count * dtype.itemsize or 8 + n + hi > size:
-            raise FormatError(f"{p} is truncated or corrupt (tensor {name!r} runs past the end)",
-                              "Regenerate the file")
-        if count == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        else:
-            tensors[name] = torch.frombuffer(mm, dtype=dtype, count=count,
-                                             offset=8 + n + lo).reshape(shape)
-    return tensors, meta
+    logits: torch.Tensor
+    indices: torch.Tensor
+    tail_logmass: torch.Tensor
 
 
 def combine_members(member_logits: torch.Tensor, weights: list[float], rule: str,
@@ -184,75 +84,497 @@ def combine_members(member_logits: torch.Tensor, weights: list[float], rule: str
     return T * log_p, log_p.exp()
 
 
-@dataclass
-class TransferSet:
-    """A memory-mapped transfer set.
+def top_k_targets(logits: torch.Tensor, k: int, T: float) -> TopK:
+    """Reduce dense logits ``[B, C]`` to their top ``k`` and the tail mass at ``T``."""
+    import torch
 
-    Attributes:
-        inputs: ``[N, ...]`` as the data source stores them.
-        labels: ``[N]`` int64, or None.
-        logits: ``[N, C]`` float32 combined teacher logits.
-        soft_targets: ``[N, C]`` float32, ``softmax(logits / T)``.
-        member_logits: ``[M, N, C]`` float32 for ensembles, else None.
-        T: The temperature the soft targets were made at.
-        meta: The decoded ``__metadata__`` (JSON fields parsed).
-        path: The file.
+    vals, idx = logits.topk(k, dim=-1)
+    scaled = logits / T
+    lse_all = torch.logsumexp(scaled, -1)
+    tail = torch.logsumexp(scaled.scatter(-1, idx, float("-inf")), -1) - lse_all
+    return TopK(vals, idx, tail)
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def transfer_specs(n: int, input_shape: tuple[int, ...], input_dtype, *, labels: bool,
+                   members: int, num_classes: int, top_k: int | None,
+                   targets_dtype) -> dict[str, tuple[Any, tuple[int, ...]]]:
+    """The tensors (name -> (dtype, shape)) of a transfer-set file holding ``n`` rows."""
+    import torch
+
+    specs: dict[str, tuple[Any, tuple[int, ...]]] = {"inputs": (input_dtype, (n, *input_shape))}
+    if labels:
+        specs["labels"] = (torch.int64, (n,))
+    if top_k is None:
+        if members > 1:
+            specs["member_logits"] = (torch.float32, (members, n, num_classes))
+        specs["logits"] = (torch.float32, (n, num_classes))
+        specs["soft_targets"] = (torch.float32, (n, num_classes))
+    else:
+        specs["topk_logits"] = (targets_dtype, (n, top_k))
+        specs["topk_indices"] = (torch.int32, (n, top_k))
+        specs["tail_logmass"] = (torch.float32, (n,))
+    return specs
+
+
+def bytes_per_row(specs: dict[str, tuple[Any, tuple[int, ...]]]) -> int:
+    """Bytes one example takes in a file laid out by :func:`transfer_specs`."""
+    total = 0
+    for name, (dtype, shape) in specs.items():
+        rows = shape[1] if name == "member_logits" else shape[0]
+        total += math.prod(shape) * dtype.itemsize // max(rows, 1)
+    return total
+
+
+def row_dim(name: str) -> int:
+    """The dimension that indexes examples in tensor ``name``."""
+    return 1 if name == "member_logits" else 0
+
+
+def shard_paths(index_path: str | Path, count: int) -> list[Path]:
+    """Shard file names of a sharded set: ``transfer.index.json`` ->
+    ``transfer-00001-of-00003.safetensors``, ..."""
+    p = Path(index_path)
+    stem = p.name.removesuffix(INDEX_SUFFIX)
+    return [p.with_name(f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors") for i in range(count)]
+
+
+def is_index_path(path: str | Path) -> bool:
+    return str(path).endswith(INDEX_SUFFIX)
+
+
+def write_index(path: Path, meta: dict[str, str], shards: list[dict[str, Any]]) -> None:
+    """Write the index of a sharded set (shard files are named relative to it)."""
+    doc = {"format": INDEX_FORMAT, "format_version": INDEX_FORMAT_VERSION,
+           "metadata": meta, "shards": shards}
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def merge_shards(parts: list[Path], out: Path, specs: dict[str, tuple[Any, tuple[int, ...]]],
+                 meta: dict[str, str], chunk_bytes: int = 64 << 20) -> None:
+    """Concatenate row-range files (in row order) into one transfer-set file at ``out``."""
+    n = specs["inputs"][1][0]
+    with SafetensorsWriter(out, specs, meta) as writer:
+        start = 0
+        for part in parts:
+            tensors, _, mapped = read_safetensors(part)
+            rows = int(tensors["inputs"].shape[0])
+            for name, t in tensors.items():
+                if name == "member_logits":
+                    for m in range(t.shape[0]):
+                        _copy_rows(writer, name, (m * n + start) * t.shape[2], t[m],
+                                   chunk_bytes)
+                else:
+                    per_row = math.prod(t.shape[1:])
+                    _copy_rows(writer, name, start * per_row, t, chunk_bytes)
+                mapped.release()
+            start += rows
+
+
+def _copy_rows(writer: SafetensorsWriter, name: str, first: int, t: torch.Tensor,
+               chunk_bytes: int) -> None:
+    per_row = max(1, math.prod(t.shape[1:]))
+    step = max(1, chunk_bytes // (per_row * t.element_size()))
+    for i in range(0, t.shape[0], step):
+        writer.write(name, first + i * per_row, t[i:i + step])
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class Rows:
+    """One tensor of a transfer set, split by examples over its files.
+
+    Indexing with a slice or an index tensor gathers those examples into memory. Sets that
+    fit the page budget are read through the memory map (zero-copy); larger ones with
+    ``pread``, so the process holds only the rows it asked for.
     """
 
-    inputs: torch.Tensor
-    labels: torch.Tensor | None
-    logits: torch.Tensor
-    soft_targets: torch.Tensor
-    member_logits: torch.Tensor | None
-    T: float
-    meta: dict[str, Any] = field(default_factory=dict)
-    path: Path | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.logits.shape[1])
-
-    def __len__(self) -> int:
-        return int(self.inputs.shape[0])
-
-    def __repr__(self) -> str:
-        return f"TransferSet({self.path}, N={len(self)}, C={self.num_classes}, T={self.T:g})"
-
-    def targets_at(self, T: float) -> torch.Tensor:
-        """Soft targets at temperature ``T``, re-derived exactly from stored logits if needed."""
+    def __init__(self, parts: list[torch.Tensor], budget: PageBudget, dim: int = 0,
+                 sources: list[tuple[MappedFile, int]] | None = None) -> None:
         import torch
 
+        self.parts, self.budget, self.dim, self.sources = parts, budget, dim, sources
+        sizes = [int(p.shape[dim]) for p in parts]
+        self.ends = torch.tensor(sizes).cumsum(0)
+        self.starts = self.ends - torch.tensor(sizes)
+        self.n = int(self.ends[-1])
+        shape = list(parts[0].shape)
+        shape[dim] = self.n
+        self.shape = torch.Size(shape)
+        self.dtype = parts[0].dtype
+        self.row_bytes = math.prod(shape) // max(self.n, 1) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: slice | torch.Tensor) -> torch.Tensor:
+        import torch
+
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.n)
+            if step != 1:
+                raise ValueError("Rows slices take no step")
+            key = torch.arange(start, max(start, stop))
+        paged = self.sources is not None and self.budget.paged
+        if not paged:
+            self.budget.add(len(key) * self.row_bytes)
+        take = self._pread if paged else self._take
+        if len(self.parts) == 1:
+            return take(0, key)
+        shard = torch.searchsorted(self.ends, key, right=True)
+        shape = list(self.shape)
+        shape[self.dim] = len(key)
+        out = torch.empty(shape, dtype=self.dtype)
+        for s in shard.unique().tolist():
+            sel = (shard == s).nonzero()[:, 0]
+            taken = take(s, key[sel] - self.starts[s])
+            if self.dim == 0:
+                out[sel] = taken
+            else:
+                out[:, sel] = taken
+        return out
+
+    def _take(self, s: int, idx: torch.Tensor) -> torch.Tensor:
+        part = self.parts[s]
+        if self.dim == 0:
+            if _is_run(idx):
+                return part[int(idx[0]):int(idx[-1]) + 1]
+            return part[idx]
+        return part[:, idx]
+
+    def _pread(self, s: int, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` of part ``s``, read with pread (one read per run of adjacent rows)."""
+        import torch
+
+        mapped, offset = self.sources[s]
+        part = self.parts[s]
+        blocks = part.shape[0] if self.dim == 1 else 1  # ensemble members
+        rows = int(part.shape[self.dim])
+        rb = self.row_bytes // blocks if self.dim == 1 else self.row_bytes
+        order = idx.argsort()
+        sorted_idx = idx[order].tolist()
+        shape = list(part.shape)
+        shape[self.dim] = len(idx)
+        out = torch.empty(shape, dtype=self.dtype)
+        raw = memoryview(out.view(torch.uint8).numpy()).cast("B") if len(idx) else None
+        for b in range(blocks):
+            base = offset + b * rows * rb
+            out_base = b * len(idx) * rb
+            j = 0
+            while j < len(sorted_idx):
+                k = j
+                while k + 1 < len(sorted_idx) and sorted_idx[k + 1] == sorted_idx[k] + 1:
+                    k += 1
+                mapped.read_into(raw[out_base + j * rb:out_base + (k + 1) * rb],
+                                 base + sorted_idx[j] * rb)
+                j = k + 1
+        if bool((order == torch.arange(len(idx))).all()):
+            return out
+        unsorted = torch.empty_like(out)
+        if self.dim == 0:
+            unsorted[order] = out
+        else:
+            unsorted[:, order] = out
+        return unsorted
+
+    def chunks(self, nbytes: int = 8 << 20):
+        """Yield ``(start, tensor)`` for consecutive blocks of about ``nbytes`` each."""
+        size = max(1, nbytes // max(1, self.row_bytes))
+        for start in range(0, self.n, size):
+            yield start, self[start:min(self.n, start + size)]
+
+    def whole(self) -> torch.Tensor:
+        """The whole tensor (zero-copy for a single file; small sets and tests only)."""
+        import torch
+
+        if len(self.parts) == 1:
+            return self.parts[0]
+        return torch.cat(self.parts, dim=self.dim)
+
+
+@dataclass
+class TransferSet:
+    """A memory-mapped transfer set, single-file or sharded.
+
+    Attributes:
+        columns: Its tensors by name, each a :class:`Rows` over the files.
+        T: The temperature the soft targets were made at.
+        storage: ``dense`` or ``top-k``.
+        num_classes: C.
+        top_k: K for top-k sets, else None.
+        meta: The decoded ``__metadata__`` (JSON fields parsed).
+        path: The file, or the index file of a sharded set.
+        shards: One record per shard file (``file``, ``row_start``, ``rows``, ``bytes``).
+        budget: The page budget shared by all columns.
+    """
+
+    columns: dict[str, Rows]
+    T: float
+    storage: str
+    num_classes: int
+    top_k: int | None
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    budget: PageBudget = field(default_factory=PageBudget)
+
+    def __len__(self) -> int:
+        return len(self.columns["inputs"])
+
+    def __repr__(self) -> str:
+        k = f", K={self.top_k}" if self.top_k else ""
+        return (f"TransferSet({self.path}, N={len(self)}, C={self.num_classes}, "
+                f"T={self.T:g}, {self.storage}{k}, shards={len(self.shards)})")
+
+    def _whole(self, name: str) -> torch.Tensor | None:
+        col = self.columns.get(name)
+        return None if col is None else col.whole()
+
+    # Whole tensors, for small sets, inspection and tests. Training gathers rows instead.
+    @property
+    def inputs(self) -> torch.Tensor:
+        return self._whole("inputs")
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        t = self._whole("labels")
+        return None if t is None else t.long()
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        return self._whole("logits")
+
+    @property
+    def soft_targets(self) -> torch.Tensor | None:
+        return self._whole("soft_targets")
+
+    @property
+    def member_logits(self) -> torch.Tensor | None:
+        return self._whole("member_logits")
+
+    @property
+    def has_labels(self) -> bool:
+        return "labels" in self.columns
+
+    @property
+    def is_ensemble(self) -> bool:
+        return len(self.meta.get("teachers") or []) > 1
+
+    def rederive_problem(self, T: float) -> str | None:
+        """Why soft targets at ``T`` cannot be derived from this set, or None if they can."""
+        if T == self.T or self.storage == "dense":
+            return None
+        if self.top_k < self.num_classes:
+            return (f"it stores only the top {self.top_k} of {self.num_classes} logits, so the "
+                    f"normalization at T={T:g} is unknown")
+        if self.is_ensemble and self.meta.get("combine") == "mean-probs":
+            return ("its ensemble was combined by mean-probs at the stored T, and the members' "
+                    "logits are not stored")
+        return None
+
+    def targets(self, idx: torch.Tensor, T: float) -> torch.Tensor | TopK:
+        """Soft targets at ``T`` of the examples ``idx``: ``[B, C]`` probabilities, or
+        :class:`TopK` for a top-k set at its stored T.
+
+        Raises:
+            UsageError: ``T`` differs from the stored T and cannot be re-derived.
+        """
+        import torch
+
+        problem = self.rederive_problem(T)
+        if problem:
+            raise UsageError(
+                f"cannot re-derive soft targets at T={T:g} from this T={self.T:g} transfer set: "
+                f"{problem}", f"Train at --T {self.T:g}, or regenerate the set with --T {T:g}")
+        if self.storage == "top-k":
+            tk = TopK(self.columns["topk_logits"][idx].float(),
+                      self.columns["topk_indices"][idx].long(),
+                      self.columns["tail_logmass"][idx].float())
+            if T == self.T:
+                return tk
+            return torch.softmax(self._scatter(tk.logits, tk.indices) / T, dim=-1)
         if T == self.T:
-            return self.soft_targets
-        if self.member_logits is not None:
-            _, probs = combine_members(self.member_logits, self.meta["weights"],
-                                       self.meta["combine"], T)
+            return self.columns["soft_targets"][idx].float()
+        if "member_logits" in self.columns:
+            _, probs = combine_members(self.columns["member_logits"][idx].float(),
+                                       self.meta["weights"], self.meta["combine"], T)
             return probs
-        return torch.softmax(self.logits / T, dim=-1)
+        return torch.softmax(self.columns["logits"][idx].float() / T, dim=-1)
+
+    def teacher_logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """All C teacher logits ``[B, C]`` of the examples ``idx`` (for logit matching)."""
+        if self.storage == "dense":
+            return self.columns["logits"][idx].float()
+        if self.top_k < self.num_classes:
+            raise UsageError(f"--loss mse needs all {self.num_classes} logits, but this set "
+                             f"stores only the top {self.top_k}",
+                             "Use --loss kd, or regenerate the set without --top-k")
+        return self._scatter(self.columns["topk_logits"][idx].float(),
+                             self.columns["topk_indices"][idx].long())
+
+    def _scatter(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        out = torch.full((vals.shape[0], self.num_classes), float("-inf"))
+        return out.scatter(-1, idx, vals)
+
+    def teacher_argmax(self) -> torch.Tensor:
+        """The teacher's predicted class of every example, ``[N]`` int64."""
+        import torch
+
+        name = "logits" if self.storage == "dense" else "topk_indices"
+        out = torch.empty(len(self), dtype=torch.int64)  # filled in place: no small blocks
+        for start, chunk in self.columns[name].chunks():  # left pinning the heap
+            out[start:start + len(chunk)] = (chunk.argmax(-1) if self.storage == "dense"
+                                             else chunk[:, 0])
+        return out
+
+    def mean_targets(self, T: float) -> torch.Tensor:
+        """The teacher's mean predicted distribution ``[C]`` (float64) at ``T``."""
+        import torch
+
+        chunk = self.chunk_rows()
+        total = torch.zeros(self.num_classes, dtype=torch.float64)
+        for a in range(0, len(self), chunk):
+            t = self.targets(torch.arange(a, min(len(self), a + chunk)), T)
+            if isinstance(t, TopK):
+                t = self._dense_probs(t, T)
+            total += t.double().sum(0)
+        return total / len(self)
+
+    def chunk_rows(self, nbytes: int = 16 << 20) -> int:
+        """How many rows of dense ``[rows, C]`` float32 targets fit in ``nbytes``."""
+        return max(1, nbytes // (4 * self.num_classes))
+
+    def _dense_probs(self, t: TopK, T: float) -> torch.Tensor:
+        """Top-k targets as ``[B, C]`` probabilities, the tail mass left out (zero)."""
+        import torch
+
+        return torch.softmax(self._scatter(t.logits, t.indices) / T, -1) * \
+            (1 - t.tail_logmass.exp())[:, None]
+
+    def targets_at(self, T: float) -> torch.Tensor:
+        """All soft targets at ``T`` as one dense ``[N, C]`` tensor (small sets only)."""
+        import torch
+
+        t = self.targets(torch.arange(len(self)), T)
+        return self._dense_probs(t, T) if isinstance(t, TopK) else t
+
+    def check_values(self) -> None:
+        """Scan every stored target for NaN or Inf (FormatError naming rows if found)."""
+        import torch
+
+        names = (("soft_targets", "logits") if self.storage == "dense"
+                 else ("topk_logits", "tail_logmass"))
+        for name in names:
+            for start, chunk in self.columns[name].chunks():
+                ok = torch.isfinite(chunk) if name != "tail_logmass" else \
+                    ~(torch.isnan(chunk) | (chunk > 0))
+                ok = ok.reshape(len(chunk), -1).all(-1)
+                if not bool(ok.all()):
+                    rows = (start + (~ok).nonzero()[:5, 0]).tolist()
+                    raise FormatError(f"{self.path} has NaN or Inf in {name} (rows {rows})",
+                                      "Regenerate it; check the teacher's outputs")
 
 
 def load_transfer_set(path: str | Path, check_values: bool = True) -> TransferSet:
-    """Open and validate a transfer set.
+    """Open and validate a transfer set: one file, or a sharded set's ``.index.json``.
 
     Args:
-        path: The ``.safetensors`` file.
-        check_values: Also scan soft targets and logits for NaN/Inf.
+        path: The ``.safetensors`` file or ``.index.json`` index.
+        check_values: Also scan the stored targets for NaN/Inf.
 
     Raises:
-        DataError: the file is missing.
-        FormatError: anything about its format, shapes or values is wrong.
+        DataError: the file, or a shard the index names, is missing.
+        FormatError: anything about its format, shapes, values or shards is wrong.
     """
-
     from kdcli.files import require_file
 
     p = require_file(path, "transfer set")
-    tensors, raw_meta = read_safetensors_mmap(p)
+    if is_index_path(p) or _looks_like_json(p):
+        ts = _load_sharded(p)
+    else:
+        tensors, raw_meta, mapped = read_safetensors(p)
+        meta = _check_file(p, tensors, raw_meta)
+        budget = PageBudget([mapped])
+        columns = {k: Rows([v], budget, row_dim(k), [(mapped, mapped.offsets[k])])
+                   for k, v in tensors.items()}
+        n = len(columns["inputs"])
+        ts = _make_set(p, columns, meta, budget,
+                       [{"file": p.name, "row_start": 0, "rows": n, "bytes": mapped.size}])
+    if check_values:
+        ts.check_values()
+    return ts
+
+
+def _looks_like_json(p: Path) -> bool:
+    with open(p, "rb") as f:
+        return f.read(1) == b"{"
+
+
+def _make_set(p: Path, columns: dict[str, Rows], meta: dict[str, Any], budget: PageBudget,
+              shards: list[dict[str, Any]]) -> TransferSet:
+    storage = meta.get("targets", "dense")
+    key = "logits" if storage == "dense" else "topk_logits"
+    c = int(meta["num_classes"]) if storage == "top-k" else int(columns[key].shape[1])
+    k = int(columns[key].shape[1]) if storage == "top-k" else None
+    return TransferSet(columns, float(meta["T"]), storage, c, k, meta, p, shards, budget)
+
+
+def _check_file(p: Path, tensors: dict[str, torch.Tensor], raw_meta: dict[str, str]
+                ) -> dict[str, Any]:
+    """Validate one transfer-set file's metadata and tensor shapes; return decoded metadata."""
     check_format(raw_meta, p, TRANSFER_FORMAT, TRANSFER_FORMAT_VERSION)
-    missing = [k for k in ("inputs", "logits", "soft_targets") if k not in tensors]
+    meta = _decode_meta(p, raw_meta)
+    storage = meta.get("targets", "dense")
+    if storage not in STORAGE_FORMS:
+        raise FormatError(f"{p} has unknown targets form {storage!r}", "Upgrade kdcli")
+    need = ["inputs"] + (["logits", "soft_targets"] if storage == "dense"
+                         else ["topk_logits", "topk_indices", "tail_logmass"])
+    missing = [k for k in need if k not in tensors]
     if missing:
         raise FormatError(f"{p} lacks the tensor(s) {', '.join(missing)}",
                           "Regenerate it with kdcli soft-targets")
-    meta: dict[str, Any] = dict(raw_meta)
+    inputs = tensors["inputs"]
+    n = inputs.shape[0] if inputs.dim() else -1
+    if storage == "dense":
+        logits, soft = tensors["logits"], tensors["soft_targets"]
+        if logits.dim() != 2 or logits.shape[0] != n or soft.shape != logits.shape:
+            raise FormatError(
+                f"{p} has mismatched shapes: inputs {tuple(inputs.shape)}, logits "
+                f"{tuple(logits.shape)}, soft_targets {tuple(soft.shape)}",
+                "Inputs, logits and soft targets need the same row count N and logits/soft "
+                "targets the same [N, C]; regenerate the file")
+        members = tensors.get("member_logits")
+        if members is not None and (members.dim() != 3 or members.shape[1:] != logits.shape):
+            raise FormatError(f"{p} has member_logits of shape {tuple(members.shape)}, "
+                              f"expected [M, {n}, {logits.shape[1]}]", "Regenerate the file")
+    else:
+        vals, idx, tail = tensors["topk_logits"], tensors["topk_indices"], tensors["tail_logmass"]
+        c = int(meta.get("num_classes", 0))
+        if vals.dim() != 2 or vals.shape[0] != n or idx.shape != vals.shape or \
+                tail.shape != (n,):
+            raise FormatError(
+                f"{p} has mismatched shapes: inputs {tuple(inputs.shape)}, topk_logits "
+                f"{tuple(vals.shape)}, topk_indices {tuple(idx.shape)}, tail_logmass "
+                f"{tuple(tail.shape)}", "Regenerate the file")
+        if not 0 < vals.shape[1] <= c:
+            raise FormatError(f"{p} stores K={vals.shape[1]} of num_classes={c}",
+                              "Regenerate the file")
+    labels = tensors.get("labels")
+    if labels is not None and labels.shape != (n,):
+        raise FormatError(f"{p} has labels of shape {tuple(labels.shape)} for {n} inputs",
+                          "Regenerate the file")
+    if n == 0:
+        raise FormatError(f"{p} holds no examples", "Regenerate it from non-empty data")
+    return meta
+
+
+def _decode_meta(p: Path, raw: dict[str, str]) -> dict[str, Any]:
+    meta: dict[str, Any] = dict(raw)
     try:
         for k in ("weights", "teachers", "classes"):
             if k in meta:
@@ -260,43 +582,86 @@ def load_transfer_set(path: str | Path, check_values: bool = True) -> TransferSe
         T = float(meta["T"])
     except (KeyError, ValueError) as e:
         raise FormatError(f"{p} has bad or missing metadata ({e})", "Regenerate it") from e
-    if not (T > 0 and float("inf") > T):
+    if not (T > 0 and math.isfinite(T)):
         raise FormatError(f"{p} records T={meta['T']}", "Regenerate it with a positive --T")
-    inputs, logits, soft = tensors["inputs"], tensors["logits"], tensors["soft_targets"]
-    labels = tensors.get("labels")
-    members = tensors.get("member_logits")
-    n = inputs.shape[0] if inputs.dim() else -1
-    if logits.dim() != 2 or logits.shape[0] != n or soft.shape != logits.shape:
-        raise FormatError(
-            f"{p} has mismatched shapes: inputs {tuple(inputs.shape)}, logits "
-            f"{tuple(logits.shape)}, soft_targets {tuple(soft.shape)}",
-            "Inputs, logits and soft targets need the same row count N and logits/soft "
-            "targets the same [N, C]; regenerate the file")
-    if labels is not None:
-        if labels.shape != (n,):
-            raise FormatError(f"{p} has labels of shape {tuple(labels.shape)} for {n} inputs",
-                              "Regenerate the file")
-        labels = labels.long()
-    if members is not None and (members.dim() != 3 or members.shape[1:] != logits.shape):
-        raise FormatError(f"{p} has member_logits of shape {tuple(members.shape)}, "
-                          f"expected [M, {n}, {logits.shape[1]}]", "Regenerate the file")
-    if n == 0:
-        raise FormatError(f"{p} holds no examples", "Regenerate it from non-empty data")
-    if check_values:
-        for name, t in (("soft_targets", soft), ("logits", logits)):
-            bad = _first_bad_rows(t)
-            if bad:
-                raise FormatError(f"{p} has NaN or Inf in {name} (rows {bad})",
-                                  "Regenerate it; check the teacher's outputs")
-    return TransferSet(inputs, labels, logits.float(), soft.float(), members, T, meta, p)
+    return meta
 
 
-def _first_bad_rows(t: torch.Tensor, chunk: int = 65536) -> list[int]:
-    import torch
+def _load_sharded(p: Path) -> TransferSet:
+    try:
+        doc = json.loads(p.read_text())
+        fmt, shards, index_meta = doc.get("format"), doc["shards"], doc["metadata"]
+        version = int(doc.get("format_version", 0))
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{p} is not a valid transfer-set index ({e})",
+                          "Regenerate it with kdcli soft-targets") from e
+    if fmt != INDEX_FORMAT:
+        raise FormatError(f"{p} has format {fmt!r}, not {INDEX_FORMAT!r}",
+                          "Give a transfer-set file or index written by kdcli")
+    if version > INDEX_FORMAT_VERSION or version < 1:
+        raise FormatError(f"{p} is index version {version}; this kdcli reads up to "
+                          f"{INDEX_FORMAT_VERSION}", "Upgrade kdcli")
+    if not isinstance(shards, list) or not shards:
+        raise FormatError(f"{p} names no shards", "Regenerate the set")
+    budget = PageBudget()
+    parts: dict[str, list[torch.Tensor]] = {}
+    sources: dict[str, list[tuple[MappedFile, int]]] = {}
+    row = 0
+    for i, s in enumerate(shards):
+        f = p.parent / str(s.get("file", ""))
+        if not f.is_file():
+            raise DataError(f"shard {i + 1} of {len(shards)}, {f}, named by {p}, does not exist",
+                            "Copy every shard file next to the index, or regenerate the set")
+        if "bytes" in s and os.path.getsize(f) != int(s["bytes"]):
+            raise FormatError(f"shard {f} has {os.path.getsize(f)} bytes, but {p} records "
+                              f"{s['bytes']}", "The shard is truncated or was replaced; "
+                              "regenerate the set")
+        tensors, raw_meta, mapped = read_safetensors(f)
+        _check_file(f, tensors, raw_meta)
+        diff = sorted(k for k in set(raw_meta) | set(index_meta) if k not in SHARD_KEYS
+                      and raw_meta.get(k) != index_meta.get(k))
+        if diff:
+            k = diff[0]
+            raise FormatError(
+                f"shard {f.name} disagrees with {p.name} on {', '.join(diff)} "
+                f"({k}: {_clip(raw_meta.get(k))} vs {_clip(index_meta.get(k))})",
+                "The shards come from different runs; regenerate the set")
+        n = int(tensors["inputs"].shape[0])
+        if int(s.get("row_start", -1)) != row or int(s.get("rows", -1)) != n:
+            raise FormatError(f"shard {f.name} holds {n} rows, but {p.name} records rows "
+                              f"{s.get('row_start')}+{s.get('rows')} (expected start {row})",
+                              "Regenerate the set")
+        row += n
+        budget.files.append(mapped)
+        for k, v in tensors.items():
+            parts.setdefault(k, []).append(v)
+            sources.setdefault(k, []).append((mapped, mapped.offsets[k]))
+    if row != int(index_meta.get("num_examples", -1)):
+        raise FormatError(f"{p} records {index_meta.get('num_examples')} examples, but its "
+                          f"shards hold {row}", "Regenerate the set")
+    if any(len(v) != len(shards) for v in parts.values()):
+        raise FormatError(f"the shards of {p} hold different tensors", "Regenerate the set")
+    columns = {k: Rows(v, budget, row_dim(k), sources[k]) for k, v in parts.items()}
+    meta = _decode_meta(p, index_meta)
+    return _make_set(p, columns, meta, budget, shards)
 
-    for i in range(0, t.shape[0], chunk):
-        ok = torch.isfinite(t[i:i + chunk]).all(-1)
-        if not bool(ok.all()):
-            return (i + (~ok).nonzero()[:5, 0]).tolist()
-    return []
 
+def _is_run(idx: torch.Tensor) -> bool:
+    """True if ``idx`` is ``a, a+1, ..., b``."""
+    return len(idx) > 0 and int(idx[-1]) - int(idx[0]) == len(idx) - 1 and \
+        bool((idx.diff() == 1).all())
+
+
+def _clip(v: Any, n: int = 60) -> str:
+    s = str(v)
+    return s if len(s) <= n else s[:n - 1] + "…"
+
+
+def remove_set(path: Path) -> None:
+    """Delete a sharded set's shards named by its index (before overwriting it)."""
+    try:
+        doc = json.loads(path.read_text())
+        for s in doc.get("shards", []):
+            (path.parent / str(s["file"])).unlink(missing_ok=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass

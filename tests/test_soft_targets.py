@@ -206,7 +206,7 @@ def test_reader_rejects_damaged_transfer_sets(tmp_path, transfer_file):
     raw_meta = {k: (json.dumps(v) if isinstance(v, (list, dict)) or v is None else str(v))
                 for k, v in meta.items()}
     cases = {
-        "version": ({}, {"format_version": "2"}, "version 2"),
+        "version": ({}, {"format_version": "3"}, "version 3"),
         "name": ({}, {"format": "nope"}, "not 'kdcli.transfer-set'"),
         "missing": ({"soft_targets": None}, {}, "lacks the tensor"),
         "shape": ({"labels": tensors["labels"][:5]}, {}, "labels of shape"),

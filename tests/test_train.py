@@ -201,3 +201,29 @@ def test_normalize_defaults_off_with_input_dropout(tmp_path):
     s = train("mnist[:300]", arch=Architecture.parse("mlp:8", input_dropout=0.2),
               out=tmp_path / "d.safetensors", config=TrainConfig(epochs=1), eval_data="none")
     assert load_model(s["out"]).preprocessing.mean == 0.0  # a dropped pixel is black
+
+
+def test_outputs_get_normal_permissions_and_cuda_without_gpu_is_refused(tmp_path, cli,
+                                                                        transfer_file):
+    umask = os.umask(0)
+    os.umask(umask)
+    r = cli("train-student", "--transfer", transfer_file, "--hidden", "16", "--epochs", "1",
+            "--eval-data", "none", "--out", "s.safetensors", "-q")
+    assert r.exit_code == 0
+    assert (Path("s.safetensors").stat().st_mode & 0o777) == 0o666 & ~umask
+    if not torch.cuda.is_available():
+        r = cli("train-student", "--transfer", transfer_file, "--device", "cuda",
+                "--out", "g.safetensors")
+        assert r.exit_code == 1 and "no CUDA GPU" in r.output and not Path("g.safetensors").exists()
+
+
+def test_stop_after_keeps_the_checkpoint_and_resume_finishes(tmp_path, transfer_file):
+    kw = {"arch": Architecture.parse("mlp:16"), "eval_data": None}
+    ref, out = tmp_path / "ref.safetensors", tmp_path / "s.safetensors"
+    train_student(transfer_file, out=ref, config=TrainConfig(epochs=3, lr=0.02), **kw)
+    s = train_student(transfer_file, out=out, config=TrainConfig(epochs=3, lr=0.02,
+                                                                 stop_after=1), **kw)
+    assert s["stopped_after"] == 1 and not out.exists() and Path(f"{out}.ckpt").exists()
+    train_student(transfer_file, out=out, config=TrainConfig(epochs=3, lr=0.02), resume=True,
+                  **kw)
+    assert same_weights(ref, out) and not Path(f"{out}.ckpt").exists()

@@ -150,7 +150,7 @@ def train_cmd(
     arch: Annotated[str | None, typer.Option(help="Architecture spec instead of --hidden/--layers: mlp:1200,1200 or cnn:0.5.")] = None,
     dropout: Annotated[float, typer.Option(help="Dropout on hidden units.")] = 0.0,
     input_dropout: Annotated[float, typer.Option(help="Dropout on inputs (MLP).")] = 0.0,
-    max_norm: Annotated[float | None, typer.Option(help="Max L2 norm of each unit's incoming weights.")] = None,
+    max_norm: Annotated[float | None, typer.Option(help="Max L2 norm of each hidden unit's incoming weights (the output layer is free).")] = None,
     jitter: Annotated[int, typer.Option(help="Shift training images by up to K pixels.")] = 0,
     epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 20,
     batch_size: BatchOpt = 256,

@@ -215,14 +215,19 @@ def build_model(arch: Architecture, pre: Preprocessing, num_classes: int) -> nn.
 
 
 def apply_max_norm(model: nn.Module, max_norm: float) -> None:
-    """Rescale each unit's incoming weight vector to L2 norm at most ``max_norm``."""
+    """Rescale each hidden unit's incoming weight vector to L2 norm at most ``max_norm``.
+
+    The constraint of the dropout papers (Hinton et al. 2012, Srivastava et al. 2014), which
+    the distillation paper's teacher used: it bounds the hidden units of every Linear layer
+    but the output layer, whose logits it leaves free.
+    """
     import torch
     from torch import nn
 
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.renorm_(2, 0, max_norm)
+        for m in linear[:-1]:
+            m.weight.renorm_(2, 0, max_norm)
 
 
 def count_params(model: nn.Module) -> int:

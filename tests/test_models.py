@@ -98,3 +98,19 @@ def test_byte_dropout_drops_at_the_rate_and_keeps_the_mean():
     assert abs(float((y == 0).float().mean()) - 0.5) < 0.005
     assert abs(float(y.mean()) - 1.0) < 0.01  # inverted dropout keeps the expectation
     assert torch.equal(drop.eval()(x), x)
+
+
+def test_max_norm_bounds_hidden_units_and_leaves_the_output_layer_free():
+    from torch import nn
+
+    model = build_model(Architecture("mlp", hidden=[32, 16]), Preprocessing(raw_shape=[8]), 4)
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for m in linear:
+            m.weight.mul_(100.0)
+    before = linear[-1].weight.clone()
+    apply_max_norm(model, 2.0)
+    for m in linear[:-1]:
+        assert float(m.weight.norm(dim=1).max()) <= 2.0 + 1e-5
+    assert torch.equal(linear[-1].weight, before)
+    assert float(before.norm(dim=1).min()) > 2.0

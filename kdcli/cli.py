@@ -378,6 +378,7 @@ def sweep_cmd(
     seed: SeedOpt = 0,
     eval_data: EvalDataOpt = "auto",
     out_dir: Annotated[Path, typer.Option(help="Folder for everything the sweep writes (finished points are kept).")] = Path("sweep"),
+    force: Annotated[bool, typer.Option("--force", "-f", help="Start afresh: delete what an earlier sweep left in --out-dir.")] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -388,7 +389,7 @@ def sweep_cmd(
     rep.result(sweep(teacher, temperatures=_floats(T, "--T") or [], hidden=_ints(hidden, "--hidden") or [],
                      layers=layers, data=data, alpha=alpha, epochs=epochs, lr=lr,
                      batch_size=batch_size, precision=precision, seed=seed, eval_data=eval_data,
-                     out_dir=out_dir, reporter=rep))
+                     out_dir=out_dir, force=force, reporter=rep))
 
 
 @command("inspect", "kdcli inspect transfer.safetensors")

@@ -20,7 +20,7 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
           layers: int = 2, data: str = "mnist:train", alpha: float = 0.0,
           epochs: int = 20, lr: float = 0.02, batch_size: int = 256, precision: str = "fp32",
           seed: int = 0, eval_data: str | None = "auto", out_dir: str | Path = "sweep",
-          reporter: Reporter | None = None) -> dict[str, Any]:
+          force: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
     """Run the grid and return ``{"points": [...], "plot": path or None}``.
 
     Args:
@@ -37,6 +37,7 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
         seed: Seed per student.
         eval_data: Data for test errors (``auto``: mnist:test for MNIST).
         out_dir: Folder for the transfer set, students, results and plot.
+        force: Start afresh: delete what an earlier sweep left in ``out_dir``.
         reporter: Output sink.
     """
     from kdcli.files import sha256_file
@@ -55,12 +56,16 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     transfer = folder / "transfer.safetensors"
+    if force:
+        for old in [transfer, *folder.glob("student-h*-T*.safetensors*"),
+                    folder / "results.json", folder / "sweep.png"]:
+            old.unlink(missing_ok=True)
     teacher_sha = sha256_file(teacher)
     if transfer.exists():
         recorded = [t["sha256"] for t in load_transfer_set(transfer).meta["teachers"]]
         if recorded != [teacher_sha]:
             raise UsageError(f"{transfer} was made from another teacher",
-                             "Use a new --out-dir, or delete the folder")
+                             "Use a new --out-dir, or pass --force to start afresh")
         rep.info(f"reusing {transfer}")
     else:
         soft_targets([teacher], T=temperatures[0], data=data, out=transfer,

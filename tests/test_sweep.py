@@ -23,6 +23,23 @@ def test_sweep_trains_the_grid_and_resumes(tmp_path, teacher_file):
     assert [p["status"] for p in again["points"]] == ["kept"] * 4
     assert [p["test_errors"] for p in again["points"]] == [p["test_errors"] for p in points]
     assert res["plot"] and (tmp_path / "sw" / "sweep.png").stat().st_size > 1000
+    fresh = sweep(teacher_file, **kw, force=True)  # --force starts afresh
+    assert [p["status"] for p in fresh["points"]] == ["trained"] * 4
+
+
+def test_sweep_with_another_teacher_needs_force(tmp_path, teacher_file):
+    from kdcli.models import Architecture
+    from kdcli.train import TrainConfig, train
+
+    other = tmp_path / "other.safetensors"
+    train("mnist[:500]", arch=Architecture.parse("mlp:16"), out=other,
+          config=TrainConfig(epochs=1), eval_data=None)
+    kw = dict(temperatures=[2.0], hidden=[8], data="mnist[:500]", epochs=1, eval_data=None,
+              out_dir=tmp_path / "sw")
+    sweep(teacher_file, **kw)
+    with pytest.raises(UsageError, match="another teacher.*--force"):
+        sweep(other, **kw)
+    assert sweep(other, **kw, force=True)["points"][0]["status"] == "trained"
 
 
 def test_sweep_rejects_bad_grids(tmp_path, teacher_file):

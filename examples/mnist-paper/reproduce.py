@@ -97,7 +97,7 @@ def main() -> None:
 
     # 5. Temperature sweeps for 2x300 and 2x30 students, with hard-label references.
     sw = run("sweep", "teacher.safetensors", "--T", ",".join(temps), "--hidden", "300,30",
-             "--epochs", ep_sweep, "--precision", "bf16", "--out-dir", "sweep")
+             "--epochs", ep_sweep, "--precision", "bf16", "--out-dir", "sweep", "--force")
     hard = {h: run("train", "--hidden", h, "--layers", "2", "--epochs", ep_sweep,
                    "--out", f"baseline{h}.safetensors", *common) for h in ("300", "30")}
 

@@ -280,9 +280,7 @@ def soft_targets(
             meta.update(top_k=str(top_k), targets_dtype=targets_dtype)
         writer = _RangeWriter(members, source, weights, combine, T, c, top_k,
                               getattr(torch, targets_dtype), batch_size, rep)
-        layout = transfer_specs(1, tuple(probe_x.shape[1:]), probe_x.dtype,
-                                labels=probe_y is not None, members=m, num_classes=c,
-                                top_k=top_k, targets_dtype=getattr(torch, targets_dtype))
+        layout = writer.specs(1)
         with Timer() as timer:
             if sharded:
                 header = len(json.dumps(meta)) + 200 * (len(layout) + 4)  # a generous bound
@@ -345,6 +343,13 @@ class _RangeWriter:
         m = len(members)
         self.stats = torch.zeros(m + 2, dtype=torch.long)  # correct per member, ensemble; disagree
 
+    def specs(self, n: int) -> dict[str, Any]:
+        """The tensors of a transfer-set file holding ``n`` of these rows."""
+        x0, y0 = self.source.rows(0, 1)
+        return transfer_specs(n, tuple(x0.shape[1:]), x0.dtype, labels=y0 is not None,
+                              members=len(self.members), num_classes=self.c, top_k=self.top_k,
+                              targets_dtype=self.targets_dtype)
+
     def write(self, path: Path, a: int, b: int, meta: dict[str, str], advance) -> None:
         """Write rows ``[a, b)`` as a complete transfer-set file at ``path``."""
         import torch
@@ -352,11 +357,7 @@ class _RangeWriter:
         src, m, c, n = self.source, len(self.members), self.c, b - a
         if n <= 0:
             return
-        x0, y0 = src.rows(a, min(b, a + 1))
-        specs = transfer_specs(n, tuple(x0.shape[1:]), x0.dtype, labels=y0 is not None,
-                               members=m, num_classes=c, top_k=self.top_k,
-                               targets_dtype=self.targets_dtype)
-        with SafetensorsWriter(path, specs, meta) as w:
+        with SafetensorsWriter(path, self.specs(n), meta) as w:
             for start in range(a, b, self.batch_size):
                 stop = min(b, start + self.batch_size)
                 x, y = src.rows(start, stop)
@@ -408,12 +409,8 @@ def _write_single(out: Path, n: int, meta: dict[str, str], writer: _RangeWriter,
         all_ok = dist.all_ok(ok)
         try:
             if all_ok and dist.main:
-                x0, y0 = writer.source.rows(0, 1)
-                specs = transfer_specs(n, tuple(x0.shape[1:]), x0.dtype, labels=y0 is not None,
-                                       members=len(writer.members), num_classes=writer.c,
-                                       top_k=writer.top_k, targets_dtype=writer.targets_dtype)
                 with atomic_output(out, force) as tmp:
-                    merge_shards([p for p in parts if p.exists()], tmp, specs, meta)
+                    merge_shards([p for p in parts if p.exists()], tmp, writer.specs(n), meta)
         finally:
             dist.barrier()
             parts[dist.rank].unlink(missing_ok=True)

@@ -363,7 +363,7 @@ def calibrate_bias_cmd(
                               eval_data=eval_data, force=force, reporter=rep))
 
 
-@command("sweep", "kdcli sweep teacher.safetensors --T 1,2,2.5,4,8,20 --hidden 30,300 --epochs 20")
+@command("sweep", "kdcli sweep teacher.safetensors --T 1,2,2.5,4,8,20 --hidden 30,300 --seeds 0,1")
 def sweep_cmd(
     teacher: Annotated[Path, typer.Argument(help="The teacher model file.")],
     T: Annotated[str, typer.Option("--T", "-T", help="Temperatures, e.g. 1,2,2.5,4,8,20.")] = "1,2,4,8,20",
@@ -375,7 +375,7 @@ def sweep_cmd(
     lr: Annotated[float, typer.Option(help="Learning rate per student.")] = 0.02,
     batch_size: BatchOpt = 256,
     precision: PrecisionOpt = "fp32",
-    seed: SeedOpt = 0,
+    seeds: Annotated[str, typer.Option("--seeds", "--seed", help="Seeds, e.g. 0,1,2: one student per seed at each grid point, reported as mean ± sd.")] = "0",
     eval_data: EvalDataOpt = "auto",
     out_dir: Annotated[Path, typer.Option(help="Folder for everything the sweep writes (finished points are kept).")] = Path("sweep"),
     force: Annotated[bool, typer.Option("--force", "-f", help="Start afresh: delete what an earlier sweep left in --out-dir.")] = False,
@@ -388,7 +388,8 @@ def sweep_cmd(
     rep = _reporter(json_out, quiet)
     rep.result(sweep(teacher, temperatures=_floats(T, "--T") or [], hidden=_ints(hidden, "--hidden") or [],
                      layers=layers, data=data, alpha=alpha, epochs=epochs, lr=lr,
-                     batch_size=batch_size, precision=precision, seed=seed, eval_data=eval_data,
+                     batch_size=batch_size, precision=precision,
+                     seeds=_ints(seeds, "--seeds") or [], eval_data=eval_data,
                      out_dir=out_dir, force=force, reporter=rep))
 
 

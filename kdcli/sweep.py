@@ -1,14 +1,17 @@
 """``kdcli sweep``: train-student over a grid of temperatures and widths against one teacher.
 
 The transfer set is derived once; each temperature re-derives its soft targets exactly from
-the stored logits. Finished grid points are kept, so an interrupted sweep resumes where it
-stopped. Results go to ``OUT_DIR/results.json`` and, with matplotlib installed
-(``pip install kdcli[plot]``), a plot of test errors against T, one line per width.
+the stored logits. With several seeds, every grid point is trained once per seed and reported
+as mean ± sample standard deviation, so the seed noise is visible next to the effect of T.
+Finished students are kept, so an interrupted sweep resumes where it stopped. Results go to
+``OUT_DIR/results.json`` and, with matplotlib installed (``pip install kdcli[plot]``), a plot
+of test errors against T, one line per width (error bars with several seeds).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +22,13 @@ from kdcli.output import Reporter
 def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
           layers: int = 2, data: str = "mnist:train", alpha: float = 0.0,
           epochs: int = 20, lr: float = 0.02, batch_size: int = 256, precision: str = "fp32",
-          seed: int = 0, eval_data: str | None = "auto", out_dir: str | Path = "sweep",
+          seeds: list[int] | None = None, eval_data: str | None = "auto",
+          out_dir: str | Path = "sweep",
           force: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
-    """Run the grid and return ``{"points": [...], "plot": path or None}``.
+    """Run the grid and return ``{"points": [...], "summary": [...], "plot": path or None}``.
+
+    ``points`` has one entry per student (width, T, seed); ``summary`` one per grid point,
+    with the mean and sample standard deviation of the test errors over the seeds.
 
     Args:
         teacher: The teacher model file (any format kdcli loads).
@@ -34,7 +41,7 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
         lr: Learning rate per student.
         batch_size: Batch size per student.
         precision: ``fp32`` or ``bf16``.
-        seed: Seed per student.
+        seeds: Seeds; each grid point trains one student per seed (default ``[0]``).
         eval_data: Data for test errors (``auto``: mnist:test for MNIST).
         out_dir: Folder for the transfer set, students, results and plot.
         force: Start afresh: delete what an earlier sweep left in ``out_dir``.
@@ -53,6 +60,9 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
         check_temperature(t)
     if any(h <= 0 for h in hidden):
         raise UsageError(f"--hidden widths must be positive, got {hidden}", "e.g. 30,300")
+    seeds = [0] if seeds is None else seeds
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds must be distinct integers, got {seeds}", "e.g. --seeds 0,1")
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     transfer = folder / "transfer.safetensors"
@@ -71,10 +81,11 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
         soft_targets([teacher], T=temperatures[0], data=data, out=transfer,
                      reporter=Reporter("quiet"))
     points = []
-    grid = [(h, t) for h in hidden for t in temperatures]
-    with rep.progress("sweep (grid points)", len(grid)) as advance:
-        for h, t in grid:
-            out = folder / f"student-h{h}-T{t:g}.safetensors"
+    # Seeds outermost: an interrupted sweep has whole grids for its first seeds.
+    grid = [(h, t, s) for s in seeds for h in hidden for t in temperatures]
+    with rep.progress("sweep (students)", len(grid)) as advance:
+        for h, t, s in grid:
+            out = folder / f"student-h{h}-T{t:g}-s{s}.safetensors"
             if out.exists():
                 training = load_model(out).training
                 status = "kept"
@@ -83,26 +94,52 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
                     transfer, arch=Architecture("mlp", hidden=[h] * layers), alpha=alpha, T=t,
                     out=out, eval_data=eval_data, reporter=Reporter("quiet"),
                     config=TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size,
-                                       precision=precision, seed=seed))
+                                       precision=precision, seed=s))
                 status = "trained"
-            point = {"hidden": h, "T": t, "test_errors": training.get("test_errors"),
+            point = {"hidden": h, "T": t, "seed": s, "test_errors": training.get("test_errors"),
                      "file": str(out), "status": status}
             points.append(point)
-            rep.info(f"hidden {h:>5}  T {t:>5g}  test errors {point['test_errors']}  ({status})")
+            rep.info(f"hidden {h:>5}  T {t:>5g}  seed {s}  test errors {point['test_errors']}"
+                     f"  ({status})")
             advance(1)
-    (folder / "results.json").write_text(json.dumps({"teacher": str(teacher), "alpha": alpha,
-                                                      "epochs": epochs, "points": points},
-                                                     indent=2))
-    plot = _plot(points, folder / "sweep.png", rep)
+    summary = _summarize(points, hidden, temperatures)
+    (folder / "results.json").write_text(json.dumps(
+        {"teacher": str(teacher), "alpha": alpha, "epochs": epochs, "seeds": seeds,
+         "points": points, "summary": summary}, indent=2))
+    plot = _plot(summary, folder / "sweep.png", rep)
     cols = ["hidden", *(f"T={t:g}" for t in temperatures)]
-    rows = [[h, *(next(p["test_errors"] for p in points if p["hidden"] == h and p["T"] == t)
-                  for t in temperatures)] for h in hidden]
-    rep.table(f"Test errors of distilled students ({folder})", cols, rows)
-    return {"points": points, "plot": str(plot) if plot else None,
+    cell = {(g["hidden"], g["T"]): _cell(g) for g in summary}
+    rows = [[h, *(cell[h, t] for t in temperatures)] for h in hidden]
+    title = f"Test errors of distilled students ({folder})"
+    if len(seeds) > 1:
+        title += f": mean ± sd over seeds {','.join(map(str, seeds))}"
+    rep.table(title, cols, rows)
+    return {"points": points, "summary": summary, "plot": str(plot) if plot else None,
             "results": str(folder / "results.json")}
 
 
-def _plot(points: list[dict], path: Path, rep: Reporter) -> Path | None:
+def _summarize(points: list[dict], hidden: list[int], temperatures: list[float]) -> list[dict]:
+    """One entry per grid point: mean and sample sd of the test errors over its seeds."""
+    out = []
+    for h in hidden:
+        for t in temperatures:
+            errs = [p["test_errors"] for p in points if p["hidden"] == h and p["T"] == t
+                    and p["test_errors"] is not None]
+            out.append({"hidden": h, "T": t, "test_errors": errs,
+                        "mean": statistics.mean(errs) if errs else None,
+                        "sd": statistics.stdev(errs) if len(errs) > 1 else None})
+    return out
+
+
+def _cell(g: dict) -> str:
+    if g["mean"] is None:
+        return "—"
+    if g["sd"] is None:
+        return f"{g['mean']:g}"
+    return f"{g['mean']:.1f} ± {g['sd']:.1f}"
+
+
+def _plot(summary: list[dict], path: Path, rep: Reporter) -> Path | None:
     try:
         import matplotlib
 
@@ -112,9 +149,11 @@ def _plot(points: list[dict], path: Path, rep: Reporter) -> Path | None:
         rep.warn("matplotlib is not installed, so no plot: pip install 'kdcli[plot]'")
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for h in sorted({p["hidden"] for p in points}):
-        pts = sorted((p["T"], p["test_errors"]) for p in points if p["hidden"] == h)
-        ax.plot([t for t, _ in pts], [e for _, e in pts], marker="o", label=f"{h} units")
+    for h in sorted({g["hidden"] for g in summary}):
+        pts = sorted((g["T"], g["mean"], g["sd"] or 0.0) for g in summary
+                     if g["hidden"] == h and g["mean"] is not None)
+        ax.errorbar([t for t, _, _ in pts], [m for _, m, _ in pts],
+                    yerr=[sd for _, _, sd in pts], marker="o", capsize=3, label=f"{h} units")
     ax.set_xscale("log")
     ax.set_xlabel("temperature T")
     ax.set_ylabel("test errors")

@@ -49,3 +49,32 @@ def test_sweep_rejects_bad_grids(tmp_path, teacher_file):
         sweep(teacher_file, temperatures=[0.0], hidden=[8], out_dir=tmp_path)
     with pytest.raises(UsageError):
         sweep(teacher_file, temperatures=[1.0], hidden=[0], out_dir=tmp_path)
+
+
+def test_sweep_with_seeds_reports_mean_and_sd_and_resumes(cli, tmp_path, teacher_file):
+    import statistics
+
+    args = ["sweep", teacher_file, "--T", "4", "--hidden", "8", "--data", "mnist[:1500]",
+            "--epochs", "1", "--eval-data", "mnist:test[:300]", "--out-dir", "sw"]
+    r = cli(*args, "--seeds", "0,1", "--json")
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(r.stdout)
+    points = res["points"]
+    assert [(p["hidden"], p["T"], p["seed"]) for p in points] == [(8, 4.0, 0), (8, 4.0, 1)]
+    a, b = (load_model(p["file"]) for p in points)
+    assert a.training["seed"] == 0 and b.training["seed"] == 1
+    assert not all((x == y).all() for x, y in zip(a.model.state_dict().values(),
+                                                   b.model.state_dict().values(), strict=True))
+    errs = [p["test_errors"] for p in points]
+    (g,) = res["summary"]
+    assert g["test_errors"] == errs and g["mean"] == statistics.mean(errs)
+    assert g["sd"] == statistics.stdev(errs)
+    # A third seed trains only the new students; the table shows mean ± sd.
+    r = cli(*args, "--seeds", "0,1,2")
+    assert r.exit_code == 0, r.stderr
+    assert "±" in r.stdout and "over seeds 0,1,2" in r.stdout
+    saved = json.loads((tmp_path / "sw" / "results.json").read_text())
+    assert [p["status"] for p in saved["points"]] == ["kept", "kept", "trained"]
+    assert saved["summary"][0]["test_errors"][:2] == errs
+    r = cli(*args, "--seeds", "1,1")
+    assert r.exit_code == 1 and "distinct" in r.stderr

@@ -115,20 +115,8 @@ def paper(run: Runner, q: bool, start: float) -> str:
                 "--alpha", "0", "--epochs", ep, "--seed", s,
                 "--out", f"student800-s{s}.safetensors", *common) for s in seeds]
     rows.append(("distilled 2x800, T=20, alpha=0", "74", _errs(dist), _secs(dist)))
-    a01 = run("train-student", "--transfer", "transfer.safetensors", "--hidden", "800",
-              "--alpha", "0.1", "--epochs", ep, "--out", "student800-a01.safetensors", *common)
-    rows.append(("distilled 2x800, T=20, alpha=0.1", "—", _errs([a01]), _secs([a01])))
 
-    # 4. kdcli's extra: a transfer set with 2 jittered copies of each digit.
-    run("soft-targets", "teacher.safetensors", "--T", "20", "--jitter", "2", "--copies", "2",
-        "--out", "transfer-jitter.safetensors", "--force")
-    jit = run("train-student", "--transfer", "transfer-jitter.safetensors", "--hidden", "800",
-              "--alpha", "0", "--epochs", ep_sweep if not q else ep,
-              "--out", "student800-jitter.safetensors", *common)
-    rows.append(("distilled 2x800, T=20, + 2 jittered copies (kdcli extra)", "—",
-                 _errs([jit]), _secs([jit])))
-
-    # 5. Temperature sweeps for 2x300 and 2x30 students, with hard-label references.
+    # 4. Temperature sweeps for 2x300 and 2x30 students, with hard-label references.
     #    Two seeds for 2x300, whose differences over T are small; one for 2x30, whose are not.
     sw = {h: run("sweep", "teacher.safetensors", "--T", ",".join(temps), "--hidden", h,
                  "--seeds", ",".join(n), "--epochs", ep_sweep, "--precision", "bf16",
@@ -137,7 +125,7 @@ def paper(run: Runner, q: bool, start: float) -> str:
     hard = {h: run("train", "--hidden", h, "--layers", "2", "--epochs", ep_sweep,
                    "--out", f"baseline{h}.safetensors", *common) for h in ("300", "30")}
 
-    # 6. Digit 3 left out of the transfer set, then its bias fitted back (no labels of 3s).
+    # 5. Digit 3 left out of the transfer set, then its bias fitted back (no labels of 3s).
     run("soft-targets", "teacher.safetensors", "--T", "20", "--exclude-classes", "3",
         "--out", "transfer-no3.safetensors", "--force")
     run("train-student", "--transfer", "transfer-no3.safetensors", "--hidden", "800", "--alpha",
@@ -153,7 +141,7 @@ def paper(run: Runner, q: bool, start: float) -> str:
                  "(paper: +3.5 by hand)", "109 (14 on 3s)",
                  f"{a['errors']} ({a['errors_per_class'][3]} on 3s)", ""))
 
-    # 7. A transfer set of only 7s and 8s.
+    # 6. A transfer set of only 7s and 8s.
     run("soft-targets", "teacher.safetensors", "--T", "20", "--classes", "7,8",
         "--out", "transfer-78.safetensors", "--force")
     run("train-student", "--transfer", "transfer-78.safetensors", "--hidden", "800", "--alpha",
@@ -174,17 +162,26 @@ def paper(run: Runner, q: bool, start: float) -> str:
 
 
 def extras(run: Runner, out: Path, q: bool, start: float) -> str:
-    """What kdcli adds to the paper's 2x800 student: a second teacher, the two as an
-    ensemble, and transfer sets with jittered copies. Returns the table (markdown)."""
+    """What kdcli adds to the paper's 2x800 student: hard labels mixed in, a second teacher,
+    the two as an ensemble, and transfer sets with jittered copies. Returns the table."""
     ep_teacher, ep, ep_jitter = ("4", "2", "1") if q else ("240", "60", "30")
     rows = []
     if not (out / "teacher.safetensors").exists():
         teacher(run, "0", "teacher.safetensors", ep_teacher)
+    if not (out / "transfer.safetensors").exists():
+        run("soft-targets", "teacher.safetensors", "--T", "20", "--out", "transfer.safetensors",
+            "--force")
+    a01 = run("train-student", "--transfer", "transfer.safetensors", "--hidden", "800",
+              "--alpha", "0.1", "--epochs", ep, "--out", "student800-a01.safetensors", *COMMON)
+    rows.append(("distilled 2x800, T=20, alpha=0.1", "teacher seed 0", "untranslated",
+                 _errs([a01]), _secs([a01])))
     t1 = teacher(run, "1", "teacher-s1.safetensors", ep_teacher)
-    rows.append(("teacher, the same recipe with `--seed 1`", "2x1200 alone", "—",
+    rows.append(("teacher, the same recipe with `--seed 1`", "—", "—",
                  str(t1["test_errors"]), f"{t1['seconds']:.0f} s"))
     both = ["teacher.safetensors", "teacher-s1.safetensors"]
     sets = [  # (file name, teachers, soft-targets options, teachers and data as shown)
+        ("jitter", both[:1], ["--jitter", "2", "--copies", "2"], "teacher seed 0",
+         "+ 2 jittered copies"),
         ("s1", both[1:], [], "teacher seed 1", "untranslated"),
         ("ens", both, [], "both teachers (ensemble)", "untranslated"),
         ("s1-jitter", both[1:], ["--jitter", "2", "--copies", "2"], "teacher seed 1",

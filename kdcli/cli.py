@@ -379,6 +379,7 @@ def sweep_cmd(
     eval_data: EvalDataOpt = "auto",
     out_dir: Annotated[Path, typer.Option(help="Folder for everything the sweep writes (finished points are kept).")] = Path("sweep"),
     force: Annotated[bool, typer.Option("--force", "-f", help="Start afresh: delete what an earlier sweep left in --out-dir.")] = False,
+    device: TrainDeviceOpt = "cpu",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -390,7 +391,7 @@ def sweep_cmd(
                      layers=layers, data=data, alpha=alpha, epochs=epochs, lr=lr,
                      batch_size=batch_size, precision=precision,
                      seeds=_ints(seeds, "--seeds") or [], eval_data=eval_data,
-                     out_dir=out_dir, force=force, reporter=rep))
+                     out_dir=out_dir, force=force, device=device, reporter=rep))
 
 
 @command("inspect", "kdcli inspect transfer.safetensors")

@@ -23,7 +23,7 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
           layers: int = 2, data: str = "mnist:train", alpha: float = 0.0,
           epochs: int = 20, lr: float = 0.02, batch_size: int = 256, precision: str = "fp32",
           seeds: list[int] | None = None, eval_data: str | None = "auto",
-          out_dir: str | Path = "sweep",
+          out_dir: str | Path = "sweep", device: str = "cpu",
           force: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
     """Run the grid and return ``{"points": [...], "summary": [...], "plot": path or None}``.
 
@@ -44,6 +44,7 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
         seeds: Seeds; each grid point trains one student per seed (default ``[0]``).
         eval_data: Data for test errors (``auto``: mnist:test for MNIST).
         out_dir: Folder for the transfer set, students, results and plot.
+        device: Where the students train: ``cpu``, ``cuda`` or ``auto``.
         force: Start afresh: delete what an earlier sweep left in ``out_dir``.
         reporter: Output sink.
     """
@@ -94,7 +95,7 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
                     transfer, arch=Architecture("mlp", hidden=[h] * layers), alpha=alpha, T=t,
                     out=out, eval_data=eval_data, reporter=Reporter("quiet"),
                     config=TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size,
-                                       precision=precision, seed=s))
+                                       precision=precision, seed=s, device=device))
                 status = "trained"
             point = {"hidden": h, "T": t, "seed": s, "test_errors": training.get("test_errors"),
                      "file": str(out), "status": status}

@@ -146,6 +146,7 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
         if dist.rank:  # distinct dropout masks on each rank
             torch.manual_seed(cfg.seed + 7919 * dist.rank + start_epoch)
     autocast = cfg.precision == "bf16"
+    n_classes: int | None = None  # known after the first evaluation
 
     with reporter.progress("training", (cfg.epochs - start_epoch) * n) as advance:
         for epoch in range(start_epoch, cfg.epochs):
@@ -199,6 +200,7 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
                     logits = predict(lambda xb: model(xb.to(dev)), eval_data.inputs)
                 record["test_errors"] = int((logits.argmax(-1) != eval_data.labels).sum())
+                n_classes = logits.shape[-1]
             record["seconds"] = round(time.perf_counter() - t0, 3)
             history.append(record)
             reporter.info(_epoch_line(record, cfg.epochs))
@@ -210,6 +212,7 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
                 reporter.info(f"stopped after epoch {epoch + 1} of {cfg.epochs}; continue with "
                               "--resume")
                 break
+    _warn_if_chance(history, eval_data, n_classes, cfg, reporter)
     if dist.enabled:  # free DDP's reducer now, before the process group is destroyed
         import gc
 
@@ -217,6 +220,19 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
         gc.collect()
     model.cpu().eval()
     return history
+
+
+def _warn_if_chance(history: list[dict[str, Any]], eval_data: Data | None,
+                    n_classes: int | None, cfg: TrainConfig, reporter: Reporter) -> None:
+    """Warn when training ends near chance level: a loss that blew up but stayed finite (so no
+    divergence error) leaves a model that predicts one class for everything."""
+    if not history or "test_errors" not in history[-1] or eval_data is None or not n_classes:
+        return
+    accuracy = 1 - history[-1]["test_errors"] / len(eval_data.labels)
+    if n_classes > 2 and accuracy < 2 / n_classes:
+        reporter.warn(f"test accuracy {accuracy:.1%} is near chance ({1 / n_classes:.1%}): "
+                      f"training failed, most likely because --lr {cfg.lr:g} is too high for "
+                      f"this loss. Try --lr {cfg.lr / 2:g}")
 
 
 def _epoch_line(r: dict[str, Any], epochs: int) -> str:

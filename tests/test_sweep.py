@@ -78,3 +78,15 @@ def test_sweep_with_seeds_reports_mean_and_sd_and_resumes(cli, tmp_path, teacher
     assert saved["summary"][0]["test_errors"][:2] == errs
     r = cli(*args, "--seeds", "1,1")
     assert r.exit_code == 1 and "distinct" in r.stderr
+
+
+def test_sweep_passes_the_device_to_training(cli, tmp_path, teacher_file):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the error on a machine without a GPU")
+    r = cli("sweep", teacher_file, "--T", "4", "--hidden", "8", "--data", "mnist[:300]",
+            "--epochs", "1", "--eval-data", "mnist:test[:100]", "--out-dir", "sw",
+            "--device", "cuda")
+    assert r.exit_code == 1 and "no CUDA GPU" in r.stderr
+    assert not list((tmp_path / "sw").glob("student-*"))

@@ -227,3 +227,15 @@ def test_stop_after_keeps_the_checkpoint_and_resume_finishes(tmp_path, transfer_
     train_student(transfer_file, out=out, config=TrainConfig(epochs=3, lr=0.02), resume=True,
                   **kw)
     assert same_weights(ref, out) and not Path(f"{out}.ckpt").exists()
+
+
+def test_a_run_that_ends_at_chance_warns(cli, transfer_file):
+    # lr 1 blows the student up without making the loss infinite: no divergence error, but a
+    # model that predicts one class. The run says so and names the fix.
+    r = cli("train-student", "--transfer", transfer_file, "--hidden", "32", "--epochs", "2",
+            "--lr", "1", "--eval-data", "mnist:test[:500]", "--out", "s.safetensors")
+    assert r.exit_code == 0, r.stderr
+    assert "near chance" in r.stderr and "Try --lr 0.5" in r.stderr.replace("\n", " ")
+    r = cli("train-student", "--transfer", transfer_file, "--hidden", "32", "--epochs", "2",
+            "--eval-data", "mnist:test[:500]", "--out", "ok.safetensors")
+    assert r.exit_code == 0 and "near chance" not in r.stderr

@@ -29,7 +29,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 PAPER_T = ["1", "2", "2.5", "4", "8", "20"]
-COMMON = ["--precision", "bf16", "--force"]
+COMMON = ["--precision", "bf16", "--force"]  # for train and train-student (+ DEVICE)
+DEVICE: list[str] = []  # ["--device", ...] when --device is not cpu
 
 
 class Runner:
@@ -58,8 +59,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "mnist-paper")
     ap.add_argument("--extras", action="store_true",
                     help="the extras table: a second teacher, an ensemble and jittered copies")
+    ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                    help="where training runs (passed to every training command)")
     ap.add_argument("--update-readme", action="store_true", help="write the table into README.md")
     args = ap.parse_args()
+    if args.device != "cpu":
+        DEVICE.extend(["--device", args.device])
+        COMMON.extend(DEVICE)
     args.out.mkdir(parents=True, exist_ok=True)
     kdcli = [shutil.which("kdcli")] if shutil.which("kdcli") else [sys.executable, "-m", "kdcli"]
     run = Runner(args.out, kdcli)
@@ -120,7 +126,7 @@ def paper(run: Runner, q: bool, start: float) -> str:
     #    Two seeds for 2x300, whose differences over T are small; one for 2x30, whose are not.
     sw = {h: run("sweep", "teacher.safetensors", "--T", ",".join(temps), "--hidden", h,
                  "--seeds", ",".join(n), "--epochs", ep_sweep, "--precision", "bf16",
-                 "--out-dir", f"sweep-{h}", "--force")
+                 "--out-dir", f"sweep-{h}", "--force", *DEVICE)
           for h, n in (("300", sweep_seeds), ("30", ["0"]))}
     hard = {h: run("train", "--hidden", h, "--layers", "2", "--epochs", ep_sweep,
                    "--out", f"baseline{h}.safetensors", *common) for h in ("300", "30")}

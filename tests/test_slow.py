@@ -43,7 +43,8 @@ def test_paper_reproduction_quick_mode(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     table = (tmp_path / "results.md").read_text()
     assert "| teacher 2x1200" in table and "| 2x300 |" in table and "3's bias raised" in table
-    assert len((tmp_path / "commands.txt").read_text().splitlines()) >= 15
+    log = (tmp_path / "commands.txt").read_text().splitlines()
+    assert len(log) == 14 and all(" s  kdcli " in line for line in log)
     # The extras reuse the main run's teacher, and add a second one and an ensemble.
     r = subprocess.run([sys.executable, str(script), "--quick", "--extras", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=600)
@@ -51,5 +52,5 @@ def test_paper_reproduction_quick_mode(tmp_path):
     extras = (tmp_path / "results-extras.md").read_text()
     assert "both teachers (ensemble) | + 2 jittered copies |" in extras
     log = (tmp_path / "commands-extras.txt").read_text()
-    assert "--out teacher-s1.safetensors" in log
+    assert "kdcli inspect teacher.safetensors" in log and "--out teacher-s1.safetensors" in log
     assert "--out teacher.safetensors" not in log  # the main run's teacher was reused

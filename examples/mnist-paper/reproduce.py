@@ -172,11 +172,14 @@ def extras(run: Runner, out: Path, q: bool, start: float) -> str:
     the two as an ensemble, and transfer sets with jittered copies. Returns the table."""
     ep_teacher, ep, ep_jitter = ("4", "2", "1") if q else ("240", "60", "30")
     rows = []
-    if not (out / "teacher.safetensors").exists():
+    # Reuse the main run's teacher, unless it is missing or from a run of another length
+    # (a --quick run writes a 4-epoch teacher to the same folder).
+    have = (out / "teacher.safetensors").exists() and (
+        run("inspect", "teacher.safetensors")["training"].get("epochs") == int(ep_teacher))
+    if not have:
         teacher(run, "0", "teacher.safetensors", ep_teacher)
-    if not (out / "transfer.safetensors").exists():
-        run("soft-targets", "teacher.safetensors", "--T", "20", "--out", "transfer.safetensors",
-            "--force")
+    run("soft-targets", "teacher.safetensors", "--T", "20", "--out", "transfer.safetensors",
+        "--force")
     a01 = run("train-student", "--transfer", "transfer.safetensors", "--hidden", "800",
               "--alpha", "0.1", "--epochs", ep, "--out", "student800-a01.safetensors", *COMMON)
     rows.append(("distilled 2x800, T=20, alpha=0.1", "teacher seed 0", "untranslated",

@@ -4,10 +4,10 @@
 Every step below is a ``kdcli`` command (run with ``--json``); this script only sequences them,
 times them and writes the results table. Usage::
 
-    python examples/mnist-paper/reproduce.py           # the paper's table (~28 min, 2 CPU cores)
-    python examples/mnist-paper/reproduce.py --quick   # a smoke run (about 2 min)
+    python examples/mnist-paper/reproduce.py           # the paper's table (~25 min, 2 CPU cores)
+    python examples/mnist-paper/reproduce.py --quick   # a smoke run (about 1 min)
     python examples/mnist-paper/reproduce.py --extras  # kdcli's extras: a second teacher, an
-                                                       # ensemble, jittered copies (~21 min)
+                                                       # ensemble, jittered copies (~23 min)
 
 Outputs go to ``--out`` (default ``runs/mnist-paper``). A run writes ``results.md`` (or
 ``results-extras.md``) and ``commands.txt`` (``commands-extras.txt``) there and, with
@@ -86,7 +86,7 @@ def main() -> None:
         shutil.copyfile(args.out / f"commands{suffix}.txt", HERE / f"last-run-commands{suffix}.txt")
 
 
-def teacher(run: Runner, seed: str, out: str, epochs: str = "240") -> dict:
+def teacher(run: Runner, seed: str, out: str, epochs: str) -> dict:
     """The paper's teacher: 2x1200 ReLU, dropout 0.2 on inputs and 0.5 on hidden units,
     max-norm, inputs jittered by up to 2 pixels."""
     return run("train", "--hidden", "1200", "--layers", "2", "--dropout", "0.5",
@@ -101,7 +101,6 @@ def paper(run: Runner, q: bool, start: float) -> str:
     seeds = ["0"] if q else ["0", "1", "2"]  # distilled 2x800
     base_seeds = sweep_seeds = seeds[:2]  # baseline 2x800, and the 2x300 sweep
     temps = ["2", "20"] if q else PAPER_T
-    common = COMMON
     rows = []
 
     # 1. The teacher.
@@ -111,7 +110,7 @@ def paper(run: Runner, q: bool, start: float) -> str:
 
     # 2. The baseline: 2x800 on hard labels, no regularization.
     base = [run("train", "--hidden", "800", "--layers", "2", "--epochs", ep, "--seed", s,
-                "--out", f"baseline-s{s}.safetensors", *common) for s in base_seeds]
+                "--out", f"baseline-s{s}.safetensors", *COMMON) for s in base_seeds]
     rows.append(("baseline 2x800, hard labels", "146", _errs(base), _secs(base)))
 
     # 3. Distilled 2x800 at T = 20 on the untranslated training set.
@@ -119,7 +118,7 @@ def paper(run: Runner, q: bool, start: float) -> str:
         "--force")
     dist = [run("train-student", "--transfer", "transfer.safetensors", "--hidden", "800",
                 "--alpha", "0", "--epochs", ep, "--seed", s,
-                "--out", f"student800-s{s}.safetensors", *common) for s in seeds]
+                "--out", f"student800-s{s}.safetensors", *COMMON) for s in seeds]
     rows.append(("distilled 2x800, T=20, alpha=0", "74", _errs(dist), _secs(dist)))
 
     # 4. Temperature sweeps for 2x300 and 2x30 students, with hard-label references.
@@ -129,13 +128,13 @@ def paper(run: Runner, q: bool, start: float) -> str:
                  "--out-dir", f"sweep-{h}", "--force", *DEVICE)
           for h, n in (("300", sweep_seeds), ("30", ["0"]))}
     hard = {h: run("train", "--hidden", h, "--layers", "2", "--epochs", ep_sweep,
-                   "--out", f"baseline{h}.safetensors", *common) for h in ("300", "30")}
+                   "--out", f"baseline{h}.safetensors", *COMMON) for h in ("300", "30")}
 
     # 5. Digit 3 left out of the transfer set, then its bias fitted back (no labels of 3s).
     run("soft-targets", "teacher.safetensors", "--T", "20", "--exclude-classes", "3",
         "--out", "transfer-no3.safetensors", "--force")
     run("train-student", "--transfer", "transfer-no3.safetensors", "--hidden", "800", "--alpha",
-        "0", "--epochs", ep, "--out", "student-no3.safetensors", *common)
+        "0", "--epochs", ep, "--out", "student-no3.safetensors", *COMMON)
     cal3 = run("calibrate-bias", "--model", "student-no3.safetensors", "--teacher",
                "teacher.safetensors", "--data", "mnist:train", "--classes", "3",
                "--eval-data", "mnist:test", "--out", "student-no3-calibrated.safetensors",
@@ -151,7 +150,7 @@ def paper(run: Runner, q: bool, start: float) -> str:
     run("soft-targets", "teacher.safetensors", "--T", "20", "--classes", "7,8",
         "--out", "transfer-78.safetensors", "--force")
     run("train-student", "--transfer", "transfer-78.safetensors", "--hidden", "800", "--alpha",
-        "0", "--epochs", ep, "--out", "student-78.safetensors", *common)
+        "0", "--epochs", ep, "--out", "student-78.safetensors", *COMMON)
     cal78 = run("calibrate-bias", "--model", "student-78.safetensors", "--teacher",
                 "teacher.safetensors", "--data", "mnist:train", "--eval-data", "mnist:test",
                 "--out", "student-78-calibrated.safetensors", "--force")

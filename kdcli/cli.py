@@ -44,6 +44,7 @@ OptimizerOpt = Annotated[str, typer.Option(help="sgd (Nesterov momentum) or adam
 MomentumOpt = Annotated[float, typer.Option(help="SGD momentum.")]
 WeightDecayOpt = Annotated[float, typer.Option(help="L2 weight decay.")]
 ScheduleOpt = Annotated[str, typer.Option(help="cosine (per step) or constant.")]
+WarmupOpt = Annotated[float, typer.Option(help="Epochs of linear learning-rate warmup before the schedule (lets a higher --lr train stably).")]
 EvalDataOpt = Annotated[str, typer.Option(help="Data for per-epoch test errors (auto: mnist:test for MNIST; none).")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue from OUT.ckpt after an interruption.")]
 DryRunOpt = Annotated[bool, typer.Option(help="Train one batch; write nothing.")]
@@ -159,6 +160,7 @@ def train_cmd(
     momentum: MomentumOpt = 0.9,
     weight_decay: WeightDecayOpt = 0.0,
     schedule: ScheduleOpt = "cosine",
+    warmup: WarmupOpt = 0.0,
     precision: PrecisionOpt = "fp32",
     seed: SeedOpt = 0,
     eval_data: EvalDataOpt = "auto",
@@ -179,7 +181,7 @@ def train_cmd(
     rep = _reporter(json_out, quiet)
     a = _arch(arch, hidden, layers, dropout=dropout, input_dropout=input_dropout, max_norm=max_norm)
     cfg = TrainConfig(epochs, batch_size, lr, optimizer, momentum, weight_decay, schedule,
-                      precision, jitter, seed, dry_run, normalize, stop_after, device)
+                      precision, jitter, seed, dry_run, normalize, stop_after, device, warmup)
     rep.result(train(data, arch=a, out=out, config=cfg, eval_data=eval_data, limit=limit,
                      force=force, resume=resume, reporter=rep))
 
@@ -280,11 +282,12 @@ def train_student_cmd(
     tail: Annotated[str, typer.Option(help="Top-k sets: student (spread the mass outside the top K like the student does), uniform (evenly) or renormalize (drop it).")] = "student",
     epochs: Annotated[int, typer.Option(help="Passes over the transfer set.")] = 20,
     batch_size: BatchOpt = 256,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (T^2 makes early gradients large).")] = 0.02,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (T^2 makes early gradients large: keep a --warmup).")] = 0.05,
     optimizer: OptimizerOpt = "sgd",
     momentum: MomentumOpt = 0.9,
     weight_decay: WeightDecayOpt = 0.0,
     schedule: ScheduleOpt = "cosine",
+    warmup: WarmupOpt = 1.0,
     precision: PrecisionOpt = "fp32",
     seed: SeedOpt = 0,
     eval_data: EvalDataOpt = "auto",
@@ -308,7 +311,7 @@ def train_student_cmd(
     rep = _reporter(json_out, quiet)
     a = _arch(arch, hidden, layers, dropout=dropout)
     cfg = TrainConfig(epochs, batch_size, lr, optimizer, momentum, weight_decay, schedule,
-                      precision, 0, seed, dry_run, normalize, stop_after, device)
+                      precision, 0, seed, dry_run, normalize, stop_after, device, warmup)
     rep.result(train_student(transfer, arch=a, alpha=alpha, T=T, loss=loss, center=center,
                              tail=tail, out=out, config=cfg, eval_data=eval_data, force=force,
                              resume=resume, reporter=rep))
@@ -372,7 +375,8 @@ def sweep_cmd(
     data: Annotated[str, typer.Option(help="Transfer data.")] = "mnist:train",
     alpha: Annotated[float, typer.Option(help="Weight on the hard labels.")] = 0.0,
     epochs: Annotated[int, typer.Option(help="Epochs per student.")] = 20,
-    lr: Annotated[float, typer.Option(help="Learning rate per student.")] = 0.02,
+    lr: Annotated[float, typer.Option(help="Learning rate per student.")] = 0.05,
+    warmup: WarmupOpt = 1.0,
     batch_size: BatchOpt = 256,
     precision: PrecisionOpt = "fp32",
     seeds: Annotated[str, typer.Option("--seeds", "--seed", help="Seeds, e.g. 0,1,2: one student per seed at each grid point, reported as mean ± sd.")] = "0",
@@ -388,7 +392,7 @@ def sweep_cmd(
 
     rep = _reporter(json_out, quiet)
     rep.result(sweep(teacher, temperatures=_floats(T, "--T") or [], hidden=_ints(hidden, "--hidden") or [],
-                     layers=layers, data=data, alpha=alpha, epochs=epochs, lr=lr,
+                     layers=layers, data=data, alpha=alpha, epochs=epochs, lr=lr, warmup=warmup,
                      batch_size=batch_size, precision=precision,
                      seeds=_ints(seeds, "--seeds") or [], eval_data=eval_data,
                      out_dir=out_dir, force=force, device=device, reporter=rep))

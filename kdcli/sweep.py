@@ -21,7 +21,8 @@ from kdcli.output import Reporter
 
 def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
           layers: int = 2, data: str = "mnist:train", alpha: float = 0.0,
-          epochs: int = 20, lr: float = 0.02, batch_size: int = 256, precision: str = "fp32",
+          epochs: int = 20, lr: float = 0.05, warmup: float = 1.0, batch_size: int = 256,
+          precision: str = "fp32",
           seeds: list[int] | None = None, eval_data: str | None = "auto",
           out_dir: str | Path = "sweep", device: str = "cpu",
           force: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
@@ -39,6 +40,7 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
         alpha: Weight on the hard labels.
         epochs: Epochs per student.
         lr: Learning rate per student.
+        warmup: Epochs of linear learning-rate warmup per student.
         batch_size: Batch size per student.
         precision: ``fp32`` or ``bf16``.
         seeds: Seeds; each grid point trains one student per seed (default ``[0]``).
@@ -87,15 +89,21 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
     with rep.progress("sweep (students)", len(grid)) as advance:
         for h, t, s in grid:
             out = folder / f"student-h{h}-T{t:g}-s{s}.safetensors"
+            arch = Architecture("mlp", hidden=[h] * layers)
             if out.exists():
                 training = load_model(out).training
+                _check_kept(out, training, {"architecture": arch.spec(),
+                                            "T": t, "alpha": alpha, "epochs": epochs, "lr": lr,
+                                            "warmup": warmup, "batch_size": batch_size,
+                                            "precision": precision})
                 status = "kept"
             else:
                 training = train_student(
-                    transfer, arch=Architecture("mlp", hidden=[h] * layers), alpha=alpha, T=t,
+                    transfer, arch=arch, alpha=alpha, T=t,
                     out=out, eval_data=eval_data, reporter=Reporter("quiet"),
                     config=TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size,
-                                       precision=precision, seed=s, device=device))
+                                       precision=precision, seed=s, device=device,
+                                       warmup=warmup))
                 status = "trained"
             point = {"hidden": h, "T": t, "seed": s, "test_errors": training.get("test_errors"),
                      "file": str(out), "status": status}
@@ -105,8 +113,8 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
             advance(1)
     summary = _summarize(points, hidden, temperatures)
     (folder / "results.json").write_text(json.dumps(
-        {"teacher": str(teacher), "alpha": alpha, "epochs": epochs, "seeds": seeds,
-         "points": points, "summary": summary}, indent=2))
+        {"teacher": str(teacher), "alpha": alpha, "epochs": epochs, "lr": lr, "warmup": warmup,
+         "seeds": seeds, "points": points, "summary": summary}, indent=2))
     plot = _plot(summary, folder / "sweep.png", rep)
     cols = ["hidden", *(f"T={t:g}" for t in temperatures)]
     cell = {(g["hidden"], g["T"]): _cell(g) for g in summary}
@@ -117,6 +125,16 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
     rep.table(title, cols, rows)
     return {"points": points, "summary": summary, "plot": str(plot) if plot else None,
             "results": str(folder / "results.json")}
+
+
+def _check_kept(out: Path, training: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """Refuse to keep a finished student that was trained with other settings."""
+    recorded = {"warmup": 0.0, **training}  # files from before --warmup had none
+    diff = [f"{k} {recorded.get(k)} (now {v})" for k, v in wanted.items()
+            if recorded.get(k) != v]
+    if diff:
+        raise UsageError(f"{out} was trained with other settings: {', '.join(diff)}",
+                         "Use a new --out-dir, or pass --force to start afresh")
 
 
 def _summarize(points: list[dict], hidden: list[int], temperatures: list[float]) -> list[dict]:

@@ -49,6 +49,9 @@ class TrainConfig:
     normalize: bool | None = None
     stop_after: int | None = None  # stop after this epoch, keeping the checkpoint to resume
     device: str = "cpu"  # cpu, cuda, or auto (cuda when present)
+    # Epochs of linear warmup from 0 to lr, per step, before the schedule (0: none). It lets
+    # a higher lr train stably where the first steps' large gradients would blow it up.
+    warmup: float = 0.0
 
     def check(self) -> None:
         if self.epochs <= 0:
@@ -68,10 +71,19 @@ class TrainConfig:
             raise UsageError(f"--jitter must be 0 or more, got {self.jitter}", "Try --jitter 2")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"unknown --device {self.device!r}", "Use auto, cpu or cuda")
+        if not (math.isfinite(self.warmup) and 0 <= self.warmup <= self.epochs):
+            raise UsageError(f"--warmup must be between 0 and --epochs ({self.epochs}), "
+                             f"got {self.warmup:g}", "Try --warmup 1")
         if self.stop_after is not None and self.stop_after < 1:
             raise UsageError(f"--stop-after must be a positive epoch, got {self.stop_after}",
                              "Try --stop-after 10")
 
+
+# train-student's defaults. The T^2 factor makes a student's first gradients large, so a
+# higher lr needs a warmup; with one, lr 0.05 beat lr 0.02 on every MNIST student measured
+# (2x800: 88 vs 101 errors; 2x300 at T=20: 101 vs 140; see examples/mnist-paper).
+STUDENT_LR = 0.05
+STUDENT_WARMUP = 1.0
 
 # Settings that do not change the result, so a resumed run may differ in them.
 _NOT_FINGERPRINTED = ("dry_run", "stop_after", "device")
@@ -124,6 +136,7 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
                          f"Use --batch-size of at least {dist.world}")
     steps = math.ceil(n / bs)
     total_steps = cfg.epochs * steps
+    warmup_steps = round(cfg.warmup * steps)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
@@ -157,10 +170,10 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
             seen = 0
             for s in range(steps):
                 idx = perm[s * bs:(s + 1) * bs]
-                if cfg.schedule == "cosine":
-                    lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch * steps + s) / total_steps))
+                if cfg.schedule == "cosine" or warmup_steps:
                     for group in opt.param_groups:
-                        group["lr"] = lr
+                        group["lr"] = learning_rate(cfg, epoch * steps + s, total_steps,
+                                                    warmup_steps)
                 if cfg.jitter:  # drawn for the global batch, so every rank agrees
                     dy, dx = random_shifts(len(idx), cfg.jitter, gen)
                 lo, hi = dist.split(len(idx))
@@ -192,7 +205,7 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
                 sums, seen = totals[:-1], int(totals[-1])
             if not math.isfinite(float(sums[0])):
                 raise UsageError(f"training diverged in epoch {epoch + 1} (loss is not finite)",
-                                 "Lower --lr")
+                                 f"Lower --lr, e.g. --lr {cfg.lr / 2:g}")
             record = {"epoch": epoch + 1, **{k: float(v / seen)
                                              for k, v in zip(stat_names, sums, strict=True)}}
             if eval_data is not None and dist.main:
@@ -220,6 +233,20 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
         gc.collect()
     model.cpu().eval()
     return history
+
+
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int, warmup_steps: int) -> float:
+    """The learning rate of step ``step`` (0-based) of ``total_steps``.
+
+    A linear warmup to ``cfg.lr`` over the first ``warmup_steps`` steps, then ``cfg.lr``
+    (constant) or a half-cosine from ``cfg.lr`` to 0 over the remaining steps (cosine).
+    """
+    if step < warmup_steps:
+        return cfg.lr * (step + 1) / warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
 
 
 def _warn_if_chance(history: list[dict[str, Any]], eval_data: Data | None,
@@ -452,7 +479,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     from kdcli.soft_targets import check_temperature, resolve_device
     from kdcli.transfer import load_transfer_set
 
-    cfg = config or TrainConfig(lr=0.02)
+    cfg = config or TrainConfig(lr=STUDENT_LR, warmup=STUDENT_WARMUP)
     cfg.check()
     arch.check()
     rep = reporter or Reporter()

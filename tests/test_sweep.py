@@ -25,6 +25,18 @@ def test_sweep_trains_the_grid_and_resumes(tmp_path, teacher_file):
     assert res["plot"] and (tmp_path / "sw" / "sweep.png").stat().st_size > 1000
     fresh = sweep(teacher_file, **kw, force=True)  # --force starts afresh
     assert [p["status"] for p in fresh["points"]] == ["trained"] * 4
+    assert (saved["lr"], saved["warmup"]) == (0.05, 1.0)
+
+
+@pytest.mark.parametrize("change", [{"lr": 0.02}, {"warmup": 0.0}, {"epochs": 2},
+                                    {"alpha": 0.5}])
+def test_sweep_refuses_to_keep_students_trained_otherwise(tmp_path, teacher_file, change):
+    kw = dict(temperatures=[4.0], hidden=[8], data="mnist[:600]", epochs=1, eval_data="none",
+              out_dir=tmp_path / "sw")
+    sweep(teacher_file, **kw)
+    with pytest.raises(UsageError, match="trained with other settings: " + next(iter(change))):
+        sweep(teacher_file, **{**kw, **change})
+    assert [p["status"] for p in sweep(teacher_file, **kw)["points"]] == ["kept"]
 
 
 def test_sweep_with_another_teacher_needs_force(tmp_path, teacher_file):

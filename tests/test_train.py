@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from kdcli.errors import FormatError, KdcliError, OutputExistsError, UsageError
 from kdcli.models import Architecture, load_model
-from kdcli.train import TrainConfig, train, train_student
+from kdcli.train import STUDENT_LR, STUDENT_WARMUP, TrainConfig, learning_rate, train, train_student
 from kdcli.transfer import load_transfer_set
 
 
@@ -239,3 +239,60 @@ def test_a_run_that_ends_at_chance_warns(cli, transfer_file):
     r = cli("train-student", "--transfer", transfer_file, "--hidden", "32", "--epochs", "2",
             "--eval-data", "mnist:test[:500]", "--out", "ok.safetensors")
     assert r.exit_code == 0 and "near chance" not in r.stderr
+
+
+def test_learning_rate_warms_up_then_follows_the_schedule():
+    cfg = TrainConfig(epochs=10, lr=0.5, warmup=2)  # 10 steps an epoch: 20 warmup steps
+    lrs = [learning_rate(cfg, i, 100, 20) for i in range(100)]
+    assert lrs[0] == pytest.approx(0.5 / 20) and lrs[19] == pytest.approx(0.5)
+    assert all(b > a for a, b in zip(lrs[:19], lrs[1:20], strict=True))  # a linear ramp
+    assert lrs[20] == pytest.approx(0.5)  # the cosine starts at the peak...
+    assert all(b < a for a, b in zip(lrs[20:-1], lrs[21:], strict=True))
+    assert lrs[-1] < 1e-3 and lrs[60] == pytest.approx(0.25)  # ...and halves half-way
+    constant = TrainConfig(epochs=10, lr=0.5, warmup=2, schedule="constant")
+    assert [learning_rate(constant, i, 100, 20) for i in (0, 9, 19, 20, 99)] == pytest.approx(
+        [0.025, 0.25, 0.5, 0.5, 0.5])
+    plain = TrainConfig(epochs=10, lr=0.5)  # no warmup: the cosine of before, unchanged
+    assert [learning_rate(plain, i, 100, 0) for i in (0, 50)] == pytest.approx([0.5, 0.25])
+
+
+def test_training_steps_follow_the_warmup_schedule(tmp_path, transfer_file, monkeypatch):
+    seen = []
+    step = torch.optim.SGD.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    cfg = TrainConfig(epochs=2, lr=0.05, warmup=1, batch_size=500)  # 2,000 rows: 4 steps
+    train_student(transfer_file, arch=Architecture.parse("mlp:16"), eval_data="none",
+                  out=tmp_path / "s.safetensors", config=cfg)
+    assert seen[:4] == pytest.approx([0.0125, 0.025, 0.0375, 0.05])
+    assert seen == pytest.approx([learning_rate(cfg, i, 8, 4) for i in range(8)])
+
+
+def test_warmup_is_checked_and_students_warm_up_by_default(cli, transfer_file):
+    import inspect
+
+    from kdcli import cli as commands
+    from kdcli.sweep import sweep
+
+    for f in (commands.train_student_cmd, commands.sweep_cmd, sweep):
+        params = inspect.signature(f).parameters
+        assert (params["lr"].default, params["warmup"].default) == (STUDENT_LR, STUDENT_WARMUP)
+    assert inspect.signature(commands.train_cmd).parameters["warmup"].default == 0.0
+    for bad in ("3", "-1", "nan"):
+        r = cli("train-student", "--transfer", transfer_file, "--epochs", "2", "--warmup", bad,
+                "--out", "s.safetensors")
+        assert r.exit_code == 1 and "Error: --warmup must be between 0 and --epochs (2)" in r.stderr
+        assert not Path("s.safetensors").exists()
+
+
+def test_a_run_whose_loss_blows_up_stops_with_a_fix(cli, transfer_file):
+    r = cli("train-student", "--transfer", transfer_file, "--hidden", "32", "--epochs", "2",
+            "--lr", "1e6", "--eval-data", "none", "--out", "s.safetensors")
+    assert r.exit_code == 1
+    assert "Error: training diverged in epoch 1 (loss is not finite). Lower --lr, e.g. " \
+           "--lr 500000" in r.stderr.replace("\n", " ")
+    assert not Path("s.safetensors").exists()

@@ -462,7 +462,8 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
             ``student``, ``uniform`` or ``renormalize`` (see
             :class:`kdcli.losses.DistillationLoss`).
         out: Output student model file.
-        config: Optimization settings.
+        config: Optimization settings (default: ``TrainConfig(lr=STUDENT_LR,
+            warmup=STUDENT_WARMUP)``, lr 0.05 after a 1-epoch warmup).
         eval_data: Data for per-epoch test errors; ``auto`` is ``mnist:test`` for MNIST.
         force: Overwrite ``out``.
         resume: Continue from ``out``'s checkpoint.

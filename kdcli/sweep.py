@@ -90,20 +90,17 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
         for h, t, s in grid:
             out = folder / f"student-h{h}-T{t:g}-s{s}.safetensors"
             arch = Architecture("mlp", hidden=[h] * layers)
+            config = TrainConfig(epochs=epochs, lr=lr, warmup=warmup, batch_size=batch_size,
+                                 precision=precision, seed=s, device=device)
             if out.exists():
                 training = load_model(out).training
-                _check_kept(out, training, {"architecture": arch.spec(),
-                                            "T": t, "alpha": alpha, "epochs": epochs, "lr": lr,
-                                            "warmup": warmup, "batch_size": batch_size,
-                                            "precision": precision})
+                _check_kept(out, training, {"architecture": arch.spec(), "T": t, "alpha": alpha,
+                                            **config.settings()})
                 status = "kept"
             else:
-                training = train_student(
-                    transfer, arch=arch, alpha=alpha, T=t,
-                    out=out, eval_data=eval_data, reporter=Reporter("quiet"),
-                    config=TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size,
-                                       precision=precision, seed=s, device=device,
-                                       warmup=warmup))
+                training = train_student(transfer, arch=arch, alpha=alpha, T=t, out=out,
+                                         eval_data=eval_data, reporter=Reporter("quiet"),
+                                         config=config)
                 status = "trained"
             point = {"hidden": h, "T": t, "seed": s, "test_errors": training.get("test_errors"),
                      "file": str(out), "status": status}
@@ -129,7 +126,11 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
 
 def _check_kept(out: Path, training: dict[str, Any], wanted: dict[str, Any]) -> None:
     """Refuse to keep a finished student that was trained with other settings."""
-    recorded = {"warmup": 0.0, **training}  # files from before --warmup had none
+    from kdcli.train import TrainConfig
+
+    # A setting a file does not record (a student's jitter; warmup, in files from before it
+    # existed) had its default value.
+    recorded = {**TrainConfig().settings(), **training}
     diff = [f"{k} {recorded.get(k)} (now {v})" for k, v in wanted.items()
             if recorded.get(k) != v]
     if diff:

@@ -78,6 +78,10 @@ class TrainConfig:
             raise UsageError(f"--stop-after must be a positive epoch, got {self.stop_after}",
                              "Try --stop-after 10")
 
+    def settings(self) -> dict[str, Any]:
+        """The settings that change the result (what a resumed run or a kept model must match)."""
+        return {k: v for k, v in asdict(self).items() if k not in _NOT_FINGERPRINTED}
+
 
 # train-student's defaults. The T^2 factor makes a student's first gradients large, so a
 # higher lr needs a warmup; with one, lr 0.05 beat lr 0.02 on every MNIST student measured
@@ -170,10 +174,8 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
             seen = 0
             for s in range(steps):
                 idx = perm[s * bs:(s + 1) * bs]
-                if cfg.schedule == "cosine" or warmup_steps:
-                    for group in opt.param_groups:
-                        group["lr"] = learning_rate(cfg, epoch * steps + s, total_steps,
-                                                    warmup_steps)
+                for group in opt.param_groups:
+                    group["lr"] = learning_rate(cfg, epoch * steps + s, total_steps, warmup_steps)
                 if cfg.jitter:  # drawn for the global batch, so every rank agrees
                     dy, dx = random_shifts(len(idx), cfg.jitter, gen)
                 lo, hi = dist.split(len(idx))
@@ -423,14 +425,13 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
         return loss, torch.stack([loss.detach(), (z.argmax(-1) != y).float().mean()])
 
     fingerprint = {"command": "train", "data": ds.source, "arch": asdict(arch),
-                   "config": {k: v for k, v in asdict(cfg).items() if k not in _NOT_FINGERPRINTED}}
+                   "config": cfg.settings()}
     with session(resolve_device(cfg.device)) as dist:
         history = fit(model, arch, ds.inputs, step, ["train_loss", "train_error"], cfg,
                       eval_data=eval_ds, checkpoint=None if cfg.dry_run else checkpoint_path(out),
                       fingerprint=fingerprint, resume=resume, reporter=rep, dist=dist)
         training = {"command": "train", "architecture": arch.spec(), "data": ds.source,
-                    "epochs": cfg.epochs, **{k: v for k, v in asdict(cfg).items()
-                                             if k not in ("epochs", *_NOT_FINGERPRINTED)}}
+                    **cfg.settings()}
         return _finish(model, arch, pre, num_classes, training, history, eval_ds, out, force,
                        cfg, rep, f"Trained {arch.spec()} on {ds.source}", start, dist)
 
@@ -538,7 +539,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     fingerprint = {"command": "train-student", "transfer_sha256": transfer_sha,
                    "arch": asdict(arch), "alpha": alpha, "T": T, "loss": loss, "center": center,
                    "tail": tail if topk else None,
-                   "config": {k: v for k, v in asdict(cfg).items() if k not in _NOT_FINGERPRINTED}}
+                   "config": cfg.settings()}
     teachers = [{k: t.get(k) for k in ("file", "sha256", "format", "training")}
                 for t in ts.meta.get("teachers", [])]
     training = {"command": "train-student", "architecture": arch.spec(),
@@ -547,8 +548,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
                 "center": center if loss == "mse" else None,
                 "targets": ts.storage if not topk else f"top-{ts.top_k}",
                 "tail": tail if topk and loss == "kd" else None, "teachers": teachers,
-                "epochs": cfg.epochs, **{k: v for k, v in asdict(cfg).items()
-                                         if k not in ("epochs", "jitter", *_NOT_FINGERPRINTED)}}
+                **{k: v for k, v in cfg.settings().items() if k != "jitter"}}
     with session(resolve_device(cfg.device)) as dist:
         history = fit(model, arch, inputs, step, ["train_loss", "hard", "soft", "agreement"],
                       cfg, eval_data=eval_ds,

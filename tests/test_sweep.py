@@ -67,7 +67,8 @@ def test_sweep_with_seeds_reports_mean_and_sd_and_resumes(cli, tmp_path, teacher
     import statistics
 
     args = ["sweep", teacher_file, "--T", "4", "--hidden", "8", "--data", "mnist[:1500]",
-            "--epochs", "1", "--eval-data", "mnist:test[:300]", "--out-dir", "sw"]
+            "--epochs", "1", "--lr", "0.03", "--warmup", "0.5", "--eval-data", "mnist:test[:300]",
+            "--out-dir", "sw"]
     r = cli(*args, "--seeds", "0,1", "--json")
     assert r.exit_code == 0, r.stderr
     res = json.loads(r.stdout)
@@ -75,6 +76,7 @@ def test_sweep_with_seeds_reports_mean_and_sd_and_resumes(cli, tmp_path, teacher
     assert [(p["hidden"], p["T"], p["seed"]) for p in points] == [(8, 4.0, 0), (8, 4.0, 1)]
     a, b = (load_model(p["file"]) for p in points)
     assert a.training["seed"] == 0 and b.training["seed"] == 1
+    assert (a.training["lr"], a.training["warmup"]) == (0.03, 0.5)  # the options reach training
     assert not all((x == y).all() for x, y in zip(a.model.state_dict().values(),
                                                    b.model.state_dict().values(), strict=True))
     errs = [p["test_errors"] for p in points]

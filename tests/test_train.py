@@ -287,6 +287,8 @@ def test_warmup_is_checked_and_students_warm_up_by_default(cli, transfer_file):
                 "--out", "s.safetensors")
         assert r.exit_code == 1 and "Error: --warmup must be between 0 and --epochs (2)" in r.stderr
         assert not Path("s.safetensors").exists()
+    r = cli("train", "--data", "mnist[:300]", "--epochs", "1", "--warmup", "2", "--out", "t.st")
+    assert r.exit_code == 1 and "--warmup must be between 0 and --epochs (1)" in r.stderr
 
 
 def test_a_run_whose_loss_blows_up_stops_with_a_fix(cli, transfer_file):

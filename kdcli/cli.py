@@ -63,18 +63,24 @@ def command(name: str, example: str) -> Callable[[F], F]:
     def deco(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            from kdcli.files import Terminated, handle_signals
+
             try:
                 if name not in DISTRIBUTED and os.environ.get("WORLD_SIZE", "1") != "1":
                     raise UsageError(f"kdcli {name} does not run under torchrun",
                                      f"Run it as one process; {', '.join(DISTRIBUTED)} "
                                      "can be distributed")
-                return fn(*args, **kwargs)
+                with handle_signals():
+                    return fn(*args, **kwargs)
             except (typer.Exit, typer.Abort):
                 raise
             except BaseException as e:  # noqa: BLE001 - the one error-mapping point
                 if isinstance(e, SystemExit):
                     raise
                 message, code = user_message(e)
+                if isinstance(e, Terminated):
+                    message, code = message.replace("interrupted", "terminated (SIGTERM)",
+                                                    1), 143
                 if os.environ.get("KDCLI_DEBUG") == "1":
                     traceback.print_exc()
                 rank = os.environ.get("RANK", "0")  # set by torchrun
@@ -215,7 +221,7 @@ def soft_targets_cmd(
     batch_size: Annotated[int, typer.Option(help="Examples per teacher call.")] = 1024,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32 (exact) or bf16 autocast.")] = "fp32",
-    arch: Annotated[list[str] | None, typer.Option(help="For a bare state dict: mlp:1200,1200 or package.module:factory (per teacher).")] = None,
+    arch: Annotated[list[str] | None, typer.Option(help="For a bare state dict: mlp:1200,1200, or package.module:factory, which IMPORTS AND RUNS your code (the working folder is on the import path); the factory must be a class or function of your own that returns an nn.Module (per teacher).")] = None,
     input_shape: Annotated[list[str] | None, typer.Option(help="Per-example shape the teacher takes, e.g. 1,28,28 (per teacher).")] = None,
     scale: Annotated[list[float] | None, typer.Option(help="Divide raw inputs by this (per teacher).")] = None,
     mean: Annotated[list[float] | None, typer.Option(help="Then subtract this (per teacher).")] = None,

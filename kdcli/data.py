@@ -301,18 +301,29 @@ def _load_numpy(path: Path):
             if tensor.dim() == 0:
                 raise DataError(f"inputs in {path} are a scalar", "Store an [N, ...] array")
             return ((tensor[:, None] if tensor.dim() == 1 else tensor), mfile), None
+    def refused(e: Exception) -> DataError:
+        if "allow_pickle" in str(e):  # numpy refuses object arrays without unpickling
+            return DataError(f"{path} holds a pickled object array, which kdcli never "
+                             "loads (it could run code)", "Save numeric arrays only")
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return DataError(f"cannot read {path}: {first}", "The file is corrupt or truncated")
+
     try:
         obj = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise DataError(f"cannot read {path}: {e}", "The file is corrupt or pickled") from e
+    except Exception as e:  # noqa: BLE001 - numpy raises many kinds here
+        raise refused(e) from e
     if isinstance(obj, np.ndarray):
         return _check_arrays(path, obj, None)
     with obj:
         if "inputs" not in obj.files:
-            raise DataError(f"{path} has no 'inputs' array (has {obj.files})",
+            raise DataError(f"{path} has no 'inputs' array (has {obj.files[:10]})",
                             "Save it with np.savez(path, inputs=..., labels=...)")
-        labels = obj["labels"] if "labels" in obj.files else None
-        return _check_arrays(path, obj["inputs"], labels)
+        try:
+            inputs = obj["inputs"]
+            labels = obj["labels"] if "labels" in obj.files else None
+        except Exception as e:  # noqa: BLE001
+            raise refused(e) from e
+        return _check_arrays(path, inputs, labels)
 
 
 def _load_safetensors(path: Path):
@@ -349,6 +360,14 @@ def _load_safetensors(path: Path):
 def _check_arrays(path, inputs, labels):
     import numpy as np
 
+    for name, a in (("inputs", inputs), ("labels", labels)):
+        if a is not None and a.dtype.kind not in "biuf":
+            raise DataError(f"{name} in {path} have dtype {a.dtype} ({a.dtype.kind!r}), "
+                            "not numbers", "Store numeric arrays (ints or floats)")
+    if not inputs.dtype.isnative:  # big-endian: the same values in this machine's order
+        inputs = inputs.astype(inputs.dtype.newbyteorder("="))
+    if labels is not None and not labels.dtype.isnative:
+        labels = labels.astype(labels.dtype.newbyteorder("="))
     if inputs.ndim == 0:
         raise DataError(f"inputs in {path} are a scalar", "Store an [N, ...] array")
     if inputs.ndim == 1:

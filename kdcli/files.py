@@ -1,34 +1,146 @@
-"""Safe file handling: atomic outputs, the ``--force`` rule, and hashing."""
+"""Safe file handling: atomic outputs, the ``--force`` rule, and hashing.
+
+Outputs are written under a temporary name next to the final path,
+``.NAME.HOST.PID.tmp``, and renamed into place only when complete. A later run to the
+same output removes temporaries that dead processes on this host left behind (after a
+SIGKILL or a power cut). SIGTERM is handled like SIGINT (see :func:`handle_signals`).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import itertools
 import os
-import tempfile
-from collections.abc import Iterator
+import re
+import signal
+import socket
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from kdcli.errors import DataError, OutputExistsError, UsageError
+from kdcli.errors import DataError, KdcliError, OutputExistsError, UsageError
+
+_WRITE_ERRORS = {errno.ENOSPC: "no space left on the device",
+                 errno.EDQUOT: "the disk quota is exceeded",
+                 errno.EROFS: "the file system is read-only",
+                 errno.EACCES: "permission denied",
+                 errno.EPERM: "permission denied",
+                 errno.EFBIG: "the file is too large for the file system"}
+_counter = itertools.count()
 
 
-def check_output(path: str | os.PathLike, force: bool) -> Path:
-    """Fail early if ``path`` exists and may not be overwritten.
+class OutputWriteError(KdcliError):
+    """An output could not be written (disk full, read-only folder, no permission)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The process got SIGTERM; handled like Ctrl-C (temporaries are removed)."""
+
+
+@contextlib.contextmanager
+def handle_signals() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` while the body runs (main thread only)."""
+    def raise_terminated(signum, frame):  # noqa: ARG001 - the signal API
+        raise Terminated()
+
+    try:
+        old = signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def write_error(path: str | os.PathLike, exc: BaseException) -> OutputWriteError | None:
+    """The one-line error for a failed write of ``path``, or None if ``exc`` is not one."""
+    reason = None
+    if isinstance(exc, OSError) and exc.errno in _WRITE_ERRORS:
+        reason = _WRITE_ERRORS[exc.errno]
+    elif isinstance(exc, RuntimeError) and re.search(
+            r"write failed|failed writing|No space left", str(exc)):
+        reason = "the write failed (is the disk full?)"
+    if reason is None:
+        return None
+    return OutputWriteError(f"cannot write {path}: {reason}",
+                            "Free space or choose a writable --out; nothing was written")
+
+
+def temp_path(final: Path) -> Path:
+    """A fresh temporary name next to ``final`` that identifies this process."""
+    n = next(_counter)
+    tag = f"{_host()}.{os.getpid()}" + (f"-{n}" if n else "")
+    return final.with_name(f".{final.name}.{tag}.tmp")
+
+
+def remove_stale_temps(final: Path) -> list[Path]:
+    """Delete temporaries of ``final`` left by dead processes of this host.
+
+    Returns:
+        The files removed.
+    """
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.{re.escape(_host())}\.(\d+)"
+                         r"(?:-\d+)?\.tmp$")
+    removed = []
+    try:
+        entries = list(os.scandir(final.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m and entry.is_file(follow_symlinks=False) and not _alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def check_output(path: str | os.PathLike, force: bool,
+                 inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Fail early if ``path`` may not be written.
 
     Args:
         path: Where an output will be written.
         force: Whether an existing file may be replaced.
+        inputs: The command's input files: an output may never replace one of them.
 
     Returns:
         The path as a :class:`Path`.
 
     Raises:
         OutputExistsError: ``path`` exists and ``force`` is false.
-        UsageError: ``path`` is a directory or its parent does not exist.
+        UsageError: ``path`` is one of ``inputs``, is not a regular file (a directory, a
+            device), or its parent does not exist.
     """
     p = Path(path)
+    for i in inputs:
+        if _same(p, Path(i)):
+            raise UsageError(f"the output {p} is also an input of this command",
+                             "Choose another output path (--force does not allow this)")
     if p.is_dir():
         raise UsageError(f"output {p} is a directory", "Give a file path")
+    if p.exists() and not p.is_file():
+        raise UsageError(f"output {p} is not a regular file (a device or pipe)",
+                         "Give a regular file path (--force does not allow this)")
     if p.exists() and not force:
         raise OutputExistsError(f"{p} already exists", "Pass --force to overwrite it")
     if not p.parent.exists():
@@ -36,30 +148,89 @@ def check_output(path: str | os.PathLike, force: bool) -> Path:
     return p
 
 
+def _same(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def data_files(spec: str | os.PathLike | None) -> list[Path]:
+    """The local file a data spec (``path.npz[:100]``, ``mnist``) reads, if any."""
+    if spec is None:
+        return []
+    text = str(spec)
+    for cand in (text, text.split("[", 1)[0]):
+        if cand and Path(cand).is_file():
+            return [Path(cand)]
+    return []
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Fail early (before an hour of work) if files cannot be created in ``folder``.
+
+    Raises:
+        OutputWriteError: the folder is read-only, full or not writable.
+    """
+    probe = temp_path(Path(folder) / "write-check")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+    except OSError as e:
+        err = write_error(folder, e)
+        if err is None:
+            raise
+        raise OutputWriteError(f"cannot write in {folder}: {err.message.split(': ', 1)[1]}",
+                               "Choose a writable output folder") from e
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+
+
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike, force: bool = False,
+                  inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it into place on success.
 
-    If the body raises, the temporary file is removed and ``path`` is untouched, so
-    bad input never leaves a half-written output.
+    If the body raises (bad input, a full disk, Ctrl-C, SIGTERM under
+    :func:`handle_signals`), the temporary file is removed and ``path`` is untouched, so
+    bad input never leaves a half-written output. Stale temporaries of ``path`` from dead
+    processes are removed first.
 
     Args:
         path: The final output path.
         force: Whether an existing file may be replaced.
+        inputs: The command's inputs, which ``path`` may not name.
+
+    Raises:
+        OutputWriteError: the disk is full or the folder read-only (one line, no file).
     """
-    final = check_output(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    final = check_output(path, force, inputs)
+    remove_stale_temps(final)
+    tmp_path = temp_path(final)
     umask = os.umask(0)
     os.umask(umask)
     try:
-        yield tmp_path
-        if final.exists() and not force:  # appeared while we worked
-            raise OutputExistsError(f"{final} already exists", "Pass --force to overwrite it")
-        # mkstemp (and some writers) make 0600 files; outputs get normal permissions
-        os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, final)
+        try:
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+            yield tmp_path
+            if final.exists() and not force:  # appeared while we worked
+                raise OutputExistsError(f"{final} already exists", "Pass --force to overwrite it")
+            check_output(final, force=True, inputs=inputs)  # replaced by a device meanwhile?
+            # mkstemp (and some writers) make 0600 files; outputs get normal permissions
+            os.chmod(tmp_path, 0o666 & ~umask)
+            os.replace(tmp_path, final)
+        except (OSError, RuntimeError) as e:
+            err = write_error(final, e)
+            if err is None:
+                raise
+            raise err from e
     finally:
         tmp_path.unlink(missing_ok=True)
 

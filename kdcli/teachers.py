@@ -323,7 +323,7 @@ def load_teacher(path: str | Path, opts: TeacherOptions | None = None, device: s
     elif fmt == "torchscript":
         _torch_runner(t, _load_torchscript(p))
     elif fmt == "torch.export":
-        _torch_runner(t, _load_exported(t, p))
+        _torch_runner(t, _load_exported(t, p, opts.trust_pickle))
     elif fmt == "safetensors-state-dict":
         _torch_runner(t, _module_from_state_dict(t, _load_safetensors_sd(p), opts))
         t.format = "state_dict"
@@ -360,9 +360,12 @@ def _load_torchscript(p: Path) -> Any:
                           "Save it again with torch.jit.save") from e
 
 
-def _load_exported(t: Teacher, p: Path) -> Any:
+def _load_exported(t: Teacher, p: Path, trust_pickle: bool = False) -> Any:
     import torch
 
+    from kdcli.safety import check_export_archive
+
+    check_export_archive(p, trust_pickle)
     try:
         ep = torch.export.load(str(p))
     except Exception as e:  # noqa: BLE001
@@ -528,6 +531,9 @@ def _call_factory(spec: str) -> Any:
     if not modname or not attr:
         raise UsageError(f"bad --arch {spec!r}",
                          "Use mlp:W,W / cnn:MULT, or package.module:factory")
+    from kdcli.safety import check_factory
+
+    check_factory(spec, modname, attr)
     if "" not in sys.path:
         sys.path.insert(0, "")  # like `python -m`, user code in the working folder is found
     try:
@@ -535,6 +541,7 @@ def _call_factory(spec: str) -> Any:
     except (ImportError, AttributeError) as e:
         raise UsageError(f"cannot import {spec} ({e})",
                          "Check the module is on PYTHONPATH and the factory name") from e
+    check_factory(spec, modname, attr, factory)
     module = factory()
     from torch import nn
 

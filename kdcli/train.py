@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcli.distributed import Dist
-from kdcli.errors import FormatError, UsageError
-from kdcli.files import atomic_output, check_output, sha256_file
+from kdcli.errors import FormatError, OutputExistsError, UsageError
+from kdcli.files import atomic_output, check_output, check_writable, sha256_file
 from kdcli.models import Architecture, Preprocessing, apply_max_norm, build_model, save_model
 from kdcli.output import Reporter
 
@@ -152,7 +152,8 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if resume:
-        start_epoch, history = _load_checkpoint(checkpoint, fingerprint, model, opt, gen)
+        start_epoch, history = _load_checkpoint(checkpoint, fingerprint, model, opt, gen,
+                                                cfg.epochs)
         reporter.info(f"resuming from {checkpoint} after epoch {start_epoch}")
     net = model
     if dist.enabled:
@@ -286,7 +287,9 @@ def _save_checkpoint(path: Path, fingerprint: dict, epoch: int, history: list, m
         torch.save(state, tmp)
 
 
-def _load_checkpoint(path: Path | None, fingerprint: dict, model, opt, gen):
+def _load_checkpoint(path: Path | None, fingerprint: dict, model, opt, gen, epochs: int):
+    import pickle
+
     import torch
 
     if path is None or not path.exists():
@@ -295,9 +298,17 @@ def _load_checkpoint(path: Path | None, fingerprint: dict, model, opt, gen):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         saved = json.loads(state["fingerprint"])
-    except Exception as e:  # noqa: BLE001 - a damaged checkpoint
-        raise FormatError(f"checkpoint {path} is damaged ({e})",
+        epoch = state["epoch"]
+    except pickle.UnpicklingError as e:  # torch's restricted unpickler refused a global
+        raise FormatError(f"checkpoint {path} is damaged: it holds pickled Python objects "
+                          "that a kdcli checkpoint never has (nothing was run)",
                           "Delete it and run without --resume") from e
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint
+        raise FormatError(f"checkpoint {path} is damaged ({_first_line(e)})",
+                          "Delete it and run without --resume") from e
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch <= epochs:
+        raise FormatError(f"checkpoint {path} records epoch {str(epoch)[:20]}, outside "
+                          f"0..{epochs} (--epochs)", "Delete it and run without --resume")
     if saved != fingerprint:
         keys = sorted(k for k in set(saved) | set(fingerprint)
                       if saved.get(k) != fingerprint.get(k))
@@ -308,7 +319,7 @@ def _load_checkpoint(path: Path | None, fingerprint: dict, model, opt, gen):
     opt.load_state_dict(state["optimizer"])
     gen.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
-    return int(state["epoch"]), json.loads(state["history"])
+    return epoch, json.loads(state["history"])
 
 
 def _normalize(cfg: TrainConfig, arch: Architecture) -> bool:
@@ -319,6 +330,30 @@ def _normalize(cfg: TrainConfig, arch: Architecture) -> bool:
 def checkpoint_path(out: str | Path) -> Path:
     """Where the per-epoch checkpoint of a run writing ``out`` lives."""
     return Path(f"{out}.ckpt")
+
+
+def check_train_outputs(out: str | Path, force: bool, resume: bool) -> None:
+    """Before training: the model and its checkpoint can be written, and a fresh run does
+    not overwrite an earlier run's checkpoint without ``force``.
+
+    Raises:
+        OutputExistsError: ``out`` exists, or ``OUT.ckpt`` exists and neither ``resume``
+            nor ``force`` is given.
+        UsageError: ``out`` or ``OUT.ckpt`` is not a regular file, or the folder is not
+            writable.
+    """
+    check_output(out, force)
+    ckpt = check_output(checkpoint_path(out), force=True)
+    if ckpt.exists() and not resume and not force:
+        raise OutputExistsError(f"checkpoint {ckpt} of an earlier run exists",
+                                "Pass --resume to continue that run, or --force to start "
+                                "afresh (this discards it)")
+    check_writable(ckpt.parent)
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return (s.splitlines()[0] if s else type(e).__name__)[:200]
 
 
 def _default_eval(eval_data: str | None, source: str) -> str | None:
@@ -403,7 +438,7 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
     arch.check()
     rep = reporter or Reporter()
     if not cfg.dry_run:
-        check_output(out, force)
+        check_train_outputs(out, force, resume)
     start = time.perf_counter()
     ds = load_data(data, limit=limit)
     if ds.labels is None:
@@ -494,7 +529,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     if T is not None:
         check_temperature(T)
     if not cfg.dry_run:
-        check_output(out, force)
+        check_train_outputs(out, force, resume)
     start = time.perf_counter()
     ts = load_transfer_set(transfer)
     if alpha > 0 and not ts.has_labels:

@@ -11,8 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from kdcli import __version__
-from kdcli.errors import DataError, DistributedError, ModelError, UsageError
-from kdcli.files import atomic_output, check_output
+from kdcli.errors import DataError, DistributedError, ModelError, OutputExistsError, UsageError
+from kdcli.files import (
+    atomic_output,
+    check_output,
+    data_files,
+    remove_stale_temps,
+    temp_path,
+    write_error,
+)
 from kdcli.output import Reporter, Timer
 from kdcli.storage import SafetensorsWriter, to_bytes
 from kdcli.teachers import Teacher, TeacherOptions, load_teacher
@@ -25,7 +32,7 @@ from kdcli.transfer import (
     combine_members,
     is_index_path,
     merge_shards,
-    remove_set,
+    own_shards,
     shard_paths,
     top_k_targets,
     transfer_specs,
@@ -227,7 +234,9 @@ def soft_targets(
     m = len(teachers)
     weights = _check_weights(weights, m)
     opts = _per_member(options, m)
-    out = check_output(out, force)
+    out = check_output(out, force, inputs=[*teachers, *data_files(data)])
+    if sharded:
+        check_sharded_output(out, force)
     dev = resolve_device(device)
 
     ds = load_data(data, limit=limit)
@@ -422,47 +431,94 @@ def _write_single(out: Path, n: int, meta: dict[str, str], writer: _RangeWriter,
 def _write_sharded(index: Path, n: int, rows_per_shard: int, meta: dict[str, str],
                    writer: _RangeWriter, dist, force: bool) -> list[dict[str, Any]]:
     """Shard files of at most ``rows_per_shard`` rows plus the index; under torchrun each
-    rank writes a contiguous run of shards. The index is written last, by rank 0."""
+    rank writes a contiguous run of shards.
+
+    Every shard is written under a temporary name first. Only when all are complete does
+    rank 0 check ``--force`` again and delete the old set (its index, then the shards of
+    that name found in the folder, never files an old index names); each rank then renames
+    its shards into place, and rank 0 publishes the index last. A failure at any point
+    leaves the old set or no index, never an index naming missing shards."""
     count = math.ceil(n / rows_per_shard)
     finals = shard_paths(index, count)
-    temps = [p.with_name(f".{p.name}.tmp") for p in finals]
     first, last = dist.split(count)
     mine = range(first, last)
+    temps = {i: temp_path(finals[i]) for i in mine}
+    for i in mine:
+        remove_stale_temps(finals[i])
     ok = False
     try:
-        my_rows = sum(min(n, (i + 1) * rows_per_shard) - i * rows_per_shard for i in mine)
-        with writer.rep.progress(f"soft targets T={writer.T:g}", my_rows) as advance:
-            for i in mine:
-                a, b = i * rows_per_shard, min(n, (i + 1) * rows_per_shard)
-                shard_meta = {**meta, "shard_index": str(i + 1), "shard_count": str(count),
-                              "shard_row_start": str(a), "shard_rows": str(b - a)}
-                writer.write(temps[i], a, b, shard_meta, advance)
-        ok = True
-    finally:
-        all_ok = dist.all_ok(ok)
+        try:
+            my_rows = sum(min(n, (i + 1) * rows_per_shard) - i * rows_per_shard for i in mine)
+            with writer.rep.progress(f"soft targets T={writer.T:g}", my_rows) as advance:
+                for i in mine:
+                    a, b = i * rows_per_shard, min(n, (i + 1) * rows_per_shard)
+                    shard_meta = {**meta, "shard_index": str(i + 1), "shard_count": str(count),
+                                  "shard_row_start": str(a), "shard_rows": str(b - a)}
+                    try:
+                        writer.write(temps[i], a, b, shard_meta, advance)
+                    except (OSError, RuntimeError) as e:
+                        err = write_error(finals[i], e)
+                        if err is None:
+                            raise
+                        raise err from e
+            ok = True
+        finally:
+            all_ok = dist.all_ok(ok)
         if not all_ok:
+            raise DistributedError("another rank failed while writing soft targets",
+                                   "See that rank's error above; nothing was written")
+        cleared = False
+        try:
+            if dist.main:
+                check_sharded_output(index, force)
+                index.unlink(missing_ok=True)  # no index may name a half-replaced set
+                for old in own_shards(index):
+                    old.unlink()
+            cleared = True
+        finally:
+            cleared = dist.all_ok(cleared)
+        if not cleared:
+            raise DistributedError("rank 0 could not replace the old set",
+                                   "See its error above; nothing was written")
+        renamed = False
+        try:
             for i in mine:
-                temps[i].unlink(missing_ok=True)
-    if not all_ok:
-        raise DistributedError("another rank failed while writing soft targets",
-                               "See that rank's error above; nothing was written")
-    shards = [{"file": finals[i].name, "row_start": i * rows_per_shard,
-               "rows": min(n, (i + 1) * rows_per_shard) - i * rows_per_shard}
-              for i in range(count)]
-    try:
-        if dist.main:
-            if index.exists():
-                remove_set(index)
-            for t, f, s in zip(temps, finals, shards, strict=True):
-                s["bytes"] = t.stat().st_size
-                os.replace(t, f)
-            with atomic_output(index, force) as tmp:
-                write_index(tmp, meta, shards)
+                os.replace(temps[i], finals[i])
+            renamed = True
+        finally:
+            renamed = dist.all_ok(renamed)
+        if not renamed:
+            raise DistributedError("a rank could not rename its shards into place",
+                                   "See its error above; no index was written")
+        shards = [{"file": finals[i].name, "row_start": i * rows_per_shard,
+                   "rows": min(n, (i + 1) * rows_per_shard) - i * rows_per_shard,
+                   "bytes": finals[i].stat().st_size} for i in range(count)]
+        published = False
+        try:
+            if dist.main:
+                with atomic_output(index, force=True) as tmp:
+                    write_index(tmp, meta, shards)
+            published = True
+        finally:
+            published = dist.all_ok(published)
+        if not published:
+            raise DistributedError("rank 0 could not write the index",
+                                   "See its error above")
     finally:
-        dist.barrier()
-        for t in temps:
+        for t in temps.values():
             t.unlink(missing_ok=True)
     return shards
+
+
+def check_sharded_output(index: Path, force: bool) -> None:
+    """Refuse, without ``force``, to replace an index or any shard of its name."""
+    check_output(index, force)
+    existing = own_shards(index)
+    if existing and not force:
+        raise OutputExistsError(f"{existing[0]} (a shard of {index.name}) already exists",
+                                "Pass --force to replace the set")
+    for f in existing:
+        check_output(f, force=True)
 
 
 def _check_weights(weights: list[float] | None, m: int) -> list[float]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -608,7 +609,7 @@ def _load_sharded(p: Path) -> TransferSet:
     sources: dict[str, list[tuple[MappedFile, int]]] = {}
     row = 0
     for i, s in enumerate(shards):
-        f = p.parent / str(s.get("file", ""))
+        f = shard_file(p, s.get("file") if isinstance(s, dict) else None, i, len(shards))
         if not f.is_file():
             raise DataError(f"shard {i + 1} of {len(shards)}, {f}, named by {p}, does not exist",
                             "Copy every shard file next to the index, or regenerate the set")
@@ -657,11 +658,37 @@ def _clip(v: Any, n: int = 60) -> str:
     return s if len(s) <= n else s[:n - 1] + "…"
 
 
-def remove_set(path: Path) -> None:
-    """Delete a sharded set's shards named by its index (before overwriting it)."""
+def own_shards(index: str | Path) -> list[Path]:
+    """The shard files of the set named by ``index`` that exist now, found by their name
+    (``STEM-NNNNN-of-NNNNN.safetensors`` in the index's folder), never by what an index
+    file says: these, and only these, may be replaced when the set is rewritten."""
+    p = Path(index)
+    stem = p.name.removesuffix(INDEX_SUFFIX)
+    pattern = re.compile(rf"^{re.escape(stem)}-\d{{5}}-of-\d{{5}}\.safetensors$")
     try:
-        doc = json.loads(path.read_text())
-        for s in doc.get("shards", []):
-            (path.parent / str(s["file"])).unlink(missing_ok=True)
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+        entries = sorted(os.scandir(p.parent), key=lambda e: e.name)
+    except OSError:
+        return []
+    return [p.parent / e.name for e in entries
+            if pattern.match(e.name) and (e.is_symlink() or e.is_file())]
+
+
+def shard_file(index: Path, name: Any, i: int, count: int) -> Path:
+    """The path of shard ``i`` named ``name`` by ``index``: a plain file name in the index's
+    folder. Absolute paths, folders, ``..`` and symlinks that lead out of the folder are
+    refused, before anything about the named file is looked at."""
+    bad = (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
+           or "\\" in name or "\x00" in name or Path(name).is_absolute())
+    where = f"shard {i + 1} of {count} in {index}"
+    if bad:
+        raise FormatError(f"{where} is named {_clip(repr(name))}, not a file name in the "
+                          "index's folder", "Regenerate the set (kdcli writes plain names)")
+    f = index.parent / name
+    try:
+        inside = f.resolve().parent == index.parent.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        inside = False
+    if not inside:
+        raise FormatError(f"{where}, {name}, is a link that leads out of the index's folder",
+                          "Copy the shard files next to the index")
+    return f

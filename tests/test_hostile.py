@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kdcli.errors import FormatError, UnsafePickleError
+from kdcli.output import Reporter
 from kdcli.teachers import TeacherOptions, load_teacher
 
 
@@ -218,3 +219,112 @@ def test_numpy_strings_and_big_endian(tmp_path):
     ds = load_data(str(tmp_path / "be.npz"))
     assert torch.equal(torch.as_tensor(np.asarray(ds.inputs[:3])), torch.arange(12.).reshape(3, 4))
     assert ds.labels.tolist() == [0, 1, 2]
+
+
+# --------------------------------------------------------------- hostile indexes
+
+@pytest.fixture(scope="module")
+def ts_teacher(tmp_path_factory) -> Path:
+    from conftest import TinyMLP
+
+    p = tmp_path_factory.mktemp("ts") / "teacher.ts"
+    torch.jit.save(torch.jit.script(TinyMLP().eval()), str(p))
+    return p
+
+
+def _sharded(teacher: Path, index: Path, force: bool = False, n: int = 300) -> dict:
+    from kdcli.soft_targets import soft_targets
+
+    return soft_targets([teacher], T=4.0, data=f"mnist[:{n}]", out=index, shard_size="100KB",
+                        force=force, reporter=Reporter("quiet"))
+
+
+def test_force_deletes_only_the_sets_own_shards(tmp_path, ts_teacher):
+    from kdcli.transfer import load_transfer_set
+
+    d = tmp_path / "out"
+    d.mkdir()
+    victims = [tmp_path / "victim.txt", d / "notes.safetensors", d / "other-00001-of-00002.safetensors"]
+    for v in victims:
+        v.write_text("keep me")
+    index = d / "x.index.json"
+    index.write_text(json.dumps({"format": "kdcli.transfer-set-index", "format_version": 1,
+                                 "metadata": {}, "shards": [
+                                     {"file": "../victim.txt"}, {"file": str(victims[0])},
+                                     {"file": "notes.safetensors"},
+                                     {"file": "other-00001-of-00002.safetensors"}]}))
+    stale = d / "x-00007-of-00009.safetensors"  # a shard of an older set of this name
+    stale.write_text("old")
+    summary = _sharded(ts_teacher, index, force=True)
+    assert all(v.read_text() == "keep me" for v in victims)
+    assert not stale.exists()
+    ts = load_transfer_set(index)
+    assert len(ts) == 300 and summary["shards"] == len(ts.shards) > 1
+
+
+def test_existing_shards_are_not_overwritten_without_force(tmp_path, ts_teacher, cli):
+    index = tmp_path / "x.index.json"
+    shard = tmp_path / "x-00001-of-00004.safetensors"
+    shard.write_text("someone's file")
+    line = one_line_error(cli("soft-targets", str(ts_teacher), "--data", "mnist[:300]",
+                              "--shard-size", "100KB", "--out", str(index)))
+    assert "--force" in line and shard.name in line
+    assert shard.read_text() == "someone's file" and not index.exists()
+
+
+def test_a_second_run_keeps_the_first_set_until_the_new_one_is_complete(tmp_path, ts_teacher,
+                                                                         monkeypatch):
+    import errno
+
+    from kdcli.errors import KdcliError
+    from kdcli.soft_targets import _RangeWriter
+    from kdcli.transfer import load_transfer_set
+
+    index = tmp_path / "x.index.json"
+    _sharded(ts_teacher, index)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(KdcliError, match="exists"):  # no --force: nothing deleted
+        _sharded(ts_teacher, index, n=200)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    real_write, calls = _RangeWriter.write, []
+
+    def full_disk(self, path, *args):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write(self, path, *args)
+
+    monkeypatch.setattr(_RangeWriter, "write", full_disk)
+    with pytest.raises(KdcliError, match="no space left") as e:
+        _sharded(ts_teacher, index, force=True, n=200)
+    assert "\n" not in str(e.value) and "x-0000" in str(e.value)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporaries
+    assert len(load_transfer_set(index)) == 300
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "symlink", "nested"])
+def test_reader_refuses_shards_outside_the_index_folder(tmp_path, ts_teacher, how):
+    from kdcli.transfer import load_transfer_set
+
+    d = tmp_path / "set"
+    d.mkdir()
+    index = d / "x.index.json"
+    _sharded(ts_teacher, index)
+    doc = json.loads(index.read_text())
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"s" * 12345)
+    first = d / doc["shards"][0]["file"]
+    if how == "absolute":
+        doc["shards"][0]["file"] = str(secret)
+    elif how == "dotdot":
+        doc["shards"][0]["file"] = "../secret.bin"
+    elif how == "nested":
+        doc["shards"][0]["file"] = "sub/../../secret.bin"
+    else:
+        first.unlink()
+        first.symlink_to(secret)
+    index.write_text(json.dumps(doc))
+    with pytest.raises(FormatError) as e:
+        load_transfer_set(index)
+    assert "12345" not in str(e.value) and "12,345" not in str(e.value)
+    assert "folder" in str(e.value)

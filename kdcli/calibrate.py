@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcli.errors import DataError, UsageError
-from kdcli.files import atomic_output, check_output
+from kdcli.files import atomic_output, check_output, data_files
 from kdcli.output import Reporter
 
 if TYPE_CHECKING:
@@ -101,7 +101,8 @@ def calibrate_bias(model: str | Path = "student.safetensors",
     if target == "teacher" and (teacher is None) == (transfer is None):
         raise UsageError("--target teacher needs exactly one of --teacher or --transfer",
                          "Pass --teacher teacher.safetensors (and --data), or --transfer FILE")
-    check_output(out, force)
+    check_output(out, force, inputs=[p for p in (model, teacher, transfer) if p is not None]
+                 + data_files(data) + data_files(eval_data))
     mf = load_model(model)
     c = mf.num_classes
     if classes is not None and any(not 0 <= k < c for k in classes):

@@ -65,7 +65,7 @@ def main_export(model: str | Path = "student.safetensors", output: str | Path = 
     fixed = _parse_batch(batch)
     if not atol > 0:
         raise UsageError(f"--atol must be positive, got {atol}", "Try --atol 1e-4")
-    check_output(output, force)
+    check_output(output, force, inputs=[model])
     require_file(model, "model file")
     try:
         mf = load_model(model)

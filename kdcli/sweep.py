@@ -98,9 +98,11 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
                                             **config.settings()})
                 status = "kept"
             else:
+                # force: out does not exist; a checkpoint of an interrupted student
+                # (the sweep's own file) is restarted
                 training = train_student(transfer, arch=arch, alpha=alpha, T=t, out=out,
                                          eval_data=eval_data, reporter=Reporter("quiet"),
-                                         config=config)
+                                         config=config, force=True)
                 status = "trained"
             point = {"hidden": h, "T": t, "seed": s, "test_errors": training.get("test_errors"),
                      "file": str(out), "status": status}

@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from kdcli.distributed import Dist
 from kdcli.errors import FormatError, OutputExistsError, UsageError
-from kdcli.files import atomic_output, check_output, check_writable, sha256_file
+from kdcli.files import (
+    atomic_output,
+    check_output,
+    check_writable,
+    data_files,
+    sha256_file,
+)
 from kdcli.models import Architecture, Preprocessing, apply_max_norm, build_model, save_model
 from kdcli.output import Reporter
 
@@ -332,23 +338,32 @@ def checkpoint_path(out: str | Path) -> Path:
     return Path(f"{out}.ckpt")
 
 
-def check_train_outputs(out: str | Path, force: bool, resume: bool) -> None:
+def check_train_outputs(out: str | Path, force: bool, resume: bool,
+                        inputs: list[str | Path] = ()) -> None:
     """Before training: the model and its checkpoint can be written, and a fresh run does
     not overwrite an earlier run's checkpoint without ``force``.
 
     Raises:
         OutputExistsError: ``out`` exists, or ``OUT.ckpt`` exists and neither ``resume``
             nor ``force`` is given.
-        UsageError: ``out`` or ``OUT.ckpt`` is not a regular file, or the folder is not
-            writable.
+        UsageError: ``out`` or ``OUT.ckpt`` is an input, or not a regular file.
+        OutputWriteError: the folder is not writable.
     """
-    check_output(out, force)
-    ckpt = check_output(checkpoint_path(out), force=True)
+    inputs = [*inputs, *_transfer_files(inputs)]
+    check_output(out, force, inputs)
+    ckpt = check_output(checkpoint_path(out), force=True, inputs=inputs)
     if ckpt.exists() and not resume and not force:
         raise OutputExistsError(f"checkpoint {ckpt} of an earlier run exists",
                                 "Pass --resume to continue that run, or --force to start "
                                 "afresh (this discards it)")
     check_writable(ckpt.parent)
+
+
+def _transfer_files(inputs) -> list[Path]:
+    """The shards of any sharded transfer set among ``inputs``."""
+    from kdcli.transfer import is_index_path, own_shards
+
+    return [f for i in inputs if is_index_path(i) for f in own_shards(i)]
 
 
 def _first_line(e: BaseException) -> str:
@@ -438,7 +453,7 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
     arch.check()
     rep = reporter or Reporter()
     if not cfg.dry_run:
-        check_train_outputs(out, force, resume)
+        check_train_outputs(out, force, resume, data_files(data) + data_files(eval_data))
     start = time.perf_counter()
     ds = load_data(data, limit=limit)
     if ds.labels is None:
@@ -529,7 +544,8 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     if T is not None:
         check_temperature(T)
     if not cfg.dry_run:
-        check_train_outputs(out, force, resume)
+        check_train_outputs(out, force, resume,
+                            [transfer, *data_files(transfer), *data_files(eval_data)])
     start = time.perf_counter()
     ts = load_transfer_set(transfer)
     if alpha > 0 and not ts.has_labels:

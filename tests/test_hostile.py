@@ -244,7 +244,8 @@ def test_force_deletes_only_the_sets_own_shards(tmp_path, ts_teacher):
 
     d = tmp_path / "out"
     d.mkdir()
-    victims = [tmp_path / "victim.txt", d / "notes.safetensors", d / "other-00001-of-00002.safetensors"]
+    victims = [tmp_path / "victim.txt", d / "notes.safetensors",
+               d / "other-00001-of-00002.safetensors"]
     for v in victims:
         v.write_text("keep me")
     index = d / "x.index.json"
@@ -266,8 +267,8 @@ def test_existing_shards_are_not_overwritten_without_force(tmp_path, ts_teacher,
     index = tmp_path / "x.index.json"
     shard = tmp_path / "x-00001-of-00004.safetensors"
     shard.write_text("someone's file")
-    line = one_line_error(cli("soft-targets", str(ts_teacher), "--data", "mnist[:300]",
-                              "--shard-size", "100KB", "--out", str(index)))
+    line = one_line_error(cli("soft-targets", str(ts_teacher), "--scale", "255", "--data",
+                              "mnist[:300]", "--shard-size", "100KB", "--out", str(index)))
     assert "--force" in line and shard.name in line
     assert shard.read_text() == "someone's file" and not index.exists()
 
@@ -328,3 +329,170 @@ def test_reader_refuses_shards_outside_the_index_folder(tmp_path, ts_teacher, ho
         load_transfer_set(index)
     assert "12345" not in str(e.value) and "12,345" not in str(e.value)
     assert "folder" in str(e.value)
+
+
+# --------------------------------------------------------------- outputs
+
+def test_sigterm_is_one_line_and_leaves_no_temporary(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "m.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "kdcli", "train", "--data", "mnist[:2000]",
+                             "--arch", "mlp:16", "--epochs", "200", "--eval-data", "none",
+                             "--quiet", "--out", str(out)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = Path(f"{out}.ckpt")
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert ckpt.exists(), proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: terminated"), err
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [ckpt.name]  # the checkpoint, no .tmp
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from kdcli.files import _host, atomic_output, temp_path
+
+    out = tmp_path / "o.bin"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    stale = out.with_name(f".{out.name}.{_host()}.{int(dead.stdout)}.tmp")
+    stale.write_bytes(b"x" * 1000)
+    live = out.with_name(f".{out.name}.{_host()}.{os.getppid()}.tmp")  # a live process's
+    live.write_bytes(b"y")
+    other_host = out.with_name(f".{out.name}.elsewhere.{int(dead.stdout)}.tmp")
+    other_host.write_bytes(b"z")
+    assert temp_path(out).name.startswith(f".{out.name}.{_host()}.{os.getpid()}")
+    with atomic_output(out) as tmp:
+        tmp.write_bytes(b"new")
+    assert out.read_bytes() == b"new"
+    assert not stale.exists() and live.exists() and other_host.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KiB tmpfs (needs root and mount); skipped where it cannot be mounted."""
+    import shutil
+    import subprocess
+
+    d = tmp_path / "disk"
+    d.mkdir()
+    if not shutil.which("mount") or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(d)],
+            capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def _assert_disk_full(r, folder: Path) -> None:
+    line = one_line_error(r)
+    assert "no space left" in line or "disk is full" in line, line
+    assert sorted(p.name for p in folder.iterdir()) == []
+
+
+def test_real_disk_full_gives_one_line_and_no_partial_file(small_disk, cli, ts_teacher):
+    for out, extra in (("t.safetensors", []), ("t.index.json", ["--shard-size", "100KB"])):
+        r = cli("soft-targets", str(ts_teacher), "--scale", "255", "--data", "mnist[:1000]",
+                "--out", str(small_disk / out), *extra)
+        _assert_disk_full(r, small_disk)
+
+
+def test_disk_full_while_writing_gives_one_line_and_no_partial_file(tmp_path, monkeypatch,
+                                                                     cli, ts_teacher):
+    import errno
+
+    from kdcli import storage
+
+    real, calls = storage.SafetensorsWriter.write, []
+
+    def full(self, name, first, chunk):
+        calls.append(name)
+        if len(calls) % 4 == 3:  # part-way through a file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, name, first, chunk)
+
+    monkeypatch.setattr(storage.SafetensorsWriter, "write", full)
+    d = tmp_path / "o"
+    d.mkdir()
+    for out, extra in (("t.safetensors", []), ("t.index.json", ["--shard-size", "100KB"])):
+        r = cli("soft-targets", str(ts_teacher), "--scale", "255", "--data", "mnist[:300]",
+                "--out", str(d / out), *extra)
+        _assert_disk_full(r, d)
+        assert str(d) in r.output
+
+
+def test_read_only_folder_is_refused_before_training(tmp_path, monkeypatch, cli):
+    import errno
+
+    real = os.open
+
+    def read_only(path, flags, *a):
+        if flags & os.O_CREAT and str(path).startswith(str(tmp_path)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", read_only)
+    line = one_line_error(cli("train", "--data", "mnist[:100]", "--arch", "mlp:8",
+                              "--epochs", "50", "--eval-data", "none",
+                              "--out", str(tmp_path / "m.safetensors")))
+    assert "read-only" in line and str(tmp_path) in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoints_are_not_lost_and_bad_epochs_are_refused(tmp_path, cli):
+    out = tmp_path / "m.safetensors"
+    ckpt = Path(f"{out}.ckpt")
+    base = ["train", "--data", "mnist[:200]", "--arch", "mlp:8", "--epochs", "3",
+            "--eval-data", "none", "--quiet", "--out", str(out)]
+    assert cli(*base, "--stop-after", "1").exit_code == 0 and ckpt.exists()
+    saved = ckpt.read_bytes()
+    line = one_line_error(cli(*base))  # a fresh run, no --resume: refused
+    assert "--resume" in line and "--force" in line and ckpt.read_bytes() == saved
+    state = torch.load(ckpt, weights_only=True)
+    for epoch in (7, -4):
+        state["epoch"] = epoch
+        torch.save(state, ckpt)
+        line = one_line_error(cli(*base, "--resume"))
+        assert f"epoch {epoch}" in line and not out.exists()
+    state["epoch"] = 1
+    torch.save(state, ckpt)
+    assert cli(*base, "--resume").exit_code == 0 and out.exists() and not ckpt.exists()
+
+
+def test_outputs_onto_inputs_and_devices_are_refused_even_with_force(tmp_path, cli,
+                                                                      teacher_file):
+    import shutil
+
+    teacher = tmp_path / "teacher.safetensors"
+    shutil.copy(teacher_file, teacher)
+    before = teacher.read_bytes()
+    cases = [["soft-targets", str(teacher), "--data", "mnist[:50]", "--out", str(teacher)],
+             ["export", str(teacher), "--model", str(teacher)],
+             ["calibrate-bias", "--model", str(teacher), "--teacher", str(teacher),
+              "--data", "mnist[:50]", "--out", str(teacher)],
+             ["soft-targets", str(teacher), "--data", "mnist[:50]", "--out", "/dev/null"],
+             ["export", "/dev/null", "--model", str(teacher)]]
+    for args in cases:
+        line = one_line_error(cli(*args, "--force"))
+        assert "input" in line or "not a regular file" in line, line
+    assert teacher.read_bytes() == before
+    data = tmp_path / "d.npz"
+    np.savez(data, inputs=np.zeros((20, 4), np.float32), labels=np.arange(20) % 2)
+    line = one_line_error(cli("train", "--data", str(data), "--arch", "mlp:4", "--epochs", "1",
+                              "--eval-data", "none", "--out", str(data), "--force"))
+    assert "input" in line and data.stat().st_size > 0

@@ -341,7 +341,7 @@ def test_sigterm_is_one_line_and_leaves_no_temporary(tmp_path):
 
     out = tmp_path / "m.safetensors"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "kdcli", "train", "--data", "mnist[:2000]",
+    proc = subprocess.Popen([sys.executable, "-m", "kdcli", "train", "--data", "mnist[:500]",
                              "--arch", "mlp:16", "--epochs", "200", "--eval-data", "none",
                              "--quiet", "--out", str(out)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -496,3 +496,45 @@ def test_outputs_onto_inputs_and_devices_are_refused_even_with_force(tmp_path, c
     line = one_line_error(cli("train", "--data", str(data), "--arch", "mlp:4", "--epochs", "1",
                               "--eval-data", "none", "--out", str(data), "--force"))
     assert "input" in line and data.stat().st_size > 0
+
+
+# --------------------------------------------------------------- --arch package.module:factory
+
+def test_arch_factory_refuses_library_callables_and_non_modules(tmp_path, monkeypatch, tiny,
+                                                                 cli):
+    from kdcli.errors import ModelError, UsageError
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "marker"
+    (tmp_path / "usercode.py").write_text(
+        "import os\nfrom os import system\nfrom conftest import TinyMLP\n"
+        f"MARKER = {str(marker)!r}\n"
+        "def make():\n    return TinyMLP()\n"
+        "def not_a_module():\n    open(MARKER, 'w').close()\n    return 3\n"
+        "value = 5\n"
+        "class Net(TinyMLP):\n    pass\n")
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    sd = tmp_path / "sd.pt"
+    torch.save(tiny.state_dict(), sd)
+    for spec in ("os:system", "builtins:breakpoint", "subprocess:Popen", "posix:system",
+                 "torch:load", "usercode:system", "usercode:value", "usercode:_private",
+                 "usercode:os.system"):
+        with pytest.raises(UsageError):
+            load_teacher(sd, TeacherOptions(arch=spec))
+    with pytest.raises(ModelError, match="returned int"):
+        load_teacher(sd, TeacherOptions(arch="usercode:not_a_module"))
+    marker.unlink()  # the user's own function ran: that is what --arch is for
+    for spec in ("usercode:make", "usercode:Net"):
+        assert load_teacher(sd, TeacherOptions(arch=spec)).logits(torch.rand(2, 784)).shape \
+            == (2, 10)
+    line = one_line_error(cli("soft-targets", str(sd), "--arch", "os:system",
+                              "--data", "mnist[:20]", "--out", "t.st"))
+    assert "os" in line and not (tmp_path / "t.st").exists()
+
+
+def test_arch_help_says_it_runs_code(runner):
+    from kdcli.cli import app
+
+    r = runner.invoke(app, ["soft-targets", "--help"], env={"COLUMNS": "300"})
+    assert "RUNS your code" in " ".join(r.output.split())

@@ -1,7 +1,8 @@
 """``kdcli train`` (hard labels) and ``kdcli train-student`` (distillation).
 
 Both share one visible training loop, :func:`fit`: the data is held as tensors and batched
-by index from a seeded permutation, so the same seed gives bit-identical weights on the CPU,
+by index from a seeded permutation, so the same seed gives bit-identical weights on the same
+CPU and thread count,
 and a checkpoint written after each epoch lets an interrupted run resume exactly.
 """
 

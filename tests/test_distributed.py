@@ -62,6 +62,10 @@ def test_two_ranks_train_with_jitter_like_one_process(tmp_path):
     assert max_diff(one, two) <= 1e-5
 
 
+# What 2-rank soft-targets promises against one process (README, "Scaling out").
+SOFT_TARGETS_TOL = 1e-5
+
+
 @pytest.mark.parametrize("out_name", ["t.safetensors", "t.index.json"])
 def test_two_rank_soft_targets_equal_one_process(tmp_path, teacher_file, out_name):
     args = ["soft-targets", teacher_file, "--T", "3", "--data", "mnist[:1001]", "--jitter", "2",
@@ -71,14 +75,21 @@ def test_two_rank_soft_targets_equal_one_process(tmp_path, teacher_file, out_nam
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     a, b = tmp_path / "a" / out_name, tmp_path / "b" / out_name
+    # one process with 2 threads against 2 ranks with 1 thread each: the float sums may be
+    # split differently (on CPUs with AMX the logits then differ by up to ~7e-6)
     assert subprocess.run([sys.executable, "-m", "kdcli", *map(str, args), "--out", str(a)],
+                          env={**os.environ, "OMP_NUM_THREADS": "2"},
                           timeout=240).returncode == 0
     r = torchrun(*args, "--out", b)
     assert r.returncode == 0, r.stderr
     ta, tb = load_transfer_set(a), load_transfer_set(b)
     assert ta.columns.keys() == tb.columns.keys()
     for name in ta.columns:
-        assert torch.equal(ta.columns[name].whole(), tb.columns[name].whole()), name
+        x, y = ta.columns[name].whole(), tb.columns[name].whole()
+        if name in ("inputs", "labels"):
+            assert torch.equal(x, y), name  # data: bit-identical
+        else:  # the README's promise: logits and soft targets within 1e-5
+            torch.testing.assert_close(y, x, rtol=SOFT_TARGETS_TOL, atol=SOFT_TARGETS_TOL)
     assert {k: v for k, v in ta.meta.items() if k != "created"} == \
         {k: v for k, v in tb.meta.items() if k != "created"}
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == \

@@ -40,10 +40,18 @@ class Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def handle_signals() -> Iterator[None]:
-    """Turn SIGTERM into :class:`Terminated` while the body runs (main thread only)."""
+    """Turn SIGTERM into :class:`Terminated` while the body runs (main thread only).
+
+    Not under torchrun: there SIGTERM is how torchrun stops the other ranks when one fails,
+    and a Python handler would wait for a blocked collective to time out. Such a rank dies
+    at once; the next run removes its temporaries (their names carry its pid).
+    """
     def raise_terminated(signum, frame):  # noqa: ARG001 - the signal API
         raise Terminated()
 
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        yield
+        return
     try:
         old = signal.signal(signal.SIGTERM, raise_terminated)
     except ValueError:  # not the main thread

@@ -87,7 +87,7 @@ def _unpickled_with_fallback(rel: str) -> bool:
     base = rel.rsplit("/", 1)[-1]
     if base == "serialized_exported_program.json":
         return False
-    return rel.startswith("data/sample_inputs/") or base.startswith("serialized_") or \
+    return "/sample_inputs/" in f"/{rel}" or base.startswith("serialized_") or \
         base.endswith((".pt", ".pth", ".pkl"))
 
 

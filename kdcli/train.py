@@ -2,8 +2,8 @@
 
 Both share one visible training loop, :func:`fit`: the data is held as tensors and batched
 by index from a seeded permutation, so the same seed gives bit-identical weights on the same
-CPU and thread count,
-and a checkpoint written after each epoch lets an interrupted run resume exactly.
+CPU and thread count, and a checkpoint written after each epoch lets an interrupted run
+resume exactly.
 """
 
 from __future__ import annotations

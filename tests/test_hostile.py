@@ -147,6 +147,43 @@ def test_pt2_with_trust_pickle_still_loads_legitimate_pickled_weights(tmp_path, 
     assert load_teacher(good_pt2).logits(x).shape == (3, 10)  # a plain .pt2 needs no flag
 
 
+def test_pt2_payload_is_found_whatever_the_archive_root_is_called(tmp_path):
+    marker = tmp_path / "marker"
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).eval()
+    good = tmp_path / "data.pt2"  # the archive's root folder is then "data" too
+    torch.export.save(torch.export.export(model, (torch.zeros(2, 784),)), str(good))
+    evil = rewrite_zip(good, tmp_path / "sample.pt2",
+                       {"sample_inputs/model.pt": lambda _: torch_saved(Payload(marker))})
+    with pytest.raises(UnsafePickleError):
+        load_teacher(evil)
+    assert not marker.exists()
+
+
+def test_onnx_external_data_outside_the_model_folder_is_refused(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(7840, dtype=np.float32).tobytes())
+    (tmp_path / "m").mkdir()
+    for i, location in enumerate(["../secret.bin", str(secret)]):
+        w = numpy_helper.from_array(np.zeros((784, 10), np.float32), "W")
+        w.ClearField("raw_data")
+        w.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", location), ("offset", "0"), ("length", str(7840 * 4))):
+            entry = w.external_data.add()
+            entry.key, entry.value = k, v
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 784])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 10])], [w])
+        p = tmp_path / "m" / f"evil{i}.onnx"
+        p.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                      .SerializeToString())
+        with pytest.raises(FormatError) as e:
+            load_teacher(p)
+        assert "\n" not in str(e.value) and "External data" in str(e.value)
+
+
 def test_torchscript_pickles_run_no_code(tmp_path, tiny, cli):
     good = tmp_path / "good.ts"
     torch.jit.save(torch.jit.script(tiny), str(good))

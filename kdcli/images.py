@@ -100,6 +100,11 @@ def scan(folder: Path) -> tuple[list[tuple[Path, os.stat_result, int]], list[str
     if not files:
         raise DataError(f"folder {folder} holds no images ({', '.join(EXTENSIONS)})",
                         "Use DIR/CLASS/*.png (labelled) or DIR/*.png (unlabelled)")
+    inside = folder.resolve()
+    for p, _ in files:
+        if not p.resolve().is_relative_to(inside):
+            raise DataError(f"image {p} links to {p.resolve()}, outside {folder}",
+                            "Copy the file into the folder, or remove the link")
     return [(p, p.stat(), k) for p, k in files], classes
 
 

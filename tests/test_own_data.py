@@ -318,6 +318,16 @@ def test_the_cache_is_read_back_and_invalidated_by_a_touched_or_renamed_file(
     assert len(decodes) == 120
 
 
+def test_a_link_out_of_the_folder_is_refused(tmp_path, mnist600):
+    x, y = mnist600
+    root = write_png_tree(tmp_path / "imgs", x[:4], [0, 1, 0, 1])
+    secret = tmp_path / "secret.png"
+    Image.fromarray(x[5]).save(secret)  # a file the user did not name
+    (root / "1" / "00009.png").symlink_to(secret)
+    with pytest.raises(DataError, match="outside"):
+        load_data(str(root))
+
+
 # --- bad input: one line naming the file or column, exit 1, nothing written -----------------
 
 def bad_inputs(tmp_path: Path, mnist600) -> dict[str, tuple[list[str], str]]:

@@ -26,6 +26,8 @@ from kdcli.output import Reporter
 if TYPE_CHECKING:
     import torch
 
+    from kdcli.data import DataOptions
+
 
 def fit_bias_shift(logits: torch.Tensor, target: torch.Tensor, free: list[int] | None = None,
                    iterations: int = 500, tol: float = 1e-6) -> tuple[torch.Tensor, int]:
@@ -67,7 +69,8 @@ def calibrate_bias(model: str | Path = "student.safetensors",
                    teacher: str | Path | None = None, transfer: str | Path | None = None,
                    target: str = "teacher", classes: list[int] | None = None,
                    eval_data: str | None = None, force: bool = False,
-                   reporter: Reporter | None = None) -> dict[str, Any]:
+                   reporter: Reporter | None = None,
+                   data_options: DataOptions | None = None) -> dict[str, Any]:
     """Fit per-class bias shifts for a kdcli model and write the shifted model.
 
     Args:
@@ -83,6 +86,7 @@ def calibrate_bias(model: str | Path = "student.safetensors",
         eval_data: Labelled data to report test errors before and after.
         force: Overwrite ``out``.
         reporter: Output sink.
+        data_options: How a table or image folder is read (default: as the model records).
 
     Returns:
         The fitted shifts, the distributions before and after, and the errors if evaluated.
@@ -90,6 +94,7 @@ def calibrate_bias(model: str | Path = "student.safetensors",
     import torch
 
     from kdcli.data import load_data
+    from kdcli.data import recorded_options as _options
     from kdcli.evaluate import classification_metrics, predict
     from kdcli.models import final_linear, load_model, save_model
     from kdcli.teachers import load_teacher
@@ -114,7 +119,7 @@ def calibrate_bias(model: str | Path = "student.safetensors",
         source = f"transfer set {Path(transfer).name}"
     else:
         spec = data or mf.training.get("data") or "mnist:train"
-        ds = load_data(spec)
+        ds = load_data(spec, options=_options(data_options, mf.training))
         inputs, source = ds.inputs, ds.source
         if target == "labels":
             if ds.labels is None:
@@ -144,7 +149,7 @@ def calibrate_bias(model: str | Path = "student.safetensors",
                               "before": before.tolist(), "after": after.tolist()}
     evaluated = {}
     if eval_data:
-        ev = load_data(eval_data)
+        ev = load_data(eval_data, options=_options(data_options, mf.training))
         if ev.labels is None:
             raise DataError(f"{ev.source} has no labels", "Give labelled --eval-data")
         z = predict(mf.model, ev.inputs)
@@ -162,7 +167,8 @@ def calibrate_bias(model: str | Path = "student.safetensors",
     if evaluated:
         training.update(test_errors=evaluated["after"]["errors"], test_data=eval_data)
     with atomic_output(out, force) as tmp:
-        save_model(tmp, mf.model, mf.arch, mf.preprocessing, c, training)
+        save_model(tmp, mf.model, mf.arch, mf.preprocessing, c, training,
+                   class_names=mf.class_names, feature_names=mf.feature_names)
 
     rows = [[k, f"{shift[k]:+.2f}", f"{100 * pi[k]:.2f}%", f"{100 * before[k]:.2f}%",
              f"{100 * after[k]:.2f}%"] + ([evaluated["before"]["errors_per_class"][k],

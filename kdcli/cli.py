@@ -51,6 +51,30 @@ DryRunOpt = Annotated[bool, typer.Option(help="Train one batch; write nothing.")
 TrainDeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, or auto (cuda when present).")]
 StopAfterOpt = Annotated[int | None, typer.Option(help="Stop after this epoch, keeping OUT.ckpt; continue later with --resume (for time-limited job slots).")]
 NormalizeOpt = Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="Zero-mean, unit-variance inputs, or only scaled (8-bit pixels to [0, 1]). Default: normalize unless --input-dropout is used, so that a dropped pixel is black.", show_default=False)]
+NormalizeByOpt = Annotated[str, typer.Option(help="How --normalize standardizes: auto (tables per feature, [C,H,W] colour images per channel, else one mean and std), scalar, channel or feature.")]
+# How tables and image folders are read: one definition, taken by every command that reads
+# data (see kdcli.data.DataOptions and _data_options).
+LabelColumnOpt = Annotated[str | None, typer.Option(help="Table: the label column (default: label when present, else unlabelled; none: unlabelled).", rich_help_panel="Tables and image folders")]
+FeatureColumnsOpt = Annotated[str | None, typer.Option(help="Table: feature columns, comma-separated (default: every other numeric column).", rich_help_panel="Tables and image folders")]
+ChannelsOpt = Annotated[int | None, typer.Option(help="Images: 1 (grayscale) or 3 (RGB) channels (default: RGB if any image is in colour).", rich_help_panel="Tables and image folders")]
+ImageSizeOpt = Annotated[str | None, typer.Option(help="Images: resize all to H,W, e.g. 32,32 (needed when sizes differ).", rich_help_panel="Tables and image folders")]
+
+
+def _data_options(label_column: str | None, feature_columns: str | None,
+                  channels: int | None, image_size: str | None):
+    """The :class:`~kdcli.data.DataOptions` of the shared table/image options."""
+    from kdcli.data import DataOptions
+
+    size = _ints(image_size, "--image-size")
+    if size is not None and len(size) == 1:
+        size = size * 2
+    columns = [c.strip() for c in feature_columns.split(",") if c.strip()] if feature_columns \
+        else None
+    opts = DataOptions(label_column=label_column or None,
+                       feature_columns=tuple(columns) if feature_columns is not None else None,
+                       channels=channels, image_size=tuple(size) if size else None)
+    opts.check()
+    return opts
 
 
 # Commands that run under torchrun (the others refuse, rather than race on their outputs).
@@ -120,6 +144,14 @@ def _floats(text: str | None, flag: str) -> list[float] | None:
         raise UsageError(f"bad {flag} {text!r}", f"Use comma-separated numbers, e.g. {flag} 0.5,0.5") from e
 
 
+def _stats(text: str | None, flag: str) -> float | list[float] | None:
+    """One ``--mean``/``--std`` value, or a comma-separated list (per channel or feature)."""
+    values = _floats(text, flag)
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
 def _arch(arch: str | None, hidden: int, layers: int, **kw: Any):
     from kdcli.models import Architecture
 
@@ -177,6 +209,11 @@ def train_cmd(
     stop_after: StopAfterOpt = None,
     device: TrainDeviceOpt = "cpu",
     normalize: NormalizeOpt = None,
+    normalize_by: NormalizeByOpt = "auto",
+    label_column: LabelColumnOpt = None,
+    feature_columns: FeatureColumnsOpt = None,
+    channels: ChannelsOpt = None,
+    image_size: ImageSizeOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -185,11 +222,13 @@ def train_cmd(
     from kdcli.train import TrainConfig, train
 
     rep = _reporter(json_out, quiet)
+    dopts = _data_options(label_column, feature_columns, channels, image_size)
     a = _arch(arch, hidden, layers, dropout=dropout, input_dropout=input_dropout, max_norm=max_norm)
     cfg = TrainConfig(epochs, batch_size, lr, optimizer, momentum, weight_decay, schedule,
-                      precision, jitter, seed, dry_run, normalize, stop_after, device, warmup)
+                      precision, jitter, seed, dry_run, normalize, stop_after, device, warmup,
+                      normalize_by=normalize_by)
     rep.result(train(data, arch=a, out=out, config=cfg, eval_data=eval_data, limit=limit,
-                     force=force, resume=resume, reporter=rep))
+                     force=force, resume=resume, reporter=rep, data_options=dopts))
 
 
 @command("eval", "kdcli eval teacher.safetensors student.safetensors student.onnx --data mnist:test")
@@ -199,6 +238,10 @@ def eval_cmd(
     limit: Annotated[int | None, typer.Option(help="Use only the first N examples.")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 1000,
     trust_pickle: Annotated[bool, typer.Option(help="Allow pickled modules (runs code from the file).")] = False,
+    label_column: LabelColumnOpt = None,
+    feature_columns: FeatureColumnsOpt = None,
+    channels: ChannelsOpt = None,
+    image_size: ImageSizeOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -206,8 +249,9 @@ def eval_cmd(
     from kdcli.evaluate import evaluate
 
     rep = _reporter(json_out, quiet)
+    dopts = _data_options(label_column, feature_columns, channels, image_size)
     rep.result(evaluate([str(m) for m in models], data, limit=limit, batch_size=batch_size,
-                        trust_pickle=trust_pickle, reporter=rep))
+                        trust_pickle=trust_pickle, reporter=rep, data_options=dopts))
 
 
 @command("soft-targets", "kdcli soft-targets teacher.safetensors --T 20 --out transfer.safetensors")
@@ -224,8 +268,8 @@ def soft_targets_cmd(
     arch: Annotated[list[str] | None, typer.Option(help="For a bare state dict: mlp:1200,1200, or package.module:factory, which IMPORTS AND RUNS your code (the working folder is on the import path); the factory must be a class or function of your own that returns an nn.Module (per teacher).")] = None,
     input_shape: Annotated[list[str] | None, typer.Option(help="Per-example shape the teacher takes, e.g. 1,28,28 (per teacher).")] = None,
     scale: Annotated[list[float] | None, typer.Option(help="Divide raw inputs by this (per teacher).")] = None,
-    mean: Annotated[list[float] | None, typer.Option(help="Then subtract this (per teacher).")] = None,
-    std: Annotated[list[float] | None, typer.Option(help="Then divide by this (per teacher).")] = None,
+    mean: Annotated[list[str] | None, typer.Option(help="Then subtract this: one value, or one per channel or feature, comma-separated (per teacher).")] = None,
+    std: Annotated[list[str] | None, typer.Option(help="Then divide by this: one value, or one per channel or feature (per teacher).")] = None,
     teacher_output: Annotated[list[str] | None, typer.Option(help="logits, log-probs or probs (default: detected).")] = None,
     output: Annotated[list[str] | None, typer.Option(help="Which ONNX output to use (per teacher).")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="Allow pickled nn.Modules: this RUNS CODE from the file.")] = False,
@@ -238,6 +282,10 @@ def soft_targets_cmd(
     targets_dtype: Annotated[str, typer.Option(help="Dtype of stored top-k logits: float32 or float16.")] = "float32",
     shard_size: Annotated[str | None, typer.Option(help="Largest shard file of a sharded set, e.g. 500MB (default 1GB with an .index.json --out).")] = None,
     seed: SeedOpt = 0,
+    label_column: LabelColumnOpt = None,
+    feature_columns: FeatureColumnsOpt = None,
+    channels: ChannelsOpt = None,
+    image_size: ImageSizeOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -252,6 +300,7 @@ def soft_targets_cmd(
     from kdcli.teachers import TeacherOptions, parse_shape
 
     rep = _reporter(json_out, quiet)
+    dopts = _data_options(label_column, feature_columns, channels, image_size)
     m = len(teachers)
     per = {"arch": arch, "input_shape": input_shape, "scale": scale, "mean": mean, "std": std,
            "output": teacher_output, "output_name": output}
@@ -262,7 +311,8 @@ def soft_targets_cmd(
     pick = lambda values, i: values[i if len(values) > 1 else 0] if values else None  # noqa: E731
     opts = [TeacherOptions(arch=pick(arch, i),
                            input_shape=parse_shape(pick(input_shape, i)) if input_shape else None,
-                           scale=pick(scale, i), mean=pick(mean, i), std=pick(std, i),
+                           scale=pick(scale, i), mean=_stats(pick(mean, i), "--mean"),
+                           std=_stats(pick(std, i), "--std"),
                            output=pick(teacher_output, i), output_name=pick(output, i),
                            trust_pickle=trust_pickle) for i in range(m)]
     rep.result(soft_targets(
@@ -271,7 +321,7 @@ def soft_targets_cmd(
         precision=precision, classes=_ints(classes, "--classes"),
         exclude_classes=_ints(exclude_classes, "--exclude-classes"), limit=limit,
         jitter=jitter, copies=copies, seed=seed, top_k=top_k, targets_dtype=targets_dtype,
-        shard_size=shard_size, force=force, reporter=rep))
+        shard_size=shard_size, force=force, reporter=rep, data_options=dopts))
 
 
 @command("train-student", "kdcli train-student --hidden 300 --alpha 0.1")
@@ -303,6 +353,11 @@ def train_student_cmd(
     stop_after: StopAfterOpt = None,
     device: TrainDeviceOpt = "cpu",
     normalize: NormalizeOpt = None,
+    normalize_by: NormalizeByOpt = "auto",
+    label_column: LabelColumnOpt = None,
+    feature_columns: FeatureColumnsOpt = None,
+    channels: ChannelsOpt = None,
+    image_size: ImageSizeOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -315,12 +370,14 @@ def train_student_cmd(
     from kdcli.train import TrainConfig, train_student
 
     rep = _reporter(json_out, quiet)
+    dopts = _data_options(label_column, feature_columns, channels, image_size)
     a = _arch(arch, hidden, layers, dropout=dropout)
     cfg = TrainConfig(epochs, batch_size, lr, optimizer, momentum, weight_decay, schedule,
-                      precision, 0, seed, dry_run, normalize, stop_after, device, warmup)
+                      precision, 0, seed, dry_run, normalize, stop_after, device, warmup,
+                      normalize_by=normalize_by)
     rep.result(train_student(transfer, arch=a, alpha=alpha, T=T, loss=loss, center=center,
                              tail=tail, out=out, config=cfg, eval_data=eval_data, force=force,
-                             resume=resume, reporter=rep))
+                             resume=resume, reporter=rep, data_options=dopts))
 
 
 @command("export", "kdcli export student.onnx --model student.safetensors")
@@ -333,6 +390,10 @@ def export_cmd(
     atol: Annotated[float, typer.Option(help="Max |logit difference| allowed vs torch.")] = 1e-4,
     data: Annotated[str | None, typer.Option(help="Real inputs to verify on (default: the model's data).")] = None,
     verbose: Annotated[bool, typer.Option(help="Show the exporter's messages and warnings.")] = False,
+    label_column: LabelColumnOpt = None,
+    feature_columns: FeatureColumnsOpt = None,
+    channels: ChannelsOpt = None,
+    image_size: ImageSizeOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -341,8 +402,11 @@ def export_cmd(
     from kdcli.export import main_export
 
     rep = _reporter(json_out, quiet)
+    given = (label_column, feature_columns, channels, image_size) != (None, None, None, None)
+    dopts = _data_options(label_column, feature_columns, channels, image_size) if given else None
     rep.result(main_export(model, output, opset=opset, outputs=outputs, batch=batch, atol=atol,
-                           data=data, force=force, verbose=verbose, reporter=rep))
+                           data=data, force=force, verbose=verbose, reporter=rep,
+                           data_options=dopts))
 
 
 @command("calibrate-bias", "kdcli calibrate-bias --model student.safetensors --teacher teacher.safetensors --data mnist:train --out calibrated.safetensors")
@@ -355,6 +419,10 @@ def calibrate_bias_cmd(
     target: Annotated[str, typer.Option(help="teacher (mean soft prediction at T=1) or labels (label frequencies).")] = "teacher",
     classes: Annotated[str | None, typer.Option(help="Only shift these classes' biases, e.g. 3.")] = None,
     eval_data: Annotated[str | None, typer.Option(help="Labelled data to report errors before and after.")] = None,
+    label_column: LabelColumnOpt = None,
+    feature_columns: FeatureColumnsOpt = None,
+    channels: ChannelsOpt = None,
+    image_size: ImageSizeOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -367,9 +435,12 @@ def calibrate_bias_cmd(
     from kdcli.calibrate import calibrate_bias
 
     rep = _reporter(json_out, quiet)
+    given = (label_column, feature_columns, channels, image_size) != (None, None, None, None)
+    dopts = _data_options(label_column, feature_columns, channels, image_size) if given else None
     rep.result(calibrate_bias(model, out, data=data, teacher=teacher, transfer=transfer,
                               target=target, classes=_ints(classes, "--classes"),
-                              eval_data=eval_data, force=force, reporter=rep))
+                              eval_data=eval_data, force=force, reporter=rep,
+                              data_options=dopts))
 
 
 @command("sweep", "kdcli sweep teacher.safetensors --T 1,2,2.5,4,8,20 --hidden 30,300 --seeds 0,1")
@@ -390,6 +461,10 @@ def sweep_cmd(
     out_dir: Annotated[Path, typer.Option(help="Folder for everything the sweep writes (finished points are kept).")] = Path("sweep"),
     force: Annotated[bool, typer.Option("--force", "-f", help="Start afresh: delete what an earlier sweep left in --out-dir.")] = False,
     device: TrainDeviceOpt = "cpu",
+    label_column: LabelColumnOpt = None,
+    feature_columns: FeatureColumnsOpt = None,
+    channels: ChannelsOpt = None,
+    image_size: ImageSizeOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -401,7 +476,9 @@ def sweep_cmd(
                      layers=layers, data=data, alpha=alpha, epochs=epochs, lr=lr, warmup=warmup,
                      batch_size=batch_size, precision=precision,
                      seeds=_ints(seeds, "--seeds") or [], eval_data=eval_data,
-                     out_dir=out_dir, force=force, device=device, reporter=rep))
+                     out_dir=out_dir, force=force, device=device, reporter=rep,
+                     data_options=_data_options(label_column, feature_columns, channels,
+                                                image_size)))
 
 
 @command("inspect", "kdcli inspect transfer.safetensors")

@@ -1,13 +1,20 @@
 """Data sources: the one place that turns a ``--data`` string into tensors.
 
-Accepted specs (any of them may end in a slice such as ``[:1000]`` or ``[5000:6000]``):
+Sources are a table (:data:`SOURCES`): each entry names one spec pattern or file kind and
+returns the same :class:`Data`. Accepted specs (any may end in a slice such as ``[:1000]``):
 
 * ``mnist`` / ``mnist:train`` / ``mnist:test``: the MNIST copy bundled with kdcli.
 * a folder holding the four standard MNIST IDX files, optionally with ``:train``/``:test``.
+* an image folder: ``DIR/CLASS/*.png`` (labelled, classes in sorted order like torchvision's
+  ``ImageFolder``) or a flat folder of images (unlabelled); see :mod:`kdcli.images`.
+* a table: ``.csv``, ``.tsv`` (optionally ``.gz``) or ``.parquet``; see :mod:`kdcli.tables`.
 * an IDX images file (``*-images-idx3-ubyte`` or ``.gz``); its labels file is found by
   the standard name (``images-idx3`` -> ``labels-idx1``) when present.
 * ``.npz`` / ``.safetensors`` holding ``inputs`` (any shape) and optional integer ``labels``,
   or ``.npy`` holding inputs only. A kdcli transfer set works as a data source too.
+
+How tables and image folders are read (label and feature columns, channels, image size) is
+one :class:`DataOptions`, taken by every command that reads data.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import functools
 import gzip
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,20 +43,82 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 _SLICE = re.compile(r"^(?P<base>.*)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
 
 
+@dataclass(frozen=True)
+class DataOptions:
+    """How a table or an image folder becomes examples (other sources ignore these).
+
+    Attributes:
+        label_column: A table's label column. None: ``label`` when the table has one, else
+            unlabelled; ``"none"``: unlabelled even if there is one.
+        feature_columns: A table's feature columns, in order (None: every other numeric
+            column).
+        channels: Images as 1 (grayscale) or 3 (RGB) channels (None: RGB if any image is in
+            colour, else grayscale).
+        image_size: ``(H, W)`` to resize every image to (None: the images must share a size).
+    """
+
+    label_column: str | None = None
+    feature_columns: tuple[str, ...] | None = None
+    channels: int | None = None
+    image_size: tuple[int, int] | None = None
+
+    def check(self) -> None:
+        """Raise UsageError for values no source can take."""
+        from kdcli.errors import UsageError
+
+        if self.channels not in (None, 1, 3):
+            raise UsageError(f"--channels must be 1 or 3, got {self.channels}",
+                             "Use --channels 1 (grayscale) or 3 (RGB)")
+        if self.image_size is not None and (len(self.image_size) != 2
+                                            or min(self.image_size) <= 0):
+            raise UsageError(f"--image-size must be two positive numbers H,W, got "
+                             f"{self.image_size}", "Try --image-size 32,32")
+        if self.feature_columns is not None and not self.feature_columns:
+            raise UsageError("--feature-columns is empty", "Name at least one column")
+
+    def recorded(self) -> dict[str, Any]:
+        """The non-default options, as JSON-ready values (kept in output metadata)."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in self.__dict__.items() if v is not None}
+
+
+def recorded_options(explicit: DataOptions | None, training: dict[str, Any]) -> DataOptions:
+    """``explicit`` if given, else the data options a model file's training record keeps."""
+    if explicit is not None:
+        return explicit
+    rec = training.get("data_options") or {}
+    try:
+        return DataOptions(
+            label_column=rec.get("label_column"),
+            feature_columns=tuple(rec["feature_columns"]) if rec.get("feature_columns") else None,
+            channels=rec.get("channels"),
+            image_size=tuple(rec["image_size"]) if rec.get("image_size") else None)
+    except (AttributeError, TypeError) as e:
+        raise DataError(f"bad data_options {rec!r} in the model file",
+                        "Pass the data options (--label-column, ...) explicitly") from e
+
+
 @dataclass
 class Data:
     """A labelled or unlabelled set of examples held in memory as tensors.
 
     Attributes:
-        inputs: ``[N, *sample_shape]`` in the dtype the source stores (uint8 for MNIST).
+        inputs: ``[N, *sample_shape]`` in the dtype the source stores (uint8 for MNIST and
+            images: ``[N, H, W]`` grayscale, ``[N, C, H, W]`` colour; float32 for tables).
         labels: ``[N]`` int64 class indices, or None.
         source: The spec this was loaded from, recorded in output metadata.
+        files: Memory-mapped files the inputs live in.
+        class_names: Names of classes 0..C-1 (folder names or a label column's strings),
+            or None for numeric labels.
+        feature_names: A table's feature column names, or None.
     """
 
     inputs: torch.Tensor
     labels: torch.Tensor | None
     source: str
-    files: list = field(default_factory=list)  # memory-mapped files the inputs live in
+    files: list = field(default_factory=list)
+    class_names: list[str] | None = None
+    feature_names: list[str] | None = None
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -75,12 +145,41 @@ class Data:
             f.release()
 
 
-def load_data(spec: str, limit: int | None = None) -> Data:
+@dataclass
+class Loaded:
+    """What a source entry returns: inputs (a numpy array, or ``(tensor, MappedFile)`` when
+    memory-mapped), labels (numpy, tensor or None) and optional names."""
+
+    inputs: Any
+    labels: Any = None
+    class_names: list[str] | None = None
+    feature_names: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    """One entry of the data-source table.
+
+    Attributes:
+        name: What the entry reads (shown in errors and docs).
+        matches: ``(name, path, split)`` -> whether this entry reads the spec; ``path`` is
+            None for a name that is not a path (``mnist``).
+        load: ``(path_or_name, split, options)`` -> :class:`Loaded`.
+    """
+
+    name: str
+    matches: Callable[[str, Path | None, str], bool]
+    load: Callable[[Any, str, DataOptions], Loaded]
+
+
+def load_data(spec: str, limit: int | None = None,
+              options: DataOptions | None = None) -> Data:
     """Load a data source.
 
     Args:
         spec: A data spec (see the module docstring).
         limit: Keep only the first ``limit`` examples (after any slice).
+        options: How tables and image folders are read (default: :class:`DataOptions`).
 
     Returns:
         The validated data.
@@ -90,9 +189,12 @@ def load_data(spec: str, limit: int | None = None) -> Data:
     """
     import torch
 
+    opts = options or DataOptions()
+    opts.check()
     spec = spec.strip()
     base, sl = _split_slice(spec)
-    inputs, labels = _load_arrays(base)
+    got = _load_arrays(base, opts)
+    inputs, labels = got.inputs, got.labels
     files = []
     if isinstance(inputs, tuple):  # memory-mapped: (tensor, MappedFile)
         inputs_t, mapped = inputs
@@ -114,9 +216,30 @@ def load_data(spec: str, limit: int | None = None) -> Data:
         inputs_t = inputs_t[:limit]
         labels_t = None if labels_t is None else labels_t[:limit]
     data = Data(inputs_t if inputs_t.is_contiguous() else inputs_t.contiguous(), labels_t,
-                spec if limit is None else f"{spec}[:{limit}]", files)
+                spec if limit is None else f"{spec}[:{limit}]", files,
+                got.class_names, got.feature_names)
     validate(data)
     return data
+
+
+def check_same_classes(a: list[str] | None, a_source: str, b: list[str] | None,
+                       b_source: str) -> None:
+    """Refuse two sets of class names that differ (say, train and test folders).
+
+    Numeric labels (None on either side) are not compared.
+
+    Raises:
+        DataError: naming both sources and the classes only one of them has.
+    """
+    if a is None or b is None or list(a) == list(b):
+        return
+    only_a = [c for c in a if c not in b][:3]
+    only_b = [c for c in b if c not in a][:3]
+    what = (f"{a_source} has {only_a} that {b_source} lacks" if only_a else
+            f"{b_source} has {only_b} that {a_source} lacks" if only_b else
+            f"the same classes in another order ({a[:3]}... vs {b[:3]}...)")
+    raise DataError(f"classes differ between {a_source} and {b_source}: {what}",
+                    "Give both the same class folders (or label values)")
 
 
 def validate(data: Data) -> None:
@@ -162,32 +285,89 @@ def _split_slice(spec: str) -> tuple[str, slice | None]:
     return m["base"], slice(start, stop)
 
 
-def _load_arrays(base: str) -> tuple[Any, Any]:
-    """Inputs (a numpy array, or ``(tensor, MappedFile)`` when memory-mapped) and labels."""
+def _is_mnist(name: str, path: Path | None, split: str) -> bool:
+    return path is None and name == "mnist"
+
+
+def _is_idx_folder(name: str, path: Path | None, split: str) -> bool:
+    return path is not None and path.is_dir() and any(
+        _find(path, f) is not None for pair in MNIST_FILES.values() for f in pair)
+
+
+def _is_dir(name: str, path: Path | None, split: str) -> bool:
+    return path is not None and path.is_dir()
+
+
+def _suffix(path: Path) -> str:
+    return "".join(path.suffixes[-2:]).lower() if path.suffix == ".gz" else path.suffix.lower()
+
+
+def _has_suffix(*suffixes: str) -> Callable[[str, Path | None, str], bool]:
+    return lambda name, path, split: path is not None and _suffix(path) in suffixes
+
+
+def _is_idx_file(name: str, path: Path | None, split: str) -> bool:
+    return path is not None and ("idx" in path.name or _looks_like_idx(path))
+
+
+def _read_mnist(name: str, split: str, opts: DataOptions) -> Loaded:
+    check_bundled_mnist()
+    return Loaded(*_load_idx_split(MNIST_DIR, split or "train", "mnist"))
+
+
+def _read_table(path: Path, split: str, opts: DataOptions) -> Loaded:
+    from kdcli.tables import load_table
+
+    t = load_table(path, opts)
+    return Loaded(t.inputs, t.labels, t.class_names, t.feature_names)
+
+
+def _read_images(path: Path, split: str, opts: DataOptions) -> Loaded:
+    from kdcli.images import load_image_folder
+
+    f = load_image_folder(path, opts)
+    return Loaded(f.inputs, f.labels, f.class_names)
+
+
+# The data-source table: the first entry whose ``matches`` accepts a spec reads it. A new
+# source is one entry here (and its tests).
+SOURCES: list[Source] = [
+    Source("bundled MNIST", _is_mnist, _read_mnist),
+    Source("MNIST IDX folder",
+           _is_idx_folder, lambda p, split, o: Loaded(*_load_idx_split(p, split or "train",
+                                                                       str(p)))),
+    Source("image folder", _is_dir, _read_images),
+    Source("numpy .npz/.npy", _has_suffix(".npz", ".npy"),
+           lambda p, split, o: Loaded(*_load_numpy(p))),
+    Source("safetensors", _has_suffix(".safetensors"),
+           lambda p, split, o: Loaded(*_load_safetensors(p))),
+    Source("CSV/TSV table", _has_suffix(".csv", ".tsv", ".csv.gz", ".tsv.gz"), _read_table),
+    Source("Parquet table", _has_suffix(".parquet", ".pq"), _read_table),
+    Source("IDX file", _is_idx_file, lambda p, split, o: Loaded(*_load_idx_pair(p))),
+]
+
+
+def _load_arrays(base: str, opts: DataOptions) -> Loaded:
+    """Find the table entry that reads ``base`` and run it."""
     name, _, split = base.partition(":")
-    if name == "mnist":
-        check_bundled_mnist()
-        return _load_idx_split(MNIST_DIR, split or "train", "mnist")
-    path = Path(name)
-    if split and split not in MNIST_FILES:
-        # A colon that is not a split (a Windows drive, say): treat the whole as a path.
-        path, split = Path(base), ""
-    if not path.exists():
-        raise DataError(f"data source {base!r} does not exist",
-                        "Use mnist, mnist:test, or a path to IDX/.npz/.npy/.safetensors data")
-    if path.is_dir():
-        return _load_idx_split(path, split or "train", str(path))
-    if path.stat().st_size == 0:
-        raise DataError(f"data file {path} is empty", "Check the file")
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    if suffix in (".npz", ".npy"):
-        return _load_numpy(path)
-    if suffix == ".safetensors":
-        return _load_safetensors(path)
-    if "idx" in path.name or _looks_like_idx(path):
-        return _load_idx_pair(path)
+    path: Path | None = None
+    if name != "mnist":
+        path = Path(name)
+        if split and split not in MNIST_FILES:
+            # A colon that is not a split (a Windows drive, say): treat the whole as a path.
+            path, split = Path(base), ""
+        if not path.exists():
+            raise DataError(f"data source {base!r} does not exist",
+                            "Use mnist, mnist:test, or a path to an image folder, a table "
+                            "(.csv/.tsv/.parquet) or IDX/.npz/.npy/.safetensors data")
+        if path.is_file() and path.stat().st_size == 0:
+            raise DataError(f"data file {path} is empty", "Check the file")
+    for source in SOURCES:
+        if source.matches(name, path, split):
+            return source.load(path if path is not None else name, split, opts)
     raise DataError(f"unknown data format for {path}",
-                    "Use IDX (optionally .gz), .npz, .npy or .safetensors")
+                    "Use an image folder, .csv/.tsv/.parquet, IDX (optionally .gz), .npz, "
+                    ".npy or .safetensors")
 
 
 @functools.cache

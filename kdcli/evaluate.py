@@ -12,6 +12,8 @@ from kdcli.output import Reporter
 if TYPE_CHECKING:
     import torch
 
+    from kdcli.data import DataOptions
+
 
 def predict(fn: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
             batch_size: int = 1000) -> torch.Tensor:
@@ -55,7 +57,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,
 
 def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int | None = None,
              batch_size: int = 1000, trust_pickle: bool = False,
-             reporter: Reporter | None = None) -> dict[str, Any]:
+             reporter: Reporter | None = None,
+             data_options: DataOptions | None = None) -> dict[str, Any]:
     """Evaluate one or more models (any teacher format) on labelled data.
 
     Args:
@@ -65,11 +68,13 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
         batch_size: Examples per forward pass.
         trust_pickle: Allow pickled modules (runs code from the file).
         reporter: Output sink.
+        data_options: How a table or image folder given as ``data`` is read.
 
     Returns:
-        ``{"models": [...metrics...], "agreement": [[...]]}``.
+        ``{"models": [...metrics...], "agreement": [[...]], "class_names": [...] | None}``.
     """
-    from kdcli.data import load_data
+    from kdcli.data import check_same_classes, load_data
+    from kdcli.models import file_class_names
     from kdcli.teachers import TeacherOptions, load_teacher
 
     rep = reporter or Reporter()
@@ -77,9 +82,14 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
         raise UsageError("no model given", "Name at least one model file")
     if batch_size <= 0:
         raise UsageError(f"--batch-size must be positive, got {batch_size}", "Try 1000")
-    ds = load_data(data, limit=limit)
+    ds = load_data(data, limit=limit, options=data_options)
     if ds.labels is None:
         raise DataError(f"{ds.source} has no labels", "Evaluate on labelled data, e.g. mnist:test")
+    class_names = ds.class_names
+    for path in models:
+        theirs = file_class_names(path)
+        check_same_classes(theirs, Path(path).name, ds.class_names, ds.source)
+        class_names = class_names or theirs
     results, preds = [], []
     for path in models:
         t = load_teacher(path, TeacherOptions(trust_pickle=trust_pickle), role="model")
@@ -100,12 +110,16 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
               [[Path(r["model"]).name, r["errors"], f"{100 * r['accuracy']:.2f}%", r["nll"],
                 r["ece"], r["params"] if r["params"] is not None else "-",
                 _human_bytes(r["file_bytes"])] for r in results])
+    if class_names:
+        rep.info(f"classes: {', '.join(f'{i} {n}' for i, n in enumerate(class_names[:20]))}"
+                 + (f", ... ({len(class_names)} in all)" if len(class_names) > 20 else ""))
     if len(models) > 1:
         names = [Path(str(p)).name for p in models]
         rep.table("Top-1 agreement", ["", *names],
                   [[names[i], *(f"{100 * a:.2f}%" for a in row)]
                    for i, row in enumerate(agreement)])
-    return {"data": ds.source, "models": results, "agreement": agreement}
+    return {"data": ds.source, "models": results, "agreement": agreement,
+            "class_names": class_names}
 
 
 def _param_count(t) -> int | None:
@@ -115,8 +129,10 @@ def _param_count(t) -> int | None:
         from onnx import numpy_helper
 
         m = onnx.load(str(t.path))
-        arrays = (numpy_helper.to_array(i) for i in m.graph.initializer)
-        # Learned tensors only: not scalar constants (scale, mean, std) or integer shapes.
+        arrays = (numpy_helper.to_array(i) for i in m.graph.initializer
+                  if "raw_mean" not in i.name and "raw_std" not in i.name)
+        # Learned tensors only: not the preprocessing's constants (scale, mean, std, also
+        # per channel or feature) or integer shapes.
         return int(sum(a.size for a in arrays if a.ndim >= 1 and a.dtype.kind == "f"))
     if runner_model is not None and hasattr(runner_model, "parameters"):
         return sum(p.numel() for p in runner_model.parameters())

@@ -18,12 +18,15 @@ import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kdcli import __version__
 from kdcli.errors import ExportError, FormatError, UsageError
 from kdcli.files import atomic_output, check_output, require_file
 from kdcli.output import Reporter
+
+if TYPE_CHECKING:
+    from kdcli.data import DataOptions
 
 OUTPUT_MODES = {"logits": ["logits"], "probs": ["probabilities"],
                 "both": ["logits", "probabilities"]}
@@ -33,7 +36,8 @@ def main_export(model: str | Path = "student.safetensors", output: str | Path = 
                 *, opset: int | None = None, outputs: str = "logits", batch: str = "dynamic",
                 atol: float = 1e-4, data: str | None = None, check_examples: int = 1000,
                 force: bool = False, verbose: bool = False,
-                reporter: Reporter | None = None) -> dict[str, Any]:
+                reporter: Reporter | None = None,
+                data_options: DataOptions | None = None) -> dict[str, Any]:
     """Export a kdcli model file to ONNX and verify it.
 
     Args:
@@ -48,6 +52,8 @@ def main_export(model: str | Path = "student.safetensors", output: str | Path = 
         force: Overwrite ``output``.
         verbose: Show the exporter's own messages and warnings.
         reporter: Output sink.
+        data_options: How a table or image folder is read for the check (default: as the
+            model file records).
 
     Returns:
         The verification report: max difference, agreement, size, opset, op counts.
@@ -72,7 +78,7 @@ def main_export(model: str | Path = "student.safetensors", output: str | Path = 
     except FormatError as e:
         raise FormatError(f"{e.message}; kdcli export takes a kdcli model file",
                           "Train one with kdcli train or kdcli train-student") from e
-    x_check = _check_inputs(mf, data, fixed, check_examples)
+    x_check = _check_inputs(mf, data, fixed, check_examples, data_options)
     start = time.perf_counter()
     with atomic_output(output, force) as tmp:
         log = _to_onnx(mf.model, OUTPUT_MODES[outputs], list(mf.preprocessing.raw_shape),
@@ -107,17 +113,19 @@ def _parse_batch(batch: str | int) -> int | None:
     return n
 
 
-def _check_inputs(mf, data: str | None, fixed: int | None, count: int):
+def _check_inputs(mf, data: str | None, fixed: int | None, count: int,
+                  data_options: DataOptions | None = None):
     """Real raw inputs for the check, as float32 ``[n, *raw_shape]``."""
     import torch
 
-    from kdcli.data import load_data
+    from kdcli.data import load_data, recorded_options
 
     spec = data or mf.training.get("test_data") or mf.training.get("data")
     if not spec:
         raise UsageError("the model records no data source to check the export on",
                          "Pass --data with examples the model takes")
-    ds = load_data(spec, limit=max(count, fixed or 0))
+    ds = load_data(spec, limit=max(count, fixed or 0),
+                   options=recorded_options(data_options, mf.training))
     x = ds.inputs.float()
     if list(x.shape[1:]) != list(mf.preprocessing.raw_shape):
         raise UsageError(f"--data examples have shape {list(x.shape[1:])}, but the model takes "
@@ -182,6 +190,10 @@ def _set_metadata(proto, mf, outputs: str) -> None:
         "outputs": outputs,
         "training": json.dumps(_training_summary(mf.training), default=float),
     }
+    if mf.class_names is not None:
+        props["class_names"] = json.dumps(mf.class_names)
+    if mf.feature_names is not None:
+        props["feature_names"] = json.dumps(mf.feature_names)
     del proto.metadata_props[:]
     for k, v in props.items():
         entry = proto.metadata_props.add()

@@ -94,7 +94,12 @@ def _inspect_transfer(p: Path, rep: Reporter) -> dict[str, Any]:
         "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
                     for k, v in ts.columns.items()},
         "mean_entropy_nats": entropy / n, "dark_knowledge": dark,
+        "class_names": ts.meta.get("class_names"), "feature_names": ts.meta.get("feature_names"),
     }
+    names = info["class_names"]
+    for d in dark:
+        if names:
+            d["class_name"], d["closest_name"] = names[d["class"]], names[d["closest"]]
     form = "dense" if ts.storage == "dense" else f"top-{ts.top_k} ({ts.meta.get('targets_dtype')})"
     rows = [[k, _short(info[k])] for k in ("format", "format_version", "T", "examples",
                                            "classes")]
@@ -104,7 +109,8 @@ def _inspect_transfer(p: Path, rep: Reporter) -> dict[str, Any]:
     if ts.storage == "top-k":
         rows.append(["mean tail mass", f"{info['mean_tail_mass']:.4g}"])
     rows += [[k, _short(info[k])] for k in ("combine", "weights", "data_source", "created",
-                                            "kdcli_version", "mean_entropy_nats")]
+                                            "kdcli_version", "mean_entropy_nats",
+                                            "class_names", "feature_names") if info[k]]
     rep.table(f"Transfer set {p.name}", ["", "value"], rows)
     rep.table("Teachers", ["file", "format", "output", "sha256"],
               [[t.get("file"), t.get("format"), t.get("output"), str(t.get("sha256"))[:12]]
@@ -114,7 +120,8 @@ def _inspect_transfer(p: Path, rep: Reporter) -> dict[str, Any]:
     if with_dark:
         rep.table("Dark knowledge: each class's most probable other class (mean soft target)",
                   ["class", "examples", "closest", "soft prob"],
-                  [[d["class"], d["examples"], d["closest"], d["soft_prob"]] for d in dark])
+                  [[d.get("class_name", d["class"]), d["examples"],
+                    d.get("closest_name", d["closest"]), d["soft_prob"]] for d in dark])
     else:
         rep.info(f"(the dark-knowledge table is shown for up to {MAX_DARK_CLASSES} classes)")
     return info
@@ -132,9 +139,11 @@ def _inspect_model(p: Path, rep: Reporter) -> dict[str, Any]:
             "preprocessing": asdict(mf.preprocessing), "classes": mf.num_classes,
             "params": count_params(mf.model), "training": mf.training,
             "created": mf.metadata.get("created"),
-            "kdcli_version": mf.metadata.get("kdcli_version")}
+            "kdcli_version": mf.metadata.get("kdcli_version"),
+            "class_names": mf.class_names, "feature_names": mf.feature_names}
     rows = [[k, _short(info[k])] for k in ("format", "format_version", "architecture",
-                                           "params", "classes", "preprocessing", "created")]
+                                           "params", "classes", "class_names", "feature_names",
+                                           "preprocessing", "created") if info[k] is not None]
     rows += [[f"training.{k}", _short(v)] for k, v in mf.training.items()
              if k not in ("teachers",)]
     rep.table(f"Model {p.name}", ["", "value"], rows)
@@ -147,6 +156,7 @@ def _inspect_onnx(p: Path, rep: Reporter) -> dict[str, Any]:
     proto = onnx.load(str(p))
     props = {e.key: e.value for e in proto.metadata_props}
     info = {"file": str(p), "kind": "onnx", "metadata": props,
+            "class_names": json.loads(props["class_names"]) if "class_names" in props else None,
             "opset": [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")],
             "inputs": [i.name for i in proto.graph.input],
             "outputs": [o.name for o in proto.graph.output], "nodes": len(proto.graph.node)}

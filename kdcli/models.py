@@ -22,7 +22,64 @@ if TYPE_CHECKING:
     from torch import nn
 
 MODEL_FORMAT = "kdcli.model"
-MODEL_FORMAT_VERSION = 1
+# Version 2 adds per-channel and per-feature mean/std (lists). A file is written with the
+# oldest version that describes it: 1 when its mean and std are single numbers.
+MODEL_FORMAT_VERSION = 2
+
+# How Preprocessing.fit standardizes: auto picks by the shape of one example (see
+# normalize_by); scalar: one mean and std; channel: one per channel of [C, H, W] images;
+# feature: one per input value (per column of an [N, F] table).
+NORMALIZE_BY = ("auto", "scalar", "channel", "feature")
+_FIT_ROWS = 20000  # examples the scalar statistics are fitted on (as ever)
+_FIT_ROWS_PER = 100000  # examples per-channel and per-feature statistics are fitted on
+
+
+def normalize_by(rule: str, raw_shape: list[int] | tuple[int, ...]) -> str:
+    """Resolve a ``--normalize-by`` rule for examples of ``raw_shape``.
+
+    ``auto``: ``[F]`` (a table row) -> ``feature``; ``[C, H, W]`` (colour images) ->
+    ``channel``; anything else (``[H, W]`` grayscale images, ...) -> ``scalar``.
+
+    Raises:
+        UsageError: an unknown rule, or ``channel`` for examples that are not ``[C, H, W]``.
+    """
+    if rule not in NORMALIZE_BY:
+        raise UsageError(f"unknown --normalize-by {rule!r}",
+                         f"Use one of {', '.join(NORMALIZE_BY)}")
+    if rule == "auto":
+        return "feature" if len(raw_shape) == 1 else "channel" if len(raw_shape) == 3 else "scalar"
+    if rule == "channel" and len(raw_shape) != 3:
+        raise UsageError(f"--normalize-by channel needs [C, H, W] images, but examples have "
+                         f"shape {list(raw_shape)}", "Use --normalize-by scalar or feature")
+    return rule
+
+
+def stats_shape(n: int, raw_shape: list[int] | tuple[int, ...]) -> list[int]:
+    """The shape that ``n`` mean or std values take to broadcast over one raw example.
+
+    One value per input value (``n == prod(raw_shape)``): ``raw_shape``; one per channel of a
+    ``[C, H, W]`` example (``n == C``): ``[C, 1, 1]``; a single value: ``[]``.
+
+    Raises:
+        UsageError: ``n`` fits neither.
+    """
+    raw = list(raw_shape)
+    if n == 1:
+        return []
+    if n == math.prod(raw):
+        return raw
+    if len(raw) == 3 and n == raw[0]:
+        return [raw[0], 1, 1]
+    raise UsageError(f"{n} mean/std values do not fit examples of shape {raw}",
+                     "Give one value, one per channel of [C, H, W] images, or one per feature")
+
+
+def stats_tensor(values: float | list[float], raw_shape: list[int] | tuple[int, ...]):
+    """Mean or std values as a float32 tensor that broadcasts over ``[B, *raw_shape]``."""
+    import torch
+
+    v = values if isinstance(values, list) else [values]
+    return torch.tensor(v, dtype=torch.float32).reshape(stats_shape(len(v), raw_shape))
 
 
 @dataclass
@@ -31,32 +88,74 @@ class Preprocessing:
 
     Attributes:
         scale: Raw units per unit of model input (255 for 8-bit pixels).
-        mean: Mean subtracted after scaling.
-        std: Standard deviation divided by after centring.
+        mean: Mean subtracted after scaling: one number, or a list (one per channel of
+            ``[C, H, W]`` images, or one per input value, as :func:`stats_shape` says).
+        std: Standard deviation divided by after centring (a number or a list, like mean).
         raw_shape: Shape of one raw example, e.g. ``[28, 28]``.
         units: Human-readable description of the raw units.
     """
 
     scale: float = 1.0
-    mean: float = 0.0
-    std: float = 1.0
+    mean: float | list[float] = 0.0
+    std: float | list[float] = 1.0
     raw_shape: list[int] = field(default_factory=list)
     units: str = "raw"
 
     @classmethod
-    def fit(cls, inputs: torch.Tensor, normalize: bool = True) -> Preprocessing:
+    def fit(cls, inputs: torch.Tensor, normalize: bool = True,
+            by: str = "auto") -> Preprocessing:
         """Derive preprocessing from training inputs: scale by dtype (8-bit to [0, 1]), then,
-        with ``normalize``, zero mean and unit variance from the data."""
+        with ``normalize``, zero mean and unit variance from the data, per ``by`` (see
+        :func:`normalize_by`). A constant input (std 0) gets std 1, never inf."""
         import torch
 
         scale = 255.0 if inputs.dtype == torch.uint8 else 1.0
         units = "pixel values 0-255" if inputs.dtype == torch.uint8 else f"{inputs.dtype}"
+        raw = list(inputs.shape[1:])
         if not normalize:
-            return cls(scale, 0.0, 1.0, list(inputs.shape[1:]), units)
-        sample = inputs[: min(len(inputs), 20000)].float() / scale
-        mean, std = float(sample.mean()), float(sample.std())
-        return cls(scale, round(mean, 4), round(std if std > 0 else 1.0, 4),
-                   list(inputs.shape[1:]), units)
+            return cls(scale, 0.0, 1.0, raw, units)
+        rule = normalize_by(by, raw)
+        if rule == "scalar":
+            sample = inputs[: min(len(inputs), _FIT_ROWS)].float() / scale
+            mean, std = float(sample.mean()), float(sample.std())
+            return cls(scale, round(mean, 4), round(std if std > 0 else 1.0, 4), raw, units)
+        mean_t, std_t = _moments(inputs[:_FIT_ROWS_PER], scale, rule == "channel")
+        return cls(scale, mean_t.tolist(), std_t.tolist(), raw, units)
+
+    @property
+    def per_value(self) -> bool:
+        """Whether mean or std is a list (per channel or per feature)."""
+        return isinstance(self.mean, list) or isinstance(self.std, list)
+
+    def check(self) -> None:
+        """Raise UsageError if the statistics do not fit ``raw_shape`` or a std is not > 0."""
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            values = v if isinstance(v, list) else [v]
+            stats_shape(len(values), self.raw_shape)
+            if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in values):
+                raise UsageError(f"preprocessing {name} holds a non-finite value",
+                                 "Give finite numbers")
+            if name == "std" and not all(x > 0 for x in values):
+                raise UsageError("preprocessing std must be positive", "Give std values > 0")
+
+
+def _moments(inputs: torch.Tensor, scale: float, per_channel: bool):
+    """Float32 mean and population std per channel (``[N, C, ...]``) or per input value,
+    accumulated in float64 a chunk at a time; a std of 0 becomes 1."""
+    import torch
+
+    total = sq = None
+    for a in range(0, len(inputs), 4096):
+        x = inputs[a:a + 4096].double() / scale
+        x = x.transpose(0, 1).reshape(x.shape[1], -1).T if per_channel else x.reshape(len(x), -1)
+        s, q = x.sum(0), (x * x).sum(0)
+        total, sq = (s, q) if total is None else (total + s, sq + q)
+    n = inputs.shape[0] * (math.prod(inputs.shape[2:]) if per_channel else 1)
+    mean = total / n
+    std = (sq / n - mean * mean).clamp_min(0).sqrt().float()
+    std = torch.where(torch.isfinite(std) & (std > 0), std, torch.ones_like(std))
+    return mean.float(), std
 
 
 @dataclass
@@ -146,18 +245,30 @@ def _preprocess_module(pre: Preprocessing, in_shape: list[int]) -> nn.Module:
     from torch import nn
 
     class Preprocess(nn.Module):
-        """Raw inputs ``[B, *raw_shape]`` -> float32 network inputs ``[B, *in_shape]``."""
+        """Raw inputs ``[B, *raw_shape]`` -> float32 network inputs ``[B, *in_shape]``.
+
+        Per-channel or per-feature statistics are buffers (``raw_mean``, ``raw_std``) that
+        are not saved with the weights: the model file's metadata holds them.
+        """
 
         def __init__(self) -> None:
             super().__init__()
             self.scale, self.mean, self.std = pre.scale, pre.mean, pre.std
             self.in_shape = list(in_shape)
+            self.per_value = pre.per_value
+            if self.per_value:
+                self.register_buffer("raw_mean", stats_tensor(pre.mean, pre.raw_shape),
+                                     persistent=False)
+                self.register_buffer("raw_std", stats_tensor(pre.std, pre.raw_shape),
+                                     persistent=False)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = x.float()
             if self.scale != 1.0:
                 x = x / self.scale
-            if self.mean != 0.0 or self.std != 1.0:
+            if self.per_value:
+                x = (x - self.raw_mean) / self.raw_std
+            elif self.mean != 0.0 or self.std != 1.0:
                 x = (x - self.mean) / self.std
             return x.reshape([x.shape[0], *self.in_shape])
 
@@ -254,19 +365,25 @@ class ModelFile:
     num_classes: int
     training: dict[str, Any]
     metadata: dict[str, str]
+    class_names: list[str] | None = None
+    feature_names: list[str] | None = None
 
 
 def save_model(path: str | Path, model: nn.Module, arch: Architecture, pre: Preprocessing,
-               num_classes: int, training: dict[str, Any]) -> None:
-    """Write a kdcli model file (``format: kdcli.model``, version 1) at ``path``.
+               num_classes: int, training: dict[str, Any], *,
+               class_names: list[str] | None = None,
+               feature_names: list[str] | None = None) -> None:
+    """Write a kdcli model file (``format: kdcli.model``) at ``path``.
 
+    The version is the oldest that describes the file: 2 with per-channel or per-feature
+    statistics, else 1. ``class_names`` and ``feature_names`` are kept when given.
     The caller is responsible for atomicity (see :func:`kdcli.files.atomic_output`).
     """
     from safetensors.torch import save_file
 
     meta = {
         "format": MODEL_FORMAT,
-        "format_version": str(MODEL_FORMAT_VERSION),
+        "format_version": str(MODEL_FORMAT_VERSION if pre.per_value else 1),
         "kdcli_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "architecture": json.dumps(asdict(arch)),
@@ -274,6 +391,10 @@ def save_model(path: str | Path, model: nn.Module, arch: Architecture, pre: Prep
         "num_classes": str(num_classes),
         "training": json.dumps(training, default=float),
     }
+    if class_names is not None:
+        meta["class_names"] = json.dumps(list(class_names))
+    if feature_names is not None:
+        meta["feature_names"] = json.dumps(list(feature_names))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata=meta)
 
@@ -332,8 +453,13 @@ def load_model(path: str | Path) -> ModelFile:
         pre = Preprocessing(**json.loads(meta["preprocessing"]))
         num_classes = int(meta["num_classes"])
         training = json.loads(meta.get("training", "{}"))
-    except (KeyError, TypeError, ValueError) as e:
-        raise FormatError(f"{p} has bad kdcli.model metadata ({e})", "Regenerate the file") from e
+        class_names = _names(meta, "class_names", num_classes)
+        feature_names = _names(meta, "feature_names", None)
+        pre.check()
+    except (KeyError, TypeError, ValueError, UsageError) as e:
+        why = e.message if isinstance(e, UsageError) else e
+        raise FormatError(f"{p} has bad kdcli.model metadata ({why})",
+                          "Regenerate the file") from e
     model = build_model(arch, pre, num_classes)
     try:
         state = load_file(str(p))
@@ -343,4 +469,34 @@ def load_model(path: str | Path) -> ModelFile:
         raise FormatError(f"{p} has tensors that do not fit its architecture: {first}",
                           "The file is damaged; regenerate it") from e
     model.eval()
-    return ModelFile(model, arch, pre, num_classes, training, meta)
+    return ModelFile(model, arch, pre, num_classes, training, meta, class_names, feature_names)
+
+
+def _names(meta: dict[str, str], key: str, count: int | None) -> list[str] | None:
+    """A JSON list of strings from the metadata (``count`` long if given), or None."""
+    if key not in meta:
+        return None
+    names = json.loads(meta[key])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{key} is not a list of strings")
+    if count is not None and len(names) != count:
+        raise ValueError(f"{len(names)} {key} for {count} classes")
+    return names
+
+
+def file_class_names(path: str | Path) -> list[str] | None:
+    """The ``class_names`` a kdcli model file or an ONNX export records, or None."""
+    p = Path(path)
+    meta = read_safetensors_metadata(p)
+    if meta is None and p.suffix.lower() == ".onnx":
+        import onnx
+
+        try:
+            proto = onnx.load(str(p), load_external_data=False)
+        except Exception:  # noqa: BLE001 - not readable as ONNX: no names
+            return None
+        meta = {e.key: e.value for e in proto.metadata_props}
+    try:
+        return _names(meta or {}, "class_names", None)
+    except ValueError:
+        return None

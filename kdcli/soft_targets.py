@@ -8,7 +8,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kdcli import __version__
 from kdcli.errors import DataError, DistributedError, ModelError, OutputExistsError, UsageError
@@ -38,6 +38,9 @@ from kdcli.transfer import (
     transfer_specs,
     write_index,
 )
+
+if TYPE_CHECKING:
+    from kdcli.data import DataOptions
 
 
 def check_temperature(T: float, flag: str = "--T") -> float:
@@ -166,6 +169,7 @@ def soft_targets(
     shard_size: str | int | None = None,
     force: bool = False,
     reporter: Reporter | None = None,
+    data_options: DataOptions | None = None,
 ) -> dict[str, Any]:
     """Run one teacher or an ensemble over data and write a transfer set.
 
@@ -196,6 +200,7 @@ def soft_targets(
         shard_size: Largest shard file, e.g. ``1GB``; needs an ``.index.json`` ``out``.
         force: Overwrite ``out`` if it exists.
         reporter: Where progress and tables go (default: quiet).
+        data_options: How a table or image folder given as ``data`` is read.
 
     Returns:
         A summary: counts, per-teacher accuracy, disagreement, timing.
@@ -239,7 +244,7 @@ def soft_targets(
         check_sharded_output(out, force)
     dev = resolve_device(device)
 
-    ds = load_data(data, limit=limit)
+    ds = load_data(data, limit=limit, options=data_options)
     keep = _filter_classes(ds, classes, exclude_classes)
     source = _Source(ds, keep, copies, jitter, seed)
     n = source.n
@@ -256,6 +261,7 @@ def soft_targets(
         t.logits(probe_x)
     labels_max = None if ds.labels is None else int(ds.labels.max())
     c = _check_classes(members, labels_max)
+    class_names = _class_names(ds, members, c)
     if top_k is not None and top_k > c:
         rep.info(f"--top-k {top_k} is more than the {c} classes; storing all {c} "
                  "(the same targets as dense storage)")
@@ -285,6 +291,10 @@ def soft_targets(
             "seed": str(seed),
             "targets": "dense" if top_k is None else "top-k",
         }
+        for key, value in (("class_names", class_names), ("feature_names", ds.feature_names),
+                           ("data_options", data_options.recorded() if data_options else None)):
+            if value:
+                meta[key] = json.dumps(value)
         if top_k is not None:
             meta.update(top_k=str(top_k), targets_dtype=targets_dtype)
         writer = _RangeWriter(members, source, weights, combine, T, c, top_k,
@@ -578,6 +588,22 @@ def _check_classes(members: list[Teacher], labels_max: int | None) -> int:
         raise ModelError(f"the teacher has {c} classes, but the data has label "
                          f"{labels_max}", "Use a teacher trained on all classes")
     return c
+
+
+def _class_names(ds, members: list[Teacher], c: int) -> list[str] | None:
+    """The class names of the data, else of the teachers' files; refuse any that differ."""
+    from kdcli.data import check_same_classes
+    from kdcli.models import file_class_names
+
+    names = ds.class_names
+    for t in members:
+        theirs = file_class_names(t.path)
+        check_same_classes(names, ds.source, theirs, f"teacher {t.name}")
+        names = names or theirs
+    if names is not None and len(names) != c:
+        raise DataError(f"{ds.source} names {len(names)} classes, but the teacher has {c}",
+                        "Use a teacher trained on these classes")
+    return names
 
 
 def _check_finite(z, members: list[Teacher], start: int) -> None:

@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kdcli.errors import UsageError
 from kdcli.output import Reporter
+
+if TYPE_CHECKING:
+    from kdcli.data import DataOptions
 
 
 def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
@@ -25,7 +28,8 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
           precision: str = "fp32",
           seeds: list[int] | None = None, eval_data: str | None = "auto",
           out_dir: str | Path = "sweep", device: str = "cpu",
-          force: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
+          force: bool = False, reporter: Reporter | None = None,
+          data_options: DataOptions | None = None) -> dict[str, Any]:
     """Run the grid and return ``{"points": [...], "summary": [...], "plot": path or None}``.
 
     ``points`` has one entry per student (width, T, seed); ``summary`` one per grid point,
@@ -49,6 +53,8 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
         device: Where the students train: ``cpu``, ``cuda`` or ``auto``.
         force: Start afresh: delete what an earlier sweep left in ``out_dir``.
         reporter: Output sink.
+        data_options: How a table or image folder given as ``data`` or ``eval_data`` is
+            read.
     """
     from kdcli.files import sha256_file
     from kdcli.models import Architecture, load_model
@@ -82,7 +88,7 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
         rep.info(f"reusing {transfer}")
     else:
         soft_targets([teacher], T=temperatures[0], data=data, out=transfer,
-                     reporter=Reporter("quiet"))
+                     reporter=Reporter("quiet"), data_options=data_options)
     points = []
     # Seeds outermost: an interrupted sweep has whole grids for its first seeds.
     grid = [(h, t, s) for s in seeds for h in hidden for t in temperatures]
@@ -102,7 +108,8 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
                 # (the sweep's own file) is restarted
                 training = train_student(transfer, arch=arch, alpha=alpha, T=t, out=out,
                                          eval_data=eval_data, reporter=Reporter("quiet"),
-                                         config=config, force=True)
+                                         config=config, force=True,
+                                         data_options=data_options)
                 status = "trained"
             point = {"hidden": h, "T": t, "seed": s, "test_errors": training.get("test_errors"),
                      "file": str(out), "status": status}

@@ -52,8 +52,10 @@ class TeacherOptions:
         arch: Architecture for a bare state dict: ``mlp:1200,1200`` or ``pkg.module:factory``.
         input_shape: Per-example shape the model takes, e.g. ``[1, 28, 28]``.
         scale: Raw units are divided by this first.
-        mean: Subtracted after scaling.
-        std: Divided by after centring.
+        mean: Subtracted after scaling: one value, or a list with one per channel of
+            ``[C, H, W]`` examples or one per input value (see
+            :func:`kdcli.models.stats_shape`).
+        std: Divided by after centring (one value or a list, like ``mean``).
         output: What the model outputs: ``logits``, ``log-probs`` or ``probs``.
         output_name: Which ONNX output to use, for models with several.
         trust_pickle: Allow loading a pickled module (this runs code from the file).
@@ -62,8 +64,8 @@ class TeacherOptions:
     arch: str | None = None
     input_shape: list[int] | None = None
     scale: float | None = None
-    mean: float | None = None
-    std: float | None = None
+    mean: float | list[float] | None = None
+    std: float | list[float] | None = None
     output: str | None = None
     output_name: str | None = None
     trust_pickle: bool = False
@@ -169,8 +171,13 @@ class Teacher:
         x = raw.float()
         if pre.get("scale", 1.0) != 1.0:
             x = x / pre["scale"]
-        if pre.get("mean", 0.0) != 0.0 or pre.get("std", 1.0) != 1.0:
-            x = (x - pre.get("mean", 0.0)) / pre.get("std", 1.0)
+        mean, std = pre.get("mean", 0.0), pre.get("std", 1.0)
+        if isinstance(mean, list) or isinstance(std, list):
+            from kdcli.models import stats_tensor
+
+            x = (x - stats_tensor(mean, raw.shape[1:])) / stats_tensor(std, raw.shape[1:])
+        elif mean != 0.0 or std != 1.0:
+            x = (x - mean) / std
         shape = self.input_shape or list(raw.shape[1:])
         if math.prod(shape) != math.prod(raw.shape[1:]):
             raise ModelError(

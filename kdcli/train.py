@@ -25,14 +25,21 @@ from kdcli.files import (
     data_files,
     sha256_file,
 )
-from kdcli.models import Architecture, Preprocessing, apply_max_norm, build_model, save_model
+from kdcli.models import (
+    NORMALIZE_BY,
+    Architecture,
+    Preprocessing,
+    apply_max_norm,
+    build_model,
+    save_model,
+)
 from kdcli.output import Reporter
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from kdcli.data import Data
+    from kdcli.data import Data, DataOptions
     from kdcli.transfer import Rows
 
 
@@ -59,6 +66,10 @@ class TrainConfig:
     # Epochs of linear warmup from 0 to lr, per step, before the schedule (0: none). It lets
     # a higher lr train stably where the first steps' large gradients would blow it up.
     warmup: float = 0.0
+    # How normalize standardizes: auto (by example shape: tables per feature, [C, H, W]
+    # images per channel, else one scalar), scalar, channel or feature; see
+    # kdcli.models.normalize_by.
+    normalize_by: str = "auto"
 
     def check(self) -> None:
         if self.epochs <= 0:
@@ -81,6 +92,9 @@ class TrainConfig:
         if not (math.isfinite(self.warmup) and 0 <= self.warmup <= self.epochs):
             raise UsageError(f"--warmup must be between 0 and --epochs ({self.epochs}), "
                              f"got {self.warmup:g}", "Try --warmup 1")
+        if self.normalize_by not in NORMALIZE_BY:
+            raise UsageError(f"unknown --normalize-by {self.normalize_by!r}",
+                             f"Use one of {', '.join(NORMALIZE_BY)}")
         if self.stop_after is not None and self.stop_after < 1:
             raise UsageError(f"--stop-after must be a positive epoch, got {self.stop_after}",
                              "Try --stop-after 10")
@@ -381,7 +395,8 @@ def _default_eval(eval_data: str | None, source: str) -> str | None:
 
 
 def _finish(model, arch, pre, num_classes, training, history, eval_ds, out, force, cfg,
-            reporter, title, start_time, dist: Dist) -> dict[str, Any]:
+            reporter, title, start_time, dist: Dist,
+            names: dict[str, list[str] | None] | None = None) -> dict[str, Any]:
     """Final fp32 evaluation, model file, checkpoint clean-up and the results table (the
     model file and table on rank 0 only)."""
     from kdcli.evaluate import classification_metrics, predict
@@ -410,7 +425,7 @@ def _finish(model, arch, pre, num_classes, training, history, eval_ds, out, forc
     elif not cfg.dry_run:
         with atomic_output(out, force) as tmp:
             save_model(tmp, model, arch, pre, num_classes,
-                       {k: v for k, v in summary.items() if k != "history"})
+                       {k: v for k, v in summary.items() if k != "history"}, **(names or {}))
         checkpoint_path(out).unlink(missing_ok=True)
         summary["out"] = str(out)
     shown = ("architecture", "params", "T", "alpha", "loss", "targets", "tail", "epochs",
@@ -425,7 +440,8 @@ def _finish(model, arch, pre, num_classes, training, history, eval_ds, out, forc
 def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.safetensors",
           config: TrainConfig | None = None, eval_data: str | None = "auto",
           limit: int | None = None, force: bool = False, resume: bool = False,
-          reporter: Reporter | None = None) -> dict[str, Any]:
+          reporter: Reporter | None = None,
+          data_options: DataOptions | None = None) -> dict[str, Any]:
     """Train a kdcli model on hard labels (how users make teachers and baselines).
 
     Args:
@@ -438,6 +454,8 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
         force: Overwrite ``out``.
         resume: Continue from ``out``'s checkpoint.
         reporter: Output sink.
+        data_options: How tables and image folders are read (for ``data`` and
+            ``eval_data``).
 
     Returns:
         The training summary (also stored in the model file).
@@ -445,7 +463,7 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
     import torch
     import torch.nn.functional as F
 
-    from kdcli.data import load_data
+    from kdcli.data import check_same_classes, load_data
     from kdcli.distributed import session
     from kdcli.soft_targets import resolve_device
 
@@ -456,17 +474,19 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
     if not cfg.dry_run:
         check_train_outputs(out, force, resume, data_files(data) + data_files(eval_data))
     start = time.perf_counter()
-    ds = load_data(data, limit=limit)
+    ds = load_data(data, limit=limit, options=data_options)
     if ds.labels is None:
         raise UsageError(f"{ds.source} has no labels", "kdcli train needs labelled data")
     eval_spec = _default_eval(eval_data, ds.source)
-    eval_ds = load_data(eval_spec) if eval_spec else None
+    eval_ds = load_data(eval_spec, options=data_options) if eval_spec else None
+    if eval_ds is not None:
+        check_same_classes(ds.class_names, ds.source, eval_ds.class_names, eval_ds.source)
     num_classes = max(ds.num_classes or 0, eval_ds.num_classes or 0 if eval_ds else 0)
     if cfg.jitter and len(ds.sample_shape) not in (2, 3):
         raise UsageError(f"--jitter needs image inputs, but examples have shape "
                          f"{list(ds.sample_shape)}", "Drop --jitter")
     torch.manual_seed(cfg.seed)
-    pre = Preprocessing.fit(ds.inputs, _normalize(cfg, arch))
+    pre = Preprocessing.fit(ds.inputs, _normalize(cfg, arch), cfg.normalize_by)
     model = build_model(arch, pre, num_classes)
     labels = ds.labels
 
@@ -482,9 +502,21 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
                       eval_data=eval_ds, checkpoint=None if cfg.dry_run else checkpoint_path(out),
                       fingerprint=fingerprint, resume=resume, reporter=rep, dist=dist)
         training = {"command": "train", "architecture": arch.spec(), "data": ds.source,
-                    **cfg.settings()}
+                    **_recorded(data_options), **cfg.settings()}
         return _finish(model, arch, pre, num_classes, training, history, eval_ds, out, force,
-                       cfg, rep, f"Trained {arch.spec()} on {ds.source}", start, dist)
+                       cfg, rep, f"Trained {arch.spec()} on {ds.source}", start, dist,
+                       {"class_names": ds.class_names, "feature_names": ds.feature_names})
+
+
+def _recorded(data_options: DataOptions | None) -> dict[str, Any]:
+    """``data_options`` as the model file records them (nothing for the defaults)."""
+    recorded = data_options.recorded() if data_options is not None else {}
+    return {"data_options": recorded} if recorded else {}
+
+
+def _recorded_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """The data options a transfer set records for its data (nothing for the defaults)."""
+    return {"data_options": meta["data_options"]} if meta.get("data_options") else {}
 
 
 def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Architecture,
@@ -492,7 +524,8 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
                   center: bool = True, tail: str = "student",
                   out: str | Path = "student.safetensors", config: TrainConfig | None = None,
                   eval_data: str | None = "auto", force: bool = False, resume: bool = False,
-                  reporter: Reporter | None = None) -> dict[str, Any]:
+                  reporter: Reporter | None = None,
+                  data_options: DataOptions | None = None) -> dict[str, Any]:
     """Train a student against a transfer set (Hinton et al. 2015).
 
     ``--loss kd``: ``L = alpha*CE(y, softmax(z)) + (1-alpha)*T^2*CE(p_T, softmax(z/T))``.
@@ -520,13 +553,14 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
         force: Overwrite ``out``.
         resume: Continue from ``out``'s checkpoint.
         reporter: Output sink.
+        data_options: How a table or image folder given as ``eval_data`` is read.
 
     Returns:
         The training summary (also stored in the student file).
     """
     import torch
 
-    from kdcli.data import load_data
+    from kdcli.data import check_same_classes, load_data
     from kdcli.distributed import session
     from kdcli.losses import TAIL_RULES, DistillationLoss, LogitMSELoss
     from kdcli.soft_targets import check_temperature, resolve_device
@@ -566,7 +600,11 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     teacher_pred = ts.teacher_argmax()
     labels = ts.columns["labels"] if alpha > 0 else None
     eval_spec = _default_eval(eval_data, str(ts.meta.get("data_source", "")))
-    eval_ds = load_data(eval_spec) if eval_spec else None
+    eval_ds = load_data(eval_spec, options=data_options) if eval_spec else None
+    class_names = ts.meta.get("class_names")
+    if eval_ds is not None:
+        check_same_classes(class_names, f"transfer set {Path(transfer).name}",
+                           eval_ds.class_names, eval_ds.source)
     if eval_ds is not None and eval_ds.labels is not None and (
             int(eval_ds.labels.max()) >= ts.num_classes):
         raise UsageError(f"--eval-data has labels up to {int(eval_ds.labels.max())}, but the "
@@ -576,7 +614,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
 
     torch.manual_seed(cfg.seed)
     inputs = ts.columns["inputs"]
-    pre = Preprocessing.fit(inputs, _normalize(cfg, arch))
+    pre = Preprocessing.fit(inputs, _normalize(cfg, arch), cfg.normalize_by)
     model = build_model(arch, pre, ts.num_classes)
 
     def step(z: torch.Tensor, idx: torch.Tensor):
@@ -600,6 +638,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
                 "center": center if loss == "mse" else None,
                 "targets": ts.storage if not topk else f"top-{ts.top_k}",
                 "tail": tail if topk and loss == "kd" else None, "teachers": teachers,
+                **(_recorded(data_options) or _recorded_meta(ts.meta)),
                 **{k: v for k, v in cfg.settings().items() if k != "jitter"}}
     with session(resolve_device(cfg.device)) as dist:
         history = fit(model, arch, inputs, step, ["train_loss", "hard", "soft", "agreement"],
@@ -608,4 +647,5 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
                       fingerprint=fingerprint, resume=resume, reporter=rep, dist=dist)
         return _finish(model, arch, pre, ts.num_classes, training, history, eval_ds, out,
                        force, cfg, rep, f"Distilled {arch.spec()} from {Path(transfer).name}",
-                       start, dist)
+                       start, dist, {"class_names": class_names,
+                                     "feature_names": ts.meta.get("feature_names")})

@@ -16,6 +16,14 @@ from kdcli.train import TrainConfig, train
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def image_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Decoded image folders go to a per-test cache, never the user's ~/.cache/kdcli."""
+    folder = tmp_path_factory.mktemp("kdcli-cache")
+    monkeypatch.setenv("KDCLI_CACHE", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def runner() -> CliRunner:
     return CliRunner()

@@ -1,0 +1,245 @@
+"""Image folders as a data source, read with Pillow and decoded once into a cache.
+
+Layouts:
+
+* ``DIR/CLASS/**/*.png``: labelled, like torchvision's ``ImageFolder``. Classes are the
+  sub-folder names in sorted order (class ``i`` is the ``i``-th name).
+* ``DIR/*.png`` (no sub-folders with images): unlabelled.
+
+Files ending in .png, .jpg, .jpeg, .bmp or .webp are read; other files are ignored.
+Examples are ordered by file name (numbers in names compared as numbers), then by class
+folder, so that files numbered across classes keep their numbering and a slice such as
+``[:600]`` takes from every class.
+
+Images become uint8 ``[N, H, W]`` when grayscale and ``[N, C, H, W]`` (channels first)
+when RGB. ``--channels 1|3`` forces one; by default the folder is RGB if any image is in
+colour. ``--image-size H,W`` resizes every image (bilinear); without it the images must
+share one size.
+
+The decoded array is written once to ``$KDCLI_CACHE/images/<key>/`` (default
+``~/.cache/kdcli``; never inside the data folder) as ``inputs.npy`` beside a
+``manifest.json`` that lists every file's name, size and modification time. A later load
+whose listing matches memory-maps the array instead of decoding; any added, removed,
+renamed or touched file makes it decode afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kdcli.errors import DataError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from kdcli.data import DataOptions
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+CACHE_FORMAT = "kdcli.image-cache"
+CACHE_VERSION = 1
+_GRAY_BANDS = ({"L"}, {"L", "A"}, {"1"}, {"I"}, {"F"})
+
+
+@dataclass
+class ImageFolder:
+    """A folder read as examples: ``inputs`` is ``(tensor, MappedFile)`` or a numpy array."""
+
+    inputs: Any
+    labels: np.ndarray | None
+    class_names: list[str] | None
+
+
+def cache_root() -> Path:
+    """Where decoded folders are cached: ``$KDCLI_CACHE``, else ``$XDG_CACHE_HOME/kdcli``
+    or ``~/.cache/kdcli``."""
+    if os.environ.get("KDCLI_CACHE"):
+        return Path(os.environ["KDCLI_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "kdcli"
+
+
+def load_image_folder(folder: Path, opts: DataOptions) -> ImageFolder:
+    """Read an image folder (see the module docstring), from the cache when it is current.
+
+    Raises:
+        DataError: no images; mixed sizes without ``--image-size``; an unreadable image
+            (naming the file).
+    """
+    import numpy as np
+
+    files, classes = scan(folder)
+    listing = [[str(p.relative_to(folder)), st.st_size, st.st_mtime_ns] for p, st, _ in files]
+    labels = None if classes is None else np.array([k for _, _, k in files], dtype=np.int64)
+    key = {"folder": str(folder.resolve()), "channels": opts.channels,
+           "image_size": list(opts.image_size) if opts.image_size else None}
+    cached = _read_cache(key, listing)
+    if cached is not None:
+        return ImageFolder(cached, labels, classes)
+    inputs = _decode_all(folder, [p for p, _, _ in files], opts, key, listing)
+    return ImageFolder(inputs, labels, classes)
+
+
+def scan(folder: Path) -> tuple[list[tuple[Path, os.stat_result, int]], list[str] | None]:
+    """The image files of a folder with their ``stat`` and class index, in example order,
+    and the class names (None for a flat folder)."""
+    subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    per_class = [(d.name, _images_under(d)) for d in subdirs]
+    if any(found for _, found in per_class):
+        classes = [name for name, _ in per_class]
+        files = [(p, k) for k, (_, found) in enumerate(per_class) for p in found]
+        files.sort(key=lambda pk: (_natural(pk[0].name), pk[1], _natural(str(pk[0]))))
+    else:
+        classes = None
+        files = [(p, -1) for p in sorted(_images_in(folder), key=lambda p: _natural(p.name))]
+    if not files:
+        raise DataError(f"folder {folder} holds no images ({', '.join(EXTENSIONS)})",
+                        "Use DIR/CLASS/*.png (labelled) or DIR/*.png (unlabelled)")
+    inside = folder.resolve()
+    for p, _ in files:
+        if not p.resolve().is_relative_to(inside):
+            raise DataError(f"image {p} links to {p.resolve()}, outside {folder}",
+                            "Copy the file into the folder, or remove the link")
+    return [(p, p.stat(), k) for p, k in files], classes
+
+
+def _images_in(d: Path) -> list[Path]:
+    return [p for p in d.iterdir()
+            if p.is_file() and p.suffix.lower() in EXTENSIONS and not p.name.startswith(".")]
+
+
+def _images_under(d: Path) -> list[Path]:
+    return [p for p in d.rglob("*")
+            if p.suffix.lower() in EXTENSIONS and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(d).parts)]
+
+
+def _natural(s: str) -> list[Any]:
+    """Sort key comparing runs of digits as numbers: 2.png before 10.png."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", s) if t]
+
+
+def _cache_dir(key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    return cache_root() / "images" / digest
+
+
+def _read_cache(key: dict[str, Any], listing: list[list[Any]]) -> Any:
+    """The memory-mapped inputs if the cache holds this exact listing, else None."""
+    from kdcli.storage import map_npy
+
+    d = _cache_dir(key)
+    try:
+        manifest = json.loads((d / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT
+            or manifest.get("version") != CACHE_VERSION or manifest.get("key") != key
+            or manifest.get("files") != listing):
+        return None
+    try:
+        mapped = map_npy(d / "inputs.npy")
+    except OSError:
+        return None
+    if mapped is None or mapped[0].shape[0] != len(listing):
+        return None
+    return mapped
+
+
+def _open(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(path)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read image {path}: {_first(e)}",
+                        "Replace or remove the file") from e
+
+
+def decode_image(path: Path, mode: str, size: tuple[int, int] | None) -> np.ndarray:
+    """One image as uint8 ``[H, W]`` (mode ``L``) or ``[3, H, W]`` (mode ``RGB``).
+
+    Raises:
+        DataError: the file is not a readable image (naming it).
+    """
+    import numpy as np
+    from PIL import Image
+
+    img = _open(path)
+    try:
+        with img:
+            img.load()
+            img = img.convert(mode)
+            if size is not None and img.size != (size[1], size[0]):
+                img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            a = np.asarray(img, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read image {path}: {_first(e)}",
+                        "Replace or remove the file") from e
+    return a if mode == "L" else a.transpose(2, 0, 1)
+
+
+def _plan(paths: list[Path], opts: DataOptions) -> tuple[str, tuple[int, int]]:
+    """The Pillow mode and ``(H, W)`` of the decoded folder, from the headers alone."""
+    size, first, colour = opts.image_size, None, False
+    for p in paths:
+        with _open(p) as img:
+            bands, (w, h) = set(img.getbands()), img.size
+        colour = colour or bands not in _GRAY_BANDS
+        if opts.image_size is None:
+            if first is None:
+                first, size = p, (h, w)
+            elif (h, w) != size:
+                raise DataError(f"images differ in size: {first} is {size[1]}x{size[0]}, "
+                                f"{p} is {w}x{h} (width x height)",
+                                "Pass --image-size H,W to resize them all")
+    channels = opts.channels or (3 if colour else 1)
+    assert size is not None
+    return ("L" if channels == 1 else "RGB"), size
+
+
+def _decode_all(folder: Path, paths: list[Path], opts: DataOptions, key: dict[str, Any],
+                listing: list[list[Any]]) -> Any:
+    """Decode every image into the cache (or into memory if the cache cannot be written)."""
+    import numpy as np
+
+    from kdcli.storage import map_npy
+
+    mode, size = _plan(paths, opts)
+    shape = (len(paths), *size) if mode == "L" else (len(paths), 3, *size)
+    d = _cache_dir(key)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".inputs.{os.getpid()}.npy.tmp"
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    except OSError:
+        d, out = None, np.empty(shape, dtype=np.uint8)
+    try:
+        for i, p in enumerate(paths):
+            out[i] = decode_image(p, mode, size)
+    except BaseException:
+        if d is not None:
+            del out
+            tmp.unlink(missing_ok=True)
+        raise
+    if d is None:
+        return out
+    out.flush()
+    del out
+    (d / "manifest.json").unlink(missing_ok=True)
+    os.replace(tmp, d / "inputs.npy")
+    manifest = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key,
+                "shape": list(shape), "files": listing}
+    mtmp = d / f".manifest.{os.getpid()}.json.tmp"
+    mtmp.write_text(json.dumps(manifest))
+    os.replace(mtmp, d / "manifest.json")
+    return map_npy(d / "inputs.npy")
+
+
+def _first(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

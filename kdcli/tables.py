@@ -1,0 +1,229 @@
+"""Tables as a data source: CSV/TSV (read by ``pyarrow.csv``) and Parquet (``pyarrow.parquet``).
+
+One row is one example. The label column is ``--label-column`` (default ``label`` when the
+table has one; otherwise the table is unlabelled), the features are ``--feature-columns``
+(default: every other numeric column, in table order). Integer labels are class indices;
+string labels are class names, numbered in sorted order. Features become float32
+``[N, F]``, except the Kaggle MNIST layout: features named ``pixel0`` .. ``pixel{n-1}``
+with ``n`` a square and integer values in 0-255 become uint8 images ``[N, s, s]``, exactly
+what the IDX files give. Non-numeric values, missing values and ragged rows are refused
+with the column and row.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kdcli.errors import DataError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from kdcli.data import DataOptions
+
+_PIXEL = re.compile(r"^pixel(\d+)$")
+
+
+@dataclass
+class Table:
+    """A table read as examples (see the module docstring)."""
+
+    inputs: np.ndarray
+    labels: np.ndarray | None
+    class_names: list[str] | None
+    feature_names: list[str]
+
+
+def load_table(path: Path, opts: DataOptions) -> Table:
+    """Read a CSV/TSV/Parquet file as examples.
+
+    Raises:
+        DataError: a missing column, a non-numeric or missing value, or a ragged row, each
+            naming the column and row.
+    """
+    import numpy as np
+
+    table = _read(path)
+    names = list(table.column_names)
+    if table.num_rows == 0:
+        raise DataError(f"{path} holds no rows (columns: {_few(names)})",
+                        "Give a table with a header and at least one row")
+    label = _label_column(names, opts, path)
+    features = _feature_columns(table, label, opts, path)
+    columns = []
+    for name in features:
+        col = table.column(name)
+        _check_present(col, name, path)
+        columns.append(_numeric(col, name, path))
+    inputs = np.stack(columns, axis=1) if columns else np.zeros((table.num_rows, 0))
+    inputs = _as_images(inputs, features) if inputs.size else inputs.astype(np.float32)
+    labels, class_names = (None, None) if label is None else _labels(table, label, path)
+    return Table(inputs, labels, class_names, features)
+
+
+def _read(path: Path):
+    import pyarrow as pa
+
+    parquet = path.suffix.lower() in (".parquet", ".pq")
+    bad: list[Any] = []
+
+    def on_invalid(row: Any) -> str:
+        bad.append(row)
+        return "error"
+
+    try:
+        if parquet:
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path)
+        import pyarrow.csv as pcsv
+
+        delimiter = "\t" if ".tsv" in "".join(path.suffixes).lower() else ","
+        return pcsv.read_csv(path, read_options=pcsv.ReadOptions(use_threads=False),
+                             parse_options=pcsv.ParseOptions(delimiter=delimiter,
+                                                             invalid_row_handler=on_invalid))
+    except (pa.ArrowException, OSError) as e:
+        if bad:
+            r = bad[0]
+            where = f"line {r.number}" if r.number is not None else "a row"
+            raise DataError(f"{path} {where} has {r.actual_columns} fields, but the header "
+                            f"has {r.expected_columns} columns",
+                            "Give every row the same number of fields") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        kind = "Parquet" if parquet else "CSV"
+        raise DataError(f"cannot read {path} as {kind}: {first}",
+                        f"Check that the file is a valid {kind} table") from e
+
+
+def _label_column(names: list[str], opts: DataOptions, path: Path) -> str | None:
+    label = opts.label_column
+    if label is None:
+        return "label" if "label" in names else None
+    if label.lower() == "none":
+        return None
+    if label not in names:
+        raise DataError(f"{path} has no label column {label!r} (columns: {_few(names)})",
+                        "Pass --label-column with one of the table's columns, or none")
+    return label
+
+
+def _feature_columns(table: Any, label: str | None, opts: DataOptions,
+                     path: Path) -> list[str]:
+    names = list(table.column_names)
+    if opts.feature_columns is not None:
+        missing = [c for c in opts.feature_columns if c not in names]
+        if missing:
+            raise DataError(f"{path} has no column {missing[0]!r} (columns: {_few(names)})",
+                            "Pass --feature-columns with the table's column names")
+        if label in opts.feature_columns:
+            raise DataError(f"column {label!r} of {path} is both the label and a feature",
+                            "Drop it from --feature-columns, or pick another --label-column")
+        return list(opts.feature_columns)
+    features = [c for c in names if c != label and not _is_text(table.column(c))]
+    if not features:
+        raise DataError(f"{path} has no numeric feature columns (columns: {_few(names)})",
+                        "Pass --feature-columns, or give the table numeric columns")
+    return features
+
+
+def _is_text(col: Any) -> bool:
+    """A string column none of whose values is a number (an id or a name: not a feature).
+
+    A string column holding some numbers is kept, so that its first bad value is reported.
+    """
+    import pyarrow as pa
+
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        return False
+    return not any(_parses(v) for v in col.to_pylist() if v is not None)
+
+
+def _parses(v: Any) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _check_present(col: Any, name: str, path: Path) -> None:
+    import pyarrow.compute as pc
+
+    if col.null_count:
+        row = int(pc.index(pc.is_null(col), True).as_py())
+        raise DataError(f"column {name!r} of {path} has a missing value in {_row(path, row)}",
+                        "Fill or drop rows with missing values")
+
+
+def _numeric(col: Any, name: str, path: Path) -> np.ndarray:
+    """A numeric column as a numpy array (integers stay integers, bools become 0/1)."""
+    import numpy as np
+    import pyarrow as pa
+
+    t = col.type
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        return col.to_numpy()
+    if pa.types.is_boolean(t) or pa.types.is_decimal(t):
+        return col.to_numpy().astype(np.float64)
+    values = col.to_pylist()
+    row = next((i for i, v in enumerate(values) if not _parses(v)), 0)
+    raise DataError(f"column {name!r} of {path} is not numeric: {values[row]!r} in "
+                    f"{_row(path, row)}",
+                    "Fix the value, or leave the column out with --feature-columns")
+
+
+def _as_images(inputs: np.ndarray, features: list[str]) -> np.ndarray:
+    """Kaggle's ``pixel0..pixel{n-1}`` columns with values 0-255 -> uint8 ``[N, s, s]``."""
+    import numpy as np
+
+    n = len(features)
+    side = math.isqrt(n)
+    is_pixels = side * side == n and all(
+        (m := _PIXEL.match(f)) is not None and int(m[1]) == i for i, f in enumerate(features))
+    if (is_pixels and np.issubdtype(inputs.dtype, np.integer)
+            and int(inputs.min()) >= 0 and int(inputs.max()) <= 255):
+        return inputs.astype(np.uint8).reshape(len(inputs), side, side)
+    return inputs.astype(np.float32)
+
+
+def _labels(table: Any, label: str, path: Path) -> tuple[np.ndarray, list[str] | None]:
+    """Integer class indices and, for string labels, the sorted class names."""
+    import numpy as np
+    import pyarrow as pa
+
+    col = table.column(label)
+    _check_present(col, label, path)
+    t = col.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t):
+        values = [str(v) for v in col.to_pylist()]
+        names = sorted(set(values))
+        index = {c: i for i, c in enumerate(names)}
+        return np.array([index[v] for v in values], dtype=np.int64), names
+    if pa.types.is_boolean(t):
+        return col.to_numpy().astype(np.int64), None
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+        raise DataError(f"label column {label!r} of {path} has type {t}",
+                        "Use integer class indices or class names")
+    y = col.to_numpy()
+    bad = np.nonzero((y < 0) | (y != np.floor(y)))[0]
+    if len(bad):
+        raise DataError(f"label column {label!r} of {path} holds {y[bad[0]]!r} in "
+                        f"{_row(path, int(bad[0]))}",
+                        "Labels must be class indices 0, 1, ... or class names")
+    return y.astype(np.int64), None
+
+
+def _row(path: Path, i: int) -> str:
+    """Data row ``i`` (0-based) as a user counts it: 1-based, and the file line for CSV."""
+    if path.suffix.lower() in (".parquet", ".pq") or path.suffix.lower() == ".gz":
+        return f"row {i + 1}"
+    return f"row {i + 1} (line {i + 2})"
+
+
+def _few(names: list[str], n: int = 8) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")

@@ -8,6 +8,7 @@ resume exactly.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -110,6 +111,11 @@ class TrainConfig:
 STUDENT_LR = 0.05
 STUDENT_WARMUP = 1.0
 
+# How often fit() halves the learning rate and retries an epoch whose loss blew up.
+MAX_LR_HALVINGS = 4
+# An epoch whose mean loss is over this many times the epoch before's has blown up.
+BLOWUP_FACTOR = 3.0
+
 # Settings that do not change the result, so a resumed run may differ in them.
 _NOT_FINGERPRINTED = ("dry_run", "stop_after", "device")
 
@@ -187,8 +193,14 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
     autocast = cfg.precision == "bf16"
     n_classes: int | None = None  # known after the first evaluation
 
+    # A loss that blows up rolls the epoch back and retries it at half the learning rate
+    # (the rest of the run keeps the lower rate); after MAX_LR_HALVINGS it is an error.
+    lr_scale = history[-1].get("lr_scale", 1.0) if history else 1.0
+    first_loss: float | None = None  # the untrained model's loss on the first batch
     with reporter.progress("training", (cfg.epochs - start_epoch) * n) as advance:
-        for epoch in range(start_epoch, cfg.epochs):
+        epoch = start_epoch
+        while epoch < cfg.epochs:
+            snapshot = _snapshot(model, opt, gen)
             t0 = time.perf_counter()
             model.train()
             perm = torch.randperm(n, generator=gen)
@@ -197,7 +209,8 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
             for s in range(steps):
                 idx = perm[s * bs:(s + 1) * bs]
                 for group in opt.param_groups:
-                    group["lr"] = learning_rate(cfg, epoch * steps + s, total_steps, warmup_steps)
+                    group["lr"] = lr_scale * learning_rate(cfg, epoch * steps + s, total_steps,
+                                                           warmup_steps)
                 if cfg.jitter:  # drawn for the global batch, so every rank agrees
                     dy, dx = random_shifts(len(idx), cfg.jitter, gen)
                 lo, hi = dist.split(len(idx))
@@ -219,19 +232,35 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
                 if arch.max_norm:
                     apply_max_norm(model, arch.max_norm)
                 sums += stats.detach().double().cpu() * len(local)
+                if first_loss is None and len(local):
+                    first_loss = float(stats[0])
                 seen += len(local)
                 advance(len(idx))
                 if cfg.dry_run:
                     break
-            if dist.enabled:
-                totals = dist.all_reduce_sum(torch.cat([sums, torch.tensor([float(seen)],
-                                                                            dtype=torch.float64)]))
-                sums, seen = totals[:-1], int(totals[-1])
-            if not math.isfinite(float(sums[0])):
-                raise UsageError(f"training diverged in epoch {epoch + 1} (loss is not finite)",
-                                 f"Lower --lr, e.g. --lr {cfg.lr / 2:g}")
+            if dist.enabled:  # every rank must take the same decisions: share the numbers
+                extra = torch.tensor([float(seen), first_loss or 0.0], dtype=torch.float64)
+                totals = dist.all_reduce_sum(torch.cat([sums, extra]))
+                sums, seen = totals[:-2], int(totals[-2])
+                first_loss = float(totals[-1]) / dist.world
+            if _blew_up(float(sums[0] / max(seen, 1)), first_loss, history):
+                if lr_scale <= 0.5 ** MAX_LR_HALVINGS:
+                    raise UsageError(
+                        f"training diverged in epoch {epoch + 1} (the loss "
+                        f"{_loss_text(float(sums[0] / max(seen, 1)))}) even at --lr "
+                        f"{cfg.lr * lr_scale:g}",
+                        f"Lower --lr well below that, e.g. --lr {cfg.lr * lr_scale / 4:g}")
+                _restore(snapshot, model, opt, gen)
+                lr_scale /= 2
+                reporter.warn(f"the loss {_loss_text(float(sums[0] / max(seen, 1)))} in epoch "
+                              f"{epoch + 1} at --lr "
+                              f"{cfg.lr * lr_scale * 2:g}; retrying the epoch at half the "
+                              "learning rate")
+                continue
             record = {"epoch": epoch + 1, **{k: float(v / seen)
                                              for k, v in zip(stat_names, sums, strict=True)}}
+            if lr_scale != 1.0:
+                record["lr_scale"] = lr_scale
             if eval_data is not None and dist.main:
                 model.eval()
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
@@ -249,6 +278,7 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
                 reporter.info(f"stopped after epoch {epoch + 1} of {cfg.epochs}; continue with "
                               "--resume")
                 break
+            epoch += 1
     _warn_if_chance(history, eval_data, n_classes, cfg, reporter)
     if dist.enabled:  # free DDP's reducer now, before the process group is destroyed
         import gc
@@ -257,6 +287,37 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
         gc.collect()
     model.cpu().eval()
     return history
+
+
+def _blew_up(loss: float, first_loss: float | None, history: list[dict[str, Any]]) -> bool:
+    """Whether an epoch's mean loss blew up: not finite, or over BLOWUP_FACTOR times the epoch
+    before's (for the first epoch, the untrained model's loss on its first batch). A healthy
+    run's epoch means fall, and the first one stays below the untrained model's loss."""
+    if not math.isfinite(loss):
+        return True
+    ref = history[-1].get("train_loss") if history else first_loss
+    return ref is not None and math.isfinite(ref) and loss > BLOWUP_FACTOR * ref
+
+
+def _loss_text(loss: float) -> str:
+    return "is not finite" if not math.isfinite(loss) else f"rose to {loss:.4g}"
+
+
+def _snapshot(model, opt, gen) -> tuple:
+    """Everything an epoch changes, to roll it back if its loss blows up."""
+    import torch
+
+    return (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()),
+            gen.get_state(), torch.get_rng_state())
+
+
+def _restore(snapshot: tuple, model, opt, gen) -> None:
+    import torch
+
+    model.load_state_dict(snapshot[0])
+    opt.load_state_dict(snapshot[1])
+    gen.set_state(snapshot[2])
+    torch.set_rng_state(snapshot[3])
 
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int, warmup_steps: int) -> float:
@@ -280,10 +341,11 @@ def _warn_if_chance(history: list[dict[str, Any]], eval_data: Data | None,
     if not history or "test_errors" not in history[-1] or eval_data is None or not n_classes:
         return
     accuracy = 1 - history[-1]["test_errors"] / len(eval_data.labels)
+    lr = cfg.lr * history[-1].get("lr_scale", 1.0)  # the rate the run ended at
     if n_classes > 2 and accuracy < 2 / n_classes:
         reporter.warn(f"test accuracy {accuracy:.1%} is near chance ({1 / n_classes:.1%}): "
-                      f"training failed, most likely because --lr {cfg.lr:g} is too high for "
-                      f"this loss. Try --lr {cfg.lr / 2:g}")
+                      f"training failed, most likely because --lr {lr:g} is too high for "
+                      f"this loss. Try --lr {lr / 2:g}")
 
 
 def _epoch_line(r: dict[str, Any], epochs: int) -> str:

@@ -1,6 +1,7 @@
 """kdcli train and train-student: reproducibility, resume, options and bad input."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -230,12 +231,15 @@ def test_stop_after_keeps_the_checkpoint_and_resume_finishes(tmp_path, transfer_
 
 
 def test_a_run_that_ends_at_chance_warns(cli, transfer_file):
-    # lr 1 blows the student up without making the loss infinite: no divergence error, but a
-    # model that predicts one class. The run says so and names the fix.
+    # lr 0.3 without a warmup blows the loss up; the retry at 0.15 keeps it finite and
+    # below the blow-up rule, but leaves a model that predicts almost one class. The run
+    # says so, naming a rate below the one it ended at.
     r = cli("train-student", "--transfer", transfer_file, "--hidden", "32", "--epochs", "2",
-            "--lr", "1", "--eval-data", "mnist:test[:500]", "--out", "s.safetensors")
+            "--lr", "0.3", "--warmup", "0", "--eval-data", "mnist:test[:500]",
+            "--out", "s.safetensors")
     assert r.exit_code == 0, r.stderr
-    assert "near chance" in r.stderr and "Try --lr 0.5" in r.stderr.replace("\n", " ")
+    assert "near chance" in r.stderr and "--lr 0.15 is too high" in " ".join(r.stderr.split())
+    assert "Try --lr 0.075" in " ".join(r.stderr.split())
     r = cli("train-student", "--transfer", transfer_file, "--hidden", "32", "--epochs", "2",
             "--eval-data", "mnist:test[:500]", "--out", "ok.safetensors")
     assert r.exit_code == 0 and "near chance" not in r.stderr
@@ -292,9 +296,49 @@ def test_warmup_is_checked_and_students_warm_up_by_default(cli, transfer_file):
 
 
 def test_a_run_whose_loss_blows_up_stops_with_a_fix(cli, transfer_file):
+    # Every retry at half the rate blows up too: after 4 halvings the run stops, naming a fix.
     r = cli("train-student", "--transfer", transfer_file, "--hidden", "32", "--epochs", "2",
             "--lr", "1e6", "--eval-data", "none", "--out", "s.safetensors")
     assert r.exit_code == 1
-    assert "Error: training diverged in epoch 1 (loss is not finite). Lower --lr, e.g. " \
-           "--lr 500000" in r.stderr.replace("\n", " ")
+    err = " ".join(r.stderr.split())
+    assert err.count("retrying the epoch at half the learning rate") == 4
+    assert "Error: training diverged in epoch 1 (the loss is not finite) even at --lr 62500. " \
+           "Lower --lr well below that, e.g. --lr 15625" in err
     assert not Path("s.safetensors").exists()
+
+
+def test_a_loss_that_blows_up_is_retried_at_half_the_rate(cli, transfer_file):
+    # Without a warmup, lr 0.5 blows this student's loss up in epoch 1 (to hundreds of times
+    # its first value, still finite). The epoch is rolled back and rerun at lr 0.25, and the
+    # run finishes, saying so; the rest of the run keeps the lower rate.
+    r = cli("train-student", "--transfer", transfer_file, "--hidden", "32", "--epochs", "2",
+            "--lr", "0.5", "--warmup", "0", "--eval-data", "mnist:test[:500]",
+            "--out", "s.safetensors")
+    assert r.exit_code == 0, r.stderr
+    err = " ".join(r.stderr.split())
+    assert "in epoch 1 at --lr 0.5; retrying the epoch at half the learning rate" in err
+    assert load_model("s.safetensors").training["lr_scale"] == 0.5
+    # Stopped after epoch 1 and resumed, the run keeps the lowered rate and ends the same.
+    args = ("train-student", "--transfer", transfer_file, "--hidden", "32", "--epochs", "2",
+            "--lr", "0.5", "--warmup", "0", "--eval-data", "mnist:test[:500]",
+            "--out", "r.safetensors", "--json")
+    assert cli(*args, "--stop-after", "1").exit_code == 0
+    r2 = cli(*args, "--resume")
+    assert r2.exit_code == 0, r2.stderr
+    history = json.loads(r2.stdout)["history"]
+    assert [h.get("lr_scale") for h in history] == [0.5, 0.5]
+    assert all(math.isfinite(h["train_loss"]) for h in history)
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    a, b = load_file("s.safetensors"), load_file("r.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_blow_up_rule():
+    from kdcli.train import _blew_up
+
+    assert _blew_up(float("nan"), 2.0, []) and _blew_up(float("inf"), None, [])
+    assert not _blew_up(5.9, 2.0, [])  # under 3x the untrained model's loss
+    assert _blew_up(6.1, 2.0, [])
+    assert _blew_up(0.4, 2.0, [{"train_loss": 0.1}])  # 4x the epoch before
+    assert not _blew_up(0.25, 0.01, [{"train_loss": 0.05}, {"train_loss": 0.1}])
+    assert not _blew_up(100.0, None, [])  # nothing to compare with yet

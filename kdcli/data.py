@@ -1,7 +1,9 @@
 """Data sources: the one place that turns a ``--data`` string into tensors.
 
 Sources are a table (:data:`SOURCES`): each entry names one spec pattern or file kind and
-returns the same :class:`Data`. Accepted specs (any may end in a slice such as ``[:1000]``):
+returns the same :class:`Data`. Accepted specs (any may end in a slice such as ``[:1000]``,
+or in ``[balanced=N]`` / ``[balanced=N,seed=S]``: N examples, as many of each class, drawn
+with seed S, default 0; see :func:`balanced_index`):
 
 * ``mnist`` / ``mnist:train`` / ``mnist:test``: the MNIST copy bundled with kdcli.
 * a folder holding the four standard MNIST IDX files, optionally with ``:train``/``:test``.
@@ -41,6 +43,8 @@ MNIST_FILES = {
 }
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _SLICE = re.compile(r"^(?P<base>.*)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
+_BALANCED = re.compile(r"^(?P<base>.*)\[\s*balanced\s*=\s*(?P<n>\d+)\s*"
+                       r"(?:,\s*seed\s*=\s*(?P<seed>\d+)\s*)?\]$")
 
 
 @dataclass(frozen=True)
@@ -207,7 +211,10 @@ def load_data(spec: str, limit: int | None = None,
         labels_t = labels.long()
     else:
         labels_t = torch.from_numpy(labels.astype("int64"))
-    if sl is not None:
+    if isinstance(sl, tuple):  # [balanced=N,seed=S]
+        index = balanced_index(labels_t, *sl, source=base)
+        inputs_t, labels_t = inputs_t[index], labels_t[index]
+    elif sl is not None:
         inputs_t = inputs_t[sl]
         labels_t = None if labels_t is None else labels_t[sl]
     if limit is not None:
@@ -276,7 +283,45 @@ def validate(data: Data) -> None:
                             "Labels must be class indices 0..C-1")
 
 
-def _split_slice(spec: str) -> tuple[str, slice | None]:
+def balanced_index(labels: torch.Tensor | None, n: int, seed: int,
+                   source: str = "the data") -> torch.Tensor:
+    """The rows of a class-balanced sample of ``n`` examples: ``n / C`` of each of the C
+    classes present, the first of a permutation of that class's rows drawn with ``seed``
+    (``torch.Generator``), returned in their original order. The same data, ``n`` and seed
+    always give the same rows.
+
+    Raises:
+        DataError: unlabelled data, ``n`` not a positive multiple of C, or a class with too
+            few examples.
+    """
+    import torch
+
+    if labels is None:
+        raise DataError(f"{source}[balanced={n}] needs labels, but {source} has none",
+                        "Use a slice such as [:N] for unlabelled data")
+    classes = torch.unique(labels)
+    c = len(classes)
+    if n <= 0 or n % c:
+        lo = max(c, n // c * c)
+        raise DataError(f"[balanced={n}] must be a positive multiple of the {c} classes of "
+                        f"{source}", f"Use e.g. [balanced={lo}] or [balanced={lo + c}]")
+    per = n // c
+    members = [(labels == k).nonzero().flatten() for k in classes.tolist()]
+    fewest = min(range(c), key=lambda i: len(members[i]))
+    if len(members[fewest]) < per:
+        raise DataError(f"{source} has only {len(members[fewest])} examples of class "
+                        f"{int(classes[fewest])}, fewer than the {per} that [balanced={n}] "
+                        "takes from each class",
+                        f"Use at most [balanced={c * len(members[fewest])}]")
+    gen = torch.Generator().manual_seed(seed)
+    picked = [rows[torch.randperm(len(rows), generator=gen)[:per]] for rows in members]
+    return torch.cat(picked).sort().values
+
+
+def _split_slice(spec: str) -> tuple[str, slice | tuple[int, int] | None]:
+    b = _BALANCED.match(spec)
+    if b:
+        return b["base"], (int(b["n"]), int(b["seed"] or 0))
     m = _SLICE.match(spec)
     if not m:
         return spec, None

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kdcli.data import MNIST_DIR, load_data, read_idx
+from kdcli.data import MNIST_DIR, balanced_index, load_data, read_idx
 from kdcli.errors import DataError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "SHA256SUMS"
@@ -41,6 +41,42 @@ def test_slices_and_limit():
     assert torch.equal(a.inputs, b.inputs[100:200])
     assert len(load_data("mnist:test", limit=7)) == 7
     assert len(load_data("mnist:test[-5:]")) == 5
+
+
+def test_balanced_sample_is_class_balanced_seeded_and_stable():
+    full = load_data("mnist:train")
+    a = load_data("mnist:train[balanced=1800,seed=0]")
+    assert len(a) == 1800 and torch.bincount(a.labels).tolist() == [180] * 10
+    assert a.source == "mnist:train[balanced=1800,seed=0]"
+    # Each row is a real training digit with its own label, kept in the original order.
+    index = balanced_index(full.labels, 1800, 0)
+    assert bool((index[1:] > index[:-1]).all())
+    assert torch.equal(a.inputs, full.inputs[index]) and torch.equal(a.labels, full.labels[index])
+    # Seed 0 is the default; the same seed gives the same digits, another seed others.
+    assert torch.equal(load_data("mnist:train[balanced=1800]").inputs, a.inputs)
+    b = load_data("mnist:train[ balanced = 1800 , seed = 1 ]")
+    assert torch.bincount(b.labels).tolist() == [180] * 10
+    assert not torch.equal(a.inputs, b.inputs)
+    # A smaller sample with the same seed is not a prefix of a larger one per se, but it
+    # is a subset drawn the same way: the first rows of each class's permutation.
+    small = balanced_index(full.labels, 100, 0)
+    assert set(small.tolist()) <= set(index.tolist())
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("mnist:train[balanced=1805]", "a positive multiple of the 10 classes"),
+    ("mnist:train[balanced=0]", "a positive multiple"),
+    ("mnist:test[balanced=10000]", "has only 892 examples of class 5"),
+])
+def test_balanced_sample_refuses_what_it_cannot_draw(spec, message):
+    with pytest.raises(DataError, match=message):
+        load_data(spec)
+
+
+def test_balanced_sample_needs_labels(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((20, 3), dtype=np.float32))
+    with pytest.raises(DataError, match="needs labels"):
+        load_data(f"{tmp_path / 'x.npy'}[balanced=10]")
 
 
 def write_idx(path: Path, arr: np.ndarray, code: int = 0x08, magic: bytes | None = None) -> Path:

@@ -1,0 +1,129 @@
+"""Does train-student's default learning rate work on any transfer set?
+
+For each case, a student is trained at kdcli's defaults (lr ``STUDENT_LR`` after a
+``STUDENT_WARMUP``-epoch warmup, with the blow-up retry of ``kdcli.train.fit``) and at each
+lr of a small grid (same warmup). The table gives test errors; "retried" marks runs whose
+loss blew up and were retried at a lower rate. Cases:
+
+* the three scikit-learn tables of ``bench_tables.py`` (tree-ensemble teacher, 2x64, T=20);
+* MNIST from a foreign teacher (a plain PyTorch MLP on raw 0-255 pixels, TorchScript),
+  T=20, alpha 0.1, kd and mse, 2x300 student on 10,000 digits;
+* 1,800 MNIST digits at T=20 (3% of the set), 2x800, alpha 0, 60 epochs;
+* a transfer set of only 7s and 8s, 2x800, alpha 0.
+
+The MNIST cases need a kdcli teacher: ``--teacher`` (e.g. the quickstart's). Run:
+``python benchmarks/bench_lr_defaults.py --teacher quickstart/teacher.safetensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from bench_tables import TABLES, prepare
+from common import report
+
+GRID = (0.01, 0.02, 0.05, 0.1)
+
+
+def foreign_teacher(path: Path) -> None:
+    """A teacher kdcli did not make: an MLP trained by plain PyTorch on raw pixels (0-255,
+    unscaled), so its logits have their own scale. Saved with TorchScript."""
+    import torch
+    from torch import nn
+
+    from kdcli.data import load_data
+
+    torch.manual_seed(0)
+    d = load_data("mnist:train[:10000]")
+    x, y = d.inputs.float().reshape(len(d), -1), d.labels
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 10))
+    opt = torch.optim.Adam(net.parameters(), 1e-4)
+    for _ in range(3):
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 128):
+            idx = perm[i:i + 128]
+            loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    torch.jit.script(net.eval()).save(str(path))
+
+
+def cases(folder: Path, teacher: str | None) -> list[dict]:
+    """(name, transfer-set arguments, student arguments) for every case."""
+    out = []
+    for name in TABLES:
+        t = prepare(name, folder / name.replace(" ", "_"))
+        out.append({"name": f"{name} (2x64)", "teachers": [t["teacher"]], "data": t["train"],
+                    "T": 20.0, "arch": "mlp:64,64", "alpha": 0.1, "loss": "kd",
+                    "epochs": 20, "eval": t["test"]})
+    foreign = folder / "foreign.pt"
+    foreign_teacher(foreign)
+    for loss in ("kd", "mse"):
+        out.append({"name": f"foreign raw-pixel teacher, {loss} (2x300)",
+                    "teachers": [str(foreign)], "data": "mnist:train[:10000]", "T": 20.0,
+                    "arch": "mlp:300,300", "alpha": 0.1, "loss": loss, "epochs": 20,
+                    "eval": "mnist:test"})
+    if teacher:
+        out.append({"name": "1,800 digits (2x800, 60 epochs)", "teachers": [teacher],
+                    "data": "mnist:train[:1800]", "T": 20.0, "arch": "mlp:800,800",
+                    "alpha": 0.0, "loss": "kd", "epochs": 60, "eval": "mnist:test"})
+        out.append({"name": "7s and 8s only (2x800)", "teachers": [teacher],
+                    "data": "mnist:train", "classes": [7, 8], "T": 20.0,
+                    "arch": "mlp:800,800", "alpha": 0.0, "loss": "kd", "epochs": 20,
+                    "eval": "mnist:test"})
+    return out
+
+
+def run_case(c: dict, folder: Path, seeds: list[int]) -> dict:
+    from kdcli.models import Architecture
+    from kdcli.output import Reporter
+    from kdcli.soft_targets import soft_targets
+    from kdcli.train import STUDENT_LR, STUDENT_WARMUP, TrainConfig, train_student
+
+    quiet = Reporter("quiet")
+    transfer = folder / "transfer.safetensors"
+    soft_targets(c["teachers"], T=c["T"], data=c["data"], out=transfer, force=True,
+                 classes=c.get("classes"), reporter=quiet)
+    results: dict = {}
+    for lr in (None, *GRID):
+        for s in seeds if lr is None else seeds[:1]:
+            cfg = TrainConfig(epochs=c["epochs"], lr=lr or STUDENT_LR, warmup=STUDENT_WARMUP,
+                              seed=s)
+            try:
+                r = train_student(transfer, arch=Architecture.parse(c["arch"]),
+                                  alpha=c["alpha"], loss=c["loss"],
+                                  out=folder / "student.safetensors", config=cfg,
+                                  eval_data=c["eval"], force=True, reporter=quiet)
+                cell = f"{r['test_errors']}" + (" (retried)" if r.get("lr_scale") else "")
+            except Exception as e:  # noqa: BLE001 - a diverged run is a result here
+                cell = f"failed: {str(e)[:40]}"
+            results.setdefault("default" if lr is None else f"lr {lr:g}", []).append(cell)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teacher", help="kdcli teacher for the MNIST cases")
+    ap.add_argument("--seeds", type=int, default=2, help="seeds at the defaults")
+    args = ap.parse_args()
+    seeds = list(range(args.seeds))
+    t0 = time.perf_counter()
+    rows, result = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for c in cases(Path(tmp), args.teacher):
+            case_dir = Path(tmp) / "run"
+            case_dir.mkdir(exist_ok=True)
+            r = run_case(c, case_dir, seeds)
+            result[c["name"]] = r
+            rows.append((c["name"], " | ".join(f"{k}: {', '.join(v)}" for k, v in r.items())))
+            print(rows[-1][0], rows[-1][1], flush=True)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    report("train-student: the defaults against an lr grid (test errors)", rows, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,21 +7,53 @@ onnxruntime) happen inside those functions, so ``kdcli --help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from kdcli import __version__
 from kdcli.errors import UsageError, user_message
 
+
+class _OneLineErrors(TyperGroup):
+    """The command group: usage errors (unknown option, bad value) become one line, exit 2."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:
+            typer.echo("Error: aborted", err=True)
+            sys.exit(1)
+        except Exception as e:  # click's usage errors; typer does not re-export the class
+            code, fmt = getattr(e, "exit_code", None), getattr(e, "format_message", None)
+            if not isinstance(code, int) or fmt is None:
+                raise
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare "kdcli": show the help
+                e.show()
+                sys.exit(code)
+            ctx = getattr(e, "ctx", None)
+            where = f" Run '{ctx.command_path} --help' for the options" if ctx else ""
+            message = " ".join(str(fmt()).split()).rstrip(".")
+            typer.echo(f"Error: {message}.{where}", err=True)
+            sys.exit(code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
     name="kdcli",
+    cls=_OneLineErrors,
     help="Distil saved neural networks into small, deployable ones "
     "(Hinton, Vinyals & Dean, 2015).\n\n"
     "Typical run: kdcli train (a teacher) -> kdcli soft-targets -> kdcli train-student -> "
@@ -57,6 +89,35 @@ NormalizeOpt = Annotated[bool | None, typer.Option("--normalize/--no-normalize",
 DISTRIBUTED = ("train", "train-student", "soft-targets")
 
 
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Hold back library warnings and log records while a command runs.
+
+    torch and onnx warn or log (sometimes a whole traceback) before raising the error kdcli
+    then reports on one line. The held warnings are shown if the command succeeds, and
+    dropped if it fails; with KDCLI_DEBUG=1 everything is shown as it happens.
+    """
+    if os.environ.get("KDCLI_DEBUG") == "1":
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("torch", "onnx", "onnxscript", "onnxruntime")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    ok = False
+    try:
+        with warnings.catch_warnings(record=True) as held:
+            warnings.simplefilter("default")
+            yield
+        ok = True
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+        if ok:
+            for w in held:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
 def command(name: str, example: str) -> Callable[[F], F]:
     """Register a command whose errors become one ``Error: ...`` line and exit code 1."""
 
@@ -68,7 +129,8 @@ def command(name: str, example: str) -> Callable[[F], F]:
                     raise UsageError(f"kdcli {name} does not run under torchrun",
                                      f"Run it as one process; {', '.join(DISTRIBUTED)} "
                                      "can be distributed")
-                return fn(*args, **kwargs)
+                with _quiet_libraries():
+                    return fn(*args, **kwargs)
             except (typer.Exit, typer.Abort):
                 raise
             except BaseException as e:  # noqa: BLE001 - the one error-mapping point
@@ -91,8 +153,7 @@ def command(name: str, example: str) -> Callable[[F], F]:
 def _reporter(json_out: bool, quiet: bool):
     from kdcli.output import Reporter
 
-    if json_out and quiet:
-        raise UsageError("--json and --quiet exclude each other", "Pass only one")
+    # --json --quiet: the JSON result on stdout, and nothing on stderr
     return Reporter("json" if json_out else "quiet" if quiet else "rich")
 
 
@@ -114,15 +175,23 @@ def _floats(text: str | None, flag: str) -> list[float] | None:
         raise UsageError(f"bad {flag} {text!r}", f"Use comma-separated numbers, e.g. {flag} 0.5,0.5") from e
 
 
-def _arch(arch: str | None, hidden: int, layers: int, **kw: Any):
+def _arch(arch: str | None, hidden: int | None, layers: int | None, defaults: tuple[int, int],
+          **kw: Any):
+    """The architecture of --arch, or of --hidden/--layers (``defaults`` when not given)."""
+    from kdcli.checks import check_width
     from kdcli.models import Architecture
 
     if arch:
+        given = [f for f, v in (("--hidden", hidden), ("--layers", layers)) if v is not None]
+        if given:
+            raise UsageError(f"--arch {arch} conflicts with {' and '.join(given)}",
+                             "Give the widths in --arch (e.g. mlp:300,300), or drop --arch")
         return Architecture.parse(arch, **kw)
-    if layers < 0:
-        raise UsageError(f"--layers must be 0 or more, got {layers}", "Try --layers 2")
-    if hidden <= 0:
-        raise UsageError(f"--hidden must be positive, got {hidden}", "Try --hidden 300")
+    hidden = defaults[0] if hidden is None else hidden
+    layers = defaults[1] if layers is None else layers
+    if not 0 <= layers <= 64:
+        raise UsageError(f"--layers must be from 0 to 64, got {layers}", "Try --layers 2")
+    check_width(hidden)
     a = Architecture("mlp", hidden=[hidden] * layers, **kw)
     a.check()
     return a
@@ -146,8 +215,8 @@ def _root(
          "--input-dropout 0.2 --max-norm 3.5 --jitter 2 --epochs 60 --out teacher.safetensors")
 def train_cmd(
     data: Annotated[str, typer.Option(help="Labelled training data: mnist, a path, ...[:N].")] = "mnist",
-    hidden: Annotated[int, typer.Option(help="MLP hidden width.")] = 800,
-    layers: Annotated[int, typer.Option(help="Number of MLP hidden layers.")] = 2,
+    hidden: Annotated[int | None, typer.Option(help="MLP hidden width  [default: 800]", show_default=False)] = None,
+    layers: Annotated[int | None, typer.Option(help="Number of MLP hidden layers  [default: 2]", show_default=False)] = None,
     arch: Annotated[str | None, typer.Option(help="Architecture spec instead of --hidden/--layers: mlp:1200,1200 or cnn:0.5.")] = None,
     dropout: Annotated[float, typer.Option(help="Dropout on hidden units.")] = 0.0,
     input_dropout: Annotated[float, typer.Option(help="Dropout on inputs (MLP).")] = 0.0,
@@ -179,7 +248,7 @@ def train_cmd(
     from kdcli.train import TrainConfig, train
 
     rep = _reporter(json_out, quiet)
-    a = _arch(arch, hidden, layers, dropout=dropout, input_dropout=input_dropout, max_norm=max_norm)
+    a = _arch(arch, hidden, layers, (800, 2), dropout=dropout, input_dropout=input_dropout, max_norm=max_norm)
     cfg = TrainConfig(epochs, batch_size, lr, optimizer, momentum, weight_decay, schedule,
                       precision, jitter, seed, dry_run, normalize, stop_after, device, warmup)
     rep.result(train(data, arch=a, out=out, config=cfg, eval_data=eval_data, limit=limit,
@@ -271,8 +340,8 @@ def soft_targets_cmd(
 @command("train-student", "kdcli train-student --hidden 300 --alpha 0.1")
 def train_student_cmd(
     transfer: Annotated[Path, typer.Option(help="Transfer set from soft-targets (a file, or a sharded set's .index.json).")] = Path("transfer.safetensors"),
-    hidden: Annotated[int, typer.Option(help="Student MLP hidden width.")] = 300,
-    layers: Annotated[int, typer.Option(help="Student MLP hidden layers.")] = 2,
+    hidden: Annotated[int | None, typer.Option(help="Student MLP hidden width  [default: 300]", show_default=False)] = None,
+    layers: Annotated[int | None, typer.Option(help="Student MLP hidden layers  [default: 2]", show_default=False)] = None,
     arch: Annotated[str | None, typer.Option(help="Student spec instead of --hidden/--layers: mlp:800,800 or cnn:0.25.")] = None,
     dropout: Annotated[float, typer.Option(help="Dropout on hidden units.")] = 0.0,
     alpha: Annotated[float, typer.Option(help="Weight on the hard labels, in [0, 1].")] = 0.1,
@@ -309,7 +378,7 @@ def train_student_cmd(
     from kdcli.train import TrainConfig, train_student
 
     rep = _reporter(json_out, quiet)
-    a = _arch(arch, hidden, layers, dropout=dropout)
+    a = _arch(arch, hidden, layers, (300, 2), dropout=dropout)
     cfg = TrainConfig(epochs, batch_size, lr, optimizer, momentum, weight_decay, schedule,
                       precision, 0, seed, dry_run, normalize, stop_after, device, warmup)
     rep.result(train_student(transfer, arch=a, alpha=alpha, T=T, loss=loss, center=center,

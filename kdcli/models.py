@@ -99,18 +99,27 @@ class Architecture:
         return arch
 
     def check(self) -> None:
-        if any(h <= 0 for h in self.hidden):
-            raise UsageError(f"hidden widths must be positive, got {self.hidden}",
-                             "Pass --hidden 1 or more")
-        if self.family == "cnn" and not self.width > 0:
-            raise UsageError(f"CNN width must be positive, got {self.width}",
-                             "Use cnn:0.25 or larger")
+        """Raise UsageError unless every field is in range (widths, dropout, max-norm)."""
+        from kdcli.checks import MAX_CNN_WIDTH, check_width
+
+        if self.family not in ("mlp", "cnn"):
+            raise UsageError(f"unknown model family {self.family!r}", "Use mlp or cnn")
+        if not isinstance(self.hidden, list):
+            raise UsageError(f"hidden widths must be a list, got {self.hidden!r}",
+                             "Use mlp:WIDTH,WIDTH")
+        for h in self.hidden:
+            check_width(h)
+        if self.family == "cnn" and not (isinstance(self.width, (int, float)) and
+                                         0 < self.width <= MAX_CNN_WIDTH):
+            raise UsageError(f"the CNN width multiplier must be above 0 and at most "
+                             f"{MAX_CNN_WIDTH:g}, got {self.width}", "Use e.g. cnn:0.5")
         for name in ("dropout", "input_dropout"):
             p = getattr(self, name)
-            if not 0.0 <= p < 1.0:
+            if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
                 raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1), got {p}",
                                  "Pass a probability such as 0.5")
-        if self.max_norm is not None and not self.max_norm > 0:
+        if self.max_norm is not None and not (isinstance(self.max_norm, (int, float)) and
+                                              0 < self.max_norm < math.inf):
             raise UsageError(f"--max-norm must be positive, got {self.max_norm}",
                              "Pass e.g. --max-norm 3.5")
 

@@ -50,9 +50,10 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
         force: Start afresh: delete what an earlier sweep left in ``out_dir``.
         reporter: Output sink.
     """
+    from kdcli.checks import check_temperature
     from kdcli.files import sha256_file
     from kdcli.models import Architecture, load_model
-    from kdcli.soft_targets import check_temperature, soft_targets
+    from kdcli.soft_targets import soft_targets
     from kdcli.train import TrainConfig, train_student
     from kdcli.transfer import load_transfer_set
 

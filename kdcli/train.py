@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kdcli.checks import check_jitter, check_momentum, check_weight_decay
 from kdcli.distributed import Dist
 from kdcli.errors import FormatError, UsageError
 from kdcli.files import atomic_output, check_output, sha256_file
@@ -61,14 +62,15 @@ class TrainConfig:
                              "Try --batch-size 256")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UsageError(f"--lr must be a positive number, got {self.lr}", "Try --lr 0.05")
+        check_momentum(self.momentum)
+        check_weight_decay(self.weight_decay)
         if self.optimizer not in ("sgd", "adam"):
             raise UsageError(f"unknown --optimizer {self.optimizer!r}", "Use sgd or adam")
         if self.schedule not in ("cosine", "constant"):
             raise UsageError(f"unknown --schedule {self.schedule!r}", "Use cosine or constant")
         if self.precision not in ("fp32", "bf16"):
             raise UsageError(f"unknown --precision {self.precision!r}", "Use fp32 or bf16")
-        if self.jitter < 0:
-            raise UsageError(f"--jitter must be 0 or more, got {self.jitter}", "Try --jitter 2")
+        check_jitter(self.jitter, None)
         if self.device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"unknown --device {self.device!r}", "Use auto, cpu or cuda")
         if not (math.isfinite(self.warmup) and 0 <= self.warmup <= self.epochs):
@@ -127,8 +129,8 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
     import torch
 
     from kdcli.augment import random_shifts, shift
+    from kdcli.checks import resolve_device
     from kdcli.evaluate import predict
-    from kdcli.soft_targets import resolve_device
 
     dist = dist or Dist()
     dev = torch.device(resolve_device(cfg.device))
@@ -394,9 +396,9 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
     import torch
     import torch.nn.functional as F
 
+    from kdcli.checks import resolve_device
     from kdcli.data import load_data
     from kdcli.distributed import session
-    from kdcli.soft_targets import resolve_device
 
     cfg = config or TrainConfig()
     cfg.check()
@@ -411,9 +413,7 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
     eval_spec = _default_eval(eval_data, ds.source)
     eval_ds = load_data(eval_spec) if eval_spec else None
     num_classes = max(ds.num_classes or 0, eval_ds.num_classes or 0 if eval_ds else 0)
-    if cfg.jitter and len(ds.sample_shape) not in (2, 3):
-        raise UsageError(f"--jitter needs image inputs, but examples have shape "
-                         f"{list(ds.sample_shape)}", "Drop --jitter")
+    check_jitter(cfg.jitter, list(ds.sample_shape))
     torch.manual_seed(cfg.seed)
     pre = Preprocessing.fit(ds.inputs, _normalize(cfg, arch))
     model = build_model(arch, pre, num_classes)
@@ -475,10 +475,10 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     """
     import torch
 
+    from kdcli.checks import check_temperature, resolve_device
     from kdcli.data import load_data
     from kdcli.distributed import session
     from kdcli.losses import TAIL_RULES, DistillationLoss, LogitMSELoss
-    from kdcli.soft_targets import check_temperature, resolve_device
     from kdcli.transfer import load_transfer_set
 
     cfg = config or TrainConfig(lr=STUDENT_LR, warmup=STUDENT_WARMUP)

@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kdcli.checks import parse_size
 from kdcli.errors import DataError, FormatError, UsageError
 from kdcli.models import Architecture
-from kdcli.soft_targets import parse_size, soft_targets
+from kdcli.soft_targets import soft_targets
 from kdcli.train import TrainConfig, train_student
 from kdcli.transfer import load_transfer_set
 

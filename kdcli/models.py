@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from kdcli import __version__
 from kdcli.errors import FormatError, UsageError
+from kdcli.storage import read_safetensors_metadata  # noqa: F401 - also used by teachers.py
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 MODEL_FORMAT = "kdcli.model"
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2  # 2 adds data_sha256, the checksum of the weights
 
 
 @dataclass
@@ -267,11 +268,13 @@ class ModelFile:
 
 def save_model(path: str | Path, model: nn.Module, arch: Architecture, pre: Preprocessing,
                num_classes: int, training: dict[str, Any]) -> None:
-    """Write a kdcli model file (``format: kdcli.model``, version 1) at ``path``.
+    """Write a kdcli model file (``format: kdcli.model``, version 2) at ``path``.
 
-    The caller is responsible for atomicity (see :func:`kdcli.files.atomic_output`).
+    The header records ``data_sha256``, the SHA-256 of the weights' bytes, which
+    :func:`load_model` checks. The caller is responsible for atomicity (see
+    :func:`kdcli.files.atomic_output`).
     """
-    from safetensors.torch import save_file
+    from kdcli.storage import SafetensorsWriter
 
     meta = {
         "format": MODEL_FORMAT,
@@ -283,24 +286,11 @@ def save_model(path: str | Path, model: nn.Module, arch: Architecture, pre: Prep
         "num_classes": str(num_classes),
         "training": json.dumps(training, default=float),
     }
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata=meta)
-
-
-def read_safetensors_metadata(path: str | Path) -> dict[str, str] | None:
-    """The ``__metadata__`` of a safetensors file, or None if it is not one."""
-    p = Path(path)
-    try:
-        with open(p, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n <= 1 or n > 100_000_000 or n + 8 > p.stat().st_size:
-                return None
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(header, dict):
-        return None
-    return header.get("__metadata__") or {}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
+    with SafetensorsWriter(path, specs, meta) as w:
+        for k, v in state.items():
+            w.write(k, 0, v)
 
 
 def check_format(meta: dict[str, str], path: Path, name: str, version: int) -> None:
@@ -323,33 +313,78 @@ def check_format(meta: dict[str, str], path: Path, name: str, version: int) -> N
 def load_model(path: str | Path) -> ModelFile:
     """Load a kdcli model file without any user code.
 
+    The metadata is checked for impossible values, the weights' checksum (``data_sha256``,
+    version 2) is verified, and the weights must be finite.
+
     Raises:
-        FormatError: not a kdcli model file, a newer version, or inconsistent tensors.
+        FormatError: not a kdcli model file, a newer version, impossible metadata, a
+            checksum mismatch, or tensors that do not fit the architecture.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    import torch
 
     from kdcli.files import require_file
+    from kdcli.storage import DATA_SHA256, data_sha256, read_safetensors
 
     p = require_file(path, "model file")
     meta = read_safetensors_metadata(p)
     if meta is None:
         raise FormatError(f"{p} is not a safetensors file", "Give a kdcli model .safetensors")
     check_format(meta, p, MODEL_FORMAT, MODEL_FORMAT_VERSION)
+    arch, pre, num_classes, training = _model_metadata(p, meta)
+    tensors, _, mapped = read_safetensors(p)
+    recorded = meta.get(DATA_SHA256)
+    if recorded is None and int(meta["format_version"]) >= 2:
+        raise FormatError(f"{p} is kdcli.model version 2 but records no {DATA_SHA256}",
+                          "The file is damaged; regenerate it")
+    if recorded is not None and data_sha256(mapped)[0] != recorded:
+        raise FormatError(f"{p} fails its checksum: its weights are not the bytes that were "
+                          "written", "The file is damaged; regenerate or copy it again")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FormatError(f"{p} has NaN or Inf in weight {name!r}",
+                              "The model is broken; retrain it (a lower --lr may help)")
+    try:
+        model = build_model(arch, pre, num_classes)
+        model.load_state_dict({k: v.clone() for k, v in tensors.items()}, strict=True)
+    except (RuntimeError, UsageError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise FormatError(f"{p} has tensors that do not fit its architecture: {first}",
+                          "The file is damaged; regenerate it") from e
+    model.eval()
+    return ModelFile(model, arch, pre, num_classes, training, meta)
+
+
+def _model_metadata(p: Path, meta: dict[str, str]
+                    ) -> tuple[Architecture, Preprocessing, int, dict[str, Any]]:
+    """Decode and range-check a model file's metadata (FormatError saying what is wrong)."""
     try:
         arch = Architecture(**json.loads(meta["architecture"]))
         pre = Preprocessing(**json.loads(meta["preprocessing"]))
         num_classes = int(meta["num_classes"])
         training = json.loads(meta.get("training", "{}"))
-    except (KeyError, TypeError, ValueError) as e:
-        raise FormatError(f"{p} has bad kdcli.model metadata ({e})", "Regenerate the file") from e
-    model = build_model(arch, pre, num_classes)
+    except (KeyError, TypeError, ValueError, RecursionError) as e:
+        raise FormatError(f"{p} has bad kdcli.model metadata ({str(e)[:100]})",
+                          "Regenerate the file") from None
     try:
-        state = load_file(str(p))
-        model.load_state_dict(state, strict=True)
-    except (SafetensorError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise FormatError(f"{p} has tensors that do not fit its architecture: {first}",
-                          "The file is damaged; regenerate it") from e
-    model.eval()
-    return ModelFile(model, arch, pre, num_classes, training, meta)
+        arch.check()
+    except UsageError as e:
+        raise FormatError(f"{p} records an impossible architecture: {e.message}",
+                          "The file is damaged; regenerate it") from None
+    raw = pre.raw_shape
+    if not (isinstance(raw, list) and 1 <= len(raw) <= 4 and all(
+            type(d) is int and 1 <= d <= 1 << 20 for d in raw) and math.prod(raw) <= 1 << 28):
+        raise FormatError(f"{p} records an impossible raw_shape {str(raw)[:60]}",
+                          "The file is damaged; regenerate it")
+    for name in ("scale", "mean", "std"):
+        v = getattr(pre, name)
+        if not (isinstance(v, (int, float)) and math.isfinite(v)) or \
+                (name != "mean" and not v > 0):
+            raise FormatError(f"{p} records preprocessing {name}={v!r}",
+                              "The file is damaged; regenerate it")
+    if not 1 <= num_classes <= 1 << 24:
+        raise FormatError(f"{p} records num_classes={num_classes}",
+                          "The file is damaged; regenerate it")
+    if not isinstance(training, dict):
+        raise FormatError(f"{p} has a training record that is not an object",
+                          "The file is damaged; regenerate it")
+    return arch, pre, num_classes, training

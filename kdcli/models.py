@@ -336,7 +336,7 @@ def load_model(path: str | Path) -> ModelFile:
     if recorded is None and int(meta["format_version"]) >= 2:
         raise FormatError(f"{p} is kdcli.model version 2 but records no {DATA_SHA256}",
                           "The file is damaged; regenerate it")
-    if recorded is not None and data_sha256(mapped)[0] != recorded:
+    if recorded is not None and data_sha256(mapped) != recorded:
         raise FormatError(f"{p} fails its checksum: its weights are not the bytes that were "
                           "written", "The file is damaged; regenerate or copy it again")
     for name, t in tensors.items():

@@ -221,9 +221,8 @@ def soft_targets(
     with session(dev) as dist:
         meta = {
             "format": TRANSFER_FORMAT,
-            # the oldest version that describes the file: 1 for one dense file
-            "format_version": str(1 if top_k is None and not sharded
-                                  else TRANSFER_FORMAT_VERSION),
+            # every file carries data_sha256, which version 3 added
+            "format_version": str(TRANSFER_FORMAT_VERSION),
             "kdcli_version": __version__,
             "created": dist.broadcast(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
             "T": repr(T),

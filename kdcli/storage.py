@@ -269,20 +269,20 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 
 
 def data_sha256(mapped: MappedFile, also: tuple[int, int] | None = None,
-                chunk: int = 8 << 20) -> tuple[str, hashlib._Hash | None]:
+                also_hash: Any = None, chunk: int = 8 << 20) -> str:
     """SHA-256 of a mapped file's data section, read sequentially with ``pread``.
 
     Args:
         mapped: The file (from :func:`read_safetensors`).
-        also: An absolute byte range ``(start, end)`` to feed to a second hash in the same
-            pass (the ``inputs`` tensor, for ``inputs_sha256``).
+        also: An absolute byte range ``(start, end)`` whose bytes are also fed to
+            ``also_hash`` in the same pass (the ``inputs`` tensor, for ``inputs_sha256``).
+        also_hash: A ``hashlib`` object for ``also``.
         chunk: Bytes per read.
 
     Returns:
-        The hex digest, and the second hash object (None without ``also``).
+        The hex digest of the data section.
     """
     h = hashlib.sha256()
-    h2 = hashlib.sha256() if also else None
     pos = mapped.data_start
     while pos < mapped.size:
         block = os.pread(mapped.fd, min(chunk, mapped.size - pos), pos)
@@ -290,39 +290,12 @@ def data_sha256(mapped: MappedFile, also: tuple[int, int] | None = None,
             raise FormatError(f"{mapped.path} ended early while being read",
                               "The file was truncated while in use")
         h.update(block)
-        if h2 is not None:
+        if also is not None and also_hash is not None:
             lo, hi = max(also[0], pos), min(also[1], pos + len(block))
             if lo < hi:
-                h2.update(block[lo - pos:hi - pos])
+                also_hash.update(block[lo - pos:hi - pos])
         pos += len(block)
-    return h.hexdigest(), h2
-
-
-def map_npy(path: str | Path) -> tuple[torch.Tensor, MappedFile] | None:
-    """Memory-map a C-ordered ``.npy`` array; None if it needs a plain ``np.load``."""
-    import numpy as np
-    import torch
-
-    p = Path(path)
-    with open(p, "rb") as f:
-        try:
-            version = np.lib.format.read_magic(f)
-            reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                      else np.lib.format.read_array_header_2_0)
-            shape, fortran, dtype = reader(f)
-        except ValueError:
-            return None
-        offset = f.tell()
-    if fortran or dtype.hasobject or not dtype.isnative:
-        return None
-    try:
-        tdtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
-    except TypeError:
-        return None
-    if offset + math.prod(shape) * dtype.itemsize > p.stat().st_size:
-        return None  # truncated: let np.load report it
-    mapped = MappedFile(p)
-    return mapped.tensor(offset, tdtype, list(shape)), mapped
+    return h.hexdigest()
 
 
 class SafetensorsWriter:

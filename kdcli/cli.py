@@ -234,6 +234,7 @@ def train_cmd(
     seed: SeedOpt = 0,
     eval_data: EvalDataOpt = "auto",
     limit: Annotated[int | None, typer.Option(help="Use only the first N examples.")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="Classes of the model (default: largest label + 1, refused if most of them would have no example).")] = None,
     out: Annotated[Path, typer.Option(help="Output model file.")] = Path("model.safetensors"),
     resume: ResumeOpt = False,
     dry_run: DryRunOpt = False,
@@ -252,7 +253,7 @@ def train_cmd(
     cfg = TrainConfig(epochs, batch_size, lr, optimizer, momentum, weight_decay, schedule,
                       precision, jitter, seed, dry_run, normalize, stop_after, device, warmup)
     rep.result(train(data, arch=a, out=out, config=cfg, eval_data=eval_data, limit=limit,
-                     force=force, resume=resume, reporter=rep))
+                     num_classes=num_classes, force=force, resume=resume, reporter=rep))
 
 
 @command("eval", "kdcli eval teacher.safetensors student.safetensors student.onnx --data mnist:test")
@@ -470,13 +471,14 @@ def sweep_cmd(
 @command("inspect", "kdcli inspect transfer.safetensors")
 def inspect_cmd(
     file: Annotated[Path, typer.Argument(help="A transfer set, kdcli model or ONNX export.")],
+    verify: Annotated[bool, typer.Option(help="Transfer sets: also verify the checksums and every stored row (as training does).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Show a file's format, metadata, tensors and dark knowledge."""
     from kdcli.inspection import inspect_file
 
     rep = _reporter(json_out, False)
-    rep.result(inspect_file(file, reporter=rep))
+    rep.result(inspect_file(file, reporter=rep, verify=verify))
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcli.errors import DataError, UsageError
+from kdcli.errors import DataError, ModelError, UsageError
 from kdcli.output import Reporter
 
 if TYPE_CHECKING:
@@ -34,7 +34,13 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,
     import torch
     import torch.nn.functional as F
 
-    if int(labels.max()) >= logits.shape[1]:
+    bad = ~torch.isfinite(logits).all(-1)
+    if bool(bad.any()):
+        rows = bad.nonzero()[:5, 0].tolist()
+        raise ModelError(f"the model outputs NaN or Inf on {int(bad.sum())} of {len(logits)} "
+                         f"examples (rows {rows})", "The model or its inputs are broken; check "
+                         "the model file and its --scale/--mean/--std")
+    if int(labels.max()) >= logits.shape[1] or int(labels.min()) < 0:
         raise DataError(f"labels go up to {int(labels.max())}, but the model has "
                         f"{logits.shape[1]} classes", "Evaluate on data with the model's classes")
     probs = logits.softmax(-1)

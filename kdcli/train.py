@@ -208,8 +208,7 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
                                                                             dtype=torch.float64)]))
                 sums, seen = totals[:-1], int(totals[-1])
             if not math.isfinite(float(sums[0])):
-                raise UsageError(f"training diverged in epoch {epoch + 1} (loss is not finite)",
-                                 f"Lower --lr, e.g. --lr {cfg.lr / 2:g}")
+                _diverged(model, epoch, cfg)
             record = {"epoch": epoch + 1, **{k: float(v / seen)
                                              for k, v in zip(stat_names, sums, strict=True)}}
             if eval_data is not None and dist.main:
@@ -237,6 +236,23 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
         gc.collect()
     model.cpu().eval()
     return history
+
+
+def _diverged(model: nn.Module, epoch: int, cfg: TrainConfig) -> None:
+    """Raise the error for a non-finite loss, naming the cause when it is not the lr."""
+    import torch
+
+    from kdcli.errors import ModelError
+
+    if cfg.lr * (1 + cfg.momentum) > 10:  # a step this large explodes any net
+        hint = f"Lower --lr, e.g. --lr {cfg.lr / 10:g}"
+    elif any(not bool(torch.isfinite(p).all()) for p in model.parameters()):
+        hint = f"Lower --lr, e.g. --lr {cfg.lr / 2:g}, or add a --warmup"
+    else:
+        raise ModelError(f"the loss became NaN or Inf in epoch {epoch + 1} while the weights "
+                         "stayed finite: the inputs or targets hold values the loss cannot "
+                         "take", "Check the data and transfer set (kdcli inspect --verify)")
+    raise UsageError(f"training diverged in epoch {epoch + 1} (loss is not finite)", hint)
 
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int, warmup_steps: int) -> float:
@@ -298,8 +314,9 @@ def _load_checkpoint(path: Path | None, fingerprint: dict, model, opt, gen):
         state = torch.load(path, map_location="cpu", weights_only=True)
         saved = json.loads(state["fingerprint"])
     except Exception as e:  # noqa: BLE001 - a damaged checkpoint
-        raise FormatError(f"checkpoint {path} is damaged ({e})",
-                          "Delete it and run without --resume") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise FormatError(f"checkpoint {path} is damaged ({type(e).__name__}: {first})",
+                          "Delete it and run without --resume") from None
     if saved != fingerprint:
         keys = sorted(k for k in set(saved) | set(fingerprint)
                       if saved.get(k) != fingerprint.get(k))
@@ -375,8 +392,8 @@ def _finish(model, arch, pre, num_classes, training, history, eval_ds, out, forc
 
 def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.safetensors",
           config: TrainConfig | None = None, eval_data: str | None = "auto",
-          limit: int | None = None, force: bool = False, resume: bool = False,
-          reporter: Reporter | None = None) -> dict[str, Any]:
+          limit: int | None = None, num_classes: int | None = None, force: bool = False,
+          resume: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
     """Train a kdcli model on hard labels (how users make teachers and baselines).
 
     Args:
@@ -386,6 +403,8 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
         config: Optimization settings.
         eval_data: Data for per-epoch test errors; ``auto`` is ``mnist:test`` for MNIST.
         limit: Use only the first N training examples.
+        num_classes: The model's class count (default: the largest label + 1, refused when
+            the labels do not support it; see :func:`class_count`).
         force: Overwrite ``out``.
         resume: Continue from ``out``'s checkpoint.
         reporter: Output sink.
@@ -412,7 +431,12 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
         raise UsageError(f"{ds.source} has no labels", "kdcli train needs labelled data")
     eval_spec = _default_eval(eval_data, ds.source)
     eval_ds = load_data(eval_spec) if eval_spec else None
-    num_classes = max(ds.num_classes or 0, eval_ds.num_classes or 0 if eval_ds else 0)
+    if eval_ds is not None and tuple(eval_ds.sample_shape) != tuple(ds.sample_shape):
+        raise UsageError(f"--eval-data {eval_spec} has examples of shape "
+                         f"{list(eval_ds.sample_shape)}, but {ds.source} has "
+                         f"{list(ds.sample_shape)}", "Pass --eval-data with matching examples, "
+                         "or --eval-data none")
+    num_classes = class_count(ds, eval_ds, num_classes)
     check_jitter(cfg.jitter, list(ds.sample_shape))
     torch.manual_seed(cfg.seed)
     pre = Preprocessing.fit(ds.inputs, _normalize(cfg, arch))
@@ -434,6 +458,38 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
                     **cfg.settings()}
         return _finish(model, arch, pre, num_classes, training, history, eval_ds, out, force,
                        cfg, rep, f"Trained {arch.spec()} on {ds.source}", start, dist)
+
+
+# A class count is refused (unless --num-classes is given) when more of its classes have no
+# training example than this, and than the classes that have one: a stray label of 1,000,000
+# among 500 examples would otherwise build a 1,000,001-class model.
+MAX_EMPTY_CLASSES = 10
+
+
+def class_count(ds: Data, eval_ds: Data | None, num_classes: int | None) -> int:
+    """The class count of a model trained on ``ds``: ``num_classes`` if given (it must cover
+    every label), else the largest label + 1 when the labels support it.
+
+    Raises:
+        UsageError: ``num_classes`` is too small, or (without it) more than
+            ``max(MAX_EMPTY_CLASSES, distinct labels)`` classes would have no example.
+    """
+    top = max(ds.num_classes or 0, eval_ds.num_classes or 0 if eval_ds else 0)
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not 1 <= num_classes <= 1 << 24:
+            raise UsageError(f"--num-classes must be from 1 to {1 << 24:,}, got {num_classes}",
+                             "Try --num-classes 10")
+        if num_classes < top:
+            raise UsageError(f"--num-classes {num_classes}, but the labels go up to {top - 1}",
+                             f"Pass --num-classes {top} or more")
+        return num_classes
+    distinct = int(ds.labels.unique().numel())
+    empty = top - distinct
+    if empty > max(MAX_EMPTY_CLASSES, distinct):
+        raise UsageError(f"the labels go up to {top - 1}, but only {distinct} distinct labels "
+                         f"occur: a {top:,}-class model would have {empty:,} classes with no "
+                         "example", "Check the labels, or pass --num-classes to mean it")
+    return top
 
 
 def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Architecture,
@@ -515,6 +571,12 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     labels = ts.columns["labels"] if alpha > 0 else None
     eval_spec = _default_eval(eval_data, str(ts.meta.get("data_source", "")))
     eval_ds = load_data(eval_spec) if eval_spec else None
+    inputs_shape = list(ts.columns["inputs"].shape[1:])
+    if eval_ds is not None and list(eval_ds.sample_shape) != inputs_shape:
+        raise UsageError(f"--eval-data {eval_spec} has examples of shape "
+                         f"{list(eval_ds.sample_shape)}, but the transfer set's are "
+                         f"{inputs_shape}", "Pass --eval-data with matching examples, or "
+                         "--eval-data none")
     if eval_ds is not None and eval_ds.labels is not None and (
             int(eval_ds.labels.max()) >= ts.num_classes):
         raise UsageError(f"--eval-data has labels up to {int(eval_ds.labels.max())}, but the "

@@ -476,9 +476,11 @@ class TransferSet:
         summing to 1 and equal to ``softmax(logits / T)`` (within :data:`SUM_TOLERANCE`),
         ensemble members finite. Top-k sets: ``topk_logits`` finite and non-increasing,
         indices in ``[0, C)`` and distinct per row, ``tail_logmass`` not NaN or positive.
-        Labels: in ``[0, C)``.
+        Labels: in ``[0, C)``. Float inputs: finite.
         """
         checks = _DENSE_CHECKS if self.storage == "dense" else _TOPK_CHECKS
+        if self.columns["inputs"].dtype.is_floating_point:
+            checks = (("inputs", _inputs_ok), *checks)
         for name, rule in (*checks, ("labels", _labels_ok)):
             if name not in self.columns:
                 continue
@@ -496,6 +498,11 @@ def _finite_rows(chunk: torch.Tensor) -> torch.Tensor:
     import torch
 
     return torch.isfinite(chunk.float()).reshape(len(chunk), -1).all(-1)
+
+
+def _inputs_ok(ts: TransferSet, start: int, chunk: torch.Tensor):
+    ok = _finite_rows(chunk)
+    return None if bool(ok.all()) else ("NaN or Inf in inputs", ok)
 
 
 def _logits_ok(ts: TransferSet, start: int, chunk: torch.Tensor):

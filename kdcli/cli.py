@@ -44,7 +44,8 @@ class _OneLineErrors(TyperGroup):
                 e.show()
                 sys.exit(code)
             ctx = getattr(e, "ctx", None)
-            where = f" Run '{ctx.command_path} --help' for the options" if ctx else ""
+            path = ctx.command_path if ctx is not None else "kdcli COMMAND"
+            where = f" Run '{path} --help' for the options"
             message = " ".join(str(fmt()).split()).rstrip(".")
             typer.echo(f"Error: {message}.{where}", err=True)
             sys.exit(code)

@@ -363,7 +363,9 @@ def _model_metadata(p: Path, meta: dict[str, str]
         num_classes = int(meta["num_classes"])
         training = json.loads(meta.get("training", "{}"))
     except (KeyError, TypeError, ValueError, RecursionError) as e:
-        raise FormatError(f"{p} has bad kdcli.model metadata ({str(e)[:100]})",
+        what = {KeyError: f"missing key {e}", TypeError: "fields it does not know or lacks",
+                RecursionError: "nested too deeply"}.get(type(e), str(e)[:100])
+        raise FormatError(f"{p} has bad kdcli.model metadata ({what})",
                           "Regenerate the file") from None
     try:
         arch.check()

@@ -85,6 +85,47 @@ TrainDeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, or auto (cuda when
 StopAfterOpt = Annotated[int | None, typer.Option(help="Stop after this epoch, keeping OUT.ckpt; continue later with --resume (for time-limited job slots).")]
 NormalizeOpt = Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="Zero-mean, unit-variance inputs, or only scaled (8-bit pixels to [0, 1]). Default: normalize unless --input-dropout is used, so that a dropped pixel is black.", show_default=False)]
 
+# How to feed a foreign model: the same options, from this one definition, for every command
+# that runs one (soft-targets, eval, calibrate-bias --teacher). Each is given once for all
+# models, or once per model; see model_options().
+ModelArchOpt = Annotated[list[str] | None, typer.Option("--arch", help="For a bare state dict: mlp:1200,1200, or package.module:factory, which IMPORTS AND RUNS that code (per model).")]
+InputShapeOpt = Annotated[list[str] | None, typer.Option(help="Per-example shape the model takes, e.g. 1,28,28 (per model).")]
+ScaleOpt = Annotated[list[float] | None, typer.Option(help="Divide raw inputs by this (per model).")]
+MeanOpt = Annotated[list[float] | None, typer.Option(help="Then subtract this (per model).")]
+StdOpt = Annotated[list[float] | None, typer.Option(help="Then divide by this (per model).")]
+ModelOutputOpt = Annotated[list[str] | None, typer.Option("--teacher-output", help="What the model outputs: logits, log-probs or probs (default: detected; per model).")]
+OutputNameOpt = Annotated[list[str] | None, typer.Option("--output", help="Which ONNX output to use (per model).")]
+TrustPickleOpt = Annotated[bool, typer.Option(help="Allow pickled nn.Modules: this RUNS CODE from the file.")]
+
+
+def model_options(count: int, *, arch: list[str] | None = None,
+                  input_shape: list[str] | None = None, scale: list[float] | None = None,
+                  mean: list[float] | None = None, std: list[float] | None = None,
+                  teacher_output: list[str] | None = None, output: list[str] | None = None,
+                  trust_pickle: bool = False) -> list:
+    """One :class:`~kdcli.teachers.TeacherOptions` per model from the shared model options.
+
+    Raises:
+        UsageError: an option was given neither once nor once per model.
+    """
+    from kdcli.teachers import TeacherOptions, parse_shape
+
+    per = {"arch": arch, "input_shape": input_shape, "scale": scale, "mean": mean, "std": std,
+           "teacher_output": teacher_output, "output": output}
+    for flag, values in per.items():
+        if values and len(values) not in (1, count):
+            raise UsageError(f"--{flag.replace('_', '-')} was given {len(values)} times for "
+                             f"{count} models", "Give it once for all models, or once per model")
+
+    def pick(values: list | None, i: int) -> Any:
+        return values[i if len(values) > 1 else 0] if values else None
+
+    return [TeacherOptions(arch=pick(arch, i),
+                           input_shape=parse_shape(pick(input_shape, i)) if input_shape else None,
+                           scale=pick(scale, i), mean=pick(mean, i), std=pick(std, i),
+                           output=pick(teacher_output, i), output_name=pick(output, i),
+                           trust_pickle=trust_pickle) for i in range(count)]
+
 
 # Commands that run under torchrun (the others refuse, rather than race on their outputs).
 DISTRIBUTED = ("train", "train-student", "soft-targets")
@@ -263,7 +304,14 @@ def eval_cmd(
     data: Annotated[str, typer.Option(help="Labelled data.")] = "mnist:test",
     limit: Annotated[int | None, typer.Option(help="Use only the first N examples.")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 1000,
-    trust_pickle: Annotated[bool, typer.Option(help="Allow pickled modules (runs code from the file).")] = False,
+    arch: ModelArchOpt = None,
+    input_shape: InputShapeOpt = None,
+    scale: ScaleOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    teacher_output: ModelOutputOpt = None,
+    output: OutputNameOpt = None,
+    trust_pickle: TrustPickleOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -271,8 +319,11 @@ def eval_cmd(
     from kdcli.evaluate import evaluate
 
     rep = _reporter(json_out, quiet)
+    opts = model_options(len(models), arch=arch, input_shape=input_shape, scale=scale,
+                         mean=mean, std=std, teacher_output=teacher_output, output=output,
+                         trust_pickle=trust_pickle)
     rep.result(evaluate([str(m) for m in models], data, limit=limit, batch_size=batch_size,
-                        trust_pickle=trust_pickle, reporter=rep))
+                        options=opts, reporter=rep))
 
 
 @command("soft-targets", "kdcli soft-targets teacher.safetensors --T 20 --out transfer.safetensors")
@@ -286,14 +337,14 @@ def soft_targets_cmd(
     batch_size: Annotated[int, typer.Option(help="Examples per teacher call.")] = 1024,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32 (exact) or bf16 autocast.")] = "fp32",
-    arch: Annotated[list[str] | None, typer.Option(help="For a bare state dict: mlp:1200,1200 or package.module:factory (per teacher).")] = None,
-    input_shape: Annotated[list[str] | None, typer.Option(help="Per-example shape the teacher takes, e.g. 1,28,28 (per teacher).")] = None,
-    scale: Annotated[list[float] | None, typer.Option(help="Divide raw inputs by this (per teacher).")] = None,
-    mean: Annotated[list[float] | None, typer.Option(help="Then subtract this (per teacher).")] = None,
-    std: Annotated[list[float] | None, typer.Option(help="Then divide by this (per teacher).")] = None,
-    teacher_output: Annotated[list[str] | None, typer.Option(help="logits, log-probs or probs (default: detected).")] = None,
-    output: Annotated[list[str] | None, typer.Option(help="Which ONNX output to use (per teacher).")] = None,
-    trust_pickle: Annotated[bool, typer.Option(help="Allow pickled nn.Modules: this RUNS CODE from the file.")] = False,
+    arch: ModelArchOpt = None,
+    input_shape: InputShapeOpt = None,
+    scale: ScaleOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    teacher_output: ModelOutputOpt = None,
+    output: OutputNameOpt = None,
+    trust_pickle: TrustPickleOpt = False,
     classes: Annotated[str | None, typer.Option(help="Keep only these labels, e.g. 7,8.")] = None,
     exclude_classes: Annotated[str | None, typer.Option(help="Drop these labels, e.g. 3.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N examples.")] = None,
@@ -314,22 +365,11 @@ def soft_targets_cmd(
     number of examples; under torchrun each rank runs the teachers on its own share.
     """
     from kdcli.soft_targets import soft_targets
-    from kdcli.teachers import TeacherOptions, parse_shape
 
     rep = _reporter(json_out, quiet)
-    m = len(teachers)
-    per = {"arch": arch, "input_shape": input_shape, "scale": scale, "mean": mean, "std": std,
-           "output": teacher_output, "output_name": output}
-    for flag, values in per.items():
-        if values and len(values) not in (1, m):
-            raise UsageError(f"--{flag.replace('_', '-')} was given {len(values)} times for {m} "
-                             "teachers", "Give it once for all teachers, or once per teacher")
-    pick = lambda values, i: values[i if len(values) > 1 else 0] if values else None  # noqa: E731
-    opts = [TeacherOptions(arch=pick(arch, i),
-                           input_shape=parse_shape(pick(input_shape, i)) if input_shape else None,
-                           scale=pick(scale, i), mean=pick(mean, i), std=pick(std, i),
-                           output=pick(teacher_output, i), output_name=pick(output, i),
-                           trust_pickle=trust_pickle) for i in range(m)]
+    opts = model_options(len(teachers), arch=arch, input_shape=input_shape, scale=scale,
+                         mean=mean, std=std, teacher_output=teacher_output, output=output,
+                         trust_pickle=trust_pickle)
     rep.result(soft_targets(
         [str(t) for t in teachers], T, data, out, options=opts, combine=combine,
         weights=_floats(weights, "--weights"), batch_size=batch_size, device=device,
@@ -420,6 +460,14 @@ def calibrate_bias_cmd(
     target: Annotated[str, typer.Option(help="teacher (mean soft prediction at T=1) or labels (label frequencies).")] = "teacher",
     classes: Annotated[str | None, typer.Option(help="Only shift these classes' biases, e.g. 3.")] = None,
     eval_data: Annotated[str | None, typer.Option(help="Labelled data to report errors before and after.")] = None,
+    arch: ModelArchOpt = None,
+    input_shape: InputShapeOpt = None,
+    scale: ScaleOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    teacher_output: ModelOutputOpt = None,
+    output: OutputNameOpt = None,
+    trust_pickle: TrustPickleOpt = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -432,7 +480,10 @@ def calibrate_bias_cmd(
     from kdcli.calibrate import calibrate_bias
 
     rep = _reporter(json_out, quiet)
+    opts = model_options(1, arch=arch, input_shape=input_shape, scale=scale, mean=mean, std=std,
+                         teacher_output=teacher_output, output=output, trust_pickle=trust_pickle)
     rep.result(calibrate_bias(model, out, data=data, teacher=teacher, transfer=transfer,
+                              options=opts[0],
                               target=target, classes=_ints(classes, "--classes"),
                               eval_data=eval_data, force=force, reporter=rep))
 

@@ -60,8 +60,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,
 
 
 def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int | None = None,
-             batch_size: int = 1000, trust_pickle: bool = False,
-             reporter: Reporter | None = None) -> dict[str, Any]:
+             batch_size: int = 1000, options: list | None = None,
+             trust_pickle: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
     """Evaluate one or more models (any teacher format) on labelled data.
 
     Args:
@@ -69,7 +69,10 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
         data: A labelled data spec.
         limit: Use only the first N examples.
         batch_size: Examples per forward pass.
-        trust_pickle: Allow pickled modules (runs code from the file).
+        options: How to feed each model (:class:`kdcli.teachers.TeacherOptions`, one for all
+            or one per model); the CLI builds them from the shared model options.
+        trust_pickle: Allow pickled modules (runs code from the file), when ``options`` is
+            not given.
         reporter: Output sink.
 
     Returns:
@@ -86,9 +89,13 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
     ds = load_data(data, limit=limit)
     if ds.labels is None:
         raise DataError(f"{ds.source} has no labels", "Evaluate on labelled data, e.g. mnist:test")
+    opts = options or [TeacherOptions(trust_pickle=trust_pickle)]
+    if len(opts) not in (1, len(models)):
+        raise UsageError(f"got options for {len(opts)} models but {len(models)} models",
+                         "Give the model options once for all models, or once per model")
     results, preds = [], []
-    for path in models:
-        t = load_teacher(path, TeacherOptions(trust_pickle=trust_pickle), role="model")
+    for i, path in enumerate(models):
+        t = load_teacher(path, opts[i if len(opts) > 1 else 0], role="model")
         with rep.progress(f"eval {t.name}", len(ds)) as advance:
             def fn(x, t=t, advance=advance):
                 y = t.logits(x)

@@ -195,7 +195,7 @@ def test_per_teacher_preprocessing_flags(cli, tmp_path):
     assert [t["input_shape"] for t in teachers] == [[784], [784]]
     r = cli("soft-targets", a, b, "--data", "mnist[:64]", "--scale", "1", "--scale", "2",
             "--scale", "3", "--force")
-    assert r.exit_code == 1 and "once per teacher" in r.stderr
+    assert r.exit_code == 1 and "once per model" in r.stderr
 
 
 def test_reader_rejects_damaged_transfer_sets(tmp_path, transfer_file):

@@ -429,3 +429,32 @@ def test_truncated_onnx_in_inspect(cli, tmp_path):
     p = tmp_path / "cut.onnx"
     p.write_bytes(data[: len(data) // 2])
     one_line_error(cli("inspect", p))
+
+
+MODEL_INPUT_OPTIONS = {"--arch", "--input-shape", "--scale", "--mean", "--std",
+                       "--teacher-output", "--output", "--trust-pickle"}
+
+
+def test_every_command_that_runs_a_model_takes_the_same_model_options(cli, tmp_path, tiny,
+                                                                      teacher_file):
+    import typer
+
+    from kdcli.cli import app
+
+    group = typer.main.get_command(app)
+    for name in ("soft-targets", "eval", "calibrate-bias"):
+        flags = {o for p in group.commands[name].params for o in p.opts}
+        assert flags >= MODEL_INPUT_OPTIONS, (name, MODEL_INPUT_OPTIONS - flags)
+    p = tmp_path / "tiny.pt"
+    torch.jit.save(torch.jit.script(tiny), str(p))
+    runs = [cli("eval", p, "--data", "mnist:test[:200]", "--json", *extra)
+            for extra in ([], ["--scale", "255"])]
+    assert all(r.exit_code == 0 for r in runs), runs[0].stderr
+    nll = [json.loads(r.stdout)["models"][0]["nll"] for r in runs]
+    assert nll[0] != nll[1]  # --scale reached the model
+    one_line_error(cli("eval", p, p, "--data", "mnist:test[:20]", "--scale", "1", "--scale", "2",
+                       "--scale", "3"), match="once per model")
+    r = cli("calibrate-bias", "--model", teacher_file, "--teacher", p, "--scale", "255",
+            "--data", "mnist[:300]", "--out", "c.safetensors", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["target"] == "teacher"

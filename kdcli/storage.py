@@ -298,6 +298,33 @@ def data_sha256(mapped: MappedFile, also: tuple[int, int] | None = None,
     return h.hexdigest()
 
 
+def map_npy(path: str | Path) -> tuple[torch.Tensor, MappedFile] | None:
+    """Memory-map a C-ordered ``.npy`` array; None if it needs a plain ``np.load``."""
+    import numpy as np
+    import torch
+
+    p = Path(path)
+    with open(p, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = reader(f)
+        except ValueError:
+            return None
+        offset = f.tell()
+    if fortran or dtype.hasobject or not dtype.isnative:
+        return None
+    try:
+        tdtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+    except TypeError:
+        return None
+    if offset + math.prod(shape) * dtype.itemsize > p.stat().st_size:
+        return None  # truncated: let np.load report it
+    mapped = MappedFile(p)
+    return mapped.tensor(offset, tdtype, list(shape)), mapped
+
+
 class SafetensorsWriter:
     """Write a safetensors file whose tensors arrive in chunks, in any order.
 

@@ -458,3 +458,10 @@ def test_every_command_that_runs_a_model_takes_the_same_model_options(cli, tmp_p
             "--data", "mnist[:300]", "--out", "c.safetensors", "--json")
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["target"] == "teacher"
+
+
+def test_opset_is_honoured(cli, teacher_file):
+    r = cli("export", "o.onnx", "--model", teacher_file, "--data", "mnist:test[:50]",
+            "--opset", "20", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["opset"] == 20

@@ -132,12 +132,13 @@ DISTRIBUTED = ("train", "train-student", "soft-targets")
 
 
 @contextlib.contextmanager
-def _quiet_libraries() -> Iterator[None]:
+def _quiet_libraries(show: bool = True) -> Iterator[None]:
     """Hold back library warnings and log records while a command runs.
 
     torch and onnx warn or log (sometimes a whole traceback) before raising the error kdcli
-    then reports on one line. The held warnings are shown if the command succeeds, and
-    dropped if it fails; with KDCLI_DEBUG=1 everything is shown as it happens.
+    then reports on one line. The held warnings are shown if the command succeeds (and
+    ``show``: not with --json or --quiet), and dropped if it fails; with KDCLI_DEBUG=1
+    everything is shown as it happens.
     """
     if os.environ.get("KDCLI_DEBUG") == "1":
         yield
@@ -149,13 +150,12 @@ def _quiet_libraries() -> Iterator[None]:
     ok = False
     try:
         with warnings.catch_warnings(record=True) as held:
-            warnings.simplefilter("default")
             yield
         ok = True
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
-        if ok:
+        if ok and show:
             for w in held:
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
@@ -171,7 +171,7 @@ def command(name: str, example: str) -> Callable[[F], F]:
                     raise UsageError(f"kdcli {name} does not run under torchrun",
                                      f"Run it as one process; {', '.join(DISTRIBUTED)} "
                                      "can be distributed")
-                with _quiet_libraries():
+                with _quiet_libraries(not (kwargs.get("json_out") or kwargs.get("quiet"))):
                     return fn(*args, **kwargs)
             except (typer.Exit, typer.Abort):
                 raise

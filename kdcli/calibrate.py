@@ -68,7 +68,7 @@ def calibrate_bias(model: str | Path = "student.safetensors",
                    out: str | Path = "calibrated.safetensors", *, data: str | None = None,
                    teacher: str | Path | None = None, transfer: str | Path | None = None,
                    target: str = "teacher", classes: list[int] | None = None,
-                   eval_data: str | None = None, force: bool = False,
+                   eval_data: str | None = None, options: Any = None, force: bool = False,
                    reporter: Reporter | None = None,
                    data_options: DataOptions | None = None) -> dict[str, Any]:
     """Fit per-class bias shifts for a kdcli model and write the shifted model.
@@ -84,6 +84,7 @@ def calibrate_bias(model: str | Path = "student.safetensors",
         target: ``teacher`` or ``labels`` (the label frequencies of ``data``).
         classes: Only these classes' biases may move (default: all).
         eval_data: Labelled data to report test errors before and after.
+        options: How to feed ``teacher`` (:class:`kdcli.teachers.TeacherOptions`).
         force: Overwrite ``out``.
         reporter: Output sink.
         data_options: How a table or image folder is read (default: as the model records).
@@ -126,7 +127,7 @@ def calibrate_bias(model: str | Path = "student.safetensors",
                 raise DataError(f"{ds.source} has no labels", "Use --target teacher")
             pi = torch.bincount(ds.labels, minlength=c).double() / len(ds)
         else:
-            t = load_teacher(teacher)
+            t = load_teacher(teacher, options)
             with rep.progress("teacher", len(inputs)) as advance:
                 def run(x, advance=advance):
                     advance(len(x))

@@ -7,21 +7,54 @@ onnxruntime) happen inside those functions, so ``kdcli --help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from kdcli import __version__
 from kdcli.errors import UsageError, user_message
 
+
+class _OneLineErrors(TyperGroup):
+    """The command group: usage errors (unknown option, bad value) become one line, exit 2."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:
+            typer.echo("Error: aborted", err=True)
+            sys.exit(1)
+        except Exception as e:  # click's usage errors; typer does not re-export the class
+            code, fmt = getattr(e, "exit_code", None), getattr(e, "format_message", None)
+            if not isinstance(code, int) or fmt is None:
+                raise
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare "kdcli": show the help
+                e.show()
+                sys.exit(code)
+            ctx = getattr(e, "ctx", None)
+            path = ctx.command_path if ctx is not None else "kdcli COMMAND"
+            where = f" Run '{path} --help' for the options"
+            message = " ".join(str(fmt()).split()).rstrip(".")
+            typer.echo(f"Error: {message}.{where}", err=True)
+            sys.exit(code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
     name="kdcli",
+    cls=_OneLineErrors,
     help="Distil saved neural networks into small, deployable ones "
     "(Hinton, Vinyals & Dean, 2015).\n\n"
     "Typical run: kdcli train (a teacher) -> kdcli soft-targets -> kdcli train-student -> "
@@ -76,9 +109,80 @@ def _data_options(label_column: str | None, feature_columns: str | None,
     opts.check()
     return opts
 
+# How to feed a foreign model: the same options, from this one definition, for every command
+# that runs one (soft-targets, eval, calibrate-bias --teacher). Each is given once for all
+# models, or once per model; see model_options().
+ModelArchOpt = Annotated[list[str] | None, typer.Option("--arch", help="For a bare state dict: mlp:1200,1200, or package.module:factory, which IMPORTS AND RUNS your code (the working folder is on the import path); the factory must be a class or function of your own that returns an nn.Module (per model).")]
+InputShapeOpt = Annotated[list[str] | None, typer.Option(help="Per-example shape the model takes, e.g. 1,28,28 (per model).")]
+ScaleOpt = Annotated[list[float] | None, typer.Option(help="Divide raw inputs by this (per model).")]
+MeanOpt = Annotated[list[str] | None, typer.Option(help="Then subtract this: one value, or one per channel or feature, comma-separated (per model).")]
+StdOpt = Annotated[list[str] | None, typer.Option(help="Then divide by this: one value, or one per channel or feature (per model).")]
+ModelOutputOpt = Annotated[list[str] | None, typer.Option("--teacher-output", help="What the model outputs: logits, log-probs or probs (default: detected; per model).")]
+OutputNameOpt = Annotated[list[str] | None, typer.Option("--output", help="Which ONNX output to use (per model).")]
+TrustPickleOpt = Annotated[bool, typer.Option(help="Allow pickled nn.Modules: this RUNS CODE from the file.")]
+
+
+def model_options(count: int, *, arch: list[str] | None = None,
+                  input_shape: list[str] | None = None, scale: list[float] | None = None,
+                  mean: list[str] | None = None, std: list[str] | None = None,
+                  teacher_output: list[str] | None = None, output: list[str] | None = None,
+                  trust_pickle: bool = False) -> list:
+    """One :class:`~kdcli.teachers.TeacherOptions` per model from the shared model options.
+
+    Raises:
+        UsageError: an option was given neither once nor once per model.
+    """
+    from kdcli.teachers import TeacherOptions, parse_shape
+
+    per = {"arch": arch, "input_shape": input_shape, "scale": scale, "mean": mean, "std": std,
+           "teacher_output": teacher_output, "output": output}
+    for flag, values in per.items():
+        if values and len(values) not in (1, count):
+            raise UsageError(f"--{flag.replace('_', '-')} was given {len(values)} times for "
+                             f"{count} models", "Give it once for all models, or once per model")
+
+    def pick(values: list | None, i: int) -> Any:
+        return values[i if len(values) > 1 else 0] if values else None
+
+    return [TeacherOptions(arch=pick(arch, i),
+                           input_shape=parse_shape(pick(input_shape, i)) if input_shape else None,
+                           scale=pick(scale, i), mean=_stats(pick(mean, i), "--mean"),
+                           std=_stats(pick(std, i), "--std"), output=pick(teacher_output, i),
+                           output_name=pick(output, i), trust_pickle=trust_pickle)
+            for i in range(count)]
+
 
 # Commands that run under torchrun (the others refuse, rather than race on their outputs).
 DISTRIBUTED = ("train", "train-student", "soft-targets")
+
+
+@contextlib.contextmanager
+def _quiet_libraries(show: bool = True) -> Iterator[None]:
+    """Hold back library warnings and log records while a command runs.
+
+    torch and onnx warn or log (sometimes a whole traceback) before raising the error kdcli
+    then reports on one line. The held warnings are shown if the command succeeds (and
+    ``show``: not with --json or --quiet), and dropped if it fails; with KDCLI_DEBUG=1
+    everything is shown as it happens.
+    """
+    if os.environ.get("KDCLI_DEBUG") == "1":
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("torch", "onnx", "onnxscript", "onnxruntime")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    ok = False
+    try:
+        with warnings.catch_warnings(record=True) as held:
+            yield
+        ok = True
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+        if ok and show:
+            for w in held:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def command(name: str, example: str) -> Callable[[F], F]:
@@ -94,7 +198,8 @@ def command(name: str, example: str) -> Callable[[F], F]:
                     raise UsageError(f"kdcli {name} does not run under torchrun",
                                      f"Run it as one process; {', '.join(DISTRIBUTED)} "
                                      "can be distributed")
-                with handle_signals():
+                with handle_signals(), _quiet_libraries(
+                        not (kwargs.get("json_out") or kwargs.get("quiet"))):
                     return fn(*args, **kwargs)
             except (typer.Exit, typer.Abort):
                 raise
@@ -121,8 +226,7 @@ def command(name: str, example: str) -> Callable[[F], F]:
 def _reporter(json_out: bool, quiet: bool):
     from kdcli.output import Reporter
 
-    if json_out and quiet:
-        raise UsageError("--json and --quiet exclude each other", "Pass only one")
+    # --json --quiet: the JSON result on stdout, and nothing on stderr
     return Reporter("json" if json_out else "quiet" if quiet else "rich")
 
 
@@ -152,15 +256,23 @@ def _stats(text: str | None, flag: str) -> float | list[float] | None:
     return values[0] if len(values) == 1 else values
 
 
-def _arch(arch: str | None, hidden: int, layers: int, **kw: Any):
+def _arch(arch: str | None, hidden: int | None, layers: int | None, defaults: tuple[int, int],
+          **kw: Any):
+    """The architecture of --arch, or of --hidden/--layers (``defaults`` when not given)."""
+    from kdcli.checks import check_width
     from kdcli.models import Architecture
 
     if arch:
+        given = [f for f, v in (("--hidden", hidden), ("--layers", layers)) if v is not None]
+        if given:
+            raise UsageError(f"--arch {arch} conflicts with {' and '.join(given)}",
+                             "Give the widths in --arch (e.g. mlp:300,300), or drop --arch")
         return Architecture.parse(arch, **kw)
-    if layers < 0:
-        raise UsageError(f"--layers must be 0 or more, got {layers}", "Try --layers 2")
-    if hidden <= 0:
-        raise UsageError(f"--hidden must be positive, got {hidden}", "Try --hidden 300")
+    hidden = defaults[0] if hidden is None else hidden
+    layers = defaults[1] if layers is None else layers
+    if not 0 <= layers <= 64:
+        raise UsageError(f"--layers must be from 0 to 64, got {layers}", "Try --layers 2")
+    check_width(hidden)
     a = Architecture("mlp", hidden=[hidden] * layers, **kw)
     a.check()
     return a
@@ -184,8 +296,8 @@ def _root(
          "--input-dropout 0.2 --max-norm 3.5 --jitter 2 --epochs 60 --out teacher.safetensors")
 def train_cmd(
     data: Annotated[str, typer.Option(help="Labelled training data: mnist, a path, ...[:N].")] = "mnist",
-    hidden: Annotated[int, typer.Option(help="MLP hidden width.")] = 800,
-    layers: Annotated[int, typer.Option(help="Number of MLP hidden layers.")] = 2,
+    hidden: Annotated[int | None, typer.Option(help="MLP hidden width  [default: 800]", show_default=False)] = None,
+    layers: Annotated[int | None, typer.Option(help="Number of MLP hidden layers  [default: 2]", show_default=False)] = None,
     arch: Annotated[str | None, typer.Option(help="Architecture spec instead of --hidden/--layers: mlp:1200,1200 or cnn:0.5.")] = None,
     dropout: Annotated[float, typer.Option(help="Dropout on hidden units.")] = 0.0,
     input_dropout: Annotated[float, typer.Option(help="Dropout on inputs (MLP).")] = 0.0,
@@ -203,6 +315,7 @@ def train_cmd(
     seed: SeedOpt = 0,
     eval_data: EvalDataOpt = "auto",
     limit: Annotated[int | None, typer.Option(help="Use only the first N examples.")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="Classes of the model (default: largest label + 1, refused if most of them would have no example).")] = None,
     out: Annotated[Path, typer.Option(help="Output model file.")] = Path("model.safetensors"),
     resume: ResumeOpt = False,
     dry_run: DryRunOpt = False,
@@ -223,12 +336,13 @@ def train_cmd(
 
     rep = _reporter(json_out, quiet)
     dopts = _data_options(label_column, feature_columns, channels, image_size)
-    a = _arch(arch, hidden, layers, dropout=dropout, input_dropout=input_dropout, max_norm=max_norm)
+    a = _arch(arch, hidden, layers, (800, 2), dropout=dropout, input_dropout=input_dropout, max_norm=max_norm)
     cfg = TrainConfig(epochs, batch_size, lr, optimizer, momentum, weight_decay, schedule,
                       precision, jitter, seed, dry_run, normalize, stop_after, device, warmup,
                       normalize_by=normalize_by)
     rep.result(train(data, arch=a, out=out, config=cfg, eval_data=eval_data, limit=limit,
-                     force=force, resume=resume, reporter=rep, data_options=dopts))
+                     num_classes=num_classes, force=force, resume=resume, reporter=rep,
+                     data_options=dopts))
 
 
 @command("eval", "kdcli eval teacher.safetensors student.safetensors student.onnx --data mnist:test")
@@ -237,7 +351,14 @@ def eval_cmd(
     data: Annotated[str, typer.Option(help="Labelled data.")] = "mnist:test",
     limit: Annotated[int | None, typer.Option(help="Use only the first N examples.")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 1000,
-    trust_pickle: Annotated[bool, typer.Option(help="Allow pickled modules (runs code from the file).")] = False,
+    arch: ModelArchOpt = None,
+    input_shape: InputShapeOpt = None,
+    scale: ScaleOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    teacher_output: ModelOutputOpt = None,
+    output: OutputNameOpt = None,
+    trust_pickle: TrustPickleOpt = False,
     label_column: LabelColumnOpt = None,
     feature_columns: FeatureColumnsOpt = None,
     channels: ChannelsOpt = None,
@@ -250,8 +371,11 @@ def eval_cmd(
 
     rep = _reporter(json_out, quiet)
     dopts = _data_options(label_column, feature_columns, channels, image_size)
+    opts = model_options(len(models), arch=arch, input_shape=input_shape, scale=scale,
+                         mean=mean, std=std, teacher_output=teacher_output, output=output,
+                         trust_pickle=trust_pickle)
     rep.result(evaluate([str(m) for m in models], data, limit=limit, batch_size=batch_size,
-                        trust_pickle=trust_pickle, reporter=rep, data_options=dopts))
+                        options=opts, reporter=rep, data_options=dopts))
 
 
 @command("soft-targets", "kdcli soft-targets teacher.safetensors --T 20 --out transfer.safetensors")
@@ -265,14 +389,14 @@ def soft_targets_cmd(
     batch_size: Annotated[int, typer.Option(help="Examples per teacher call.")] = 1024,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32 (exact) or bf16 autocast.")] = "fp32",
-    arch: Annotated[list[str] | None, typer.Option(help="For a bare state dict: mlp:1200,1200, or package.module:factory, which IMPORTS AND RUNS your code (the working folder is on the import path); the factory must be a class or function of your own that returns an nn.Module (per teacher).")] = None,
-    input_shape: Annotated[list[str] | None, typer.Option(help="Per-example shape the teacher takes, e.g. 1,28,28 (per teacher).")] = None,
-    scale: Annotated[list[float] | None, typer.Option(help="Divide raw inputs by this (per teacher).")] = None,
-    mean: Annotated[list[str] | None, typer.Option(help="Then subtract this: one value, or one per channel or feature, comma-separated (per teacher).")] = None,
-    std: Annotated[list[str] | None, typer.Option(help="Then divide by this: one value, or one per channel or feature (per teacher).")] = None,
-    teacher_output: Annotated[list[str] | None, typer.Option(help="logits, log-probs or probs (default: detected).")] = None,
-    output: Annotated[list[str] | None, typer.Option(help="Which ONNX output to use (per teacher).")] = None,
-    trust_pickle: Annotated[bool, typer.Option(help="Allow pickled nn.Modules: this RUNS CODE from the file.")] = False,
+    arch: ModelArchOpt = None,
+    input_shape: InputShapeOpt = None,
+    scale: ScaleOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    teacher_output: ModelOutputOpt = None,
+    output: OutputNameOpt = None,
+    trust_pickle: TrustPickleOpt = False,
     classes: Annotated[str | None, typer.Option(help="Keep only these labels, e.g. 7,8.")] = None,
     exclude_classes: Annotated[str | None, typer.Option(help="Drop these labels, e.g. 3.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N examples.")] = None,
@@ -297,24 +421,12 @@ def soft_targets_cmd(
     number of examples; under torchrun each rank runs the teachers on its own share.
     """
     from kdcli.soft_targets import soft_targets
-    from kdcli.teachers import TeacherOptions, parse_shape
 
     rep = _reporter(json_out, quiet)
     dopts = _data_options(label_column, feature_columns, channels, image_size)
-    m = len(teachers)
-    per = {"arch": arch, "input_shape": input_shape, "scale": scale, "mean": mean, "std": std,
-           "output": teacher_output, "output_name": output}
-    for flag, values in per.items():
-        if values and len(values) not in (1, m):
-            raise UsageError(f"--{flag.replace('_', '-')} was given {len(values)} times for {m} "
-                             "teachers", "Give it once for all teachers, or once per teacher")
-    pick = lambda values, i: values[i if len(values) > 1 else 0] if values else None  # noqa: E731
-    opts = [TeacherOptions(arch=pick(arch, i),
-                           input_shape=parse_shape(pick(input_shape, i)) if input_shape else None,
-                           scale=pick(scale, i), mean=_stats(pick(mean, i), "--mean"),
-                           std=_stats(pick(std, i), "--std"),
-                           output=pick(teacher_output, i), output_name=pick(output, i),
-                           trust_pickle=trust_pickle) for i in range(m)]
+    opts = model_options(len(teachers), arch=arch, input_shape=input_shape, scale=scale,
+                         mean=mean, std=std, teacher_output=teacher_output, output=output,
+                         trust_pickle=trust_pickle)
     rep.result(soft_targets(
         [str(t) for t in teachers], T, data, out, options=opts, combine=combine,
         weights=_floats(weights, "--weights"), batch_size=batch_size, device=device,
@@ -327,8 +439,8 @@ def soft_targets_cmd(
 @command("train-student", "kdcli train-student --hidden 300 --alpha 0.1")
 def train_student_cmd(
     transfer: Annotated[Path, typer.Option(help="Transfer set from soft-targets (a file, or a sharded set's .index.json).")] = Path("transfer.safetensors"),
-    hidden: Annotated[int, typer.Option(help="Student MLP hidden width.")] = 300,
-    layers: Annotated[int, typer.Option(help="Student MLP hidden layers.")] = 2,
+    hidden: Annotated[int | None, typer.Option(help="Student MLP hidden width  [default: 300]", show_default=False)] = None,
+    layers: Annotated[int | None, typer.Option(help="Student MLP hidden layers  [default: 2]", show_default=False)] = None,
     arch: Annotated[str | None, typer.Option(help="Student spec instead of --hidden/--layers: mlp:800,800 or cnn:0.25.")] = None,
     dropout: Annotated[float, typer.Option(help="Dropout on hidden units.")] = 0.0,
     alpha: Annotated[float, typer.Option(help="Weight on the hard labels, in [0, 1].")] = 0.1,
@@ -371,7 +483,7 @@ def train_student_cmd(
 
     rep = _reporter(json_out, quiet)
     dopts = _data_options(label_column, feature_columns, channels, image_size)
-    a = _arch(arch, hidden, layers, dropout=dropout)
+    a = _arch(arch, hidden, layers, (300, 2), dropout=dropout)
     cfg = TrainConfig(epochs, batch_size, lr, optimizer, momentum, weight_decay, schedule,
                       precision, 0, seed, dry_run, normalize, stop_after, device, warmup,
                       normalize_by=normalize_by)
@@ -419,6 +531,14 @@ def calibrate_bias_cmd(
     target: Annotated[str, typer.Option(help="teacher (mean soft prediction at T=1) or labels (label frequencies).")] = "teacher",
     classes: Annotated[str | None, typer.Option(help="Only shift these classes' biases, e.g. 3.")] = None,
     eval_data: Annotated[str | None, typer.Option(help="Labelled data to report errors before and after.")] = None,
+    arch: ModelArchOpt = None,
+    input_shape: InputShapeOpt = None,
+    scale: ScaleOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    teacher_output: ModelOutputOpt = None,
+    output: OutputNameOpt = None,
+    trust_pickle: TrustPickleOpt = False,
     label_column: LabelColumnOpt = None,
     feature_columns: FeatureColumnsOpt = None,
     channels: ChannelsOpt = None,
@@ -437,7 +557,10 @@ def calibrate_bias_cmd(
     rep = _reporter(json_out, quiet)
     given = (label_column, feature_columns, channels, image_size) != (None, None, None, None)
     dopts = _data_options(label_column, feature_columns, channels, image_size) if given else None
+    opts = model_options(1, arch=arch, input_shape=input_shape, scale=scale, mean=mean, std=std,
+                         teacher_output=teacher_output, output=output, trust_pickle=trust_pickle)
     rep.result(calibrate_bias(model, out, data=data, teacher=teacher, transfer=transfer,
+                              options=opts[0],
                               target=target, classes=_ints(classes, "--classes"),
                               eval_data=eval_data, force=force, reporter=rep,
                               data_options=dopts))
@@ -484,13 +607,14 @@ def sweep_cmd(
 @command("inspect", "kdcli inspect transfer.safetensors")
 def inspect_cmd(
     file: Annotated[Path, typer.Argument(help="A transfer set, kdcli model or ONNX export.")],
+    verify: Annotated[bool, typer.Option(help="Transfer sets: also verify the checksums and every stored row (as training does).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Show a file's format, metadata, tensors and dark knowledge."""
     from kdcli.inspection import inspect_file
 
     rep = _reporter(json_out, False)
-    rep.result(inspect_file(file, reporter=rep))
+    rep.result(inspect_file(file, reporter=rep, verify=verify))
 
 
 def main() -> None:

@@ -78,6 +78,9 @@ def user_message(exc: BaseException) -> tuple[str, int]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return (f"a distributed collective failed ({first}). Another rank probably failed "
                 "or timed out; see its error above (KDCLI_DIST_TIMEOUT sets the timeout)", 1)
+    if isinstance(exc, RecursionError):
+        return ("an input file nests its structure too deeply to read. Check that the file "
+                "is what it claims to be", 1)
     if isinstance(exc, MemoryError):
         return "out of memory. Lower --batch-size or use a smaller --limit", 1
     if isinstance(exc, FileNotFoundError):

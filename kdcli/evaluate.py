@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcli.errors import DataError, UsageError
+from kdcli.errors import DataError, ModelError, UsageError
 from kdcli.output import Reporter
 
 if TYPE_CHECKING:
@@ -36,7 +36,13 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,
     import torch
     import torch.nn.functional as F
 
-    if int(labels.max()) >= logits.shape[1]:
+    bad = ~torch.isfinite(logits).all(-1)
+    if bool(bad.any()):
+        rows = bad.nonzero()[:5, 0].tolist()
+        raise ModelError(f"the model outputs NaN or Inf on {int(bad.sum())} of {len(logits)} "
+                         f"examples (rows {rows})", "The model or its inputs are broken; check "
+                         "the model file and its --scale/--mean/--std")
+    if int(labels.max()) >= logits.shape[1] or int(labels.min()) < 0:
         raise DataError(f"labels go up to {int(labels.max())}, but the model has "
                         f"{logits.shape[1]} classes", "Evaluate on data with the model's classes")
     probs = logits.softmax(-1)
@@ -56,8 +62,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,
 
 
 def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int | None = None,
-             batch_size: int = 1000, trust_pickle: bool = False,
-             reporter: Reporter | None = None,
+             batch_size: int = 1000, options: list | None = None,
+             trust_pickle: bool = False, reporter: Reporter | None = None,
              data_options: DataOptions | None = None) -> dict[str, Any]:
     """Evaluate one or more models (any teacher format) on labelled data.
 
@@ -66,7 +72,10 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
         data: A labelled data spec.
         limit: Use only the first N examples.
         batch_size: Examples per forward pass.
-        trust_pickle: Allow pickled modules (runs code from the file).
+        options: How to feed each model (:class:`kdcli.teachers.TeacherOptions`, one for all
+            or one per model); the CLI builds them from the shared model options.
+        trust_pickle: Allow pickled modules (runs code from the file), when ``options`` is
+            not given.
         reporter: Output sink.
         data_options: How a table or image folder given as ``data`` is read.
 
@@ -85,14 +94,18 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
     ds = load_data(data, limit=limit, options=data_options)
     if ds.labels is None:
         raise DataError(f"{ds.source} has no labels", "Evaluate on labelled data, e.g. mnist:test")
+    opts = options or [TeacherOptions(trust_pickle=trust_pickle)]
+    if len(opts) not in (1, len(models)):
+        raise UsageError(f"got options for {len(opts)} models but {len(models)} models",
+                         "Give the model options once for all models, or once per model")
     class_names = ds.class_names
     for path in models:
         theirs = file_class_names(path)
         check_same_classes(theirs, Path(path).name, ds.class_names, ds.source)
         class_names = class_names or theirs
     results, preds = [], []
-    for path in models:
-        t = load_teacher(path, TeacherOptions(trust_pickle=trust_pickle), role="model")
+    for i, path in enumerate(models):
+        t = load_teacher(path, opts[i if len(opts) > 1 else 0], role="model")
         with rep.progress(f"eval {t.name}", len(ds)) as advance:
             def fn(x, t=t, advance=advance):
                 y = t.logits(x)

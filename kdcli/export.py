@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcli import __version__
+from kdcli.checks import check_opset
 from kdcli.errors import ExportError, FormatError, UsageError
 from kdcli.files import atomic_output, check_output, require_file
 from kdcli.output import Reporter
@@ -69,6 +70,7 @@ def main_export(model: str | Path = "student.safetensors", output: str | Path = 
     if outputs not in OUTPUT_MODES:
         raise UsageError(f"unknown --outputs {outputs!r}", "Use logits, probs or both")
     fixed = _parse_batch(batch)
+    opset = check_opset(opset)
     if not atol > 0:
         raise UsageError(f"--atol must be positive, got {atol}", "Try --atol 1e-4")
     check_output(output, force, inputs=[model])
@@ -89,6 +91,10 @@ def main_export(model: str | Path = "student.safetensors", output: str | Path = 
         _set_metadata(proto, mf, outputs)
         onnx.save(proto, str(tmp))
         report = verify(tmp, mf.model, x_check, OUTPUT_MODES[outputs], atol)
+        if opset is not None and report["opset"] != opset:
+            raise ExportError(f"--opset {opset} was asked for, but the exporter wrote opset "
+                              f"{report['opset']}; nothing was written",
+                              "Try another --opset, or leave it out")
     report.update(out=str(output), model=str(model), outputs=OUTPUT_MODES[outputs],
                   batch="dynamic" if fixed is None else fixed,
                   seconds=round(time.perf_counter() - start, 2))

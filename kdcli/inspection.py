@@ -13,13 +13,17 @@ from kdcli.output import Reporter
 MAX_DARK_CLASSES = 1000  # a [C, C] table of mean soft targets beyond this is too big to show
 
 
-def inspect_file(path: str | Path, reporter: Reporter | None = None) -> dict[str, Any]:
+def inspect_file(path: str | Path, reporter: Reporter | None = None,
+                 verify: bool = False) -> dict[str, Any]:
     """Describe a kdcli file: its format, metadata, tensors and (for transfer sets) the
     soft targets' entropy and "dark knowledge" (each class's most similar other class).
 
     Args:
         path: A transfer set, kdcli model file or ONNX export.
         reporter: Output sink.
+        verify: For transfer sets, also verify the checksums (``data_sha256``,
+            ``inputs_sha256``) and every stored row, as training does. Model files are
+            always verified.
     """
     from kdcli.models import MODEL_FORMAT, read_safetensors_metadata
     from kdcli.transfer import TRANSFER_FORMAT, is_index_path
@@ -27,7 +31,7 @@ def inspect_file(path: str | Path, reporter: Reporter | None = None) -> dict[str
     rep = reporter or Reporter()
     p = require_file(path, "file")
     if is_index_path(p):
-        return _inspect_transfer(p, rep)
+        return _inspect_transfer(p, rep, verify)
     meta = read_safetensors_metadata(p)
     if meta is None:
         from kdcli.teachers import is_onnx_file
@@ -37,19 +41,19 @@ def inspect_file(path: str | Path, reporter: Reporter | None = None) -> dict[str
         raise FormatError(f"{p} is not a kdcli file", "Give a transfer set, model or .onnx")
     fmt = meta.get("format")
     if fmt == TRANSFER_FORMAT:
-        return _inspect_transfer(p, rep)
+        return _inspect_transfer(p, rep, verify)
     if fmt == MODEL_FORMAT:
         return _inspect_model(p, rep)
     raise FormatError(f"{p} is a safetensors file without a kdcli format name",
                       "Give a file written by kdcli")
 
 
-def _inspect_transfer(p: Path, rep: Reporter) -> dict[str, Any]:
+def _inspect_transfer(p: Path, rep: Reporter, verify: bool = False) -> dict[str, Any]:
     import torch
 
     from kdcli.transfer import TopK, load_transfer_set
 
-    ts = load_transfer_set(p, check_values=False)
+    ts = load_transfer_set(p, check_values=verify, verify=verify)
     c, n = ts.num_classes, len(ts)
     with_dark = c <= MAX_DARK_CLASSES
     sums = torch.zeros(c if with_dark else 0, c, dtype=torch.float64)  # per class: sum of targets
@@ -93,7 +97,7 @@ def _inspect_transfer(p: Path, rep: Reporter) -> dict[str, Any]:
         "kdcli_version": ts.meta.get("kdcli_version"),
         "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
                     for k, v in ts.columns.items()},
-        "mean_entropy_nats": entropy / n, "dark_knowledge": dark,
+        "mean_entropy_nats": entropy / n, "dark_knowledge": dark, "verified": verify,
         "class_names": ts.meta.get("class_names"), "feature_names": ts.meta.get("feature_names"),
     }
     names = info["class_names"]
@@ -111,6 +115,7 @@ def _inspect_transfer(p: Path, rep: Reporter) -> dict[str, Any]:
     rows += [[k, _short(info[k])] for k in ("combine", "weights", "data_source", "created",
                                             "kdcli_version", "mean_entropy_nats",
                                             "class_names", "feature_names") if info[k]]
+    rows.append(["verified", "checksums and every row" if verify else "no (use --verify)"])
     rep.table(f"Transfer set {p.name}", ["", "value"], rows)
     rep.table("Teachers", ["file", "format", "output", "sha256"],
               [[t.get("file"), t.get("format"), t.get("output"), str(t.get("sha256"))[:12]]
@@ -153,7 +158,12 @@ def _inspect_model(p: Path, rep: Reporter) -> dict[str, Any]:
 def _inspect_onnx(p: Path, rep: Reporter) -> dict[str, Any]:
     import onnx
 
-    proto = onnx.load(str(p))
+    try:
+        proto = onnx.load(str(p))
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and others
+        raise FormatError(f"{p} is not a readable ONNX model ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0][:100]})",
+                          "The file is truncated or damaged; export it again") from None
     props = {e.key: e.value for e in proto.metadata_props}
     info = {"file": str(p), "kind": "onnx", "metadata": props,
             "class_names": json.loads(props["class_names"]) if "class_names" in props else None,

@@ -16,14 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 from kdcli import __version__
 from kdcli.errors import FormatError, UsageError
+from kdcli.storage import read_safetensors_metadata  # noqa: F401 - also used by teachers.py
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 MODEL_FORMAT = "kdcli.model"
-# Version 2 adds per-channel and per-feature mean/std (lists). A file is written with the
-# oldest version that describes it: 1 when its mean and std are single numbers.
+# Version 2 adds data_sha256 (the checksum of the weights, always written), per-channel and
+# per-feature mean/std (lists), class_names and feature_names. Version 1 files still load.
 MODEL_FORMAT_VERSION = 2
 
 # How Preprocessing.fit standardizes: auto picks by the shape of one example (see
@@ -198,18 +199,27 @@ class Architecture:
         return arch
 
     def check(self) -> None:
-        if any(h <= 0 for h in self.hidden):
-            raise UsageError(f"hidden widths must be positive, got {self.hidden}",
-                             "Pass --hidden 1 or more")
-        if self.family == "cnn" and not self.width > 0:
-            raise UsageError(f"CNN width must be positive, got {self.width}",
-                             "Use cnn:0.25 or larger")
+        """Raise UsageError unless every field is in range (widths, dropout, max-norm)."""
+        from kdcli.checks import MAX_CNN_WIDTH, check_width
+
+        if self.family not in ("mlp", "cnn"):
+            raise UsageError(f"unknown model family {self.family!r}", "Use mlp or cnn")
+        if not isinstance(self.hidden, list):
+            raise UsageError(f"hidden widths must be a list, got {self.hidden!r}",
+                             "Use mlp:WIDTH,WIDTH")
+        for h in self.hidden:
+            check_width(h)
+        if self.family == "cnn" and not (isinstance(self.width, (int, float)) and
+                                         0 < self.width <= MAX_CNN_WIDTH):
+            raise UsageError(f"the CNN width multiplier must be above 0 and at most "
+                             f"{MAX_CNN_WIDTH:g}, got {self.width}", "Use e.g. cnn:0.5")
         for name in ("dropout", "input_dropout"):
             p = getattr(self, name)
-            if not 0.0 <= p < 1.0:
+            if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
                 raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1), got {p}",
                                  "Pass a probability such as 0.5")
-        if self.max_norm is not None and not self.max_norm > 0:
+        if self.max_norm is not None and not (isinstance(self.max_norm, (int, float)) and
+                                              0 < self.max_norm < math.inf):
             raise UsageError(f"--max-norm must be positive, got {self.max_norm}",
                              "Pass e.g. --max-norm 3.5")
 
@@ -373,17 +383,17 @@ def save_model(path: str | Path, model: nn.Module, arch: Architecture, pre: Prep
                num_classes: int, training: dict[str, Any], *,
                class_names: list[str] | None = None,
                feature_names: list[str] | None = None) -> None:
-    """Write a kdcli model file (``format: kdcli.model``) at ``path``.
+    """Write a kdcli model file (``format: kdcli.model``, version 2) at ``path``.
 
-    The version is the oldest that describes the file: 2 with per-channel or per-feature
-    statistics, else 1. ``class_names`` and ``feature_names`` are kept when given.
+    The header records ``data_sha256``, the SHA-256 of the weights' bytes, which
+    :func:`load_model` checks; ``class_names`` and ``feature_names`` are kept when given.
     The caller is responsible for atomicity (see :func:`kdcli.files.atomic_output`).
     """
-    from safetensors.torch import save_file
+    from kdcli.storage import SafetensorsWriter
 
     meta = {
         "format": MODEL_FORMAT,
-        "format_version": str(MODEL_FORMAT_VERSION if pre.per_value else 1),
+        "format_version": str(MODEL_FORMAT_VERSION),
         "kdcli_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "architecture": json.dumps(asdict(arch)),
@@ -395,24 +405,11 @@ def save_model(path: str | Path, model: nn.Module, arch: Architecture, pre: Prep
         meta["class_names"] = json.dumps(list(class_names))
     if feature_names is not None:
         meta["feature_names"] = json.dumps(list(feature_names))
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata=meta)
-
-
-def read_safetensors_metadata(path: str | Path) -> dict[str, str] | None:
-    """The ``__metadata__`` of a safetensors file, or None if it is not one."""
-    p = Path(path)
-    try:
-        with open(p, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n <= 1 or n > 100_000_000 or n + 8 > p.stat().st_size:
-                return None
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(header, dict):
-        return None
-    return header.get("__metadata__") or {}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
+    with SafetensorsWriter(path, specs, meta) as w:
+        for k, v in state.items():
+            w.write(k, 0, v)
 
 
 def check_format(meta: dict[str, str], path: Path, name: str, version: int) -> None:
@@ -435,19 +432,51 @@ def check_format(meta: dict[str, str], path: Path, name: str, version: int) -> N
 def load_model(path: str | Path) -> ModelFile:
     """Load a kdcli model file without any user code.
 
+    The metadata is checked for impossible values, the weights' checksum (``data_sha256``,
+    version 2) is verified, and the weights must be finite.
+
     Raises:
-        FormatError: not a kdcli model file, a newer version, or inconsistent tensors.
+        FormatError: not a kdcli model file, a newer version, impossible metadata, a
+            checksum mismatch, or tensors that do not fit the architecture.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    import torch
 
     from kdcli.files import require_file
+    from kdcli.storage import DATA_SHA256, data_sha256, read_safetensors
 
     p = require_file(path, "model file")
     meta = read_safetensors_metadata(p)
     if meta is None:
         raise FormatError(f"{p} is not a safetensors file", "Give a kdcli model .safetensors")
     check_format(meta, p, MODEL_FORMAT, MODEL_FORMAT_VERSION)
+    arch, pre, num_classes, training, class_names, feature_names = _model_metadata(p, meta)
+    tensors, _, mapped = read_safetensors(p)
+    recorded = meta.get(DATA_SHA256)
+    if recorded is None and int(meta["format_version"]) >= 2:
+        raise FormatError(f"{p} is kdcli.model version 2 but records no {DATA_SHA256}",
+                          "The file is damaged; regenerate it")
+    if recorded is not None and data_sha256(mapped) != recorded:
+        raise FormatError(f"{p} fails its checksum: its weights are not the bytes that were "
+                          "written", "The file is damaged; regenerate or copy it again")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FormatError(f"{p} has NaN or Inf in weight {name!r}",
+                              "The model is broken; retrain it (a lower --lr may help)")
+    try:
+        model = build_model(arch, pre, num_classes)
+        model.load_state_dict({k: v.clone() for k, v in tensors.items()}, strict=True)
+    except (RuntimeError, UsageError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise FormatError(f"{p} has tensors that do not fit its architecture: {first}",
+                          "The file is damaged; regenerate it") from e
+    model.eval()
+    return ModelFile(model, arch, pre, num_classes, training, meta, class_names, feature_names)
+
+
+def _model_metadata(p: Path, meta: dict[str, str]
+                    ) -> tuple[Architecture, Preprocessing, int, dict[str, Any],
+                               list[str] | None, list[str] | None]:
+    """Decode and range-check a model file's metadata (FormatError saying what is wrong)."""
     try:
         arch = Architecture(**json.loads(meta["architecture"]))
         pre = Preprocessing(**json.loads(meta["preprocessing"]))
@@ -455,21 +484,37 @@ def load_model(path: str | Path) -> ModelFile:
         training = json.loads(meta.get("training", "{}"))
         class_names = _names(meta, "class_names", num_classes)
         feature_names = _names(meta, "feature_names", None)
-        pre.check()
-    except (KeyError, TypeError, ValueError, UsageError) as e:
-        why = e.message if isinstance(e, UsageError) else e
-        raise FormatError(f"{p} has bad kdcli.model metadata ({why})",
-                          "Regenerate the file") from e
-    model = build_model(arch, pre, num_classes)
+    except (KeyError, TypeError, ValueError, RecursionError) as e:
+        what = {KeyError: f"missing key {e}", TypeError: "fields it does not know or lacks",
+                RecursionError: "nested too deeply"}.get(type(e), str(e)[:100])
+        raise FormatError(f"{p} has bad kdcli.model metadata ({what})",
+                          "Regenerate the file") from None
     try:
-        state = load_file(str(p))
-        model.load_state_dict(state, strict=True)
-    except (SafetensorError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise FormatError(f"{p} has tensors that do not fit its architecture: {first}",
-                          "The file is damaged; regenerate it") from e
-    model.eval()
-    return ModelFile(model, arch, pre, num_classes, training, meta, class_names, feature_names)
+        arch.check()
+    except UsageError as e:
+        raise FormatError(f"{p} records an impossible architecture: {e.message}",
+                          "The file is damaged; regenerate it") from None
+    raw = pre.raw_shape
+    if not (isinstance(raw, list) and 1 <= len(raw) <= 4 and all(
+            type(d) is int and 1 <= d <= 1 << 20 for d in raw) and math.prod(raw) <= 1 << 28):
+        raise FormatError(f"{p} records an impossible raw_shape {str(raw)[:60]}",
+                          "The file is damaged; regenerate it")
+    scale = pre.scale
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise FormatError(f"{p} records preprocessing scale={scale!r}",
+                          "The file is damaged; regenerate it")
+    try:
+        pre.check()  # mean and std: finite, std > 0, one value or one per channel/feature
+    except UsageError as e:
+        raise FormatError(f"{p} records impossible preprocessing: {e.message}",
+                          "The file is damaged; regenerate it") from None
+    if not 1 <= num_classes <= 1 << 24:
+        raise FormatError(f"{p} records num_classes={num_classes}",
+                          "The file is damaged; regenerate it")
+    if not isinstance(training, dict):
+        raise FormatError(f"{p} has a training record that is not an object",
+                          "The file is damaged; regenerate it")
+    return arch, pre, num_classes, training, class_names, feature_names
 
 
 def _names(meta: dict[str, str], key: str, count: int | None) -> list[str] | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcli import __version__
+from kdcli.checks import check_jitter, check_temperature, parse_size, resolve_device
 from kdcli.errors import DataError, DistributedError, ModelError, OutputExistsError, UsageError
 from kdcli.files import (
     atomic_output,
@@ -41,43 +42,6 @@ from kdcli.transfer import (
 
 if TYPE_CHECKING:
     from kdcli.data import DataOptions
-
-
-def check_temperature(T: float, flag: str = "--T") -> float:
-    """Return T if it is a finite positive number, else raise UsageError."""
-    if not (isinstance(T, (int, float)) and math.isfinite(T) and T > 0):
-        raise UsageError(f"{flag} must be a finite number above 0, got {T}", "Try --T 20")
-    return float(T)
-
-
-def resolve_device(device: str) -> str:
-    """Map ``auto`` to ``cuda`` when a GPU is present, else ``cpu``."""
-    import torch
-
-    if device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"unknown --device {device!r}", "Use auto, cpu or cuda")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but no CUDA GPU is available", "Use --device cpu")
-    return device
-
-
-def parse_size(text: str | int) -> int:
-    """Parse a byte size such as ``500MB``, ``2GB``, ``1.5GiB`` or ``1000000``."""
-    if isinstance(text, int):
-        return text
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    s = str(text).strip().upper().replace(" ", "")
-    num = s.rstrip("KMGTIB")
-    try:
-        value = float(num) * units[s[len(num):]]
-    except (ValueError, KeyError):
-        raise UsageError(f"cannot read the size {text!r}", "Write e.g. 500MB or 2GB") from None
-    if not value >= 1:
-        raise UsageError(f"the size {text!r} is not positive", "Write e.g. 500MB or 2GB")
-    return int(value)
 
 
 class _Source:
@@ -245,6 +209,8 @@ def soft_targets(
     dev = resolve_device(device)
 
     ds = load_data(data, limit=limit, options=data_options)
+    if copies:
+        check_jitter(jitter, list(ds.sample_shape))
     keep = _filter_classes(ds, classes, exclude_classes)
     source = _Source(ds, keep, copies, jitter, seed)
     n = source.n
@@ -270,9 +236,8 @@ def soft_targets(
     with session(dev) as dist:
         meta = {
             "format": TRANSFER_FORMAT,
-            # the oldest version that describes the file: 1 for one dense file
-            "format_version": str(1 if top_k is None and not sharded
-                                  else TRANSFER_FORMAT_VERSION),
+            # every file carries data_sha256, which version 3 added
+            "format_version": str(TRANSFER_FORMAT_VERSION),
             "kdcli_version": __version__,
             "created": dist.broadcast(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
             "T": repr(T),

@@ -13,12 +13,13 @@ been read. Memory stays flat however large the files are.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kdcli.errors import FormatError
 
@@ -32,6 +33,8 @@ _DTYPES = {  # safetensors dtype name <-> torch dtype name
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32",
     "I64": "int64", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
 }
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8, "F16": 2, "BF16": 2,
+             "F32": 4, "F64": 8}
 
 
 def torch_dtype(name: str):
@@ -61,6 +64,7 @@ class MappedFile:
         self.path = Path(path)
         self.size = self.path.stat().st_size
         self.offsets: dict[str, int] = {}
+        self.data_start = 0  # where a safetensors file's data section starts
         self.fd = os.open(self.path, os.O_RDONLY)
         self.mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY) if self.size else None
 
@@ -119,44 +123,179 @@ class PageBudget:
         self.read = 0
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str],
-                                                 MappedFile]:
-    """Memory-map a safetensors file: its tensors (zero-copy), metadata and the mapping.
+# The header reader's bounds: the header's size, and the tensors it may declare.
+MAX_HEADER_BYTES = 100_000_000
+MAX_TENSORS = 100_000
+MAX_DIMS = 16
+DATA_SHA256 = "data_sha256"  # metadata key: SHA-256 of the data section (after the header)
+_PLACEHOLDER = "0" * 64
+
+
+class Header(NamedTuple):
+    """A checked safetensors header.
+
+    Attributes:
+        entries: ``name -> (dtype name, shape, start, end)``, offsets relative to
+            ``data_start``, in file order.
+        metadata: The ``__metadata__`` (string to string; empty if absent).
+        data_start: Byte offset of the data section (8 + header length).
+    """
+
+    entries: dict[str, tuple[str, list[int], int, int]]
+    metadata: dict[str, str]
+    data_start: int
+
+
+def _bad(p: Path, what: str, hint: str = "The file is damaged; regenerate it") -> FormatError:
+    return FormatError(f"{p} is not a valid safetensors file: {what}", hint)
+
+
+def looks_like_safetensors(path: str | Path) -> bool:
+    """True if the file starts like a safetensors file (a sane length, then ``{``)."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= MAX_HEADER_BYTES and 8 + n <= size and head[8:9] == b"{"
+
+
+def read_header(path: str | Path) -> Header:
+    """Read and check a safetensors header: the one header parser of kdcli.
+
+    Checks what the safetensors library checks, with bounds: the header length (at most
+    :data:`MAX_HEADER_BYTES`), valid UTF-8 JSON (deep nesting is refused, not a crash), an
+    object whose ``__metadata__`` is an object of strings, and tensor entries with a known
+    dtype, a shape of non-negative integers and ``data_offsets`` that match it, lie inside
+    the file, do not overlap and cover the data section exactly.
 
     Raises:
-        FormatError: the header is malformed or the file is truncated.
+        FormatError: anything about the header is wrong (the message says what).
     """
     p = Path(path)
     size = p.stat().st_size
     with open(p, "rb") as f:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n <= 1 or 8 + n > size:
-            raise FormatError(f"{p} is not a safetensors file (bad header length)",
-                              "The file is truncated or not safetensors")
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise FormatError(f"{p} has a corrupt safetensors header", "Regenerate it") from e
+        if n < 2 or n > MAX_HEADER_BYTES or 8 + n > size:
+            raise _bad(p, f"bad header length {n} for a file of {size} bytes",
+                       "The file is truncated or not safetensors")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise _bad(p, "its header nests JSON too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _bad(p, f"corrupt JSON header ({str(e)[:80]})") from None
     if not isinstance(header, dict):
-        raise FormatError(f"{p} has a corrupt safetensors header", "Regenerate it")
-    mapped = MappedFile(p)
-    meta = header.pop("__metadata__", None) or {}
+        raise _bad(p, f"the header is a JSON {type(header).__name__}, not an object")
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                             for k, v in meta.items()):
+        raise _bad(p, "__metadata__ must be an object of strings, got "
+                   f"{type(meta).__name__ if not isinstance(meta, dict) else 'other values'}")
+    if len(header) > MAX_TENSORS:
+        raise _bad(p, f"it declares {len(header):,} tensors (at most {MAX_TENSORS:,})")
+    entries = {name: _entry(p, name, info) for name, info in header.items()}
+    start = 8 + n
+    end = 0
+    for name, (_, _, lo, hi) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if lo < end:
+            raise _bad(p, f"tensor {name!r} (bytes {lo}-{hi}) overlaps another tensor")
+        if lo > end:
+            raise _bad(p, f"a gap of {lo - end} bytes lies before tensor {name!r}")
+        end = hi
+    if start + end > size:
+        raise FormatError(f"{p} is truncated or corrupt (its tensors need {start + end:,} bytes, "
+                          f"the file has {size:,})", "Regenerate the file")
+    if start + end < size:
+        raise _bad(p, f"{size - start - end:,} bytes follow its last tensor")
+    return Header(entries, meta, start)
+
+
+def _entry(p: Path, name: str, info: Any) -> tuple[str, list[int], int, int]:
+    if not isinstance(info, dict):
+        raise _bad(p, f"tensor {name!r} has a {type(info).__name__} entry, not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _DTYPES:
+        raise _bad(p, f"tensor {name!r} has unknown dtype {str(dtype)[:20]!r}")
+    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(
+            type(s) is int and s >= 0 for s in shape)):
+        raise _bad(p, f"tensor {name!r} has a bad shape {str(shape)[:60]}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+            type(o) is int and o >= 0 for o in offsets) and offsets[0] <= offsets[1]):
+        raise _bad(p, f"tensor {name!r} has bad data_offsets {str(offsets)[:60]}")
+    itemsize = _ITEMSIZE[dtype]
+    if offsets[1] - offsets[0] != math.prod(shape) * itemsize:
+        raise _bad(p, f"tensor {name!r} of shape {shape} and dtype {dtype} needs "
+                   f"{math.prod(shape) * itemsize:,} bytes, its offsets span "
+                   f"{offsets[1] - offsets[0]:,}")
+    return dtype, shape, offsets[0], offsets[1]
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str] | None:
+    """The ``__metadata__`` of a safetensors file; None if the file is not safetensors.
+
+    Raises:
+        FormatError: the file starts like safetensors but its header is malformed.
+    """
+    if not looks_like_safetensors(path):
+        return None
+    return read_header(path).metadata
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str],
+                                                 MappedFile]:
+    """Memory-map a safetensors file: its tensors (zero-copy), metadata and the mapping.
+
+    Raises:
+        FormatError: the header is malformed (see :func:`read_header`) or the file truncated.
+    """
+    header = read_header(path)
+    mapped = MappedFile(path)
+    mapped.data_start = header.data_start
     tensors: dict[str, torch.Tensor] = {}
-    for name, info in header.items():
-        try:
-            dtype = torch_dtype(info["dtype"])
-            shape = [int(s) for s in info["shape"]]
-            lo, hi = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"{p}: tensor {name!r} has a bad header entry",
-                              "The file is corrupt") from e
-        if hi - lo != math.prod(shape) * dtype.itemsize or 8 + n + hi > size:
-            raise FormatError(f"{p} is truncated or corrupt (tensor {name!r} runs past the end)",
-                              "Regenerate the file")
-        tensors[name] = mapped.tensor(8 + n + lo, dtype, shape)
-        mapped.offsets[name] = 8 + n + lo
-    return tensors, meta, mapped
+    for name, (dtype, shape, lo, _) in header.entries.items():
+        tensors[name] = mapped.tensor(header.data_start + lo, torch_dtype(dtype), shape)
+        mapped.offsets[name] = header.data_start + lo
+    return tensors, header.metadata, mapped
+
+
+def data_sha256(mapped: MappedFile, also: tuple[int, int] | None = None,
+                also_hash: Any = None, chunk: int = 8 << 20) -> str:
+    """SHA-256 of a mapped file's data section, read sequentially with ``pread``.
+
+    Args:
+        mapped: The file (from :func:`read_safetensors`).
+        also: An absolute byte range ``(start, end)`` whose bytes are also fed to
+            ``also_hash`` in the same pass (the ``inputs`` tensor, for ``inputs_sha256``).
+        also_hash: A ``hashlib`` object for ``also``.
+        chunk: Bytes per read.
+
+    Returns:
+        The hex digest of the data section.
+    """
+    h = hashlib.sha256()
+    pos = mapped.data_start
+    while pos < mapped.size:
+        block = os.pread(mapped.fd, min(chunk, mapped.size - pos), pos)
+        if not block:
+            raise FormatError(f"{mapped.path} ended early while being read",
+                              "The file was truncated while in use")
+        h.update(block)
+        if also is not None and also_hash is not None:
+            lo, hi = max(also[0], pos), min(also[1], pos + len(block))
+            if lo < hi:
+                also_hash.update(block[lo - pos:hi - pos])
+        pos += len(block)
+    return h.hexdigest()
 
 
 def map_npy(path: str | Path) -> tuple[torch.Tensor, MappedFile] | None:
@@ -196,12 +335,14 @@ class SafetensorsWriter:
     Args:
         path: The file to write (normally a temporary path).
         specs: ``name -> (torch dtype, shape)``, in file order.
-        metadata: String-to-string ``__metadata__``.
+        metadata: String-to-string ``__metadata__``. The writer adds ``data_sha256``, the
+            SHA-256 of the data section, filled in when the file is closed.
     """
 
     def __init__(self, path: str | Path, specs: dict[str, tuple[Any, tuple[int, ...]]],
                  metadata: dict[str, str]) -> None:
-        header: dict[str, Any] = {"__metadata__": metadata}
+        metadata = {k: v for k, v in metadata.items() if k != DATA_SHA256}
+        header: dict[str, Any] = {"__metadata__": {**metadata, DATA_SHA256: _PLACEHOLDER}}
         self.layout: dict[str, tuple[int, int, int]] = {}  # name -> (start, itemsize, size)
         offset = 0
         for name, (dtype, shape) in specs.items():
@@ -214,8 +355,10 @@ class SafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self.base = 8 + len(raw)
+        self.hash_at = 8 + raw.index(f'"{DATA_SHA256}":"{_PLACEHOLDER}"'.encode()) + \
+            len(DATA_SHA256) + 4
         self.written = dict.fromkeys(specs, 0)
-        self.f = open(path, "wb")  # noqa: SIM115 - closed in __exit__
+        self.f = open(path, "w+b")  # noqa: SIM115 - closed in __exit__ (read back to hash)
         self.f.write(len(raw).to_bytes(8, "little") + raw)
         self.f.truncate(self.base + offset)
 
@@ -231,12 +374,29 @@ class SafetensorsWriter:
         return self
 
     def __exit__(self, exc_type: object, *_: object) -> None:
-        self.f.close()
-        if exc_type is None:
-            for name, (_, _, size) in self.layout.items():
-                if self.written[name] != size:
-                    raise FormatError(f"internal: tensor {name} got {self.written[name]} of "
-                                      f"{size} bytes", "Report this bug")
+        try:
+            if exc_type is None:
+                for name, (_, _, size) in self.layout.items():
+                    if self.written[name] != size:
+                        raise FormatError(f"internal: tensor {name} got {self.written[name]} "
+                                          f"of {size} bytes", "Report this bug")
+                self.f.flush()
+                self.f.seek(self.hash_at)
+                self.f.write(self._digest().encode())
+        finally:
+            self.f.close()
+
+    def _digest(self, chunk: int = 8 << 20) -> str:
+        h = hashlib.sha256()
+        fd = self.f.fileno()
+        pos, end = self.base, self.base + sum(size for _, _, size in self.layout.values())
+        while pos < end:
+            block = os.pread(fd, min(chunk, end - pos), pos)
+            if not block:
+                break
+            h.update(block)
+            pos += len(block)
+        return h.hexdigest()
 
 
 def to_bytes(t: torch.Tensor) -> memoryview:

@@ -11,6 +11,7 @@ of test errors against T, one line per width (error bars with several seeds).
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,9 +57,10 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
         data_options: How a table or image folder given as ``data`` or ``eval_data`` is
             read.
     """
+    from kdcli.checks import check_temperature
     from kdcli.files import sha256_file
     from kdcli.models import Architecture, load_model
-    from kdcli.soft_targets import check_temperature, soft_targets
+    from kdcli.soft_targets import soft_targets
     from kdcli.train import TrainConfig, train_student
     from kdcli.transfer import load_transfer_set
 
@@ -72,7 +74,18 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
     seeds = [0] if seeds is None else seeds
     if not seeds or len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds must be distinct integers, got {seeds}", "e.g. --seeds 0,1")
+    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+        raise UsageError(f"--alpha must lie in [0, 1], got {alpha}", "Try --alpha 0")
+    if not 0 <= layers <= 64:
+        raise UsageError(f"--layers must be from 0 to 64, got {layers}", "Try --layers 2")
+    for h in hidden:
+        Architecture("mlp", hidden=[h] * layers).check()
+    TrainConfig(epochs=epochs, lr=lr, warmup=warmup, batch_size=batch_size,
+                precision=precision, device=device).check()
     folder = Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out-dir {folder} is a file", "Give a folder (it is created if "
+                         "missing)")
     folder.mkdir(parents=True, exist_ok=True)
     transfer = folder / "transfer.safetensors"
     if force:
@@ -81,10 +94,15 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
             old.unlink(missing_ok=True)
     teacher_sha = sha256_file(teacher)
     if transfer.exists():
-        recorded = [t["sha256"] for t in load_transfer_set(transfer).meta["teachers"]]
+        old_meta = load_transfer_set(transfer).meta
+        recorded = [t["sha256"] for t in old_meta["teachers"]]
         if recorded != [teacher_sha]:
             raise UsageError(f"{transfer} was made from another teacher",
                              "Use a new --out-dir, or pass --force to start afresh")
+        if old_meta.get("data_source") != data:
+            raise UsageError(f"{transfer} was made from --data {old_meta.get('data_source')}, "
+                             f"not {data}", "Use a new --out-dir, or pass --force to start "
+                             "afresh")
         rep.info(f"reusing {transfer}")
     else:
         soft_targets([teacher], T=temperatures[0], data=data, out=transfer,

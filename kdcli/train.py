@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kdcli.checks import check_jitter, check_momentum, check_weight_decay
 from kdcli.distributed import Dist
 from kdcli.errors import FormatError, OutputExistsError, UsageError
 from kdcli.files import (
@@ -80,14 +81,15 @@ class TrainConfig:
                              "Try --batch-size 256")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UsageError(f"--lr must be a positive number, got {self.lr}", "Try --lr 0.05")
+        check_momentum(self.momentum)
+        check_weight_decay(self.weight_decay)
         if self.optimizer not in ("sgd", "adam"):
             raise UsageError(f"unknown --optimizer {self.optimizer!r}", "Use sgd or adam")
         if self.schedule not in ("cosine", "constant"):
             raise UsageError(f"unknown --schedule {self.schedule!r}", "Use cosine or constant")
         if self.precision not in ("fp32", "bf16"):
             raise UsageError(f"unknown --precision {self.precision!r}", "Use fp32 or bf16")
-        if self.jitter < 0:
-            raise UsageError(f"--jitter must be 0 or more, got {self.jitter}", "Try --jitter 2")
+        check_jitter(self.jitter, None)
         if self.device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"unknown --device {self.device!r}", "Use auto, cpu or cuda")
         if not (math.isfinite(self.warmup) and 0 <= self.warmup <= self.epochs):
@@ -154,8 +156,8 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
     import torch
 
     from kdcli.augment import random_shifts, shift
+    from kdcli.checks import resolve_device
     from kdcli.evaluate import predict
-    from kdcli.soft_targets import resolve_device
 
     dist = dist or Dist()
     dev = torch.device(resolve_device(cfg.device))
@@ -244,6 +246,8 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
                 sums, seen = totals[:-2], int(totals[-2])
                 first_loss = float(totals[-1]) / dist.world
             if _blew_up(float(sums[0] / max(seen, 1)), first_loss, history):
+                if not math.isfinite(float(sums[0])):
+                    _check_not_data(model, epoch)
                 if lr_scale <= 0.5 ** MAX_LR_HALVINGS:
                     raise UsageError(
                         f"training diverged in epoch {epoch + 1} (the loss "
@@ -320,6 +324,20 @@ def _restore(snapshot: tuple, model, opt, gen) -> None:
     torch.set_rng_state(snapshot[3])
 
 
+def _check_not_data(model: nn.Module, epoch: int) -> None:
+    """For a non-finite loss: raise ModelError when the weights stayed finite and modest,
+    which points at the data (NaN inputs, impossible targets), not at the step size."""
+    import torch
+
+    from kdcli.errors import ModelError
+
+    if all(bool(torch.isfinite(p).all()) and float(p.abs().max()) < 1e4
+           for p in model.parameters() if p.numel()):
+        raise ModelError(f"the loss became NaN or Inf in epoch {epoch + 1} while the weights "
+                         "stayed finite: the inputs or targets hold values the loss cannot "
+                         "take", "Check the data and transfer set (kdcli inspect --verify)")
+
+
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int, warmup_steps: int) -> float:
     """The learning rate of step ``step`` (0-based) of ``total_steps``.
 
@@ -387,8 +405,9 @@ def _load_checkpoint(path: Path | None, fingerprint: dict, model, opt, gen, epoc
                           "that a kdcli checkpoint never has (nothing was run)",
                           "Delete it and run without --resume") from e
     except Exception as e:  # noqa: BLE001 - a damaged checkpoint
-        raise FormatError(f"checkpoint {path} is damaged ({_first_line(e)})",
-                          "Delete it and run without --resume") from e
+        raise FormatError(f"checkpoint {path} is damaged ({type(e).__name__}: "
+                          f"{_first_line(e)[:120]})",
+                          "Delete it and run without --resume") from None
     if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch <= epochs:
         raise FormatError(f"checkpoint {path} records epoch {str(epoch)[:20]}, outside "
                           f"0..{epochs} (--epochs)", "Delete it and run without --resume")
@@ -501,8 +520,8 @@ def _finish(model, arch, pre, num_classes, training, history, eval_ds, out, forc
 
 def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.safetensors",
           config: TrainConfig | None = None, eval_data: str | None = "auto",
-          limit: int | None = None, force: bool = False, resume: bool = False,
-          reporter: Reporter | None = None,
+          limit: int | None = None, num_classes: int | None = None, force: bool = False,
+          resume: bool = False, reporter: Reporter | None = None,
           data_options: DataOptions | None = None) -> dict[str, Any]:
     """Train a kdcli model on hard labels (how users make teachers and baselines).
 
@@ -513,6 +532,8 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
         config: Optimization settings.
         eval_data: Data for per-epoch test errors; ``auto`` is ``mnist:test`` for MNIST.
         limit: Use only the first N training examples.
+        num_classes: The model's class count (default: the largest label + 1, refused when
+            the labels do not support it; see :func:`class_count`).
         force: Overwrite ``out``.
         resume: Continue from ``out``'s checkpoint.
         reporter: Output sink.
@@ -525,9 +546,9 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
     import torch
     import torch.nn.functional as F
 
+    from kdcli.checks import resolve_device
     from kdcli.data import check_same_classes, load_data
     from kdcli.distributed import session
-    from kdcli.soft_targets import resolve_device
 
     cfg = config or TrainConfig()
     cfg.check()
@@ -543,10 +564,13 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
     eval_ds = load_data(eval_spec, options=data_options) if eval_spec else None
     if eval_ds is not None:
         check_same_classes(ds.class_names, ds.source, eval_ds.class_names, eval_ds.source)
-    num_classes = max(ds.num_classes or 0, eval_ds.num_classes or 0 if eval_ds else 0)
-    if cfg.jitter and len(ds.sample_shape) not in (2, 3):
-        raise UsageError(f"--jitter needs image inputs, but examples have shape "
-                         f"{list(ds.sample_shape)}", "Drop --jitter")
+    if eval_ds is not None and tuple(eval_ds.sample_shape) != tuple(ds.sample_shape):
+        raise UsageError(f"--eval-data {eval_spec} has examples of shape "
+                         f"{list(eval_ds.sample_shape)}, but {ds.source} has "
+                         f"{list(ds.sample_shape)}", "Pass --eval-data with matching examples, "
+                         "or --eval-data none")
+    num_classes = class_count(ds, eval_ds, num_classes)
+    check_jitter(cfg.jitter, list(ds.sample_shape))
     torch.manual_seed(cfg.seed)
     pre = Preprocessing.fit(ds.inputs, _normalize(cfg, arch), cfg.normalize_by)
     model = build_model(arch, pre, num_classes)
@@ -579,6 +603,38 @@ def _recorded(data_options: DataOptions | None) -> dict[str, Any]:
 def _recorded_meta(meta: dict[str, Any]) -> dict[str, Any]:
     """The data options a transfer set records for its data (nothing for the defaults)."""
     return {"data_options": meta["data_options"]} if meta.get("data_options") else {}
+
+
+# A class count is refused (unless --num-classes is given) when more of its classes have no
+# training example than this, and than the classes that have one: a stray label of 1,000,000
+# among 500 examples would otherwise build a 1,000,001-class model.
+MAX_EMPTY_CLASSES = 10
+
+
+def class_count(ds: Data, eval_ds: Data | None, num_classes: int | None) -> int:
+    """The class count of a model trained on ``ds``: ``num_classes`` if given (it must cover
+    every label), else the largest label + 1 when the labels support it.
+
+    Raises:
+        UsageError: ``num_classes`` is too small, or (without it) more than
+            ``max(MAX_EMPTY_CLASSES, distinct labels)`` classes would have no example.
+    """
+    top = max(ds.num_classes or 0, eval_ds.num_classes or 0 if eval_ds else 0)
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not 1 <= num_classes <= 1 << 24:
+            raise UsageError(f"--num-classes must be from 1 to {1 << 24:,}, got {num_classes}",
+                             "Try --num-classes 10")
+        if num_classes < top:
+            raise UsageError(f"--num-classes {num_classes}, but the labels go up to {top - 1}",
+                             f"Pass --num-classes {top} or more")
+        return num_classes
+    distinct = int(ds.labels.unique().numel())
+    empty = top - distinct
+    if empty > max(MAX_EMPTY_CLASSES, distinct):
+        raise UsageError(f"the labels go up to {top - 1}, but only {distinct} distinct labels "
+                         f"occur: a {top:,}-class model would have {empty:,} classes with no "
+                         "example", "Check the labels, or pass --num-classes to mean it")
+    return top
 
 
 def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Architecture,
@@ -622,10 +678,10 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     """
     import torch
 
+    from kdcli.checks import check_temperature, resolve_device
     from kdcli.data import check_same_classes, load_data
     from kdcli.distributed import session
     from kdcli.losses import TAIL_RULES, DistillationLoss, LogitMSELoss
-    from kdcli.soft_targets import check_temperature, resolve_device
     from kdcli.transfer import load_transfer_set
 
     cfg = config or TrainConfig(lr=STUDENT_LR, warmup=STUDENT_WARMUP)
@@ -667,6 +723,12 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     if eval_ds is not None:
         check_same_classes(class_names, f"transfer set {Path(transfer).name}",
                            eval_ds.class_names, eval_ds.source)
+    inputs_shape = list(ts.columns["inputs"].shape[1:])
+    if eval_ds is not None and list(eval_ds.sample_shape) != inputs_shape:
+        raise UsageError(f"--eval-data {eval_spec} has examples of shape "
+                         f"{list(eval_ds.sample_shape)}, but the transfer set's are "
+                         f"{inputs_shape}", "Pass --eval-data with matching examples, or "
+                         "--eval-data none")
     if eval_ds is not None and eval_ds.labels is not None and (
             int(eval_ds.labels.max()) >= ts.num_classes):
         raise UsageError(f"--eval-data has labels up to {int(eval_ds.labels.max())}, but the "

@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from kdcli.errors import DataError, FormatError, UsageError
 from kdcli.models import check_format
 from kdcli.storage import (
+    DATA_SHA256,
     MappedFile,
     PageBudget,
     SafetensorsWriter,
+    data_sha256,
     read_safetensors,
 )
 
@@ -33,12 +35,16 @@ if TYPE_CHECKING:
     import torch
 
 TRANSFER_FORMAT = "kdcli.transfer-set"
-TRANSFER_FORMAT_VERSION = 2  # 1: dense single files; 2 adds top-k targets and shards
+# 1: dense single files; 2 adds top-k targets and shards; 3 adds data_sha256 (required)
+TRANSFER_FORMAT_VERSION = 3
 INDEX_FORMAT = "kdcli.transfer-set.index"
 INDEX_FORMAT_VERSION = 1
 COMBINE_RULES = ("mean-probs", "mean-logits")
 STORAGE_FORMS = ("dense", "top-k")
-SHARD_KEYS = ("shard_index", "shard_count", "shard_row_start", "shard_rows")
+SHARD_KEYS = ("shard_index", "shard_count", "shard_row_start", "shard_rows", DATA_SHA256)
+# How far a stored row of soft targets may be from summing to 1, and from
+# softmax(logits / T) (float32 rounding over C classes stays far below this).
+SUM_TOLERANCE = 1e-3
 INDEX_SUFFIX = ".index.json"
 
 
@@ -465,41 +471,140 @@ class TransferSet:
         return self._dense_probs(t, T) if isinstance(t, TopK) else t
 
     def check_values(self) -> None:
-        """Scan every stored target for NaN or Inf (FormatError naming rows if found)."""
-        import torch
+        """Check every stored target row, in one pass of chunks (FormatError naming rows).
 
-        names = (("soft_targets", "logits") if self.storage == "dense"
-                 else ("topk_logits", "tail_logmass"))
-        for name in names:
+        Dense sets: ``logits`` and ``soft_targets`` finite, soft targets non-negative, rows
+        summing to 1 and equal to ``softmax(logits / T)`` (within :data:`SUM_TOLERANCE`),
+        ensemble members finite. Top-k sets: ``topk_logits`` finite and non-increasing,
+        indices in ``[0, C)`` and distinct per row, ``tail_logmass`` not NaN or positive.
+        Labels: in ``[0, C)``. Float inputs: finite.
+        """
+        checks = _DENSE_CHECKS if self.storage == "dense" else _TOPK_CHECKS
+        if self.columns["inputs"].dtype.is_floating_point:
+            checks = (("inputs", _inputs_ok), *checks)
+        for name, rule in (*checks, ("labels", _labels_ok)):
+            if name not in self.columns:
+                continue
             for start, chunk in self.columns[name].chunks():
-                ok = torch.isfinite(chunk) if name != "tail_logmass" else \
-                    ~(torch.isnan(chunk) | (chunk > 0))
-                ok = ok.reshape(len(chunk), -1).all(-1)
-                if not bool(ok.all()):
+                problem = rule(self, start, chunk)
+                if problem:
+                    what, ok = problem
                     rows = (start + (~ok).nonzero()[:5, 0]).tolist()
-                    raise FormatError(f"{self.path} has NaN or Inf in {name} (rows {rows})",
-                                      "Regenerate it; check the teacher's outputs")
+                    raise FormatError(f"{self.path} has {what} (rows {rows})",
+                                      "Regenerate it with kdcli soft-targets; check the "
+                                      "teacher's outputs")
 
 
-def load_transfer_set(path: str | Path, check_values: bool = True) -> TransferSet:
+def _finite_rows(chunk: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    return torch.isfinite(chunk.float()).reshape(len(chunk), -1).all(-1)
+
+
+def _inputs_ok(ts: TransferSet, start: int, chunk: torch.Tensor):
+    ok = _finite_rows(chunk)
+    return None if bool(ok.all()) else ("NaN or Inf in inputs", ok)
+
+
+def _logits_ok(ts: TransferSet, start: int, chunk: torch.Tensor):
+    ok = _finite_rows(chunk)
+    return None if bool(ok.all()) else (f"NaN or Inf in {'logits'}", ok)
+
+
+def _soft_ok(ts: TransferSet, start: int, chunk: torch.Tensor):
+    import torch
+
+    p = chunk.float()
+    ok = _finite_rows(p)
+    if not bool(ok.all()):
+        return "NaN or Inf in soft_targets", ok
+    ok = (p >= 0).all(-1)
+    if not bool(ok.all()):
+        return "negative soft targets", ok
+    ok = (p.double().sum(-1) - 1).abs() <= SUM_TOLERANCE
+    if not bool(ok.all()):
+        return f"soft-target rows that do not sum to 1 (tolerance {SUM_TOLERANCE:g})", ok
+    z = ts.columns["logits"][torch.arange(start, start + len(chunk))].float()
+    ok = (torch.softmax(z.double() / ts.T, -1) - p.double()).abs().amax(-1) <= SUM_TOLERANCE
+    if not bool(ok.all()):
+        return (f"soft targets that are not softmax(logits / T) at the recorded T={ts.T:g}",
+                ok)
+    return None
+
+
+def _members_ok(ts: TransferSet, start: int, chunk: torch.Tensor):
+    ok = _finite_rows(chunk.transpose(0, 1))
+    return None if bool(ok.all()) else ("NaN or Inf in member_logits", ok)
+
+
+def _topk_logits_ok(ts: TransferSet, start: int, chunk: torch.Tensor):
+    v = chunk.float()
+    ok = _finite_rows(v)
+    if not bool(ok.all()):
+        return "NaN or Inf in topk_logits", ok
+    ok = (v.diff(dim=-1) <= 0).all(-1)
+    return None if bool(ok.all()) else ("topk_logits that are not sorted largest first", ok)
+
+
+def _topk_indices_ok(ts: TransferSet, start: int, chunk: torch.Tensor):
+    idx = chunk.long()
+    ok = ((idx >= 0) & (idx < ts.num_classes)).all(-1)
+    if not bool(ok.all()):
+        return f"top-k indices outside [0, {ts.num_classes})", ok
+    ok = (idx.sort(-1).values.diff(dim=-1) != 0).all(-1)
+    return None if bool(ok.all()) else ("duplicate top-k indices in a row", ok)
+
+
+def _tail_ok(ts: TransferSet, start: int, chunk: torch.Tensor):
+    import torch
+
+    ok = ~(torch.isnan(chunk) | (chunk > 0))
+    return None if bool(ok.all()) else ("a NaN or positive tail_logmass", ok)
+
+
+def _labels_ok(ts: TransferSet, start: int, chunk: torch.Tensor):
+    ok = (chunk >= 0) & (chunk < ts.num_classes)
+    return None if bool(ok.all()) else (f"labels outside [0, {ts.num_classes})", ok)
+
+
+_DENSE_CHECKS = (("logits", _logits_ok), ("soft_targets", _soft_ok),
+                 ("member_logits", _members_ok))
+_TOPK_CHECKS = (("topk_logits", _topk_logits_ok), ("topk_indices", _topk_indices_ok),
+                ("tail_logmass", _tail_ok))
+
+
+def load_transfer_set(path: str | Path, check_values: bool = True,
+                      verify: bool = True) -> TransferSet:
     """Open and validate a transfer set: one file, or a sharded set's ``.index.json``.
+
+    Every file's header, dtypes, shapes and metadata are checked when it is opened (see
+    docs/formats.md).
 
     Args:
         path: The ``.safetensors`` file or ``.index.json`` index.
-        check_values: Also scan the stored targets for NaN/Inf.
+        check_values: Check every stored target row (:meth:`TransferSet.check_values`).
+        verify: Verify each file's ``data_sha256`` and the set's ``inputs_sha256``, in one
+            sequential read of each file as it is opened.
 
     Raises:
         DataError: the file, or a shard the index names, is missing.
-        FormatError: anything about its format, shapes, values or shards is wrong.
+        FormatError: anything about its format, shapes, values, checksums or shards is wrong.
     """
+    import hashlib
+
     from kdcli.files import require_file
 
     p = require_file(path, "transfer set")
     if is_index_path(p) or _looks_like_json(p):
-        ts = _load_sharded(p)
+        ts = _load_sharded(p, verify)
     else:
         tensors, raw_meta, mapped = read_safetensors(p)
         meta = _check_file(p, tensors, raw_meta)
+        _check_counts(p, tensors, meta, int(tensors["inputs"].shape[0]))
+        if verify:
+            inputs_hash = hashlib.sha256()
+            _verify_file(p, tensors, raw_meta, mapped, inputs_hash)
+            _verify_inputs(p, meta, inputs_hash.hexdigest())
         budget = PageBudget([mapped])
         columns = {k: Rows([v], budget, row_dim(k), [(mapped, mapped.offsets[k])])
                    for k, v in tensors.items()}
@@ -509,6 +614,40 @@ def load_transfer_set(path: str | Path, check_values: bool = True) -> TransferSe
     if check_values:
         ts.check_values()
     return ts
+
+
+def _verify_file(p: Path, tensors: dict[str, torch.Tensor], raw_meta: dict[str, str],
+                 mapped: MappedFile, inputs_hash: Any) -> None:
+    """Check a file's ``data_sha256`` (required from version 3 on), feeding its ``inputs``
+    bytes to ``inputs_hash`` (a SHA-256 running over the set's files) in the same read."""
+    recorded = raw_meta.get(DATA_SHA256)
+    if recorded is None and int(raw_meta["format_version"]) >= 3:
+        raise FormatError(f"{p} is {TRANSFER_FORMAT} version {raw_meta['format_version']} but "
+                          f"records no {DATA_SHA256}", "The file is damaged; regenerate it")
+    x = tensors["inputs"]
+    lo = mapped.offsets["inputs"]
+    digest = data_sha256(mapped, (lo, lo + x.numel() * x.element_size()), inputs_hash)
+    if recorded is not None and digest != recorded:
+        raise FormatError(f"{p} fails its checksum ({DATA_SHA256}): its tensors are not the "
+                          "bytes that were written",
+                          "The file is damaged; regenerate it or copy it again")
+
+
+def _verify_inputs(p: Path, meta: dict[str, Any], digest: str) -> None:
+    recorded = meta.get("inputs_sha256")
+    if recorded is not None and digest != recorded:
+        raise FormatError(f"{p} records an inputs_sha256 that its inputs do not have",
+                          "The inputs were altered or the metadata belongs to another set; "
+                          "regenerate it")
+
+
+def _check_counts(p: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                  n: int) -> None:
+    """The metadata's example and class counts must agree with a whole set's tensors."""
+    recorded = meta.get("num_examples")
+    if recorded is not None and str(recorded) != str(n):
+        raise FormatError(f"{p} records num_examples={recorded}, but holds {n} examples",
+                          "Regenerate it")
 
 
 def _looks_like_json(p: Path) -> bool:
@@ -571,7 +710,72 @@ def _check_file(p: Path, tensors: dict[str, torch.Tensor], raw_meta: dict[str, s
                           "Regenerate the file")
     if n == 0:
         raise FormatError(f"{p} holds no examples", "Regenerate it from non-empty data")
+    _check_dtypes(p, tensors)
+    _check_meta_agrees(p, tensors, meta, storage)
     return meta
+
+
+# The dtypes docs/formats.md allows for each tensor (inputs: any numeric dtype).
+_ALLOWED_DTYPES = {
+    "labels": ("int64",), "logits": ("float32",), "soft_targets": ("float32",),
+    "member_logits": ("float32",), "topk_logits": ("float32", "float16"),
+    "topk_indices": ("int32",), "tail_logmass": ("float32",),
+}
+
+
+def _check_dtypes(p: Path, tensors: dict[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        allowed = _ALLOWED_DTYPES.get(name)
+        got = str(t.dtype).removeprefix("torch.")
+        if allowed and got not in allowed:
+            raise FormatError(f"{p} stores {name} as {got}, not {' or '.join(allowed)}",
+                              "Regenerate it with kdcli soft-targets")
+        if name == "inputs" and got == "bool":
+            raise FormatError(f"{p} stores inputs as bool", "Regenerate it")
+
+
+def _check_meta_agrees(p: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                       storage: str) -> None:
+    """Metadata that describes the tensors must agree with them."""
+    def bad(what: str) -> FormatError:
+        return FormatError(f"{p} has metadata that contradicts its tensors: {what}",
+                           "Regenerate it with kdcli soft-targets")
+
+    key = "logits" if storage == "dense" else "topk_logits"
+    try:
+        c = int(meta["num_classes"]) if "num_classes" in meta else None
+        k = int(meta["top_k"]) if "top_k" in meta else None
+    except ValueError:
+        raise bad(f"num_classes {meta.get('num_classes')!r}, top_k "
+                  f"{meta.get('top_k')!r}") from None
+    if storage == "dense" and c is not None and c != tensors[key].shape[1]:
+        raise bad(f"num_classes={c}, logits have {tensors[key].shape[1]} columns")
+    if storage == "top-k" and k is not None and k != tensors[key].shape[1]:
+        raise bad(f"top_k={k}, topk_logits have {tensors[key].shape[1]} columns")
+    combine = meta.get("combine")
+    if combine is not None and combine not in COMBINE_RULES:
+        raise FormatError(f"{p} records an unknown combine rule {_clip(combine)!r}",
+                          f"It must be one of {', '.join(COMBINE_RULES)}; regenerate the set")
+    weights, teachers = meta.get("weights"), meta.get("teachers")
+    if weights is not None:
+        if not (isinstance(weights, list) and weights and all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and
+                math.isfinite(w) and w >= 0 for w in weights) and sum(weights) > 0):
+            raise bad(f"weights {_clip(weights)} are not non-negative numbers")
+        if abs(sum(weights) - 1) > 1e-6:
+            raise bad(f"weights {_clip(weights)} do not sum to 1")
+    if teachers is not None and not (isinstance(teachers, list) and
+                                     all(isinstance(t, dict) for t in teachers)):
+        raise bad("teachers is not a list of records")
+    members = tensors.get("member_logits")
+    m = int(members.shape[0]) if members is not None else None
+    counts = {"weights": len(weights) if isinstance(weights, list) else None,
+              "teachers": len(teachers) if isinstance(teachers, list) else None,
+              "member_logits": m}
+    known = {name: v for name, v in counts.items() if v is not None}
+    if len(set(known.values())) > 1:
+        raise bad("different member counts: " +
+                  ", ".join(f"{name} {v}" for name, v in known.items()))
 
 
 def _decode_meta(p: Path, raw: dict[str, str]) -> dict[str, Any]:
@@ -582,21 +786,26 @@ def _decode_meta(p: Path, raw: dict[str, str]) -> dict[str, Any]:
             if k in meta:
                 meta[k] = json.loads(meta[k])
         T = float(meta["T"])
-    except (KeyError, ValueError) as e:
-        raise FormatError(f"{p} has bad or missing metadata ({e})", "Regenerate it") from e
+    except (KeyError, ValueError, RecursionError) as e:
+        what = "nested too deeply" if isinstance(e, RecursionError) else _clip(e)
+        raise FormatError(f"{p} has bad or missing metadata ({what})", "Regenerate it") from None
     if not (T > 0 and math.isfinite(T)):
         raise FormatError(f"{p} records T={meta['T']}", "Regenerate it with a positive --T")
     return meta
 
 
-def _load_sharded(p: Path) -> TransferSet:
+def _load_sharded(p: Path, verify: bool = True) -> TransferSet:
+    import hashlib
+
     try:
         doc = json.loads(p.read_text())
         fmt, shards, index_meta = doc.get("format"), doc["shards"], doc["metadata"]
         version = int(doc.get("format_version", 0))
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{p} is not a valid transfer-set index ({e})",
-                          "Regenerate it with kdcli soft-targets") from e
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError,
+            RecursionError) as e:
+        what = "nested too deeply" if isinstance(e, RecursionError) else _clip(e)
+        raise FormatError(f"{p} is not a valid transfer-set index ({what})",
+                          "Regenerate it with kdcli soft-targets") from None
     if fmt != INDEX_FORMAT:
         raise FormatError(f"{p} has format {fmt!r}, not {INDEX_FORMAT!r}",
                           "Give a transfer-set file or index written by kdcli")
@@ -605,6 +814,8 @@ def _load_sharded(p: Path) -> TransferSet:
                           f"{INDEX_FORMAT_VERSION}", "Upgrade kdcli")
     if not isinstance(shards, list) or not shards:
         raise FormatError(f"{p} names no shards", "Regenerate the set")
+    _check_index_fields(p, shards, index_meta)
+    inputs_hash = hashlib.sha256()
     budget = PageBudget()
     parts: dict[str, list[torch.Tensor]] = {}
     sources: dict[str, list[tuple[MappedFile, int]]] = {}
@@ -620,6 +831,8 @@ def _load_sharded(p: Path) -> TransferSet:
                               "regenerate the set")
         tensors, raw_meta, mapped = read_safetensors(f)
         _check_file(f, tensors, raw_meta)
+        if verify:
+            _verify_file(f, tensors, raw_meta, mapped, inputs_hash)
         diff = sorted(k for k in set(raw_meta) | set(index_meta) if k not in SHARD_KEYS
                       and raw_meta.get(k) != index_meta.get(k))
         if diff:
@@ -645,7 +858,25 @@ def _load_sharded(p: Path) -> TransferSet:
         raise FormatError(f"the shards of {p} hold different tensors", "Regenerate the set")
     columns = {k: Rows(v, budget, row_dim(k), sources[k]) for k, v in parts.items()}
     meta = _decode_meta(p, index_meta)
+    if verify:
+        _verify_inputs(p, meta, inputs_hash.hexdigest())
     return _make_set(p, columns, meta, budget, shards)
+
+
+def _check_index_fields(p: Path, shards: list[Any], index_meta: Any) -> None:
+    """The index's own fields must have the types docs/formats.md gives them."""
+    if not isinstance(index_meta, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in index_meta.items()):
+        raise FormatError(f"{p}: metadata must be an object of strings",
+                          "Regenerate it with kdcli soft-targets")
+    for i, s in enumerate(shards):
+        ok = isinstance(s, dict) and isinstance(s.get("file"), str) and all(
+            type(s.get(k)) is int and s[k] >= 0 for k in ("row_start", "rows")) and (
+            "bytes" not in s or (type(s["bytes"]) is int and s["bytes"] >= 0))
+        if not ok:
+            raise FormatError(f"{p}: shard entry {i + 1} is malformed ({_clip(s)})",
+                              "Each needs a file name and integer row_start, rows and bytes; "
+                              "regenerate the set")
 
 
 def _is_run(idx: torch.Tensor) -> bool:

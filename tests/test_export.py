@@ -151,7 +151,7 @@ def test_inspect_model_and_onnx_files(cli, teacher_file, exported):
     assert r.exit_code == 0, r.output
     info = json.loads(r.stdout)
     assert info["kind"] == "model" and info["architecture"] == "mlp:64"
-    assert info["params"] == 784 * 64 + 64 + 64 * 10 + 10 and info["format_version"] == 1
+    assert info["params"] == 784 * 64 + 64 + 64 * 10 + 10 and info["format_version"] == 2
     r = cli("inspect", exported[0], "--json")
     info = json.loads(r.stdout)
     assert info["kind"] == "onnx" and info["inputs"] == ["input"]

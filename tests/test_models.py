@@ -31,7 +31,7 @@ def test_family_round_trips_through_a_model_file(tmp_path, spec):
     torch.testing.assert_close(mf.model(x), model(x), rtol=0, atol=0)
     assert mf.arch == arch and mf.preprocessing == PRE and mf.num_classes == 10
     assert mf.training["test_errors"] == 5
-    assert mf.metadata["format"] == "kdcli.model" and mf.metadata["format_version"] == "1"
+    assert mf.metadata["format"] == "kdcli.model" and mf.metadata["format_version"] == "2"
 
 
 def test_preprocessing_is_inside_the_model():
@@ -76,6 +76,8 @@ def test_reader_says_what_is_wrong(tmp_path):
     from kdcli.models import read_safetensors_metadata
 
     meta = read_safetensors_metadata(good)
+    # rewritten by another writer: no checksum of kdcli's layout, so an older version 1 file
+    meta = {**{k: v for k, v in meta.items() if k != "data_sha256"}, "format_version": "1"}
     for change, match in (({"format": "other"}, "not 'kdcli.model'"),
                           ({"format_version": "99"}, "version 99"),
                           ({"architecture": json.dumps({"family": "mlp", "hidden": [9]})},

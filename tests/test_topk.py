@@ -100,7 +100,7 @@ def test_top_k_file_holds_the_teachers_top_logits_and_tail_mass(tmp_path, transf
                                rtol=1e-4, atol=1e-6)
     ts = load_transfer_set(out)
     assert ts.storage == "top-k" and ts.top_k == 3 and ts.num_classes == 10
-    assert ts.meta["format_version"] == "2"
+    assert ts.meta["format_version"] == "3"
     info = inspect_file(out)
     assert info["storage"] == "top-k" and info["top_k"] == 3
     assert info["mean_tail_mass"] == pytest.approx(float((1 - top_mass).mean()), rel=1e-3)

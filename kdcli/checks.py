@@ -1,0 +1,120 @@
+"""Option checks shared by every command: one definition of each range and rule.
+
+Each check returns the value it accepted (normalized where that helps) or raises a
+:class:`~kdcli.errors.UsageError` whose hint names a valid value. Nothing here imports torch
+at module level, so the CLI can check options before any heavy import or any work.
+"""
+
+from __future__ import annotations
+
+import math
+
+from kdcli.errors import UsageError
+
+# The temperatures kdcli accepts. Below 1e-3 softmax(z/T) is one-hot for any logit gap a
+# float32 can resolve, and above 1e4 it is uniform to float32 precision for logits of the
+# usual size (|z| < 100 gives probabilities within 1e-2 of 1/C); outside this range T^2 also
+# scales the loss by more than 1e8 or less than 1e-6, so training diverges or stands still.
+T_MIN, T_MAX = 1e-3, 1e4
+# ONNX opsets the exporter (torch.onnx, dynamo) can write and onnxruntime can run.
+OPSET_MIN, OPSET_MAX = 18, 23
+# The largest hidden width kdcli builds: 2^20 units (a 784 x 2^20 float32 layer is 3.3 GB).
+MAX_WIDTH = 1 << 20
+# The largest CNN width multiplier (64: 2048/4096 channels, about 1.4e8 parameters).
+MAX_CNN_WIDTH = 64.0
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+def check_temperature(T: float, flag: str = "--T") -> float:
+    """Return ``T`` as a float if it lies in ``[T_MIN, T_MAX]``, else raise UsageError."""
+    if not (_finite(T) and T_MIN <= T <= T_MAX):
+        raise UsageError(f"{flag} must be a finite number from {T_MIN:g} to {T_MAX:g}, got {T}",
+                         "Try --T 20 (the paper used 1 to 20)")
+    return float(T)
+
+
+def check_momentum(momentum: float) -> float:
+    """SGD momentum must lie in ``[0, 1)``."""
+    if not (_finite(momentum) and 0.0 <= momentum < 1.0):
+        raise UsageError(f"--momentum must lie in [0, 1), got {momentum}", "Try --momentum 0.9")
+    return float(momentum)
+
+
+def check_weight_decay(weight_decay: float) -> float:
+    """L2 weight decay must be finite and at least 0."""
+    if not (_finite(weight_decay) and weight_decay >= 0.0):
+        raise UsageError(f"--weight-decay must be a finite number of 0 or more, got "
+                         f"{weight_decay}", "Try --weight-decay 0.0001")
+    return float(weight_decay)
+
+
+def check_opset(opset: int | None) -> int | None:
+    """An ONNX opset the exporter supports (None: the exporter's default)."""
+    if opset is None:
+        return None
+    if isinstance(opset, bool) or not isinstance(opset, int) or \
+            not OPSET_MIN <= opset <= OPSET_MAX:
+        raise UsageError(f"--opset must be from {OPSET_MIN} to {OPSET_MAX}, got {opset}",
+                         "Try --opset 18, or leave it out")
+    return opset
+
+
+def check_width(width: int, flag: str = "--hidden") -> int:
+    """A hidden width from 1 to :data:`MAX_WIDTH`."""
+    if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= MAX_WIDTH:
+        raise UsageError(f"{flag} widths must be from 1 to {MAX_WIDTH:,}, got {width}",
+                         "Try --hidden 300")
+    return width
+
+
+def check_jitter(jitter: int, image_shape: list[int] | tuple[int, ...] | None) -> int:
+    """A shift of 0 or more pixels, smaller than the image (``[H, W]`` or ``[C, H, W]``)."""
+    if jitter < 0:
+        raise UsageError(f"--jitter must be 0 or more, got {jitter}", "Try --jitter 2")
+    if jitter and image_shape is not None:
+        if len(image_shape) not in (2, 3):
+            raise UsageError(f"--jitter needs image inputs, but examples have shape "
+                             f"{list(image_shape)}", "Drop --jitter")
+        h, w = image_shape[-2:]
+        if jitter >= min(h, w):
+            raise UsageError(f"--jitter {jitter} is not smaller than the {h}x{w} images",
+                             f"Use --jitter {max(1, min(h, w) // 14)} or less than {min(h, w)}")
+    return jitter
+
+
+def resolve_device(device: str) -> str:
+    """Map ``auto`` to ``cuda`` when a GPU is present, else ``cpu``."""
+    if device not in DEVICES:
+        raise UsageError(f"unknown --device {device!r}", "Use auto, cpu or cuda")
+    if device == "cpu":
+        return device
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise UsageError("--device cuda, but no CUDA GPU is available", "Use --device cpu")
+    return device
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a byte size such as ``500MB``, ``2GB``, ``1.5GiB`` or ``1000000``."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    s = str(text).strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    try:
+        value = float(num) * units[s[len(num):]]
+    except (ValueError, KeyError):
+        raise UsageError(f"cannot read the size {text!r}", "Write e.g. 500MB or 2GB") from None
+    if not (math.isfinite(value) and value >= 1):
+        raise UsageError(f"the size {text!r} is not a positive finite size",
+                         "Write e.g. 500MB or 2GB")
+    return int(value)

@@ -82,7 +82,8 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
         raise DataError(f"{ds.source} has no labels", "Evaluate on labelled data, e.g. mnist:test")
     results, preds = [], []
     for path in models:
-        t = load_teacher(path, TeacherOptions(trust_pickle=trust_pickle), role="model")
+        t = load_teacher(path, TeacherOptions(trust_pickle=trust_pickle), role="model",
+                         probe=ds.inputs[:batch_size])
         with rep.progress(f"eval {t.name}", len(ds)) as advance:
             def fn(x, t=t, advance=advance):
                 y = t.logits(x)

@@ -15,7 +15,7 @@ from kdcli.errors import DataError, DistributedError, ModelError, UsageError
 from kdcli.files import atomic_output, check_output
 from kdcli.output import Reporter, Timer
 from kdcli.storage import SafetensorsWriter, to_bytes
-from kdcli.teachers import Teacher, TeacherOptions, load_teacher
+from kdcli.teachers import Teacher, TeacherOptions, describe_preprocessing, load_teacher
 from kdcli.transfer import (
     COMBINE_RULES,
     INDEX_SUFFIX,
@@ -235,18 +235,18 @@ def soft_targets(
     source = _Source(ds, keep, copies, jitter, seed)
     n = source.n
 
-    members = [load_teacher(p, o, device=dev, precision=precision)
-               for p, o in zip(teachers, opts, strict=True)]
     probe_x, probe_y = source.rows(0, min(n, batch_size))
-    for t, o in zip(members, opts, strict=True):
+    members = [load_teacher(p, o, device=dev, precision=precision, probe=probe_x)
+               for p, o in zip(teachers, opts, strict=True)]
+    for t in members:
         if t.format != "kdcli" and probe_x.dtype == torch.uint8 and \
-                o.scale is None and o.mean is None and o.std is None:
+                t.preprocessing.get("scale", 1.0) == 1.0 and \
+                t.preprocessing.get("mean", 0.0) == 0.0 and t.preprocessing.get("std", 1.0) == 1.0:
             rep.warn(f"{t.name} gets raw 8-bit values (0-255): no --scale/--mean/--std given. "
                      "If it was trained on [0, 1] inputs, pass --scale 255")
-    for t in members:
-        t.logits(probe_x)
     labels_max = None if ds.labels is None else int(ds.labels.max())
     c = _check_classes(members, labels_max)
+    names = _class_names(members, rep)
     if top_k is not None and top_k > c:
         rep.info(f"--top-k {top_k} is more than the {c} classes; storing all {c} "
                  "(the same targets as dense storage)")
@@ -276,6 +276,8 @@ def soft_targets(
             "seed": str(seed),
             "targets": "dense" if top_k is None else "top-k",
         }
+        if names is not None:
+            meta["class_names"] = json.dumps(names)
         if top_k is not None:
             meta.update(top_k=str(top_k), targets_dtype=targets_dtype)
         writer = _RangeWriter(members, source, weights, combine, T, c, top_k,
@@ -304,8 +306,10 @@ def soft_targets(
         "seconds": round(timer.seconds, 3),
         "samples_per_s": round(n / max(timer.seconds, 1e-9), 1),
         "teachers": [{"file": str(t.path), "format": t.format, "output": t.output,
+                      "preprocessing": t.preprocessing,
                       "accuracy": (float(correct[i]) / n if has_labels else None)}
                      for i, t in enumerate(members)],
+        "class_names": names,
     }
     if has_labels:
         summary["ensemble_accuracy"] = float(correct[m]) / n
@@ -315,16 +319,17 @@ def soft_targets(
         for note in t.notes:
             rep.info(note)
     rows = [[Path(t["file"]).name, t["format"], t["output"],
+             describe_preprocessing(t["preprocessing"]),
              "-" if t["accuracy"] is None else f"{100 * t['accuracy']:.2f}%"]
             for t in summary["teachers"]]
     if m > 1:
-        rows.append(["ensemble", combine, "logits",
+        rows.append(["ensemble", combine, "logits", "",
                      "-" if not has_labels else f"{100 * summary['ensemble_accuracy']:.2f}%"])
     form = "dense" if top_k is None else f"top-{top_k}"
     where = f", {summary['shards']} shards" if shards else ""
     rep.table(f"Transfer set {out}: {n:,} examples, {c} classes, T={T:g}, {form}{where}, "
               f"{summary['samples_per_s']:,.0f} samples/s",
-              ["teacher", "format", "output", "accuracy"], rows)
+              ["teacher", "format", "output", "preprocessing", "accuracy"], rows)
     if m > 1:
         rep.info(f"members disagree on {100 * summary['disagreement']:.2f}% of examples")
     return summary
@@ -522,6 +527,18 @@ def _check_classes(members: list[Teacher], labels_max: int | None) -> int:
         raise ModelError(f"the teacher has {c} classes, but the data has label "
                          f"{labels_max}", "Use a teacher trained on all classes")
     return c
+
+
+def _class_names(members: list[Teacher], rep: Reporter) -> list[str] | None:
+    """The teachers' class names (the first member's that has them), for the metadata."""
+    named = [t for t in members if t.class_names is not None]
+    if not named:
+        return None
+    for t in named[1:]:
+        if t.class_names != named[0].class_names:
+            rep.warn(f"{t.name} names its classes {t.class_names[:5]}..., {named[0].name} "
+                     f"{named[0].class_names[:5]}...; the transfer set keeps {named[0].name}'s")
+    return list(named[0].class_names)
 
 
 def _check_finite(z, members: list[Teacher], start: int) -> None:

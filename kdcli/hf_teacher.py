@@ -20,6 +20,7 @@ named by ``model.safetensors.index.json``), and optionally ``preprocessor_config
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -94,10 +95,8 @@ def folder_sha256(folder: Path) -> str:
     h = hashlib.sha256()
     names = ["config.json", PROCESSOR]
     files = [folder / n for n in names if (folder / n).is_file()]
-    try:
+    with contextlib.suppress(FormatError):  # the loader reports it
         files += weight_files(folder, trust_pickle=True)
-    except FormatError:
-        pass  # the loader reports it
     for f in files:
         h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()
@@ -148,15 +147,40 @@ def _height_width(size: Any) -> list[int] | None:
     return None
 
 
-def class_names(config: Any) -> list[str] | None:
-    """Names from ``id2label``, unless they are the default ``LABEL_0``, ``LABEL_1``, ..."""
-    id2label = getattr(config, "id2label", None) or {}
-    n = getattr(config, "num_labels", len(id2label))
+def class_names(id2label: dict | None, n: int) -> list[str] | None:
+    """Names from ``id2label`` (int or string keys), unless they are the default
+    ``LABEL_0``, ``LABEL_1``, ... that transformers makes up."""
+    labels = {int(k): str(v) for k, v in (id2label or {}).items()}
     try:
-        names = [str(id2label[i]) for i in range(n)]
+        names = [labels[i] for i in range(n)]
     except KeyError:
         return None
     return None if names == [f"LABEL_{i}" for i in range(n)] else names
+
+
+def describe_folder(folder: Path) -> dict[str, Any]:
+    """What ``kdcli inspect`` shows of a checkpoint folder, from its JSON files only."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except ValueError as e:
+        raise FormatError(f"{folder}/config.json is not valid JSON ({e})",
+                          "Save the checkpoint again") from e
+    id2label = cfg.get("id2label") or {}
+    n = int(cfg.get("num_labels") or len(id2label) or 2)
+    pre = {"scale": 1.0, "mean": 0.0, "std": 1.0, **processor_preprocessing(read_processor(folder))}
+    channels = cfg.get("num_channels")
+    size = pre.get("size") or _height_width(cfg.get("image_size"))
+    if channels and size:
+        pre["size"] = size
+    inputs = ([{"name": "pixel_values", "shape": ["batch", channels, *size]}] if channels and size
+              else [{"name": "pixel_values" if channels else "input_values",
+                     "shape": ["batch", "..."]}])
+    return {"format": "huggingface", "model_type": cfg.get("model_type"),
+            "architecture": cfg.get("architectures"), "inputs": [i["name"] for i in inputs],
+            "input_specs": inputs, "outputs": ["logits"], "classes": n,
+            "class_names": class_names(id2label, n), "preprocessing": pre,
+            "preprocessing_source": PROCESSOR if (folder / PROCESSOR).is_file() else "none",
+            "weights": [f.name for f in weight_files(folder, trust_pickle=True)]}
 
 
 def load_hf(t: Teacher, opts: TeacherOptions) -> None:
@@ -191,7 +215,7 @@ def load_hf(t: Teacher, opts: TeacherOptions) -> None:
         raise ModelError(f"{folder} takes {model.main_input_name!r}, not a float tensor",
                          f"kdcli runs classifiers whose input is one of {FLOAT_INPUTS}")
     t.num_classes = int(config.num_labels)
-    t.class_names = class_names(config)
+    t.class_names = class_names(getattr(config, "id2label", None), t.num_classes)
     t.meta["architecture"] = type(model).__name__
     pre = processor_preprocessing(read_processor(folder))
     channels = getattr(config, "num_channels", None)

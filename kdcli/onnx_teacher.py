@@ -12,6 +12,7 @@ both shapes.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcli.errors import FormatError, ModelError, UsageError
@@ -35,28 +36,14 @@ def load_onnx(t: Teacher, opts: TeacherOptions) -> None:
         UsageError: several outputs and none is clearly the class scores.
     """
     import numpy as np
-    import onnx
-    import onnxruntime as ort
     import torch
 
-    from kdcli.teachers import _first_line
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    providers = ["CPUExecutionProvider"]
-    if t.device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    try:
-        sess = ort.InferenceSession(str(t.path), so, providers=providers)
-        graph = onnx.load(str(t.path), load_external_data=False).graph
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
-        raise FormatError(f"{t.path} is a corrupt or unsupported ONNX model ({_first_line(e)})",
-                          "Export it again") from e
+    sess, graph = open_session(t.path, t.device)
     inputs = sess.get_inputs()
     if len(inputs) != 1:
         raise ModelError(f"{t.path} takes {len(inputs)} inputs", "kdcli teachers take one input")
     inp = inputs[0]
-    out = _choose_output(t, sess, opts)
+    out = choose_output(sess, opts.output_name, t.path, t.notes)
     dims = list(inp.shape)
     if dims and isinstance(dims[0], int) and dims[0] > 0:
         t.fixed_batch = dims[0]
@@ -83,16 +70,18 @@ def load_onnx(t: Teacher, opts: TeacherOptions) -> None:
     t.runner = run
 
 
-def _choose_output(t: Teacher, sess: Any, opts: TeacherOptions) -> Any:
+def choose_output(sess: Any, output_name: str | None, where: Any,
+                  notes: list[str] | None = None) -> Any:
     """The output holding the class scores: the one named by ``--output``, the only one, a
-    kdcli export's ``logits``, or the probabilities next to a classifier's label output."""
+    kdcli export's ``logits``, or the probabilities next to a classifier's label output (then
+    a note saying so is added to ``notes``)."""
     outs = sess.get_outputs()
     names = [o.name for o in outs]
-    if opts.output_name:
-        if opts.output_name not in names:
-            raise UsageError(f"{t.path} has no output {opts.output_name!r}",
+    if output_name:
+        if output_name not in names:
+            raise UsageError(f"{where} has no output {output_name!r}",
                              f"Choose --output from {names}")
-        return outs[names.index(opts.output_name)]
+        return outs[names.index(output_name)]
     if len(outs) == 1:
         return outs[0]
     if "logits" in names and "kdcli_version" in sess.get_modelmeta().custom_metadata_map:
@@ -101,11 +90,62 @@ def _choose_output(t: Teacher, sess: Any, opts: TeacherOptions) -> Any:
     labels = [o for o in outs if o not in probs
               and ("label" in o.name.lower() or o.type in _LABEL_TYPES)]
     if len(probs) == 1 and len(probs) + len(labels) == len(outs):
-        others = ", ".join(repr(o.name) for o in labels)
-        t.notes.append(f"{t.name}: using its probabilities {probs[0].name!r}, not the "
-                       f"labels {others} (choose another with --output)")
+        if notes is not None:
+            others = ", ".join(repr(o.name) for o in labels)
+            notes.append(f"{Path(str(where)).name}: using its probabilities "
+                         f"{probs[0].name!r}, not the labels {others} "
+                         "(choose another with --output)")
         return probs[0]
-    raise UsageError(f"{t.path} has several outputs {names}", "Choose one with --output NAME")
+    raise UsageError(f"{where} has several outputs {names}", "Choose one with --output NAME")
+
+
+def open_session(path: Any, device: str = "cpu") -> tuple[Any, Any]:
+    """An onnxruntime session and the parsed graph of the model at ``path``."""
+    import onnx
+    import onnxruntime as ort
+
+    from kdcli.teachers import _first_line
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=providers)
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
+        raise FormatError(f"{path} is a corrupt or unsupported ONNX model ({_first_line(e)})",
+                          "Export it again") from e
+    return sess, graph
+
+
+def describe_onnx(path: Any, output_name: str | None = None) -> dict[str, Any]:
+    """What ``kdcli inspect`` shows of an ONNX model: inputs and outputs with their types and
+    shapes, the output kdcli uses, its classes and names, and the ONNX-ML operators."""
+    sess, graph = open_session(path)
+    notes: list[str] = []
+    try:
+        out = choose_output(sess, output_name, path, notes)
+    except UsageError:
+        out = None
+    spec = lambda a: {"name": a.name, "type": a.type, "shape": list(a.shape)}  # noqa: E731
+    info: dict[str, Any] = {"input_specs": [spec(i) for i in sess.get_inputs()],
+                            "output_specs": [spec(o) for o in sess.get_outputs()],
+                            "scores_output": out.name if out is not None else None,
+                            "ml_operators": sorted({n.op_type for n in graph.node
+                                                    if n.domain == "ai.onnx.ml"}),
+                            "classes": None, "class_names": None}
+    if out is not None and out.type.startswith("seq(map("):
+        keys = _zipmap_labels(graph, out.name)
+        info["classes"] = len(keys)
+        info["class_names"] = [str(k) for k in keys]
+    elif out is not None and out.shape and isinstance(out.shape[-1], int):
+        info["classes"] = out.shape[-1] if out.shape[-1] > 1 else 2
+    inp = sess.get_inputs()[0] if len(sess.get_inputs()) == 1 else None
+    info["preprocessing"] = ("none: inputs as given" if inp is None else
+                             f"none: inputs as given, cast to {ONNX_TYPES.get(inp.type, inp.type)}")
+    return info
 
 
 def _zipmap_labels(graph: Any, output: str) -> list:

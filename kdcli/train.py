@@ -549,6 +549,8 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
                 "targets": ts.storage if not topk else f"top-{ts.top_k}",
                 "tail": tail if topk and loss == "kd" else None, "teachers": teachers,
                 **{k: v for k, v in cfg.settings().items() if k != "jitter"}}
+    if ts.meta.get("class_names"):
+        training["class_names"] = ts.meta["class_names"]
     with session(resolve_device(cfg.device)) as dist:
         history = fit(model, arch, inputs, step, ["train_loss", "hard", "soft", "agreement"],
                       cfg, eval_data=eval_ds,

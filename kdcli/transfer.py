@@ -576,7 +576,7 @@ def _check_file(p: Path, tensors: dict[str, torch.Tensor], raw_meta: dict[str, s
 def _decode_meta(p: Path, raw: dict[str, str]) -> dict[str, Any]:
     meta: dict[str, Any] = dict(raw)
     try:
-        for k in ("weights", "teachers", "classes"):
+        for k in ("weights", "teachers", "classes", "class_names"):
             if k in meta:
                 meta[k] = json.loads(meta[k])
         T = float(meta["T"])

@@ -160,7 +160,9 @@ def _inspect_onnx(p: Path, rep: Reporter) -> dict[str, Any]:
     rows = [["opset", _short(info["opset"])], ["inputs", specs(info["input_specs"])],
             ["outputs", specs(info["output_specs"])],
             ["class scores", info["scores_output"] or "(choose with --output)"],
-            ["classes", _short(info["classes"])], ["class names", _short(info["class_names"])],
+            ["classes", _short(info["classes"])],
+            ["class labels", _short(info.get("class_labels"))],
+            ["class names", _short(info["class_names"])],
             ["preprocessing", info["preprocessing"]], ["nodes", info["nodes"]]]
     if info["ml_operators"]:
         rows.append(["ONNX-ML operators", ", ".join(info["ml_operators"])])

@@ -139,7 +139,9 @@ def describe_onnx(path: Any, output_name: str | None = None) -> dict[str, Any]:
     if out is not None and out.type.startswith("seq(map("):
         keys = _zipmap_labels(graph, out.name)
         info["classes"] = len(keys)
-        info["class_names"] = [str(k) for k in keys]
+        info["class_labels"] = keys
+        if keys and isinstance(keys[0], str):
+            info["class_names"] = keys
     elif out is not None and out.shape and isinstance(out.shape[-1], int):
         info["classes"] = out.shape[-1] if out.shape[-1] > 1 else 2
     inp = sess.get_inputs()[0] if len(sess.get_inputs()) == 1 else None

@@ -195,7 +195,7 @@ def test_inspect_shows_an_onnx_ml_model(tmp_path):
                                    target_opset=17).SerializeToString())
     info = inspect_file(p)
     assert info["scores_output"] == "output_probability" and info["classes"] == 3
-    assert info["class_names"] == ["0", "1", "2"]
+    assert info["class_labels"] == [0, 1, 2] and info["class_names"] is None
     assert "TreeEnsembleClassifier" in info["ml_operators"]
     assert info["input_specs"][0]["shape"] == [None, 4]
     assert "none" in info["preprocessing"]
@@ -235,9 +235,9 @@ def test_tree_ensemble_distilled_into_an_mlp_exported_and_run(tmp_path):
                                atol=1e-5, rtol=1e-4)
     r = train_student(tmp_path / "transfer.safetensors", arch=Architecture.parse("mlp:32"),
                       alpha=0.1, out=tmp_path / "student.safetensors",
-                      config=TrainConfig(epochs=40, batch_size=32, lr=0.05),
+                      config=TrainConfig(epochs=12, batch_size=16, lr=0.05),
                       eval_data=str(tmp_path / "wine-test.npz"))
-    assert r["test_errors"] <= 8  # of 48: the forest itself makes a few
+    assert r["test_errors"] <= 4  # of 48
     main_export(tmp_path / "student.safetensors", tmp_path / "student.onnx",
                 data=str(tmp_path / "wine-test.npz"))
     sess = ort.InferenceSession(str(tmp_path / "student.onnx"),

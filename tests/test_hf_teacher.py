@@ -224,3 +224,22 @@ def test_inspect_shows_a_checkpoint_folder(tmp_path):
     assert info["input_specs"] == [{"name": "pixel_values", "shape": ["batch", 3, 8, 8]}]
     assert info["preprocessing"]["size"] == [8, 8]
     assert info["preprocessing"]["mean"] == [0.5] * 3
+
+
+def test_audio_classifier_taking_input_values(tmp_path):
+    from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, conv_dim=(8, 8), conv_stride=(5, 2),
+                         conv_kernel=(10, 3), num_feat_extract_layers=2,
+                         num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
+                         classifier_proj_size=8, num_labels=4)
+    model = Wav2Vec2ForSequenceClassification(cfg).eval()
+    model.save_pretrained(tmp_path / "w2v")
+    x = torch.randn(6, 400)
+    t = load_teacher(tmp_path / "w2v", probe=x)
+    assert t.input_shape == [400] and t.num_classes == 4
+    with torch.no_grad():
+        ref = model(input_values=x).logits
+    torch.testing.assert_close(t.logits(x), ref, atol=1e-5, rtol=1e-5)

@@ -127,7 +127,7 @@ def calibrate_bias(model: str | Path = "student.safetensors",
                 raise DataError(f"{ds.source} has no labels", "Use --target teacher")
             pi = torch.bincount(ds.labels, minlength=c).double() / len(ds)
         else:
-            t = load_teacher(teacher, options)
+            t = load_teacher(teacher, options, probe=inputs[:1000])
             with rep.progress("teacher", len(inputs)) as advance:
                 def run(x, advance=advance):
                     advance(len(x))

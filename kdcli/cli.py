@@ -380,7 +380,7 @@ def eval_cmd(
 
 @command("soft-targets", "kdcli soft-targets teacher.safetensors --T 20 --out transfer.safetensors")
 def soft_targets_cmd(
-    teachers: Annotated[list[Path], typer.Argument(help="Teacher file(s); several form an ensemble.")],
+    teachers: Annotated[list[Path], typer.Argument(help="Teacher file(s) or Hugging Face checkpoint folder(s); several form an ensemble.")],
     T: Annotated[float, typer.Option("--T", "-T", help="Softmax temperature of the soft targets.")] = 20.0,
     data: Annotated[str, typer.Option(help="Transfer data: mnist:train, a path, ...[:N].")] = "mnist:train",
     out: Annotated[Path, typer.Option(help="Output transfer set: a .safetensors file, or NAME.index.json for a sharded set.")] = Path("transfer.safetensors"),
@@ -416,8 +416,10 @@ def soft_targets_cmd(
 ) -> None:
     """Run a teacher (or an ensemble) and write soft targets at temperature T.
 
-    Teachers may be kdcli models, TorchScript, torch.export (.pt2), ONNX, state dicts
-    (with --arch), or pickled modules (with --trust-pickle). Memory stays bounded for any
+    Teachers may be kdcli models, TorchScript, torch.export (.pt2), ONNX (including
+    scikit-learn, XGBoost and LightGBM classifiers), Hugging Face checkpoint folders
+    (pip install "kdcli[hf]"), state dicts (with --arch), or pickled modules (with
+    --trust-pickle). Memory stays bounded for any
     number of examples; under torchrun each rank runs the teachers on its own share.
     """
     from kdcli.soft_targets import soft_targets
@@ -606,7 +608,7 @@ def sweep_cmd(
 
 @command("inspect", "kdcli inspect transfer.safetensors")
 def inspect_cmd(
-    file: Annotated[Path, typer.Argument(help="A transfer set, kdcli model or ONNX export.")],
+    file: Annotated[Path, typer.Argument(help="A transfer set, kdcli model, ONNX model or Hugging Face checkpoint folder.")],
     verify: Annotated[bool, typer.Option(help="Transfer sets: also verify the checksums and every stored row (as training does).")] = False,
     json_out: JsonOpt = False,
 ) -> None:

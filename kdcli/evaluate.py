@@ -105,7 +105,8 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
         class_names = class_names or theirs
     results, preds = [], []
     for i, path in enumerate(models):
-        t = load_teacher(path, opts[i if len(opts) > 1 else 0], role="model")
+        t = load_teacher(path, opts[i if len(opts) > 1 else 0], role="model",
+                         probe=ds.inputs[:batch_size])
         with rep.progress(f"eval {t.name}", len(ds)) as advance:
             def fn(x, t=t, advance=advance):
                 y = t.logits(x)

@@ -1,4 +1,4 @@
-"""``kdcli inspect``: what a transfer set, kdcli model or ONNX export holds."""
+"""``kdcli inspect``: what a transfer set, kdcli model, ONNX model or checkpoint folder holds."""
 
 from __future__ import annotations
 
@@ -19,16 +19,19 @@ def inspect_file(path: str | Path, reporter: Reporter | None = None,
     soft targets' entropy and "dark knowledge" (each class's most similar other class).
 
     Args:
-        path: A transfer set, kdcli model file or ONNX export.
+        path: A transfer set, kdcli model file, ONNX model or Hugging Face checkpoint folder.
         reporter: Output sink.
         verify: For transfer sets, also verify the checksums (``data_sha256``,
             ``inputs_sha256``) and every stored row, as training does. Model files are
             always verified.
     """
+    from kdcli.hf_teacher import is_hf_folder
     from kdcli.models import MODEL_FORMAT, read_safetensors_metadata
     from kdcli.transfer import TRANSFER_FORMAT, is_index_path
 
     rep = reporter or Reporter()
+    if is_hf_folder(Path(path)):
+        return _inspect_hf(Path(path), rep)
     p = require_file(path, "file")
     if is_index_path(p):
         return _inspect_transfer(p, rep, verify)
@@ -158,6 +161,8 @@ def _inspect_model(p: Path, rep: Reporter) -> dict[str, Any]:
 def _inspect_onnx(p: Path, rep: Reporter) -> dict[str, Any]:
     import onnx
 
+    from kdcli.onnx_teacher import describe_onnx
+
     try:
         proto = onnx.load(str(p))
     except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and others
@@ -165,14 +170,40 @@ def _inspect_onnx(p: Path, rep: Reporter) -> dict[str, Any]:
                           f"{(str(e).splitlines() or [''])[0][:100]})",
                           "The file is truncated or damaged; export it again") from None
     props = {e.key: e.value for e in proto.metadata_props}
-    info = {"file": str(p), "kind": "onnx", "metadata": props,
+    info = {"file": str(p), "kind": "onnx", "format": "onnx", "metadata": props,
             "class_names": json.loads(props["class_names"]) if "class_names" in props else None,
             "opset": [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")],
             "inputs": [i.name for i in proto.graph.input],
-            "outputs": [o.name for o in proto.graph.output], "nodes": len(proto.graph.node)}
-    rep.table(f"ONNX {p.name}", ["", "value"],
-              [[k, _short(info[k])] for k in ("opset", "inputs", "outputs", "nodes")]
-              + [[k, _short(v)] for k, v in props.items()])
+            "outputs": [o.name for o in proto.graph.output], "nodes": len(proto.graph.node),
+            **describe_onnx(p)}
+    specs = lambda xs: "; ".join(f"{a['name']} {a['type']} {a['shape']}" for a in xs)  # noqa: E731
+    rows = [["opset", _short(info["opset"])], ["inputs", specs(info["input_specs"])],
+            ["outputs", specs(info["output_specs"])],
+            ["class scores", info["scores_output"] or "(choose with --output)"],
+            ["classes", _short(info["classes"])],
+            ["class labels", _short(info.get("class_labels"))],
+            ["class names", _short(info["class_names"])],
+            ["preprocessing", info["preprocessing"]], ["nodes", info["nodes"]]]
+    if info["ml_operators"]:
+        rows.append(["ONNX-ML operators", ", ".join(info["ml_operators"])])
+    rep.table(f"ONNX {p.name}", ["", "value"], rows + [[k, _short(v)] for k, v in props.items()])
+    return info
+
+
+def _inspect_hf(p: Path, rep: Reporter) -> dict[str, Any]:
+    """A Hugging Face checkpoint folder, from its JSON files alone (no weights are loaded)."""
+    from kdcli.hf_teacher import describe_folder
+    from kdcli.teachers import describe_preprocessing
+
+    info = {"file": str(p), "kind": "huggingface checkpoint", **describe_folder(p)}
+    rows = [["format", info["format"]], ["architecture", _short(info["architecture"])],
+            ["inputs", "; ".join(f"{i['name']} {i['shape']}" for i in info["input_specs"])],
+            ["outputs", "logits [batch, classes]"], ["classes", info["classes"]],
+            ["class names", _short(info["class_names"])],
+            ["preprocessing", f"{describe_preprocessing(info['preprocessing'])} "
+                              f"(from {info['preprocessing_source']})"],
+            ["weights", _short(info["weights"])]]
+    rep.table(f"Hugging Face checkpoint {p.name}", ["", "value"], rows)
     return info
 
 

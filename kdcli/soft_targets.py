@@ -23,7 +23,7 @@ from kdcli.files import (
 )
 from kdcli.output import Reporter, Timer
 from kdcli.storage import SafetensorsWriter, to_bytes
-from kdcli.teachers import Teacher, TeacherOptions, load_teacher
+from kdcli.teachers import Teacher, TeacherOptions, describe_preprocessing, load_teacher
 from kdcli.transfer import (
     COMBINE_RULES,
     INDEX_SUFFIX,
@@ -215,16 +215,15 @@ def soft_targets(
     source = _Source(ds, keep, copies, jitter, seed)
     n = source.n
 
-    members = [load_teacher(p, o, device=dev, precision=precision)
-               for p, o in zip(teachers, opts, strict=True)]
     probe_x, probe_y = source.rows(0, min(n, batch_size))
-    for t, o in zip(members, opts, strict=True):
+    members = [load_teacher(p, o, device=dev, precision=precision, probe=probe_x)
+               for p, o in zip(teachers, opts, strict=True)]
+    for t in members:
         if t.format != "kdcli" and probe_x.dtype == torch.uint8 and \
-                o.scale is None and o.mean is None and o.std is None:
+                t.preprocessing.get("scale", 1.0) == 1.0 and \
+                t.preprocessing.get("mean", 0.0) == 0.0 and t.preprocessing.get("std", 1.0) == 1.0:
             rep.warn(f"{t.name} gets raw 8-bit values (0-255): no --scale/--mean/--std given. "
                      "If it was trained on [0, 1] inputs, pass --scale 255")
-    for t in members:
-        t.logits(probe_x)
     labels_max = None if ds.labels is None else int(ds.labels.max())
     c = _check_classes(members, labels_max)
     class_names = _class_names(ds, members, c)
@@ -288,8 +287,10 @@ def soft_targets(
         "seconds": round(timer.seconds, 3),
         "samples_per_s": round(n / max(timer.seconds, 1e-9), 1),
         "teachers": [{"file": str(t.path), "format": t.format, "output": t.output,
+                      "preprocessing": t.preprocessing,
                       "accuracy": (float(correct[i]) / n if has_labels else None)}
                      for i, t in enumerate(members)],
+        "class_names": class_names,
     }
     if has_labels:
         summary["ensemble_accuracy"] = float(correct[m]) / n
@@ -299,16 +300,17 @@ def soft_targets(
         for note in t.notes:
             rep.info(note)
     rows = [[Path(t["file"]).name, t["format"], t["output"],
+             describe_preprocessing(t["preprocessing"]),
              "-" if t["accuracy"] is None else f"{100 * t['accuracy']:.2f}%"]
             for t in summary["teachers"]]
     if m > 1:
-        rows.append(["ensemble", combine, "logits",
+        rows.append(["ensemble", combine, "logits", "",
                      "-" if not has_labels else f"{100 * summary['ensemble_accuracy']:.2f}%"])
     form = "dense" if top_k is None else f"top-{top_k}"
     where = f", {summary['shards']} shards" if shards else ""
     rep.table(f"Transfer set {out}: {n:,} examples, {c} classes, T={T:g}, {form}{where}, "
               f"{summary['samples_per_s']:,.0f} samples/s",
-              ["teacher", "format", "output", "accuracy"], rows)
+              ["teacher", "format", "output", "preprocessing", "accuracy"], rows)
     if m > 1:
         rep.info(f"members disagree on {100 * summary['disagreement']:.2f}% of examples")
     return summary
@@ -556,13 +558,14 @@ def _check_classes(members: list[Teacher], labels_max: int | None) -> int:
 
 
 def _class_names(ds, members: list[Teacher], c: int) -> list[str] | None:
-    """The class names of the data, else of the teachers' files; refuse any that differ."""
+    """The class names of the data, else of the teachers (their own, or what their kdcli or
+    ONNX file records); refuse any that differ."""
     from kdcli.data import check_same_classes
     from kdcli.models import file_class_names
 
     names = ds.class_names
     for t in members:
-        theirs = file_class_names(t.path)
+        theirs = t.class_names if t.class_names is not None else file_class_names(t.path)
         check_same_classes(names, ds.source, theirs, f"teacher {t.name}")
         names = names or theirs
     if names is not None and len(names) != c:

@@ -1,17 +1,23 @@
 """Teachers: load a model saved in any common format and run it on raw data.
 
-Formats (detected from the file's content, not its extension):
+The formats are a table, :data:`FORMATS`: each entry names a format, says whether a path
+holds it (from the content, not the extension) and loads it. Loading turns the path into a
+:class:`Teacher` whose description (format, input shape and dtype, output kind, classes,
+class names, preprocessing) is settled by a probe batch inside :func:`load_teacher` and then
+frozen; :meth:`Teacher.logits` only runs the model. A new format is one entry plus its tests.
 
+* ``huggingface``: a ``transformers`` checkpoint folder (:mod:`kdcli.hf_teacher`).
 * ``kdcli``: a kdcli model file (safetensors with ``format: kdcli.model``).
 * ``torchscript``: ``torch.jit.save`` archives.
 * ``torch.export``: ``torch.export.save`` programs (``.pt2``), dynamic or fixed batch.
-* ``onnx``: ONNX models, run with onnxruntime.
+* ``onnx``: ONNX models, including ONNX-ML classifiers (:mod:`kdcli.onnx_teacher`).
 * ``state_dict``: a ``torch.save`` state dict (loaded with ``weights_only=True``) or a
   plain safetensors file, plus ``--arch`` (a kdcli spec or ``package.module:factory``).
 * ``pickle``: a fully pickled ``nn.Module``, only with ``trust_pickle=True``.
 
 Every teacher returns float32 logits ``[B, C]``; probability or log-probability outputs are
-turned into logits (``log p``, exact up to a constant per row).
+turned into logits (``log p``, exact up to a constant per row, floored at
+:data:`LOG_PROB_FLOOR`), and a single output column becomes two classes.
 """
 
 from __future__ import annotations
@@ -21,11 +27,19 @@ import math
 import re
 import sys
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcli.errors import FormatError, ModelError, UnsafePickleError, UsageError
+from kdcli.errors import (
+    DataError,
+    FormatError,
+    KdcliError,
+    ModelError,
+    UnsafePickleError,
+    UsageError,
+)
 from kdcli.files import require_file, sha256_file
 from kdcli.models import (
     MODEL_FORMAT,
@@ -42,6 +56,12 @@ if TYPE_CHECKING:
 
 OUTPUT_KINDS = ("logits", "log-probs", "probs")
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+#: The smallest logit a probability (or log-probability) output becomes: a probability of
+#: exactly 0, common for trees, gives this finite logit instead of -inf. At T <= 30 its
+#: soft target is below exp(-33) of the top class's, so tempered probabilities stay exact
+#: in float32.
+LOG_PROB_FLOOR = -1000.0
+IDENTITY = {"scale": 1.0, "mean": 0.0, "std": 1.0}
 
 
 @dataclass
@@ -70,40 +90,61 @@ class TeacherOptions:
     output_name: str | None = None
     trust_pickle: bool = False
 
+    def preprocessing(self) -> dict[str, Any]:
+        """The preprocessing settings the user gave (they override the file's)."""
+        return {k: v for k, v in (("scale", self.scale), ("mean", self.mean),
+                                  ("std", self.std)) if v is not None}
+
 
 @dataclass
 class Teacher:
     """A loaded teacher, ready to map raw inputs to logits.
 
+    A format's loader fills the fields; :func:`load_teacher` then probes the model and
+    freezes them, so every field is known, and fixed, before the first call.
+
     Attributes:
-        path: The file.
-        format: One of the formats in the module docstring.
-        sha256: The file's SHA-256.
-        preprocessing: Scale/mean/std applied to raw inputs before the model (identity
-            for kdcli models, which carry their own).
-        input_shape: Per-example shape fed to the model (None until resolved).
+        path: The file (or checkpoint folder).
+        format: One of the format names of :data:`FORMATS`.
+        sha256: The file's SHA-256 (a folder's: see :func:`kdcli.hf_teacher.folder_sha256`).
+        preprocessing: How raw inputs become model inputs (see :func:`prepare_input`):
+            ``scale``, ``mean``, ``std`` (numbers, or one per channel), and for image
+            checkpoints ``size`` (``[H, W]`` to resize to). Identity for kdcli models,
+            which carry their own.
+        input_shape: Per-example shape fed to the model.
         input_dtype: dtype fed to the model.
         fixed_batch: The only batch size the model accepts, or None.
-        output: ``logits``, ``log-probs`` or ``probs`` (None until detected).
-        num_classes: Output width (None until the first batch).
+        output: ``logits``, ``log-probs`` or ``probs``.
+        num_classes: Number of classes (2 for a single-column binary output).
+        class_names: The classes' names, where the file has them.
+        binary: The model has one output column (a logit or a probability of class 1).
     """
 
     path: Path
     format: str
     sha256: str
-    preprocessing: dict[str, float] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
     input_shape: list[int] | None = None
     input_dtype: str = "float32"
     fixed_batch: int | None = None
     output: str | None = None
     num_classes: int | None = None
+    class_names: list[str] | None = None
+    binary: bool = False
     shape_from_user: bool = False
-    runner: Any = None  # callable: prepared float tensor -> raw output tensor
+    runner: Any = None  # callable: prepared tensor -> raw output
     module: Any = None  # the torch module, for PyTorch formats
     meta: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     device: str = "cpu"
     precision: str = "fp32"
+    frozen: bool = field(default=False, repr=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("frozen"):
+            raise AttributeError(f"teacher {self.path.name} is loaded and frozen; "
+                                 f"cannot set {name}")
+        object.__setattr__(self, name, value)
 
     @property
     def name(self) -> str:
@@ -111,9 +152,12 @@ class Teacher:
 
     def describe(self) -> dict[str, Any]:
         """What the transfer-set metadata records about this teacher."""
-        return {"file": self.path.name, "sha256": self.sha256, "format": self.format,
-                "preprocessing": self.preprocessing, "input_shape": self.input_shape,
-                "output": self.output, "num_classes": self.num_classes, **self.meta}
+        out = {"file": self.path.name, "sha256": self.sha256, "format": self.format,
+               "preprocessing": self.preprocessing, "input_shape": self.input_shape,
+               "output": self.output, "num_classes": self.num_classes, **self.meta}
+        if self.class_names is not None:
+            out["class_names"] = self.class_names
+        return out
 
     def logits(self, raw: torch.Tensor) -> torch.Tensor:
         """Run the teacher on a batch of raw examples.
@@ -124,71 +168,13 @@ class Teacher:
         Returns:
             ``[B, C]`` float32 logits on the CPU.
         """
-        import torch
+        x = prepare_input(raw, self.preprocessing, self.input_shape, self.input_dtype,
+                          self.name)
+        out = self._check_output(self._forward(x), raw.shape[0])
+        return to_logits(out, self.output or "logits")
 
-        if self.input_shape is None:
-            self.resolve_input_shape(raw[:2])
-        x = self._prepare(raw)
-        out = self._run_fixed(x) if self.fixed_batch else self._call(x)
-        out = self._check_output(out, raw.shape[0])
-        if self.output is None:
-            self.output = detect_output_kind(out)
-            if self.output != "logits":
-                self.notes.append(f"{self.name}: outputs look like {self.output}; "
-                                  f"converted to logits (override with --teacher-output)")
-        if self.output == "probs":
-            out = out.clamp_min(torch.finfo(torch.float32).tiny).log()
-        return out
-
-    def resolve_input_shape(self, probe: torch.Tensor) -> None:
-        """Find the per-example input shape, trying the likely ones if none is known."""
-        sample = list(probe.shape[1:])
-        n = math.prod(sample)
-        if self.input_shape is not None:
-            return
-        candidates = [sample, [n], [1, *sample]] if len(sample) > 1 else [sample, [1, *sample]]
-        first_err = None
-        for cand in candidates:
-            self.input_shape = cand
-            try:
-                x = self._prepare(probe)
-                out = self._run_fixed(x) if self.fixed_batch else self._call(x)
-                self._check_output(out, probe.shape[0])
-                return
-            except Exception as e:  # noqa: BLE001 - any failure means "not this shape"
-                first_err = first_err or e
-        self.input_shape = None
-        msg = str(first_err).strip().splitlines()[0][:200] if first_err else "unknown"
-        raise ModelError(
-            f"teacher {self.name} fails on examples of shape {sample} ({msg})",
-            "Pass --input-shape with the per-example shape the model expects, "
-            f"e.g. --input-shape {n} or --input-shape 1,{','.join(map(str, sample))}")
-
-    def _prepare(self, raw: torch.Tensor) -> torch.Tensor:
-        import torch
-
-        pre = self.preprocessing
-        x = raw.float()
-        if pre.get("scale", 1.0) != 1.0:
-            x = x / pre["scale"]
-        mean, std = pre.get("mean", 0.0), pre.get("std", 1.0)
-        if isinstance(mean, list) or isinstance(std, list):
-            from kdcli.models import stats_tensor
-
-            x = (x - stats_tensor(mean, raw.shape[1:])) / stats_tensor(std, raw.shape[1:])
-        elif mean != 0.0 or std != 1.0:
-            x = (x - mean) / std
-        shape = self.input_shape or list(raw.shape[1:])
-        if math.prod(shape) != math.prod(raw.shape[1:]):
-            raise ModelError(
-                f"teacher {self.name} expects examples of shape {shape} "
-                f"({math.prod(shape)} values), but the data has {list(raw.shape[1:])}",
-                "Give data that fits the teacher, or the right --input-shape")
-        x = x.reshape(raw.shape[0], *shape)
-        return x.to(getattr(torch, self.input_dtype))
-
-    def _call(self, x: torch.Tensor) -> torch.Tensor:
-        return self.runner(x)
+    def _forward(self, x: torch.Tensor) -> Any:
+        return self._run_fixed(x) if self.fixed_batch else self.runner(x)
 
     def _run_fixed(self, x: torch.Tensor) -> torch.Tensor:
         import torch
@@ -200,7 +186,7 @@ class Teacher:
             n = chunk.shape[0]
             if n < b:
                 chunk = torch.cat([chunk, chunk.new_zeros((b - n, *chunk.shape[1:]))])
-            outs.append(self._call(chunk)[:n])
+            outs.append(self._check_output(self.runner(chunk), b)[:n])
         return torch.cat(outs)
 
     def _check_output(self, out: Any, batch: int) -> torch.Tensor:
@@ -216,64 +202,320 @@ class Teacher:
         if not isinstance(out, torch.Tensor):
             raise ModelError(f"teacher {self.name} returned {type(out).__name__}",
                              "The model must return a tensor of class scores")
+        if out.dim() == 1 and out.shape[0] == batch:
+            out = out[:, None]  # one score per example: a binary classifier
         if out.dim() != 2 or out.shape[0] != batch:
             raise ModelError(
                 f"teacher {self.name} returned shape {tuple(out.shape)} for a batch of {batch}",
                 "The model must output [batch, classes]; check --input-shape")
-        if self.num_classes is None:
-            self.num_classes = int(out.shape[1])
         return out.detach().float().cpu()
 
 
+def to_logits(out: torch.Tensor, kind: str) -> torch.Tensor:
+    """Turn a model's outputs of ``kind`` into logits ``[B, C]``.
+
+    Probabilities become ``log p`` and log-probabilities stay, both floored at
+    :data:`LOG_PROB_FLOOR`. A single column (``[B, 1]``) is a binary classifier: a
+    probability ``p`` of class 1 becomes ``log [1 - p, p]``, a logit ``z`` becomes ``[0, z]``.
+    """
+    import torch
+
+    if out.shape[1] == 1:
+        if kind == "probs":
+            out = torch.cat([1 - out, out], 1)
+        elif kind == "log-probs":
+            out = torch.cat([torch.log1p(-out.exp()), out], 1)
+        else:
+            return torch.cat([torch.zeros_like(out), out], 1)
+    if kind == "probs":
+        return out.clamp_min(0).log().clamp_min(LOG_PROB_FLOOR)
+    if kind == "log-probs":
+        return out.clamp_min(LOG_PROB_FLOOR)
+    return out
+
+
+def prepare_input(raw: torch.Tensor, pre: dict[str, Any], shape: list[int] | None,
+                  dtype: str, name: str = "teacher") -> torch.Tensor:
+    """Raw examples -> what the model takes: ``((x / scale) - mean) / std`` in its layout.
+
+    The layout comes first: a reshape to ``shape`` or, for image checkpoints with a
+    ``size``, channels first, grey made RGB (or the reverse) and a bilinear resize. Then
+    ``mean`` and ``std`` (numbers, or one value per channel/feature: the model input's
+    dimension 1) apply, and the result is cast to the model's ``dtype``.
+
+    Args:
+        raw: ``[B, *sample_shape]`` raw inputs.
+        pre: ``scale``, ``mean``, ``std`` and optionally ``size``.
+        shape: The per-example shape the model takes (None: the data's).
+        dtype: The model's input dtype, e.g. ``float32``.
+        name: The teacher, for error messages.
+    """
+    import torch
+
+    x = raw.float()
+    if pre.get("size"):
+        x = _image_layout(x, shape[0] if shape else x.shape[1], list(pre["size"]), name)
+    else:
+        shape = shape or list(raw.shape[1:])
+        if math.prod(shape) != math.prod(raw.shape[1:]):
+            raise ModelError(
+                f"teacher {name} expects examples of shape {shape} "
+                f"({math.prod(shape)} values), but the data has {list(raw.shape[1:])}",
+                "Give data that fits the teacher, or the right --input-shape")
+        x = x.reshape(raw.shape[0], *shape)
+    scale, mean, std = pre.get("scale", 1.0), pre.get("mean", 0.0), pre.get("std", 1.0)
+    if scale != 1.0:
+        x = x / scale
+    if mean != 0.0 or std != 1.0:
+        x = (x - _along_dim1(mean, x, "mean", name)) / _along_dim1(std, x, "std", name)
+    return x.to(getattr(torch, dtype))
+
+
+def _along_dim1(v: float | list[float], x: torch.Tensor, what: str, name: str) -> Any:
+    import torch
+
+    if not isinstance(v, (list, tuple)):
+        return v
+    if len(v) == 1:
+        return float(v[0])
+    if x.dim() < 2 or x.shape[1] != len(v):
+        raise ModelError(f"teacher {name}: --{what} has {len(v)} values, but its inputs have "
+                         f"{x.shape[1] if x.dim() > 1 else 1} channels or features",
+                         f"Give one --{what} value, or one per channel")
+    return torch.tensor(v, dtype=x.dtype).view(1, -1, *[1] * (x.dim() - 2))
+
+
+def _image_layout(x: torch.Tensor, channels: int, size: list[int], name: str) -> torch.Tensor:
+    """Images ``[B, H, W]``, ``[B, C, H, W]`` or ``[B, H, W, C]`` -> ``[B, channels, *size]``."""
+    import torch
+    import torch.nn.functional as F
+
+    if x.dim() == 3:
+        x = x[:, None]
+    elif x.dim() == 4 and x.shape[1] != channels and x.shape[-1] in (1, 3, 4):
+        x = x.permute(0, 3, 1, 2)  # channels last, as image files decode
+    if x.dim() != 4:
+        raise ModelError(f"teacher {name} takes images, but the data has examples of shape "
+                         f"{list(x.shape[1:])}", "Give images [H, W], [C, H, W] or [H, W, C]")
+    c = x.shape[1]
+    if c != channels:
+        if c == 1:
+            x = x.expand(-1, channels, -1, -1)  # grey -> RGB, as the processor converts
+        elif c == 4 and channels == 3:
+            x = x[:, :3]  # drop alpha
+        elif c == 3 and channels == 1:  # ITU-R 601-2 luma, as PIL's "L"
+            x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        else:
+            raise ModelError(f"teacher {name} takes {channels}-channel images, the data has "
+                             f"{c} channels", "Give images with the model's channels")
+    if list(x.shape[-2:]) != size:
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def describe_preprocessing(pre: dict[str, Any]) -> str:
+    """A short text of a preprocessing dict, for tables: ``resize 224x224, /255, ...``."""
+    parts = []
+    if pre.get("size"):
+        parts.append("resize " + "x".join(str(s) for s in pre["size"]))
+    if pre.get("scale", 1.0) != 1.0:
+        parts.append(f"/{pre['scale']:g}")
+    for k in ("mean", "std"):
+        v = pre.get(k, 0.0 if k == "mean" else 1.0)
+        if v != (0.0 if k == "mean" else 1.0):
+            parts.append(f"{k} " + (f"{v:g}" if not isinstance(v, (list, tuple))
+                                    else "[" + ",".join(f"{e:g}" for e in v) + "]"))
+    return ", ".join(parts) or "none"
+
+
 def detect_output_kind(out: torch.Tensor) -> str:
-    """Guess whether a teacher's outputs are logits, log-probs or probs (rows must decide)."""
+    """Guess whether a teacher's outputs are logits, log-probs or probs (rows must decide).
+
+    A single column is a probability if every value lies in [0, 1], else a logit.
+    """
     import torch
 
     if out.numel() == 0 or not bool(torch.isfinite(out).all()):
         return "logits"
-    if bool((out >= 0).all() & (out <= 1).all()) and bool(
-            ((out.sum(-1) - 1).abs() < 1e-3).all()):
+    in_unit = bool((out >= 0).all() & (out <= 1).all())
+    if out.shape[-1] == 1:
+        return "probs" if in_unit else "logits"
+    if in_unit and bool(((out.sum(-1) - 1).abs() < 1e-3).all()):
         return "probs"
     if bool((out <= 0).all()) and bool((torch.logsumexp(out, -1).abs() < 1e-3).all()):
         return "log-probs"
     return "logits"
 
 
-def detect_format(path: Path) -> str:
-    """Name a model file's format from its content (see the module docstring)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-    meta = read_safetensors_metadata(path)
-    if meta is not None:
-        fmt = meta.get("format")
-        if fmt == MODEL_FORMAT:
-            return "kdcli"
-        if fmt == "kdcli.transfer-set":
-            raise FormatError(f"{path} is a transfer set, not a model",
-                              "Give a teacher model; use the transfer set with train-student")
-        return "safetensors-state-dict"
-    if head.startswith(b"PK\x03\x04"):
-        try:
-            names = zipfile.ZipFile(path).namelist()
-        except zipfile.BadZipFile as e:
-            raise FormatError(f"{path} is a corrupt or truncated zip archive",
-                              "Save the model again") from e
-        if any(n.endswith("archive_format") or n.endswith("serialized_exported_program.json")
-               for n in names):
-            return "torch.export"
-        if any("/code/" in n for n in names) or any(n.endswith("constants.pkl") for n in names):
-            return "torchscript"
-        if any(n.endswith("data.pkl") for n in names):
-            return "torch.save"
-        raise FormatError(f"{path} is a zip archive but not a PyTorch file",
+# --- the formats table -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TeacherFormat:
+    """One entry of the formats table.
+
+    Attributes:
+        name: The format's name, as recorded in transfer sets.
+        detect: Whether a path holds this format (by content); may raise a FormatError
+            that says what the path is instead.
+        load: Fills a :class:`Teacher`'s runner and whatever the file tells (shape, dtype,
+            output kind, classes, preprocessing).
+        digest: The SHA-256 that identifies the teacher.
+    """
+
+    name: str
+    detect: Callable[[Path], bool]
+    load: Callable[[Teacher, TeacherOptions], None]
+    digest: Callable[[Path], str] = sha256_file
+
+
+def _st_meta(p: Path) -> dict | None:
+    return None if p.is_dir() else read_safetensors_metadata(p)
+
+
+def _is_kdcli(p: Path) -> bool:
+    meta = _st_meta(p)
+    return meta is not None and meta.get("format") == MODEL_FORMAT
+
+
+def _is_safetensors_state_dict(p: Path) -> bool:
+    meta = _st_meta(p)
+    if meta is not None and meta.get("format") == "kdcli.transfer-set":
+        raise FormatError(f"{p} is a transfer set, not a model",
+                          "Give a teacher model; use the transfer set with train-student")
+    return meta is not None
+
+
+def _zip_names(p: Path) -> list[str]:
+    if p.is_dir():
+        return []
+    with open(p, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return []
+    try:
+        return zipfile.ZipFile(p).namelist()
+    except zipfile.BadZipFile as e:
+        raise FormatError(f"{p} is a corrupt or truncated zip archive",
+                          "Save the model again") from e
+
+
+def _is_exported(p: Path) -> bool:
+    return any(n.endswith("archive_format") or n.endswith("serialized_exported_program.json")
+               for n in _zip_names(p))
+
+
+def _is_torchscript(p: Path) -> bool:
+    names = _zip_names(p)
+    return any("/code/" in n for n in names) or any(n.endswith("constants.pkl") for n in names)
+
+
+def _is_torch_save(p: Path) -> bool:
+    if any(n.endswith("data.pkl") for n in _zip_names(p)):
+        return True
+    with open(p, "rb") as f:
+        return f.read(1) == b"\x80"  # a pickle protocol header: legacy torch.save
+
+
+def _is_hf(p: Path) -> bool:
+    from kdcli.hf_teacher import is_hf_folder
+
+    return is_hf_folder(p)
+
+
+def _is_onnx(p: Path) -> bool:
+    return not p.is_dir() and is_onnx_file(p)
+
+
+def _load_hf(t: Teacher, opts: TeacherOptions) -> None:
+    from kdcli.hf_teacher import load_hf
+
+    load_hf(t, opts)
+
+
+def _hf_digest(p: Path) -> str:
+    from kdcli.hf_teacher import folder_sha256
+
+    return folder_sha256(p)
+
+
+def _load_onnx(t: Teacher, opts: TeacherOptions) -> None:
+    from kdcli.onnx_teacher import load_onnx
+
+    load_onnx(t, opts)
+
+
+def _load_kdcli(t: Teacher, opts: TeacherOptions) -> None:
+    mf = load_model(t.path)
+    t.input_shape = t.input_shape or list(mf.preprocessing.raw_shape)
+    t.preprocessing = dict(IDENTITY)  # the model does its own
+    t.meta = {"architecture": mf.arch.spec(), "model_preprocessing": asdict(mf.preprocessing),
+              "training": {k: mf.training.get(k) for k in ("command", "test_errors")
+                           if k in mf.training}}
+    names = mf.training.get("class_names")
+    if isinstance(names, list) and len(names) == mf.num_classes:
+        t.class_names = [str(n) for n in names]
+    t.num_classes = mf.num_classes
+    _torch_runner(t, mf.model)
+
+
+def _load_ts(t: Teacher, opts: TeacherOptions) -> None:
+    _torch_runner(t, _load_torchscript(t.path))
+
+
+def _load_export(t: Teacher, opts: TeacherOptions) -> None:
+    _torch_runner(t, _load_exported(t, t.path, opts.trust_pickle))
+
+
+def _load_st_state_dict(t: Teacher, opts: TeacherOptions) -> None:
+    _torch_runner(t, _module_from_state_dict(t, _load_safetensors_sd(t.path), opts))
+    t.format = "state_dict"
+
+
+def _load_pickled(t: Teacher, opts: TeacherOptions) -> None:
+    _torch_runner(t, _load_torch_save(t, t.path, opts))
+
+
+#: The formats, tried in this order on a path's content.
+FORMATS: tuple[TeacherFormat, ...] = (
+    TeacherFormat("huggingface", _is_hf, _load_hf, _hf_digest),
+    TeacherFormat("kdcli", _is_kdcli, _load_kdcli),
+    TeacherFormat("safetensors-state-dict", _is_safetensors_state_dict, _load_st_state_dict),
+    TeacherFormat("torch.export", _is_exported, _load_export),
+    TeacherFormat("torchscript", _is_torchscript, _load_ts),
+    TeacherFormat("torch.save", _is_torch_save, _load_pickled),
+    TeacherFormat("onnx", _is_onnx, _load_onnx),
+)
+
+
+def find_format(path: Path, role: str = "teacher") -> TeacherFormat:
+    """The table entry for ``path``, found by content.
+
+    Raises:
+        DataError: the path is missing, empty, or a folder that is no checkpoint.
+        FormatError: no format matches, or the file is corrupt.
+    """
+    p = Path(path)
+    if p.is_dir():
+        if _is_hf(p):
+            return FORMATS[0]
+        raise DataError(f"{role} {p} is a directory without a config.json",
+                        "Give a model file, or a Hugging Face checkpoint folder "
+                        "(config.json and model.safetensors)")
+    require_file(p, role)
+    for fmt in FORMATS:
+        if fmt.detect(p):
+            return fmt
+    if _zip_names(p):
+        raise FormatError(f"{p} is a zip archive but not a PyTorch file",
                           "Give a kdcli, TorchScript, torch.export, ONNX or torch.save file")
-    if head[:1] == b"\x80":  # a pickle protocol header: legacy torch.save
-        return "torch.save"
-    if is_onnx_file(path):
-        return "onnx"
-    raise FormatError(f"{path} is not a model format kdcli knows",
+    raise FormatError(f"{p} is not a model format kdcli knows",
                       "Give a kdcli .safetensors, TorchScript, torch.export .pt2, ONNX, "
-                      "or torch.save state dict (with --arch)")
+                      "a Hugging Face checkpoint folder, or a torch.save state dict (with --arch)")
+
+
+def detect_format(path: Path) -> str:
+    """Name a model file's format from its content (see :data:`FORMATS`)."""
+    return find_format(Path(path)).name
 
 
 def is_onnx_file(path: Path) -> bool:
@@ -288,55 +530,105 @@ def is_onnx_file(path: Path) -> bool:
 
 
 def load_teacher(path: str | Path, opts: TeacherOptions | None = None, device: str = "cpu",
-                 precision: str = "fp32", role: str = "teacher") -> Teacher:
-    """Load a teacher from any supported format.
+                 precision: str = "fp32", role: str = "teacher",
+                 probe: torch.Tensor | None = None) -> Teacher:
+    """Load a teacher from any supported format, probe it, and freeze its description.
 
     Args:
-        path: The model file.
+        path: The model file, or a Hugging Face checkpoint folder.
         opts: Loading and input options (see :class:`TeacherOptions`).
         device: ``cpu`` or ``cuda`` (PyTorch formats; ONNX uses CUDA if its provider exists).
         precision: ``fp32`` or ``bf16`` (autocast, PyTorch formats only).
         role: What to call the file in error messages (``teacher``, ``model``).
+        probe: A few raw examples of the data the teacher will see. They settle the input
+            shape (when the file does not say), the output kind and the classes. Without
+            them, random inputs of the file's own input shape are used.
 
     Raises:
         DataError: the file is missing or empty.
         FormatError: the format is unknown, or the file is corrupt.
-        UnsafePickleError: the file is a pickled module and ``trust_pickle`` is off.
+        UnsafePickleError: the file is a pickle and ``trust_pickle`` is off.
+        ModelError: the model cannot run on the probe.
     """
     opts = opts or TeacherOptions()
     if opts.output is not None and opts.output not in OUTPUT_KINDS:
         raise UsageError(f"unknown --teacher-output {opts.output!r}",
                          f"Use one of {', '.join(OUTPUT_KINDS)}")
-    p = require_file(path, role)
-    fmt = detect_format(p)
-    t = Teacher(path=p, format=fmt, sha256=sha256_file(p), output=opts.output,
+    p = Path(path)
+    fmt = find_format(p, role)
+    t = Teacher(path=p, format=fmt.name, sha256=fmt.digest(p), output=opts.output,
                 device=device, precision=precision)
     if opts.input_shape:
         t.input_shape, t.shape_from_user = list(opts.input_shape), True
-    user_pre = {k: v for k, v in (("scale", opts.scale), ("mean", opts.mean),
-                                  ("std", opts.std)) if v is not None}
-    if fmt == "kdcli":
-        mf = load_model(p)
-        t.input_shape = t.input_shape or list(mf.preprocessing.raw_shape)
-        t.preprocessing = {"scale": 1.0, "mean": 0.0, "std": 1.0}
-        t.meta = {"architecture": mf.arch.spec(), "model_preprocessing": asdict(mf.preprocessing),
-                  "training": {k: mf.training.get(k) for k in ("command", "test_errors")
-                               if k in mf.training}}
-        _torch_runner(t, mf.model)
-        return t
-    t.preprocessing = {"scale": 1.0, "mean": 0.0, "std": 1.0, **user_pre}
-    if fmt == "onnx":
-        _onnx_runner(t, p, opts)
-    elif fmt == "torchscript":
-        _torch_runner(t, _load_torchscript(p))
-    elif fmt == "torch.export":
-        _torch_runner(t, _load_exported(t, p, opts.trust_pickle))
-    elif fmt == "safetensors-state-dict":
-        _torch_runner(t, _module_from_state_dict(t, _load_safetensors_sd(p), opts))
-        t.format = "state_dict"
-    else:  # torch.save
-        _torch_runner(t, _load_torch_save(t, p, opts))
+    t.preprocessing = {**IDENTITY, **opts.preprocessing()}
+    fmt.load(t, opts)
+    if opts.output is not None:
+        t.output = opts.output  # an explicit flag wins over the file
+    _probe(t, probe)
+    t.frozen = True
     return t
+
+
+def _probe(t: Teacher, probe: torch.Tensor | None) -> None:
+    """Settle the input shape, output kind and class count on a probe batch."""
+    import torch
+
+    if probe is None:
+        if t.input_shape is None:
+            raise ModelError(f"the input shape of teacher {t.name} is not known",
+                             "Pass --input-shape (or give example inputs to probe it)")
+        gen = torch.Generator().manual_seed(0)
+        scale = t.preprocessing.get("scale", 1.0)
+        probe = torch.rand((2, *t.input_shape), generator=gen) * scale
+    if t.input_shape is None:
+        _resolve_input_shape(t, probe[:2])
+    x = prepare_input(probe, t.preprocessing, t.input_shape, t.input_dtype, t.name)
+    try:
+        out = t._check_output(t._forward(x), probe.shape[0])
+    except KdcliError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the model's own error, on its own inputs
+        raise ModelError(f"teacher {t.name} fails on examples of shape {t.input_shape} "
+                         f"({_first_line(e)})", "Check --input-shape and the data") from e
+    if t.output is None:
+        t.output = detect_output_kind(out)
+        if t.output != "logits":
+            t.notes.append(f"{t.name}: outputs look like {t.output}; "
+                           f"converted to logits (override with --teacher-output)")
+    width = int(out.shape[1])
+    t.binary = width == 1
+    if t.binary:
+        t.notes.append(f"{t.name}: one output column ({t.output}); read as a binary "
+                       "classifier with two classes")
+    c = 2 if t.binary else width
+    if t.num_classes is not None and t.num_classes != c:
+        raise ModelError(f"teacher {t.name} says it has {t.num_classes} classes but "
+                         f"outputs {width} columns", "Check the model's configuration")
+    t.num_classes = c
+    if t.class_names is not None and len(t.class_names) != c:
+        t.class_names = None
+
+
+def _resolve_input_shape(t: Teacher, probe: torch.Tensor) -> None:
+    """Find the per-example input shape, trying the likely ones."""
+    sample = list(probe.shape[1:])
+    n = math.prod(sample)
+    candidates = [sample, [n], [1, *sample]] if len(sample) > 1 else [sample, [1, *sample]]
+    first_err = None
+    for cand in candidates:
+        t.input_shape = cand
+        try:
+            x = prepare_input(probe, t.preprocessing, t.input_shape, t.input_dtype, t.name)
+            t._check_output(t._forward(x), probe.shape[0])
+            return
+        except Exception as e:  # noqa: BLE001 - any failure means "not this shape"
+            first_err = first_err or e
+    t.input_shape = None
+    msg = _first_line(first_err) if first_err else "unknown"
+    raise ModelError(
+        f"teacher {t.name} fails on examples of shape {sample} ({msg})",
+        "Pass --input-shape with the per-example shape the model expects, "
+        f"e.g. --input-shape {n} or --input-shape 1,{','.join(map(str, sample))}")
 
 
 def _torch_runner(t: Teacher, module: Any) -> None:
@@ -555,56 +847,6 @@ def _call_factory(spec: str) -> Any:
     if not isinstance(module, nn.Module):
         raise ModelError(f"{spec}() returned {type(module).__name__}", "Return an nn.Module")
     return module
-
-
-def _onnx_runner(t: Teacher, p: Path, opts: TeacherOptions) -> None:
-    import numpy as np
-    import onnxruntime as ort
-    import torch
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    providers = ["CPUExecutionProvider"]
-    if t.device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    try:
-        sess = ort.InferenceSession(str(p), so, providers=providers)
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
-        raise FormatError(f"{p} is a corrupt or unsupported ONNX model ({_first_line(e)})",
-                          "Export it again") from e
-    inputs = sess.get_inputs()
-    if len(inputs) != 1:
-        raise ModelError(f"{p} takes {len(inputs)} inputs", "kdcli teachers take one input")
-    outputs = [o.name for o in sess.get_outputs()]
-    if opts.output_name:
-        if opts.output_name not in outputs:
-            raise UsageError(f"{p} has no output {opts.output_name!r}",
-                             f"Choose --output from {outputs}")
-        out_name = opts.output_name
-    elif len(outputs) == 1:
-        out_name = outputs[0]
-    elif "logits" in outputs and "kdcli_version" in sess.get_modelmeta().custom_metadata_map:
-        out_name = "logits"  # a kdcli export: its outputs are known
-    else:
-        raise UsageError(f"{p} has several outputs {outputs}", "Choose one with --output NAME")
-    inp = inputs[0]
-    dims = list(inp.shape)
-    if dims and isinstance(dims[0], int) and dims[0] > 0:
-        t.fixed_batch = dims[0]
-    rest = dims[1:]
-    if rest and all(isinstance(d, int) and d > 0 for d in rest) and not t.shape_from_user:
-        t.input_shape = [int(d) for d in rest]
-    onnx_types = {"tensor(float)": "float32", "tensor(double)": "float64",
-                  "tensor(uint8)": "uint8", "tensor(float16)": "float16",
-                  "tensor(int64)": "int64", "tensor(int32)": "int32"}
-    t.input_dtype = onnx_types.get(inp.type, "float32")
-    t.meta["onnx_output"] = out_name
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        (y,) = sess.run([out_name], {inp.name: np.ascontiguousarray(x.numpy())})
-        return torch.from_numpy(y)
-
-    t.runner = run
 
 
 def _first_line(e: BaseException) -> str:

@@ -764,6 +764,8 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
                 "tail": tail if topk and loss == "kd" else None, "teachers": teachers,
                 **(_recorded(data_options) or _recorded_meta(ts.meta)),
                 **{k: v for k, v in cfg.settings().items() if k != "jitter"}}
+    if ts.meta.get("class_names"):
+        training["class_names"] = ts.meta["class_names"]
     with session(resolve_device(cfg.device)) as dist:
         history = fit(model, arch, inputs, step, ["train_loss", "hard", "soft", "agreement"],
                       cfg, eval_data=eval_ds,

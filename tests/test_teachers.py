@@ -40,7 +40,7 @@ def export_onnx(model, path, batch=None, flat=False, extra_output=False):
 
 
 def run(path, **opts):
-    t = load_teacher(path, TeacherOptions(scale=255.0, **opts))
+    t = load_teacher(path, TeacherOptions(scale=255.0, **opts), probe=X)
     return t, t.logits(X)
 
 
@@ -165,11 +165,11 @@ def test_input_shape_flag_and_mismatch_error(tmp_path):
     _, z = run(p, input_shape=[1, 28, 28])
     assert z.shape == (37, 10)
     with pytest.raises(ModelError, match="--input-shape"):
-        load_teacher(p, TeacherOptions(input_shape=[3, 28, 28])).logits(X)
+        load_teacher(p, TeacherOptions(input_shape=[3, 28, 28]), probe=X)
     bad = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(100, 10)).eval()
     torch.jit.save(torch.jit.script(bad), str(tmp_path / "bad.pt"))
     with pytest.raises(ModelError, match="--input-shape"):
-        load_teacher(tmp_path / "bad.pt").logits(X)
+        load_teacher(tmp_path / "bad.pt", probe=X)
 
 
 def test_onnx_input_shape_mismatch_names_the_expected_shape(tmp_path, tiny):

@@ -1,0 +1,212 @@
+"""ONNX teachers, run with onnxruntime: neural networks and ONNX-ML classifiers.
+
+ONNX-ML classifiers (scikit-learn through skl2onnx; XGBoost and LightGBM through
+onnxmltools) usually output a label and probabilities. kdcli takes the probabilities without
+``--output`` and says so. A ZipMap output (``seq(map(int64 or string, float))``, one map per
+example) becomes a probability tensor whose columns follow the ZipMap's class labels; string
+labels become the class names. Inputs are cast to the declared type (``double``, ``int64``,
+...). A declared input shape that contradicts the model's first operator is refused, naming
+both shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kdcli.errors import FormatError, ModelError, UsageError
+
+if TYPE_CHECKING:
+    from kdcli.teachers import Teacher, TeacherOptions
+
+ONNX_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64",
+              "tensor(uint8)": "uint8", "tensor(float16)": "float16",
+              "tensor(int64)": "int64", "tensor(int32)": "int32"}
+_LABEL_TYPES = ("tensor(int64)", "tensor(int32)", "tensor(string)")
+
+
+def load_onnx(t: Teacher, opts: TeacherOptions) -> None:
+    """Fill ``t`` from the ONNX model at ``t.path`` (the ``onnx`` entry of the formats table).
+
+    Raises:
+        FormatError: the file is corrupt or onnxruntime cannot run it.
+        ModelError: the model takes several inputs, or its declared input shape contradicts
+            its first operator.
+        UsageError: several outputs and none is clearly the class scores.
+    """
+    import numpy as np
+    import torch
+
+    sess, graph = open_session(t.path, t.device)
+    inputs = sess.get_inputs()
+    if len(inputs) != 1:
+        raise ModelError(f"{t.path} takes {len(inputs)} inputs", "kdcli teachers take one input")
+    inp = inputs[0]
+    out = choose_output(sess, opts.output_name, t.path, t.notes)
+    dims = list(inp.shape)
+    if dims and isinstance(dims[0], int) and dims[0] > 0:
+        t.fixed_batch = dims[0]
+    rest = dims[1:]
+    if rest and all(isinstance(d, int) and d > 0 for d in rest) and not t.shape_from_user:
+        t.input_shape = [int(d) for d in rest]
+        _check_declared_shape(t, graph, inp.name, dims)
+    t.input_dtype = ONNX_TYPES.get(inp.type, "float32")
+    t.meta["onnx_output"] = out.name
+
+    if out.type.startswith("seq(map("):
+        keys = _zipmap_labels(graph, out.name)
+        _set_classes(t, keys)
+        t.output = t.output or "probs"
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            (rows,) = sess.run([out.name], {inp.name: np.ascontiguousarray(x.numpy())})
+            return torch.tensor([[row[k] for k in keys] for row in rows], dtype=torch.float32)
+    else:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            (y,) = sess.run([out.name], {inp.name: np.ascontiguousarray(x.numpy())})
+            return torch.from_numpy(np.asarray(y))
+
+    t.runner = run
+
+
+def choose_output(sess: Any, output_name: str | None, where: Any,
+                  notes: list[str] | None = None) -> Any:
+    """The output holding the class scores: the one named by ``--output``, the only one, a
+    kdcli export's ``logits``, or the probabilities next to a classifier's label output (then
+    a note saying so is added to ``notes``)."""
+    outs = sess.get_outputs()
+    names = [o.name for o in outs]
+    if output_name:
+        if output_name not in names:
+            raise UsageError(f"{where} has no output {output_name!r}",
+                             f"Choose --output from {names}")
+        return outs[names.index(output_name)]
+    if len(outs) == 1:
+        return outs[0]
+    if "logits" in names and "kdcli_version" in sess.get_modelmeta().custom_metadata_map:
+        return outs[names.index("logits")]  # a kdcli export: its outputs are known
+    probs = [o for o in outs if o.type.startswith("seq(map(") or "prob" in o.name.lower()]
+    labels = [o for o in outs if o not in probs
+              and ("label" in o.name.lower() or o.type in _LABEL_TYPES)]
+    if len(probs) == 1 and len(probs) + len(labels) == len(outs):
+        if notes is not None:
+            others = ", ".join(repr(o.name) for o in labels)
+            notes.append(f"{Path(str(where)).name}: using its probabilities "
+                         f"{probs[0].name!r}, not the labels {others} "
+                         "(choose another with --output)")
+        return probs[0]
+    raise UsageError(f"{where} has several outputs {names}", "Choose one with --output NAME")
+
+
+def open_session(path: Any, device: str = "cpu") -> tuple[Any, Any]:
+    """An onnxruntime session and the parsed graph of the model at ``path``."""
+    import onnx
+    import onnxruntime as ort
+
+    from kdcli.teachers import _first_line
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=providers)
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
+        raise FormatError(f"{path} is a corrupt or unsupported ONNX model ({_first_line(e)})",
+                          "Export it again") from e
+    return sess, graph
+
+
+def describe_onnx(path: Any, output_name: str | None = None) -> dict[str, Any]:
+    """What ``kdcli inspect`` shows of an ONNX model: inputs and outputs with their types and
+    shapes, the output kdcli uses, its classes and names, and the ONNX-ML operators."""
+    sess, graph = open_session(path)
+    notes: list[str] = []
+    try:
+        out = choose_output(sess, output_name, path, notes)
+    except UsageError:
+        out = None
+    spec = lambda a: {"name": a.name, "type": a.type, "shape": list(a.shape)}  # noqa: E731
+    info: dict[str, Any] = {"input_specs": [spec(i) for i in sess.get_inputs()],
+                            "output_specs": [spec(o) for o in sess.get_outputs()],
+                            "scores_output": out.name if out is not None else None,
+                            "ml_operators": sorted({n.op_type for n in graph.node
+                                                    if n.domain == "ai.onnx.ml"}),
+                            "classes": None, "class_names": None}
+    if out is not None and out.type.startswith("seq(map("):
+        keys = _zipmap_labels(graph, out.name)
+        info["classes"] = len(keys)
+        info["class_labels"] = keys
+        if keys and isinstance(keys[0], str):
+            info["class_names"] = keys
+    elif out is not None and out.shape and isinstance(out.shape[-1], int):
+        info["classes"] = out.shape[-1] if out.shape[-1] > 1 else 2
+    inp = sess.get_inputs()[0] if len(sess.get_inputs()) == 1 else None
+    info["preprocessing"] = ("none: inputs as given" if inp is None else
+                             f"none: inputs as given, cast to {ONNX_TYPES.get(inp.type, inp.type)}")
+    return info
+
+
+def _zipmap_labels(graph: Any, output: str) -> list:
+    """The class labels of the ZipMap that makes ``output``, in column order."""
+    from onnx import helper
+
+    zipmaps = [n for n in graph.node if n.op_type == "ZipMap"]
+    node = next((n for n in zipmaps if output in n.output), zipmaps[0] if zipmaps else None)
+    if node is None:
+        raise ModelError(f"output {output!r} is a sequence of maps, but no ZipMap makes it",
+                         "Convert the model with zipmap=False")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if "classlabels_strings" in attrs:
+        return [s.decode() if isinstance(s, bytes) else str(s)
+                for s in attrs["classlabels_strings"]]
+    return [int(k) for k in attrs.get("classlabels_int64s", [])]
+
+
+def _set_classes(t: Teacher, keys: list) -> None:
+    """Column k is the k-th ZipMap label: string labels name the classes."""
+    t.num_classes = len(keys)
+    if keys and isinstance(keys[0], str):
+        t.class_names = list(keys)
+    elif keys != list(range(len(keys))):
+        t.class_names = [str(k) for k in keys]
+        t.notes.append(f"{t.name}: its class labels are {keys}; class k of the transfer set "
+                       "is the k-th of them (labels in the data must be 0..C-1 in this order)")
+
+
+def _check_declared_shape(t: Teacher, graph: Any, name: str, dims: list) -> None:
+    """Refuse a declared input shape that contradicts the operator that reads the input."""
+    need = _features_used(graph, name)
+    if need is None:
+        return
+    op, n, exact = need
+    declared = math.prod(dims[1:])
+    if declared == n or (not exact and declared > n):
+        return
+    raise ModelError(
+        f"{t.name} declares its input {name!r} with shape {dims} ({declared} features per "
+        f"example), but its {op} uses {'' if exact else 'at least '}{n} features: "
+        f"the actual shape is [batch, {n}]",
+        f"Fix the declared shape (e.g. onnx.tools.update_model_dims to [None, {n}]), "
+        "and save the model again")
+
+
+def _features_used(graph: Any, name: str) -> tuple[str, int, bool] | None:
+    """(operator, features, exact) for ONNX-ML operators that read ``name`` directly."""
+    from onnx import helper
+
+    for node in graph.node:
+        if not node.input or node.input[0] != name:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type in ("LinearClassifier", "LinearRegressor") and attrs.get("coefficients"):
+            rows = len(attrs.get("intercepts", [])) or attrs.get("targets", 1)
+            return node.op_type, len(attrs["coefficients"]) // max(1, rows), True
+        if node.op_type.startswith("TreeEnsemble") and attrs.get("nodes_featureids"):
+            return node.op_type, max(attrs["nodes_featureids"]) + 1, False
+        if node.op_type == "Scaler" and len(attrs.get("scale", [])) > 1:
+            return node.op_type, len(attrs["scale"]), True
+    return None

@@ -195,7 +195,7 @@ def test_torchscript_pickles_run_no_code(tmp_path, tiny, cli):
             load_teacher(evil)
         one_line_error(cli("eval", str(evil), "--data", "mnist:test[:20]"))
     assert not marker.exists()
-    assert load_teacher(good).logits(torch.rand(2, 784)).shape == (2, 10)
+    assert load_teacher(good, probe=torch.rand(2, 784)).logits(torch.rand(2, 784)).shape == (2, 10)
 
 
 def test_torch_save_payload_needs_trust_pickle(tmp_path, cli):
@@ -560,11 +560,11 @@ def test_arch_factory_refuses_library_callables_and_non_modules(tmp_path, monkey
         with pytest.raises(UsageError):
             load_teacher(sd, TeacherOptions(arch=spec))
     with pytest.raises(ModelError, match="returned int"):
-        load_teacher(sd, TeacherOptions(arch="usercode:not_a_module"))
+        load_teacher(sd, TeacherOptions(arch="usercode:not_a_module"), probe=torch.rand(2, 784))
     marker.unlink()  # the user's own function ran: that is what --arch is for
     for spec in ("usercode:make", "usercode:Net"):
-        assert load_teacher(sd, TeacherOptions(arch=spec)).logits(torch.rand(2, 784)).shape \
-            == (2, 10)
+        t = load_teacher(sd, TeacherOptions(arch=spec), probe=torch.rand(2, 784))
+        assert t.logits(torch.rand(2, 784)).shape == (2, 10)
     line = one_line_error(cli("soft-targets", str(sd), "--arch", "os:system",
                               "--data", "mnist[:20]", "--out", "t.st"))
     assert "os" in line and not (tmp_path / "t.st").exists()

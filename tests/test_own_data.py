@@ -415,7 +415,7 @@ def test_teacher_mean_and_std_per_channel(tmp_path):
     torch.jit.save(torch.jit.script(net), str(path))
     x = torch.rand(5, 3, 4, 4) * 255
     mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
-    t = load_teacher(path, TeacherOptions(scale=255.0, mean=mean, std=std))
+    t = load_teacher(path, TeacherOptions(scale=255.0, mean=mean, std=std), probe=x)
     m, s = torch.tensor(mean).reshape(3, 1, 1), torch.tensor(std).reshape(3, 1, 1)
     with torch.no_grad():
         assert torch.allclose(t.logits(x), net((x / 255 - m) / s), atol=1e-5)

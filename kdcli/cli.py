@@ -277,7 +277,7 @@ def train_student_cmd(
     dropout: Annotated[float, typer.Option(help="Dropout on hidden units.")] = 0.0,
     alpha: Annotated[float, typer.Option(help="Weight on the hard labels, in [0, 1].")] = 0.1,
     T: Annotated[float | None, typer.Option("--T", "-T", help="Temperature (default: the transfer set's; another value re-derives the targets).")] = None,
-    loss: Annotated[str, typer.Option(help="kd: alpha*CE(y,softmax(z)) + (1-alpha)*T^2*CE(p_T,softmax(z/T)); mse: alpha*CE + (1-alpha)*1/2*sum_i (z_i-v_i)^2 on logits.")] = "kd",
+    loss: Annotated[str, typer.Option(help="kd: alpha*CE(y,softmax(z)) + (1-alpha)*T^2*CE(p_T,softmax(z/T)); mse: alpha*CE + (1-alpha)*1/2*mean_i (z_i-v_i)^2 on logits, the exact high-T limit of kd.")] = "kd",
     center: Annotated[bool, typer.Option(help="mse: centre both logit vectors per example.")] = True,
     tail: Annotated[str, typer.Option(help="Top-k sets: student (spread the mass outside the top K like the student does), uniform (evenly) or renormalize (drop it).")] = "student",
     epochs: Annotated[int, typer.Option(help="Passes over the transfer set.")] = 20,
@@ -304,7 +304,8 @@ def train_student_cmd(
     """Train a student against a transfer set at temperature T.
 
     Loss (kd): L = alpha * CE(y, softmax(z)) + (1 - alpha) * T^2 * CE(p_T, softmax(z / T)).
-    Loss (mse): L = alpha * CE(y, softmax(z)) + (1 - alpha) * 1/2 * sum_i (z_i - v_i)^2.
+    Loss (mse): L = alpha * CE(y, softmax(z)) + (1 - alpha) * 1/2 * mean_i (z_i - v_i)^2,
+    the exact high-temperature limit of kd (same --lr and --alpha scale).
     """
     from kdcli.train import TrainConfig, train_student
 

@@ -445,7 +445,8 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     """Train a student against a transfer set (Hinton et al. 2015).
 
     ``--loss kd``: ``L = alpha*CE(y, softmax(z)) + (1-alpha)*T^2*CE(p_T, softmax(z/T))``.
-    ``--loss mse``: ``L = alpha*CE(y, softmax(z)) + (1-alpha)*1/2*sum_i (z_i - v_i)^2``.
+    ``--loss mse``: ``L = alpha*CE(y, softmax(z)) + (1-alpha)*1/2*mean_i (z_i - v_i)^2``, the
+    exact high-T limit of ``kd`` (see :class:`kdcli.losses.LogitMSELoss`).
 
     The transfer set (one file or a sharded set) is memory-mapped and read a batch at a
     time, so memory does not grow with its size. Under torchrun, training is data-parallel

@@ -50,6 +50,12 @@ ResumeOpt = Annotated[bool, typer.Option(help="Continue from OUT.ckpt after an i
 DryRunOpt = Annotated[bool, typer.Option(help="Train one batch; write nothing.")]
 TrainDeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, or auto (cuda when present).")]
 StopAfterOpt = Annotated[int | None, typer.Option(help="Stop after this epoch, keeping OUT.ckpt; continue later with --resume (for time-limited job slots).")]
+# Augmentation options shared by train and soft-targets (see kdcli.augment.AugmentConfig).
+JitterOpt = Annotated[int, typer.Option(help="Shift images by up to K pixels, zero-filled.")]
+AugmentOpt = Annotated[str | None, typer.Option(help="Augmentation preset: crop-flip (--crop-pad 4 --flip, the usual choice for natural images) or none; the options below override it.")]
+CropPadOpt = Annotated[int | None, typer.Option(help="Random crop of the original size after padding P pixels on each side.", show_default=False)]
+PadModeOpt = Annotated[str | None, typer.Option(help="How --crop-pad pads: zero (default) or reflect.", show_default=False)]
+FlipOpt = Annotated[bool | None, typer.Option("--flip/--no-flip", help="Mirror images left-right with probability 1/2.", show_default=False)]
 NormalizeOpt = Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="Zero-mean, unit-variance inputs, or only scaled (8-bit pixels to [0, 1]). Default: normalize unless --input-dropout is used, so that a dropped pixel is black.", show_default=False)]
 
 
@@ -148,11 +154,15 @@ def train_cmd(
     data: Annotated[str, typer.Option(help="Labelled training data: mnist, a path, ...[:N].")] = "mnist",
     hidden: Annotated[int, typer.Option(help="MLP hidden width.")] = 800,
     layers: Annotated[int, typer.Option(help="Number of MLP hidden layers.")] = 2,
-    arch: Annotated[str | None, typer.Option(help="Architecture spec instead of --hidden/--layers: mlp:1200,1200 or cnn:0.5.")] = None,
+    arch: Annotated[str | None, typer.Option(help="Architecture spec instead of --hidden/--layers: mlp:1200,1200, cnn:0.5, or resnet:DEPTH[,WIDTH] (e.g. resnet:20,0.5) for colour images.")] = None,
     dropout: Annotated[float, typer.Option(help="Dropout on hidden units.")] = 0.0,
     input_dropout: Annotated[float, typer.Option(help="Dropout on inputs (MLP).")] = 0.0,
     max_norm: Annotated[float | None, typer.Option(help="Max L2 norm of each hidden unit's incoming weights (the output layer is free).")] = None,
-    jitter: Annotated[int, typer.Option(help="Shift training images by up to K pixels.")] = 0,
+    jitter: JitterOpt = 0,
+    augment: AugmentOpt = None,
+    crop_pad: CropPadOpt = None,
+    pad_mode: PadModeOpt = None,
+    flip: FlipOpt = None,
     epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 20,
     batch_size: BatchOpt = 256,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.1,
@@ -176,14 +186,19 @@ def train_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a model on hard labels (make a teacher or a baseline)."""
+    from kdcli.augment import AugmentConfig
     from kdcli.train import TrainConfig, train
 
     rep = _reporter(json_out, quiet)
     a = _arch(arch, hidden, layers, dropout=dropout, input_dropout=input_dropout, max_norm=max_norm)
-    cfg = TrainConfig(epochs, batch_size, lr, optimizer, momentum, weight_decay, schedule,
-                      precision, jitter, seed, dry_run, normalize, stop_after, device, warmup)
-    rep.result(train(data, arch=a, out=out, config=cfg, eval_data=eval_data, limit=limit,
-                     force=force, resume=resume, reporter=rep))
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                      momentum=momentum, weight_decay=weight_decay, schedule=schedule,
+                      precision=precision, seed=seed, dry_run=dry_run, normalize=normalize,
+                      stop_after=stop_after, device=device, warmup=warmup)
+    aug = AugmentConfig.from_options(augment, jitter=jitter or None, crop_pad=crop_pad,
+                                     pad_mode=pad_mode, flip=flip)
+    rep.result(train(data, arch=a, out=out, config=cfg, augment=aug, eval_data=eval_data,
+                     limit=limit, force=force, resume=resume, reporter=rep))
 
 
 @command("eval", "kdcli eval teacher.safetensors student.safetensors student.onnx --data mnist:test")
@@ -226,8 +241,12 @@ def soft_targets_cmd(
     classes: Annotated[str | None, typer.Option(help="Keep only these labels, e.g. 7,8.")] = None,
     exclude_classes: Annotated[str | None, typer.Option(help="Drop these labels, e.g. 3.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N examples.")] = None,
-    jitter: Annotated[int, typer.Option(help="Shift of the augmented copies, in pixels.")] = 0,
-    copies: Annotated[int, typer.Option(help="Add this many jittered copies of each example.")] = 0,
+    copies: Annotated[int, typer.Option(help="Add this many augmented copies of each example (augmented by the options below).")] = 0,
+    jitter: JitterOpt = 0,
+    augment: AugmentOpt = None,
+    crop_pad: CropPadOpt = None,
+    pad_mode: PadModeOpt = None,
+    flip: FlipOpt = None,
     top_k: Annotated[int | None, typer.Option(help="Store only the K largest logits per example, their classes and the tail mass (for many classes).")] = None,
     targets_dtype: Annotated[str, typer.Option(help="Dtype of stored top-k logits: float32 or float16.")] = "float32",
     shard_size: Annotated[str | None, typer.Option(help="Largest shard file of a sharded set, e.g. 500MB (default 1GB with an .index.json --out).")] = None,
@@ -242,6 +261,7 @@ def soft_targets_cmd(
     (with --arch), or pickled modules (with --trust-pickle). Memory stays bounded for any
     number of examples; under torchrun each rank runs the teachers on its own share.
     """
+    from kdcli.augment import AugmentConfig
     from kdcli.soft_targets import soft_targets
     from kdcli.teachers import TeacherOptions, parse_shape
 
@@ -264,7 +284,9 @@ def soft_targets_cmd(
         weights=_floats(weights, "--weights"), batch_size=batch_size, device=device,
         precision=precision, classes=_ints(classes, "--classes"),
         exclude_classes=_ints(exclude_classes, "--exclude-classes"), limit=limit,
-        jitter=jitter, copies=copies, seed=seed, top_k=top_k, targets_dtype=targets_dtype,
+        augment=AugmentConfig.from_options(augment, jitter=jitter or None, crop_pad=crop_pad,
+                                           pad_mode=pad_mode, flip=flip),
+        copies=copies, seed=seed, top_k=top_k, targets_dtype=targets_dtype,
         shard_size=shard_size, force=force, reporter=rep))
 
 
@@ -273,7 +295,7 @@ def train_student_cmd(
     transfer: Annotated[Path, typer.Option(help="Transfer set from soft-targets (a file, or a sharded set's .index.json).")] = Path("transfer.safetensors"),
     hidden: Annotated[int, typer.Option(help="Student MLP hidden width.")] = 300,
     layers: Annotated[int, typer.Option(help="Student MLP hidden layers.")] = 2,
-    arch: Annotated[str | None, typer.Option(help="Student spec instead of --hidden/--layers: mlp:800,800 or cnn:0.25.")] = None,
+    arch: Annotated[str | None, typer.Option(help="Student spec instead of --hidden/--layers: mlp:800,800, cnn:0.25 or resnet:8,0.5.")] = None,
     dropout: Annotated[float, typer.Option(help="Dropout on hidden units.")] = 0.0,
     alpha: Annotated[float, typer.Option(help="Weight on the hard labels, in [0, 1].")] = 0.1,
     T: Annotated[float | None, typer.Option("--T", "-T", help="Temperature (default: the transfer set's; another value re-derives the targets).")] = None,
@@ -311,8 +333,10 @@ def train_student_cmd(
 
     rep = _reporter(json_out, quiet)
     a = _arch(arch, hidden, layers, dropout=dropout)
-    cfg = TrainConfig(epochs, batch_size, lr, optimizer, momentum, weight_decay, schedule,
-                      precision, 0, seed, dry_run, normalize, stop_after, device, warmup)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                      momentum=momentum, weight_decay=weight_decay, schedule=schedule,
+                      precision=precision, seed=seed, dry_run=dry_run, normalize=normalize,
+                      stop_after=stop_after, device=device, warmup=warmup)
     rep.result(train_student(transfer, arch=a, alpha=alpha, T=T, loss=loss, center=center,
                              tail=tail, out=out, config=cfg, eval_data=eval_data, force=force,
                              resume=resume, reporter=rep))

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kdcli.augment import AugmentConfig
 from kdcli.distributed import Dist
 from kdcli.errors import FormatError, UsageError
 from kdcli.files import atomic_output, check_output, sha256_file
@@ -41,8 +42,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # L2 penalty
     schedule: str = "cosine"  # cosine: decay to 0 per step; constant: keep lr
     precision: str = "fp32"  # fp32, or bf16 autocast (much faster on CPUs with bf16 units)
-    jitter: int = 0  # shift each training image by up to this many pixels
-    seed: int = 0  # seeds initialization, shuffling, dropout and jitter
+    seed: int = 0  # seeds initialization, shuffling, dropout and augmentation
     dry_run: bool = False  # train one batch, write nothing
     # Zero-mean, unit-variance inputs (False: only scaled, 8-bit pixels to [0, 1]). None: auto,
     # normalize unless the model has input dropout, so that a dropped pixel is black.
@@ -67,8 +67,6 @@ class TrainConfig:
             raise UsageError(f"unknown --schedule {self.schedule!r}", "Use cosine or constant")
         if self.precision not in ("fp32", "bf16"):
             raise UsageError(f"unknown --precision {self.precision!r}", "Use fp32 or bf16")
-        if self.jitter < 0:
-            raise UsageError(f"--jitter must be 0 or more, got {self.jitter}", "Try --jitter 2")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"unknown --device {self.device!r}", "Use auto, cpu or cuda")
         if not (math.isfinite(self.warmup) and 0 <= self.warmup <= self.epochs):
@@ -98,7 +96,8 @@ StepLoss = Callable[["torch.Tensor", "torch.Tensor"], tuple["torch.Tensor", "tor
 def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_loss: StepLoss,
         stat_names: list[str], cfg: TrainConfig, *, eval_data: Data | None,
         checkpoint: Path | None, fingerprint: dict[str, Any], resume: bool,
-        reporter: Reporter, dist: Dist | None = None) -> list[dict[str, Any]]:
+        reporter: Reporter, dist: Dist | None = None,
+        augment: AugmentConfig | None = None) -> list[dict[str, Any]]:
     """Train ``model`` in place: the one training loop of kdcli.
 
     Under torchrun (``dist`` enabled) the model is wrapped in DistributedDataParallel and
@@ -120,17 +119,18 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
         resume: Continue from ``checkpoint``.
         reporter: Output sink.
         dist: This process's place in a torchrun job (default: a single process).
+        augment: Augmentation of each training batch (``kdcli train``; default none).
 
     Returns:
         One record per epoch: the statistics' epoch means, test errors, seconds.
     """
     import torch
 
-    from kdcli.augment import random_shifts, shift
     from kdcli.evaluate import predict
     from kdcli.soft_targets import resolve_device
 
     dist = dist or Dist()
+    aug = augment or AugmentConfig()
     dev = torch.device(resolve_device(cfg.device))
     model.to(dev)
     n = int(inputs.shape[0])
@@ -176,13 +176,13 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
                 idx = perm[s * bs:(s + 1) * bs]
                 for group in opt.param_groups:
                     group["lr"] = learning_rate(cfg, epoch * steps + s, total_steps, warmup_steps)
-                if cfg.jitter:  # drawn for the global batch, so every rank agrees
-                    dy, dx = random_shifts(len(idx), cfg.jitter, gen)
+                if aug.active:  # drawn for the global batch, so every rank agrees
+                    draw = aug.draw(len(idx), gen)
                 lo, hi = dist.split(len(idx))
                 local = idx[lo:hi]
                 x = inputs[local]
-                if cfg.jitter:
-                    x = shift(x, dy[lo:hi], dx[lo:hi], cfg.jitter)
+                if aug.active:
+                    x = aug.apply(x, draw[lo:hi])
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
                     z = net(x.to(dev, non_blocking=True))
                 if len(local):
@@ -372,9 +372,9 @@ def _finish(model, arch, pre, num_classes, training, history, eval_ds, out, forc
 
 
 def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.safetensors",
-          config: TrainConfig | None = None, eval_data: str | None = "auto",
-          limit: int | None = None, force: bool = False, resume: bool = False,
-          reporter: Reporter | None = None) -> dict[str, Any]:
+          config: TrainConfig | None = None, augment: AugmentConfig | None = None,
+          eval_data: str | None = "auto", limit: int | None = None, force: bool = False,
+          resume: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
     """Train a kdcli model on hard labels (how users make teachers and baselines).
 
     Args:
@@ -382,6 +382,7 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
         arch: The architecture.
         out: Output model file.
         config: Optimization settings.
+        augment: Augmentation of the training images (default none).
         eval_data: Data for per-epoch test errors; ``auto`` is ``mnist:test`` for MNIST.
         limit: Use only the first N training examples.
         force: Overwrite ``out``.
@@ -400,6 +401,8 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
 
     cfg = config or TrainConfig()
     cfg.check()
+    aug = augment or AugmentConfig()
+    aug.check()
     arch.check()
     rep = reporter or Reporter()
     if not cfg.dry_run:
@@ -411,9 +414,7 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
     eval_spec = _default_eval(eval_data, ds.source)
     eval_ds = load_data(eval_spec) if eval_spec else None
     num_classes = max(ds.num_classes or 0, eval_ds.num_classes or 0 if eval_ds else 0)
-    if cfg.jitter and len(ds.sample_shape) not in (2, 3):
-        raise UsageError(f"--jitter needs image inputs, but examples have shape "
-                         f"{list(ds.sample_shape)}", "Drop --jitter")
+    aug.check_shape(ds.sample_shape)
     torch.manual_seed(cfg.seed)
     pre = Preprocessing.fit(ds.inputs, _normalize(cfg, arch))
     model = build_model(arch, pre, num_classes)
@@ -425,13 +426,14 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
         return loss, torch.stack([loss.detach(), (z.argmax(-1) != y).float().mean()])
 
     fingerprint = {"command": "train", "data": ds.source, "arch": asdict(arch),
-                   "config": cfg.settings()}
+                   "config": cfg.settings(), "augment": aug.settings()}
     with session(resolve_device(cfg.device)) as dist:
         history = fit(model, arch, ds.inputs, step, ["train_loss", "train_error"], cfg,
                       eval_data=eval_ds, checkpoint=None if cfg.dry_run else checkpoint_path(out),
-                      fingerprint=fingerprint, resume=resume, reporter=rep, dist=dist)
+                      fingerprint=fingerprint, resume=resume, reporter=rep, dist=dist,
+                      augment=aug)
         training = {"command": "train", "architecture": arch.spec(), "data": ds.source,
-                    **cfg.settings()}
+                    **cfg.settings(), **aug.settings()}
         return _finish(model, arch, pre, num_classes, training, history, eval_ds, out, force,
                        cfg, rep, f"Trained {arch.spec()} on {ds.source}", start, dist)
 
@@ -549,7 +551,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
                 "center": center if loss == "mse" else None,
                 "targets": ts.storage if not topk else f"top-{ts.top_k}",
                 "tail": tail if topk and loss == "kd" else None, "teachers": teachers,
-                **{k: v for k, v in cfg.settings().items() if k != "jitter"}}
+                **cfg.settings()}
     with session(resolve_device(cfg.device)) as dist:
         history = fit(model, arch, inputs, step, ["train_loss", "hard", "soft", "agreement"],
                       cfg, eval_data=eval_ds,

@@ -197,7 +197,10 @@ def shift(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, k: int,
     bi = torch.arange(b)[:, None, None]
     if x.dim() == 3:
         return source[bi, rows[:, :, None], cols[:, None, :]]
-    return source.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    out = source.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    # contiguous: with the channels-last strides of this gather, training the ResNet on the
+    # CPU (torch 2.13) aborted with heap corruption in free()
+    return out.contiguous()
 
 
 def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:

@@ -71,7 +71,7 @@ def test_colour_images_end_to_end(cli, colour, tmp_path):
             "--outputs", "both", "--json")
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
-    assert "BatchNormalization" not in report["op_counts"] and report["op_counts"]["Conv"] == 10
+    assert "BatchNormalization" not in report["op_counts"] and report["op_counts"]["Conv"] == 9
     assert report["max_abs_diff"] <= 1e-4 and report["agreement"] == 1.0
     graph_ops = {n.op_type for n in onnx.load(str(tmp_path / "student.onnx")).graph.node}
     assert "BatchNormalization" not in graph_ops

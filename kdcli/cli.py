@@ -83,6 +83,12 @@ ResumeOpt = Annotated[bool, typer.Option(help="Continue from OUT.ckpt after an i
 DryRunOpt = Annotated[bool, typer.Option(help="Train one batch; write nothing.")]
 TrainDeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, or auto (cuda when present).")]
 StopAfterOpt = Annotated[int | None, typer.Option(help="Stop after this epoch, keeping OUT.ckpt; continue later with --resume (for time-limited job slots).")]
+# Augmentation options shared by train and soft-targets (see kdcli.augment.AugmentConfig).
+JitterOpt = Annotated[int, typer.Option(help="Shift images by up to K pixels, zero-filled.")]
+AugmentOpt = Annotated[str | None, typer.Option(help="Augmentation preset: crop-flip (--crop-pad 4 --flip, the usual choice for natural images) or none; the options below override it.")]
+CropPadOpt = Annotated[int | None, typer.Option(help="Random crop of the original size after padding P pixels on each side.", show_default=False)]
+PadModeOpt = Annotated[str | None, typer.Option(help="How --crop-pad pads: zero (default) or reflect.", show_default=False)]
+FlipOpt = Annotated[bool | None, typer.Option("--flip/--no-flip", help="Mirror images left-right with probability 1/2.", show_default=False)]
 NormalizeOpt = Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="Zero-mean, unit-variance inputs, or only scaled (8-bit pixels to [0, 1]). Default: normalize unless --input-dropout is used, so that a dropped pixel is black.", show_default=False)]
 NormalizeByOpt = Annotated[str, typer.Option(help="How --normalize standardizes: auto (tables per feature, [C,H,W] colour images per channel, else one mean and std), scalar, channel or feature.")]
 # How tables and image folders are read: one definition, taken by every command that reads
@@ -298,11 +304,15 @@ def train_cmd(
     data: Annotated[str, typer.Option(help="Labelled training data: mnist, a path, ...[:N].")] = "mnist",
     hidden: Annotated[int | None, typer.Option(help="MLP hidden width  [default: 800]", show_default=False)] = None,
     layers: Annotated[int | None, typer.Option(help="Number of MLP hidden layers  [default: 2]", show_default=False)] = None,
-    arch: Annotated[str | None, typer.Option(help="Architecture spec instead of --hidden/--layers: mlp:1200,1200 or cnn:0.5.")] = None,
+    arch: Annotated[str | None, typer.Option(help="Architecture spec instead of --hidden/--layers: mlp:1200,1200, cnn:0.5, or resnet:DEPTH[,WIDTH] (e.g. resnet:20,0.5) for colour images.")] = None,
     dropout: Annotated[float, typer.Option(help="Dropout on hidden units.")] = 0.0,
     input_dropout: Annotated[float, typer.Option(help="Dropout on inputs (MLP).")] = 0.0,
     max_norm: Annotated[float | None, typer.Option(help="Max L2 norm of each hidden unit's incoming weights (the output layer is free).")] = None,
-    jitter: Annotated[int, typer.Option(help="Shift training images by up to K pixels.")] = 0,
+    jitter: JitterOpt = 0,
+    augment: AugmentOpt = None,
+    crop_pad: CropPadOpt = None,
+    pad_mode: PadModeOpt = None,
+    flip: FlipOpt = None,
     epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 20,
     batch_size: BatchOpt = 256,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.1,
@@ -332,17 +342,22 @@ def train_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a model on hard labels (make a teacher or a baseline)."""
+    from kdcli.augment import AugmentConfig
     from kdcli.train import TrainConfig, train
 
     rep = _reporter(json_out, quiet)
     dopts = _data_options(label_column, feature_columns, channels, image_size)
     a = _arch(arch, hidden, layers, (800, 2), dropout=dropout, input_dropout=input_dropout, max_norm=max_norm)
-    cfg = TrainConfig(epochs, batch_size, lr, optimizer, momentum, weight_decay, schedule,
-                      precision, jitter, seed, dry_run, normalize, stop_after, device, warmup,
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                      momentum=momentum, weight_decay=weight_decay, schedule=schedule,
+                      precision=precision, seed=seed, dry_run=dry_run, normalize=normalize,
+                      stop_after=stop_after, device=device, warmup=warmup,
                       normalize_by=normalize_by)
-    rep.result(train(data, arch=a, out=out, config=cfg, eval_data=eval_data, limit=limit,
-                     num_classes=num_classes, force=force, resume=resume, reporter=rep,
-                     data_options=dopts))
+    aug = AugmentConfig.from_options(augment, jitter=jitter or None, crop_pad=crop_pad,
+                                     pad_mode=pad_mode, flip=flip)
+    rep.result(train(data, arch=a, out=out, config=cfg, augment=aug, eval_data=eval_data,
+                     limit=limit, num_classes=num_classes, force=force, resume=resume,
+                     reporter=rep, data_options=dopts))
 
 
 @command("eval", "kdcli eval teacher.safetensors student.safetensors student.onnx --data mnist:test")
@@ -400,8 +415,12 @@ def soft_targets_cmd(
     classes: Annotated[str | None, typer.Option(help="Keep only these labels, e.g. 7,8.")] = None,
     exclude_classes: Annotated[str | None, typer.Option(help="Drop these labels, e.g. 3.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N examples.")] = None,
-    jitter: Annotated[int, typer.Option(help="Shift of the augmented copies, in pixels.")] = 0,
-    copies: Annotated[int, typer.Option(help="Add this many jittered copies of each example.")] = 0,
+    copies: Annotated[int, typer.Option(help="Add this many augmented copies of each example (augmented by the options below).")] = 0,
+    jitter: JitterOpt = 0,
+    augment: AugmentOpt = None,
+    crop_pad: CropPadOpt = None,
+    pad_mode: PadModeOpt = None,
+    flip: FlipOpt = None,
     top_k: Annotated[int | None, typer.Option(help="Store only the K largest logits per example, their classes and the tail mass (for many classes).")] = None,
     targets_dtype: Annotated[str, typer.Option(help="Dtype of stored top-k logits: float32 or float16.")] = "float32",
     shard_size: Annotated[str | None, typer.Option(help="Largest shard file of a sharded set, e.g. 500MB (default 1GB with an .index.json --out).")] = None,
@@ -422,6 +441,7 @@ def soft_targets_cmd(
     --trust-pickle). Memory stays bounded for any
     number of examples; under torchrun each rank runs the teachers on its own share.
     """
+    from kdcli.augment import AugmentConfig
     from kdcli.soft_targets import soft_targets
 
     rep = _reporter(json_out, quiet)
@@ -434,7 +454,9 @@ def soft_targets_cmd(
         weights=_floats(weights, "--weights"), batch_size=batch_size, device=device,
         precision=precision, classes=_ints(classes, "--classes"),
         exclude_classes=_ints(exclude_classes, "--exclude-classes"), limit=limit,
-        jitter=jitter, copies=copies, seed=seed, top_k=top_k, targets_dtype=targets_dtype,
+        augment=AugmentConfig.from_options(augment, jitter=jitter or None, crop_pad=crop_pad,
+                                           pad_mode=pad_mode, flip=flip),
+        copies=copies, seed=seed, top_k=top_k, targets_dtype=targets_dtype,
         shard_size=shard_size, force=force, reporter=rep, data_options=dopts))
 
 
@@ -443,11 +465,11 @@ def train_student_cmd(
     transfer: Annotated[Path, typer.Option(help="Transfer set from soft-targets (a file, or a sharded set's .index.json).")] = Path("transfer.safetensors"),
     hidden: Annotated[int | None, typer.Option(help="Student MLP hidden width  [default: 300]", show_default=False)] = None,
     layers: Annotated[int | None, typer.Option(help="Student MLP hidden layers  [default: 2]", show_default=False)] = None,
-    arch: Annotated[str | None, typer.Option(help="Student spec instead of --hidden/--layers: mlp:800,800 or cnn:0.25.")] = None,
+    arch: Annotated[str | None, typer.Option(help="Student spec instead of --hidden/--layers: mlp:800,800, cnn:0.25 or resnet:8,0.5.")] = None,
     dropout: Annotated[float, typer.Option(help="Dropout on hidden units.")] = 0.0,
     alpha: Annotated[float, typer.Option(help="Weight on the hard labels, in [0, 1].")] = 0.1,
     T: Annotated[float | None, typer.Option("--T", "-T", help="Temperature (default: the transfer set's; another value re-derives the targets).")] = None,
-    loss: Annotated[str, typer.Option(help="kd: alpha*CE(y,softmax(z)) + (1-alpha)*T^2*CE(p_T,softmax(z/T)); mse: alpha*CE + (1-alpha)*1/2*sum_i (z_i-v_i)^2 on logits.")] = "kd",
+    loss: Annotated[str, typer.Option(help="kd: alpha*CE(y,softmax(z)) + (1-alpha)*T^2*CE(p_T,softmax(z/T)); mse: alpha*CE + (1-alpha)*1/2*mean_i (z_i-v_i)^2 on logits, the exact high-T limit of kd.")] = "kd",
     center: Annotated[bool, typer.Option(help="mse: centre both logit vectors per example.")] = True,
     tail: Annotated[str, typer.Option(help="Top-k sets: student (spread the mass outside the top K like the student does), uniform (evenly) or renormalize (drop it).")] = "student",
     epochs: Annotated[int, typer.Option(help="Passes over the transfer set.")] = 20,
@@ -479,15 +501,18 @@ def train_student_cmd(
     """Train a student against a transfer set at temperature T.
 
     Loss (kd): L = alpha * CE(y, softmax(z)) + (1 - alpha) * T^2 * CE(p_T, softmax(z / T)).
-    Loss (mse): L = alpha * CE(y, softmax(z)) + (1 - alpha) * 1/2 * sum_i (z_i - v_i)^2.
+    Loss (mse): L = alpha * CE(y, softmax(z)) + (1 - alpha) * 1/2 * mean_i (z_i - v_i)^2,
+    the exact high-temperature limit of kd (same --lr and --alpha scale).
     """
     from kdcli.train import TrainConfig, train_student
 
     rep = _reporter(json_out, quiet)
     dopts = _data_options(label_column, feature_columns, channels, image_size)
     a = _arch(arch, hidden, layers, (300, 2), dropout=dropout)
-    cfg = TrainConfig(epochs, batch_size, lr, optimizer, momentum, weight_decay, schedule,
-                      precision, 0, seed, dry_run, normalize, stop_after, device, warmup,
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                      momentum=momentum, weight_decay=weight_decay, schedule=schedule,
+                      precision=precision, seed=seed, dry_run=dry_run, normalize=normalize,
+                      stop_after=stop_after, device=device, warmup=warmup,
                       normalize_by=normalize_by)
     rep.result(train_student(transfer, arch=a, alpha=alpha, T=T, loss=loss, center=center,
                              tail=tail, out=out, config=cfg, eval_data=eval_data, force=force,

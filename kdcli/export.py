@@ -1,8 +1,9 @@
 """``kdcli export``: a kdcli model to ONNX, verified against PyTorch on real inputs.
 
 The graph takes raw inputs (for MNIST: float32 pixels 0-255, shape ``[batch, 28, 28]``);
-scaling, normalization and flattening are inside it. Inputs are named ``input``; outputs
-``logits`` and/or ``probabilities`` (softmax at T = 1). Every export is checked with
+scaling, normalization and flattening are inside it, and BatchNorm is folded into the
+convolutions before it. Inputs are named ``input``; outputs ``logits`` and/or
+``probabilities`` (softmax at T = 1). Every export is checked with
 ``onnx.checker`` (full check) and by running onnxruntime against torch; a file that fails
 is removed.
 """
@@ -64,7 +65,7 @@ def main_export(model: str | Path = "student.safetensors", output: str | Path = 
     """
     import onnx
 
-    from kdcli.models import load_model
+    from kdcli.models import fold_batchnorm, load_model
 
     rep = reporter or Reporter()
     if outputs not in OUTPUT_MODES:
@@ -83,8 +84,9 @@ def main_export(model: str | Path = "student.safetensors", output: str | Path = 
     x_check = _check_inputs(mf, data, fixed, check_examples, data_options)
     start = time.perf_counter()
     with atomic_output(output, force) as tmp:
-        log = _to_onnx(mf.model, OUTPUT_MODES[outputs], list(mf.preprocessing.raw_shape),
-                       fixed, opset, tmp, verbose)
+        # BatchNorm folded into its convolutions; verify() checks against the unfolded model
+        log = _to_onnx(fold_batchnorm(mf.model), OUTPUT_MODES[outputs],
+                       list(mf.preprocessing.raw_shape), fixed, opset, tmp, verbose)
         if verbose and log.strip():
             rep.err.print(log.rstrip(), markup=False, highlight=False)
         proto = onnx.load(str(tmp))

@@ -70,12 +70,17 @@ class DistillationLoss(nn.Module):
 
 
 class LogitMSELoss(nn.Module):
-    """``L = alpha * CE(y, softmax(z)) + (1 - alpha) * 1/2 * sum_i (z_i - v_i)^2``.
+    """``L = alpha * CE(y, softmax(z)) + (1 - alpha) * 1/2 * mean_i (z_i - v_i)^2``.
 
-    Logit matching, the high-temperature limit of distillation (paper, section 2.1). By
-    default both logit vectors are centred per example (zero mean), the paper's assumption;
-    softmax is unchanged by it. The squared error is summed over classes, averaged over the
-    batch.
+    Logit matching, the high-temperature limit of distillation (paper, section 2.1), taken
+    exactly: for centred logits the T^2-scaled KD gradient ``T^2 * dKL/dz_i = T * (q_i - p_i)``
+    tends to ``(z_i - v_i) / C`` as T grows, and that is the gradient of
+    ``1/2 * mean_i (z_i - v_i)^2``, the squared error averaged (not summed) over the C classes.
+    So the same ``--lr`` and ``--alpha`` mean the same thing in both modes. By default both
+    logit vectors are centred per example (zero mean), the paper's assumption; softmax is
+    unchanged by it. Like the KD loss, the soft term is then averaged over the B examples of
+    the batch: ``soft = 1/(2*B*C) * sum_b sum_i (z_bi - v_bi)^2``, whose gradient is
+    ``(z_bi - v_bi) / (B * C)``.
 
     Args:
         alpha: Weight on the hard-label term, in ``[0, 1]``.
@@ -98,7 +103,7 @@ class LogitMSELoss(nn.Module):
         if self.center:
             z = z - z.mean(-1, keepdim=True)
             v = v - v.mean(-1, keepdim=True)
-        soft = 0.5 * (z - v).pow(2).sum(-1).mean()
+        soft = 0.5 * (z - v).pow(2).mean()  # mean over classes and examples
         hard = _hard(student_logits, labels, self.alpha)
         return self.alpha * hard + (1.0 - self.alpha) * soft, hard, soft
 

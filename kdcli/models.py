@@ -1,4 +1,4 @@
-"""kdcli's model family (MLP and CNN) and the kdcli model file format.
+"""kdcli's model families (MLP, CNN, ResNet) and the kdcli model file format.
 
 A kdcli model takes inputs in the raw units of its training data (MNIST: pixels 0-255, shape
 ``[B, 28, 28]``) and does its own preprocessing, so that a model file is all a user, a
@@ -7,9 +7,11 @@ teacher loader or the ONNX exporter needs. See ``docs/formats.md`` for the file 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,15 +163,17 @@ def _moments(inputs: torch.Tensor, scale: float, per_channel: bool):
 
 @dataclass
 class Architecture:
-    """A model of kdcli's family.
+    """A model of kdcli's family (see :data:`FAMILIES`).
 
     Attributes:
-        family: ``"mlp"`` or ``"cnn"``.
+        family: ``"mlp"``, ``"cnn"`` or ``"resnet"``.
         hidden: MLP hidden widths, e.g. ``[1200, 1200]``.
-        width: CNN width multiplier (1.0 = 32/64 channels and a 128-unit dense layer).
-        dropout: Dropout probability on hidden units.
+        width: CNN or ResNet width multiplier (CNN 1.0 = 32/64 channels and a 128-unit dense
+            layer; ResNet 1.0 = 16/32/64 channels in its three stages).
+        dropout: Dropout probability on hidden units (CNN and ResNet: before the output layer).
         input_dropout: Dropout probability on the inputs (MLP only).
         max_norm: Max L2 norm of each unit's incoming weights (None: unconstrained).
+        depth: ResNet depth, 6n+2 (8, 14, 20, ...); 0 for the other families.
     """
 
     family: str = "mlp"
@@ -178,41 +182,31 @@ class Architecture:
     dropout: float = 0.0
     input_dropout: float = 0.0
     max_norm: float | None = None
+    depth: int = 0  # added with the resnet family; older files have none and load as 0
 
     @classmethod
     def parse(cls, spec: str, **kwargs: Any) -> Architecture:
-        """Parse ``mlp:1200,1200`` or ``cnn:0.5`` (extra fields from kwargs)."""
-        family, _, rest = spec.strip().partition(":")
+        """Parse ``mlp:1200,1200``, ``cnn:0.5``, ``resnet:20,0.5`` (extra fields from kwargs)."""
+        name, _, rest = spec.strip().partition(":")
+        family = FAMILIES.get(name)
+        if family is None:
+            raise UsageError(f"bad architecture spec {spec!r}: unknown family {name!r}",
+                             f"Use {_usages()}")
         try:
-            if family == "mlp":
-                hidden = [int(h) for h in rest.split(",") if h.strip()]
-                arch = cls("mlp", hidden=hidden, **kwargs)
-            elif family == "cnn":
-                arch = cls("cnn", width=float(rest or 1.0), **kwargs)
-            else:
-                raise ValueError(family)
+            arch = cls(name, **family.parse(rest.strip()), **kwargs)
         except ValueError as e:
-            raise UsageError(f"bad architecture spec {spec!r}",
-                             "Use mlp:WIDTH,WIDTH,... (e.g. mlp:1200,1200) or cnn:MULT "
-                             "(e.g. cnn:0.5)") from e
+            raise UsageError(f"bad architecture spec {spec!r}", f"Use {family.usage}") from e
         arch.check()
         return arch
 
     def check(self) -> None:
-        """Raise UsageError unless every field is in range (widths, dropout, max-norm)."""
-        from kdcli.checks import MAX_CNN_WIDTH, check_width
-
-        if self.family not in ("mlp", "cnn"):
-            raise UsageError(f"unknown model family {self.family!r}", "Use mlp or cnn")
+        """Check the fields common to all families, then the family's own."""
+        family = FAMILIES.get(self.family)
+        if family is None:
+            raise UsageError(f"unknown model family {self.family!r}", f"Use {_usages()}")
         if not isinstance(self.hidden, list):
             raise UsageError(f"hidden widths must be a list, got {self.hidden!r}",
                              "Use mlp:WIDTH,WIDTH")
-        for h in self.hidden:
-            check_width(h)
-        if self.family == "cnn" and not (isinstance(self.width, (int, float)) and
-                                         0 < self.width <= MAX_CNN_WIDTH):
-            raise UsageError(f"the CNN width multiplier must be above 0 and at most "
-                             f"{MAX_CNN_WIDTH:g}, got {self.width}", "Use e.g. cnn:0.5")
         for name in ("dropout", "input_dropout"):
             p = getattr(self, name)
             if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
@@ -222,11 +216,181 @@ class Architecture:
                                               0 < self.max_norm < math.inf):
             raise UsageError(f"--max-norm must be positive, got {self.max_norm}",
                              "Pass e.g. --max-norm 3.5")
+        family.check(self)
 
     def spec(self) -> str:
-        if self.family == "mlp":
-            return "mlp:" + ",".join(map(str, self.hidden))
-        return f"cnn:{self.width:g}"
+        """The spec string that :meth:`parse` reads back, e.g. ``resnet:20,0.5``."""
+        return f"{self.family}:{FAMILIES[self.family].spec(self)}"
+
+
+@dataclass(frozen=True)
+class Family:
+    """One kind of model: how its spec reads and prints, what it checks, how it is built.
+
+    Attributes:
+        usage: The spec's form, for error hints, e.g. ``resnet:DEPTH[,WIDTH] (e.g. resnet:8)``.
+        parse: The spec after ``family:`` -> the :class:`Architecture` fields it sets
+            (raises ValueError when unreadable).
+        spec: An architecture -> the spec after ``family:``.
+        check: Raises UsageError for impossible fields.
+        build: ``(arch, raw_shape, num_classes) -> (net, in_shape)``: the network (without
+            preprocessing) and the per-example shape it takes.
+    """
+
+    usage: str
+    parse: Callable[[str], dict[str, Any]]
+    spec: Callable[[Architecture], str]
+    check: Callable[[Architecture], None]
+    build: Callable[[Architecture, list[int], int], tuple[nn.Module, list[int]]]
+
+
+def _parse_mlp(rest: str) -> dict[str, Any]:
+    return {"hidden": [int(h) for h in rest.split(",") if h.strip()]}
+
+
+def _check_mlp(arch: Architecture) -> None:
+    from kdcli.checks import check_width
+
+    for h in arch.hidden:
+        check_width(h)
+
+
+def _build_mlp(arch: Architecture, raw: list[int], num_classes: int):
+    from torch import nn
+
+    n_in = math.prod(raw) if raw else 1
+    in_shape = [n_in]
+    layers: list[nn.Module] = [_byte_dropout(arch.input_dropout)] if arch.input_dropout else []
+    for h in arch.hidden:
+        layers += [nn.Linear(n_in, h), nn.ReLU()]
+        if arch.dropout:
+            layers.append(_byte_dropout(arch.dropout))
+        n_in = h
+    layers.append(nn.Linear(n_in, num_classes))
+    return nn.Sequential(*layers), in_shape
+
+
+def _check_width(arch: Architecture) -> None:
+    from kdcli.checks import MAX_CNN_WIDTH
+
+    w = arch.width
+    if isinstance(w, bool) or not (isinstance(w, (int, float)) and 0 < w <= MAX_CNN_WIDTH):
+        raise UsageError(f"the {arch.family} width multiplier must be above 0 and at most "
+                         f"{MAX_CNN_WIDTH:g}, got {w}",
+                         f"Use e.g. {arch.family}:{'8,' if arch.family == 'resnet' else ''}0.5")
+
+
+def _image_shape(raw: list[int], what: str, smallest: int) -> list[int]:
+    """``[C, H, W]`` for examples of shape ``[H, W]`` (grayscale) or ``[C, H, W]``."""
+    if len(raw) == 2:
+        shape = [1, *raw]
+    elif len(raw) == 3:
+        shape = list(raw)
+    else:
+        raise UsageError(f"{what} needs image inputs, but examples have shape {raw}",
+                         "Use an MLP (--arch mlp:...) for non-image data")
+    if shape[1] < smallest or shape[2] < smallest:
+        raise UsageError(f"images of shape {raw} are too small for {what}",
+                         f"Use images of at least {smallest}x{smallest} pixels or an MLP")
+    return shape
+
+
+def _build_cnn(arch: Architecture, raw: list[int], num_classes: int):
+    from torch import nn
+
+    in_shape = _image_shape(raw, "the CNN", 4)
+    c1, c2, fc = (max(1, round(c * arch.width)) for c in (32, 64, 128))
+    h, w = in_shape[1] // 4, in_shape[2] // 4
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_shape[0], c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(c2 * h * w, fc), nn.ReLU(),
+    ]
+    if arch.dropout:
+        layers.append(_byte_dropout(arch.dropout))
+    layers.append(nn.Linear(fc, num_classes))
+    return nn.Sequential(*layers), in_shape
+
+
+def _parse_resnet(rest: str) -> dict[str, Any]:
+    depth, _, width = rest.partition(",")
+    return {"depth": int(depth), "width": float(width) if width.strip() else 1.0}
+
+
+def _check_resnet(arch: Architecture) -> None:
+    if arch.depth < 8 or (arch.depth - 2) % 6:
+        raise UsageError(f"ResNet depth must be 6n+2 and at least 8, got {arch.depth}",
+                         "Use resnet:8, resnet:14 or resnet:20")
+    _check_width(arch)
+    if arch.hidden or arch.input_dropout or arch.max_norm is not None:
+        raise UsageError("a ResNet takes no hidden widths, --input-dropout or --max-norm",
+                         "Drop them, or use an MLP")
+
+
+def _build_resnet(arch: Architecture, raw: list[int], num_classes: int):
+    """A CIFAR-style ResNet (He et al. 2016, section 4.2): a 3x3 stem, three stages of
+    ``n = (depth - 2) / 6`` basic blocks at 16, 32 and 64 channels (times the width), the
+    last two starting with stride 2, then global average pooling and one Linear layer."""
+    from torch import nn
+
+    in_shape = _image_shape(raw, "a ResNet", 8)
+    widths = [max(1, round(c * arch.width)) for c in (16, 32, 64)]
+    blocks = (arch.depth - 2) // 6
+    layers: list[nn.Module] = [nn.Conv2d(in_shape[0], widths[0], 3, padding=1, bias=False),
+                               nn.BatchNorm2d(widths[0]), nn.ReLU()]
+    c_in = widths[0]
+    for stage, w in enumerate(widths):
+        for b in range(blocks):
+            layers.append(_basic_block(c_in, w, 2 if stage and not b else 1))
+            c_in = w
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    if arch.dropout:
+        layers.append(_byte_dropout(arch.dropout))
+    layers.append(nn.Linear(c_in, num_classes))
+    return nn.Sequential(*layers), in_shape
+
+
+def _basic_block(c_in: int, c_out: int, stride: int) -> nn.Module:
+    return _basic_block_class()(c_in, c_out, stride)
+
+
+@functools.cache
+def _basic_block_class() -> type:
+    from torch import nn
+
+    class BasicBlock(nn.Module):
+        """``relu(branch(x) + shortcut(x))``: two 3x3 conv+BN in the branch; the shortcut is
+        the identity, or a 1x1 conv+BN where the shape changes. Every conv is followed by its
+        BN in an ``nn.Sequential``, which is what :func:`fold_batchnorm` folds."""
+
+        def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+            super().__init__()
+            self.branch = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out),
+                nn.ReLU(), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+        def forward(self, x):
+            return (self.branch(x) + self.shortcut(x)).relu()
+
+    return BasicBlock
+
+
+# The model families: adding one is an entry here plus its tests.
+FAMILIES: dict[str, Family] = {
+    "mlp": Family("mlp:WIDTH,WIDTH,... (e.g. mlp:1200,1200)", _parse_mlp,
+                  lambda a: ",".join(map(str, a.hidden)), _check_mlp, _build_mlp),
+    "cnn": Family("cnn:WIDTH (e.g. cnn:0.5)", lambda rest: {"width": float(rest or 1.0)},
+                  lambda a: f"{a.width:g}", _check_width, _build_cnn),
+    "resnet": Family("resnet:DEPTH[,WIDTH] (e.g. resnet:8 or resnet:20,0.5)", _parse_resnet,
+                     lambda a: f"{a.depth}" + (f",{a.width:g}" if a.width != 1.0 else ""),
+                     _check_resnet, _build_resnet),
+}
+
+
+def _usages() -> str:
+    return ", ".join(f.usage for f in FAMILIES.values())
 
 
 def _byte_dropout(p: float) -> nn.Module:
@@ -298,41 +462,31 @@ def build_model(arch: Architecture, pre: Preprocessing, num_classes: int) -> nn.
     """
     from torch import nn
 
-    raw = list(pre.raw_shape)
-    if arch.family == "mlp":
-        n_in = math.prod(raw) if raw else 1
-        layers: list[nn.Module] = [_byte_dropout(arch.input_dropout)] if arch.input_dropout else []
-        for h in arch.hidden:
-            layers += [nn.Linear(n_in, h), nn.ReLU()]
-            if arch.dropout:
-                layers.append(_byte_dropout(arch.dropout))
-            n_in = h
-        layers.append(nn.Linear(n_in, num_classes))
-        in_shape = [math.prod(raw)] if raw else [1]
-    elif arch.family == "cnn":
-        if len(raw) == 2:
-            in_shape = [1, *raw]
-        elif len(raw) == 3:
-            in_shape = raw
-        else:
-            raise UsageError(f"a CNN needs image inputs, but examples have shape {raw}",
-                             "Use an MLP (--arch mlp:...) for non-image data")
-        c1, c2, fc = (max(1, round(c * arch.width)) for c in (32, 64, 128))
-        h, w = in_shape[1] // 4, in_shape[2] // 4
-        if h == 0 or w == 0:
-            raise UsageError(f"images of shape {raw} are too small for the CNN",
-                             "Use images of at least 4x4 pixels or an MLP")
-        layers = [
-            nn.Conv2d(in_shape[0], c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(c2 * h * w, fc), nn.ReLU(),
-        ]
-        if arch.dropout:
-            layers.append(_byte_dropout(arch.dropout))
-        layers.append(nn.Linear(fc, num_classes))
-    else:
-        raise UsageError(f"unknown model family {arch.family!r}", "Use mlp or cnn")
-    return nn.Sequential(_preprocess_module(pre, in_shape), nn.Sequential(*layers))
+    arch.check()
+    net, in_shape = FAMILIES[arch.family].build(arch, list(pre.raw_shape), num_classes)
+    return nn.Sequential(_preprocess_module(pre, in_shape), net)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode with every BatchNorm2d that follows a Conv2d in an
+    ``nn.Sequential`` folded into that convolution (the BN becomes an Identity).
+
+    In eval mode BN is the affine map ``gamma * (y - mean) / sqrt(var + eps) + beta`` with
+    its running statistics, so the conv's weights and bias absorb it exactly (up to rounding):
+    the exported graph has no BatchNormalization node and one op fewer per conv.
+    """
+    import copy
+
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(model).eval()
+    for seq in [m for m in folded.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            if isinstance(seq[i], nn.Conv2d) and isinstance(seq[i + 1], nn.BatchNorm2d):
+                seq[i] = fuse_conv_bn_eval(seq[i], seq[i + 1])
+                seq[i + 1] = nn.Identity()
+    return folded
 
 
 def apply_max_norm(model: nn.Module, max_norm: float) -> None:
@@ -361,7 +515,7 @@ def final_linear(model: nn.Module) -> nn.Module:
 
     last = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not last:
-        raise UsageError("the model has no Linear output layer", "Use a kdcli MLP or CNN")
+        raise UsageError("the model has no Linear output layer", "Use a kdcli model")
     return last[-1]
 
 

@@ -7,11 +7,13 @@ import json
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcli import __version__
-from kdcli.checks import check_jitter, check_temperature, parse_size, resolve_device
+from kdcli.augment import AugmentConfig
+from kdcli.checks import check_temperature, parse_size, resolve_device
 from kdcli.errors import DataError, DistributedError, ModelError, OutputExistsError, UsageError
 from kdcli.files import (
     atomic_output,
@@ -45,18 +47,18 @@ if TYPE_CHECKING:
 
 
 class _Source:
-    """The transfer set's inputs in order: the kept examples, then each jittered copy.
+    """The transfer set's inputs in order: the kept examples, then each augmented copy.
 
-    A jittered copy's shifts come from generators seeded per block of examples, so any
-    row range is the same whichever process computes it and however it is batched.
+    An augmented copy's random draws come from generators seeded per block of examples, so
+    any row range is the same whichever process computes it and however it is batched.
     """
 
     BLOCK = 4096
 
-    def __init__(self, ds, keep, copies: int, jitter: int, seed: int) -> None:
+    def __init__(self, ds, keep, copies: int, augment: AugmentConfig, seed: int) -> None:
         from kdcli.storage import PageBudget
 
-        self.ds, self.keep, self.copies, self.jitter, self.seed = ds, keep, copies, jitter, seed
+        self.ds, self.keep, self.copies, self.augment, self.seed = ds, keep, copies, augment, seed
         self.base = len(ds) if keep is None else len(keep)
         self.n = self.base * (copies + 1)
         self.budget = PageBudget(getattr(ds, "files", []))
@@ -77,7 +79,7 @@ class _Source:
                 x = self.ds.inputs[self.keep[lo:hi]]
                 y = None if self.ds.labels is None else self.ds.labels[self.keep[lo:hi]]
             if copy:
-                x = self._shift(x, copy, lo, hi)
+                x = self._augment(x, copy, lo, hi)
             xs.append(x)
             ys.append(y)
             self.budget.add((hi - lo) * self.row_bytes)
@@ -85,21 +87,19 @@ class _Source:
         y = None if ys[0] is None else (ys[0] if len(ys) == 1 else torch.cat(ys))
         return x, y
 
-    def _shift(self, x, copy: int, lo: int, hi: int):
+    def _augment(self, x, copy: int, lo: int, hi: int):
         import torch
 
-        from kdcli.augment import random_shifts, shift
+        from kdcli.augment import Draw
 
-        dys, dxs = [], []
+        draws = []
         for blk in range(lo // self.BLOCK, (hi - 1) // self.BLOCK + 1):
             gen = torch.Generator().manual_seed(
                 (self.seed * 1_000_003 + copy) * 1_000_003 + blk)
-            dy, dx = random_shifts(self.BLOCK, self.jitter, gen)
             s = slice(max(lo, blk * self.BLOCK) - blk * self.BLOCK,
                       min(hi, (blk + 1) * self.BLOCK) - blk * self.BLOCK)
-            dys.append(dy[s])
-            dxs.append(dx[s])
-        return shift(x, torch.cat(dys), torch.cat(dxs), self.jitter)
+            draws.append(self.augment.draw(self.BLOCK, gen)[s])
+        return self.augment.apply(x, Draw.cat(draws))
 
     def sha256(self, nbytes: int = 8 << 20) -> str:
         chunk = max(1, nbytes // max(1, self.row_bytes))
@@ -125,9 +125,10 @@ def soft_targets(
     classes: list[int] | None = None,
     exclude_classes: list[int] | None = None,
     limit: int | None = None,
-    jitter: int = 0,
+    augment: AugmentConfig | None = None,
     copies: int = 0,
     seed: int = 0,
+    jitter: int = 0,
     top_k: int | None = None,
     targets_dtype: str = "float32",
     shard_size: str | int | None = None,
@@ -155,9 +156,10 @@ def soft_targets(
         classes: Keep only examples with these labels.
         exclude_classes: Drop examples with these labels.
         limit: Use only the first N examples.
-        jitter: Largest random shift, in pixels, of the augmented copies.
-        copies: How many jittered copies of each example to add.
+        augment: The augmentation of the copies (shared with ``kdcli train``).
+        copies: How many augmented copies of each example to add.
         seed: Seed of the augmentation.
+        jitter: Shorthand for ``augment=AugmentConfig(jitter=jitter)``.
         top_k: Store only the K largest logits per example, their classes and the tail mass
             (None: all C logits and probabilities).
         targets_dtype: ``float32`` or ``float16``, the dtype of stored top-k logits.
@@ -184,10 +186,18 @@ def soft_targets(
         raise UsageError(f"unknown --precision {precision!r}", "Use fp32 or bf16")
     if batch_size <= 0:
         raise UsageError(f"--batch-size must be positive, got {batch_size}", "Try 1024")
-    if copies < 0 or jitter < 0:
-        raise UsageError("--copies and --jitter must be 0 or more", "Try --jitter 2 --copies 1")
-    if copies and not jitter:
-        raise UsageError("--copies needs --jitter K", "Add --jitter 2")
+    augment = augment or AugmentConfig()
+    if jitter:
+        augment = replace(augment, jitter=jitter)
+    augment.check()
+    if copies < 0:
+        raise UsageError(f"--copies must be 0 or more, got {copies}", "Try --copies 1")
+    if copies and not augment.active:
+        raise UsageError("--copies needs an augmentation to make the copies differ",
+                         "Add --jitter 2, or --augment crop-flip")
+    if augment.active and not copies:
+        rep.warn(f"augmentation ({augment.describe()}) applies only to the copies, and "
+                 "--copies is 0: add --copies 1 or more")
     if top_k is not None and top_k <= 0:
         raise UsageError(f"--top-k must be at least 1, got {top_k}", "Try --top-k 32")
     if targets_dtype not in ("float32", "float16"):
@@ -209,10 +219,9 @@ def soft_targets(
     dev = resolve_device(device)
 
     ds = load_data(data, limit=limit, options=data_options)
-    if copies:
-        check_jitter(jitter, list(ds.sample_shape))
     keep = _filter_classes(ds, classes, exclude_classes)
-    source = _Source(ds, keep, copies, jitter, seed)
+    augment.check_shape(ds.sample_shape)
+    source = _Source(ds, keep, copies, augment, seed)
     n = source.n
 
     probe_x, probe_y = source.rows(0, min(n, batch_size))
@@ -250,7 +259,10 @@ def soft_targets(
             "precision": precision,
             "classes": json.dumps(sorted(classes) if classes else None),
             "exclude_classes": json.dumps(sorted(exclude_classes) if exclude_classes else None),
-            "jitter": str(jitter),
+            "jitter": str(augment.jitter),
+            "crop_pad": str(augment.crop_pad),
+            "pad_mode": augment.pad_mode,
+            "flip": json.dumps(augment.flip),
             "copies": str(copies),
             "seed": str(seed),
             "targets": "dense" if top_k is None else "top-k",

@@ -155,7 +155,7 @@ def _check_kept(out: Path, training: dict[str, Any], wanted: dict[str, Any]) -> 
     """Refuse to keep a finished student that was trained with other settings."""
     from kdcli.train import TrainConfig
 
-    # A setting a file does not record (a student's jitter; warmup, in files from before it
+    # A setting a file does not record (warmup, in files from before it
     # existed) had its default value.
     recorded = {**TrainConfig().settings(), **training}
     diff = [f"{k} {recorded.get(k)} (now {v})" for k, v in wanted.items()

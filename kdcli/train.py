@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcli.checks import check_jitter, check_momentum, check_weight_decay
+from kdcli.augment import AugmentConfig
+from kdcli.checks import check_momentum, check_weight_decay
 from kdcli.distributed import Dist
 from kdcli.errors import FormatError, OutputExistsError, UsageError
 from kdcli.files import (
@@ -57,8 +58,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # L2 penalty
     schedule: str = "cosine"  # cosine: decay to 0 per step; constant: keep lr
     precision: str = "fp32"  # fp32, or bf16 autocast (much faster on CPUs with bf16 units)
-    jitter: int = 0  # shift each training image by up to this many pixels
-    seed: int = 0  # seeds initialization, shuffling, dropout and jitter
+    seed: int = 0  # seeds initialization, shuffling, dropout and augmentation
     dry_run: bool = False  # train one batch, write nothing
     # Zero-mean, unit-variance inputs (False: only scaled, 8-bit pixels to [0, 1]). None: auto,
     # normalize unless the model has input dropout, so that a dropped pixel is black.
@@ -89,7 +89,6 @@ class TrainConfig:
             raise UsageError(f"unknown --schedule {self.schedule!r}", "Use cosine or constant")
         if self.precision not in ("fp32", "bf16"):
             raise UsageError(f"unknown --precision {self.precision!r}", "Use fp32 or bf16")
-        check_jitter(self.jitter, None)
         if self.device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"unknown --device {self.device!r}", "Use auto, cpu or cuda")
         if not (math.isfinite(self.warmup) and 0 <= self.warmup <= self.epochs):
@@ -127,7 +126,8 @@ StepLoss = Callable[["torch.Tensor", "torch.Tensor"], tuple["torch.Tensor", "tor
 def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_loss: StepLoss,
         stat_names: list[str], cfg: TrainConfig, *, eval_data: Data | None,
         checkpoint: Path | None, fingerprint: dict[str, Any], resume: bool,
-        reporter: Reporter, dist: Dist | None = None) -> list[dict[str, Any]]:
+        reporter: Reporter, dist: Dist | None = None,
+        augment: AugmentConfig | None = None) -> list[dict[str, Any]]:
     """Train ``model`` in place: the one training loop of kdcli.
 
     Under torchrun (``dist`` enabled) the model is wrapped in DistributedDataParallel and
@@ -149,17 +149,18 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
         resume: Continue from ``checkpoint``.
         reporter: Output sink.
         dist: This process's place in a torchrun job (default: a single process).
+        augment: Augmentation of each training batch (``kdcli train``; default none).
 
     Returns:
         One record per epoch: the statistics' epoch means, test errors, seconds.
     """
     import torch
 
-    from kdcli.augment import random_shifts, shift
     from kdcli.checks import resolve_device
     from kdcli.evaluate import predict
 
     dist = dist or Dist()
+    aug = augment or AugmentConfig()
     dev = torch.device(resolve_device(cfg.device))
     model.to(dev)
     n = int(inputs.shape[0])
@@ -213,13 +214,13 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
                 for group in opt.param_groups:
                     group["lr"] = lr_scale * learning_rate(cfg, epoch * steps + s, total_steps,
                                                            warmup_steps)
-                if cfg.jitter:  # drawn for the global batch, so every rank agrees
-                    dy, dx = random_shifts(len(idx), cfg.jitter, gen)
+                if aug.active:  # drawn for the global batch, so every rank agrees
+                    draw = aug.draw(len(idx), gen)
                 lo, hi = dist.split(len(idx))
                 local = idx[lo:hi]
                 x = inputs[local]
-                if cfg.jitter:
-                    x = shift(x, dy[lo:hi], dx[lo:hi], cfg.jitter)
+                if aug.active:
+                    x = aug.apply(x, draw[lo:hi])
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
                     z = net(x.to(dev, non_blocking=True))
                 if len(local):
@@ -519,9 +520,10 @@ def _finish(model, arch, pre, num_classes, training, history, eval_ds, out, forc
 
 
 def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.safetensors",
-          config: TrainConfig | None = None, eval_data: str | None = "auto",
-          limit: int | None = None, num_classes: int | None = None, force: bool = False,
-          resume: bool = False, reporter: Reporter | None = None,
+          config: TrainConfig | None = None, augment: AugmentConfig | None = None,
+          eval_data: str | None = "auto", limit: int | None = None,
+          num_classes: int | None = None, force: bool = False, resume: bool = False,
+          reporter: Reporter | None = None,
           data_options: DataOptions | None = None) -> dict[str, Any]:
     """Train a kdcli model on hard labels (how users make teachers and baselines).
 
@@ -530,6 +532,7 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
         arch: The architecture.
         out: Output model file.
         config: Optimization settings.
+        augment: Augmentation of the training images (default none).
         eval_data: Data for per-epoch test errors; ``auto`` is ``mnist:test`` for MNIST.
         limit: Use only the first N training examples.
         num_classes: The model's class count (default: the largest label + 1, refused when
@@ -552,6 +555,8 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
 
     cfg = config or TrainConfig()
     cfg.check()
+    aug = augment or AugmentConfig()
+    aug.check()
     arch.check()
     rep = reporter or Reporter()
     if not cfg.dry_run:
@@ -570,7 +575,7 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
                          f"{list(ds.sample_shape)}", "Pass --eval-data with matching examples, "
                          "or --eval-data none")
     num_classes = class_count(ds, eval_ds, num_classes)
-    check_jitter(cfg.jitter, list(ds.sample_shape))
+    aug.check_shape(ds.sample_shape)
     torch.manual_seed(cfg.seed)
     pre = Preprocessing.fit(ds.inputs, _normalize(cfg, arch), cfg.normalize_by)
     model = build_model(arch, pre, num_classes)
@@ -582,13 +587,14 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
         return loss, torch.stack([loss.detach(), (z.argmax(-1) != y).float().mean()])
 
     fingerprint = {"command": "train", "data": ds.source, "arch": asdict(arch),
-                   "config": cfg.settings()}
+                   "config": cfg.settings(), "augment": aug.settings()}
     with session(resolve_device(cfg.device)) as dist:
         history = fit(model, arch, ds.inputs, step, ["train_loss", "train_error"], cfg,
                       eval_data=eval_ds, checkpoint=None if cfg.dry_run else checkpoint_path(out),
-                      fingerprint=fingerprint, resume=resume, reporter=rep, dist=dist)
+                      fingerprint=fingerprint, resume=resume, reporter=rep, dist=dist,
+                      augment=aug)
         training = {"command": "train", "architecture": arch.spec(), "data": ds.source,
-                    **_recorded(data_options), **cfg.settings()}
+                    **_recorded(data_options), **cfg.settings(), **aug.settings()}
         return _finish(model, arch, pre, num_classes, training, history, eval_ds, out, force,
                        cfg, rep, f"Trained {arch.spec()} on {ds.source}", start, dist,
                        {"class_names": ds.class_names, "feature_names": ds.feature_names})
@@ -647,7 +653,8 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     """Train a student against a transfer set (Hinton et al. 2015).
 
     ``--loss kd``: ``L = alpha*CE(y, softmax(z)) + (1-alpha)*T^2*CE(p_T, softmax(z/T))``.
-    ``--loss mse``: ``L = alpha*CE(y, softmax(z)) + (1-alpha)*1/2*sum_i (z_i - v_i)^2``.
+    ``--loss mse``: ``L = alpha*CE(y, softmax(z)) + (1-alpha)*1/2*mean_i (z_i - v_i)^2``, the
+    exact high-T limit of ``kd`` (see :class:`kdcli.losses.LogitMSELoss`).
 
     The transfer set (one file or a sharded set) is memory-mapped and read a batch at a
     time, so memory does not grow with its size. Under torchrun, training is data-parallel
@@ -763,7 +770,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
                 "targets": ts.storage if not topk else f"top-{ts.top_k}",
                 "tail": tail if topk and loss == "kd" else None, "teachers": teachers,
                 **(_recorded(data_options) or _recorded_meta(ts.meta)),
-                **{k: v for k, v in cfg.settings().items() if k != "jitter"}}
+                **cfg.settings()}
     if ts.meta.get("class_names"):
         training["class_names"] = ts.meta["class_names"]
     with session(resolve_device(cfg.device)) as dist:

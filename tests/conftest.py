@@ -84,3 +84,21 @@ def tiny_factory() -> torch.nn.Module:
 @pytest.fixture
 def tiny() -> TinyMLP:
     return TinyMLP().eval()
+
+
+def colour_mnist(spec: str, path: Path, seed: int = 0) -> Path:
+    """Real MNIST digits drawn in a random colour on a random background, as an .npz of
+    ``inputs`` uint8 ``[N, 3, 28, 28]`` and ``labels``: colour images kdcli reads as data."""
+    import numpy as np
+
+    from kdcli.data import load_data
+
+    ds = load_data(spec)
+    g = torch.Generator().manual_seed(seed)
+    n = len(ds)
+    ink = ds.inputs.float()[:, None] / 255  # [N, 1, 28, 28]
+    bg = torch.randint(0, 256, (n, 3, 1, 1), generator=g).float()
+    fg = (bg + 128 + torch.randint(-64, 65, (n, 3, 1, 1), generator=g)) % 256  # contrast
+    x = (bg * (1 - ink) + fg * ink).round().to(torch.uint8)
+    np.savez(path, inputs=x.numpy(), labels=ds.labels.numpy())
+    return path

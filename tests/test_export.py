@@ -158,3 +158,37 @@ def test_inspect_model_and_onnx_files(cli, teacher_file, exported):
     assert info["metadata"]["architecture"] == "mlp:64"
     r = cli("inspect", teacher_file)
     assert "mlp:64" in r.stdout and "training.command" in r.stdout
+
+
+def test_resnet_exports_with_batchnorm_folded_and_matches_torch(tmp_path):
+    """No BatchNormalization node, and parity with the unfolded model (a grayscale ResNet here;
+    the colour one is exported in tests/test_colour.py)."""
+    spec, raw = "resnet:14,0.25", [20, 20]
+    torch.manual_seed(0)
+    arch = Architecture.parse(spec)
+    pre = Preprocessing(255.0, 0.45, 0.25, raw, "pixel values 0-255")
+    model = build_model(arch, pre, 10)
+    with torch.no_grad():  # statistics and affine parameters far from their defaults
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    data = tmp_path / "images.npz"
+    x = torch.randint(0, 256, (200, *raw), dtype=torch.uint8)
+    np.savez(data, inputs=x.numpy(), labels=np.zeros(200, dtype=np.int64))
+    path = tmp_path / "r.safetensors"
+    save_model(path, model.eval(), arch, pre, 10, {"command": "train", "data": str(data)})
+    out = tmp_path / "r.onnx"
+    report = main_export(path, out)
+    ops = report["op_counts"]
+    assert "BatchNormalization" not in ops and ops["Conv"] == sum(
+        isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert report["max_abs_diff"] <= 1e-4 and report["agreement"] == 1.0
+    assert report["checked"] == 200
+    got = session(out).run(None, {"input": x[:9].float().numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - model(x[:9]).numpy()).max() <= 1e-4
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props["architecture"] == spec and json.loads(props["architecture_json"])["depth"]

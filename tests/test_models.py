@@ -19,7 +19,8 @@ from kdcli.models import (
 PRE = Preprocessing(255.0, 0.1307, 0.3081, [28, 28], "pixel values 0-255")
 
 
-@pytest.mark.parametrize("spec", ["mlp:32,16", "mlp:", "cnn:0.25", "cnn:0.5"])
+@pytest.mark.parametrize("spec", ["mlp:32,16", "mlp:", "cnn:0.25", "cnn:0.5", "resnet:8,0.25",
+                                  "resnet:14,0.5"])
 def test_family_round_trips_through_a_model_file(tmp_path, spec):
     torch.manual_seed(0)
     arch = Architecture.parse(spec)
@@ -61,7 +62,8 @@ def test_max_norm_caps_each_units_incoming_weights():
     assert float(norms.max()) <= 2.0 + 1e-5
 
 
-@pytest.mark.parametrize("bad", ["mlp:0", "mlp:a", "rnn:3", "cnn:0", "cnn:-1"])
+@pytest.mark.parametrize("bad", ["mlp:0", "mlp:a", "rnn:3", "cnn:0", "cnn:-1", "resnet:",
+                                 "resnet:9", "resnet:2", "resnet:8,0", "resnet:8,x", "cnn:nan"])
 def test_bad_architecture_specs(bad):
     with pytest.raises(UsageError):
         Architecture.parse(bad)
@@ -116,3 +118,90 @@ def test_max_norm_bounds_hidden_units_and_leaves_the_output_layer_free():
         assert float(m.weight.norm(dim=1).max()) <= 2.0 + 1e-5
     assert torch.equal(linear[-1].weight, before)
     assert float(before.norm(dim=1).min()) > 2.0
+
+
+def test_families_are_one_table_and_specs_round_trip():
+    from kdcli.models import FAMILIES
+
+    assert set(FAMILIES) == {"mlp", "cnn", "resnet"}
+    for spec in ("mlp:1200,1200", "cnn:0.5", "resnet:8", "resnet:20,0.5"):
+        arch = Architecture.parse(spec)
+        assert arch.spec() == spec and Architecture.parse(arch.spec()) == arch
+    assert Architecture.parse("resnet:20,0.5").depth == 20
+    with pytest.raises(UsageError, match="unknown family 'rnn'") as e:
+        Architecture.parse("rnn:3")
+    assert "resnet:DEPTH" in e.value.hint
+    with pytest.raises(UsageError, match="no hidden widths"):
+        Architecture.parse("resnet:8", max_norm=3.0)
+
+
+def test_old_model_files_without_new_architecture_fields_still_load(tmp_path):
+    """Files written before the resnet family have no ``depth`` in their architecture."""
+    arch = Architecture.parse("cnn:0.25")
+    model = build_model(arch, PRE, 10).eval()
+    path = tmp_path / "old.safetensors"
+    save_model(path, model, arch, PRE, 10, {})
+    from kdcli.models import read_safetensors_metadata
+
+    meta = read_safetensors_metadata(path)
+    old = {k: v for k, v in json.loads(meta["architecture"]).items() if k != "depth"}
+    save_file(load_file(str(path)), str(path), metadata={**meta, "architecture": json.dumps(old)})
+    mf = load_model(path)
+    assert mf.arch == arch and mf.arch.depth == 0
+    x = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
+    torch.testing.assert_close(mf.model(x), model(x), rtol=0, atol=0)
+
+
+def resnet(spec: str, raw: list[int], classes: int = 10, seed: int = 0):
+    """A ResNet with BatchNorm statistics and affine parameters far from their defaults."""
+    torch.manual_seed(seed)
+    model = build_model(Architecture.parse(spec), Preprocessing(255.0, 0.5, 0.25, raw), classes)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def test_resnet_takes_colour_and_grayscale_images_of_any_size_from_8x8():
+    from torch import nn
+
+    for raw in ([3, 32, 32], [3, 8, 8], [1, 20, 12], [28, 28], [5, 9, 15]):
+        model = resnet("resnet:8,0.25", raw, classes=7)
+        x = torch.randint(0, 256, (4, *raw), dtype=torch.uint8)
+        assert model(x).shape == (4, 7), raw
+    model = resnet("resnet:20,0.5", [3, 16, 16])
+    blocks = [m for m in model.modules() if type(m).__name__ == "BasicBlock"]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(blocks) == 9 and len(convs) == 19  # 3 stages of 3 blocks; 19 convs + 1 Linear
+    assert [m.out_channels for m in convs[::6]] == [8, 8, 16, 32]  # 16/32/64 times 0.5
+    for raw in ([3, 7, 32], [784], [2, 3, 4, 5]):
+        with pytest.raises(UsageError):
+            build_model(Architecture.parse("resnet:8"), Preprocessing(raw_shape=raw), 10)
+
+
+def test_resnet_batchnorm_trains_on_batch_statistics_and_evaluates_on_running_ones():
+    model = resnet("resnet:8,0.25", [3, 8, 8])
+    x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    before = model[1][1].running_mean.clone()
+    eval_out = model(x)
+    assert torch.equal(model[1][1].running_mean, before)  # eval: statistics untouched
+    model.train()
+    train_out = model(x)
+    assert not torch.equal(model[1][1].running_mean, before)  # train: statistics updated
+    assert not torch.allclose(train_out, eval_out)
+    assert "1.1.running_var" in model.state_dict()  # saved, checkpointed and loaded
+
+
+def test_fold_batchnorm_is_exact_and_leaves_the_model_alone():
+    from kdcli.models import fold_batchnorm
+
+    model = resnet("resnet:14,0.5", [3, 12, 12])
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 15
+    x = torch.randint(0, 256, (32, 3, 12, 12), dtype=torch.uint8)
+    torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)

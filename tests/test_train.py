@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from kdcli.augment import AugmentConfig
 from kdcli.errors import FormatError, KdcliError, OutputExistsError, UsageError
 from kdcli.models import Architecture, load_model
 from kdcli.train import STUDENT_LR, STUDENT_WARMUP, TrainConfig, learning_rate, train, train_student
@@ -27,7 +28,8 @@ def same_weights(a: Path, b: Path) -> bool:
 def test_train_is_bit_identical_for_the_same_seed(tmp_path):
     kw = dict(arch=Architecture.parse("mlp:32", dropout=0.5, input_dropout=0.2, max_norm=3.0),
               eval_data="none")
-    cfg = dict(epochs=2, jitter=2, batch_size=128)
+    kw["augment"] = AugmentConfig(jitter=2)
+    cfg = dict(epochs=2, batch_size=128)
     train("mnist[:1000]", out=tmp_path / "a.safetensors", config=TrainConfig(**cfg, seed=3), **kw)
     train("mnist[:1000]", out=tmp_path / "b.safetensors", config=TrainConfig(**cfg, seed=3), **kw)
     train("mnist[:1000]", out=tmp_path / "c.safetensors", config=TrainConfig(**cfg, seed=4), **kw)

@@ -275,7 +275,8 @@ def _check_width(arch: Architecture) -> None:
 
     w = arch.width
     if isinstance(w, bool) or not (isinstance(w, (int, float)) and 0 < w <= MAX_CNN_WIDTH):
-        raise UsageError(f"the {arch.family} width multiplier must be above 0 and at most "
+        name = {"cnn": "CNN", "resnet": "ResNet"}.get(arch.family, arch.family)
+        raise UsageError(f"the {name} width multiplier must be above 0 and at most "
                          f"{MAX_CNN_WIDTH:g}, got {w}",
                          f"Use e.g. {arch.family}:{'8,' if arch.family == 'resnet' else ''}0.5")
 

@@ -145,7 +145,10 @@ def test_old_model_files_without_new_architecture_fields_still_load(tmp_path):
 
     meta = read_safetensors_metadata(path)
     old = {k: v for k, v in json.loads(meta["architecture"]).items() if k != "depth"}
-    save_file(load_file(str(path)), str(path), metadata={**meta, "architecture": json.dumps(old)})
+    # a version 1 file, as written then: no depth, and no data_sha256 (safetensors' own writer)
+    meta = {k: v for k, v in meta.items() if k != "data_sha256"}
+    save_file(load_file(str(path)), str(path),
+              metadata={**meta, "format_version": "1", "architecture": json.dumps(old)})
     mf = load_model(path)
     assert mf.arch == arch and mf.arch.depth == 0
     x = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)

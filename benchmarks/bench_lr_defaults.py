@@ -5,7 +5,7 @@ For each case, a student is trained at kdcli's defaults (lr ``STUDENT_LR`` after
 lr of a small grid (same warmup). The table gives test errors; "retried" marks runs whose
 loss blew up and were retried at a lower rate. Cases:
 
-* the three scikit-learn tables of ``bench_tables.py`` (tree-ensemble teacher, 2x64, T=20);
+* the three scikit-learn tables of ``bench_tables.py`` (tree-ensemble teacher, 2x64, the default T);
 * MNIST from a foreign teacher (a plain PyTorch MLP on raw 0-255 pixels, TorchScript),
   T=20, alpha 0.1, kd and mse, 2x300 student on 10,000 digits;
 * 1,800 MNIST digits at T=20 (3% of the set), 2x800, alpha 0, 60 epochs;
@@ -58,7 +58,7 @@ def cases(folder: Path, teacher: str | None) -> list[dict]:
     for name in TABLES:
         t = prepare(name, folder / name.replace(" ", "_"))
         out.append({"name": f"{name} (2x64)", "teachers": [t["teacher"]], "data": t["train"],
-                    "T": 20.0, "arch": "mlp:64,64", "alpha": 0.1, "loss": "kd",
+                    "T": None, "arch": "mlp:64,64", "alpha": 0.1, "loss": "kd",
                     "epochs": 20, "eval": t["test"]})
     foreign = folder / "foreign.pt"
     foreign_teacher(foreign)

@@ -396,7 +396,7 @@ def eval_cmd(
 @command("soft-targets", "kdcli soft-targets teacher.safetensors --T 20 --out transfer.safetensors")
 def soft_targets_cmd(
     teachers: Annotated[list[Path], typer.Argument(help="Teacher file(s) or Hugging Face checkpoint folder(s); several form an ensemble.")],
-    T: Annotated[float, typer.Option("--T", "-T", help="Softmax temperature of the soft targets.")] = 20.0,
+    T: Annotated[float | None, typer.Option("--T", "-T", help="Softmax temperature of the soft targets (default: 20, the paper's; 2 when every teacher outputs probabilities, as tree ensembles do).", show_default=False)] = None,
     data: Annotated[str, typer.Option(help="Transfer data: mnist:train, a path, ...[:N].")] = "mnist:train",
     out: Annotated[Path, typer.Option(help="Output transfer set: a .safetensors file, or NAME.index.json for a sharded set.")] = Path("transfer.safetensors"),
     combine: Annotated[str, typer.Option(help="Ensemble rule: mean-probs (paper) or mean-logits.")] = "mean-probs",

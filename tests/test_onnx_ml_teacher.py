@@ -248,3 +248,24 @@ def test_tree_ensemble_distilled_into_an_mlp_exported_and_run(tmp_path):
             torch.from_numpy(X[test_idx]))
     np.testing.assert_allclose(onnx_logits, torch_logits.numpy(), atol=1e-4)
     assert (onnx_logits.argmax(1) == y[test_idx]).mean() >= 0.8
+
+
+def test_default_temperature_is_low_for_probability_teachers(tmp_path, teacher_file):
+    """Vote fractions are already soft: at the paper's T = 20 p^(1/T) is nearly uniform, so
+    soft-targets defaults to T = 2 when every teacher outputs probabilities (and says so)."""
+    from kdcli.output import Reporter
+    from kdcli.soft_targets import LOGITS_T, PROBS_T, soft_targets
+    from kdcli.transfer import load_transfer_set
+
+    X, y = table(binary=False)
+    path = tmp_path / "forest.onnx"
+    path.write_bytes(skl2onnx.to_onnx(fit("random-forest", X, y), X[:1].astype(np.float32))
+                     .SerializeToString())
+    np.savez(tmp_path / "x.npz", inputs=X.astype(np.float32), labels=y)
+    soft_targets([path], data=str(tmp_path / "x.npz"), out=tmp_path / "t.safetensors")
+    assert load_transfer_set(tmp_path / "t.safetensors").T == PROBS_T == 2.0
+    soft_targets([path], T=5.0, data=str(tmp_path / "x.npz"), out=tmp_path / "t5.safetensors")
+    assert load_transfer_set(tmp_path / "t5.safetensors").T == 5.0  # --T wins
+    soft_targets([teacher_file], data="mnist[:50]", out=tmp_path / "k.safetensors",
+                 reporter=Reporter("quiet"))
+    assert load_transfer_set(tmp_path / "k.safetensors").T == LOGITS_T == 20.0  # logits

@@ -9,6 +9,7 @@ from common import report
 from torch import nn
 
 import kdcli.models
+from kdcli.augment import AugmentConfig
 from kdcli.models import Architecture
 from kdcli.train import TrainConfig, train
 
@@ -18,7 +19,8 @@ DATA = "mnist[:30000]"
 def epoch_seconds(precision: str, out: Path) -> float:
     arch = Architecture.parse("mlp:1200,1200", dropout=0.5, input_dropout=0.2, max_norm=3.0)
     s = train(DATA, arch=arch, out=out, eval_data="none", force=True,
-              config=TrainConfig(epochs=2, jitter=2, precision=precision))
+              config=TrainConfig(epochs=2, precision=precision),
+              augment=AugmentConfig(jitter=2))
     return s["history"][-1]["seconds"]
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from common import report
 
+from kdcli.augment import AugmentConfig
 from kdcli.evaluate import predict
 from kdcli.models import Architecture, Preprocessing, build_model, load_model, save_model
 from kdcli.soft_targets import soft_targets
@@ -88,7 +89,8 @@ def mnist(d: Path, teacher: Path | None, seeds: int) -> tuple[list[tuple[str, st
         teacher = d / "teacher.safetensors"
         train("mnist", arch=Architecture("mlp", hidden=[1200, 1200], dropout=0.5,
                                          input_dropout=0.2, max_norm=3.5),
-              out=teacher, config=TrainConfig(epochs=30, jitter=2, precision="bf16"))
+              out=teacher, config=TrainConfig(epochs=30, precision="bf16"),
+              augment=AugmentConfig(jitter=2))
     rows: list[tuple[str, str]] = []
     result: dict = {"teacher": str(teacher), "errors": {}}
     for T in (20.0, 4.0):

@@ -129,6 +129,9 @@ class AugmentConfig:
             from kdcli.checks import check_jitter
 
             check_jitter(self.jitter, shape)
+        if self.crop_pad and self.pad_mode == "zero" and self.crop_pad >= min(shape[-2:]):
+            raise UsageError(f"--crop-pad {self.crop_pad} is not smaller than the "
+                             f"{shape[-2]}x{shape[-1]} images", "Use a smaller --crop-pad, e.g. 4")
         if self.crop_pad and self.pad_mode == "reflect" and self.crop_pad >= min(shape[-2:]):
             raise UsageError(f"--crop-pad {self.crop_pad} with reflect padding needs images "
                              f"larger than {self.crop_pad} pixels, not {shape[-2:]}",

@@ -319,7 +319,8 @@ def _parse_resnet(rest: str) -> dict[str, Any]:
 
 
 def _check_resnet(arch: Architecture) -> None:
-    if arch.depth < 8 or (arch.depth - 2) % 6:
+    d = arch.depth
+    if isinstance(d, bool) or not isinstance(d, int) or d < 8 or (d - 2) % 6 or d > 1000:
         raise UsageError(f"ResNet depth must be 6n+2 and at least 8, got {arch.depth}",
                          "Use resnet:8, resnet:14 or resnet:20")
     _check_width(arch)

@@ -116,6 +116,8 @@ STUDENT_WARMUP = 1.0
 MAX_LR_HALVINGS = 4
 # An epoch whose mean loss is over this many times the epoch before's has blown up.
 BLOWUP_FACTOR = 3.0
+# ... and is above this: a loss near 0 that triples (0.001 -> 0.004) is noise, not a blow-up.
+BLOWUP_FLOOR = 1.0
 
 # Settings that do not change the result, so a resumed run may differ in them.
 _NOT_FINGERPRINTED = ("dry_run", "stop_after", "device")
@@ -301,7 +303,8 @@ def _blew_up(loss: float, first_loss: float | None, history: list[dict[str, Any]
     if not math.isfinite(loss):
         return True
     ref = history[-1].get("train_loss") if history else first_loss
-    return ref is not None and math.isfinite(ref) and loss > BLOWUP_FACTOR * ref
+    return (ref is not None and math.isfinite(ref) and loss > BLOWUP_FACTOR * ref
+            and loss > BLOWUP_FLOOR)
 
 
 def _loss_text(loss: float) -> str:
@@ -575,6 +578,11 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
                          f"{list(ds.sample_shape)}", "Pass --eval-data with matching examples, "
                          "or --eval-data none")
     num_classes = class_count(ds, eval_ds, num_classes)
+    if ds.class_names is not None and num_classes != len(ds.class_names):
+        if num_classes > len(ds.class_names):  # --num-classes more than the names
+            raise UsageError(f"--num-classes {num_classes}, but {ds.source} names "
+                             f"{len(ds.class_names)} classes", "Drop --num-classes")
+        num_classes = len(ds.class_names)  # a slice without the last classes' examples
     aug.check_shape(ds.sample_shape)
     torch.manual_seed(cfg.seed)
     pre = Preprocessing.fit(ds.inputs, _normalize(cfg, arch), cfg.normalize_by)

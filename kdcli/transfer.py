@@ -791,6 +791,12 @@ def _decode_meta(p: Path, raw: dict[str, str]) -> dict[str, Any]:
         raise FormatError(f"{p} has bad or missing metadata ({what})", "Regenerate it") from None
     if not (T > 0 and math.isfinite(T)):
         raise FormatError(f"{p} records T={meta['T']}", "Regenerate it with a positive --T")
+    for k in ("class_names", "feature_names"):
+        names = meta.get(k)
+        if names is not None and not (isinstance(names, list) and
+                                      all(isinstance(n, str) for n in names)):
+            raise FormatError(f"{p} records {k} that are not a list of strings",
+                              "Regenerate it")
     return meta
 
 

@@ -342,6 +342,7 @@ def test_blow_up_rule():
     assert _blew_up(float("nan"), 2.0, []) and _blew_up(float("inf"), None, [])
     assert not _blew_up(5.9, 2.0, [])  # under 3x the untrained model's loss
     assert _blew_up(6.1, 2.0, [])
-    assert _blew_up(0.4, 2.0, [{"train_loss": 0.1}])  # 4x the epoch before
-    assert not _blew_up(0.25, 0.01, [{"train_loss": 0.05}, {"train_loss": 0.1}])
+    assert _blew_up(4.0, 2.0, [{"train_loss": 1.0}])  # 4x the epoch before
+    assert not _blew_up(2.5, 0.01, [{"train_loss": 0.5}, {"train_loss": 1.0}])
+    assert not _blew_up(0.004, 2.0, [{"train_loss": 0.001}])  # near 0: noise, not a blow-up
     assert not _blew_up(100.0, None, [])  # nothing to compare with yet

@@ -208,3 +208,9 @@ def test_fold_batchnorm_is_exact_and_leaves_the_model_alone():
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 15
     x = torch.randint(0, 256, (32, 3, 12, 12), dtype=torch.uint8)
     torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("depth", [8.0, "8", True, 7, 2000])
+def test_resnet_depth_must_be_a_valid_integer(depth):
+    with pytest.raises(UsageError, match="ResNet depth"):
+        Architecture(family="resnet", depth=depth).check()

@@ -419,3 +419,19 @@ def test_teacher_mean_and_std_per_channel(tmp_path):
     m, s = torch.tensor(mean).reshape(3, 1, 1), torch.tensor(std).reshape(3, 1, 1)
     with torch.no_grad():
         assert torch.allclose(t.logits(x), net((x / 255 - m) / s), atol=1e-5)
+
+
+def test_a_slice_without_the_last_class_keeps_every_class_name(tmp_path):
+    """Class names come from the whole table; a model trained on a slice that lacks the last
+    class must still have one output per name, or its file could not be read back."""
+    from kdcli.models import Architecture, load_model
+    from kdcli.output import Reporter
+    from kdcli.train import TrainConfig, train
+
+    rows = ["x,y,label"] + [f"{i},{i % 3},{'ab'[i % 2]}" for i in range(20)] + ["5,5,c"]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "m.safetensors"
+    train(f"{tmp_path / 't.csv'}[:20]", arch=Architecture.parse("mlp:8"), out=out,
+          config=TrainConfig(epochs=1), eval_data="none", reporter=Reporter("quiet"))
+    mf = load_model(out)
+    assert mf.num_classes == 3 and mf.class_names == ["a", "b", "c"]

@@ -10,9 +10,9 @@ teacher_epochs=$(( epochs * 8 / 3 ))
 mkdir -p quickstart
 cd quickstart
 
-echo "== 1/6 teacher: 784-1200-1200-10, dropout, max-norm, jittered inputs (bf16)"
+echo "== 1/6 teacher: 784-1200-1200-10, dropout, max-norm, jittered inputs"
 kdcli train --data mnist --hidden 1200 --layers 2 --dropout 0.5 --input-dropout 0.2 \
-  --max-norm 3 --jitter 2 --epochs "$teacher_epochs" --precision bf16 --out teacher.safetensors \
+  --max-norm 3 --jitter 2 --epochs "$teacher_epochs" --out teacher.safetensors \
   --force
 
 echo "== 2/6 baseline: 784-300-300-10 on hard labels"

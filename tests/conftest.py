@@ -102,3 +102,15 @@ def colour_mnist(spec: str, path: Path, seed: int = 0) -> Path:
     x = (bg * (1 - ink) + fg * ink).round().to(torch.uint8)
     np.savez(path, inputs=x.numpy(), labels=ds.labels.numpy())
     return path
+
+
+def randomize_batchnorm(model: torch.nn.Module) -> None:
+    """Give every BatchNorm statistics and affine parameters far from their defaults, so a
+    test of folding or eval mode would notice them being ignored."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)

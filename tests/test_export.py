@@ -7,6 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import randomize_batchnorm
 
 import kdcli.export as export_mod
 from kdcli.data import load_data
@@ -168,13 +169,7 @@ def test_resnet_exports_with_batchnorm_folded_and_matches_torch(tmp_path):
     arch = Architecture.parse(spec)
     pre = Preprocessing(255.0, 0.45, 0.25, raw, "pixel values 0-255")
     model = build_model(arch, pre, 10)
-    with torch.no_grad():  # statistics and affine parameters far from their defaults
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
+    randomize_batchnorm(model)  # statistics and affine parameters far from their defaults
     data = tmp_path / "images.npz"
     x = torch.randint(0, 256, (200, *raw), dtype=torch.uint8)
     np.savez(data, inputs=x.numpy(), labels=np.zeros(200, dtype=np.int64))

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import randomize_batchnorm
 from safetensors.torch import load_file, save_file
 
 from kdcli.errors import FormatError, UsageError
@@ -159,13 +160,7 @@ def resnet(spec: str, raw: list[int], classes: int = 10, seed: int = 0):
     """A ResNet with BatchNorm statistics and affine parameters far from their defaults."""
     torch.manual_seed(seed)
     model = build_model(Architecture.parse(spec), Preprocessing(255.0, 0.5, 0.25, raw), classes)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
+    randomize_batchnorm(model)
     return model.eval()
 
 

@@ -78,6 +78,8 @@ MomentumOpt = Annotated[float, typer.Option(help="SGD momentum.")]
 WeightDecayOpt = Annotated[float, typer.Option(help="L2 weight decay.")]
 ScheduleOpt = Annotated[str, typer.Option(help="cosine (per step) or constant.")]
 WarmupOpt = Annotated[float, typer.Option(help="Epochs of linear learning-rate warmup before the schedule (lets a higher --lr train stably).")]
+EpochsOpt = Annotated[int | None, typer.Option(help="Passes over the data  [default: 20, or more on a small set, so that training takes at least 2,000 steps (at most 1,000 epochs)]", show_default=False)]
+GradClipOpt = Annotated[float, typer.Option(help="Rescale each step's gradient to at most this L2 norm (0: off).")]
 EvalDataOpt = Annotated[str, typer.Option(help="Data for per-epoch test errors (auto: mnist:test for MNIST; none).")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue from OUT.ckpt after an interruption.")]
 DryRunOpt = Annotated[bool, typer.Option(help="Train one batch; write nothing.")]
@@ -313,7 +315,7 @@ def train_cmd(
     crop_pad: CropPadOpt = None,
     pad_mode: PadModeOpt = None,
     flip: FlipOpt = None,
-    epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 20,
+    epochs: EpochsOpt = None,
     batch_size: BatchOpt = 256,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.1,
     optimizer: OptimizerOpt = "sgd",
@@ -321,6 +323,7 @@ def train_cmd(
     weight_decay: WeightDecayOpt = 0.0,
     schedule: ScheduleOpt = "cosine",
     warmup: WarmupOpt = 0.0,
+    grad_clip: GradClipOpt = 0.0,
     precision: PrecisionOpt = "fp32",
     seed: SeedOpt = 0,
     eval_data: EvalDataOpt = "auto",
@@ -352,7 +355,7 @@ def train_cmd(
                       momentum=momentum, weight_decay=weight_decay, schedule=schedule,
                       precision=precision, seed=seed, dry_run=dry_run, normalize=normalize,
                       stop_after=stop_after, device=device, warmup=warmup,
-                      normalize_by=normalize_by)
+                      normalize_by=normalize_by, grad_clip=grad_clip)
     aug = AugmentConfig.from_options(augment, jitter=jitter or None, crop_pad=crop_pad,
                                      pad_mode=pad_mode, flip=flip)
     rep.result(train(data, arch=a, out=out, config=cfg, augment=aug, eval_data=eval_data,
@@ -472,7 +475,7 @@ def train_student_cmd(
     loss: Annotated[str, typer.Option(help="kd: alpha*CE(y,softmax(z)) + (1-alpha)*T^2*CE(p_T,softmax(z/T)); mse: alpha*CE + (1-alpha)*1/2*mean_i (z_i-v_i)^2 on logits, the exact high-T limit of kd.")] = "kd",
     center: Annotated[bool, typer.Option(help="mse: centre both logit vectors per example.")] = True,
     tail: Annotated[str, typer.Option(help="Top-k sets: student (spread the mass outside the top K like the student does), uniform (evenly) or renormalize (drop it).")] = "student",
-    epochs: Annotated[int, typer.Option(help="Passes over the transfer set.")] = 20,
+    epochs: EpochsOpt = None,
     batch_size: BatchOpt = 256,
     lr: Annotated[float, typer.Option(help="Peak learning rate (T^2 makes early gradients large: keep a --warmup).")] = 0.05,
     optimizer: OptimizerOpt = "sgd",
@@ -480,6 +483,7 @@ def train_student_cmd(
     weight_decay: WeightDecayOpt = 0.0,
     schedule: ScheduleOpt = "cosine",
     warmup: WarmupOpt = 1.0,
+    grad_clip: GradClipOpt = 5.0,
     precision: PrecisionOpt = "fp32",
     seed: SeedOpt = 0,
     eval_data: EvalDataOpt = "auto",
@@ -513,7 +517,7 @@ def train_student_cmd(
                       momentum=momentum, weight_decay=weight_decay, schedule=schedule,
                       precision=precision, seed=seed, dry_run=dry_run, normalize=normalize,
                       stop_after=stop_after, device=device, warmup=warmup,
-                      normalize_by=normalize_by)
+                      normalize_by=normalize_by, grad_clip=grad_clip)
     rep.result(train_student(transfer, arch=a, alpha=alpha, T=T, loss=loss, center=center,
                              tail=tail, out=out, config=cfg, eval_data=eval_data, force=force,
                              resume=resume, reporter=rep, data_options=dopts))
@@ -601,9 +605,10 @@ def sweep_cmd(
     layers: Annotated[int, typer.Option(help="Hidden layers of each student.")] = 2,
     data: Annotated[str, typer.Option(help="Transfer data.")] = "mnist:train",
     alpha: Annotated[float, typer.Option(help="Weight on the hard labels.")] = 0.0,
-    epochs: Annotated[int, typer.Option(help="Epochs per student.")] = 20,
+    epochs: EpochsOpt = None,
     lr: Annotated[float, typer.Option(help="Learning rate per student.")] = 0.05,
     warmup: WarmupOpt = 1.0,
+    grad_clip: GradClipOpt = 5.0,
     batch_size: BatchOpt = 256,
     precision: PrecisionOpt = "fp32",
     seeds: Annotated[str, typer.Option("--seeds", "--seed", help="Seeds, e.g. 0,1,2: one student per seed at each grid point, reported as mean ± sd.")] = "0",
@@ -620,13 +625,15 @@ def sweep_cmd(
 ) -> None:
     """Train students over a grid of T and widths; print a table and plot errors against T."""
     from kdcli.sweep import sweep
+    from kdcli.train import student_config
 
     rep = _reporter(json_out, quiet)
+    cfg = student_config(epochs=epochs, lr=lr, warmup=warmup, grad_clip=grad_clip,
+                         batch_size=batch_size, precision=precision, device=device)
     rep.result(sweep(teacher, temperatures=_floats(T, "--T") or [], hidden=_ints(hidden, "--hidden") or [],
-                     layers=layers, data=data, alpha=alpha, epochs=epochs, lr=lr, warmup=warmup,
-                     batch_size=batch_size, precision=precision,
+                     layers=layers, data=data, alpha=alpha, config=cfg,
                      seeds=_ints(seeds, "--seeds") or [], eval_data=eval_data,
-                     out_dir=out_dir, force=force, device=device, reporter=rep,
+                     out_dir=out_dir, force=force, reporter=rep,
                      data_options=_data_options(label_column, feature_columns, channels,
                                                 image_size)))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,14 +22,13 @@ from kdcli.output import Reporter
 
 if TYPE_CHECKING:
     from kdcli.data import DataOptions
+    from kdcli.train import TrainConfig
 
 
 def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
           layers: int = 2, data: str = "mnist:train", alpha: float = 0.0,
-          epochs: int = 20, lr: float = 0.05, warmup: float = 1.0, batch_size: int = 256,
-          precision: str = "fp32",
-          seeds: list[int] | None = None, eval_data: str | None = "auto",
-          out_dir: str | Path = "sweep", device: str = "cpu",
+          config: TrainConfig | None = None, seeds: list[int] | None = None,
+          eval_data: str | None = "auto", out_dir: str | Path = "sweep",
           force: bool = False, reporter: Reporter | None = None,
           data_options: DataOptions | None = None) -> dict[str, Any]:
     """Run the grid and return ``{"points": [...], "summary": [...], "plot": path or None}``.
@@ -43,15 +43,11 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
         layers: Hidden layers of each student.
         data: Transfer data.
         alpha: Weight on the hard labels.
-        epochs: Epochs per student.
-        lr: Learning rate per student.
-        warmup: Epochs of linear learning-rate warmup per student.
-        batch_size: Batch size per student.
-        precision: ``fp32`` or ``bf16``.
+        config: Each student's optimization settings (default:
+            :func:`kdcli.train.student_config`); its seed is replaced by each of ``seeds``.
         seeds: Seeds; each grid point trains one student per seed (default ``[0]``).
         eval_data: Data for test errors (``auto``: mnist:test for MNIST).
         out_dir: Folder for the transfer set, students, results and plot.
-        device: Where the students train: ``cpu``, ``cuda`` or ``auto``.
         force: Start afresh: delete what an earlier sweep left in ``out_dir``.
         reporter: Output sink.
         data_options: How a table or image folder given as ``data`` or ``eval_data`` is
@@ -61,7 +57,7 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
     from kdcli.files import sha256_file
     from kdcli.models import Architecture, load_model
     from kdcli.soft_targets import soft_targets
-    from kdcli.train import TrainConfig, train_student
+    from kdcli.train import student_config, train_student
     from kdcli.transfer import load_transfer_set
 
     rep = reporter or Reporter()
@@ -80,8 +76,8 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
         raise UsageError(f"--layers must be from 0 to 64, got {layers}", "Try --layers 2")
     for h in hidden:
         Architecture("mlp", hidden=[h] * layers).check()
-    TrainConfig(epochs=epochs, lr=lr, warmup=warmup, batch_size=batch_size,
-                precision=precision, device=device).check()
+    config = config or student_config()
+    config.check()
     folder = Path(out_dir)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out-dir {folder} is a file", "Give a folder (it is created if "
@@ -107,6 +103,7 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
     else:
         soft_targets([teacher], T=temperatures[0], data=data, out=transfer,
                      reporter=Reporter("quiet"), data_options=data_options)
+    config = config.resolved(int(load_transfer_set(transfer).columns["inputs"].shape[0]))
     points = []
     # Seeds outermost: an interrupted sweep has whole grids for its first seeds.
     grid = [(h, t, s) for s in seeds for h in hidden for t in temperatures]
@@ -114,19 +111,18 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
         for h, t, s in grid:
             out = folder / f"student-h{h}-T{t:g}-s{s}.safetensors"
             arch = Architecture("mlp", hidden=[h] * layers)
-            config = TrainConfig(epochs=epochs, lr=lr, warmup=warmup, batch_size=batch_size,
-                                 precision=precision, seed=s, device=device)
+            cfg = replace(config, seed=s)
             if out.exists():
                 training = load_model(out).training
                 _check_kept(out, training, {"architecture": arch.spec(), "T": t, "alpha": alpha,
-                                            **config.settings()})
+                                            **cfg.settings()})
                 status = "kept"
             else:
                 # force: out does not exist; a checkpoint of an interrupted student
                 # (the sweep's own file) is restarted
                 training = train_student(transfer, arch=arch, alpha=alpha, T=t, out=out,
                                          eval_data=eval_data, reporter=Reporter("quiet"),
-                                         config=config, force=True,
+                                         config=cfg, force=True,
                                          data_options=data_options)
                 status = "trained"
             point = {"hidden": h, "T": t, "seed": s, "test_errors": training.get("test_errors"),
@@ -137,8 +133,9 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
             advance(1)
     summary = _summarize(points, hidden, temperatures)
     (folder / "results.json").write_text(json.dumps(
-        {"teacher": str(teacher), "alpha": alpha, "epochs": epochs, "lr": lr, "warmup": warmup,
-         "seeds": seeds, "points": points, "summary": summary}, indent=2))
+        {"teacher": str(teacher), "alpha": alpha,
+         **{k: v for k, v in config.settings().items() if k != "seed"}, "seeds": seeds,
+         "points": points, "summary": summary}, indent=2))
     plot = _plot(summary, folder / "sweep.png", rep)
     cols = ["hidden", *(f"T={t:g}" for t in temperatures)]
     cell = {(g["hidden"], g["T"]): _cell(g) for g in summary}

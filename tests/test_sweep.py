@@ -7,10 +7,12 @@ import pytest
 from kdcli.errors import UsageError
 from kdcli.models import load_model
 from kdcli.sweep import sweep
+from kdcli.train import student_config
 
 
 def test_sweep_trains_the_grid_and_resumes(tmp_path, teacher_file):
-    kw = dict(temperatures=[2.0, 8.0], hidden=[8, 16], data="mnist[:1500]", epochs=1,
+    kw = dict(temperatures=[2.0, 8.0], hidden=[8, 16], data="mnist[:1500]",
+              config=student_config(epochs=1),
               eval_data="mnist:test[:300]", out_dir=tmp_path / "sw")
     res = sweep(teacher_file, **kw)
     points = res["points"]
@@ -29,13 +31,16 @@ def test_sweep_trains_the_grid_and_resumes(tmp_path, teacher_file):
 
 
 @pytest.mark.parametrize("change", [{"lr": 0.02}, {"warmup": 0.0}, {"epochs": 2},
-                                    {"alpha": 0.5}])
+                                    {"grad_clip": 0.0}, {"alpha": 0.5}])
 def test_sweep_refuses_to_keep_students_trained_otherwise(tmp_path, teacher_file, change):
-    kw = dict(temperatures=[4.0], hidden=[8], data="mnist[:600]", epochs=1, eval_data="none",
-              out_dir=tmp_path / "sw")
+    kw = dict(temperatures=[4.0], hidden=[8], data="mnist[:600]", config=student_config(epochs=1),
+              eval_data="none", out_dir=tmp_path / "sw")
     sweep(teacher_file, **kw)
-    with pytest.raises(UsageError, match="trained with other settings: " + next(iter(change))):
-        sweep(teacher_file, **{**kw, **change})
+    key = next(iter(change))
+    other = ({**kw, **change} if key == "alpha"
+             else {**kw, "config": student_config(**{"epochs": 1, **change})})
+    with pytest.raises(UsageError, match="trained with other settings: " + key):
+        sweep(teacher_file, **other)
     assert [p["status"] for p in sweep(teacher_file, **kw)["points"]] == ["kept"]
 
 
@@ -46,7 +51,8 @@ def test_sweep_with_another_teacher_needs_force(tmp_path, teacher_file):
     other = tmp_path / "other.safetensors"
     train("mnist[:500]", arch=Architecture.parse("mlp:16"), out=other,
           config=TrainConfig(epochs=1), eval_data=None)
-    kw = dict(temperatures=[2.0], hidden=[8], data="mnist[:500]", epochs=1, eval_data=None,
+    kw = dict(temperatures=[2.0], hidden=[8], data="mnist[:500]",
+              config=student_config(epochs=1), eval_data=None,
               out_dir=tmp_path / "sw")
     sweep(teacher_file, **kw)
     with pytest.raises(UsageError, match="another teacher.*--force"):

@@ -234,12 +234,12 @@ def test_stop_after_keeps_the_checkpoint_and_resume_finishes(tmp_path, transfer_
 
 
 def test_a_run_that_ends_at_chance_warns(cli, transfer_file):
-    # lr 0.3 without a warmup blows the loss up; the retry at 0.15 keeps it finite and
-    # below the blow-up rule, but leaves a model that predicts almost one class. The run
-    # says so, naming a rate below the one it ended at.
+    # lr 0.3 without a warmup or clipping blows the loss up; the retry at 0.15 keeps it
+    # finite and below the blow-up rule, but leaves a model that predicts almost one class.
+    # The run says so, naming a rate below the one it ended at.
     r = cli("train-student", "--transfer", transfer_file, "--hidden", "32", "--epochs", "2",
-            "--lr", "0.3", "--warmup", "0", "--eval-data", "mnist:test[:500]",
-            "--out", "s.safetensors")
+            "--lr", "0.3", "--warmup", "0", "--grad-clip", "0", "--eval-data",
+            "mnist:test[:500]", "--out", "s.safetensors")
     assert r.exit_code == 0, r.stderr
     assert "near chance" in r.stderr and "--lr 0.15 is too high" in " ".join(r.stderr.split())
     assert "Try --lr 0.075" in " ".join(r.stderr.split())
@@ -346,3 +346,54 @@ def test_blow_up_rule():
     assert not _blew_up(2.5, 0.01, [{"train_loss": 0.5}, {"train_loss": 1.0}])
     assert not _blew_up(0.004, 2.0, [{"train_loss": 0.001}])  # near 0: noise, not a blow-up
     assert not _blew_up(100.0, None, [])  # nothing to compare with yet
+
+
+def test_gradient_clipping_bounds_every_step(transfer_file, tmp_path):
+    # Plain SGD: a step moves the weights by lr * |g|, so clipping |g| to 0.01 at lr 1 bounds
+    # each step's L2 norm by 0.01, where the unclipped steps are far larger. lr 1e-30 gives
+    # the initial weights (the same seed).
+    from kdcli.output import Reporter
+
+    kw = {"arch": Architecture.parse("mlp:32"), "eval_data": None, "alpha": 0.5,
+          "reporter": Reporter("quiet"), "force": True}
+    plain = {"epochs": 1, "momentum": 0.0, "warmup": 0.0, "schedule": "constant",
+             "batch_size": 64}
+
+    def weights(lr: float, clip: float) -> tuple[torch.Tensor, dict]:
+        out = tmp_path / "s.safetensors"
+        s = train_student(transfer_file, out=out, config=TrainConfig(lr=lr, grad_clip=clip,
+                                                                     **plain), **kw)
+        return torch.cat([p.detach().flatten() for p in load_model(out).model.parameters()]), s
+
+    init, _ = weights(1e-30, 0.0)
+    clipped, s = weights(1.0, 0.01)
+    unclipped, _ = weights(1.0, 0.0)
+    n_steps = -(-int(load_transfer_set(transfer_file).columns["inputs"].shape[0]) // 64)
+    assert s["clipped"] == 1.0  # every step's gradient was over 0.01
+    assert float((clipped - init).norm()) <= 0.01 * n_steps * (1 + 1e-4)
+    assert float((unclipped - init).norm()) > 10 * float((clipped - init).norm())
+
+
+def test_epochs_default_to_enough_steps_on_small_sets():
+    # 20 epochs, unless that is under 2,000 steps: then as many as 2,000 steps need, at most
+    # 1,000 epochs. An explicit --epochs is kept.
+    cfg = TrainConfig()
+    assert cfg.resolved(60000).epochs == 20  # 235 steps an epoch
+    assert cfg.resolved(10000).epochs == 50  # 40 steps
+    assert cfg.resolved(1078).epochs == 400  # sklearn's digits, 60%: 5 steps
+    assert cfg.resolved(100).epochs == 1000  # 1 step: capped
+    assert TrainConfig(epochs=3).resolved(100).epochs == 3
+    assert TrainConfig(batch_size=32).resolved(1078).epochs == 59  # 34 steps
+
+
+def test_long_runs_report_and_evaluate_about_fifty_times(tmp_path):
+    from kdcli.output import Reporter
+
+    rep = Reporter("quiet")
+    s = train("mnist[:600]", arch=Architecture.parse("mlp:8"), out=tmp_path / "m.safetensors",
+              config=TrainConfig(batch_size=600, lr=0.05), eval_data="mnist:test[:200]",
+              reporter=rep)
+    assert s["epochs"] == 1000 and len(s["history"]) == 1000  # 1 step an epoch: capped
+    evaluated = [h["epoch"] for h in s["history"] if "test_errors" in h]
+    assert evaluated == list(range(20, 1001, 20))
+    assert s["test_errors"] == s["history"][-1]["test_errors"]

@@ -87,10 +87,33 @@ def check_jitter(jitter: int, image_shape: list[int] | tuple[int, ...] | None) -
     return jitter
 
 
-def resolve_device(device: str) -> str:
-    """Map ``auto`` to ``cuda`` when a GPU is present, else ``cpu``."""
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> str:
+    """``fp32`` or ``bf16``."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown --precision {precision!r}", "Use fp32 or bf16")
+    return precision
+
+
+def check_batch_size(batch_size: int, hint: str) -> int:
+    """A positive batch size (``hint`` suggests one: each command has its own default)."""
+    if batch_size <= 0:
+        raise UsageError(f"--batch-size must be positive, got {batch_size}", hint)
+    return batch_size
+
+
+def check_device(device: str) -> str:
+    """``auto``, ``cpu`` or ``cuda`` (without looking for a GPU)."""
     if device not in DEVICES:
         raise UsageError(f"unknown --device {device!r}", "Use auto, cpu or cuda")
+    return device
+
+
+def resolve_device(device: str) -> str:
+    """Map ``auto`` to ``cuda`` when a GPU is present, else ``cpu``."""
+    check_device(device)
     if device == "cpu":
         return device
     import torch

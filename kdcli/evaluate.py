@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kdcli.checks import check_batch_size
 from kdcli.errors import DataError, ModelError, UsageError
 from kdcli.output import Reporter
 
@@ -89,8 +90,7 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
     rep = reporter or Reporter()
     if not models:
         raise UsageError("no model given", "Name at least one model file")
-    if batch_size <= 0:
-        raise UsageError(f"--batch-size must be positive, got {batch_size}", "Try 1000")
+    check_batch_size(batch_size, "Try 1000")
     ds = load_data(data, limit=limit, options=data_options)
     if ds.labels is None:
         raise DataError(f"{ds.source} has no labels", "Evaluate on labelled data, e.g. mnist:test")

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcli import __version__
 from kdcli.augment import AugmentConfig
-from kdcli.checks import check_temperature, parse_size, resolve_device
+from kdcli.checks import (
+    check_batch_size,
+    check_precision,
+    check_temperature,
+    parse_size,
+    resolve_device,
+)
 from kdcli.errors import DataError, DistributedError, ModelError, OutputExistsError, UsageError
 from kdcli.files import (
     atomic_output,
@@ -126,30 +134,15 @@ class _Source:
 
 
 def soft_targets(
-    teachers: list[str | Path],
-    T: float | None = None,
-    data: str = "mnist:train",
-    out: str | Path = "transfer.safetensors",
-    *,
-    options: list[TeacherOptions] | None = None,
-    combine: str = "mean-probs",
-    weights: list[float] | None = None,
-    batch_size: int = 1024,
-    device: str = "auto",
-    precision: str = "fp32",
-    classes: list[int] | None = None,
-    exclude_classes: list[int] | None = None,
-    limit: int | None = None,
-    augment: AugmentConfig | None = None,
-    copies: int = 0,
-    seed: int = 0,
-    jitter: int = 0,
-    top_k: int | None = None,
-    targets_dtype: str = "float32",
-    shard_size: str | int | None = None,
-    force: bool = False,
-    reporter: Reporter | None = None,
-    data_options: DataOptions | None = None,
+    teachers: list[str | Path], T: float | None = None, data: str = "mnist:train",
+    out: str | Path = "transfer.safetensors", *, options: list[TeacherOptions] | None = None,
+    combine: str = "mean-probs", weights: list[float] | None = None, batch_size: int = 1024,
+    device: str = "auto", precision: str = "fp32", classes: list[int] | None = None,
+    exclude_classes: list[int] | None = None, limit: int | None = None,
+    augment: AugmentConfig | None = None, copies: int = 0, seed: int = 0, jitter: int = 0,
+    top_k: int | None = None, targets_dtype: str = "float32",
+    shard_size: str | int | None = None, force: bool = False,
+    reporter: Reporter | None = None, data_options: DataOptions | None = None,
 ) -> dict[str, Any]:
     """Run one teacher or an ensemble over data and write a transfer set.
 
@@ -159,9 +152,8 @@ def soft_targets(
 
     Args:
         teachers: Teacher model files; several form an ensemble.
-        T: Softmax temperature of the soft targets. None: :func:`default_temperature` (20,
-            the paper's, for teachers that output logits; 2 when every teacher outputs
-            probabilities).
+        T: Softmax temperature. None: :func:`default_temperature` (the paper's 20 for
+            teachers that output logits; 2 when every teacher outputs probabilities).
         data: Data spec (see :mod:`kdcli.data`).
         out: Output transfer-set file, or an ``.index.json`` for a sharded set.
         options: Per-teacher :class:`TeacherOptions` (one for all, or one each).
@@ -188,22 +180,51 @@ def soft_targets(
     Returns:
         A summary: counts, per-teacher accuracy, disagreement, timing.
     """
-    import torch
-
-    from kdcli.data import load_data
     from kdcli.distributed import session
 
     rep = reporter or Reporter()
-    if T is not None:
-        T = check_temperature(T)
+    # check every option before any file is read
+    T = None if T is None else check_temperature(T)
+    augment = _check_options(teachers, combine=combine, precision=precision,
+                             batch_size=batch_size, augment=augment, jitter=jitter,
+                             copies=copies, top_k=top_k, targets_dtype=targets_dtype, rep=rep)
+    max_shard = _max_shard(out, shard_size)
+    weights, opts = _check_weights(weights, len(teachers)), _per_member(options, len(teachers))
+    out = _check_out(out, force, inputs=[*teachers, *data_files(data)])
+    dev = resolve_device(device)
+    # read the data, then probe the teachers with its first batch
+    source = _read(data, limit, data_options, classes, exclude_classes, copies, augment, seed)
+    probe_x, probe_y = source.rows(0, min(source.n, batch_size))
+    members = _load_members(teachers, opts, dev, precision, probe_x, rep)
+    T = _temperature(T, members, rep)
+    c, class_names = _classes(source.ds, members)
+    top_k = _top_k(top_k, c, rep)
+    # run them over all rows, writing the set a batch at a time
+    with session(dev) as dist:
+        writer = _RangeWriter(members, source, weights, combine, T, c, top_k, targets_dtype,
+                              batch_size, rep)
+        meta = _metadata(writer, dist, precision=precision, classes=classes,
+                         exclude_classes=exclude_classes, class_names=class_names,
+                         data_options=data_options)
+        with Timer() as timer:
+            shards = _write_set(out, meta, writer, dist, force, max_shard, shard_size)
+        stats = dist.all_reduce_sum(writer.stats)
+    summary = _summary(out, writer, stats, has_labels=probe_y is not None, shards=shards,
+                       ranks=dist.world, seconds=timer.seconds, class_names=class_names)
+    _show_summary(summary, members, rep, sharded=bool(shards))
+    return summary
+
+
+def _check_options(teachers: list[str | Path], *, combine: str, precision: str,
+                   batch_size: int, augment: AugmentConfig | None, jitter: int, copies: int,
+                   top_k: int | None, targets_dtype: str, rep: Reporter) -> AugmentConfig:
+    """Check soft_targets()'s options; return the augmentation of the copies."""
     if not teachers:
         raise UsageError("no teacher given", "Name at least one teacher file")
     if combine not in COMBINE_RULES:
         raise UsageError(f"unknown --combine {combine!r}", f"Use one of {', '.join(COMBINE_RULES)}")
-    if precision not in ("fp32", "bf16"):
-        raise UsageError(f"unknown --precision {precision!r}", "Use fp32 or bf16")
-    if batch_size <= 0:
-        raise UsageError(f"--batch-size must be positive, got {batch_size}", "Try 1024")
+    check_precision(precision)
+    check_batch_size(batch_size, "Try 1024")
     augment = augment or AugmentConfig()
     if jitter:
         augment = replace(augment, jitter=jitter)
@@ -223,104 +244,150 @@ def soft_targets(
     if targets_dtype != "float32" and top_k is None:
         raise UsageError("--targets-dtype applies to top-k targets only",
                          "Add --top-k K, or drop --targets-dtype")
-    sharded = is_index_path(out)
-    if shard_size is not None and not sharded:
+    return augment
+
+
+def _max_shard(out: str | Path, shard_size: str | int | None) -> int:
+    """The largest shard file in bytes (``--shard-size`` needs an index as ``out``)."""
+    if shard_size is not None and not is_index_path(out):
         raise UsageError(f"--shard-size writes a sharded set, which is named by its index file, "
                          f"not {out}", f"Use --out {Path(out).stem}{INDEX_SUFFIX}")
-    max_shard = parse_size(shard_size if shard_size is not None else "1GB")
-    m = len(teachers)
-    weights = _check_weights(weights, m)
-    opts = _per_member(options, m)
-    out = check_output(out, force, inputs=[*teachers, *data_files(data)])
-    if sharded:
-        check_sharded_output(out, force)
-    dev = resolve_device(device)
+    return parse_size(shard_size if shard_size is not None else "1GB")
+
+
+def _read(data: str, limit: int | None, data_options: DataOptions | None,
+          classes: list[int] | None, exclude_classes: list[int] | None, copies: int,
+          augment: AugmentConfig, seed: int) -> _Source:
+    """The transfer set's inputs: the data, filtered by class, and its augmented copies."""
+    from kdcli.data import load_data
 
     ds = load_data(data, limit=limit, options=data_options)
     keep = _filter_classes(ds, classes, exclude_classes)
     augment.check_shape(ds.sample_shape)
-    source = _Source(ds, keep, copies, augment, seed)
-    n = source.n
+    return _Source(ds, keep, copies, augment, seed)
 
-    probe_x, probe_y = source.rows(0, min(n, batch_size))
+
+def _classes(ds, members: list[Teacher]) -> tuple[int, list[str] | None]:
+    """The class count the teachers agree on (and the labels fit), and the class names."""
+    c = _check_classes(members, None if ds.labels is None else int(ds.labels.max()))
+    return c, _class_names(ds, members, c)
+
+
+def _check_out(out: str | Path, force: bool, inputs: list[str | Path]) -> Path:
+    """``out`` (a file, or a sharded set's index) may be written."""
+    path = check_output(out, force, inputs=inputs)
+    if is_index_path(out):
+        check_sharded_output(path, force)
+    return path
+
+
+def _load_members(teachers: list[str | Path], opts: list[TeacherOptions], dev: str,
+                  precision: str, probe_x, rep: Reporter) -> list[Teacher]:
+    """Load each teacher (probed with ``probe_x``); warn of raw 8-bit inputs to a foreign one."""
+    import torch
+
     members = [load_teacher(p, o, device=dev, precision=precision, probe=probe_x)
                for p, o in zip(teachers, opts, strict=True)]
     for t in members:
+        pre = t.preprocessing
         if t.format != "kdcli" and probe_x.dtype == torch.uint8 and \
-                t.preprocessing.get("scale", 1.0) == 1.0 and \
-                t.preprocessing.get("mean", 0.0) == 0.0 and t.preprocessing.get("std", 1.0) == 1.0:
+                pre.get("scale", 1.0) == 1.0 and pre.get("mean", 0.0) == 0.0 and \
+                pre.get("std", 1.0) == 1.0:
             rep.warn(f"{t.name} gets raw 8-bit values (0-255): no --scale/--mean/--std given. "
                      "If it was trained on [0, 1] inputs, pass --scale 255")
-    if T is None:
-        T = default_temperature(members)
-        if T == PROBS_T:
-            rep.info(f"T={T:g}, the default for teachers that output probabilities (the "
-                     "paper's 20 would make them nearly uniform); choose with --T")
-    labels_max = None if ds.labels is None else int(ds.labels.max())
-    c = _check_classes(members, labels_max)
-    class_names = _class_names(ds, members, c)
+    return members
+
+
+def _temperature(T: float | None, members: list[Teacher], rep: Reporter) -> float:
+    """``T``, or the default for these teachers (saying so when it is not the paper's)."""
+    if T is not None:
+        return T
+    T = default_temperature(members)
+    if T == PROBS_T:
+        rep.info(f"T={T:g}, the default for teachers that output probabilities (the "
+                 "paper's 20 would make them nearly uniform); choose with --T")
+    return T
+
+
+def _top_k(top_k: int | None, c: int, rep: Reporter) -> int | None:
+    """``top_k``, at most the class count ``c``."""
     if top_k is not None and top_k > c:
         rep.info(f"--top-k {top_k} is more than the {c} classes; storing all {c} "
                  "(the same targets as dense storage)")
-        top_k = c
+        return c
+    return top_k
 
-    with session(dev) as dist:
-        meta = {
-            "format": TRANSFER_FORMAT,
-            # every file carries data_sha256, which version 3 added
-            "format_version": str(TRANSFER_FORMAT_VERSION),
-            "kdcli_version": __version__,
-            "created": dist.broadcast(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
-            "T": repr(T),
-            "combine": combine,
-            "weights": json.dumps(weights),
-            "teachers": json.dumps([t.describe() for t in members]),
-            "num_classes": str(c),
-            "num_examples": str(n),
-            "data_source": ds.source,
-            "inputs_sha256": source.sha256(),
-            "precision": precision,
-            "classes": json.dumps(sorted(classes) if classes else None),
-            "exclude_classes": json.dumps(sorted(exclude_classes) if exclude_classes else None),
-            "jitter": str(augment.jitter),
-            "crop_pad": str(augment.crop_pad),
-            "pad_mode": augment.pad_mode,
-            "flip": json.dumps(augment.flip),
-            "copies": str(copies),
-            "seed": str(seed),
-            "targets": "dense" if top_k is None else "top-k",
-        }
-        for key, value in (("class_names", class_names), ("feature_names", ds.feature_names),
-                           ("data_options", data_options.recorded() if data_options else None)):
-            if value:
-                meta[key] = json.dumps(value)
-        if top_k is not None:
-            meta.update(top_k=str(top_k), targets_dtype=targets_dtype)
-        writer = _RangeWriter(members, source, weights, combine, T, c, top_k,
-                              getattr(torch, targets_dtype), batch_size, rep)
-        layout = writer.specs(1)
-        with Timer() as timer:
-            if sharded:
-                header = len(json.dumps(meta)) + 200 * (len(layout) + 4)  # a generous bound
-                rows_per_shard = (max_shard - header) // bytes_per_row(layout)
-                if rows_per_shard < 1:
-                    raise UsageError(f"--shard-size {shard_size} cannot hold one example "
-                                     f"({header + bytes_per_row(layout):,} bytes with header)",
-                                     "Give a larger --shard-size")
-                shards = _write_sharded(out, n, rows_per_shard, meta, writer, dist, force)
-            else:
-                shards = None
-                _write_single(out, n, meta, writer, dist, force)
-        stats = dist.all_reduce_sum(writer.stats)
 
+def _metadata(writer: _RangeWriter, dist, *, precision: str, classes: list[int] | None,
+              exclude_classes: list[int] | None, class_names: list[str] | None,
+              data_options: DataOptions | None) -> dict[str, str]:
+    """The transfer set's metadata: what it was made from and how (see docs/formats.md)."""
+    source, augment = writer.source, writer.source.augment
+    meta = {
+        "format": TRANSFER_FORMAT,
+        # every file carries data_sha256, which version 3 added
+        "format_version": str(TRANSFER_FORMAT_VERSION),
+        "kdcli_version": __version__,
+        "created": dist.broadcast(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+        "T": repr(writer.T),
+        "combine": writer.combine,
+        "weights": json.dumps(writer.weights),
+        "teachers": json.dumps([t.describe() for t in writer.members]),
+        "num_classes": str(writer.c),
+        "num_examples": str(source.n),
+        "data_source": source.ds.source,
+        "inputs_sha256": source.sha256(),
+        "precision": precision,
+        "classes": json.dumps(sorted(classes) if classes else None),
+        "exclude_classes": json.dumps(sorted(exclude_classes) if exclude_classes else None),
+        "jitter": str(augment.jitter),
+        "crop_pad": str(augment.crop_pad),
+        "pad_mode": augment.pad_mode,
+        "flip": json.dumps(augment.flip),
+        "copies": str(source.copies),
+        "seed": str(source.seed),
+        "targets": "dense" if writer.top_k is None else "top-k",
+    }
+    for key, value in (("class_names", class_names), ("feature_names", source.ds.feature_names),
+                       ("data_options", data_options.recorded() if data_options else None)):
+        if value:
+            meta[key] = json.dumps(value)
+    if writer.top_k is not None:
+        meta.update(top_k=str(writer.top_k), targets_dtype=writer.dtype_name)
+    return meta
+
+
+def _write_set(out: Path, meta: dict[str, str], writer: _RangeWriter, dist, force: bool,
+               max_shard: int, shard_size: str | int | None) -> list[dict[str, Any]] | None:
+    """Write the whole set: one file, or (for an index ``out``) shards of at most
+    ``max_shard`` bytes, which are returned."""
+    n = writer.source.n
+    if not is_index_path(out):
+        _write_single(out, n, meta, writer, dist, force)
+        return None
+    layout = writer.specs(1)
+    header = len(json.dumps(meta)) + 200 * (len(layout) + 4)  # a generous bound
+    rows_per_shard = (max_shard - header) // bytes_per_row(layout)
+    if rows_per_shard < 1:
+        raise UsageError(f"--shard-size {shard_size} cannot hold one example "
+                         f"({header + bytes_per_row(layout):,} bytes with header)",
+                         "Give a larger --shard-size")
+    return _write_sharded(out, n, rows_per_shard, meta, writer, dist, force)
+
+
+def _summary(out: Path, writer: _RangeWriter, stats, *, has_labels: bool,
+             shards: list[dict[str, Any]] | None, ranks: int, seconds: float,
+             class_names: list[str] | None) -> dict[str, Any]:
+    """soft_targets()'s result: counts, per-teacher accuracy, disagreement, timing."""
+    members, n, m = writer.members, writer.source.n, len(writer.members)
     correct, disagree = stats[:m + 1], int(stats[m + 1])
-    has_labels = probe_y is not None
     summary: dict[str, Any] = {
-        "out": str(out), "examples": n, "classes": c, "T": T, "combine": combine,
-        "weights": weights, "storage": meta["targets"], "top_k": top_k,
-        "shards": len(shards) if shards else 1, "ranks": dist.world,
-        "seconds": round(timer.seconds, 3),
-        "samples_per_s": round(n / max(timer.seconds, 1e-9), 1),
+        "out": str(out), "examples": n, "classes": writer.c, "T": writer.T,
+        "combine": writer.combine, "weights": writer.weights,
+        "storage": "dense" if writer.top_k is None else "top-k", "top_k": writer.top_k,
+        "shards": len(shards) if shards else 1, "ranks": ranks,
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(n / max(seconds, 1e-9), 1),
         "teachers": [{"file": str(t.path), "format": t.format, "output": t.output,
                       "preprocessing": t.preprocessing,
                       "accuracy": (float(correct[i]) / n if has_labels else None)}
@@ -331,6 +398,12 @@ def soft_targets(
         summary["ensemble_accuracy"] = float(correct[m]) / n
     if m > 1:
         summary["disagreement"] = disagree / n
+    return summary
+
+
+def _show_summary(summary: dict[str, Any], members: list[Teacher], rep: Reporter, *,
+                  sharded: bool) -> None:
+    """The teachers' notes, then the results table."""
     for t in members:
         for note in t.notes:
             rep.info(note)
@@ -338,17 +411,20 @@ def soft_targets(
              describe_preprocessing(t["preprocessing"]),
              "-" if t["accuracy"] is None else f"{100 * t['accuracy']:.2f}%"]
             for t in summary["teachers"]]
-    if m > 1:
-        rows.append(["ensemble", combine, "logits", "",
-                     "-" if not has_labels else f"{100 * summary['ensemble_accuracy']:.2f}%"])
+    multi = len(members) > 1
+    if multi:
+        rows.append(["ensemble", summary["combine"], "logits", "",
+                     f"{100 * summary['ensemble_accuracy']:.2f}%"
+                     if "ensemble_accuracy" in summary else "-"])
+    top_k = summary["top_k"]
     form = "dense" if top_k is None else f"top-{top_k}"
-    where = f", {summary['shards']} shards" if shards else ""
-    rep.table(f"Transfer set {out}: {n:,} examples, {c} classes, T={T:g}, {form}{where}, "
+    where = f", {summary['shards']} shards" if sharded else ""
+    rep.table(f"Transfer set {summary['out']}: {summary['examples']:,} examples, "
+              f"{summary['classes']} classes, T={summary['T']:g}, {form}{where}, "
               f"{summary['samples_per_s']:,.0f} samples/s",
               ["teacher", "format", "output", "preprocessing", "accuracy"], rows)
-    if m > 1:
+    if multi:
         rep.info(f"members disagree on {100 * summary['disagreement']:.2f}% of examples")
-    return summary
 
 
 class _RangeWriter:
@@ -359,7 +435,8 @@ class _RangeWriter:
         import torch
 
         self.members, self.source, self.weights, self.combine = members, source, weights, combine
-        self.T, self.c, self.top_k, self.targets_dtype = T, c, top_k, targets_dtype
+        self.T, self.c, self.top_k = T, c, top_k
+        self.dtype_name, self.targets_dtype = targets_dtype, getattr(torch, targets_dtype)
         self.batch_size, self.rep = batch_size, rep
         m = len(members)
         self.stats = torch.zeros(m + 2, dtype=torch.long)  # correct per member, ensemble; disagree
@@ -440,6 +517,20 @@ def _write_single(out: Path, n: int, meta: dict[str, str], writer: _RangeWriter,
                                "See that rank's error above; nothing was written")
 
 
+@contextlib.contextmanager
+def _on_every_rank(dist, failed: str, hint: str) -> Iterator[None]:
+    """Run a step on every rank and agree on its outcome: a rank whose own step failed
+    raises its error, and the others raise DistributedError(``failed``, ``hint``)."""
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        ok = dist.all_ok(ok)
+    if not ok:
+        raise DistributedError(failed, hint)
+
+
 def _write_sharded(index: Path, n: int, rows_per_shard: int, meta: dict[str, str],
                    writer: _RangeWriter, dist, force: bool) -> list[dict[str, Any]]:
     """Shard files of at most ``rows_per_shard`` rows plus the index; under torchrun each
@@ -452,74 +543,59 @@ def _write_sharded(index: Path, n: int, rows_per_shard: int, meta: dict[str, str
     leaves the old set or no index, never an index naming missing shards."""
     count = math.ceil(n / rows_per_shard)
     finals = shard_paths(index, count)
-    first, last = dist.split(count)
-    mine = range(first, last)
+    mine = range(*dist.split(count))
     temps = {i: temp_path(finals[i]) for i in mine}
     for i in mine:
         remove_stale_temps(finals[i])
-    ok = False
+
+    def rows(i: int) -> tuple[int, int]:
+        return i * rows_per_shard, min(n, (i + 1) * rows_per_shard)
+
     try:
-        try:
-            my_rows = sum(min(n, (i + 1) * rows_per_shard) - i * rows_per_shard for i in mine)
-            with writer.rep.progress(f"soft targets T={writer.T:g}", my_rows) as advance:
-                for i in mine:
-                    a, b = i * rows_per_shard, min(n, (i + 1) * rows_per_shard)
-                    shard_meta = {**meta, "shard_index": str(i + 1), "shard_count": str(count),
-                                  "shard_row_start": str(a), "shard_rows": str(b - a)}
-                    try:
-                        writer.write(temps[i], a, b, shard_meta, advance)
-                    except (OSError, RuntimeError) as e:
-                        err = write_error(finals[i], e)
-                        if err is None:
-                            raise
-                        raise err from e
-            ok = True
-        finally:
-            all_ok = dist.all_ok(ok)
-        if not all_ok:
-            raise DistributedError("another rank failed while writing soft targets",
-                                   "See that rank's error above; nothing was written")
-        cleared = False
-        try:
+        with _on_every_rank(dist, "another rank failed while writing soft targets",
+                            "See that rank's error above; nothing was written"):
+            _write_shards(writer, meta, {i: (temps[i], finals[i], *rows(i)) for i in mine},
+                          count)
+        with _on_every_rank(dist, "rank 0 could not replace the old set",
+                            "See its error above; nothing was written"):
             if dist.main:
                 check_sharded_output(index, force)
                 index.unlink(missing_ok=True)  # no index may name a half-replaced set
                 for old in own_shards(index):
                     old.unlink()
-            cleared = True
-        finally:
-            cleared = dist.all_ok(cleared)
-        if not cleared:
-            raise DistributedError("rank 0 could not replace the old set",
-                                   "See its error above; nothing was written")
-        renamed = False
-        try:
+        with _on_every_rank(dist, "a rank could not rename its shards into place",
+                            "See its error above; no index was written"):
             for i in mine:
                 os.replace(temps[i], finals[i])
-            renamed = True
-        finally:
-            renamed = dist.all_ok(renamed)
-        if not renamed:
-            raise DistributedError("a rank could not rename its shards into place",
-                                   "See its error above; no index was written")
-        shards = [{"file": finals[i].name, "row_start": i * rows_per_shard,
-                   "rows": min(n, (i + 1) * rows_per_shard) - i * rows_per_shard,
+        shards = [{"file": finals[i].name, "row_start": rows(i)[0],
+                   "rows": rows(i)[1] - rows(i)[0],
                    "bytes": finals[i].stat().st_size} for i in range(count)]
-        published = False
-        try:
+        with _on_every_rank(dist, "rank 0 could not write the index", "See its error above"):
             if dist.main:
                 with atomic_output(index, force=True) as tmp:
                     write_index(tmp, meta, shards)
-            published = True
-        finally:
-            published = dist.all_ok(published)
-        if not published:
-            raise DistributedError("rank 0 could not write the index",
-                                   "See its error above")
     finally:
         for t in temps.values():
             t.unlink(missing_ok=True)
     return shards
+
+
+def _write_shards(writer: _RangeWriter, meta: dict[str, str],
+                  mine: dict[int, tuple[Path, Path, int, int]], count: int) -> None:
+    """Write this rank's shards: ``mine`` maps a shard's number to its temporary and final
+    paths and its rows ``[a, b)``."""
+    with writer.rep.progress(f"soft targets T={writer.T:g}",
+                             sum(b - a for _, _, a, b in mine.values())) as advance:
+        for i, (temp, final, a, b) in mine.items():
+            shard_meta = {**meta, "shard_index": str(i + 1), "shard_count": str(count),
+                          "shard_row_start": str(a), "shard_rows": str(b - a)}
+            try:
+                writer.write(temp, a, b, shard_meta, advance)
+            except (OSError, RuntimeError) as e:
+                err = write_error(final, e)
+                if err is None:
+                    raise
+                raise err from e
 
 
 def check_sharded_output(index: Path, force: bool) -> None:

@@ -94,12 +94,8 @@ def calibrate_bias(model: str | Path = "student.safetensors",
     """
     import torch
 
-    from kdcli.data import load_data
-    from kdcli.data import recorded_options as _options
-    from kdcli.evaluate import classification_metrics, predict
+    from kdcli.evaluate import predict
     from kdcli.models import final_linear, load_model, save_model
-    from kdcli.teachers import load_teacher
-    from kdcli.transfer import load_transfer_set
 
     rep = reporter or Reporter()
     if target not in ("teacher", "labels"):
@@ -114,6 +110,47 @@ def calibrate_bias(model: str | Path = "student.safetensors",
     if classes is not None and any(not 0 <= k < c for k in classes):
         raise UsageError(f"--classes {classes} is outside 0..{c - 1}", "Name existing classes")
 
+    inputs, pi, source = _target(mf, data, teacher, transfer, target, options, data_options, rep)
+    logits = predict(mf.model, inputs)
+    before = torch.softmax(logits.double(), -1).mean(0)
+    shift, steps = fit_bias_shift(logits, pi, classes)
+    after = torch.softmax(logits.double() + shift.double(), -1).mean(0)
+
+    result: dict[str, Any] = {"model": str(model), "out": str(out), "source": source,
+                              "target": target, "shifts": shift.tolist(), "steps": steps,
+                              "target_distribution": pi.tolist(),
+                              "before": before.tolist(), "after": after.tolist()}
+    evaluated = _evaluate(mf, eval_data, shift, data_options) if eval_data else {}
+    if evaluated:
+        result["eval"] = evaluated
+
+    with torch.no_grad():
+        final_linear(mf.model).bias.add_(shift)
+    training = {**mf.training, "bias_shift": {"shifts": [round(v, 4) for v in shift.tolist()],
+                                              "target": target, "source": source}}
+    if evaluated:
+        training.update(test_errors=evaluated["after"]["errors"], test_data=eval_data)
+    with atomic_output(out, force) as tmp:
+        save_model(tmp, mf.model, mf.arch, mf.preprocessing, c, training,
+                   class_names=mf.class_names, feature_names=mf.feature_names)
+    _show(result, evaluated, c, steps, rep)
+    return result
+
+
+def _target(mf, data: str | None, teacher: str | Path | None, transfer: str | Path | None,
+            target: str, options: Any, data_options: DataOptions | None,
+            rep: Reporter) -> tuple[Any, torch.Tensor, str]:
+    """The inputs to match on, the target distribution ``pi`` over the classes (refused
+    unless every class has some probability) and a description of the inputs."""
+    import torch
+
+    from kdcli.data import load_data
+    from kdcli.data import recorded_options as _options
+    from kdcli.evaluate import predict
+    from kdcli.teachers import load_teacher
+    from kdcli.transfer import load_transfer_set
+
+    c = mf.num_classes
     if transfer is not None:
         ts = load_transfer_set(transfer)
         inputs, pi = ts.columns["inputs"], ts.mean_targets(1.0)
@@ -139,38 +176,34 @@ def calibrate_bias(model: str | Path = "student.safetensors",
     if not bool((pi > 0).all()):
         raise DataError(f"the target gives classes {(pi <= 0).nonzero()[:, 0].tolist()} no "
                         "probability", "Use data in which every class can occur")
-    logits = predict(mf.model, inputs)
-    before = torch.softmax(logits.double(), -1).mean(0)
-    shift, steps = fit_bias_shift(logits, pi, classes)
-    after = torch.softmax(logits.double() + shift.double(), -1).mean(0)
+    return inputs, pi, source
 
-    result: dict[str, Any] = {"model": str(model), "out": str(out), "source": source,
-                              "target": target, "shifts": shift.tolist(), "steps": steps,
-                              "target_distribution": pi.tolist(),
-                              "before": before.tolist(), "after": after.tolist()}
-    evaluated = {}
-    if eval_data:
-        ev = load_data(eval_data, options=_options(data_options, mf.training))
-        if ev.labels is None:
-            raise DataError(f"{ev.source} has no labels", "Give labelled --eval-data")
-        z = predict(mf.model, ev.inputs)
-        for name, zz in (("before", z), ("after", z + shift)):
-            m = classification_metrics(zz, ev.labels)
-            per_class = [int(((zz.argmax(-1) != ev.labels) & (ev.labels == k)).sum())
-                         for k in range(c)]
-            evaluated[name] = {"errors": m["errors"], "errors_per_class": per_class}
-        result["eval"] = {"data": ev.source, **evaluated}
 
-    with torch.no_grad():
-        final_linear(mf.model).bias.add_(shift)
-    training = {**mf.training, "bias_shift": {"shifts": [round(v, 4) for v in shift.tolist()],
-                                              "target": target, "source": source}}
-    if evaluated:
-        training.update(test_errors=evaluated["after"]["errors"], test_data=eval_data)
-    with atomic_output(out, force) as tmp:
-        save_model(tmp, mf.model, mf.arch, mf.preprocessing, c, training,
-                   class_names=mf.class_names, feature_names=mf.feature_names)
+def _evaluate(mf, eval_data: str, shift: torch.Tensor,
+              data_options: DataOptions | None) -> dict[str, Any]:
+    """Errors on ``eval_data`` (in all and per class) before and after the shift."""
+    from kdcli.data import load_data
+    from kdcli.data import recorded_options as _options
+    from kdcli.evaluate import classification_metrics, predict
 
+    ev = load_data(eval_data, options=_options(data_options, mf.training))
+    if ev.labels is None:
+        raise DataError(f"{ev.source} has no labels", "Give labelled --eval-data")
+    z = predict(mf.model, ev.inputs)
+    evaluated: dict[str, Any] = {"data": ev.source}
+    for name, zz in (("before", z), ("after", z + shift)):
+        m = classification_metrics(zz, ev.labels)
+        per_class = [int(((zz.argmax(-1) != ev.labels) & (ev.labels == k)).sum())
+                     for k in range(mf.num_classes)]
+        evaluated[name] = {"errors": m["errors"], "errors_per_class": per_class}
+    return evaluated
+
+
+def _show(result: dict[str, Any], evaluated: dict[str, Any], c: int, steps: int,
+          rep: Reporter) -> None:
+    """The table of shifts and distributions (and errors, if evaluated) per class."""
+    shift, pi = result["shifts"], result["target_distribution"]
+    before, after = result["before"], result["after"]
     rows = [[k, f"{shift[k]:+.2f}", f"{100 * pi[k]:.2f}%", f"{100 * before[k]:.2f}%",
              f"{100 * after[k]:.2f}%"] + ([evaluated["before"]["errors_per_class"][k],
                                             evaluated["after"]["errors_per_class"][k]]
@@ -181,5 +214,5 @@ def calibrate_bias(model: str | Path = "student.safetensors",
         cols += ["errors before", "errors after"]
         rows.append(["all", "", "", "", "", evaluated["before"]["errors"],
                      evaluated["after"]["errors"]])
-    rep.table(f"Bias shifts fitted on {source} ({steps} steps), written to {out}", cols, rows)
-    return result
+    rep.table(f"Bias shifts fitted on {result['source']} ({steps} steps), written to "
+              f"{result['out']}", cols, rows)

@@ -8,6 +8,7 @@ onnxruntime) happen inside those functions, so ``kdcli --help`` stays fast.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -22,6 +23,7 @@ import typer
 from typer.core import TyperGroup
 
 from kdcli import __version__
+from kdcli.config import SWEEP_ALPHA, DistillConfig, TrainConfig, student_config
 from kdcli.errors import UsageError, user_message
 
 
@@ -65,6 +67,9 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# The option defaults, from the one place each is defined (kdcli.config).
+_TRAIN, _STUDENT, _DISTILL = TrainConfig(), student_config(), DistillConfig()
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
@@ -286,6 +291,12 @@ def _arch(arch: str | None, hidden: int | None, layers: int | None, defaults: tu
     return a
 
 
+def _train_config(options: dict[str, Any]) -> TrainConfig:
+    """The :class:`~kdcli.config.TrainConfig` of a command's options (those named like its
+    fields: train and train-student take all of them)."""
+    return TrainConfig(**{f.name: options[f.name] for f in dataclasses.fields(TrainConfig)})
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"kdcli {__version__}")
@@ -316,16 +327,16 @@ def train_cmd(
     pad_mode: PadModeOpt = None,
     flip: FlipOpt = None,
     epochs: EpochsOpt = None,
-    batch_size: BatchOpt = 256,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.1,
-    optimizer: OptimizerOpt = "sgd",
-    momentum: MomentumOpt = 0.9,
-    weight_decay: WeightDecayOpt = 0.0,
-    schedule: ScheduleOpt = "cosine",
-    warmup: WarmupOpt = 0.0,
-    grad_clip: GradClipOpt = 0.0,
-    precision: PrecisionOpt = "fp32",
-    seed: SeedOpt = 0,
+    batch_size: BatchOpt = _TRAIN.batch_size,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = _TRAIN.lr,
+    optimizer: OptimizerOpt = _TRAIN.optimizer,
+    momentum: MomentumOpt = _TRAIN.momentum,
+    weight_decay: WeightDecayOpt = _TRAIN.weight_decay,
+    schedule: ScheduleOpt = _TRAIN.schedule,
+    warmup: WarmupOpt = _TRAIN.warmup,
+    grad_clip: GradClipOpt = _TRAIN.grad_clip,
+    precision: PrecisionOpt = _TRAIN.precision,
+    seed: SeedOpt = _TRAIN.seed,
     eval_data: EvalDataOpt = "auto",
     limit: Annotated[int | None, typer.Option(help="Use only the first N examples.")] = None,
     num_classes: Annotated[int | None, typer.Option(help="Classes of the model (default: largest label + 1, refused if most of them would have no example).")] = None,
@@ -333,9 +344,9 @@ def train_cmd(
     resume: ResumeOpt = False,
     dry_run: DryRunOpt = False,
     stop_after: StopAfterOpt = None,
-    device: TrainDeviceOpt = "cpu",
+    device: TrainDeviceOpt = _TRAIN.device,
     normalize: NormalizeOpt = None,
-    normalize_by: NormalizeByOpt = "auto",
+    normalize_by: NormalizeByOpt = _TRAIN.normalize_by,
     label_column: LabelColumnOpt = None,
     feature_columns: FeatureColumnsOpt = None,
     channels: ChannelsOpt = None,
@@ -346,16 +357,12 @@ def train_cmd(
 ) -> None:
     """Train a model on hard labels (make a teacher or a baseline)."""
     from kdcli.augment import AugmentConfig
-    from kdcli.train import TrainConfig, train
+    from kdcli.train import train
 
     rep = _reporter(json_out, quiet)
     dopts = _data_options(label_column, feature_columns, channels, image_size)
     a = _arch(arch, hidden, layers, (800, 2), dropout=dropout, input_dropout=input_dropout, max_norm=max_norm)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                      momentum=momentum, weight_decay=weight_decay, schedule=schedule,
-                      precision=precision, seed=seed, dry_run=dry_run, normalize=normalize,
-                      stop_after=stop_after, device=device, warmup=warmup,
-                      normalize_by=normalize_by, grad_clip=grad_clip)
+    cfg = _train_config(locals())
     aug = AugmentConfig.from_options(augment, jitter=jitter or None, crop_pad=crop_pad,
                                      pad_mode=pad_mode, flip=flip)
     rep.result(train(data, arch=a, out=out, config=cfg, augment=aug, eval_data=eval_data,
@@ -470,30 +477,30 @@ def train_student_cmd(
     layers: Annotated[int | None, typer.Option(help="Student MLP hidden layers  [default: 2]", show_default=False)] = None,
     arch: Annotated[str | None, typer.Option(help="Student spec instead of --hidden/--layers: mlp:800,800, cnn:0.25 or resnet:8,0.5.")] = None,
     dropout: Annotated[float, typer.Option(help="Dropout on hidden units.")] = 0.0,
-    alpha: Annotated[float, typer.Option(help="Weight on the hard labels, in [0, 1].")] = 0.1,
+    alpha: Annotated[float, typer.Option(help="Weight on the hard labels, in [0, 1].")] = _DISTILL.alpha,
     T: Annotated[float | None, typer.Option("--T", "-T", help="Temperature (default: the transfer set's; another value re-derives the targets).")] = None,
-    loss: Annotated[str, typer.Option(help="kd: alpha*CE(y,softmax(z)) + (1-alpha)*T^2*CE(p_T,softmax(z/T)); mse: alpha*CE + (1-alpha)*1/2*mean_i (z_i-v_i)^2 on logits, the exact high-T limit of kd.")] = "kd",
-    center: Annotated[bool, typer.Option(help="mse: centre both logit vectors per example.")] = True,
-    tail: Annotated[str, typer.Option(help="Top-k sets: student (spread the mass outside the top K like the student does), uniform (evenly) or renormalize (drop it).")] = "student",
+    loss: Annotated[str, typer.Option(help="kd: alpha*CE(y,softmax(z)) + (1-alpha)*T^2*CE(p_T,softmax(z/T)); mse: alpha*CE + (1-alpha)*1/2*mean_i (z_i-v_i)^2 on logits, the exact high-T limit of kd.")] = _DISTILL.loss,
+    center: Annotated[bool, typer.Option(help="mse: centre both logit vectors per example.")] = _DISTILL.center,
+    tail: Annotated[str, typer.Option(help="Top-k sets: student (spread the mass outside the top K like the student does), uniform (evenly) or renormalize (drop it).")] = _DISTILL.tail,
     epochs: EpochsOpt = None,
-    batch_size: BatchOpt = 256,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (T^2 makes early gradients large: keep a --warmup).")] = 0.05,
-    optimizer: OptimizerOpt = "sgd",
-    momentum: MomentumOpt = 0.9,
-    weight_decay: WeightDecayOpt = 0.0,
-    schedule: ScheduleOpt = "cosine",
-    warmup: WarmupOpt = 1.0,
-    grad_clip: GradClipOpt = 5.0,
-    precision: PrecisionOpt = "fp32",
-    seed: SeedOpt = 0,
+    batch_size: BatchOpt = _STUDENT.batch_size,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (T^2 makes early gradients large: keep a --warmup).")] = _STUDENT.lr,
+    optimizer: OptimizerOpt = _STUDENT.optimizer,
+    momentum: MomentumOpt = _STUDENT.momentum,
+    weight_decay: WeightDecayOpt = _STUDENT.weight_decay,
+    schedule: ScheduleOpt = _STUDENT.schedule,
+    warmup: WarmupOpt = _STUDENT.warmup,
+    grad_clip: GradClipOpt = _STUDENT.grad_clip,
+    precision: PrecisionOpt = _STUDENT.precision,
+    seed: SeedOpt = _STUDENT.seed,
     eval_data: EvalDataOpt = "auto",
     out: Annotated[Path, typer.Option(help="Output student model file.")] = Path("student.safetensors"),
     resume: ResumeOpt = False,
     dry_run: DryRunOpt = False,
     stop_after: StopAfterOpt = None,
-    device: TrainDeviceOpt = "cpu",
+    device: TrainDeviceOpt = _STUDENT.device,
     normalize: NormalizeOpt = None,
-    normalize_by: NormalizeByOpt = "auto",
+    normalize_by: NormalizeByOpt = _STUDENT.normalize_by,
     label_column: LabelColumnOpt = None,
     feature_columns: FeatureColumnsOpt = None,
     channels: ChannelsOpt = None,
@@ -508,19 +515,16 @@ def train_student_cmd(
     Loss (mse): L = alpha * CE(y, softmax(z)) + (1 - alpha) * 1/2 * mean_i (z_i - v_i)^2,
     the exact high-temperature limit of kd (same --lr and --alpha scale).
     """
-    from kdcli.train import TrainConfig, train_student
+    from kdcli.train import train_student
 
     rep = _reporter(json_out, quiet)
     dopts = _data_options(label_column, feature_columns, channels, image_size)
     a = _arch(arch, hidden, layers, (300, 2), dropout=dropout)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                      momentum=momentum, weight_decay=weight_decay, schedule=schedule,
-                      precision=precision, seed=seed, dry_run=dry_run, normalize=normalize,
-                      stop_after=stop_after, device=device, warmup=warmup,
-                      normalize_by=normalize_by, grad_clip=grad_clip)
-    rep.result(train_student(transfer, arch=a, alpha=alpha, T=T, loss=loss, center=center,
-                             tail=tail, out=out, config=cfg, eval_data=eval_data, force=force,
-                             resume=resume, reporter=rep, data_options=dopts))
+    cfg = _train_config(locals())
+    distill = DistillConfig(T=T, alpha=alpha, loss=loss, center=center, tail=tail)
+    rep.result(train_student(transfer, arch=a, distill=distill, out=out, config=cfg,
+                             eval_data=eval_data, force=force, resume=resume, reporter=rep,
+                             data_options=dopts))
 
 
 @command("export", "kdcli export student.onnx --model student.safetensors")
@@ -604,18 +608,18 @@ def sweep_cmd(
     hidden: Annotated[str, typer.Option(help="Student widths, e.g. 30,300.")] = "30,300",
     layers: Annotated[int, typer.Option(help="Hidden layers of each student.")] = 2,
     data: Annotated[str, typer.Option(help="Transfer data.")] = "mnist:train",
-    alpha: Annotated[float, typer.Option(help="Weight on the hard labels.")] = 0.0,
+    alpha: Annotated[float, typer.Option(help="Weight on the hard labels.")] = SWEEP_ALPHA,
     epochs: EpochsOpt = None,
-    lr: Annotated[float, typer.Option(help="Learning rate per student.")] = 0.05,
-    warmup: WarmupOpt = 1.0,
-    grad_clip: GradClipOpt = 5.0,
-    batch_size: BatchOpt = 256,
-    precision: PrecisionOpt = "fp32",
+    lr: Annotated[float, typer.Option(help="Learning rate per student.")] = _STUDENT.lr,
+    warmup: WarmupOpt = _STUDENT.warmup,
+    grad_clip: GradClipOpt = _STUDENT.grad_clip,
+    batch_size: BatchOpt = _STUDENT.batch_size,
+    precision: PrecisionOpt = _STUDENT.precision,
     seeds: Annotated[str, typer.Option("--seeds", "--seed", help="Seeds, e.g. 0,1,2: one student per seed at each grid point, reported as mean ± sd.")] = "0",
     eval_data: EvalDataOpt = "auto",
     out_dir: Annotated[Path, typer.Option(help="Folder for everything the sweep writes (finished points are kept).")] = Path("sweep"),
     force: Annotated[bool, typer.Option("--force", "-f", help="Start afresh: delete what an earlier sweep left in --out-dir.")] = False,
-    device: TrainDeviceOpt = "cpu",
+    device: TrainDeviceOpt = _STUDENT.device,
     label_column: LabelColumnOpt = None,
     feature_columns: FeatureColumnsOpt = None,
     channels: ChannelsOpt = None,
@@ -625,13 +629,12 @@ def sweep_cmd(
 ) -> None:
     """Train students over a grid of T and widths; print a table and plot errors against T."""
     from kdcli.sweep import sweep
-    from kdcli.train import student_config
 
     rep = _reporter(json_out, quiet)
     cfg = student_config(epochs=epochs, lr=lr, warmup=warmup, grad_clip=grad_clip,
                          batch_size=batch_size, precision=precision, device=device)
     rep.result(sweep(teacher, temperatures=_floats(T, "--T") or [], hidden=_ints(hidden, "--hidden") or [],
-                     layers=layers, data=data, alpha=alpha, config=cfg,
+                     layers=layers, data=data, distill=DistillConfig(alpha=alpha), config=cfg,
                      seeds=_ints(seeds, "--seeds") or [], eval_data=eval_data,
                      out_dir=out_dir, force=force, reporter=rep,
                      data_options=_data_options(label_column, feature_columns, channels,

@@ -70,7 +70,7 @@ def _inspect_transfer(p: Path, rep: Reporter, verify: bool = False) -> dict[str,
         t = ts.targets(idx, ts.T)
         if isinstance(t, TopK):
             tail_mass += float(t.tail_logmass.exp().sum())
-            t = ts._dense_probs(t, ts.T)
+            t = ts.dense_probs(t, ts.T)
         probs = t.double()
         entropy += float(-(probs * probs.clamp_min(1e-30).log()).sum())
         group = group_col[idx].long() if group_col is not None else pred[idx]

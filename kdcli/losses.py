@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TAIL_RULES = ("student", "uniform", "renormalize")
+from kdcli.config import TAIL_RULES
 
 
 class DistillationLoss(nn.Module):

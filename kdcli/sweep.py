@@ -11,22 +11,21 @@ of test errors against T, one line per width (error bars with several seeds).
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kdcli.config import SWEEP_ALPHA, DistillConfig, TrainConfig, student_config
 from kdcli.errors import UsageError
 from kdcli.output import Reporter
 
 if TYPE_CHECKING:
     from kdcli.data import DataOptions
-    from kdcli.train import TrainConfig
 
 
 def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
-          layers: int = 2, data: str = "mnist:train", alpha: float = 0.0,
+          layers: int = 2, data: str = "mnist:train", distill: DistillConfig | None = None,
           config: TrainConfig | None = None, seeds: list[int] | None = None,
           eval_data: str | None = "auto", out_dir: str | Path = "sweep",
           force: bool = False, reporter: Reporter | None = None,
@@ -42,7 +41,8 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
         hidden: The student widths (MLPs of ``layers`` hidden layers).
         layers: Hidden layers of each student.
         data: Transfer data.
-        alpha: Weight on the hard labels.
+        distill: Each student's distillation settings, without T (default: alpha
+            :data:`~kdcli.config.SWEEP_ALPHA`, the kd loss); T is each of ``temperatures``.
         config: Each student's optimization settings (default:
             :func:`kdcli.train.student_config`); its seed is replaced by each of ``seeds``.
         seeds: Seeds; each grid point trains one student per seed (default ``[0]``).
@@ -53,90 +53,135 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
         data_options: How a table or image folder given as ``data`` or ``eval_data`` is
             read.
     """
-    from kdcli.checks import check_temperature
-    from kdcli.files import sha256_file
-    from kdcli.models import Architecture, load_model
-    from kdcli.soft_targets import soft_targets
-    from kdcli.train import student_config, train_student
     from kdcli.transfer import load_transfer_set
 
     rep = reporter or Reporter()
-    if not temperatures or not hidden:
-        raise UsageError("the grid is empty", "Pass --T 2,4,8 and --hidden 30,300")
-    for t in temperatures:
-        check_temperature(t)
-    if any(h <= 0 for h in hidden):
-        raise UsageError(f"--hidden widths must be positive, got {hidden}", "e.g. 30,300")
-    seeds = [0] if seeds is None else seeds
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise UsageError(f"--seeds must be distinct integers, got {seeds}", "e.g. --seeds 0,1")
-    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
-        raise UsageError(f"--alpha must lie in [0, 1], got {alpha}", "Try --alpha 0")
-    if not 0 <= layers <= 64:
-        raise UsageError(f"--layers must be from 0 to 64, got {layers}", "Try --layers 2")
-    for h in hidden:
-        Architecture("mlp", hidden=[h] * layers).check()
+    distill = distill or DistillConfig(alpha=SWEEP_ALPHA)
+    seeds = _check_grid(temperatures, hidden, layers, [0] if seeds is None else seeds, distill)
     config = config or student_config()
     config.check()
-    folder = Path(out_dir)
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"--out-dir {folder} is a file", "Give a folder (it is created if "
-                         "missing)")
-    folder.mkdir(parents=True, exist_ok=True)
-    transfer = folder / "transfer.safetensors"
-    if force:
-        for old in [transfer, *folder.glob("student-h*-T*.safetensors*"),
-                    folder / "results.json", folder / "sweep.png"]:
-            old.unlink(missing_ok=True)
-    teacher_sha = sha256_file(teacher)
-    if transfer.exists():
-        old_meta = load_transfer_set(transfer).meta
-        recorded = [t["sha256"] for t in old_meta["teachers"]]
-        if recorded != [teacher_sha]:
-            raise UsageError(f"{transfer} was made from another teacher",
-                             "Use a new --out-dir, or pass --force to start afresh")
-        if old_meta.get("data_source") != data:
-            raise UsageError(f"{transfer} was made from --data {old_meta.get('data_source')}, "
-                             f"not {data}", "Use a new --out-dir, or pass --force to start "
-                             "afresh")
-        rep.info(f"reusing {transfer}")
-    else:
-        soft_targets([teacher], T=temperatures[0], data=data, out=transfer,
-                     reporter=Reporter("quiet"), data_options=data_options)
+    folder = _folder(out_dir, force)
+    transfer = _transfer_set(folder, teacher, data, temperatures[0], data_options, rep)
     config = config.resolved(int(load_transfer_set(transfer).columns["inputs"].shape[0]))
     points = []
     # Seeds outermost: an interrupted sweep has whole grids for its first seeds.
     grid = [(h, t, s) for s in seeds for h in hidden for t in temperatures]
     with rep.progress("sweep (students)", len(grid)) as advance:
         for h, t, s in grid:
-            out = folder / f"student-h{h}-T{t:g}-s{s}.safetensors"
-            arch = Architecture("mlp", hidden=[h] * layers)
-            cfg = replace(config, seed=s)
-            if out.exists():
-                training = load_model(out).training
-                _check_kept(out, training, {"architecture": arch.spec(), "T": t, "alpha": alpha,
-                                            **cfg.settings()})
-                status = "kept"
-            else:
-                # force: out does not exist; a checkpoint of an interrupted student
-                # (the sweep's own file) is restarted
-                training = train_student(transfer, arch=arch, alpha=alpha, T=t, out=out,
-                                         eval_data=eval_data, reporter=Reporter("quiet"),
-                                         config=cfg, force=True,
-                                         data_options=data_options)
-                status = "trained"
-            point = {"hidden": h, "T": t, "seed": s, "test_errors": training.get("test_errors"),
-                     "file": str(out), "status": status}
+            point = _student(folder, transfer, h, t, s, layers=layers, distill=distill,
+                             config=config, eval_data=eval_data, data_options=data_options)
             points.append(point)
             rep.info(f"hidden {h:>5}  T {t:>5g}  seed {s}  test errors {point['test_errors']}"
-                     f"  ({status})")
+                     f"  ({point['status']})")
             advance(1)
     summary = _summarize(points, hidden, temperatures)
     (folder / "results.json").write_text(json.dumps(
-        {"teacher": str(teacher), "alpha": alpha,
+        {"teacher": str(teacher), "alpha": distill.alpha,
          **{k: v for k, v in config.settings().items() if k != "seed"}, "seeds": seeds,
          "points": points, "summary": summary}, indent=2))
     plot = _plot(summary, folder / "sweep.png", rep)
+    _show_table(summary, hidden, temperatures, seeds, folder, rep)
+    return {"points": points, "summary": summary, "plot": str(plot) if plot else None,
+            "results": str(folder / "results.json")}
+
+
+def _check_grid(temperatures: list[float], hidden: list[int], layers: int, seeds: list[int],
+                distill: DistillConfig) -> list[int]:
+    """Refuse an empty or out-of-range grid; return the seeds."""
+    from kdcli.checks import check_temperature
+    from kdcli.models import Architecture
+
+    if not temperatures or not hidden:
+        raise UsageError("the grid is empty", "Pass --T 2,4,8 and --hidden 30,300")
+    for t in temperatures:
+        check_temperature(t)
+    if any(h <= 0 for h in hidden):
+        raise UsageError(f"--hidden widths must be positive, got {hidden}", "e.g. 30,300")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds must be distinct integers, got {seeds}", "e.g. --seeds 0,1")
+    if distill.T is not None:
+        raise UsageError("sweep takes its temperatures from --T, not from its DistillConfig",
+                         "Leave DistillConfig.T None")
+    distill.check()
+    if not 0 <= layers <= 64:
+        raise UsageError(f"--layers must be from 0 to 64, got {layers}", "Try --layers 2")
+    for h in hidden:
+        Architecture("mlp", hidden=[h] * layers).check()
+    return seeds
+
+
+def _folder(out_dir: str | Path, force: bool) -> Path:
+    """The sweep's folder, made if missing; with ``force``, emptied of an earlier sweep."""
+    folder = Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out-dir {folder} is a file", "Give a folder (it is created if "
+                         "missing)")
+    folder.mkdir(parents=True, exist_ok=True)
+    if force:
+        for old in [folder / "transfer.safetensors", *folder.glob("student-h*-T*.safetensors*"),
+                    folder / "results.json", folder / "sweep.png"]:
+            old.unlink(missing_ok=True)
+    return folder
+
+
+def _transfer_set(folder: Path, teacher: str | Path, data: str, T: float,
+                  data_options: DataOptions | None, rep: Reporter) -> Path:
+    """The sweep's transfer set: an earlier sweep's, if it has the same teacher and data,
+    else a new one at ``T``."""
+    from kdcli.files import sha256_file
+    from kdcli.soft_targets import soft_targets
+    from kdcli.transfer import load_transfer_set
+
+    transfer = folder / "transfer.safetensors"
+    teacher_sha = sha256_file(teacher)
+    if not transfer.exists():
+        soft_targets([teacher], T=T, data=data, out=transfer, reporter=Reporter("quiet"),
+                     data_options=data_options)
+        return transfer
+    old_meta = load_transfer_set(transfer).meta
+    recorded = [t["sha256"] for t in old_meta["teachers"]]
+    if recorded != [teacher_sha]:
+        raise UsageError(f"{transfer} was made from another teacher",
+                         "Use a new --out-dir, or pass --force to start afresh")
+    if old_meta.get("data_source") != data:
+        raise UsageError(f"{transfer} was made from --data {old_meta.get('data_source')}, "
+                         f"not {data}", "Use a new --out-dir, or pass --force to start "
+                         "afresh")
+    rep.info(f"reusing {transfer}")
+    return transfer
+
+
+def _student(folder: Path, transfer: Path, h: int, t: float, s: int, *, layers: int,
+             distill: DistillConfig, config: TrainConfig, eval_data: str | None,
+             data_options: DataOptions | None) -> dict[str, Any]:
+    """One grid point's student of width ``h`` at T ``t`` and seed ``s``: kept from an
+    earlier sweep, or trained now."""
+    from kdcli.models import Architecture, load_model
+    from kdcli.train import train_student
+
+    out = folder / f"student-h{h}-T{t:g}-s{s}.safetensors"
+    arch = Architecture("mlp", hidden=[h] * layers)
+    cfg = replace(config, seed=s)
+    if out.exists():
+        training = load_model(out).training
+        _check_kept(out, training, {"architecture": arch.spec(), "T": t,
+                                    "alpha": distill.alpha, "loss": distill.loss,
+                                    **cfg.settings()})
+        status = "kept"
+    else:
+        # force: out does not exist; a checkpoint of an interrupted student
+        # (the sweep's own file) is restarted
+        training = train_student(transfer, arch=arch, distill=replace(distill, T=t), out=out,
+                                 eval_data=eval_data, reporter=Reporter("quiet"),
+                                 config=cfg, force=True, data_options=data_options)
+        status = "trained"
+    return {"hidden": h, "T": t, "seed": s, "test_errors": training.get("test_errors"),
+            "file": str(out), "status": status}
+
+
+def _show_table(summary: list[dict], hidden: list[int], temperatures: list[float],
+                seeds: list[int], folder: Path, rep: Reporter) -> None:
+    """The test errors: a row per width, a column per T."""
     cols = ["hidden", *(f"T={t:g}" for t in temperatures)]
     cell = {(g["hidden"], g["T"]): _cell(g) for g in summary}
     rows = [[h, *(cell[h, t] for t in temperatures)] for h in hidden]
@@ -144,17 +189,13 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
     if len(seeds) > 1:
         title += f": mean ± sd over seeds {','.join(map(str, seeds))}"
     rep.table(title, cols, rows)
-    return {"points": points, "summary": summary, "plot": str(plot) if plot else None,
-            "results": str(folder / "results.json")}
 
 
 def _check_kept(out: Path, training: dict[str, Any], wanted: dict[str, Any]) -> None:
     """Refuse to keep a finished student that was trained with other settings."""
-    from kdcli.train import TrainConfig
-
     # A setting a file does not record (warmup, in files from before it
     # existed) had its default value.
-    recorded = {**TrainConfig().settings(), **training}
+    recorded = {**TrainConfig().settings(), "loss": DistillConfig().loss, **training}
     diff = [f"{k} {recorded.get(k)} (now {v})" for k, v in wanted.items()
             if recorded.get(k) != v]
     if diff:

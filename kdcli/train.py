@@ -18,7 +18,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcli.augment import AugmentConfig
-from kdcli.checks import check_momentum, check_weight_decay
+from kdcli.config import (  # noqa: F401 - the constants are re-exported, as kdcli.train's API
+    DEFAULT_EPOCHS,
+    MAX_AUTO_EPOCHS,
+    MIN_STEPS,
+    STUDENT_GRAD_CLIP,
+    STUDENT_LR,
+    STUDENT_WARMUP,
+    DistillConfig,
+    TrainConfig,
+    student_config,
+)
 from kdcli.distributed import Dist
 from kdcli.errors import FormatError, OutputExistsError, UsageError
 from kdcli.files import (
@@ -29,7 +39,6 @@ from kdcli.files import (
     sha256_file,
 )
 from kdcli.models import (
-    NORMALIZE_BY,
     Architecture,
     Preprocessing,
     apply_max_norm,
@@ -46,102 +55,6 @@ if TYPE_CHECKING:
     from kdcli.transfer import Rows
 
 
-@dataclass
-class TrainConfig:
-    """Optimization settings shared by ``train`` and ``train-student``."""
-
-    # Passes over the data. None: DEFAULT_EPOCHS, or more on a small set, so that training
-    # takes at least MIN_STEPS steps (see resolved()).
-    epochs: int | None = None
-    batch_size: int = 256  # examples per step
-    lr: float = 0.1  # peak learning rate
-    optimizer: str = "sgd"  # sgd (Nesterov momentum) or adam
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 0.0  # L2 penalty
-    schedule: str = "cosine"  # cosine: decay to 0 per step; constant: keep lr
-    precision: str = "fp32"  # fp32, or bf16 autocast (much faster on CPUs with bf16 units)
-    seed: int = 0  # seeds initialization, shuffling, dropout and augmentation
-    dry_run: bool = False  # train one batch, write nothing
-    # Zero-mean, unit-variance inputs (False: only scaled, 8-bit pixels to [0, 1]). None: auto,
-    # normalize unless the model has input dropout, so that a dropped pixel is black.
-    normalize: bool | None = None
-    stop_after: int | None = None  # stop after this epoch, keeping the checkpoint to resume
-    device: str = "cpu"  # cpu, cuda, or auto (cuda when present)
-    # Epochs of linear warmup from 0 to lr, per step, before the schedule (0: none). It lets
-    # a higher lr train stably where the first steps' large gradients would blow it up.
-    warmup: float = 0.0
-    # How normalize standardizes: auto (by example shape: tables per feature, [C, H, W]
-    # images per channel, else one scalar), scalar, channel or feature; see
-    # kdcli.models.normalize_by.
-    normalize_by: str = "auto"
-    # Rescale each step's gradient to at most this L2 norm (0: never). A safety net against
-    # the rare huge step that kills a small net's ReLUs; healthy steps are far below it.
-    grad_clip: float = 0.0
-
-    def check(self) -> None:
-        if self.epochs is not None and self.epochs <= 0:
-            raise UsageError(f"--epochs must be positive, got {self.epochs}", "Try --epochs 20")
-        if self.batch_size <= 0:
-            raise UsageError(f"--batch-size must be positive, got {self.batch_size}",
-                             "Try --batch-size 256")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UsageError(f"--lr must be a positive number, got {self.lr}", "Try --lr 0.05")
-        check_momentum(self.momentum)
-        check_weight_decay(self.weight_decay)
-        if self.optimizer not in ("sgd", "adam"):
-            raise UsageError(f"unknown --optimizer {self.optimizer!r}", "Use sgd or adam")
-        if self.schedule not in ("cosine", "constant"):
-            raise UsageError(f"unknown --schedule {self.schedule!r}", "Use cosine or constant")
-        if self.precision not in ("fp32", "bf16"):
-            raise UsageError(f"unknown --precision {self.precision!r}", "Use fp32 or bf16")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UsageError(f"unknown --device {self.device!r}", "Use auto, cpu or cuda")
-        most = self.epochs if self.epochs is not None else DEFAULT_EPOCHS  # auto: at least
-        if not (math.isfinite(self.warmup) and 0 <= self.warmup <= most):
-            raise UsageError(f"--warmup must be between 0 and --epochs ({most}), "
-                             f"got {self.warmup:g}", "Try --warmup 1")
-        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
-            raise UsageError(f"--grad-clip must be 0 (off) or a positive norm, got "
-                             f"{self.grad_clip:g}", "Try --grad-clip 5")
-        if self.normalize_by not in NORMALIZE_BY:
-            raise UsageError(f"unknown --normalize-by {self.normalize_by!r}",
-                             f"Use one of {', '.join(NORMALIZE_BY)}")
-        if self.stop_after is not None and self.stop_after < 1:
-            raise UsageError(f"--stop-after must be a positive epoch, got {self.stop_after}",
-                             "Try --stop-after 10")
-
-    def resolved(self, n: int) -> TrainConfig:
-        """This config with ``epochs=None`` (auto) made concrete for ``n`` training examples:
-        DEFAULT_EPOCHS passes, or as many more as MIN_STEPS steps need (up to
-        MAX_AUTO_EPOCHS). The 8x8 digits' 1,078 rows take 5 steps an epoch, so 20 epochs were
-        100 steps and 27 test errors, against 9-10 after 1,500 steps."""
-        if self.epochs is not None:
-            return self
-        steps = math.ceil(n / max(1, min(self.batch_size, n)))
-        epochs = min(MAX_AUTO_EPOCHS, max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / steps)))
-        return replace(self, epochs=epochs)
-
-    def settings(self) -> dict[str, Any]:
-        """The settings that change the result (what a resumed run or a kept model must match)."""
-        return {k: v for k, v in asdict(self).items() if k not in _NOT_FINGERPRINTED}
-
-
-# Without --epochs: this many passes, or more on a small set so that training takes at least
-# MIN_STEPS optimizer steps, but never more than MAX_AUTO_EPOCHS passes.
-DEFAULT_EPOCHS = 20
-MIN_STEPS = 2000
-MAX_AUTO_EPOCHS = 1000
-
-# train-student's defaults. The T^2 factor makes a student's first gradients large, so a
-# higher lr needs a warmup; with one, lr 0.05 beat lr 0.02 on every MNIST student measured
-# (2x800: 88 vs 101 errors; 2x300 at T=20: 101 vs 140; see examples/mnist-paper).
-STUDENT_LR = 0.05
-STUDENT_WARMUP = 1.0
-# ... and its gradient clipping. Healthy MNIST and table students take steps of norm 0.5-4
-# and are not changed by it; without it, a rare step of norm 100-10^4 left a 2x300 on 10,000
-# digits at 837 test errors (213 with it), and one from a raw-pixel teacher at chance.
-STUDENT_GRAD_CLIP = 5.0
-
 # Runs of more epochs than this evaluate, print and checkpoint every epochs // REPORTS.
 REPORTS = 50
 
@@ -151,15 +64,6 @@ MAX_LR_HALVINGS = 4
 BLOWUP_FACTOR = 3.0
 # ... and is above this: a loss near 0 that triples (0.001 -> 0.004) is noise, not a blow-up.
 BLOWUP_FLOOR = 1.0
-
-def student_config(**settings: Any) -> TrainConfig:
-    """train-student's defaults (lr, warmup and gradient clipping), with ``settings`` on top."""
-    return TrainConfig(**{"lr": STUDENT_LR, "warmup": STUDENT_WARMUP,
-                          "grad_clip": STUDENT_GRAD_CLIP, **settings})
-
-
-# Settings that do not change the result, so a resumed run may differ in them.
-_NOT_FINGERPRINTED = ("dry_run", "stop_after", "device")
 
 StepLoss = Callable[["torch.Tensor", "torch.Tensor"], tuple["torch.Tensor", "torch.Tensor"]]
 
@@ -195,154 +99,229 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
     Returns:
         One record per epoch: the statistics' epoch means, test errors, seconds.
     """
-    import torch
-
-    from kdcli.checks import resolve_device
-    from kdcli.evaluate import predict
-
-    dist = dist or Dist()
-    aug = augment or AugmentConfig()
-    dev = torch.device(resolve_device(cfg.device))
-    model.to(dev)
-    n = int(inputs.shape[0])
-    cfg = cfg.resolved(n)
-    bs = min(cfg.batch_size, n)
-    if bs < dist.world:
-        raise UsageError(f"--batch-size {bs} is smaller than the {dist.world} ranks",
-                         f"Use --batch-size of at least {dist.world}")
-    steps = math.ceil(n / bs)
-    total_steps = cfg.epochs * steps
-    warmup_steps = round(cfg.warmup * steps)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-            weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
+    run = _Run.setup(model, arch, cfg, int(inputs.shape[0]), dist or Dist(),
+                     augment or AugmentConfig())
+    cfg, history, start_epoch = run.cfg, [], 0
     if resume:
-        start_epoch, history = _load_checkpoint(checkpoint, fingerprint, model, opt, gen,
-                                                cfg.epochs)
+        start_epoch, history = _load_checkpoint(checkpoint, fingerprint, model, run.opt,
+                                                run.gen, cfg.epochs)
         reporter.info(f"resuming from {checkpoint} after epoch {start_epoch}")
-    net = model
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[dist.local_rank]
-                                      if dev.type == "cuda" else None)
-        if dist.rank:  # distinct dropout masks on each rank
-            torch.manual_seed(cfg.seed + 7919 * dist.rank + start_epoch)
-    autocast = cfg.precision == "bf16"
+    run.wrap(start_epoch)
     n_classes: int | None = None  # known after the first evaluation
     # Long runs on small sets evaluate, print and checkpoint about REPORTS times in all.
     every = max(1, cfg.epochs // REPORTS)
-
     # A loss that blows up rolls the epoch back and retries it at half the learning rate
     # (the rest of the run keeps the lower rate); after MAX_LR_HALVINGS it is an error.
     lr_scale = history[-1].get("lr_scale", 1.0) if history else 1.0
-    first_loss: float | None = None  # the untrained model's loss on the first batch
-    with reporter.progress("training", (cfg.epochs - start_epoch) * n) as advance:
+    with reporter.progress("training", (cfg.epochs - start_epoch) * run.n) as advance:
         epoch = start_epoch
         while epoch < cfg.epochs:
-            snapshot = _snapshot(model, opt, gen)
+            snapshot = _snapshot(model, run.opt, run.gen)
             t0 = time.perf_counter()
-            model.train()
-            perm = torch.randperm(n, generator=gen)
-            sums = torch.zeros(len(stat_names), dtype=torch.float64)
-            seen = clipped = 0
-            for s in range(steps):
-                idx = perm[s * bs:(s + 1) * bs]
-                for group in opt.param_groups:
-                    group["lr"] = lr_scale * learning_rate(cfg, epoch * steps + s, total_steps,
-                                                           warmup_steps)
-                if aug.active:  # drawn for the global batch, so every rank agrees
-                    draw = aug.draw(len(idx), gen)
-                lo, hi = dist.split(len(idx))
-                local = idx[lo:hi]
-                x = inputs[local]
-                if aug.active:
-                    x = aug.apply(x, draw[lo:hi])
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-                    z = net(x.to(dev, non_blocking=True))
-                if len(local):
-                    loss, stats = step_loss(z.float(), local)
-                    if dist.enabled:  # DDP averages over ranks: weight by this rank's share
-                        loss = loss * (len(local) * dist.world / len(idx))
-                else:  # a last batch smaller than the world: take part with no rows
-                    loss, stats = z.sum() * 0.0, torch.zeros(len(stat_names))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:  # after DDP's all-reduce, so every rank clips alike
-                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    clipped += int(norm > cfg.grad_clip)
-                opt.step()
-                if arch.max_norm:
-                    apply_max_norm(model, arch.max_norm)
-                sums += stats.detach().double().cpu() * len(local)
-                if first_loss is None and len(local):
-                    first_loss = float(stats[0])
-                seen += len(local)
-                advance(len(idx))
-                if cfg.dry_run:
-                    break
-            if dist.enabled:  # every rank must take the same decisions: share the numbers
-                extra = torch.tensor([float(seen), first_loss or 0.0], dtype=torch.float64)
-                totals = dist.all_reduce_sum(torch.cat([sums, extra]))
-                sums, seen = totals[:-2], int(totals[-2])
-                first_loss = float(totals[-1]) / dist.world
-            if _blew_up(float(sums[0] / max(seen, 1)), first_loss, history):
-                if not math.isfinite(float(sums[0])):
-                    _check_not_data(model, epoch)
-                if lr_scale <= 0.5 ** MAX_LR_HALVINGS:
-                    raise UsageError(
-                        f"training diverged in epoch {epoch + 1} (the loss "
-                        f"{_loss_text(float(sums[0] / max(seen, 1)))}) even at --lr "
-                        f"{cfg.lr * lr_scale:g}",
-                        f"Lower --lr well below that, e.g. --lr {cfg.lr * lr_scale / 4:g}")
-                _restore(snapshot, model, opt, gen)
-                lr_scale /= 2
-                reporter.warn(f"the loss {_loss_text(float(sums[0] / max(seen, 1)))} in epoch "
-                              f"{epoch + 1} at --lr "
-                              f"{cfg.lr * lr_scale * 2:g}; retrying the epoch at half the "
-                              "learning rate")
+            sums, seen, clipped = run.epoch(inputs, step_loss, len(stat_names), epoch, lr_scale,
+                                            advance)
+            if _blew_up(float(sums[0] / max(seen, 1)), run.first_loss, history):
+                lr_scale = run.roll_back(snapshot, epoch, sums, seen, lr_scale, reporter)
                 continue
-            record = {"epoch": epoch + 1, **{k: float(v / seen)
-                                             for k, v in zip(stat_names, sums, strict=True)}}
-            if lr_scale != 1.0:
-                record["lr_scale"] = lr_scale
-            if clipped:
-                record["clipped"] = round(clipped / steps, 4)  # share of steps clipped
+            record = _record(epoch, stat_names, sums, seen, lr_scale, clipped, run.steps)
             shown = (epoch + 1) % every == 0 or epoch + 1 in (cfg.epochs, cfg.stop_after)
-            if eval_data is not None and dist.main and (shown or cfg.dry_run):
-                model.eval()
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-                    logits = predict(lambda xb: model(xb.to(dev)), eval_data.inputs)
-                record["test_errors"] = int((logits.argmax(-1) != eval_data.labels).sum())
-                n_classes = logits.shape[-1]
+            if eval_data is not None and run.dist.main and (shown or cfg.dry_run):
+                record["test_errors"], n_classes = run.test_errors(eval_data)
             record["seconds"] = round(time.perf_counter() - t0, 3)
             history.append(record)
             if shown or cfg.dry_run:
                 reporter.info(_epoch_line(record, cfg.epochs))
             if cfg.dry_run:
                 break
-            if checkpoint is not None and dist.main and shown:
-                _save_checkpoint(checkpoint, fingerprint, epoch + 1, history, model, opt, gen)
+            if checkpoint is not None and run.dist.main and shown:
+                _save_checkpoint(checkpoint, fingerprint, epoch + 1, history, model, run.opt,
+                                 run.gen)
             if cfg.stop_after and epoch + 1 >= cfg.stop_after and epoch + 1 < cfg.epochs:
                 reporter.info(f"stopped after epoch {epoch + 1} of {cfg.epochs}; continue with "
                               "--resume")
                 break
             epoch += 1
     _warn_if_chance(history, eval_data, n_classes, cfg, reporter)
-    if dist.enabled:  # free DDP's reducer now, before the process group is destroyed
-        import gc
-
-        del net
-        gc.collect()
-    model.cpu().eval()
+    run.close()
     return history
+
+
+@dataclass
+class _Run:
+    """What one :func:`fit` call trains with: the model (and its DDP wrapper), optimizer,
+    generator and step arithmetic. Its methods are the parts of the loop."""
+
+    model: nn.Module
+    net: nn.Module
+    arch: Architecture
+    cfg: TrainConfig  # with epochs resolved
+    dist: Dist
+    aug: AugmentConfig
+    dev: torch.device
+    n: int  # training examples
+    bs: int  # global batch size
+    steps: int  # per epoch
+    gen: torch.Generator  # draws the permutations and augmentations
+    params: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    first_loss: float | None = None  # the untrained model's loss on the first batch
+
+    @classmethod
+    def setup(cls, model: nn.Module, arch: Architecture, cfg: TrainConfig, n: int, dist: Dist,
+              aug: AugmentConfig) -> _Run:
+        """Move ``model`` to the device and build the optimizer."""
+        import torch
+
+        from kdcli.checks import resolve_device
+
+        dev = torch.device(resolve_device(cfg.device))
+        model.to(dev)
+        cfg = cfg.resolved(n)
+        bs = min(cfg.batch_size, n)
+        if bs < dist.world:
+            raise UsageError(f"--batch-size {bs} is smaller than the {dist.world} ranks",
+                             f"Use --batch-size of at least {dist.world}")
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if cfg.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(
+                params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                weight_decay=cfg.weight_decay)
+        else:
+            opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return cls(model, model, arch, cfg, dist, aug, dev, n, bs, math.ceil(n / bs), gen,
+                   params, opt)
+
+    def wrap(self, start_epoch: int) -> None:
+        """Under torchrun: wrap the model in DistributedDataParallel."""
+        if not self.dist.enabled:
+            return
+        import torch
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.net = DistributedDataParallel(self.model, device_ids=[self.dist.local_rank]
+                                           if self.dev.type == "cuda" else None)
+        if self.dist.rank:  # distinct dropout masks on each rank
+            torch.manual_seed(self.cfg.seed + 7919 * self.dist.rank + start_epoch)
+
+    def epoch(self, inputs: torch.Tensor | Rows, step_loss: StepLoss, n_stats: int, epoch: int,
+              lr_scale: float, advance: Callable[[int], None]) -> tuple[torch.Tensor, int, int]:
+        """Train one epoch (one batch with ``dry_run``); return the statistics' sums over the
+        global batch, the examples seen and the steps clipped."""
+        import torch
+
+        cfg, dist, aug, bs, steps = self.cfg, self.dist, self.aug, self.bs, self.steps
+        self.model.train()
+        perm = torch.randperm(self.n, generator=self.gen)
+        sums = torch.zeros(n_stats, dtype=torch.float64)
+        seen = clipped = 0
+        for s in range(steps):
+            idx = perm[s * bs:(s + 1) * bs]
+            for group in self.opt.param_groups:
+                group["lr"] = lr_scale * learning_rate(
+                    cfg, epoch * steps + s, cfg.epochs * steps, round(cfg.warmup * steps))
+            if aug.active:  # drawn for the global batch, so every rank agrees
+                draw = aug.draw(len(idx), self.gen)
+            lo, hi = dist.split(len(idx))
+            local = idx[lo:hi]
+            x = inputs[local]
+            if aug.active:
+                x = aug.apply(x, draw[lo:hi])
+            stats, norm = self._step(x, local, len(idx), step_loss, n_stats)
+            clipped += int(norm is not None and norm > cfg.grad_clip)
+            sums += stats.detach().double().cpu() * len(local)
+            if self.first_loss is None and len(local):
+                self.first_loss = float(stats[0])
+            seen += len(local)
+            advance(len(idx))
+            if cfg.dry_run:
+                break
+        if dist.enabled:  # every rank must take the same decisions: share the numbers
+            extra = torch.tensor([float(seen), self.first_loss or 0.0], dtype=torch.float64)
+            totals = dist.all_reduce_sum(torch.cat([sums, extra]))
+            sums, seen = totals[:-2], int(totals[-2])
+            self.first_loss = float(totals[-1]) / dist.world
+        return sums, seen, clipped
+
+    def _step(self, x: torch.Tensor, local: torch.Tensor, global_batch: int,
+              step_loss: StepLoss, n_stats: int):
+        """One optimizer step on this rank's rows ``local``; return the statistics and the
+        gradient norm before clipping (None without clipping)."""
+        import torch
+
+        cfg, dist = self.cfg, self.dist
+        with torch.autocast(self.dev.type, dtype=torch.bfloat16,
+                            enabled=cfg.precision == "bf16"):
+            z = self.net(x.to(self.dev, non_blocking=True))
+        if len(local):
+            loss, stats = step_loss(z.float(), local)
+            if dist.enabled:  # DDP averages over ranks: weight by this rank's share
+                loss = loss * (len(local) * dist.world / global_batch)
+        else:  # a last batch smaller than the world: take part with no rows
+            loss, stats = z.sum() * 0.0, torch.zeros(n_stats)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = None
+        if cfg.grad_clip:  # after DDP's all-reduce, so every rank clips alike
+            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.opt.step()
+        if self.arch.max_norm:
+            apply_max_norm(self.model, self.arch.max_norm)
+        return stats, norm
+
+    def roll_back(self, snapshot: tuple, epoch: int, sums: torch.Tensor, seen: int,
+                  lr_scale: float, reporter: Reporter) -> float:
+        """After an epoch whose loss blew up: undo it and return the halved ``lr_scale``.
+
+        Raises:
+            ModelError: the loss is not finite while the weights stayed modest (the data).
+            UsageError: the learning rate was already halved MAX_LR_HALVINGS times.
+        """
+        cfg, loss = self.cfg, float(sums[0] / max(seen, 1))
+        if not math.isfinite(float(sums[0])):
+            _check_not_data(self.model, epoch)
+        if lr_scale <= 0.5 ** MAX_LR_HALVINGS:
+            raise UsageError(
+                f"training diverged in epoch {epoch + 1} (the loss {_loss_text(loss)}) even "
+                f"at --lr {cfg.lr * lr_scale:g}",
+                f"Lower --lr well below that, e.g. --lr {cfg.lr * lr_scale / 4:g}")
+        _restore(snapshot, self.model, self.opt, self.gen)
+        reporter.warn(f"the loss {_loss_text(loss)} in epoch {epoch + 1} at --lr "
+                      f"{cfg.lr * lr_scale:g}; retrying the epoch at half the learning rate")
+        return lr_scale / 2
+
+    def test_errors(self, eval_data: Data) -> tuple[int, int]:
+        """Test errors on ``eval_data``, and the model's class count."""
+        import torch
+
+        from kdcli.evaluate import predict
+
+        self.model.eval()
+        with torch.autocast(self.dev.type, dtype=torch.bfloat16,
+                            enabled=self.cfg.precision == "bf16"):
+            logits = predict(lambda xb: self.model(xb.to(self.dev)), eval_data.inputs)
+        return int((logits.argmax(-1) != eval_data.labels).sum()), logits.shape[-1]
+
+    def close(self) -> None:
+        """Free DDP's reducer (before the process group is destroyed); the model to CPU."""
+        if self.dist.enabled:
+            import gc
+
+            self.net = self.model
+            gc.collect()
+        self.model.cpu().eval()
+
+
+def _record(epoch: int, stat_names: list[str], sums: torch.Tensor, seen: int, lr_scale: float,
+            clipped: int, steps: int) -> dict[str, Any]:
+    """An epoch's history record: the statistics' means, the lr scale, the clipped share."""
+    record = {"epoch": epoch + 1, **{k: float(v / seen)
+                                     for k, v in zip(stat_names, sums, strict=True)}}
+    if lr_scale != 1.0:
+        record["lr_scale"] = lr_scale
+    if clipped:
+        record["clipped"] = round(clipped / steps, 4)  # share of steps clipped
+    return record
 
 
 def _blew_up(loss: float, first_loss: float | None, history: list[dict[str, Any]]) -> bool:
@@ -528,9 +507,21 @@ def _default_eval(eval_data: str | None, source: str) -> str | None:
     return eval_data
 
 
-def _finish(model, arch, pre, num_classes, training, history, eval_ds, out, force, cfg,
-            reporter, title, start_time, dist: Dist,
-            names: dict[str, list[str] | None] | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Outputs:
+    """Where and how a trained model is written, and the title of its results table."""
+
+    out: str | Path
+    force: bool
+    title: str
+    start_time: float  # time.perf_counter() when the command started
+    names: dict[str, list[str] | None]  # class_names and feature_names of the model file
+
+
+def _finish(model: nn.Module, *, arch: Architecture, pre: Preprocessing, num_classes: int,
+            training: dict[str, Any], history: list[dict[str, Any]], eval_ds: Data | None,
+            cfg: TrainConfig, outputs: _Outputs, reporter: Reporter,
+            dist: Dist) -> dict[str, Any]:
     """Final fp32 evaluation, model file, checkpoint clean-up and the results table (the
     model file and table on rank 0 only)."""
     from kdcli.evaluate import classification_metrics, predict
@@ -549,26 +540,30 @@ def _finish(model, arch, pre, num_classes, training, history, eval_ds, out, forc
     last = history[-1] if history else {}
     summary.update({k: v for k, v in last.items() if k not in ("epoch", "seconds",
                                                                  "test_errors")})
-    summary["seconds"] = round(time.perf_counter() - start_time, 2)
+    summary["seconds"] = round(time.perf_counter() - outputs.start_time, 2)
     summary["params"] = count_params(model)
     summary["history"] = history
+    out = outputs.out
     stopped = bool(history) and history[-1]["epoch"] < cfg.epochs and not cfg.dry_run
     if stopped:
         summary["stopped_after"] = history[-1]["epoch"]
         summary["checkpoint"] = str(checkpoint_path(out))
     elif not cfg.dry_run:
-        with atomic_output(out, force) as tmp:
+        with atomic_output(out, outputs.force) as tmp:
             save_model(tmp, model, arch, pre, num_classes,
-                       {k: v for k, v in summary.items() if k != "history"}, **(names or {}))
+                       {k: v for k, v in summary.items() if k != "history"}, **outputs.names)
         checkpoint_path(out).unlink(missing_ok=True)
         summary["out"] = str(out)
-    shown = ("architecture", "params", "T", "alpha", "loss", "targets", "tail", "epochs",
-             "test_errors", "test_accuracy", "agreement", "train_error", "ranks", "seconds",
-             "out", "stopped_after", "checkpoint")
-    rows = [[k, v] for k, v in summary.items() if v is not None and k in shown]
-    reporter.table(title, ["", "value"], rows)
+    rows = [[k, v] for k, v in summary.items() if v is not None and k in _SHOWN]
+    reporter.table(outputs.title, ["", "value"], rows)
     dist.barrier()
     return summary
+
+
+# The rows of the results table that ends train and train-student.
+_SHOWN = ("architecture", "params", "T", "alpha", "loss", "targets", "tail", "epochs",
+          "test_errors", "test_accuracy", "agreement", "train_error", "ranks", "seconds", "out",
+          "stopped_after", "checkpoint")
 
 
 def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.safetensors",
@@ -602,7 +597,7 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
     import torch.nn.functional as F
 
     from kdcli.checks import resolve_device
-    from kdcli.data import check_same_classes, load_data
+    from kdcli.data import load_data
     from kdcli.distributed import session
 
     cfg = config or TrainConfig()
@@ -619,25 +614,11 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
         raise UsageError(f"{ds.source} has no labels", "kdcli train needs labelled data")
     cfg = cfg.resolved(len(ds))
     cfg.check()
-    eval_spec = _default_eval(eval_data, ds.source)
-    eval_ds = load_data(eval_spec, options=data_options) if eval_spec else None
-    if eval_ds is not None:
-        check_same_classes(ds.class_names, ds.source, eval_ds.class_names, eval_ds.source)
-    if eval_ds is not None and tuple(eval_ds.sample_shape) != tuple(ds.sample_shape):
-        raise UsageError(f"--eval-data {eval_spec} has examples of shape "
-                         f"{list(eval_ds.sample_shape)}, but {ds.source} has "
-                         f"{list(ds.sample_shape)}", "Pass --eval-data with matching examples, "
-                         "or --eval-data none")
-    num_classes = class_count(ds, eval_ds, num_classes)
-    if ds.class_names is not None and num_classes != len(ds.class_names):
-        if num_classes > len(ds.class_names):  # --num-classes more than the names
-            raise UsageError(f"--num-classes {num_classes}, but {ds.source} names "
-                             f"{len(ds.class_names)} classes", "Drop --num-classes")
-        num_classes = len(ds.class_names)  # a slice without the last classes' examples
+    eval_ds = _eval_data(eval_data, ds.source, data_options, ds.class_names, ds.source,
+                         list(ds.sample_shape), f"{ds.source} has")
+    num_classes = _train_classes(ds, eval_ds, num_classes)
     aug.check_shape(ds.sample_shape)
-    torch.manual_seed(cfg.seed)
-    pre = Preprocessing.fit(ds.inputs, _normalize(cfg, arch), cfg.normalize_by)
-    model = build_model(arch, pre, num_classes)
+    model, pre = _build(arch, cfg, ds.inputs, num_classes)
     labels = ds.labels
 
     def step(z: torch.Tensor, idx: torch.Tensor):
@@ -647,16 +628,60 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
 
     fingerprint = {"command": "train", "data": ds.source, "arch": asdict(arch),
                    "config": cfg.settings(), "augment": aug.settings()}
+    training = {"command": "train", "architecture": arch.spec(), "data": ds.source,
+                **_recorded(data_options), **cfg.settings(), **aug.settings()}
+    outputs = _Outputs(out, force, f"Trained {arch.spec()} on {ds.source}", start,
+                       {"class_names": ds.class_names, "feature_names": ds.feature_names})
     with session(resolve_device(cfg.device)) as dist:
         history = fit(model, arch, ds.inputs, step, ["train_loss", "train_error"], cfg,
                       eval_data=eval_ds, checkpoint=None if cfg.dry_run else checkpoint_path(out),
                       fingerprint=fingerprint, resume=resume, reporter=rep, dist=dist,
                       augment=aug)
-        training = {"command": "train", "architecture": arch.spec(), "data": ds.source,
-                    **_recorded(data_options), **cfg.settings(), **aug.settings()}
-        return _finish(model, arch, pre, num_classes, training, history, eval_ds, out, force,
-                       cfg, rep, f"Trained {arch.spec()} on {ds.source}", start, dist,
-                       {"class_names": ds.class_names, "feature_names": ds.feature_names})
+        return _finish(model, arch=arch, pre=pre, num_classes=num_classes, training=training,
+                       history=history, eval_ds=eval_ds, cfg=cfg, outputs=outputs,
+                       reporter=rep, dist=dist)
+
+
+def _build(arch: Architecture, cfg: TrainConfig, inputs: torch.Tensor | Rows,
+           num_classes: int) -> tuple[nn.Module, Preprocessing]:
+    """A freshly initialized model (seeded by ``cfg.seed``) and its input preprocessing,
+    fitted on ``inputs``."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    pre = Preprocessing.fit(inputs, _normalize(cfg, arch), cfg.normalize_by)
+    return build_model(arch, pre, num_classes), pre
+
+
+def _eval_data(eval_data: str | None, source: str, data_options: DataOptions | None,
+               class_names: list[str] | None, names_of: str, shape: list[int],
+               shape_of: str) -> Data | None:
+    """The data of ``--eval-data`` (``auto``: mnist:test for MNIST ``source``), refused unless
+    its class names and example shape match the training data's."""
+    from kdcli.data import check_same_classes, load_data
+
+    spec = _default_eval(eval_data, source)
+    if not spec:
+        return None
+    eval_ds = load_data(spec, options=data_options)
+    check_same_classes(class_names, names_of, eval_ds.class_names, eval_ds.source)
+    if list(eval_ds.sample_shape) != shape:
+        raise UsageError(f"--eval-data {spec} has examples of shape "
+                         f"{list(eval_ds.sample_shape)}, but {shape_of} {shape}",
+                         "Pass --eval-data with matching examples, or --eval-data none")
+    return eval_ds
+
+
+def _train_classes(ds: Data, eval_ds: Data | None, num_classes: int | None) -> int:
+    """The class count of a model trained on ``ds`` (see :func:`class_count`), at most the
+    number of class names the data gives."""
+    num_classes = class_count(ds, eval_ds, num_classes)
+    if ds.class_names is not None and num_classes != len(ds.class_names):
+        if num_classes > len(ds.class_names):  # --num-classes more than the names
+            raise UsageError(f"--num-classes {num_classes}, but {ds.source} names "
+                             f"{len(ds.class_names)} classes", "Drop --num-classes")
+        num_classes = len(ds.class_names)  # a slice without the last classes' examples
+    return num_classes
 
 
 def _recorded(data_options: DataOptions | None) -> dict[str, Any]:
@@ -703,11 +728,11 @@ def class_count(ds: Data, eval_ds: Data | None, num_classes: int | None) -> int:
 
 
 def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Architecture,
-                  alpha: float = 0.1, T: float | None = None, loss: str = "kd",
-                  center: bool = True, tail: str = "student",
-                  out: str | Path = "student.safetensors", config: TrainConfig | None = None,
-                  eval_data: str | None = "auto", force: bool = False, resume: bool = False,
-                  reporter: Reporter | None = None,
+                  distill: DistillConfig | None = None, alpha: float | None = None,
+                  T: float | None = None, loss: str | None = None, center: bool | None = None,
+                  tail: str | None = None, out: str | Path = "student.safetensors",
+                  config: TrainConfig | None = None, eval_data: str | None = "auto",
+                  force: bool = False, resume: bool = False, reporter: Reporter | None = None,
                   data_options: DataOptions | None = None) -> dict[str, Any]:
     """Train a student against a transfer set (Hinton et al. 2015).
 
@@ -722,14 +747,14 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     Args:
         transfer: Transfer-set file, or the ``.index.json`` of a sharded set.
         arch: Student architecture.
-        alpha: Weight on the hard labels, in [0, 1].
-        T: Temperature; default the transfer set's. Another value re-derives the soft
-            targets exactly from the stored logits where they allow it.
-        loss: ``kd`` or ``mse`` (logit matching).
-        center: For ``mse``, centre both logit vectors per example.
-        tail: For top-k sets, how the probability mass outside the top K is treated:
-            ``student``, ``uniform`` or ``renormalize`` (see
-            :class:`kdcli.losses.DistillationLoss`).
+        distill: The distillation settings (default :class:`~kdcli.config.DistillConfig`:
+            alpha 0.1, the kd loss at the transfer set's T). A T other than the set's
+            re-derives the soft targets exactly from the stored logits where they allow it.
+        alpha: Shorthand for ``distill.alpha``, the weight on the hard labels, in [0, 1].
+        T: Shorthand for ``distill.T``.
+        loss: Shorthand for ``distill.loss``: ``kd`` or ``mse`` (logit matching).
+        center: Shorthand for ``distill.center`` (``mse``: centre both logit vectors).
+        tail: Shorthand for ``distill.tail`` (top-k sets; see :mod:`kdcli.losses`).
         out: Output student model file.
         config: Optimization settings (default: :func:`student_config`, lr 0.05 after a
             1-epoch warmup, gradients clipped to norm 5).
@@ -742,104 +767,123 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     Returns:
         The training summary (also stored in the student file).
     """
-    import torch
-
-    from kdcli.checks import check_temperature, resolve_device
-    from kdcli.data import check_same_classes, load_data
+    from kdcli.checks import resolve_device
     from kdcli.distributed import session
-    from kdcli.losses import TAIL_RULES, DistillationLoss, LogitMSELoss
     from kdcli.transfer import load_transfer_set
 
+    d = _with(distill or DistillConfig(), T=T, alpha=alpha, loss=loss, center=center, tail=tail)
     cfg = config or student_config()
     cfg.check()
     arch.check()
     rep = reporter or Reporter()
-    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
-        raise UsageError(f"--alpha must lie in [0, 1], got {alpha}", "Try --alpha 0.1")
-    if loss not in ("kd", "mse"):
-        raise UsageError(f"unknown --loss {loss!r}", "Use kd or mse")
-    if tail not in TAIL_RULES:
-        raise UsageError(f"unknown --tail {tail!r}", f"Use one of {', '.join(TAIL_RULES)}")
-    if T is not None:
-        check_temperature(T)
+    d.check()
     if not cfg.dry_run:
         check_train_outputs(out, force, resume,
                             [transfer, *data_files(transfer), *data_files(eval_data)])
     start = time.perf_counter()
     ts = load_transfer_set(transfer)
-    if alpha > 0 and not ts.has_labels:
-        raise UsageError(f"--alpha {alpha} needs labels, but {transfer} has none",
+    if d.alpha > 0 and not ts.has_labels:
+        raise UsageError(f"--alpha {d.alpha} needs labels, but {transfer} has none",
                          "Use --alpha 0 (pure distillation) or a labelled transfer set")
     cfg = cfg.resolved(int(ts.columns["inputs"].shape[0]))
     cfg.check()
-    T = ts.T if T is None else float(T)
-    probe = torch.arange(1)
-    if loss == "kd":
-        ts.targets(probe, T)  # fails early, saying why, if T cannot be re-derived
-        if T != ts.T:
-            how = "each member's" if "member_logits" in ts.columns else "the stored"
-            rep.info(f"re-deriving soft targets at T={T:g} from {how} logits "
-                     f"(the transfer set was made at T={ts.T:g})")
-    else:
-        ts.teacher_logits(probe)  # fails early for top-k sets
-    topk = ts.storage == "top-k"
-    teacher_pred = ts.teacher_argmax()
-    labels = ts.columns["labels"] if alpha > 0 else None
-    eval_spec = _default_eval(eval_data, str(ts.meta.get("data_source", "")))
-    eval_ds = load_data(eval_spec, options=data_options) if eval_spec else None
-    class_names = ts.meta.get("class_names")
-    if eval_ds is not None:
-        check_same_classes(class_names, f"transfer set {Path(transfer).name}",
-                           eval_ds.class_names, eval_ds.source)
-    inputs_shape = list(ts.columns["inputs"].shape[1:])
-    if eval_ds is not None and list(eval_ds.sample_shape) != inputs_shape:
-        raise UsageError(f"--eval-data {eval_spec} has examples of shape "
-                         f"{list(eval_ds.sample_shape)}, but the transfer set's are "
-                         f"{inputs_shape}", "Pass --eval-data with matching examples, or "
-                         "--eval-data none")
-    if eval_ds is not None and eval_ds.labels is not None and (
-            int(eval_ds.labels.max()) >= ts.num_classes):
-        raise UsageError(f"--eval-data has labels up to {int(eval_ds.labels.max())}, but the "
-                         f"transfer set has {ts.num_classes} classes", "Use matching data")
-    crit = DistillationLoss(T, alpha, tail) if loss == "kd" else LogitMSELoss(alpha, center)
+    d = d.resolved(ts.T)
+    _check_targets(ts, d, rep)
+    step = _student_step(ts, d)
+    eval_ds = _student_eval_data(ts, Path(transfer).name, eval_data, data_options)
     transfer_sha = sha256_file(ts.path)
-
-    torch.manual_seed(cfg.seed)
     inputs = ts.columns["inputs"]
-    pre = Preprocessing.fit(inputs, _normalize(cfg, arch), cfg.normalize_by)
-    model = build_model(arch, pre, ts.num_classes)
-
-    def step(z: torch.Tensor, idx: torch.Tensor):
-        target = ts.targets(idx, T) if loss == "kd" else ts.teacher_logits(idx)
-        target = (target.to(z.device) if isinstance(target, torch.Tensor)
-                  else type(target)(*(t.to(z.device) for t in target)))
-        y = None if labels is None else labels[idx].long().to(z.device)
-        total, hard, soft = crit(z, target, y)
-        agree = (z.argmax(-1) == teacher_pred[idx].to(z.device)).float().mean()
-        return total, torch.stack([total.detach(), hard.detach(), soft.detach(), agree])
-
-    fingerprint = {"command": "train-student", "transfer_sha256": transfer_sha,
-                   "arch": asdict(arch), "alpha": alpha, "T": T, "loss": loss, "center": center,
-                   "tail": tail if topk else None,
-                   "config": cfg.settings()}
-    teachers = [{k: t.get(k) for k in ("file", "sha256", "format", "training")}
-                for t in ts.meta.get("teachers", [])]
-    training = {"command": "train-student", "architecture": arch.spec(),
-                "transfer": Path(transfer).name, "transfer_sha256": transfer_sha,
-                "data": ts.meta.get("data_source"), "T": T, "alpha": alpha, "loss": loss,
-                "center": center if loss == "mse" else None,
-                "targets": ts.storage if not topk else f"top-{ts.top_k}",
-                "tail": tail if topk and loss == "kd" else None, "teachers": teachers,
-                **(_recorded(data_options) or _recorded_meta(ts.meta)),
-                **cfg.settings()}
-    if ts.meta.get("class_names"):
-        training["class_names"] = ts.meta["class_names"]
+    model, pre = _build(arch, cfg, inputs, ts.num_classes)
+    training, fingerprint = _student_record(ts, Path(transfer).name, transfer_sha, arch, d, cfg,
+                                            data_options)
+    outputs = _Outputs(out, force, f"Distilled {arch.spec()} from {Path(transfer).name}", start,
+                       {"class_names": ts.meta.get("class_names"),
+                        "feature_names": ts.meta.get("feature_names")})
     with session(resolve_device(cfg.device)) as dist:
         history = fit(model, arch, inputs, step, ["train_loss", "hard", "soft", "agreement"],
                       cfg, eval_data=eval_ds,
                       checkpoint=None if cfg.dry_run else checkpoint_path(out),
                       fingerprint=fingerprint, resume=resume, reporter=rep, dist=dist)
-        return _finish(model, arch, pre, ts.num_classes, training, history, eval_ds, out,
-                       force, cfg, rep, f"Distilled {arch.spec()} from {Path(transfer).name}",
-                       start, dist, {"class_names": class_names,
-                                     "feature_names": ts.meta.get("feature_names")})
+        return _finish(model, arch=arch, pre=pre, num_classes=ts.num_classes,
+                       training=training, history=history, eval_ds=eval_ds, cfg=cfg,
+                       outputs=outputs, reporter=rep, dist=dist)
+
+
+def _with(distill: DistillConfig, **fields: Any) -> DistillConfig:
+    """``distill`` with the ``fields`` that are not None put in."""
+    given = {k: v for k, v in fields.items() if v is not None}
+    return replace(distill, **given) if given else distill
+
+
+def _check_targets(ts, d: DistillConfig, rep: Reporter) -> None:
+    """Fail early, saying why, if the transfer set cannot give the targets ``d`` asks for."""
+    import torch
+
+    probe = torch.arange(1)
+    if d.loss == "kd":
+        ts.targets(probe, d.T)  # T cannot always be re-derived
+        if d.T != ts.T:
+            how = "each member's" if "member_logits" in ts.columns else "the stored"
+            rep.info(f"re-deriving soft targets at T={d.T:g} from {how} logits "
+                     f"(the transfer set was made at T={ts.T:g})")
+    else:
+        ts.teacher_logits(probe)  # fails for top-k sets
+
+
+def _student_step(ts, d: DistillConfig) -> StepLoss:
+    """The loss of a batch of the transfer set ``ts``, and its statistics: the total, hard and
+    soft losses and the agreement with the teacher's predictions."""
+    import torch
+
+    from kdcli.losses import DistillationLoss, LogitMSELoss
+    from kdcli.transfer import to_device
+
+    teacher_pred = ts.teacher_argmax()
+    labels = ts.columns["labels"] if d.alpha > 0 else None
+    crit = (DistillationLoss(d.T, d.alpha, d.tail) if d.loss == "kd"
+            else LogitMSELoss(d.alpha, d.center))
+
+    def step(z: torch.Tensor, idx: torch.Tensor):
+        target = ts.targets(idx, d.T) if d.loss == "kd" else ts.teacher_logits(idx)
+        y = None if labels is None else labels[idx].long().to(z.device)
+        total, hard, soft = crit(z, to_device(target, z.device), y)
+        agree = (z.argmax(-1) == teacher_pred[idx].to(z.device)).float().mean()
+        return total, torch.stack([total.detach(), hard.detach(), soft.detach(), agree])
+
+    return step
+
+
+def _student_eval_data(ts, name: str, eval_data: str | None,
+                       data_options: DataOptions | None) -> Data | None:
+    """The data of ``--eval-data`` for a student of ``ts``, refused unless its classes and
+    example shape match."""
+    eval_ds = _eval_data(eval_data, str(ts.meta.get("data_source", "")), data_options,
+                         ts.meta.get("class_names"), f"transfer set {name}",
+                         list(ts.columns["inputs"].shape[1:]), "the transfer set's are")
+    if eval_ds is not None and eval_ds.labels is not None and (
+            int(eval_ds.labels.max()) >= ts.num_classes):
+        raise UsageError(f"--eval-data has labels up to {int(eval_ds.labels.max())}, but the "
+                         f"transfer set has {ts.num_classes} classes", "Use matching data")
+    return eval_ds
+
+
+def _student_record(ts, name: str, transfer_sha: str, arch: Architecture, d: DistillConfig,
+                    cfg: TrainConfig, data_options: DataOptions | None) -> tuple[dict, dict]:
+    """What a student's model file records of its training, and the fingerprint of the
+    settings that a resumed run must match."""
+    topk = ts.storage == "top-k"
+    teachers = [{k: t.get(k) for k in ("file", "sha256", "format", "training")}
+                for t in ts.meta.get("teachers", [])]
+    training = {"command": "train-student", "architecture": arch.spec(),
+                "transfer": name, "transfer_sha256": transfer_sha,
+                "data": ts.meta.get("data_source"), "T": d.T, "alpha": d.alpha, "loss": d.loss,
+                "center": d.center if d.loss == "mse" else None,
+                "targets": ts.storage if not topk else f"top-{ts.top_k}",
+                "tail": d.tail if topk and d.loss == "kd" else None, "teachers": teachers,
+                **(_recorded(data_options) or _recorded_meta(ts.meta)),
+                **cfg.settings()}
+    if ts.meta.get("class_names"):
+        training["class_names"] = ts.meta["class_names"]
+    fingerprint = {"command": "train-student", "transfer_sha256": transfer_sha,
+                   "arch": asdict(arch), **d.settings(topk), "config": cfg.settings()}
+    return training, fingerprint

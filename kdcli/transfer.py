@@ -48,6 +48,13 @@ SUM_TOLERANCE = 1e-3
 INDEX_SUFFIX = ".index.json"
 
 
+def to_device(target: torch.Tensor | TopK, device: torch.device | str) -> torch.Tensor | TopK:
+    """Dense or top-k targets (what :meth:`TransferSet.targets` returns) on ``device``."""
+    if isinstance(target, TopK):
+        return TopK(*(t.to(device) for t in target))
+    return target.to(device)
+
+
 class TopK(NamedTuple):
     """Top-k soft targets of a batch.
 
@@ -446,9 +453,7 @@ class TransferSet:
         chunk = self.chunk_rows()
         total = torch.zeros(self.num_classes, dtype=torch.float64)
         for a in range(0, len(self), chunk):
-            t = self.targets(torch.arange(a, min(len(self), a + chunk)), T)
-            if isinstance(t, TopK):
-                t = self._dense_probs(t, T)
+            t = self.dense_targets(torch.arange(a, min(len(self), a + chunk)), T)
             total += t.double().sum(0)
         return total / len(self)
 
@@ -456,7 +461,7 @@ class TransferSet:
         """How many rows of dense ``[rows, C]`` float32 targets fit in ``nbytes``."""
         return max(1, nbytes // (4 * self.num_classes))
 
-    def _dense_probs(self, t: TopK, T: float) -> torch.Tensor:
+    def dense_probs(self, t: TopK, T: float) -> torch.Tensor:
         """Top-k targets as ``[B, C]`` probabilities, the tail mass left out (zero)."""
         import torch
 
@@ -467,8 +472,13 @@ class TransferSet:
         """All soft targets at ``T`` as one dense ``[N, C]`` tensor (small sets only)."""
         import torch
 
-        t = self.targets(torch.arange(len(self)), T)
-        return self._dense_probs(t, T) if isinstance(t, TopK) else t
+        return self.dense_targets(torch.arange(len(self)), T)
+
+    def dense_targets(self, index: torch.Tensor, T: float) -> torch.Tensor:
+        """The soft targets of rows ``index`` at ``T`` as ``[B, C]`` probabilities, whatever
+        the storage (of a top-k set, the tail mass is left out)."""
+        t = self.targets(index, T)
+        return self.dense_probs(t, T) if isinstance(t, TopK) else t
 
     def check_values(self) -> None:
         """Check every stored target row, in one pass of chunks (FormatError naming rows).

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from kdcli.config import DistillConfig
 from kdcli.errors import UsageError
 from kdcli.models import load_model
 from kdcli.sweep import sweep
@@ -37,7 +38,7 @@ def test_sweep_refuses_to_keep_students_trained_otherwise(tmp_path, teacher_file
               eval_data="none", out_dir=tmp_path / "sw")
     sweep(teacher_file, **kw)
     key = next(iter(change))
-    other = ({**kw, **change} if key == "alpha"
+    other = ({**kw, "distill": DistillConfig(**change)} if key == "alpha"
              else {**kw, "config": student_config(**{"epochs": 1, **change})})
     with pytest.raises(UsageError, match="trained with other settings: " + key):
         sweep(teacher_file, **other)

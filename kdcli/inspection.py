@@ -52,11 +52,43 @@ def inspect_file(path: str | Path, reporter: Reporter | None = None,
 
 
 def _inspect_transfer(p: Path, rep: Reporter, verify: bool = False) -> dict[str, Any]:
-    import torch
-
-    from kdcli.transfer import TopK, load_transfer_set
+    from kdcli.transfer import load_transfer_set
 
     ts = load_transfer_set(p, check_values=verify, verify=verify)
+    c, n = ts.num_classes, len(ts)
+    entropy, tail_mass, dark = _target_statistics(ts)
+    file_bytes = sum(int(s.get("bytes", 0)) for s in ts.shards)
+    info = {
+        "file": str(p), "kind": "transfer set", "format": ts.meta["format"],
+        "format_version": int(ts.meta["format_version"]), "T": ts.T,
+        "examples": n, "classes": c, "storage": ts.storage, "top_k": ts.top_k,
+        "shards": len(ts.shards), "bytes": file_bytes,
+        "bytes_per_example": round(file_bytes / n, 1),
+        "mean_tail_mass": (tail_mass / n) if ts.storage == "top-k" else 0.0,
+        "combine": ts.meta.get("combine"), "weights": ts.meta.get("weights"),
+        "teachers": ts.meta.get("teachers"), "data_source": ts.meta.get("data_source"),
+        "inputs_sha256": ts.meta.get("inputs_sha256"), "created": ts.meta.get("created"),
+        "kdcli_version": ts.meta.get("kdcli_version"),
+        "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
+                    for k, v in ts.columns.items()},
+        "mean_entropy_nats": entropy / n, "dark_knowledge": dark, "verified": verify,
+        "class_names": ts.meta.get("class_names"), "feature_names": ts.meta.get("feature_names"),
+    }
+    names = info["class_names"]
+    for d in dark:
+        if names:
+            d["class_name"], d["closest_name"] = names[d["class"]], names[d["closest"]]
+    _show_transfer(info, ts, rep)
+    return info
+
+
+def _target_statistics(ts) -> tuple[float, float, list[dict[str, Any]]]:
+    """In one pass over the stored targets: the summed entropy, the summed tail mass (top-k
+    sets) and, for up to MAX_DARK_CLASSES classes, each class's most probable other class."""
+    import torch
+
+    from kdcli.transfer import TopK
+
     c, n = ts.num_classes, len(ts)
     with_dark = c <= MAX_DARK_CLASSES
     sums = torch.zeros(c if with_dark else 0, c, dtype=torch.float64)  # per class: sum of targets
@@ -86,53 +118,38 @@ def _inspect_transfer(p: Path, rep: Reporter, verify: bool = False) -> dict[str,
         other = int(mean.argmax())
         dark.append({"class": k, "examples": int(counts[k]), "closest": other,
                      "soft_prob": float(mean[other])})
-    file_bytes = sum(int(s.get("bytes", 0)) for s in ts.shards)
-    info = {
-        "file": str(p), "kind": "transfer set", "format": ts.meta["format"],
-        "format_version": int(ts.meta["format_version"]), "T": ts.T,
-        "examples": n, "classes": c, "storage": ts.storage, "top_k": ts.top_k,
-        "shards": len(ts.shards), "bytes": file_bytes,
-        "bytes_per_example": round(file_bytes / n, 1),
-        "mean_tail_mass": (tail_mass / n) if ts.storage == "top-k" else 0.0,
-        "combine": ts.meta.get("combine"), "weights": ts.meta.get("weights"),
-        "teachers": ts.meta.get("teachers"), "data_source": ts.meta.get("data_source"),
-        "inputs_sha256": ts.meta.get("inputs_sha256"), "created": ts.meta.get("created"),
-        "kdcli_version": ts.meta.get("kdcli_version"),
-        "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
-                    for k, v in ts.columns.items()},
-        "mean_entropy_nats": entropy / n, "dark_knowledge": dark, "verified": verify,
-        "class_names": ts.meta.get("class_names"), "feature_names": ts.meta.get("feature_names"),
-    }
-    names = info["class_names"]
-    for d in dark:
-        if names:
-            d["class_name"], d["closest_name"] = names[d["class"]], names[d["closest"]]
+    return entropy, tail_mass, dark
+
+
+def _show_transfer(info: dict[str, Any], ts, rep: Reporter) -> None:
+    """The tables of ``kdcli inspect`` for a transfer set."""
     form = "dense" if ts.storage == "dense" else f"top-{ts.top_k} ({ts.meta.get('targets_dtype')})"
     rows = [[k, _short(info[k])] for k in ("format", "format_version", "T", "examples",
                                            "classes")]
     rows += [["storage", form],
              ["files", "1 file" if len(ts.shards) == 1 else f"{len(ts.shards)} shards"],
-             ["bytes", f"{file_bytes:,} ({info['bytes_per_example']:,} per example)"]]
+             ["bytes", f"{info['bytes']:,} ({info['bytes_per_example']:,} per example)"]]
     if ts.storage == "top-k":
         rows.append(["mean tail mass", f"{info['mean_tail_mass']:.4g}"])
     rows += [[k, _short(info[k])] for k in ("combine", "weights", "data_source", "created",
                                             "kdcli_version", "mean_entropy_nats",
                                             "class_names", "feature_names") if info[k]]
-    rows.append(["verified", "checksums and every row" if verify else "no (use --verify)"])
-    rep.table(f"Transfer set {p.name}", ["", "value"], rows)
+    rows.append(["verified", "checksums and every row" if info["verified"]
+                 else "no (use --verify)"])
+    rep.table(f"Transfer set {Path(info['file']).name}", ["", "value"], rows)
     rep.table("Teachers", ["file", "format", "output", "sha256"],
               [[t.get("file"), t.get("format"), t.get("output"), str(t.get("sha256"))[:12]]
                for t in info["teachers"] or []])
     rep.table("Tensors", ["name", "dtype", "shape"],
               [[k, v["dtype"], str(v["shape"])] for k, v in info["tensors"].items()])
-    if with_dark:
+    if info["classes"] <= MAX_DARK_CLASSES:
         rep.table("Dark knowledge: each class's most probable other class (mean soft target)",
                   ["class", "examples", "closest", "soft prob"],
                   [[d.get("class_name", d["class"]), d["examples"],
-                    d.get("closest_name", d["closest"]), d["soft_prob"]] for d in dark])
+                    d.get("closest_name", d["closest"]), d["soft_prob"]]
+                   for d in info["dark_knowledge"]])
     else:
         rep.info(f"(the dark-knowledge table is shown for up to {MAX_DARK_CLASSES} classes)")
-    return info
 
 
 def _inspect_model(p: Path, rep: Reporter) -> dict[str, Any]:

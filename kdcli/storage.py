@@ -194,17 +194,29 @@ def read_header(path: str | Path) -> Header:
         raise _bad(p, f"corrupt JSON header ({str(e)[:80]})") from None
     if not isinstance(header, dict):
         raise _bad(p, f"the header is a JSON {type(header).__name__}, not an object")
-    meta = header.pop("__metadata__", None)
+    meta = _header_metadata(p, header.pop("__metadata__", None))
+    if len(header) > MAX_TENSORS:
+        raise _bad(p, f"it declares {len(header):,} tensors (at most {MAX_TENSORS:,})")
+    entries = {name: _entry(p, name, info) for name, info in header.items()}
+    _check_layout(p, entries, 8 + n, size)
+    return Header(entries, meta, 8 + n)
+
+
+def _header_metadata(p: Path, meta: Any) -> dict[str, str]:
+    """A header's ``__metadata__``: an object of strings (absent: empty)."""
     if meta is None:
         meta = {}
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                              for k, v in meta.items()):
         raise _bad(p, "__metadata__ must be an object of strings, got "
                    f"{type(meta).__name__ if not isinstance(meta, dict) else 'other values'}")
-    if len(header) > MAX_TENSORS:
-        raise _bad(p, f"it declares {len(header):,} tensors (at most {MAX_TENSORS:,})")
-    entries = {name: _entry(p, name, info) for name, info in header.items()}
-    start = 8 + n
+    return meta
+
+
+def _check_layout(p: Path, entries: dict[str, tuple[str, list[int], int, int]], start: int,
+                  size: int) -> None:
+    """The tensors' byte ranges do not overlap and cover the data section (from ``start``
+    to the file's ``size``) exactly."""
     end = 0
     for name, (_, _, lo, hi) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
         if lo < end:
@@ -217,7 +229,6 @@ def read_header(path: str | Path) -> Header:
                           f"the file has {size:,})", "Regenerate the file")
     if start + end < size:
         raise _bad(p, f"{size - start - end:,} bytes follow its last tensor")
-    return Header(entries, meta, start)
 
 
 def _entry(p: Path, name: str, info: Any) -> tuple[str, list[int], int, int]:

@@ -813,24 +813,7 @@ def _decode_meta(p: Path, raw: dict[str, str]) -> dict[str, Any]:
 def _load_sharded(p: Path, verify: bool = True) -> TransferSet:
     import hashlib
 
-    try:
-        doc = json.loads(p.read_text())
-        fmt, shards, index_meta = doc.get("format"), doc["shards"], doc["metadata"]
-        version = int(doc.get("format_version", 0))
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError,
-            RecursionError) as e:
-        what = "nested too deeply" if isinstance(e, RecursionError) else _clip(e)
-        raise FormatError(f"{p} is not a valid transfer-set index ({what})",
-                          "Regenerate it with kdcli soft-targets") from None
-    if fmt != INDEX_FORMAT:
-        raise FormatError(f"{p} has format {fmt!r}, not {INDEX_FORMAT!r}",
-                          "Give a transfer-set file or index written by kdcli")
-    if version > INDEX_FORMAT_VERSION or version < 1:
-        raise FormatError(f"{p} is index version {version}; this kdcli reads up to "
-                          f"{INDEX_FORMAT_VERSION}", "Upgrade kdcli")
-    if not isinstance(shards, list) or not shards:
-        raise FormatError(f"{p} names no shards", "Regenerate the set")
-    _check_index_fields(p, shards, index_meta)
+    shards, index_meta = _read_index(p)
     inputs_hash = hashlib.sha256()
     budget = PageBudget()
     parts: dict[str, list[torch.Tensor]] = {}
@@ -838,25 +821,8 @@ def _load_sharded(p: Path, verify: bool = True) -> TransferSet:
     row = 0
     for i, s in enumerate(shards):
         f = shard_file(p, s.get("file") if isinstance(s, dict) else None, i, len(shards))
-        if not f.is_file():
-            raise DataError(f"shard {i + 1} of {len(shards)}, {f}, named by {p}, does not exist",
-                            "Copy every shard file next to the index, or regenerate the set")
-        if "bytes" in s and os.path.getsize(f) != int(s["bytes"]):
-            raise FormatError(f"shard {f} has {os.path.getsize(f)} bytes, but {p} records "
-                              f"{s['bytes']}", "The shard is truncated or was replaced; "
-                              "regenerate the set")
-        tensors, raw_meta, mapped = read_safetensors(f)
-        _check_file(f, tensors, raw_meta)
-        if verify:
-            _verify_file(f, tensors, raw_meta, mapped, inputs_hash)
-        diff = sorted(k for k in set(raw_meta) | set(index_meta) if k not in SHARD_KEYS
-                      and raw_meta.get(k) != index_meta.get(k))
-        if diff:
-            k = diff[0]
-            raise FormatError(
-                f"shard {f.name} disagrees with {p.name} on {', '.join(diff)} "
-                f"({k}: {_clip(raw_meta.get(k))} vs {_clip(index_meta.get(k))})",
-                "The shards come from different runs; regenerate the set")
+        tensors, mapped = _open_shard(p, f, (i, len(shards)), s, index_meta, verify,
+                                      inputs_hash)
         n = int(tensors["inputs"].shape[0])
         if int(s.get("row_start", -1)) != row or int(s.get("rows", -1)) != n:
             raise FormatError(f"shard {f.name} holds {n} rows, but {p.name} records rows "
@@ -877,6 +843,58 @@ def _load_sharded(p: Path, verify: bool = True) -> TransferSet:
     if verify:
         _verify_inputs(p, meta, inputs_hash.hexdigest())
     return _make_set(p, columns, meta, budget, shards)
+
+
+def _read_index(p: Path) -> tuple[list[Any], dict[str, Any]]:
+    """A sharded set's index: its shard entries and metadata (their fields checked)."""
+    try:
+        doc = json.loads(p.read_text())
+        fmt, shards, index_meta = doc.get("format"), doc["shards"], doc["metadata"]
+        version = int(doc.get("format_version", 0))
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError,
+            RecursionError) as e:
+        what = "nested too deeply" if isinstance(e, RecursionError) else _clip(e)
+        raise FormatError(f"{p} is not a valid transfer-set index ({what})",
+                          "Regenerate it with kdcli soft-targets") from None
+    if fmt != INDEX_FORMAT:
+        raise FormatError(f"{p} has format {fmt!r}, not {INDEX_FORMAT!r}",
+                          "Give a transfer-set file or index written by kdcli")
+    if version > INDEX_FORMAT_VERSION or version < 1:
+        raise FormatError(f"{p} is index version {version}; this kdcli reads up to "
+                          f"{INDEX_FORMAT_VERSION}", "Upgrade kdcli")
+    if not isinstance(shards, list) or not shards:
+        raise FormatError(f"{p} names no shards", "Regenerate the set")
+    _check_index_fields(p, shards, index_meta)
+    return shards, index_meta
+
+
+def _open_shard(p: Path, f: Path, which: tuple[int, int], s: dict[str, Any],
+                index_meta: dict[str, Any], verify: bool,
+                inputs_hash) -> tuple[dict[str, torch.Tensor], MappedFile]:
+    """Map shard ``which = (i, count)`` (file ``f``, index entry ``s``) of the index ``p``,
+    refused unless it exists, has the recorded size, is a valid transfer-set file and agrees
+    with the index's metadata (with ``verify``, its checksums are checked too)."""
+    i, count = which
+    if not f.is_file():
+        raise DataError(f"shard {i + 1} of {count}, {f}, named by {p}, does not exist",
+                        "Copy every shard file next to the index, or regenerate the set")
+    if "bytes" in s and os.path.getsize(f) != int(s["bytes"]):
+        raise FormatError(f"shard {f} has {os.path.getsize(f)} bytes, but {p} records "
+                          f"{s['bytes']}", "The shard is truncated or was replaced; "
+                          "regenerate the set")
+    tensors, raw_meta, mapped = read_safetensors(f)
+    _check_file(f, tensors, raw_meta)
+    if verify:
+        _verify_file(f, tensors, raw_meta, mapped, inputs_hash)
+    diff = sorted(k for k in set(raw_meta) | set(index_meta) if k not in SHARD_KEYS
+                  and raw_meta.get(k) != index_meta.get(k))
+    if diff:
+        k = diff[0]
+        raise FormatError(
+            f"shard {f.name} disagrees with {p.name} on {', '.join(diff)} "
+            f"({k}: {_clip(raw_meta.get(k))} vs {_clip(index_meta.get(k))})",
+            "The shards come from different runs; regenerate the set")
+    return tensors, mapped
 
 
 def _check_index_fields(p: Path, shards: list[Any], index_meta: Any) -> None:

@@ -204,10 +204,11 @@ def command(name: str, example: str) -> Callable[[F], F]:
     def deco(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            from kdcli.distributed import launched_rank, launched_world
             from kdcli.files import Terminated, handle_signals
 
             try:
-                if name not in DISTRIBUTED and os.environ.get("WORLD_SIZE", "1") != "1":
+                if name not in DISTRIBUTED and launched_world() != "1":
                     raise UsageError(f"kdcli {name} does not run under torchrun",
                                      f"Run it as one process; {', '.join(DISTRIBUTED)} "
                                      "can be distributed")
@@ -225,7 +226,7 @@ def command(name: str, example: str) -> Callable[[F], F]:
                                                     1), 143
                 if os.environ.get("KDCLI_DEBUG") == "1":
                     traceback.print_exc()
-                rank = os.environ.get("RANK", "0")  # set by torchrun
+                rank = launched_rank()
                 where = f"[rank {rank}] " if rank != "0" else ""
                 typer.echo(f"{where}Error: {message}", err=True)
                 raise typer.Exit(code) from None

@@ -88,11 +88,21 @@ class Dist:
         return n * self.rank // self.world, n * (self.rank + 1) // self.world
 
 
+def launched_rank() -> str:
+    """The ``RANK`` torchrun gave this process, as text (``"0"`` without torchrun)."""
+    return os.environ.get("RANK", "0")
+
+
+def launched_world() -> str:
+    """The ``WORLD_SIZE`` torchrun gave this job, as text (``"1"`` without torchrun)."""
+    return os.environ.get("WORLD_SIZE", "1")
+
+
 def from_env() -> Dist:
     """This process's :class:`Dist`, read from torchrun's environment variables."""
     try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
+        world = int(launched_world())
+        rank = int(launched_rank())
         local = int(os.environ.get("LOCAL_RANK", "0"))
     except ValueError as e:
         raise UsageError(f"bad torchrun environment ({e})",

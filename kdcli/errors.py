@@ -1,7 +1,9 @@
 """kdcli's exceptions, and the one table that maps errors to what the user sees.
 
 Every error kdcli raises on purpose is a :class:`KdcliError`. Its message says what is
-wrong; its ``hint`` says how to fix it. ``cli.main`` prints both on one line.
+wrong; its ``hint`` says how to fix it. :func:`user_message` turns any exception into one
+line and an exit code, which the wrapper of every command (:func:`kdcli.cli.command`) prints
+after ``Error:``.
 """
 
 from __future__ import annotations
@@ -58,6 +60,14 @@ class DistributedError(KdcliError):
     """A rank failed, or the ranks of a torchrun job could not reach each other."""
 
 
+def first_line(exc: BaseException, limit: int | None = 200) -> str:
+    """The first line of ``exc``'s message (its type's name when the message is empty), cut
+    to ``limit`` characters: how kdcli quotes a library's error in its own."""
+    s = str(exc).strip()
+    line = s.splitlines()[0] if s else type(exc).__name__
+    return line if limit is None else line[:limit]
+
+
 def user_message(exc: BaseException) -> tuple[str, int]:
     """Map any exception to the one-line message and exit code the CLI shows.
 
@@ -75,7 +85,7 @@ def user_message(exc: BaseException) -> tuple[str, int]:
         return "interrupted. Outputs were not written; rerun (with --resume where supported)", 130
     if type(exc).__name__ in ("DistError", "DistBackendError", "DistNetworkError",
                               "DistStoreError") or "ProcessGroup" in str(exc)[:200]:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, limit=None)
         return (f"a distributed collective failed ({first}). Another rank probably failed "
                 "or timed out; see its error above (KDCLI_DIST_TIMEOUT sets the timeout)", 1)
     if isinstance(exc, RecursionError):

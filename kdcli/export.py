@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdcli import __version__
 from kdcli.checks import check_opset
-from kdcli.errors import ExportError, FormatError, UsageError
+from kdcli.errors import ExportError, FormatError, UsageError, first_line
 from kdcli.files import atomic_output, check_output, require_file
 from kdcli.output import Reporter
 
@@ -240,7 +240,7 @@ def verify(path: Path, model, x, output_names: list[str], atol: float) -> dict[s
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:  # noqa: BLE001 - checker raises ValidationError and others
-        raise ExportError(f"onnx.checker rejected the export: {str(e).splitlines()[0]}",
+        raise ExportError(f"onnx.checker rejected the export: {first_line(e, limit=None)}",
                           "Try another --opset, or report this bug") from e
     proto = onnx.load(str(path))
     so = ort.SessionOptions()
@@ -252,7 +252,7 @@ def verify(path: Path, model, x, output_names: list[str], atol: float) -> dict[s
         got = [sess.run(None, {"input": x[i:i + step].numpy()})
                for i in range(0, len(x) - step + 1, step)]
     except Exception as e:  # noqa: BLE001
-        raise ExportError(f"onnxruntime cannot run the export: {str(e).splitlines()[0]}",
+        raise ExportError(f"onnxruntime cannot run the export: {first_line(e, limit=None)}",
                           "Try another --opset") from e
     n = sum(len(g[0]) for g in got)
     with torch.inference_mode():

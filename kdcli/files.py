@@ -19,6 +19,7 @@ import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from kdcli.distributed import launched_world
 from kdcli.errors import DataError, KdcliError, OutputExistsError, UsageError
 
 _WRITE_ERRORS = {errno.ENOSPC: "no space left on the device",
@@ -49,7 +50,7 @@ def handle_signals() -> Iterator[None]:
     def raise_terminated(signum, frame):  # noqa: ARG001 - the signal API
         raise Terminated()
 
-    if os.environ.get("WORLD_SIZE", "1") != "1":
+    if launched_world() != "1":
         yield
         return
     try:

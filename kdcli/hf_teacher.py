@@ -185,7 +185,8 @@ def describe_folder(folder: Path) -> dict[str, Any]:
 
 def load_hf(t: Teacher, opts: TeacherOptions) -> None:
     """Fill ``t`` from the checkpoint folder ``t.path`` (the ``huggingface`` table entry)."""
-    from kdcli.teachers import IDENTITY, _first_line, _torch_runner
+    from kdcli.errors import first_line
+    from kdcli.teachers import IDENTITY, _torch_runner
 
     folder = t.path
     files = weight_files(folder, opts.trust_pickle)
@@ -199,7 +200,7 @@ def load_hf(t: Teacher, opts: TeacherOptions) -> None:
                                                trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises ValueError, OSError, ...
         raise FormatError(f"{folder}/config.json cannot be read by transformers "
-                          f"({_first_line(e)})",
+                          f"({first_line(e)})",
                           "kdcli loads the model types transformers ships (no remote code)") \
             from e
     auto = _auto_class(tf, config, folder)
@@ -210,7 +211,7 @@ def load_hf(t: Teacher, opts: TeacherOptions) -> None:
             dtype=torch.float32)
     except Exception as e:  # noqa: BLE001
         raise FormatError(f"{folder} does not load as a {type(config).__name__} checkpoint "
-                          f"({_first_line(e)})", "Save it again with save_pretrained") from e
+                          f"({first_line(e)})", "Save it again with save_pretrained") from e
     if model.main_input_name not in FLOAT_INPUTS:
         raise ModelError(f"{folder} takes {model.main_input_name!r}, not a float tensor",
                          f"kdcli runs classifiers whose input is one of {FLOAT_INPUTS}")

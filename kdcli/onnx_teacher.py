@@ -104,7 +104,7 @@ def open_session(path: Any, device: str = "cpu") -> tuple[Any, Any]:
     import onnx
     import onnxruntime as ort
 
-    from kdcli.teachers import _first_line
+    from kdcli.errors import first_line
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -115,7 +115,7 @@ def open_session(path: Any, device: str = "cpu") -> tuple[Any, Any]:
         sess = ort.InferenceSession(str(path), so, providers=providers)
         graph = onnx.load(str(path), load_external_data=False).graph
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
-        raise FormatError(f"{path} is a corrupt or unsupported ONNX model ({_first_line(e)})",
+        raise FormatError(f"{path} is a corrupt or unsupported ONNX model ({first_line(e)})",
                           "Export it again") from e
     return sess, graph
 

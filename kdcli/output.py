@@ -7,7 +7,6 @@ from ``--json`` / ``--quiet``; Python callers get a quiet one by default.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -27,6 +26,8 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
+
+from kdcli.distributed import launched_rank
 
 
 class _RateColumn(ProgressColumn):
@@ -50,7 +51,7 @@ class Reporter:
     def __init__(self, mode: str = "quiet") -> None:
         if mode not in ("rich", "json", "quiet"):
             raise ValueError(mode)
-        if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 speaks
+        if launched_rank() != "0":  # under torchrun only rank 0 speaks
             mode = "quiet"
         self.mode = mode
         self.err = Console(stderr=True, highlight=False)

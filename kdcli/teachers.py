@@ -39,6 +39,7 @@ from kdcli.errors import (
     ModelError,
     UnsafePickleError,
     UsageError,
+    first_line,
 )
 from kdcli.files import require_file, sha256_file
 from kdcli.models import (
@@ -589,7 +590,7 @@ def _probe(t: Teacher, probe: torch.Tensor | None) -> None:
         raise
     except Exception as e:  # noqa: BLE001 - the model's own error, on its own inputs
         raise ModelError(f"teacher {t.name} fails on examples of shape {t.input_shape} "
-                         f"({_first_line(e)})", "Check --input-shape and the data") from e
+                         f"({first_line(e)})", "Check --input-shape and the data") from e
     if t.output is None:
         t.output = detect_output_kind(out)
         if t.output != "logits":
@@ -624,7 +625,7 @@ def _resolve_input_shape(t: Teacher, probe: torch.Tensor) -> None:
         except Exception as e:  # noqa: BLE001 - any failure means "not this shape"
             first_err = first_err or e
     t.input_shape = None
-    msg = _first_line(first_err) if first_err else "unknown"
+    msg = first_line(first_err) if first_err else "unknown"
     raise ModelError(
         f"teacher {t.name} fails on examples of shape {sample} ({msg})",
         "Pass --input-shape with the per-example shape the model expects, "
@@ -655,7 +656,7 @@ def _load_torchscript(p: Path) -> Any:
     try:
         return torch.jit.load(str(p), map_location="cpu")
     except Exception as e:  # noqa: BLE001 - torch raises many kinds here
-        raise FormatError(f"{p} is a corrupt TorchScript archive ({_first_line(e)})",
+        raise FormatError(f"{p} is a corrupt TorchScript archive ({first_line(e)})",
                           "Save it again with torch.jit.save") from e
 
 
@@ -668,7 +669,7 @@ def _load_exported(t: Teacher, p: Path, trust_pickle: bool = False) -> Any:
     try:
         ep = torch.export.load(str(p))
     except Exception as e:  # noqa: BLE001
-        raise FormatError(f"{p} is a corrupt torch.export program ({_first_line(e)})",
+        raise FormatError(f"{p} is a corrupt torch.export program ({first_line(e)})",
                           "Save it again with torch.export.save") from e
     user_inputs = list(ep.graph_signature.user_inputs)
     if len(user_inputs) != 1:
@@ -704,11 +705,11 @@ def _load_torch_save(t: Teacher, p: Path, opts: TeacherOptions) -> Any:
         try:
             obj = torch.load(str(p), map_location="cpu", weights_only=False)
         except Exception as e2:  # noqa: BLE001
-            raise FormatError(f"cannot unpickle {p} ({_first_line(e2)})",
+            raise FormatError(f"cannot unpickle {p} ({first_line(e2)})",
                               "Make sure the module's code is importable (PYTHONPATH)") from e2
         t.format = "pickle"
     except Exception as e:  # noqa: BLE001 - truncated zip, bad storage, ...
-        raise FormatError(f"{p} is a corrupt torch.save file ({_first_line(e)})",
+        raise FormatError(f"{p} is a corrupt torch.save file ({first_line(e)})",
                           "Save it again") from e
     if isinstance(obj, nn.Module):
         return obj
@@ -738,7 +739,7 @@ def _load_safetensors_sd(p: Path) -> dict:
     try:
         return load_file(str(p))
     except SafetensorError as e:
-        raise FormatError(f"{p} is a corrupt safetensors file ({_first_line(e)})",
+        raise FormatError(f"{p} is a corrupt safetensors file ({first_line(e)})",
                           "Save it again") from e
 
 
@@ -766,7 +767,7 @@ def _module_from_state_dict(t: Teacher, sd: dict, opts: TeacherOptions) -> Any:
         module.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         raise FormatError(f"the state dict in {t.name} does not fit {opts.arch}: "
-                          f"{_first_line(e)}", "Check --arch") from e
+                          f"{first_line(e)}", "Check --arch") from e
     return module
 
 
@@ -848,10 +849,6 @@ def _call_factory(spec: str) -> Any:
         raise ModelError(f"{spec}() returned {type(module).__name__}", "Return an nn.Module")
     return module
 
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return (s.splitlines()[0] if s else type(e).__name__)[:200]
 
 
 def parse_shape(text: str) -> list[int]:

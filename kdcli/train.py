@@ -30,7 +30,7 @@ from kdcli.config import (  # noqa: F401 - the constants are re-exported, as kdc
     student_config,
 )
 from kdcli.distributed import Dist
-from kdcli.errors import FormatError, OutputExistsError, UsageError
+from kdcli.errors import FormatError, OutputExistsError, UsageError, first_line
 from kdcli.files import (
     atomic_output,
     check_output,
@@ -438,7 +438,7 @@ def _load_checkpoint(path: Path | None, fingerprint: dict, model, opt, gen, epoc
                           "Delete it and run without --resume") from e
     except Exception as e:  # noqa: BLE001 - a damaged checkpoint
         raise FormatError(f"checkpoint {path} is damaged ({type(e).__name__}: "
-                          f"{_first_line(e)[:120]})",
+                          f"{first_line(e)[:120]})",
                           "Delete it and run without --resume") from None
     if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch <= epochs:
         raise FormatError(f"checkpoint {path} records epoch {str(epoch)[:20]}, outside "
@@ -493,10 +493,6 @@ def _transfer_files(inputs) -> list[Path]:
 
     return [f for i in inputs if is_index_path(i) for f in own_shards(i)]
 
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return (s.splitlines()[0] if s else type(e).__name__)[:200]
 
 
 def _default_eval(eval_data: str | None, source: str) -> str | None:

@@ -10,7 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcli.config import TAIL_RULES
+from kdcli.config import TAIL_RULES, DistillConfig
+
+
+def criterion(distill: DistillConfig) -> nn.Module:
+    """The loss module of ``distill.loss`` (one of :data:`kdcli.config.LOSSES`): ``kd``
+    matches soft targets at T, ``mse`` the teacher's logits (see :func:`matches_logits`)."""
+    if distill.loss == "mse":
+        return LogitMSELoss(distill.alpha, distill.center)
+    return DistillationLoss(distill.T, distill.alpha, distill.tail)
+
+
+def matches_logits(distill: DistillConfig) -> bool:
+    """Whether ``distill.loss`` takes the teacher's logits rather than soft targets at T."""
+    return distill.loss == "mse"
 
 
 class DistillationLoss(nn.Module):

@@ -815,15 +815,17 @@ def _check_targets(ts, d: DistillConfig, rep: Reporter) -> None:
     """Fail early, saying why, if the transfer set cannot give the targets ``d`` asks for."""
     import torch
 
+    from kdcli.losses import matches_logits
+
     probe = torch.arange(1)
-    if d.loss == "kd":
-        ts.targets(probe, d.T)  # T cannot always be re-derived
-        if d.T != ts.T:
-            how = "each member's" if "member_logits" in ts.columns else "the stored"
-            rep.info(f"re-deriving soft targets at T={d.T:g} from {how} logits "
-                     f"(the transfer set was made at T={ts.T:g})")
-    else:
+    if matches_logits(d):
         ts.teacher_logits(probe)  # fails for top-k sets
+        return
+    ts.targets(probe, d.T)  # T cannot always be re-derived
+    if d.T != ts.T:
+        how = "each member's" if "member_logits" in ts.columns else "the stored"
+        rep.info(f"re-deriving soft targets at T={d.T:g} from {how} logits "
+                 f"(the transfer set was made at T={ts.T:g})")
 
 
 def _student_step(ts, d: DistillConfig) -> StepLoss:
@@ -831,16 +833,15 @@ def _student_step(ts, d: DistillConfig) -> StepLoss:
     soft losses and the agreement with the teacher's predictions."""
     import torch
 
-    from kdcli.losses import DistillationLoss, LogitMSELoss
+    from kdcli.losses import criterion, matches_logits
     from kdcli.transfer import to_device
 
     teacher_pred = ts.teacher_argmax()
     labels = ts.columns["labels"] if d.alpha > 0 else None
-    crit = (DistillationLoss(d.T, d.alpha, d.tail) if d.loss == "kd"
-            else LogitMSELoss(d.alpha, d.center))
+    crit, logits = criterion(d), matches_logits(d)
 
     def step(z: torch.Tensor, idx: torch.Tensor):
-        target = ts.targets(idx, d.T) if d.loss == "kd" else ts.teacher_logits(idx)
+        target = ts.teacher_logits(idx) if logits else ts.targets(idx, d.T)
         y = None if labels is None else labels[idx].long().to(z.device)
         total, hard, soft = crit(z, to_device(target, z.device), y)
         agree = (z.argmax(-1) == teacher_pred[idx].to(z.device)).float().mean()

@@ -118,8 +118,8 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
         while epoch < cfg.epochs:
             snapshot = _snapshot(model, run.opt, run.gen)
             t0 = time.perf_counter()
-            sums, seen, clipped = run.epoch(inputs, step_loss, len(stat_names), epoch, lr_scale,
-                                            advance)
+            sums, seen, clipped = run.train_epoch(inputs, step_loss, len(stat_names), epoch,
+                                                  lr_scale, advance)
             if _blew_up(float(sums[0] / max(seen, 1)), run.first_loss, history):
                 lr_scale = run.roll_back(snapshot, epoch, sums, seen, lr_scale, reporter)
                 continue
@@ -204,8 +204,9 @@ class _Run:
         if self.dist.rank:  # distinct dropout masks on each rank
             torch.manual_seed(self.cfg.seed + 7919 * self.dist.rank + start_epoch)
 
-    def epoch(self, inputs: torch.Tensor | Rows, step_loss: StepLoss, n_stats: int, epoch: int,
-              lr_scale: float, advance: Callable[[int], None]) -> tuple[torch.Tensor, int, int]:
+    def train_epoch(self, inputs: torch.Tensor | Rows, step_loss: StepLoss, n_stats: int,
+                    epoch: int, lr_scale: float,
+                    advance: Callable[[int], None]) -> tuple[torch.Tensor, int, int]:
         """Train one epoch (one batch with ``dry_run``); return the statistics' sums over the
         global batch, the examples seen and the steps clipped."""
         import torch

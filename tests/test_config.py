@@ -79,5 +79,5 @@ def test_sweep_refuses_a_temperature_in_its_distill_config(tmp_path):
     from kdcli.sweep import sweep
 
     with pytest.raises(UsageError, match="temperatures from --T"):  # before reading anything
-        sweep(tmp_path / "teacher.safetensors", temperatures=[2.0], hidden=[8], distill=DistillConfig(T=4.0),
-              out_dir=tmp_path)
+        sweep(tmp_path / "teacher.safetensors", temperatures=[2.0], hidden=[8],
+              distill=DistillConfig(T=4.0), out_dir=tmp_path)

@@ -54,3 +54,14 @@ def test_paper_reproduction_quick_mode(tmp_path):
     log = (tmp_path / "commands-extras.txt").read_text()
     assert "kdcli inspect teacher.safetensors" in log and "--out teacher-s1.safetensors" in log
     assert "--out teacher.safetensors" not in log  # the main run's teacher was reused
+    # Section 6 on small parts of the data reuses the same teacher.
+    r = subprocess.run([sys.executable, str(script), "--quick", "--small-data", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    small = (tmp_path / "results-small-data.md").read_text()
+    for row in ("| 1% | 600 |", "| 3% | 1,800 |", "| 100% | 60,000 |",
+                "| 3% of the training set, soft targets | 57.0% |", "share of the gap"):
+        assert row in small, row
+    log = (tmp_path / "commands-small-data.txt").read_text()
+    assert "--data mnist:train[balanced=1800,seed=0]" in log
+    assert "--out teacher.safetensors" not in log  # the main run's teacher was reused

@@ -383,10 +383,10 @@ def test_epochs_default_to_enough_steps_on_small_sets():
     cfg = TrainConfig()
     assert cfg.resolved(60000).epochs == 20  # 235 steps an epoch
     assert cfg.resolved(10000).epochs == 50  # 40 steps
-    assert cfg.resolved(1078).epochs == 400  # sklearn's digits, 60%: 5 steps
+    assert cfg.resolved(1257).epochs == 400  # sklearn's digits, 70%: 5 steps
     assert cfg.resolved(100).epochs == 1000  # 1 step: capped
     assert TrainConfig(epochs=3).resolved(100).epochs == 3
-    assert TrainConfig(batch_size=32).resolved(1078).epochs == 59  # 34 steps
+    assert TrainConfig(batch_size=32).resolved(1257).epochs == 50  # 40 steps
 
 
 def test_long_runs_report_and_evaluate_about_fifty_times(tmp_path):

@@ -39,7 +39,7 @@ def test_quickstart_script_runs_end_to_end(tmp_path):
 def test_paper_reproduction_quick_mode(tmp_path):
     script = ROOT / "examples" / "mnist-paper" / "reproduce.py"
     r = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     table = (tmp_path / "results.md").read_text()
     assert "| teacher 2x1200" in table and "| 2x300 |" in table and "3's bias raised" in table
@@ -47,7 +47,7 @@ def test_paper_reproduction_quick_mode(tmp_path):
     assert len(log) == 14 and all(" s  kdcli " in line for line in log)
     # The extras reuse the main run's teacher, and add a second one and an ensemble.
     r = subprocess.run([sys.executable, str(script), "--quick", "--extras", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     extras = (tmp_path / "results-extras.md").read_text()
     assert "both teachers (ensemble) | + 2 jittered copies |" in extras

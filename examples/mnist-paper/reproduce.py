@@ -207,12 +207,7 @@ def extras(run: Runner, out: Path, q: bool, start: float) -> str:
     the two as an ensemble, and transfer sets with jittered copies. Returns the table."""
     ep_teacher, ep, ep_jitter = ("4", "2", "1") if q else ("240", "60", "30")
     rows = []
-    # Reuse the main run's teacher, unless it is missing or from a run of another length
-    # (a --quick run writes a 4-epoch teacher to the same folder).
-    have = (out / "teacher.safetensors").exists() and (
-        run("inspect", "teacher.safetensors")["training"].get("epochs") == int(ep_teacher))
-    if not have:
-        teacher(run, "0", "teacher.safetensors", ep_teacher)
+    _reuse_teacher(run, out, ep_teacher, None)
     run("soft-targets", "teacher.safetensors", "--T", "20", "--out", "transfer.safetensors",
         "--force")
     a01 = run("train-student", "--transfer", "transfer.safetensors", "--hidden", "800",
@@ -315,8 +310,9 @@ def small_data(run: Runner, out: Path, q: bool, start: float, teacher_file: Path
 
 
 def _reuse_teacher(run: Runner, out: Path, ep_teacher: str, given: Path | None) -> str:
-    """The teacher for --small-data: ``given``, else the main run's when it has the right
-    length, else a new one trained with the paper's recipe."""
+    """The teacher of --extras and --small-data: ``given``, else the main run's unless it is
+    missing or from a run of another length (a --quick run writes a 4-epoch teacher to the
+    same folder), else a new one trained with the paper's recipe."""
     if given is not None:
         return str(given.resolve())
     have = (out / "teacher.safetensors").exists() and (

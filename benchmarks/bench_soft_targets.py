@@ -11,6 +11,7 @@ from kdcli.models import Architecture, Preprocessing, build_model, save_model
 from kdcli.soft_targets import soft_targets
 
 BATCH = 1024
+TARGET = 0.95  # of the bare loop's samples/s, the teacher pass and file write
 
 
 def main() -> None:
@@ -50,8 +51,9 @@ def main() -> None:
                      f"{n / t_loop:,.0f} samples/s  ratio {ratio:.2f}"))
         rows.append((f"{precision} kdcli whole call", f"{n / t_kd:,.0f} samples/s  ratio "
                      f"{whole:.2f} (adds MNIST decoding, hashing, teacher loading)"))
-    result["target_met"] = result["fp32"]["ratio"] >= 0.9
-    rows.append(("target: fp32 ratio >= 0.9", "met" if result["target_met"] else "NOT met"))
+    result["target_met"] = {p: result[p]["ratio"] >= TARGET for p in ("fp32", "bf16")}
+    rows.append((f"target: ratio >= {TARGET} (fp32, bf16)",
+                 ", ".join("met" if ok else "NOT met" for ok in result["target_met"].values())))
     speedup = (result["bf16"]["kdcli_loop_samples_per_s"]
                / result["fp32"]["kdcli_loop_samples_per_s"])
     rows.append(("bf16 / fp32 speed-up (kdcli)", f"{speedup:.2f}x"))

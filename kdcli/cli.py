@@ -75,7 +75,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed (same seed: same weights on CPU).")]
-PrecisionOpt = Annotated[str, typer.Option(help="fp32, or bf16 autocast (faster on CPU/GPU).")]
+PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 autocast where the CPU or GPU has bf16 units, else fp32), fp32 or bf16.")]
 # Optimization options shared by train and train-student (see kdcli.train.TrainConfig).
 BatchOpt = Annotated[int, typer.Option(help="Examples per step.")]
 OptimizerOpt = Annotated[str, typer.Option(help="sgd (Nesterov momentum) or adam.")]
@@ -414,7 +414,7 @@ def soft_targets_cmd(
     weights: Annotated[str | None, typer.Option(help="Ensemble weights, e.g. 0.5,0.3,0.2.")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per teacher call.")] = 1024,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32 (exact) or bf16 autocast.")] = "fp32",
+    precision: PrecisionOpt = "auto",
     arch: ModelArchOpt = None,
     input_shape: InputShapeOpt = None,
     scale: ScaleOpt = None,

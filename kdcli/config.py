@@ -51,7 +51,9 @@ class TrainConfig:
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 0.0  # L2 penalty
     schedule: str = "cosine"  # cosine: decay to 0 per step; constant: keep lr
-    precision: str = "fp32"  # fp32, or bf16 autocast (much faster on CPUs with bf16 units)
+    # auto (bf16 autocast on a GPU or CPU with bf16 units, else fp32), fp32 or bf16; see
+    # kdcli.checks.resolve_precision. resolved() makes auto concrete.
+    precision: str = "auto"
     seed: int = 0  # seeds initialization, shuffling, dropout and augmentation
     dry_run: bool = False  # train one batch, write nothing
     # Zero-mean, unit-variance inputs (False: only scaled, 8-bit pixels to [0, 1]). None: auto,
@@ -102,15 +104,24 @@ class TrainConfig:
                              "Try --stop-after 10")
 
     def resolved(self, n: int) -> TrainConfig:
-        """This config with ``epochs=None`` (auto) made concrete for ``n`` training examples:
-        DEFAULT_EPOCHS passes, or as many more as MIN_STEPS steps need (up to
-        MAX_AUTO_EPOCHS). The 8x8 digits' 1,257 training rows take 5 steps an epoch, so 20
-        epochs were 100 steps and 27 test errors, against 9-10 after 1,500 steps."""
-        if self.epochs is not None:
-            return self
-        steps = math.ceil(n / max(1, min(self.batch_size, n)))
-        epochs = min(MAX_AUTO_EPOCHS, max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / steps)))
-        return replace(self, epochs=epochs)
+        """This config made concrete for ``n`` training examples on its device.
+
+        ``epochs=None`` (auto) becomes DEFAULT_EPOCHS passes, or as many more as MIN_STEPS
+        steps need (up to MAX_AUTO_EPOCHS): the 8x8 digits' 1,257 training rows take 5 steps
+        an epoch, so 20 epochs were 100 steps and 27 test errors, against 9-10 after 1,500
+        steps. ``precision="auto"`` becomes fp32 or bf16 by the hardware
+        (:func:`~kdcli.checks.resolve_precision`).
+        """
+        cfg = self
+        if cfg.epochs is None:
+            steps = math.ceil(n / max(1, min(cfg.batch_size, n)))
+            epochs = min(MAX_AUTO_EPOCHS, max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / steps)))
+            cfg = replace(cfg, epochs=epochs)
+        if cfg.precision == "auto":
+            from kdcli.checks import resolve_device, resolve_precision
+
+            cfg = replace(cfg, precision=resolve_precision("auto", resolve_device(cfg.device))[0])
+        return cfg
 
     def settings(self) -> dict[str, Any]:
         """The settings that change the result (what a resumed run or a kept model must match)."""

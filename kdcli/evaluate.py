@@ -18,11 +18,11 @@ if TYPE_CHECKING:
 
 def predict(fn: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
             batch_size: int = 1000) -> torch.Tensor:
-    """Run ``fn`` over ``inputs`` in batches; return ``[N, C]`` float32 logits."""
+    """Run ``fn`` over ``inputs`` in batches; return ``[N, C]`` float32 logits on the CPU."""
     import torch
 
     with torch.inference_mode():
-        return torch.cat([fn(inputs[i:i + batch_size]).float()
+        return torch.cat([fn(inputs[i:i + batch_size]).float().cpu()
                           for i in range(0, inputs.shape[0], batch_size)])
 
 

@@ -20,7 +20,9 @@ from kdcli.checks import (
     check_precision,
     check_temperature,
     parse_size,
+    precision_note,
     resolve_device,
+    resolve_precision,
 )
 from kdcli.errors import DataError, DistributedError, ModelError, OutputExistsError, UsageError
 from kdcli.files import (
@@ -137,7 +139,7 @@ def soft_targets(
     teachers: list[str | Path], T: float | None = None, data: str = "mnist:train",
     out: str | Path = "transfer.safetensors", *, options: list[TeacherOptions] | None = None,
     combine: str = "mean-probs", weights: list[float] | None = None, batch_size: int = 1024,
-    device: str = "auto", precision: str = "fp32", classes: list[int] | None = None,
+    device: str = "auto", precision: str = "auto", classes: list[int] | None = None,
     exclude_classes: list[int] | None = None, limit: int | None = None,
     augment: AugmentConfig | None = None, copies: int = 0, seed: int = 0, jitter: int = 0,
     top_k: int | None = None, targets_dtype: str = "float32",
@@ -161,7 +163,8 @@ def soft_targets(
         weights: Per-teacher weights (default: equal).
         batch_size: Examples per teacher call.
         device: ``auto``, ``cpu`` or ``cuda``.
-        precision: ``fp32`` (exact) or ``bf16`` (autocast).
+        precision: ``auto`` (bf16 autocast where the hardware has bf16 units, else fp32;
+            see :func:`~kdcli.checks.resolve_precision`), ``fp32`` or ``bf16``.
         classes: Keep only examples with these labels.
         exclude_classes: Drop examples with these labels.
         limit: Use only the first N examples.
@@ -192,6 +195,7 @@ def soft_targets(
     weights, opts = _check_weights(weights, len(teachers)), _per_member(options, len(teachers))
     out = _check_out(out, force, inputs=[*teachers, *data_files(data)])
     dev = resolve_device(device)
+    precision = _precision(precision, dev, rep)
     # read the data, then probe the teachers with its first batch
     source = _read(data, limit, data_options, classes, exclude_classes, copies, augment, seed)
     probe_x, probe_y = source.rows(0, min(source.n, batch_size))
@@ -245,6 +249,14 @@ def _check_options(teachers: list[str | Path], *, combine: str, precision: str,
         raise UsageError("--targets-dtype applies to top-k targets only",
                          "Add --top-k K, or drop --targets-dtype")
     return augment
+
+
+def _precision(precision: str, dev: str, rep: Reporter) -> str:
+    """``precision`` made concrete for ``dev`` (auto: by the hardware, said once)."""
+    note = precision_note(precision, dev)
+    if note:
+        rep.info(note)
+    return resolve_precision(precision, dev)[0]
 
 
 def _max_shard(out: str | Path, shard_size: str | int | None) -> int:

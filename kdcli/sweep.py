@@ -61,7 +61,8 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
     config = config or student_config()
     config.check()
     folder = _folder(out_dir, force)
-    transfer = _transfer_set(folder, teacher, data, temperatures[0], data_options, rep)
+    config = _concrete_precision(config, rep)
+    transfer = _transfer_set(folder, teacher, data, temperatures[0], data_options, rep, config)
     config = config.resolved(int(load_transfer_set(transfer).columns["inputs"].shape[0]))
     points = []
     # Seeds outermost: an interrupted sweep has whole grids for its first seeds.
@@ -124,8 +125,20 @@ def _folder(out_dir: str | Path, force: bool) -> Path:
     return folder
 
 
+def _concrete_precision(config: TrainConfig, rep: Reporter) -> TrainConfig:
+    """``config`` with ``precision="auto"`` made concrete for its device (said once), so
+    that the teacher pass and every student run at the same precision."""
+    from kdcli.checks import precision_note, resolve_device, resolve_precision
+
+    dev = resolve_device(config.device)
+    note = precision_note(config.precision, dev)
+    if note:
+        rep.info(note)
+    return replace(config, precision=resolve_precision(config.precision, dev)[0])
+
+
 def _transfer_set(folder: Path, teacher: str | Path, data: str, T: float,
-                  data_options: DataOptions | None, rep: Reporter) -> Path:
+                  data_options: DataOptions | None, rep: Reporter, config: TrainConfig) -> Path:
     """The sweep's transfer set: an earlier sweep's, if it has the same teacher and data,
     else a new one at ``T``."""
     from kdcli.files import sha256_file
@@ -136,7 +149,8 @@ def _transfer_set(folder: Path, teacher: str | Path, data: str, T: float,
     teacher_sha = sha256_file(teacher)
     if not transfer.exists():
         soft_targets([teacher], T=T, data=data, out=transfer, reporter=Reporter("quiet"),
-                     data_options=data_options)
+                     data_options=data_options, device=config.device,
+                     precision=config.precision)
         return transfer
     old_meta = load_transfer_set(transfer).meta
     recorded = [t["sha256"] for t in old_meta["teachers"]]

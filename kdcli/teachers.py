@@ -635,9 +635,13 @@ def _resolve_input_shape(t: Teacher, probe: torch.Tensor) -> None:
 def _torch_runner(t: Teacher, module: Any) -> None:
     import torch
 
+    from kdcli.devices import host_to_device, use_tf32
+
     dev = torch.device(t.device)
     if dev.type != "cpu":
         module = module.to(dev)
+    if dev.type == "cuda":
+        use_tf32()
     if t.format != "torch.export":  # exported programs are already in inference form
         module.eval()
     t.module = module
@@ -645,7 +649,7 @@ def _torch_runner(t: Teacher, module: Any) -> None:
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), torch.autocast(
                 dev.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
-            return module(x.to(dev))
+            return module(host_to_device(x, dev))
 
     t.runner = run
 

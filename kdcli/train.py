@@ -29,6 +29,8 @@ from kdcli.config import (  # noqa: F401 - the constants are re-exported, as kdc
     TrainConfig,
     student_config,
 )
+from kdcli.devices import host_to_device as to_device
+from kdcli.devices import use_tf32
 from kdcli.distributed import Dist
 from kdcli.errors import FormatError, OutputExistsError, UsageError, first_line
 from kdcli.files import (
@@ -176,6 +178,8 @@ class _Run:
 
         dev = torch.device(resolve_device(cfg.device))
         model.to(dev)
+        if dev.type == "cuda":
+            use_tf32()
         cfg = cfg.resolved(n)
         bs = min(cfg.batch_size, n)
         if bs < dist.world:
@@ -214,8 +218,10 @@ class _Run:
         cfg, dist, aug, bs, steps = self.cfg, self.dist, self.aug, self.bs, self.steps
         self.model.train()
         perm = torch.randperm(self.n, generator=self.gen)
-        sums = torch.zeros(n_stats, dtype=torch.float64)
-        seen = clipped = 0
+        # Summed on the device, read once an epoch: a read per step would wait for the GPU.
+        sums = torch.zeros(n_stats, dtype=torch.float64, device=self.dev)
+        clipped = torch.zeros((), dtype=torch.int64, device=self.dev)
+        seen = 0
         for s in range(steps):
             idx = perm[s * bs:(s + 1) * bs]
             for group in self.opt.param_groups:
@@ -229,14 +235,16 @@ class _Run:
             if aug.active:
                 x = aug.apply(x, draw[lo:hi])
             stats, norm = self._step(x, local, len(idx), step_loss, n_stats)
-            clipped += int(norm is not None and norm > cfg.grad_clip)
-            sums += stats.detach().double().cpu() * len(local)
+            if norm is not None:
+                clipped += norm > cfg.grad_clip
+            sums += stats.detach().to(self.dev, torch.float64) * len(local)
             if self.first_loss is None and len(local):
                 self.first_loss = float(stats[0])
             seen += len(local)
             advance(len(idx))
             if cfg.dry_run:
                 break
+        sums, clipped = sums.cpu(), int(clipped)
         if dist.enabled:  # every rank must take the same decisions: share the numbers
             extra = torch.tensor([float(seen), self.first_loss or 0.0], dtype=torch.float64)
             totals = dist.all_reduce_sum(torch.cat([sums, extra]))
@@ -253,7 +261,7 @@ class _Run:
         cfg, dist = self.cfg, self.dist
         with torch.autocast(self.dev.type, dtype=torch.bfloat16,
                             enabled=cfg.precision == "bf16"):
-            z = self.net(x.to(self.dev, non_blocking=True))
+            z = self.net(to_device(x, self.dev))
         if len(local):
             loss, stats = step_loss(z.float(), local)
             if dist.enabled:  # DDP averages over ranks: weight by this rank's share
@@ -609,8 +617,7 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
     ds = load_data(data, limit=limit, options=data_options)
     if ds.labels is None:
         raise UsageError(f"{ds.source} has no labels", "kdcli train needs labelled data")
-    cfg = cfg.resolved(len(ds))
-    cfg.check()
+    cfg = _concrete(cfg, len(ds), rep)
     eval_ds = _eval_data(eval_data, ds.source, data_options, ds.class_names, ds.source,
                          list(ds.sample_shape), f"{ds.source} has")
     num_classes = _train_classes(ds, eval_ds, num_classes)
@@ -637,6 +644,19 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
         return _finish(model, arch=arch, pre=pre, num_classes=num_classes, training=training,
                        history=history, eval_ds=eval_ds, cfg=cfg, outputs=outputs,
                        reporter=rep, dist=dist)
+
+
+def _concrete(cfg: TrainConfig, n: int, rep: Reporter) -> TrainConfig:
+    """``cfg`` made concrete for ``n`` examples (epochs and precision, see
+    :meth:`TrainConfig.resolved`), saying once what ``--precision auto`` chose."""
+    from kdcli.checks import precision_note, resolve_device
+
+    note = precision_note(cfg.precision, resolve_device(cfg.device))
+    if note:
+        rep.info(note)
+    cfg = cfg.resolved(n)
+    cfg.check()
+    return cfg
 
 
 def _build(arch: Architecture, cfg: TrainConfig, inputs: torch.Tensor | Rows,
@@ -782,8 +802,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     if d.alpha > 0 and not ts.has_labels:
         raise UsageError(f"--alpha {d.alpha} needs labels, but {transfer} has none",
                          "Use --alpha 0 (pure distillation) or a labelled transfer set")
-    cfg = cfg.resolved(int(ts.columns["inputs"].shape[0]))
-    cfg.check()
+    cfg = _concrete(cfg, int(ts.columns["inputs"].shape[0]), rep)
     d = d.resolved(ts.T)
     _check_targets(ts, d, rep)
     step = _student_step(ts, d)

@@ -50,9 +50,11 @@ INDEX_SUFFIX = ".index.json"
 
 def to_device(target: torch.Tensor | TopK, device: torch.device | str) -> torch.Tensor | TopK:
     """Dense or top-k targets (what :meth:`TransferSet.targets` returns) on ``device``."""
+    from kdcli.devices import host_to_device
+
     if isinstance(target, TopK):
-        return TopK(*(t.to(device) for t in target))
-    return target.to(device)
+        return TopK(*(host_to_device(t, device) for t in target))
+    return host_to_device(target, device)
 
 
 class TopK(NamedTuple):

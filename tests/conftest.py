@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ from kdcli.output import Reporter
 from kdcli.train import TrainConfig, train
 
 torch.set_num_threads(2)
+# --precision auto picks bf16 on CPUs with bf16 units and fp32 elsewhere: pin it to fp32 so
+# that the suite gives the same numbers on every machine (tests/test_precision.py unsets it).
+os.environ["KDCLI_AUTO_PRECISION"] = "fp32"
 
 
 @pytest.fixture(autouse=True)

@@ -295,9 +295,8 @@ def inside_folder(folder: str | os.PathLike, name: str | os.PathLike) -> Path | 
         nxt = current / part
         try:
             st = os.lstat(nxt)
-        except OSError:  # missing (or unreadable): what follows stays lexical
-            rest = os.path.normpath(os.path.join(part, *pending))
-            return None if rest == ".." or rest.startswith(("../", "/")) else current / rest
+        except OSError:  # missing (or unreadable): nothing below it can be opened
+            return None if ".." in pending else current.joinpath(part, *pending)
         if not stat.S_ISLNK(st.st_mode):
             current = nxt
             continue

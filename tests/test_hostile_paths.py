@@ -121,6 +121,24 @@ def victim(tmp_path_factory) -> Path:
     return d
 
 
+def test_inside_folder_reads_links_without_leaving_the_folder(tmp_path):
+    from kdcli.files import inside_folder
+
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "out").symlink_to("/etc")
+    (d / "rel").symlink_to("sub")
+    (d / "abs").symlink_to(d / "sub")
+    (d / "loop").symlink_to("loop")
+    real = Path(os.path.realpath(d))
+    for name, want in [("a", real / "a"), ("rel/x", real / "sub" / "x"),
+                       ("abs/x", real / "sub" / "x"), ("sub/../rel", real / "sub"),
+                       ("out", None), ("out/passwd", None), ("../x", None), ("/etc", None),
+                       ("loop", None), ("sub/../../x", None), ("rel/../out", None),
+                       ("missing/../out", None)]:
+        assert inside_folder(d, name) == want, name
+
+
 # ------------------------------------------ 1. data paths recorded in a model file
 
 
@@ -383,6 +401,20 @@ def test_names_with_line_breaks_stay_on_one_line(tmp_path, cli):
     line = one_line_error(cli("train", "--data", folder, "--epochs", 1, "--out",
                               "m.safetensors"))
     assert "\x1b" not in line
+
+
+def test_column_and_file_names_are_quoted_in_library_errors(tmp_path):
+    from kdcli.data import DataOptions
+
+    (tmp_path / "t.csv").write_text('"a\nError: fine",label\n1,0\n2,1\n')
+    with pytest.raises(DataError) as e:
+        load_data(str(tmp_path / "t.csv"), options=DataOptions(label_column="kind"))
+    assert "\n" not in str(e.value) and "a\\nError: fine" in str(e.value)
+    root = write_pngs(tmp_path / "imgs", 2)
+    (root / "a" / "x\ny.png").write_bytes(b"junk")
+    with pytest.raises(DataError) as e:
+        load_data(str(root))
+    assert "\n" not in str(e.value) and "x\\ny.png" in str(e.value)
 
 
 def test_user_message_is_always_one_line():

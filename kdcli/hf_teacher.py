@@ -142,6 +142,7 @@ def _inside(folder: Path, name: str) -> Path:
 
 def folder_sha256(folder: Path) -> str:
     """SHA-256 over the names and SHA-256s of the config, processor config and weights."""
+    check_folder(folder)  # before any file is read (this runs before the loader)
     h = hashlib.sha256()
     names = ["config.json", PROCESSOR]
     files = [folder / n for n in names if (folder / n).is_file()]

@@ -23,22 +23,31 @@ from kdcli.errors import DataError, FormatError, UnsafePickleError, UsageError, 
 
 _WATCHED: list[str] = []
 _TOUCHED: list[tuple[str, str]] = []
+_LOCAL = threading.local()
 
 
-def _hit(event: str, path: object) -> None:
-    if not _WATCHED or isinstance(path, int) or path is None:
+def _hit(event: str, path: object, follow: bool = True) -> None:
+    """Record ``event`` if ``path``, or where it leads (all its links followed, or all but
+    the last one's when ``follow`` is false), is a watched path or lies under one."""
+    if not _WATCHED or isinstance(path, int) or path is None or getattr(_LOCAL, "busy", False):
         return
+    _LOCAL.busy = True  # os.path.realpath calls os.lstat: do not watch ourselves
     try:
         p = os.path.abspath(os.fsdecode(path))
-    except (TypeError, ValueError):
+        real = os.path.realpath(p) if follow else os.path.join(
+            os.path.realpath(os.path.dirname(p)), os.path.basename(p))
+    except (TypeError, ValueError, OSError):
         return
-    if any(p == w or p.startswith(w + os.sep) for w in _WATCHED):
+    finally:
+        _LOCAL.busy = False
+    if any(q == w or q.startswith(w + os.sep) for q in (p, real) for w in _WATCHED):
         _TOUCHED.append((event, p))
 
 
 def _audit(event: str, args: tuple) -> None:
     if _WATCHED and event in ("open", "os.listdir", "os.scandir") and args:
-        _hit(event, args[0])
+        flags = args[2] if event == "open" and len(args) > 2 and isinstance(args[2], int) else 0
+        _hit(event, args[0], follow=not flags & getattr(os, "O_NOFOLLOW", 0))
 
 
 sys.addaudithook(_audit)
@@ -46,23 +55,24 @@ sys.addaudithook(_audit)
 
 @pytest.fixture
 def watch(monkeypatch) -> Iterator[Callable[..., list[tuple[str, str]]]]:
-    """``watch(*paths)`` starts recording every open, listing, stat and lstat of those
-    paths (and what lies under them); it returns the list of what was touched so far."""
+    """``watch(*paths)`` starts recording every open, listing, stat and lstat that reaches
+    those paths (or what lies under them), directly or through links; it returns the list
+    of what was touched so far."""
     real_stat, real_lstat = os.stat, os.lstat
 
-    def stat(path, *a, **k):
-        _hit("os.stat", path)
-        return real_stat(path, *a, **k)
+    def stat(path, *a, follow_symlinks=True, **k):
+        _hit("os.stat", path, follow_symlinks)
+        return real_stat(path, *a, follow_symlinks=follow_symlinks, **k)
 
     def lstat(path, *a, **k):
-        _hit("os.lstat", path)
+        _hit("os.lstat", path, False)
         return real_lstat(path, *a, **k)
 
     monkeypatch.setattr(os, "stat", stat)
     monkeypatch.setattr(os, "lstat", lstat)
 
     def start(*paths: str | Path) -> list[tuple[str, str]]:
-        _WATCHED.extend(os.path.abspath(p) for p in paths)
+        _WATCHED.extend(os.path.realpath(p) for p in paths)
         return _TOUCHED
 
     yield start

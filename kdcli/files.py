@@ -247,7 +247,7 @@ def atomic_output(path: str | os.PathLike, force: bool = False,
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Return the hex SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path, follow=True), "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -312,18 +312,20 @@ def inside_folder(folder: str | os.PathLike, name: str | os.PathLike) -> Path | 
     return current
 
 
-def open_regular(path: str | os.PathLike, what: str = "file") -> int:
-    """Open ``path`` for reading without following a link in its last component and
-    without blocking on a FIFO; return the descriptor of a regular file.
+def open_regular(path: str | os.PathLike, what: str = "file", follow: bool = False) -> int:
+    """Open ``path`` for reading without blocking on a FIFO, and (unless ``follow``)
+    without following a link in its last component; return the descriptor of a regular
+    file.
 
     Raises:
-        DataError: ``path`` is a link, a FIFO, a device or a socket (nothing is read).
+        DataError: ``path`` is a link (unless ``follow``), a folder, a FIFO, a device or a
+            socket (nothing is read).
         OSError: it cannot be opened (missing, no permission).
     """
     import stat
 
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | \
-        getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | \
+        (0 if follow else getattr(os, "O_NOFOLLOW", 0))
     try:
         fd = os.open(path, flags)
     except OSError as e:
@@ -334,7 +336,7 @@ def open_regular(path: str | os.PathLike, what: str = "file") -> int:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        raise DataError(f"{what} {quote_name(path)} is not a regular file (a FIFO, device or "
-                        "socket)", "Give a regular file")
+        raise DataError(f"{what} {quote_name(path)} is not a regular file (a folder, FIFO, "
+                        "device or socket)", "Give a regular file")
     os.set_blocking(fd, True)
     return fd

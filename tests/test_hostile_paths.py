@@ -366,6 +366,21 @@ def test_a_fifo_as_data_is_refused_without_blocking(tmp_path, name):
         no_hang(lambda: load_data(str(fifo)), fifo)
 
 
+@pytest.mark.parametrize("name", ["m.safetensors", "m.onnx"])
+def test_a_fifo_as_a_model_is_refused_without_blocking(tmp_path, name):
+    from kdcli.evaluate import evaluate
+    from kdcli.output import Reporter
+    from kdcli.sweep import sweep
+
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    with pytest.raises(DataError):
+        no_hang(lambda: evaluate([fifo], "mnist:test[:10]", reporter=Reporter("quiet")), fifo)
+    with pytest.raises(DataError):
+        no_hang(lambda: sweep(fifo, temperatures=[2.0], hidden=[8], out_dir=tmp_path / "sw",
+                              reporter=Reporter("quiet")), fifo)
+
+
 def test_a_fifo_in_an_idx_folder_is_not_opened(tmp_path):
     fifo = tmp_path / "train-images-idx3-ubyte"
     os.mkfifo(fifo)

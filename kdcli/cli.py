@@ -24,7 +24,7 @@ from typer.core import TyperGroup
 
 from kdcli import __version__
 from kdcli.config import SWEEP_ALPHA, DistillConfig, TrainConfig, student_config
-from kdcli.errors import UsageError, user_message
+from kdcli.errors import UsageError, one_line, user_message
 
 
 class _OneLineErrors(TyperGroup):
@@ -48,7 +48,7 @@ class _OneLineErrors(TyperGroup):
             ctx = getattr(e, "ctx", None)
             path = ctx.command_path if ctx is not None else "kdcli COMMAND"
             where = f" Run '{path} --help' for the options"
-            message = " ".join(str(fmt()).split()).rstrip(".")
+            message = one_line(" ".join(str(fmt()).split()).rstrip("."))
             typer.echo(f"Error: {message}.{where}", err=True)
             sys.exit(code)
         sys.exit(rv if isinstance(rv, int) else 0)

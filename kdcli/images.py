@@ -107,7 +107,8 @@ def scan(folder: Path) -> tuple[list[tuple[Path, Path, os.stat_result, int]],
     root = Path(os.path.realpath(folder))
     top = _entries(folder, root, folder, root, top=True)
     subdirs = sorted((e for e in top if stat.S_ISDIR(e[2].st_mode)), key=lambda e: e[0].name)
-    per_class = [(named.name, _images_under(folder, root, named, real))
+    per_class = [(named.name, _images_under(folder, root, named,
+                                            root / named.name if real == named else real))
                  for named, real, _ in subdirs]
     if any(found for _, found in per_class):
         classes = [name for name, _ in per_class]

@@ -311,8 +311,10 @@ def test_links_inside_the_folder_still_work(tmp_path):
     (root / "c").mkdir()
     (root / "c" / "x.png").symlink_to(root / "a" / "000.png")
     (root / "d").symlink_to("a")
-    ds = load_data(str(root))
-    assert len(ds) == 4 + 1 + 2 and ds.class_names == ["a", "b", "c", "d"]
+    (tmp_path / "alias").symlink_to(root)  # the folder the user names may be a link
+    for named in (root, tmp_path / "alias"):
+        ds = load_data(str(named))
+        assert len(ds) == 4 + 1 + 2 and ds.class_names == ["a", "b", "c", "d"]
 
 
 def test_an_image_swapped_for_a_link_while_decoding_is_not_read(tmp_path, victim, watch,
@@ -440,6 +442,11 @@ def test_column_and_file_names_are_quoted_in_library_errors(tmp_path):
     with pytest.raises(DataError) as e:
         load_data(str(root))
     assert "\n" not in str(e.value) and "x\\ny.png" in str(e.value)
+
+
+def test_usage_errors_with_escapes_stay_on_one_line(cli):
+    line = one_line_error(cli("train", "--x\x1b[2J"), code=2)
+    assert "\x1b" not in line
 
 
 def test_user_message_is_always_one_line():

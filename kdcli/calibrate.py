@@ -77,7 +77,8 @@ def calibrate_bias(model: str | Path = "student.safetensors",
         model: The kdcli model file to correct (normally a student).
         out: Where to write the corrected model.
         data: Inputs to match the distribution on (labels unused unless ``target='labels'``);
-            default: the model's training data source.
+            default: the model's training data source if it is bundled with kdcli (a
+            recorded path is refused: name it again).
         teacher: A teacher (any format) whose mean prediction at T = 1 on ``data`` is the
             target.
         transfer: Or a transfer set whose stored logits give the target on its own inputs.
@@ -144,7 +145,7 @@ def _target(mf, data: str | None, teacher: str | Path | None, transfer: str | Pa
     unless every class has some probability) and a description of the inputs."""
     import torch
 
-    from kdcli.data import load_data
+    from kdcli.data import load_data, recorded_data
     from kdcli.data import recorded_options as _options
     from kdcli.evaluate import predict
     from kdcli.teachers import load_teacher
@@ -156,7 +157,7 @@ def _target(mf, data: str | None, teacher: str | Path | None, transfer: str | Pa
         inputs, pi = ts.columns["inputs"], ts.mean_targets(1.0)
         source = f"transfer set {Path(transfer).name}"
     else:
-        spec = data or mf.training.get("data") or "mnist:train"
+        spec = data or recorded_data(mf.training, "data") or "mnist:train"
         ds = load_data(spec, options=_options(data_options, mf.training))
         inputs, source = ds.inputs, ds.source
         if target == "labels":

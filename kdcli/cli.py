@@ -24,7 +24,7 @@ from typer.core import TyperGroup
 
 from kdcli import __version__
 from kdcli.config import SWEEP_ALPHA, DistillConfig, TrainConfig, student_config
-from kdcli.errors import UsageError, user_message
+from kdcli.errors import UsageError, one_line, user_message
 
 
 class _OneLineErrors(TyperGroup):
@@ -48,7 +48,7 @@ class _OneLineErrors(TyperGroup):
             ctx = getattr(e, "ctx", None)
             path = ctx.command_path if ctx is not None else "kdcli COMMAND"
             where = f" Run '{path} --help' for the options"
-            message = " ".join(str(fmt()).split()).rstrip(".")
+            message = one_line(" ".join(str(fmt()).split()).rstrip("."))
             typer.echo(f"Error: {message}.{where}", err=True)
             sys.exit(code)
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -536,7 +536,7 @@ def export_cmd(
     outputs: Annotated[str, typer.Option(help="logits, probs or both.")] = "logits",
     batch: Annotated[str, typer.Option(help="dynamic, or a fixed batch size.")] = "dynamic",
     atol: Annotated[float, typer.Option(help="Max |logit difference| allowed vs torch.")] = 1e-4,
-    data: Annotated[str | None, typer.Option(help="Real inputs to verify on (default: the model's data).")] = None,
+    data: Annotated[str | None, typer.Option(help="Real inputs to verify on (default: the model's data if it is bundled MNIST; a recorded path must be named again).")] = None,
     verbose: Annotated[bool, typer.Option(help="Show the exporter's messages and warnings.")] = False,
     label_column: LabelColumnOpt = None,
     feature_columns: FeatureColumnsOpt = None,
@@ -563,7 +563,7 @@ def calibrate_bias_cmd(
     out: Annotated[Path, typer.Option(help="Corrected model file.")] = Path("calibrated.safetensors"),
     teacher: Annotated[Path | None, typer.Option(help="Teacher whose mean prediction at T=1 on --data is the target.")] = None,
     transfer: Annotated[Path | None, typer.Option(help="Or: a transfer set whose stored logits give the target.")] = None,
-    data: Annotated[str | None, typer.Option(help="Inputs to match on; labels unused unless --target labels (default: the model's training data).")] = None,
+    data: Annotated[str | None, typer.Option(help="Inputs to match on; labels unused unless --target labels (default: the model's training data if it is bundled MNIST; a recorded path must be named again).")] = None,
     target: Annotated[str, typer.Option(help="teacher (mean soft prediction at T=1) or labels (label frequencies).")] = "teacher",
     classes: Annotated[str | None, typer.Option(help="Only shift these classes' biases, e.g. 3.")] = None,
     eval_data: Annotated[str | None, typer.Option(help="Labelled data to report errors before and after.")] = None,

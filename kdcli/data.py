@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcli.errors import DataError
+from kdcli.errors import DataError, quote_name
 
 if TYPE_CHECKING:
     import numpy as np
@@ -100,6 +100,32 @@ def recorded_options(explicit: DataOptions | None, training: dict[str, Any]) -> 
     except (AttributeError, TypeError) as e:
         raise DataError(f"bad data_options {rec!r} in the model file",
                         "Pass the data options (--label-column, ...) explicitly") from e
+
+
+def recorded_data(training: dict[str, Any], *keys: str) -> str | None:
+    """The data source a model file's training record names under the first of ``keys``
+    it has, if it is one bundled with kdcli (``mnist``, ``mnist:test[:1000]``); None if it
+    names none.
+
+    A file must never choose what else kdcli reads: a recorded path (``/etc/shadow``,
+    ``../x.npz``, a folder) is used only when the user names it again with ``--data``.
+
+    Raises:
+        UsageError: the record names a path, which is not opened.
+    """
+    spec = next((training.get(k) for k in keys if training.get(k)), None)
+    if spec is None:
+        return None
+    base = _split_slice(str(spec).strip())[0]
+    name, _, split = base.partition(":")
+    if isinstance(spec, str) and name == "mnist" and split in ("", *MNIST_FILES):
+        return spec
+    from kdcli.errors import UsageError
+
+    shown = quote_name(str(spec)[:200])
+    raise UsageError(f"the model file records its data as {shown}, a path kdcli does not "
+                     "open unless you name it", f"Pass --data {shown} if you trust it, or "
+                     "other data the model takes")
 
 
 @dataclass
@@ -405,14 +431,25 @@ def _load_arrays(base: str, opts: DataOptions) -> Loaded:
             raise DataError(f"data source {base!r} does not exist",
                             "Use mnist, mnist:test, or a path to an image folder, a table "
                             "(.csv/.tsv/.parquet) or IDX/.npz/.npy/.safetensors data")
-        if path.is_file() and path.stat().st_size == 0:
-            raise DataError(f"data file {path} is empty", "Check the file")
+        _check_kind(path)
     for source in SOURCES:
         if source.matches(name, path, split):
             return source.load(path if path is not None else name, split, opts)
     raise DataError(f"unknown data format for {path}",
                     "Use an image folder, .csv/.tsv/.parquet, IDX (optionally .gz), .npz, "
                     ".npy or .safetensors")
+
+
+def _check_kind(path: Path) -> None:
+    """Only regular files and folders are data: a FIFO would block, a device never end."""
+    import stat
+
+    st = path.stat()
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise DataError(f"data source {quote_name(path)} is not a regular file or folder "
+                        "(a FIFO, device or socket)", "Give a data file or folder")
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        raise DataError(f"data file {quote_name(path)} is empty", "Check the file")
 
 
 @functools.cache
@@ -441,7 +478,7 @@ def _load_idx_split(folder: Path, split: str, label: str) -> tuple[np.ndarray, n
 
 def _find(folder: Path, stem: str) -> Path | None:
     for cand in (folder / stem, folder / f"{stem}.gz"):
-        if cand.exists():
+        if cand.is_file():  # a regular file: a FIFO would block
             return cand
     return None
 
@@ -452,7 +489,7 @@ def _load_idx_pair(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise DataError(f"{path} is a 1-D IDX file (labels?)", "Point --data at the images file")
     lab_name = path.name.replace("images-idx3", "labels-idx1").replace("images", "labels")
     lab_path = path.with_name(lab_name)
-    labels = read_idx(lab_path) if lab_name != path.name and lab_path.exists() else None
+    labels = read_idx(lab_path) if lab_name != path.name and lab_path.is_file() else None
     return _pair(images, labels, path)
 
 

@@ -60,6 +60,22 @@ class DistributedError(KdcliError):
     """A rank failed, or the ranks of a torchrun job could not reach each other."""
 
 
+def quote_name(name: object) -> str:
+    """A name (a path, a column, a class folder) as it may appear in a message: as it is
+    when printable, else Python's quoted form, so a name holding a line break or a
+    terminal escape cannot add lines of its own to an error."""
+    s = str(name)
+    return s if s.isprintable() else repr(s)
+
+
+def one_line(text: str) -> str:
+    """``text`` with every unprintable character (line breaks, escapes) written as its
+    backslash escape: the last guard that keeps an error on one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def first_line(exc: BaseException, limit: int | None = 200) -> str:
     """The first line of ``exc``'s message (its type's name when the message is empty), cut
     to ``limit`` characters: how kdcli quotes a library's error in its own."""
@@ -79,6 +95,11 @@ def user_message(exc: BaseException) -> tuple[str, int]:
     Returns:
         The message (without the ``Error:`` prefix) and the process exit code.
     """
+    message, code = _message(exc)
+    return one_line(message), code
+
+
+def _message(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, KdcliError):
         return str(exc), exc.exit_code
     if isinstance(exc, KeyboardInterrupt):

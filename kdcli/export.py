@@ -49,7 +49,8 @@ def main_export(model: str | Path = "student.safetensors", output: str | Path = 
         outputs: ``logits``, ``probs`` or ``both``.
         batch: ``dynamic`` or a fixed batch size.
         atol: Largest allowed absolute logit difference between onnxruntime and torch.
-        data: Data for the check (default: the data recorded in the model file).
+        data: Data for the check (default: the data recorded in the model file, if it is
+            bundled with kdcli; a recorded path is refused: name it again).
         check_examples: How many examples to check on.
         force: Overwrite ``output``.
         verbose: Show the exporter's own messages and warnings.
@@ -126,9 +127,9 @@ def _check_inputs(mf, data: str | None, fixed: int | None, count: int,
     """Real raw inputs for the check, as float32 ``[n, *raw_shape]``."""
     import torch
 
-    from kdcli.data import load_data, recorded_options
+    from kdcli.data import load_data, recorded_data, recorded_options
 
-    spec = data or mf.training.get("test_data") or mf.training.get("data")
+    spec = data or recorded_data(mf.training, "test_data", "data")
     if not spec:
         raise UsageError("the model records no data source to check the export on",
                          "Pass --data with examples the model takes")

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from kdcli.distributed import launched_world
-from kdcli.errors import DataError, KdcliError, OutputExistsError, UsageError
+from kdcli.errors import DataError, KdcliError, OutputExistsError, UsageError, quote_name
 
 _WRITE_ERRORS = {errno.ENOSPC: "no space left on the device",
                  errno.EDQUOT: "the disk quota is exceeded",
@@ -247,7 +247,7 @@ def atomic_output(path: str | os.PathLike, force: bool = False,
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Return the hex SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path, follow=True), "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -263,3 +263,80 @@ def require_file(path: str | os.PathLike, what: str = "file") -> Path:
     if p.stat().st_size == 0:
         raise DataError(f"{what} {p} is empty", "Regenerate it")
     return p
+
+
+def inside_folder(folder: str | os.PathLike, name: str | os.PathLike) -> Path | None:
+    """Where ``folder/name`` leads, or None if it leads out of ``folder``.
+
+    Links are followed by reading them (``lstat``, ``readlink``), one component at a time,
+    so no path outside ``folder`` is ever looked at: an absolute name, ``..`` above the
+    folder, or a link whose target lies outside gives None before anything about that
+    target is touched. A link loop gives None too. The result need not exist.
+
+    Args:
+        folder: The folder the user named (resolved once: the user chose it).
+        name: A path relative to ``folder``, as a file names it.
+    """
+    import stat
+
+    root = Path(os.path.realpath(folder))
+    if os.path.isabs(name):
+        return None
+    current, pending, hops = root, list(Path(name).parts), 0
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if current == root:
+                return None
+            current = current.parent
+            continue
+        nxt = current / part
+        try:
+            st = os.lstat(nxt)
+        except OSError:  # missing (or unreadable): nothing below it can be opened
+            return None if ".." in pending else current.joinpath(part, *pending)
+        if not stat.S_ISLNK(st.st_mode):
+            current = nxt
+            continue
+        hops += 1
+        target = os.readlink(nxt)
+        if hops > 40 or os.path.isabs(target) and not Path(
+                os.path.normpath(target)).is_relative_to(root):
+            return None
+        if os.path.isabs(target):
+            current = root
+            target = os.path.relpath(os.path.normpath(target), root)
+        pending = list(Path(target).parts) + pending
+    return current
+
+
+def open_regular(path: str | os.PathLike, what: str = "file", follow: bool = False) -> int:
+    """Open ``path`` for reading without blocking on a FIFO, and (unless ``follow``)
+    without following a link in its last component; return the descriptor of a regular
+    file.
+
+    Raises:
+        DataError: ``path`` is a link (unless ``follow``), a folder, a FIFO, a device or a
+            socket (nothing is read).
+        OSError: it cannot be opened (missing, no permission).
+    """
+    import stat
+
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | \
+        (0 if follow else getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(f"{what} {quote_name(path)} is a link, which kdcli does not "
+                            "follow here", "Give the file itself") from e
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise DataError(f"{what} {quote_name(path)} is not a regular file (a folder, FIFO, "
+                        "device or socket)", "Give a regular file")
+    os.set_blocking(fd, True)
+    return fd

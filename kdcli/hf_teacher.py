@@ -23,11 +23,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcli.errors import FormatError, ModelError, UnsafePickleError, UsageError
-from kdcli.files import sha256_file
+from kdcli.errors import FormatError, ModelError, UnsafePickleError, UsageError, quote_name
+from kdcli.files import inside_folder, sha256_file
 
 if TYPE_CHECKING:
     from kdcli.teachers import Teacher, TeacherOptions
@@ -41,17 +42,57 @@ INSTALL_HINT = 'Install the Hugging Face extra: pip install "kdcli[hf]"'
 
 
 def is_hf_folder(path: Path) -> bool:
-    """Whether ``path`` is a folder holding a ``config.json`` (a checkpoint folder)."""
-    return path.is_dir() and (path / "config.json").is_file()
+    """Whether ``path`` is a folder holding a ``config.json`` (a checkpoint folder). A
+    ``config.json`` that is a link counts without its target being looked at (loading
+    then refuses one that leads out)."""
+    import stat
+
+    try:
+        mode = os.lstat(path / "config.json").st_mode
+    except OSError:
+        return False
+    return path.is_dir() and (stat.S_ISREG(mode) or stat.S_ISLNK(mode))
+
+
+def check_folder(folder: Path) -> None:
+    """Refuse a checkpoint folder holding a link that leads out of it, or a FIFO, device or
+    socket: transformers and kdcli read ``config.json``, ``preprocessor_config.json``,
+    indexes, shards and other JSON files from it by name. Links are read with ``lstat``
+    and ``readlink``; their targets outside are never touched.
+
+    Raises:
+        FormatError: naming the entry.
+    """
+    import stat
+
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as e:
+        raise FormatError(f"cannot list the checkpoint folder {quote_name(folder)} "
+                          f"({e.strerror})", "Check the path and its permissions") from e
+    for e in entries:
+        if e.is_symlink() and inside_folder(folder, e.name) is None:
+            raise FormatError(f"{quote_name(folder)}: {quote_name(e.name)} is a link to "
+                              f"{quote_name(os.readlink(e.path))}, outside the checkpoint "
+                              "folder", "Copy the file into the folder (cp -L), or remove "
+                              "the link")
+        mode = e.stat(follow_symlinks=True).st_mode if e.is_symlink() and \
+            os.path.exists(e.path) else e.stat(follow_symlinks=False).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+            raise FormatError(f"{quote_name(folder)}: {quote_name(e.name)} is not a regular "
+                              "file (a FIFO, device or socket)", "Remove it from the folder")
 
 
 def weight_files(folder: Path, trust_pickle: bool = False) -> list[Path]:
     """The weight files the checkpoint loads from, each checked to lie inside ``folder``.
 
     Raises:
-        FormatError: no weights, a bad index, or a shard outside the folder.
-        UnsafePickleError: only pickled weights, and ``trust_pickle`` is off.
+        FormatError: no weights, a bad index, a link leading out of the folder, or a
+            shard outside the folder.
+        UnsafePickleError: pickled weights (``pytorch_model.bin``, or an index naming a
+            shard that is not ``.safetensors``), and ``trust_pickle`` is off.
     """
+    check_folder(folder)
     if (folder / SAFETENSORS_INDEX).is_file():
         index = folder / SAFETENSORS_INDEX
         try:
@@ -61,6 +102,14 @@ def weight_files(folder: Path, trust_pickle: bool = False) -> list[Path]:
             raise FormatError(f"{index} is not a safetensors index (no weight_map)",
                               "Save the checkpoint again with save_pretrained") from e
         files = [index, *(_inside(folder, s) for s in shards)]
+        pickled = [s for s in shards if not str(s).endswith(".safetensors")]
+        if pickled and not trust_pickle:
+            raise UnsafePickleError(
+                f"{SAFETENSORS_INDEX} in {quote_name(folder)} names the shard "
+                f"{quote_name(repr(str(pickled[0])[:100]))}, not a safetensors file: it may "
+                "be a pickle, and loading it can run code from the file",
+                "If you trust its source, pass --trust-pickle; or save it again with "
+                "save_pretrained(safe_serialization=True)")
     elif (folder / SAFETENSORS).is_file():
         files = [_inside(folder, SAFETENSORS)]
     elif any((folder / p).is_file() for p in PICKLES):
@@ -82,16 +131,18 @@ def weight_files(folder: Path, trust_pickle: bool = False) -> list[Path]:
 
 
 def _inside(folder: Path, name: str) -> Path:
-    root = folder.resolve()
-    p = (folder / str(name)).resolve()
-    if not p.is_relative_to(root) or p == root:
-        raise FormatError(f"{folder} names the weight file {name!r}, which is outside the "
-                          "checkpoint folder", "Keep every shard inside the folder")
+    """Where the weight file ``name`` leads, read without touching anything outside."""
+    p = inside_folder(folder, str(name))
+    if p is None or p == Path(os.path.realpath(folder)):
+        raise FormatError(f"{folder} names the weight file {quote_name(repr(str(name)))}, "
+                          "which is outside the checkpoint folder",
+                          "Keep every shard inside the folder")
     return p
 
 
 def folder_sha256(folder: Path) -> str:
     """SHA-256 over the names and SHA-256s of the config, processor config and weights."""
+    check_folder(folder)  # before any file is read (this runs before the loader)
     h = hashlib.sha256()
     names = ["config.json", PROCESSOR]
     files = [folder / n for n in names if (folder / n).is_file()]
@@ -160,6 +211,7 @@ def class_names(id2label: dict | None, n: int) -> list[str] | None:
 
 def describe_folder(folder: Path) -> dict[str, Any]:
     """What ``kdcli inspect`` shows of a checkpoint folder, from its JSON files only."""
+    check_folder(folder)
     try:
         cfg = json.loads((folder / "config.json").read_text())
     except ValueError as e:

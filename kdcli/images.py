@@ -25,15 +25,18 @@ renamed or touched file makes it decode afresh.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcli.errors import DataError
+from kdcli.errors import DataError, quote_name
+from kdcli.files import inside_folder, open_regular
 
 if TYPE_CHECKING:
     import numpy as np
@@ -69,54 +72,100 @@ def load_image_folder(folder: Path, opts: DataOptions) -> ImageFolder:
 
     Raises:
         DataError: no images; mixed sizes without ``--image-size``; an unreadable image
-            (naming the file).
+            (naming the file); a link leading out of the folder.
     """
     import numpy as np
 
     files, classes = scan(folder)
-    listing = [[str(p.relative_to(folder)), st.st_size, st.st_mtime_ns] for p, st, _ in files]
-    labels = None if classes is None else np.array([k for _, _, k in files], dtype=np.int64)
+    listing = [[str(p.relative_to(folder)), st.st_size, st.st_mtime_ns] for p, _, st, _ in files]
+    labels = None if classes is None else np.array([k for *_, k in files], dtype=np.int64)
     key = {"folder": str(folder.resolve()), "channels": opts.channels,
            "image_size": list(opts.image_size) if opts.image_size else None}
     cached = _read_cache(key, listing)
     if cached is not None:
         return ImageFolder(cached, labels, classes)
-    inputs = _decode_all(folder, [p for p, _, _ in files], opts, key, listing)
+    inputs = _decode_all(folder, [(real, st) for _, real, st, _ in files], opts, key,
+                         listing)
     return ImageFolder(inputs, labels, classes)
 
 
-def scan(folder: Path) -> tuple[list[tuple[Path, os.stat_result, int]], list[str] | None]:
-    """The image files of a folder with their ``stat`` and class index, in example order,
-    and the class names (None for a flat folder)."""
-    subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    per_class = [(d.name, _images_under(d)) for d in subdirs]
+# (path as named, path to open: the named one, or where a link inside the folder leads; stat)
+Found = tuple[Path, Path, os.stat_result]
+
+
+def scan(folder: Path) -> tuple[list[tuple[Path, Path, os.stat_result, int]],
+                                list[str] | None]:
+    """The image files of a folder in example order, each as (path as named, path to open,
+    ``stat``, class index), and the class names (None for a flat folder).
+
+    Links are read (``lstat``, ``readlink``), never followed out of the folder: a link that
+    leads out, from the folder itself or naming an image, is refused before its target is
+    touched. Only regular files are images; links to folders below a class folder are not
+    followed (as ``rglob`` does not)."""
+    import stat
+
+    root = Path(os.path.realpath(folder))
+    top = _entries(folder, root, folder, root, top=True)
+    subdirs = sorted((e for e in top if stat.S_ISDIR(e[2].st_mode)), key=lambda e: e[0].name)
+    per_class = [(named.name, _images_under(folder, root, named,
+                                            root / named.name if real == named else real))
+                 for named, real, _ in subdirs]
     if any(found for _, found in per_class):
         classes = [name for name, _ in per_class]
-        files = [(p, k) for k, (_, found) in enumerate(per_class) for p in found]
-        files.sort(key=lambda pk: (_natural(pk[0].name), pk[1], _natural(str(pk[0]))))
+        files = [(*f, k) for k, (_, found) in enumerate(per_class) for f in found]
+        files.sort(key=lambda f: (_natural(f[0].name), f[3], _natural(str(f[0]))))
     else:
         classes = None
-        files = [(p, -1) for p in sorted(_images_in(folder), key=lambda p: _natural(p.name))]
+        files = [(*f, -1) for f in sorted((f for f in top if _is_image(f)),
+                                          key=lambda f: _natural(f[0].name))]
     if not files:
-        raise DataError(f"folder {folder} holds no images ({', '.join(EXTENSIONS)})",
+        raise DataError(f"folder {quote_name(folder)} holds no images ({', '.join(EXTENSIONS)})",
                         "Use DIR/CLASS/*.png (labelled) or DIR/*.png (unlabelled)")
-    inside = folder.resolve()
-    for p, _ in files:
-        if not p.resolve().is_relative_to(inside):
-            raise DataError(f"image {p} links to {p.resolve()}, outside {folder}",
-                            "Copy the file into the folder, or remove the link")
-    return [(p, p.stat(), k) for p, k in files], classes
+    return files, classes
 
 
-def _images_in(d: Path) -> list[Path]:
-    return [p for p in d.iterdir()
-            if p.is_file() and p.suffix.lower() in EXTENSIONS and not p.name.startswith(".")]
+def _is_image(f: Found) -> bool:
+    import stat
+
+    return stat.S_ISREG(f[2].st_mode) and f[0].suffix.lower() in EXTENSIONS
 
 
-def _images_under(d: Path) -> list[Path]:
-    return [p for p in d.rglob("*")
-            if p.suffix.lower() in EXTENSIONS and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(d).parts)]
+def _entries(folder: Path, root: Path, named_dir: Path, real_dir: Path, top: bool) -> list[Found]:
+    """The visible entries of the real folder ``real_dir`` (inside ``root``), links read
+    without touching anything outside ``root``."""
+    out = []
+    with os.scandir(real_dir) as it:
+        for e in it:
+            if e.name.startswith("."):
+                continue
+            named, image = named_dir / e.name, Path(e.name).suffix.lower() in EXTENSIONS
+            if not e.is_symlink():
+                out.append((named, named, e.stat(follow_symlinks=False)))
+                continue
+            real = inside_folder(root, os.path.relpath(real_dir / e.name, root))
+            if real is None:
+                if top or image:
+                    raise DataError(
+                        f"{quote_name(named)} is a link to "
+                        f"{quote_name(os.readlink(real_dir / e.name))}, outside "
+                        f"{quote_name(folder)}", "Copy the file into the folder, or remove the "
+                        "link")
+                continue  # a link below a class folder that names no image: never followed
+            with contextlib.suppress(OSError):  # a dangling link is skipped
+                out.append((named, real, os.stat(real)))
+    return out
+
+
+def _images_under(folder: Path, root: Path, named_dir: Path, real_dir: Path) -> list[Found]:
+    import stat
+
+    found = []
+    for named, real, st in _entries(folder, root, named_dir, real_dir, top=False):
+        if stat.S_ISDIR(st.st_mode) and real == named:  # not a link
+            found += _images_under(folder, root, named, real_dir / named.name)
+        elif _is_image((named, real, st)):
+            found.append((named, real, st))
+    return found
 
 
 def _natural(s: str) -> list[Any]:
@@ -130,81 +179,108 @@ def _cache_dir(key: dict[str, Any]) -> Path:
 
 
 def _read_cache(key: dict[str, Any], listing: list[list[Any]]) -> Any:
-    """The memory-mapped inputs if the cache holds this exact listing, else None."""
+    """The memory-mapped inputs if the cache holds this exact listing, else None. Only
+    regular files are read: a link, FIFO or device planted in the cache is not opened."""
     from kdcli.storage import map_npy
 
     d = _cache_dir(key)
     try:
-        manifest = json.loads((d / "manifest.json").read_text())
-    except (OSError, ValueError):
+        with os.fdopen(open_regular(d / "manifest.json", "cache file"), "rb") as f:
+            manifest = json.loads(f.read())
+    except (OSError, ValueError, DataError):
         return None
     if (not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT
             or manifest.get("version") != CACHE_VERSION or manifest.get("key") != key
             or manifest.get("files") != listing):
         return None
     try:
+        os.close(open_regular(d / "inputs.npy", "cache file"))
         mapped = map_npy(d / "inputs.npy")
-    except OSError:
+    except (OSError, DataError):
         return None
     if mapped is None or mapped[0].shape[0] != len(listing):
         return None
     return mapped
 
 
-def _open(path: Path):
+@contextlib.contextmanager
+def _open(path: Path, expect: os.stat_result | None = None) -> Iterator[Any]:
+    """The image at ``path`` opened with Pillow, without following a link in its last
+    component or blocking on a FIFO; with ``expect``, the file must be the one scanned
+    (same device and inode), so a file swapped for a link or another file is refused."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        return Image.open(path)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read image {path}: {_first(e)}",
+        f = os.fdopen(open_regular(path, "image"), "rb")
+    except OSError as e:
+        raise DataError(f"cannot read image {quote_name(path)}: {_first(e)}",
                         "Replace or remove the file") from e
+    with f:
+        st = os.fstat(f.fileno())
+        if expect is not None and (st.st_dev, st.st_ino) != (expect.st_dev, expect.st_ino):
+            raise DataError(f"image {quote_name(path)} was replaced while the folder was "
+                            "read", "Rerun once nothing changes the folder")
+        try:
+            img = Image.open(f)
+        except (OSError, UnidentifiedImageError, ValueError,
+                Image.DecompressionBombError) as e:
+            raise DataError(f"cannot read image {quote_name(path)}: {_first(e)}",
+                            "Replace or remove the file") from e
+        with img:
+            yield img
 
 
-def decode_image(path: Path, mode: str, size: tuple[int, int] | None) -> np.ndarray:
+def decode_image(path: Path, mode: str, size: tuple[int, int] | None,
+                 expect: os.stat_result | None = None) -> np.ndarray:
     """One image as uint8 ``[H, W]`` (mode ``L``) or ``[3, H, W]`` (mode ``RGB``).
 
+    Args:
+        path: The image file (a link in its last component is refused).
+        mode: ``L`` or ``RGB``.
+        size: ``(H, W)`` to resize to, or None.
+        expect: The file's ``stat`` when the folder was scanned: a different file is refused.
+
     Raises:
-        DataError: the file is not a readable image (naming it).
+        DataError: the file is not a readable image (naming it), or was replaced.
     """
     import numpy as np
     from PIL import Image
 
-    img = _open(path)
     try:
-        with img:
+        with _open(path, expect) as img:
             img.load()
             img = img.convert(mode)
             if size is not None and img.size != (size[1], size[0]):
                 img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             a = np.asarray(img, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read image {path}: {_first(e)}",
+        raise DataError(f"cannot read image {quote_name(path)}: {_first(e)}",
                         "Replace or remove the file") from e
     return a if mode == "L" else a.transpose(2, 0, 1)
 
 
-def _plan(paths: list[Path], opts: DataOptions) -> tuple[str, tuple[int, int]]:
+def _plan(paths: list[tuple[Path, os.stat_result]],
+          opts: DataOptions) -> tuple[str, tuple[int, int]]:
     """The Pillow mode and ``(H, W)`` of the decoded folder, from the headers alone."""
     size, first, colour = opts.image_size, None, False
-    for p in paths:
-        with _open(p) as img:
+    for p, st in paths:
+        with _open(p, st) as img:
             bands, (w, h) = set(img.getbands()), img.size
         colour = colour or bands not in _GRAY_BANDS
         if opts.image_size is None:
             if first is None:
                 first, size = p, (h, w)
             elif (h, w) != size:
-                raise DataError(f"images differ in size: {first} is {size[1]}x{size[0]}, "
-                                f"{p} is {w}x{h} (width x height)",
-                                "Pass --image-size H,W to resize them all")
+                raise DataError(f"images differ in size: {quote_name(first)} is "
+                                f"{size[1]}x{size[0]}, {quote_name(p)} is {w}x{h} "
+                                "(width x height)", "Pass --image-size H,W to resize them all")
     channels = opts.channels or (3 if colour else 1)
     assert size is not None
     return ("L" if channels == 1 else "RGB"), size
 
 
-def _decode_all(folder: Path, paths: list[Path], opts: DataOptions, key: dict[str, Any],
-                listing: list[list[Any]]) -> Any:
+def _decode_all(folder: Path, paths: list[tuple[Path, os.stat_result]], opts: DataOptions,
+                key: dict[str, Any], listing: list[list[Any]]) -> Any:
     """Decode every image into the cache (or into memory if the cache cannot be written)."""
     import numpy as np
 
@@ -215,13 +291,15 @@ def _decode_all(folder: Path, paths: list[Path], opts: DataOptions, key: dict[st
     d = _cache_dir(key)
     try:
         d.mkdir(parents=True, exist_ok=True)
+        if d.is_symlink():
+            raise NotADirectoryError(d)  # a planted link: decode into memory
         tmp = d / f".inputs.{os.getpid()}.npy.tmp"
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
     except OSError:
         d, out = None, np.empty(shape, dtype=np.uint8)
     try:
-        for i, p in enumerate(paths):
-            out[i] = decode_image(p, mode, size)
+        for i, (p, st) in enumerate(paths):
+            out[i] = decode_image(p, mode, size, st)
     except BaseException:
         if d is not None:
             del out

@@ -688,6 +688,8 @@ def _names(meta: dict[str, str], key: str, count: int | None) -> list[str] | Non
 def file_class_names(path: str | Path) -> list[str] | None:
     """The ``class_names`` a kdcli model file or an ONNX export records, or None."""
     p = Path(path)
+    if not p.is_file():  # a folder, or a FIFO that would block: the loader reports it
+        return None
     meta = read_safetensors_metadata(p)
     if meta is None and p.suffix.lower() == ".onnx":
         import onnx

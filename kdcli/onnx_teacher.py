@@ -100,7 +100,8 @@ def choose_output(sess: Any, output_name: str | None, where: Any,
 
 
 def open_session(path: Any, device: str = "cpu") -> tuple[Any, Any]:
-    """An onnxruntime session and the parsed graph of the model at ``path``."""
+    """An onnxruntime session and the parsed graph of the model at ``path``. External data
+    is checked (:func:`check_external_data`) before onnxruntime sees the model."""
     import onnx
     import onnxruntime as ort
 
@@ -112,12 +113,58 @@ def open_session(path: Any, device: str = "cpu") -> tuple[Any, Any]:
     if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises its own types
+        raise FormatError(f"{path} is a corrupt or unsupported ONNX model ({first_line(e)})",
+                          "Export it again") from e
+    check_external_data(Path(path), proto)
+    try:
         sess = ort.InferenceSession(str(path), so, providers=providers)
-        graph = onnx.load(str(path), load_external_data=False).graph
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
         raise FormatError(f"{path} is a corrupt or unsupported ONNX model ({first_line(e)})",
                           "Export it again") from e
-    return sess, graph
+    return sess, proto.graph
+
+
+def check_external_data(path: Path, proto: Any) -> None:
+    """Refuse tensors whose external data is not a regular file inside the model's folder:
+    an absolute path, a ``..``, a link leading out (read with ``lstat``/``readlink``, the
+    target never touched), or a FIFO or device.
+
+    Raises:
+        FormatError: naming the tensor, the location and why.
+    """
+    import stat
+
+    from onnx import TensorProto, external_data_helper
+
+    from kdcli.errors import quote_name
+    from kdcli.files import inside_folder
+
+    for t in external_data_helper._get_all_tensors(proto):
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        why = None
+        if not location or "\0" in location:
+            why = "is empty"
+        elif Path(location).is_absolute() or location.startswith("\\") or \
+                location[1:3] in (":\\", ":/"):
+            why = "is an absolute path"
+        elif ".." in location.replace("\\", "/").split("/"):
+            why = "leads out of the model's folder (..)"
+        else:
+            real = inside_folder(path.parent, location)
+            if real is None:
+                why = "is a link that leads out of the model's folder"
+            elif real.exists() and not stat.S_ISREG(real.stat().st_mode):
+                why = "is not a regular file (a folder, FIFO or device)"
+        if why:
+            raise FormatError(
+                f"External data {quote_name(repr(location[:200]))} of tensor "
+                f"{quote_name(repr(t.name[:100]))} in {quote_name(path)} {why}",
+                "kdcli reads external data only from regular files beside the model; copy "
+                "them into its folder and save it with relative locations")
 
 
 def describe_onnx(path: Any, output_name: str | None = None) -> dict[str, Any]:

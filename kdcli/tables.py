@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcli.errors import DataError
+from kdcli.errors import DataError, quote_name
 
 if TYPE_CHECKING:
     import numpy as np
@@ -225,5 +225,5 @@ def _row(path: Path, i: int) -> str:
 
 
 def _few(names: list[str], n: int = 8) -> str:
-    shown = ", ".join(names[:n])
+    shown = ", ".join(quote_name(name) for name in names[:n])
     return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kdcli.errors import DataError, FormatError, UsageError
+from kdcli.files import inside_folder
 from kdcli.models import check_format
 from kdcli.storage import (
     DATA_SHA256,
@@ -952,11 +953,8 @@ def shard_file(index: Path, name: Any, i: int, count: int) -> Path:
         raise FormatError(f"{where} is named {_clip(repr(name))}, not a file name in the "
                           "index's folder", "Regenerate the set (kdcli writes plain names)")
     f = index.parent / name
-    try:
-        inside = f.resolve().parent == index.parent.resolve()
-    except (OSError, RuntimeError):  # a symlink loop
-        inside = False
-    if not inside:
+    real = inside_folder(index.parent, name)  # reads links; touches nothing outside
+    if real is None or real.parent != Path(os.path.realpath(index.parent)):
         raise FormatError(f"{where}, {name}, is a link that leads out of the index's folder",
                           "Copy the shard files next to the index")
     return f

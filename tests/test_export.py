@@ -176,7 +176,7 @@ def test_resnet_exports_with_batchnorm_folded_and_matches_torch(tmp_path):
     path = tmp_path / "r.safetensors"
     save_model(path, model.eval(), arch, pre, 10, {"command": "train", "data": str(data)})
     out = tmp_path / "r.onnx"
-    report = main_export(path, out)
+    report = main_export(path, out, data=str(data))  # a recorded path is named again
     ops = report["op_counts"]
     assert "BatchNormalization" not in ops and ops["Conv"] == sum(
         isinstance(m, torch.nn.Conv2d) for m in model.modules())

@@ -153,7 +153,8 @@ def test_colour_folder_end_to_end_with_per_channel_statistics_in_onnx(cli, tmp_p
             "--eval-data", "test", "--out", "student.safetensors", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["test_errors"] < 40  # measured 19
-    r = cli("export", "student.onnx", "--model", "student.safetensors", "--json")
+    r = cli("export", "student.onnx", "--model", "student.safetensors", "--data", "test",
+            "--json")  # a recorded path is opened only when named again
     assert r.exit_code == 0, r.output
     r = cli("eval", "teacher.safetensors", "student.onnx", "--data", "test", "--json")
     assert r.exit_code == 0, r.output

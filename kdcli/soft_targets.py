@@ -576,7 +576,8 @@ def _write_sharded(index: Path, n: int, rows_per_shard: int, meta: dict[str, str
                     write_index(tmp, meta, shards)
     finally:
         for t in temps.values():
-            t.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # read-only: the write error is the news
+                t.unlink(missing_ok=True)
     return shards
 
 

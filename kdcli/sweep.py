@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdcli.config import SWEEP_ALPHA, DistillConfig, TrainConfig, student_config
 from kdcli.errors import UsageError
+from kdcli.files import OutputWriteError, write_error
 from kdcli.output import Reporter
 
 if TYPE_CHECKING:
@@ -116,7 +117,14 @@ def _folder(out_dir: str | Path, force: bool) -> Path:
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out-dir {folder} is a file", "Give a folder (it is created if "
                          "missing)")
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        err = write_error(folder, e)
+        if err is None:
+            raise
+        raise OutputWriteError(f"cannot create --out-dir {folder}: {err.message.split(': ')[-1]}",
+                               "Choose a writable --out-dir") from e
     if force:
         for old in [folder / "transfer.safetensors", *folder.glob("student-h*-T*.safetensors*"),
                     folder / "results.json", folder / "sweep.png"]:

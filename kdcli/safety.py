@@ -146,8 +146,10 @@ def check_factory(spec: str, modname: str, attr: str, factory: object = None) ->
     ``--arch`` imports the module and calls the factory with no arguments: running the
     user's code is its point. What it refuses is reaching anything else: a module of the
     standard library or a built-in one (``os:system``, ``builtins:breakpoint``), torch
-    itself, a dotted or private attribute, and anything that is not a class or a
-    function defined outside those (a re-exported ``os.system`` is refused too).
+    itself, any installed library (a module found in ``site-packages`` or ``dist-packages``:
+    ``transformers:AutoModel``, ``PIL.Image:new``), a dotted or private attribute, and
+    anything that is not a class or a function defined outside those (a re-exported
+    ``os.system`` is refused too).
     The result must be an ``nn.Module`` (checked by the caller).
 
     Args:

@@ -143,8 +143,9 @@ def _check_text(path: Path) -> None:
     except UnicodeDecodeError:
         ok = False
     if not ok:
-        raise DataError(f"{path} is not a text table: its first bytes are binary, not UTF-8 "
-                        "text", "Give a CSV/TSV file (UTF-8), or the data in its own format")
+        raise DataError(f"{path} is not a UTF-8 text table: its first 64 KiB hold NUL bytes "
+                        "or bytes that are not UTF-8 (a binary file, or another encoding)",
+                        "Give a CSV/TSV file in UTF-8 (convert other encodings first)")
 
 
 @contextlib.contextmanager
@@ -162,8 +163,10 @@ def _no_unraisable() -> Iterator[None]:
 
 
 def _printable(text: str) -> str:
-    """``text`` with control characters and undecodable bytes escaped (one line)."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    """pyarrow's message without the row it quotes (which may be binary junk), and with
+    control characters and undecodable bytes escaped (one line)."""
+    text = re.sub(r"(Expected \d+ columns, got \d+):.*", r"\1", text)
+    return "".join(c if c.isprintable() and c != "\ufffd" else repr(c)[1:-1] for c in text)
 
 
 def _label_column(names: list[str], opts: DataOptions, path: Path) -> str | None:

@@ -252,8 +252,8 @@ def test_binary_junk_as_csv_is_one_line_without_raw_bytes(tmp_path, cli, junk):
                       "late": b"a,label\n" + b"1,0\n" * 40_000 + noise}[junk])
     r = cli(*_train_args(data))
     line = one_line_error(r)
-    assert "not a text table" in line or "cannot read" in line, line
-    assert line.isprintable() and "Traceback" not in r.output
+    assert "not a UTF-8 text table" in line or "cannot read" in line, line
+    assert line.isascii() and line.isprintable() and "Traceback" not in r.output
     assert not (tmp_path / "m.safetensors").exists()
 
 

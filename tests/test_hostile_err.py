@@ -245,7 +245,12 @@ def test_a_long_header_reads_and_a_too_long_line_is_one_line(tmp_path, cli, monk
 
 
 @pytest.mark.parametrize("junk", ["random", "nul", "late"])
-def test_binary_junk_as_csv_is_one_line_without_raw_bytes(tmp_path, cli, junk):
+def test_binary_junk_as_csv_is_one_line_without_raw_bytes(tmp_path, cli, junk, monkeypatch):
+    import re
+    import sys
+
+    printed = []  # what Python would print as "Exception ignored in ... Traceback"
+    monkeypatch.setattr(sys, "unraisablehook", printed.append)
     data = tmp_path / "junk.csv"
     noise = np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes()
     data.write_bytes({"random": noise, "nul": b"a,label\n1,0\x00\n",
@@ -254,6 +259,7 @@ def test_binary_junk_as_csv_is_one_line_without_raw_bytes(tmp_path, cli, junk):
     line = one_line_error(r)
     assert "not a UTF-8 text table" in line or "cannot read" in line, line
     assert line.isascii() and line.isprintable() and "Traceback" not in r.output
+    assert not re.search(r"got \d+:", line) and printed == []
     assert not (tmp_path / "m.safetensors").exists()
 
 

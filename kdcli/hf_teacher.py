@@ -139,7 +139,8 @@ def read_config(folder: Path) -> dict[str, Any]:
             for k in id2label)):
         _wrong(p, "id2label", id2label, 'an object from class numbers to names ({"0": "cat"})')
     size = cfg.get("image_size")
-    if size is not None and not _positive_int(size) and not _is_size(size):
+    if size is not None and not (_positive_int(size) or _is_size(size) or (
+            isinstance(size, list) and size and all(_positive_int(x) for x in size))):
         _wrong(p, "image_size", size, "a positive integer")
     return cfg
 
@@ -170,11 +171,10 @@ def _positive_int(v: Any, zero: bool = False) -> bool:
 
 
 def _is_size(v: Any) -> bool:
-    """A size object of positive integers with height and width, or shortest_edge."""
-    return (isinstance(v, dict) and bool(v) and ({"height", "width"} <= v.keys()
-                                                 or "shortest_edge" in v)
-            and all(_positive_int(x) for k, x in v.items()
-                    if k in ("height", "width", "shortest_edge")))
+    """A size object of positive integers (``height`` and ``width``, ``shortest_edge``,
+    ``longest_edge``, ...)."""
+    return isinstance(v, dict) and bool(v) and all(_positive_int(x) for x in v.values()
+                                                    if x is not None)
 
 
 def _wrong(p: Path, key: str, value: Any, want: str) -> None:

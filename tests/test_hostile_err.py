@@ -324,13 +324,15 @@ def test_wide_unsigned_inputs_follow_one_rule_in_every_command(tmp_path, cli, dt
 # --------------------------------------------------------------- options and --arch
 
 @pytest.mark.parametrize("seed", [str(2**63), str(2**64), "-1"])
-def test_seeds_out_of_range_are_one_line(tmp_path, cli, ts_teacher, seed):
+def test_seeds_out_of_range_are_one_line(tmp_path, cli, ts_teacher, model_file, seed):
     for args in (["train", "--data", "mnist[:50]", "--arch", "mlp:4", "--epochs", "1",
                   "--eval-data", "none", "--out", str(tmp_path / "m.safetensors")],
                  ["soft-targets", str(ts_teacher), "--data", "mnist[:20]", "--out",
-                  str(tmp_path / "t.safetensors")]):
+                  str(tmp_path / "t.safetensors")],
+                 ["sweep", str(model_file), "--T", "2", "--hidden", "4", "--data",
+                  "mnist[:20]", "--out-dir", str(tmp_path / "sweep")]):
         line = one_line_error(cli(*args, f"--seed={seed}"))
-        assert "--seed must be from 0 to 2^63 - 1" in line
+        assert "must be from 0 to 2^63 - 1" in line
     assert list(tmp_path.iterdir()) == []
 
 

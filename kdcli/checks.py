@@ -74,6 +74,18 @@ def check_width(width: int, flag: str = "--hidden") -> int:
     return width
 
 
+# Seeds: torch takes up to 2^64 - 1; kdcli adds epoch and rank numbers to a seed.
+SEED_MAX = 2**63 - 1
+
+
+def check_seed(seed: int, flag: str = "--seed") -> int:
+    """A seed from 0 to :data:`SEED_MAX`."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise UsageError(f"{flag} must be from 0 to 2^63 - 1, got {str(seed)[:30]}",
+                         "Try --seed 0")
+    return seed
+
+
 def check_jitter(jitter: int, image_shape: list[int] | tuple[int, ...] | None) -> int:
     """A shift of 0 or more pixels, smaller than the image (``[H, W]`` or ``[C, H, W]``)."""
     if jitter < 0:

@@ -114,8 +114,8 @@ def _data_options(label_column: str | None, feature_columns: str | None,
     size = _ints(image_size, "--image-size")
     if size is not None and len(size) == 1:
         size = size * 2
-    columns = [c.strip() for c in feature_columns.split(",") if c.strip()] if feature_columns \
-        else None
+    columns = [c.strip() for c in feature_columns.split(",") if c.strip()] \
+        if feature_columns is not None else None
     opts = DataOptions(label_column=label_column or None,
                        feature_columns=tuple(columns) if feature_columns is not None else None,
                        channels=channels, image_size=tuple(size) if size else None)

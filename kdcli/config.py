@@ -16,6 +16,7 @@ from kdcli.checks import (
     check_device,
     check_momentum,
     check_precision,
+    check_seed,
     check_temperature,
     check_weight_decay,
 )
@@ -89,6 +90,7 @@ class TrainConfig:
             raise UsageError(f"unknown --schedule {self.schedule!r}", "Use cosine or constant")
         check_precision(self.precision)
         check_device(self.device)
+        check_seed(self.seed)
         most = self.epochs if self.epochs is not None else DEFAULT_EPOCHS  # auto: at least
         if not (math.isfinite(self.warmup) and 0 <= self.warmup <= most):
             raise UsageError(f"--warmup must be between 0 and --epochs ({most}), "

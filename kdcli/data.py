@@ -231,6 +231,7 @@ def load_data(spec: str, limit: int | None = None,
         files.append(mapped)
     else:
         inputs_t = torch.from_numpy(inputs.copy() if not inputs.flags.writeable else inputs)
+    inputs_t = _widen_unsigned(inputs_t, base)
     if labels is None:
         labels_t = None
     elif isinstance(labels, torch.Tensor):
@@ -548,11 +549,38 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
+def _widen_unsigned(inputs: torch.Tensor, source: str) -> torch.Tensor:
+    """uint16, uint32 and uint64 inputs as the signed type that holds their values exactly
+    (int32, int64, int64), the one rule of every command (kdcli stores no unsigned type
+    wider than 8 bits)."""
+    import torch
+
+    wider = {torch.uint16: torch.int32, torch.uint32: torch.int64, torch.uint64: torch.int64}
+    if inputs.dtype not in wider:
+        return inputs
+    out = inputs.to(wider[inputs.dtype])
+    if inputs.dtype == torch.uint64 and out.numel() and int(out.min()) < 0:
+        raise DataError(f"inputs of {source} are uint64 values of 2^63 or more",
+                        "Scale the inputs to a smaller range, or store them as floats")
+    return out
+
+
+def _check_magic(path: Path) -> None:
+    """Refuse a .npy/.npz that does not start as one, before numpy calls it a pickle."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if not (head == b"\x93NUMPY" or head.startswith((b"PK\x03\x04", b"PK\x05\x06"))):
+        raise DataError(f"{path} is not a NumPy file: it starts with neither the .npy "
+                        f"header nor a zip (.npz) header ({len(head)} bytes read: {head!r})",
+                        "The file is truncated, corrupt or of another format")
+
+
 def _load_numpy(path: Path):
     import numpy as np
 
     from kdcli.storage import map_npy
 
+    _check_magic(path)
     if path.suffix == ".npy":
         try:
             mapped = map_npy(path)
@@ -638,6 +666,10 @@ def _check_arrays(path, inputs, labels):
         if not np.issubdtype(labels.dtype, np.integer):
             raise DataError(f"labels in {path} have dtype {labels.dtype}",
                             "Store integer class indices")
+        if labels.dtype.kind == "u" and labels.size and \
+                int(labels.max()) > np.iinfo(np.int64).max:
+            raise DataError(f"labels in {path} include {int(labels.max())}, not a class index",
+                            "Labels must be class indices 0..C-1")
         if labels.ndim != 1 or len(labels) != len(inputs):
             raise DataError(f"{path} has {len(inputs)} inputs but labels of shape {labels.shape}",
                             "Give one integer label per input")

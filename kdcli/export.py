@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from kdcli import __version__
 from kdcli.checks import check_opset
 from kdcli.errors import ExportError, FormatError, UsageError, first_line
-from kdcli.files import atomic_output, check_output, require_file
+from kdcli.files import atomic_output, check_output, require_file, write_error
 from kdcli.output import Reporter
 
 if TYPE_CHECKING:
@@ -178,12 +178,27 @@ def _to_onnx(model, output_names: list[str], raw_shape: list[int], fixed: int | 
             warnings.simplefilter("always")
             torch.onnx.export(Exportable().eval(), (example,), str(path), **kwargs)
     except Exception as e:  # noqa: BLE001 - the exporter raises many types
+        cause = _write_failure(e, path)
+        if cause is not None:  # a full disk or read-only folder, not the exporter's fault:
+            raise cause from e  # atomic_output names the output
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise ExportError(f"the ONNX exporter failed: {first}",
                           "Rerun with --verbose for its log; try another --opset") from e
     finally:
         logging.disable(logging.NOTSET)
     return buf.getvalue() + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
+
+
+def _write_failure(exc: BaseException, path: Path) -> BaseException | None:
+    """The write error (disk full, read-only, ...) in ``exc``'s chain of causes, if any."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if write_error(path, e) is not None:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _set_metadata(proto, mf, outputs: str) -> None:

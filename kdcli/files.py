@@ -69,13 +69,24 @@ def write_error(path: str | os.PathLike, exc: BaseException) -> OutputWriteError
     reason = None
     if isinstance(exc, OSError) and exc.errno in _WRITE_ERRORS:
         reason = _WRITE_ERRORS[exc.errno]
-    elif isinstance(exc, RuntimeError) and re.search(
-            r"write failed|failed writing|No space left", str(exc)):
-        reason = "the write failed (is the disk full?)"
+    elif isinstance(exc, RuntimeError) and re.search(  # torch.save's writer; a short
+            r"write failed|failed writing|No space left|unexpected pos \d+ vs \d+",  # write
+            str(exc)):
+        reason = "no space left on the device" if _full(Path(path).parent) else \
+            "the write failed (is the disk full?)"
     if reason is None:
         return None
     return OutputWriteError(f"cannot write {path}: {reason}",
-                            "Free space or choose a writable --out; nothing was written")
+                            "Free space or choose a writable output path; nothing was written")
+
+
+def _full(folder: Path) -> bool:
+    """Whether the file system of ``folder`` has (almost) no space left for this user."""
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return False
+    return st.f_bavail * st.f_frsize < (64 << 10)
 
 
 def temp_path(final: Path) -> Path:
@@ -241,7 +252,8 @@ def atomic_output(path: str | os.PathLike, force: bool = False,
                 raise
             raise err from e
     finally:
-        tmp_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder: the write error is the news
+            tmp_path.unlink(missing_ok=True)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -164,7 +164,75 @@ def read_processor(folder: Path) -> dict[str, Any]:
         raise FormatError(f"{p} is not valid JSON ({e})", "Save the processor again") from e
     if not isinstance(cfg, dict):
         raise FormatError(f"{p} is not a JSON object", "Save the processor again")
+    _check_processor(cfg, p)
     return cfg
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """The checkpoint's ``config.json``, with the fields kdcli uses checked for their type.
+
+    Raises:
+        FormatError: not JSON, not an object, or a field of the wrong type.
+    """
+    p = folder / "config.json"
+    try:
+        cfg = json.loads(p.read_text())
+    except ValueError as e:
+        raise FormatError(f"{p} is not valid JSON ({e})", "Save the checkpoint again") from e
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{p} is not a JSON object", "Save the checkpoint again")
+    n = cfg.get("num_labels")
+    if n is not None and not _positive_int(n):
+        _wrong(p, "num_labels", n, "a positive integer")
+    id2label = cfg.get("id2label")
+    if id2label is not None and not (isinstance(id2label, dict) and all(
+            _positive_int(k, zero=True) or (isinstance(k, str) and k.isdecimal())
+            for k in id2label)):
+        _wrong(p, "id2label", id2label, 'an object from class numbers to names ({"0": "cat"})')
+    size = cfg.get("image_size")
+    if size is not None and not (_positive_int(size) or _is_size(size) or (
+            isinstance(size, list) and size and all(_positive_int(x) for x in size))):
+        _wrong(p, "image_size", size, "a positive integer")
+    return cfg
+
+
+def _check_processor(proc: dict[str, Any], p: Path) -> None:
+    """Refuse processor fields kdcli uses that have the wrong type (a string for a number,
+    an object for a list, a size of zero)."""
+    for key in ("rescale_factor",):
+        if proc.get(key) is not None and not _number(proc[key]):
+            _wrong(p, key, proc[key], "a number")
+    for key in ("image_mean", "image_std"):
+        v = proc.get(key)
+        if v is not None and not (_number(v) or (isinstance(v, list) and v
+                                                 and all(_number(x) for x in v))):
+            _wrong(p, key, v, "a number or a list of numbers, one per channel")
+    for key in ("size", "crop_size"):
+        v = proc.get(key)
+        if v is not None and not (_positive_int(v) or _is_size(v)):
+            _wrong(p, key, v, 'a positive integer or {"height": H, "width": W}')
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _positive_int(v: Any, zero: bool = False) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= (0 if zero else 1)
+
+
+def _is_size(v: Any) -> bool:
+    """A size object of positive integers (``height`` and ``width``, ``shortest_edge``,
+    ``longest_edge``, ...)."""
+    return isinstance(v, dict) and bool(v) and all(_positive_int(x) for x in v.values()
+                                                    if x is not None)
+
+
+def _wrong(p: Path, key: str, value: Any, want: str) -> None:
+    shown = json.dumps(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    raise FormatError(f"{p}: {key} must be {want}, not {shown}",
+                      "Fix the field, or save the checkpoint again with save_pretrained")
 
 
 def processor_preprocessing(proc: dict[str, Any]) -> dict[str, Any]:
@@ -212,11 +280,7 @@ def class_names(id2label: dict | None, n: int) -> list[str] | None:
 def describe_folder(folder: Path) -> dict[str, Any]:
     """What ``kdcli inspect`` shows of a checkpoint folder, from its JSON files only."""
     check_folder(folder)
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-    except ValueError as e:
-        raise FormatError(f"{folder}/config.json is not valid JSON ({e})",
-                          "Save the checkpoint again") from e
+    cfg = read_config(folder)
     id2label = cfg.get("id2label") or {}
     n = int(cfg.get("num_labels") or len(id2label) or 2)
     pre = {"scale": 1.0, "mean": 0.0, "std": 1.0, **processor_preprocessing(read_processor(folder))}
@@ -242,6 +306,7 @@ def load_hf(t: Teacher, opts: TeacherOptions) -> None:
 
     folder = t.path
     files = weight_files(folder, opts.trust_pickle)
+    read_config(folder)  # fields of the wrong type: one line, before transformers reads them
     tf = _import_transformers()
     import torch
 

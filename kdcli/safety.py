@@ -32,6 +32,7 @@ from kdcli.errors import FormatError, UnsafePickleError
 _HINT = "If you trust its source, pass --trust-pickle (this runs code from the file)"
 _NATIVE = (".so", ".dll", ".dylib", ".pyd")
 # Not model code: --arch may not call into these (nor into the standard library).
+_PACKAGES = {"site-packages", "dist-packages"}  # where installed libraries live
 _LIBRARIES = ("torch", "numpy", "kdcli", "typer", "click", "onnx", "onnxruntime",
               "safetensors", "pytest", "_pytest", "pip", "setuptools")
 
@@ -145,8 +146,10 @@ def check_factory(spec: str, modname: str, attr: str, factory: object = None) ->
     ``--arch`` imports the module and calls the factory with no arguments: running the
     user's code is its point. What it refuses is reaching anything else: a module of the
     standard library or a built-in one (``os:system``, ``builtins:breakpoint``), torch
-    itself, a dotted or private attribute, and anything that is not a class or a
-    function defined outside those (a re-exported ``os.system`` is refused too).
+    itself, any installed library (a module found in ``site-packages`` or ``dist-packages``:
+    ``transformers:AutoModel``, ``PIL.Image:new``), a dotted or private attribute, and
+    anything that is not a class or a function defined outside those (a re-exported
+    ``os.system`` is refused too).
     The result must be an ``nn.Module`` (checked by the caller).
 
     Args:
@@ -187,4 +190,21 @@ def _library(top: str) -> bool:
     import sys
 
     return top in sys.stdlib_module_names or top in sys.builtin_module_names or \
-        top in _LIBRARIES
+        top in _LIBRARIES or _installed(top)
+
+
+def _installed(top: str) -> bool:
+    """Whether the top-level module ``top`` is an installed library: found (without
+    importing it) in a ``site-packages`` or ``dist-packages`` folder, where pip and the
+    system's packages install. The user's own code (the working folder, PYTHONPATH, an
+    editable install's source folder) is not there."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    if spec is None:
+        return False
+    places = [spec.origin or "", *(spec.submodule_search_locations or [])]
+    return any(_PACKAGES & set(Path(p).parts) for p in places if p)

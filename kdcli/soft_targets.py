@@ -18,6 +18,7 @@ from kdcli.augment import AugmentConfig
 from kdcli.checks import (
     check_batch_size,
     check_precision,
+    check_seed,
     check_temperature,
     parse_size,
     precision_note,
@@ -119,8 +120,8 @@ class _Source:
 
         draws = []
         for blk in range(lo // self.BLOCK, (hi - 1) // self.BLOCK + 1):
-            gen = torch.Generator().manual_seed(
-                (self.seed * 1_000_003 + copy) * 1_000_003 + blk)
+            gen = torch.Generator().manual_seed(  # torch takes seeds below 2^64
+                ((self.seed * 1_000_003 + copy) * 1_000_003 + blk) % (1 << 64))
             s = slice(max(lo, blk * self.BLOCK) - blk * self.BLOCK,
                       min(hi, (blk + 1) * self.BLOCK) - blk * self.BLOCK)
             draws.append(self.augment.draw(self.BLOCK, gen)[s])
@@ -188,6 +189,7 @@ def soft_targets(
     rep = reporter or Reporter()
     # check every option before any file is read
     T = None if T is None else check_temperature(T)
+    check_seed(seed)
     augment = _check_options(teachers, combine=combine, precision=precision,
                              batch_size=batch_size, augment=augment, jitter=jitter,
                              copies=copies, top_k=top_k, targets_dtype=targets_dtype, rep=rep)
@@ -588,7 +590,8 @@ def _write_sharded(index: Path, n: int, rows_per_shard: int, meta: dict[str, str
                     write_index(tmp, meta, shards)
     finally:
         for t in temps.values():
-            t.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # read-only: the write error is the news
+                t.unlink(missing_ok=True)
     return shards
 
 

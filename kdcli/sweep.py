@@ -16,8 +16,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kdcli.checks import check_seed
 from kdcli.config import SWEEP_ALPHA, DistillConfig, TrainConfig, student_config
 from kdcli.errors import UsageError
+from kdcli.files import OutputWriteError, write_error
 from kdcli.output import Reporter
 
 if TYPE_CHECKING:
@@ -100,6 +102,8 @@ def _check_grid(temperatures: list[float], hidden: list[int], layers: int, seeds
         raise UsageError(f"--hidden widths must be positive, got {hidden}", "e.g. 30,300")
     if not seeds or len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds must be distinct integers, got {seeds}", "e.g. --seeds 0,1")
+    for s in seeds:
+        check_seed(s, "--seeds")
     if distill.T is not None:
         raise UsageError("sweep takes its temperatures from --T, not from its DistillConfig",
                          "Leave DistillConfig.T None")
@@ -117,7 +121,14 @@ def _folder(out_dir: str | Path, force: bool) -> Path:
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out-dir {folder} is a file", "Give a folder (it is created if "
                          "missing)")
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        err = write_error(folder, e)
+        if err is None:
+            raise
+        raise OutputWriteError(f"cannot create --out-dir {folder}: {err.message.split(': ')[-1]}",
+                               "Choose a writable --out-dir") from e
     if force:
         for old in [folder / "transfer.safetensors", *folder.glob("student-h*-T*.safetensors*"),
                     folder / "results.json", folder / "sweep.png"]:

@@ -12,8 +12,10 @@ with the column and row.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +28,9 @@ if TYPE_CHECKING:
     from kdcli.data import DataOptions
 
 _PIXEL = re.compile(r"^pixel(\d+)$")
+# The longest CSV line (or file, read as one block) pyarrow is given: 256 MiB.
+MAX_BLOCK = 256 << 20
+_MAX_LABEL = 2**62  # larger values do not fit an int64 class index (and are not classes)
 
 
 @dataclass
@@ -49,6 +54,10 @@ def load_table(path: Path, opts: DataOptions) -> Table:
 
     table = _read(path)
     names = list(table.column_names)
+    dup = next((c for i, c in enumerate(names) if c in names[:i]), None)
+    if dup is not None:
+        raise DataError(f"{path} has the column name {dup!r} {names.count(dup)} times",
+                        "Give every column its own name")
     if table.num_rows == 0:
         raise DataError(f"{path} holds no rows (columns: {_few(names)})",
                         "Give a table with a header and at least one row")
@@ -82,21 +91,82 @@ def _read(path: Path):
             return pq.read_table(path)
         import pyarrow.csv as pcsv
 
+        _check_text(path)
         delimiter = "\t" if ".tsv" in "".join(path.suffixes).lower() else ","
-        return pcsv.read_csv(path, read_options=pcsv.ReadOptions(use_threads=False),
-                             parse_options=pcsv.ParseOptions(delimiter=delimiter,
-                                                             invalid_row_handler=on_invalid))
+        with _no_unraisable():
+            return pcsv.read_csv(path, read_options=pcsv.ReadOptions(
+                use_threads=False, block_size=_block_size(path)),
+                parse_options=pcsv.ParseOptions(delimiter=delimiter,
+                                                invalid_row_handler=on_invalid))
     except (pa.ArrowException, OSError) as e:
+        if "straddl" in str(e) or ("Empty CSV file or block" in str(e)
+                                   and _block_size(path) >= MAX_BLOCK):
+            raise DataError(f"{path} has a line or field longer than "
+                            f"{MAX_BLOCK >> 20} MiB, the most kdcli reads in one piece",
+                            "Split the long lines, or store the data as .npz or "
+                            "Parquet") from e
         if bad:
             r = bad[0]
             where = f"line {r.number}" if r.number is not None else "a row"
             raise DataError(f"{path} {where} has {r.actual_columns} fields, but the header "
                             f"has {r.expected_columns} columns",
                             "Give every row the same number of fields") from e
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = _printable((str(e).strip().splitlines() or [type(e).__name__])[0][:200])
         kind = "Parquet" if parquet else "CSV"
         raise DataError(f"cannot read {path} as {kind}: {first}",
                         f"Check that the file is a valid {kind} table") from e
+
+
+def _block_size(path: Path) -> int:
+    """pyarrow's block: the whole file up to MAX_BLOCK (a line must fit in one block; its
+    default of 1 MiB refused a 1 MB header). Compressed files may grow 8 times."""
+    try:
+        size = path.stat().st_size * (8 if path.suffix.lower() == ".gz" else 1)
+    except OSError:
+        size = 0
+    return int(min(MAX_BLOCK, max(1 << 20, size + 1)))
+
+
+def _check_text(path: Path) -> None:
+    """Refuse a CSV whose start is not text (NUL bytes, or not UTF-8), before pyarrow
+    prints the raw bytes."""
+    import codecs
+    import gzip
+
+    head = b""
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    with contextlib.suppress(OSError, EOFError), opener(path, "rb") as f:
+        head = f.read(1 << 16)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        ok = b"\0" not in head
+    except UnicodeDecodeError:
+        ok = False
+    if not ok:
+        raise DataError(f"{path} is not a UTF-8 text table: its first 64 KiB hold NUL bytes "
+                        "or bytes that are not UTF-8 (a binary file, or another encoding)",
+                        "Give a CSV/TSV file in UTF-8 (convert other encodings first)")
+
+
+@contextlib.contextmanager
+def _no_unraisable() -> Iterator[None]:
+    """Hold back the 'Exception ignored in ...' tracebacks pyarrow prints when a row it
+    hands to a callback is not UTF-8 (the read then fails and kdcli reports it)."""
+    import sys
+
+    old = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        sys.unraisablehook = old
+
+
+def _printable(text: str) -> str:
+    """pyarrow's message without the row it quotes (which may be binary junk), and with
+    control characters and undecodable bytes escaped (one line)."""
+    text = re.sub(r"(Expected \d+ columns, got \d+):.*", r"\1", text)
+    return "".join(c if c.isprintable() and c != "\ufffd" else repr(c)[1:-1] for c in text)
 
 
 def _label_column(names: list[str], opts: DataOptions, path: Path) -> str | None:
@@ -209,9 +279,9 @@ def _labels(table: Any, label: str, path: Path) -> tuple[np.ndarray, list[str] |
         raise DataError(f"label column {label!r} of {path} has type {t}",
                         "Use integer class indices or class names")
     y = col.to_numpy()
-    bad = np.nonzero((y < 0) | (y != np.floor(y)))[0]
+    bad = np.nonzero((y < 0) | ~np.isfinite(y) | (y != np.floor(y)) | (y > _MAX_LABEL))[0]
     if len(bad):
-        raise DataError(f"label column {label!r} of {path} holds {y[bad[0]]!r} in "
+        raise DataError(f"label column {label!r} of {path} holds {y[bad[0]].item()!r} in "
                         f"{_row(path, int(bad[0]))}",
                         "Labels must be class indices 0, 1, ... or class names")
     return y.astype(np.int64), None

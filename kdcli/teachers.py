@@ -597,6 +597,10 @@ def _probe(t: Teacher, probe: torch.Tensor | None) -> None:
             t.notes.append(f"{t.name}: outputs look like {t.output}; "
                            f"converted to logits (override with --teacher-output)")
     width = int(out.shape[1])
+    if width == 0:
+        raise ModelError(f"teacher {t.name} returns no class scores (shape "
+                         f"{tuple(out.shape)})", "The model must output at least one score "
+                         "per example")
     t.binary = width == 1
     if t.binary:
         t.notes.append(f"{t.name}: one output column ({t.output}); read as a binary "
@@ -837,22 +841,43 @@ def _call_factory(spec: str) -> Any:
                          "Use mlp:W,W / cnn:MULT, or package.module:factory")
     from kdcli.safety import check_factory
 
-    check_factory(spec, modname, attr)
     if "" not in sys.path:
         sys.path.insert(0, "")  # like `python -m`, user code in the working folder is found
+    check_factory(spec, modname, attr)
     try:
         factory = getattr(importlib.import_module(modname), attr)
     except (ImportError, AttributeError) as e:
         raise UsageError(f"cannot import {spec} ({e})",
                          "Check the module is on PYTHONPATH and the factory name") from e
     check_factory(spec, modname, attr, factory)
-    module = factory()
+    module = _run_factory(spec, factory)
     from torch import nn
 
     if not isinstance(module, nn.Module):
         raise ModelError(f"{spec}() returned {type(module).__name__}", "Return an nn.Module")
     return module
 
+
+
+def _run_factory(spec: str, factory: Any) -> Any:
+    """Call ``factory()``; one line if it needs arguments or raises."""
+    import inspect
+
+    from kdcli.errors import first_line
+
+    try:
+        inspect.signature(factory).bind()
+    except TypeError as e:
+        raise UsageError(f"--arch {spec} cannot be called without arguments ({e})",
+                         "Give a factory whose arguments all have defaults") from None
+    except ValueError:  # no signature to inspect (a builtin): let the call decide
+        pass
+    try:
+        return factory()
+    except Exception as e:  # noqa: BLE001 - the user's code raises anything
+        raise ModelError(f"--arch {spec}: calling it raised {type(e).__name__}: "
+                         f"{first_line(e, 150)!r}",
+                         "Fix the factory; it must build the model with no arguments") from e
 
 
 def parse_shape(text: str) -> list[int]:

@@ -442,6 +442,9 @@ def _load_checkpoint(path: Path | None, fingerprint: dict, model, opt, gen, epoc
         saved = json.loads(state["fingerprint"])
         epoch = state["epoch"]
     except pickle.UnpicklingError as e:  # torch's restricted unpickler refused a global
+        if not _pickle_like(path):  # random bytes, not a pickle of anything
+            raise FormatError(f"checkpoint {path} is damaged: it is not a torch.save "
+                              "archive", "Delete it and run without --resume") from None
         raise FormatError(f"checkpoint {path} is damaged: it holds pickled Python objects "
                           "that a kdcli checkpoint never has (nothing was run)",
                           "Delete it and run without --resume") from e
@@ -463,6 +466,15 @@ def _load_checkpoint(path: Path | None, fingerprint: dict, model, opt, gen, epoc
     gen.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     return epoch, json.loads(state["history"])
+
+
+def _pickle_like(path: Path) -> bool:
+    """Whether ``path`` starts as a zip archive (torch.save) or a pickle (its legacy format)."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and head[1] <= 5)
 
 
 def _normalize(cfg: TrainConfig, arch: Architecture) -> bool:

@@ -166,12 +166,13 @@ def resolve_precision(precision: str, device: str) -> tuple[str, str]:
 
 
 def precision_note(precision: str, device: str) -> str | None:
-    """The line that says what ``--precision auto`` chose on ``device`` and why (None when
-    the precision was given)."""
+    """What ``--precision auto`` chose on ``device`` and why, e.g. ``bf16 (auto: this CPU
+    has bf16 instructions (avx512_bf16))``, for the results table (None when the precision
+    was given)."""
     if precision != "auto":
         return None
     chosen, why = resolve_precision(precision, device)
-    return f"precision auto: {'bf16 autocast' if chosen == 'bf16' else 'fp32'} ({why})"
+    return f"{chosen} (auto: {why})"
 
 
 def check_batch_size(batch_size: int, hint: str) -> int:

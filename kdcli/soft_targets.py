@@ -197,7 +197,7 @@ def soft_targets(
     weights, opts = _check_weights(weights, len(teachers)), _per_member(options, len(teachers))
     out = _check_out(out, force, inputs=[*teachers, *data_files(data)])
     dev = resolve_device(device)
-    precision = _precision(precision, dev, rep)
+    precision, precision_shown = _precision(precision, dev)
     # read the data, then probe the teachers with its first batch
     source = _read(data, limit, data_options, classes, exclude_classes, copies, augment, seed)
     probe_x, probe_y = source.rows(0, min(source.n, batch_size))
@@ -217,6 +217,7 @@ def soft_targets(
         stats = dist.all_reduce_sum(writer.stats)
     summary = _summary(out, writer, stats, has_labels=probe_y is not None, shards=shards,
                        ranks=dist.world, seconds=timer.seconds, class_names=class_names)
+    summary.update(precision=precision, precision_shown=precision_shown)
     _show_summary(summary, members, rep, sharded=bool(shards))
     return summary
 
@@ -253,12 +254,12 @@ def _check_options(teachers: list[str | Path], *, combine: str, precision: str,
     return augment
 
 
-def _precision(precision: str, dev: str, rep: Reporter) -> str:
-    """``precision`` made concrete for ``dev`` (auto: by the hardware, said once)."""
+def _precision(precision: str, dev: str) -> tuple[str, str]:
+    """``precision`` made concrete for ``dev``, and how the results table says it (with
+    what auto chose and why)."""
     note = precision_note(precision, dev)
-    if note:
-        rep.info(note)
-    return resolve_precision(precision, dev)[0]
+    chosen = resolve_precision(precision, dev)[0]
+    return chosen, note or chosen
 
 
 def _max_shard(out: str | Path, shard_size: str | int | None) -> int:
@@ -435,7 +436,7 @@ def _show_summary(summary: dict[str, Any], members: list[Teacher], rep: Reporter
     where = f", {summary['shards']} shards" if sharded else ""
     rep.table(f"Transfer set {summary['out']}: {summary['examples']:,} examples, "
               f"{summary['classes']} classes, T={summary['T']:g}, {form}{where}, "
-              f"{summary['samples_per_s']:,.0f} samples/s",
+              f"{summary['precision_shown']}, {summary['samples_per_s']:,.0f} samples/s",
               ["teacher", "format", "output", "preprocessing", "accuracy"], rows)
     if multi:
         rep.info(f"members disagree on {100 * summary['disagreement']:.2f}% of examples")

@@ -63,7 +63,7 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
     config = config or student_config()
     config.check()
     folder = _folder(out_dir, force)
-    config = _concrete_precision(config, rep)
+    config, precision_shown = _concrete_precision(config)
     transfer = _transfer_set(folder, teacher, data, temperatures[0], data_options, rep, config)
     config = config.resolved(int(load_transfer_set(transfer).columns["inputs"].shape[0]))
     points = []
@@ -83,7 +83,7 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
          **{k: v for k, v in config.settings().items() if k != "seed"}, "seeds": seeds,
          "points": points, "summary": summary}, indent=2))
     plot = _plot(summary, folder / "sweep.png", rep)
-    _show_table(summary, hidden, temperatures, seeds, folder, rep)
+    _show_table(summary, hidden, temperatures, seeds, folder, rep, precision_shown)
     return {"points": points, "summary": summary, "plot": str(plot) if plot else None,
             "results": str(folder / "results.json")}
 
@@ -136,16 +136,14 @@ def _folder(out_dir: str | Path, force: bool) -> Path:
     return folder
 
 
-def _concrete_precision(config: TrainConfig, rep: Reporter) -> TrainConfig:
-    """``config`` with ``precision="auto"`` made concrete for its device (said once), so
-    that the teacher pass and every student run at the same precision."""
+def _concrete_precision(config: TrainConfig) -> tuple[TrainConfig, str]:
+    """``config`` with ``precision="auto"`` made concrete for its device, so that the
+    teacher pass and every student run at the same precision; and how the table says it."""
     from kdcli.checks import precision_note, resolve_device, resolve_precision
 
     dev = resolve_device(config.device)
-    note = precision_note(config.precision, dev)
-    if note:
-        rep.info(note)
-    return replace(config, precision=resolve_precision(config.precision, dev)[0])
+    chosen = resolve_precision(config.precision, dev)[0]
+    return replace(config, precision=chosen), precision_note(config.precision, dev) or chosen
 
 
 def _transfer_set(folder: Path, teacher: str | Path, data: str, T: float,
@@ -205,12 +203,12 @@ def _student(folder: Path, transfer: Path, h: int, t: float, s: int, *, layers: 
 
 
 def _show_table(summary: list[dict], hidden: list[int], temperatures: list[float],
-                seeds: list[int], folder: Path, rep: Reporter) -> None:
+                seeds: list[int], folder: Path, rep: Reporter, precision: str) -> None:
     """The test errors: a row per width, a column per T."""
     cols = ["hidden", *(f"T={t:g}" for t in temperatures)]
     cell = {(g["hidden"], g["T"]): _cell(g) for g in summary}
     rows = [[h, *(cell[h, t] for t in temperatures)] for h in hidden]
-    title = f"Test errors of distilled students ({folder})"
+    title = f"Test errors of distilled students ({folder}, {precision})"
     if len(seeds) > 1:
         title += f": mean ± sd over seeds {','.join(map(str, seeds))}"
     rep.table(title, cols, rows)

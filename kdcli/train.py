@@ -533,6 +533,7 @@ class _Outputs:
     title: str
     start_time: float  # time.perf_counter() when the command started
     names: dict[str, list[str] | None]  # class_names and feature_names of the model file
+    precision_note: str | None = None  # what --precision auto chose and why (the table)
 
 
 def _finish(model: nn.Module, *, arch: Architecture, pre: Preprocessing, num_classes: int,
@@ -571,14 +572,15 @@ def _finish(model: nn.Module, *, arch: Architecture, pre: Preprocessing, num_cla
                        {k: v for k, v in summary.items() if k != "history"}, **outputs.names)
         checkpoint_path(out).unlink(missing_ok=True)
         summary["out"] = str(out)
-    rows = [[k, v] for k, v in summary.items() if v is not None and k in _SHOWN]
+    rows = [[k, outputs.precision_note if k == "precision" and outputs.precision_note else v]
+            for k, v in summary.items() if v is not None and k in _SHOWN]
     reporter.table(outputs.title, ["", "value"], rows)
     dist.barrier()
     return summary
 
 
 # The rows of the results table that ends train and train-student.
-_SHOWN = ("architecture", "params", "T", "alpha", "loss", "targets", "tail", "epochs",
+_SHOWN = ("architecture", "params", "T", "alpha", "loss", "targets", "tail", "epochs", "precision",
           "test_errors", "test_accuracy", "agreement", "train_error", "ranks", "seconds", "out",
           "stopped_after", "checkpoint")
 
@@ -629,7 +631,7 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
     ds = load_data(data, limit=limit, options=data_options)
     if ds.labels is None:
         raise UsageError(f"{ds.source} has no labels", "kdcli train needs labelled data")
-    cfg = _concrete(cfg, len(ds), rep)
+    cfg, precision_note = _concrete(cfg, len(ds))
     eval_ds = _eval_data(eval_data, ds.source, data_options, ds.class_names, ds.source,
                          list(ds.sample_shape), f"{ds.source} has")
     num_classes = _train_classes(ds, eval_ds, num_classes)
@@ -647,7 +649,8 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
     training = {"command": "train", "architecture": arch.spec(), "data": ds.source,
                 **_recorded(data_options), **cfg.settings(), **aug.settings()}
     outputs = _Outputs(out, force, f"Trained {arch.spec()} on {ds.source}", start,
-                       {"class_names": ds.class_names, "feature_names": ds.feature_names})
+                       {"class_names": ds.class_names, "feature_names": ds.feature_names},
+                       precision_note)
     with session(resolve_device(cfg.device)) as dist:
         history = fit(model, arch, ds.inputs, step, ["train_loss", "train_error"], cfg,
                       eval_data=eval_ds, checkpoint=None if cfg.dry_run else checkpoint_path(out),
@@ -658,17 +661,16 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
                        reporter=rep, dist=dist)
 
 
-def _concrete(cfg: TrainConfig, n: int, rep: Reporter) -> TrainConfig:
+def _concrete(cfg: TrainConfig, n: int) -> tuple[TrainConfig, str | None]:
     """``cfg`` made concrete for ``n`` examples (epochs and precision, see
-    :meth:`TrainConfig.resolved`), saying once what ``--precision auto`` chose."""
+    :meth:`TrainConfig.resolved`), and what ``--precision auto`` chose and why (None when
+    the precision was given), for the results table."""
     from kdcli.checks import precision_note, resolve_device
 
     note = precision_note(cfg.precision, resolve_device(cfg.device))
-    if note:
-        rep.info(note)
     cfg = cfg.resolved(n)
     cfg.check()
-    return cfg
+    return cfg, note
 
 
 def _build(arch: Architecture, cfg: TrainConfig, inputs: torch.Tensor | Rows,
@@ -814,7 +816,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     if d.alpha > 0 and not ts.has_labels:
         raise UsageError(f"--alpha {d.alpha} needs labels, but {transfer} has none",
                          "Use --alpha 0 (pure distillation) or a labelled transfer set")
-    cfg = _concrete(cfg, int(ts.columns["inputs"].shape[0]), rep)
+    cfg, precision_note = _concrete(cfg, int(ts.columns["inputs"].shape[0]))
     d = d.resolved(ts.T)
     _check_targets(ts, d, rep)
     step = _student_step(ts, d)
@@ -826,7 +828,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
                                             data_options)
     outputs = _Outputs(out, force, f"Distilled {arch.spec()} from {Path(transfer).name}", start,
                        {"class_names": ts.meta.get("class_names"),
-                        "feature_names": ts.meta.get("feature_names")})
+                        "feature_names": ts.meta.get("feature_names")}, precision_note)
     with session(resolve_device(cfg.device)) as dist:
         history = fit(model, arch, inputs, step, ["train_loss", "hard", "soft", "agreement"],
                       cfg, eval_data=eval_ds,

@@ -74,21 +74,23 @@ def test_unknown_precision_is_a_usage_error():
 
 def test_train_records_what_auto_chose_and_says_it(tmp_path, monkeypatch, no_override, capsys):
     monkeypatch.setattr(checks, "cpu_bf16_flags", lambda: ["avx512_bf16"])
+    monkeypatch.setenv("COLUMNS", "200")
     out = tmp_path / "m.safetensors"
     train("mnist[:512]", arch=Architecture.parse("mlp:16"), out=out,
           config=TrainConfig(epochs=1), eval_data="none", reporter=Reporter("rich"))
     assert load_model(out).training["precision"] == "bf16"
-    assert "precision auto: bf16 autocast (this CPU has bf16 instructions (avx512_bf16))" \
-        in capsys.readouterr().err
+    assert "bf16 (auto: this CPU has bf16 instructions (avx512_bf16))" \
+        in capsys.readouterr().out
     assert TrainConfig().precision == "auto"
 
 
 def test_soft_targets_and_student_record_the_concrete_precision(cli, teacher_file, monkeypatch,
                                                                 no_override):
     monkeypatch.setattr(checks, "cpu_bf16_flags", lambda: [])
+    monkeypatch.setenv("COLUMNS", "200")
     r = cli("soft-targets", teacher_file, "--data", "mnist[:300]", "--out", "t.safetensors")
     assert r.exit_code == 0, r.output
-    assert "precision auto: fp32 (this CPU has no bf16 instructions" in r.output
+    assert "fp32 (auto: this CPU has no bf16 instructions" in r.output
     from kdcli.transfer import load_transfer_set
 
     assert load_transfer_set("t.safetensors").meta["precision"] == "fp32"

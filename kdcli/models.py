@@ -245,7 +245,7 @@ class Family:
 
 
 def _parse_mlp(rest: str) -> dict[str, Any]:
-    return {"hidden": [int(h) for h in rest.split(",") if h.strip()]}
+    return {"hidden": [int(h) for h in rest.split(",")]}  # "mlp:" and "1,,2" do not parse
 
 
 def _check_mlp(arch: Architecture) -> None:

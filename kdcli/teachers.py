@@ -562,12 +562,26 @@ def load_teacher(path: str | Path, opts: TeacherOptions | None = None, device: s
     if opts.input_shape:
         t.input_shape, t.shape_from_user = list(opts.input_shape), True
     t.preprocessing = {**IDENTITY, **opts.preprocessing()}
+    _check_options_apply(t, opts)
     fmt.load(t, opts)
     if opts.output is not None:
         t.output = opts.output  # an explicit flag wins over the file
     _probe(t, probe)
     t.frozen = True
     return t
+
+
+def _check_options_apply(t: Teacher, opts: TeacherOptions) -> None:
+    """Refuse options the format would ignore: ``--output`` picks among an ONNX model's
+    outputs, and a kdcli model does its own preprocessing."""
+    if opts.output_name is not None and t.format != "onnx":
+        raise UsageError(f"--output {opts.output_name!r}: teacher {t.name} is a {t.format} "
+                         "model with one output; --output picks among an ONNX model's outputs",
+                         "Drop --output for this model")
+    if t.format == "kdcli" and t.preprocessing != IDENTITY:
+        raise UsageError(f"--scale/--mean/--std were given for {t.name}, a kdcli model that "
+                         "does its own preprocessing (from its file)",
+                         "Drop them, or give them once per model with 1/0/1 for this one")
 
 
 def _probe(t: Teacher, probe: torch.Tensor | None) -> None:

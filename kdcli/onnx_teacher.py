@@ -44,6 +44,7 @@ def load_onnx(t: Teacher, opts: TeacherOptions) -> None:
         raise ModelError(f"{t.path} takes {len(inputs)} inputs", "kdcli teachers take one input")
     inp = inputs[0]
     out = choose_output(sess, opts.output_name, t.path, t.notes)
+    _refuse_regressor(t, graph)
     dims = list(inp.shape)
     if dims and isinstance(dims[0], int) and dims[0] > 0:
         t.fixed_batch = dims[0]
@@ -68,6 +69,19 @@ def load_onnx(t: Teacher, opts: TeacherOptions) -> None:
             return torch.from_numpy(np.asarray(y))
 
     t.runner = run
+
+
+def _refuse_regressor(t: Teacher, graph: Any) -> None:
+    """An ONNX-ML regressor predicts a value, which would be read as a binary logit."""
+    from kdcli.teachers import NotScoresError
+
+    ops = {n.op_type for n in graph.node if n.domain == "ai.onnx.ml"}
+    regressors = sorted(op for op in ops if op.endswith("Regressor"))
+    if regressors and not any(op.endswith("Classifier") for op in ops):
+        raise NotScoresError(f"{t.name} is a regressor ({regressors[0]}): it outputs "
+                             "predicted values, not class scores",
+                             "kdcli distils classifiers; export a classifier (with "
+                             "probabilities) instead")
 
 
 def choose_output(sess: Any, output_name: str | None, where: Any,

@@ -97,6 +97,10 @@ class TeacherOptions:
                                   ("std", self.std)) if v is not None}
 
 
+class NotScoresError(ModelError):
+    """A model's output is not class scores (labels, flags, a regressor's value)."""
+
+
 @dataclass
 class Teacher:
     """A loaded teacher, ready to map raw inputs to logits.
@@ -203,6 +207,12 @@ class Teacher:
         if not isinstance(out, torch.Tensor):
             raise ModelError(f"teacher {self.name} returned {type(out).__name__}",
                              "The model must return a tensor of class scores")
+        if not out.is_floating_point():
+            raise NotScoresError(
+                f"teacher {self.name} outputs {str(out.dtype).removeprefix('torch.')} values "
+                "(labels, counts or flags), not class scores",
+                "Give a model that outputs logits or probabilities (for an ONNX classifier, "
+                "its probabilities: --output)")
         if out.dim() == 1 and out.shape[0] == batch:
             out = out[:, None]  # one score per example: a binary classifier
         if out.dim() != 2 or out.shape[0] != batch:
@@ -636,6 +646,8 @@ def _resolve_input_shape(t: Teacher, probe: torch.Tensor) -> None:
             x = prepare_input(probe, t.preprocessing, t.input_shape, t.input_dtype, t.name)
             t._check_output(t._forward(x), probe.shape[0])
             return
+        except NotScoresError:
+            raise  # the model ran: its shape is right, its output is not scores
         except Exception as e:  # noqa: BLE001 - any failure means "not this shape"
             first_err = first_err or e
     t.input_shape = None

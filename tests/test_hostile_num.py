@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcli.errors import FormatError
+from kdcli.errors import FormatError, ModelError
 
 
 def one_line_error(result, code: int = 1) -> str:
@@ -177,3 +177,53 @@ def test_preprocessing_options_for_a_kdcli_model_are_refused(cli, ts_file, teach
         r = cli("soft-targets", teacher_file, "--data", "mnist[:20]", "--out", out, *args)
         assert "kdcli model" in one_line_error(r)
         assert not out.exists()
+
+
+# --- outputs that are not class scores ----------------------------------------------------
+
+
+class _Labels(torch.nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fc(x)
+        if self.kind == "argmax":
+            return z.argmax(1)  # a label-only classifier: int64 [B]
+        if self.kind == "int":
+            return (z * 100).to(torch.int32)
+        return z > 0  # bool [B, 3]
+
+
+@pytest.mark.parametrize("kind", ["argmax", "int", "bool"])
+def test_integer_or_boolean_outputs_are_not_logits(tmp_path, kind):
+    from kdcli.teachers import load_teacher
+
+    p = tmp_path / f"{kind}.pt"
+    torch.jit.save(torch.jit.script(_Labels(kind).eval()), str(p))
+    with pytest.raises(ModelError, match="not class scores"):
+        load_teacher(p, probe=torch.rand(4, 4))
+
+
+def test_onnx_label_output_and_regressor_are_refused(tmp_path, cli):
+    skl2onnx = pytest.importorskip("skl2onnx")
+    from sklearn.linear_model import LinearRegression, LogisticRegression
+
+    rng = np.random.default_rng(0)
+    X = rng.random((40, 4)).astype(np.float32)
+    y = (X[:, 0] > 0.5).astype(np.int64)
+    reg = tmp_path / "reg.onnx"
+    reg.write_bytes(skl2onnx.to_onnx(LinearRegression().fit(X, X[:, 1]), X[:1],
+                                     target_opset=17).SerializeToString())
+    clf = tmp_path / "clf.onnx"
+    clf.write_bytes(skl2onnx.to_onnx(LogisticRegression().fit(X, y), X[:1],
+                                     options={"zipmap": False},
+                                     target_opset=17).SerializeToString())
+    np.save(tmp_path / "x.npy", X)
+    for model, extra, match in ((reg, [], "regress"), (clf, ["--output", "label"], "scores")):
+        r = cli("soft-targets", model, "--data", tmp_path / "x.npy", "--out", tmp_path / "t.st",
+                *extra)
+        assert match in one_line_error(r)
+        assert not (tmp_path / "t.st").exists()

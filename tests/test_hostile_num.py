@@ -227,3 +227,121 @@ def test_onnx_label_output_and_regressor_are_refused(tmp_path, cli):
                 *extra)
         assert match in one_line_error(r)
         assert not (tmp_path / "t.st").exists()
+
+
+# --- transfer sets and model files that lie -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory, ts_file) -> Path:
+    """A dense transfer set (T=2) of the TorchScript teacher on 16 grey examples."""
+    from kdcli.soft_targets import soft_targets
+    from kdcli.teachers import TeacherOptions
+
+    out = tmp_path_factory.mktemp("set") / "t.safetensors"
+    soft_targets([ts_file], T=2.0, data=str(ts_file.parent / "x.npz"), out=out,
+                 options=[TeacherOptions(scale=255.0)])
+    return out
+
+
+def _parts(path: Path) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    from kdcli.storage import read_header
+
+    meta = read_header(path).metadata
+    return load_file(str(path)), {k: v for k, v in meta.items() if k != "data_sha256"} | {
+        "format_version": "2"}
+
+
+def _topk(tensors: dict, meta: dict, k: int) -> tuple[dict, dict]:
+    from kdcli.transfer import top_k_targets
+
+    tk = top_k_targets(tensors["logits"], k, float(meta["T"]))
+    return ({"inputs": tensors["inputs"], "labels": tensors["labels"],
+             "topk_logits": tk.logits, "topk_indices": tk.indices.to(torch.int32),
+             "tail_logmass": tk.tail_logmass.float()},
+            {**meta, "targets": "top-k", "top_k": str(k), "targets_dtype": "float32"})
+
+
+def _lying_sets(tensors: dict, meta: dict) -> dict[str, tuple[dict, dict, str]]:
+    teachers = json.loads(meta["teachers"])
+    tk, tkm = _topk(tensors, meta, 3)
+    full, fullm = _topk(tensors, meta, 10)
+    two = json.dumps(teachers * 2)
+    shape = json.dumps([{**teachers[0], "input_shape": [20, 20]}])
+    one = tensors["logits"][:, :1]
+    return {
+        "short class names": (tensors, {**meta, "class_names": json.dumps(["a", "b"])},
+                              "class_names"),
+        "top-k dtype": (tk, {**tkm, "targets_dtype": "float16"}, "targets_dtype"),
+        "zero tail": ({**tk, "tail_logmass": torch.full_like(tk["tail_logmass"], -np.inf)},
+                      tkm, "tail"),
+        "tail where nothing is left out": (
+            {**full, "tail_logmass": torch.full_like(full["tail_logmass"], -3.0)}, fullm,
+            "tail"),
+        "tail too heavy for the top k": (
+            {**tk, "tail_logmass": torch.full_like(tk["tail_logmass"], -1e-4)}, tkm, "tail"),
+        "ensemble without weights": (tensors, {**meta, "teachers": two}, "weights"),
+        "ensemble without member logits": (
+            tensors, {**meta, "teachers": two, "weights": "[0.5, 0.5]"}, "member_logits"),
+        "input shape 20x20": (tensors, {**meta, "teachers": shape}, "input_shape"),
+        "one class": ({**tensors, "logits": one, "soft_targets": torch.ones_like(one),
+                       "labels": torch.zeros_like(tensors["labels"])},
+                      {**meta, "num_classes": "1"}, "class"),
+    }
+
+
+def test_lying_transfer_sets_are_refused(cli, tmp_path, small_set):
+    from safetensors.torch import save_file
+
+    tensors, meta = _parts(small_set)
+    good = tmp_path / "good.safetensors"
+    save_file(_topk(tensors, meta, 3)[0], str(good), metadata=_topk(tensors, meta, 3)[1])
+    assert cli("inspect", good, "--verify").exit_code == 0  # the hand-made top-k set is valid
+    for case, (t, m, match) in _lying_sets(tensors, meta).items():
+        p = tmp_path / "bad.safetensors"
+        save_file({k: v.contiguous() for k, v in t.items()}, str(p), metadata=m)
+        for args in (["inspect", p, "--verify"],
+                     ["train-student", "--transfer", p, "--out", tmp_path / "s.safetensors",
+                      "--epochs", "1", "--hidden", "8", "--eval-data", "none"]):
+            r = cli(*args)
+            line = one_line_error(r)
+            assert match in line and "unexpected" not in line, (case, line)
+            assert not (tmp_path / "s.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float64, torch.float16])
+def test_model_weights_of_another_dtype_are_refused(cli, tmp_path, teacher_file, dtype):
+    from safetensors.torch import load_file, save_file
+
+    from kdcli.storage import read_header
+
+    meta = read_header(teacher_file).metadata
+    meta = {k: v for k, v in meta.items() if k != "data_sha256"} | {"format_version": "1"}
+    tensors = load_file(str(teacher_file))
+    key = sorted(tensors)[-1]
+    tensors[key] = (tensors[key] * 100).to(dtype)
+    p = tmp_path / "m.safetensors"
+    save_file(tensors, str(p), metadata=meta)
+    for args in (["inspect", p], ["eval", p, "--data", "mnist:test[:20]"]):
+        assert "float32" in one_line_error(cli(*args))
+
+
+@pytest.mark.parametrize("family", ["cnn", "resnet"])
+def test_model_with_a_width_below_one_channel_is_refused(cli, tmp_path, teacher_file, family):
+    from safetensors.torch import load_file, save_file
+
+    from kdcli.storage import read_header
+
+    meta = read_header(teacher_file).metadata
+    meta = {k: v for k, v in meta.items() if k != "data_sha256"} | {"format_version": "1"}
+    arch = json.loads(meta["architecture"]) | {"family": family, "width": 1e-300,
+                                               "hidden": [], "depth": 8}
+    meta["architecture"] = json.dumps(arch)
+    p = tmp_path / "m.safetensors"
+    save_file(load_file(str(teacher_file)), str(p), metadata=meta)
+    assert "width" in one_line_error(cli("inspect", p))
+    r = cli("train", "--data", "mnist[:20]", "--arch", f"{family}:{'8,' * (family == 'resnet')}"
+            "0.001", "--out", tmp_path / "n.safetensors")
+    assert "width" in one_line_error(r)

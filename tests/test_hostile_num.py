@@ -345,3 +345,67 @@ def test_model_with_a_width_below_one_channel_is_refused(cli, tmp_path, teacher_
     r = cli("train", "--data", "mnist[:20]", "--arch", f"{family}:{'8,' * (family == 'resnet')}"
             "0.001", "--out", tmp_path / "n.safetensors")
     assert "width" in one_line_error(r)
+
+
+# --- image folders: 16-bit images, a lying cache ------------------------------------------
+
+
+def test_16_bit_pngs_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    from kdcli.data import DataOptions
+    from kdcli.images import load_image_folder
+
+    folder = tmp_path / "deep"
+    (folder / "a").mkdir(parents=True)
+    (folder / "b").mkdir()
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 65536, (2, 6, 5)).astype(np.uint16)
+    for i, k in enumerate("ab"):
+        Image.fromarray(pixels[i]).save(folder / k / f"{i}.png")
+    assert Image.open(folder / "a" / "0.png").mode.startswith("I")
+    x = np.asarray(load_image_folder(folder, DataOptions()).inputs[0])
+    np.testing.assert_array_equal(x, np.round(pixels / 257).astype(np.uint8))
+
+
+@pytest.fixture
+def png_folder(tmp_path) -> Path:
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    rng = np.random.default_rng(1)
+    for k in "ab":
+        (folder / k).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(1, 256, (6, 5), dtype=np.uint8)).save(
+                folder / k / f"{k}{i}.png")
+    return folder
+
+
+def _cache_entry(image_cache: Path) -> Path:
+    (d,) = (image_cache / "images").iterdir()
+    return d
+
+
+@pytest.mark.parametrize("lie", ["zeros", "float", "shape", "one row", "manifest shape"])
+def test_a_lying_image_cache_entry_is_not_used(png_folder, image_cache, lie):
+    from kdcli.data import DataOptions
+    from kdcli.images import load_image_folder
+
+    def inputs() -> np.ndarray:
+        got = load_image_folder(png_folder, DataOptions()).inputs
+        return got[0].numpy().copy() if isinstance(got, tuple) else np.array(got)
+
+    truth = inputs()
+    assert truth.shape == (6, 6, 5) and truth.any()
+    d = _cache_entry(image_cache)
+    manifest = json.loads((d / "manifest.json").read_text())
+    forged = {"zeros": np.zeros_like(truth), "float": truth.astype(np.float32) / 255,
+              "shape": np.zeros((6, 7, 5), np.uint8), "one row": truth.copy(),
+              "manifest shape": np.zeros((6, 7, 5), np.uint8)}[lie]
+    if lie == "one row":
+        forged[4] = 0
+    np.save(d / "inputs.npy", forged)
+    if lie == "manifest shape":
+        (d / "manifest.json").write_text(json.dumps({**manifest, "shape": [6, 7, 5]}))
+    np.testing.assert_array_equal(inputs(), truth)

@@ -245,7 +245,8 @@ class Family:
 
 
 def _parse_mlp(rest: str) -> dict[str, Any]:
-    return {"hidden": [int(h) for h in rest.split(",")]}  # "mlp:" and "1,,2" do not parse
+    # "mlp:" has no hidden layer (a linear model); an empty width ("1,,2") does not parse
+    return {"hidden": [int(h) for h in rest.split(",")] if rest.strip() else []}
 
 
 def _check_mlp(arch: Architecture) -> None:

@@ -409,3 +409,33 @@ def test_a_lying_image_cache_entry_is_not_used(png_folder, image_cache, lie):
     if lie == "manifest shape":
         (d / "manifest.json").write_text(json.dumps({**manifest, "shape": [6, 7, 5]}))
     np.testing.assert_array_equal(inputs(), truth)
+
+
+# --- runs that end at chance or with an absurd loss ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tables")
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % 4
+    x = (rng.normal(size=(200, 8)) + 3 * np.eye(8)[y]).astype(np.float32)
+    np.savez(folder / "t.npz", inputs=x, labels=y)
+    np.savez(folder / "big.npz", inputs=x * 1e30, labels=y)
+    return folder
+
+
+@pytest.mark.parametrize("args", [["t.npz", "--lr", "1e10"], ["big.npz", "--no-normalize"]])
+def test_a_run_ending_at_chance_or_with_an_absurd_loss_says_so(cli, tables, args):
+    r = cli("train", "--data", tables / args[0], *args[1:], "--epochs", "1", "--hidden", "16",
+            "--out", "m.safetensors")
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.stderr.split())
+    assert "absurd loss" in said and "near chance" in said, said
+
+
+def test_a_run_that_learns_gives_no_failure_warning(cli, tables):
+    r = cli("train", "--data", tables / "t.npz", "--epochs", "2", "--batch-size", "20",
+            "--hidden", "16", "--out", "m.safetensors")
+    assert r.exit_code == 0, r.output
+    assert "chance" not in r.stderr and "absurd" not in r.stderr, r.stderr

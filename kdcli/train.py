@@ -809,7 +809,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     """
     from kdcli.checks import resolve_device
     from kdcli.distributed import session
-    from kdcli.transfer import load_transfer_set
+    from kdcli.transfer import check_unchanged, file_stamps, load_transfer_set
 
     d = _with(distill or DistillConfig(), T=T, alpha=alpha, loss=loss, center=center, tail=tail)
     cfg = config or student_config()
@@ -822,6 +822,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
                             [transfer, *data_files(transfer), *data_files(eval_data)])
     start = time.perf_counter()
     ts = load_transfer_set(transfer)
+    stamps = file_stamps(ts)
     if d.alpha > 0 and not ts.has_labels:
         raise UsageError(f"--alpha {d.alpha} needs labels, but {transfer} has none",
                          "Use --alpha 0 (pure distillation) or a labelled transfer set")
@@ -844,6 +845,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
                       cfg, eval_data=eval_ds,
                       checkpoint=None if cfg.dry_run else checkpoint_path(out),
                       fingerprint=fingerprint, resume=resume, reporter=rep, dist=dist)
+        check_unchanged(ts, stamps)  # trained on the bytes that were checked, or nothing
         return _finish(model, arch=arch, pre=pre, num_classes=ts.num_classes,
                        training=training, history=history, eval_ds=eval_ds, cfg=cfg,
                        outputs=outputs, reporter=rep, dist=dist)

@@ -608,6 +608,27 @@ _TOPK_CHECKS = (("topk_logits", _topk_logits_ok), ("topk_indices", _topk_indices
                 ("tail_logmass", _tail_ok), ("tail_logmass", _tail_agrees))
 
 
+def file_stamps(ts: TransferSet) -> list[tuple[Path, int, int]]:
+    """``(path, size, mtime_ns)`` of each file of ``ts``, from its open descriptor: taken
+    after the checks, compared by :func:`check_unchanged` when the reading is done."""
+    return [(f.path, (st := os.fstat(f.fd)).st_size, st.st_mtime_ns) for f in ts.budget.files]
+
+
+def check_unchanged(ts: TransferSet, stamps: list[tuple[Path, int, int]]) -> None:
+    """Refuse a set whose files were written to since ``stamps`` were taken: its checksums
+    were verified once, when it was opened, so the rows read since may not be those bytes.
+
+    Raises:
+        FormatError: a file's size or modification time changed.
+    """
+    for (path, size, mtime), now in zip(stamps, file_stamps(ts), strict=True):
+        if now[1:] != (size, mtime):
+            raise FormatError(f"{path} was modified while it was being read (its size or "
+                              "modification time changed after its checksum was verified), "
+                              "so what was read may not be what was checked",
+                              "Leave the transfer set unchanged while it is in use, and rerun")
+
+
 def load_transfer_set(path: str | Path, check_values: bool = True,
                       verify: bool = True) -> TransferSet:
     """Open and validate a transfer set: one file, or a sharded set's ``.index.json``.

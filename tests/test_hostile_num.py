@@ -439,3 +439,34 @@ def test_a_run_that_learns_gives_no_failure_warning(cli, tables):
             "--hidden", "16", "--out", "m.safetensors")
     assert r.exit_code == 0, r.output
     assert "chance" not in r.stderr and "absurd" not in r.stderr, r.stderr
+
+
+# --- a transfer set overwritten during training --------------------------------------------
+
+
+def test_a_transfer_set_overwritten_during_training_is_refused(tmp_path, small_set,
+                                                                monkeypatch):
+    import shutil
+
+    import kdcli.train
+    from kdcli.models import Architecture
+    from kdcli.storage import read_header
+    from kdcli.train import TrainConfig, train_student
+
+    ts = tmp_path / "t.safetensors"
+    shutil.copy(small_set, ts)
+    fit = kdcli.train.fit
+
+    def fit_then_overwrite(*args, **kw):
+        history = fit(*args, **kw)
+        with open(ts, "r+b") as f:  # another process writes into the set mid-run
+            f.seek(read_header(ts).data_start + 3)
+            f.write(b"\xff" * 64)
+        return history
+
+    monkeypatch.setattr(kdcli.train, "fit", fit_then_overwrite)
+    out = tmp_path / "s.safetensors"
+    with pytest.raises(FormatError, match="modified while it was being read"):
+        train_student(ts, arch=Architecture.parse("mlp:8"), out=out, eval_data=None,
+                      config=TrainConfig(epochs=1, lr=0.01))
+    assert not out.exists()

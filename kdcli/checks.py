@@ -163,8 +163,8 @@ def preprocessing_problem(scale: object = None, mean: object = None,
             return f"{name} is an empty list"
         for v in values:
             if not _finite(v) or (name == "std" and v <= 0):
-                kind = "finite numbers above 0" if name == "std" else "finite numbers"
-                return f"{name} {v} is not one of the {kind} it must be"
+                return f"{name} {v} is not a finite number" + (" above 0" if name == "std"
+                                                               else "")
     return None
 
 

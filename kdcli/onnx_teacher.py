@@ -44,7 +44,7 @@ def load_onnx(t: Teacher, opts: TeacherOptions) -> None:
         raise ModelError(f"{t.path} takes {len(inputs)} inputs", "kdcli teachers take one input")
     inp = inputs[0]
     out = choose_output(sess, opts.output_name, t.path, t.notes)
-    _refuse_regressor(t, graph)
+    _refuse_non_scores(t, graph, out, sess.get_outputs())
     dims = list(inp.shape)
     if dims and isinstance(dims[0], int) and dims[0] > 0:
         t.fixed_batch = dims[0]
@@ -71,9 +71,21 @@ def load_onnx(t: Teacher, opts: TeacherOptions) -> None:
     t.runner = run
 
 
-def _refuse_regressor(t: Teacher, graph: Any) -> None:
-    """An ONNX-ML regressor predicts a value, which would be read as a binary logit."""
+_SCORE_TYPES = ("tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)")
+
+
+def _refuse_non_scores(t: Teacher, graph: Any, out: Any, outputs: list[Any]) -> None:
+    """Labels (integer, string or boolean outputs) and an ONNX-ML regressor's predicted
+    values are not class scores (a regressor's one column would be read as a binary logit)."""
     from kdcli.teachers import NotScoresError
+
+    if not out.type.startswith("seq(map(") and out.type not in _SCORE_TYPES:
+        scores = [o.name for o in outputs if o.type in _SCORE_TYPES or
+                  o.type.startswith("seq(map(")]
+        raise NotScoresError(f"{t.name}'s output {out.name!r} is {out.type} (labels or "
+                             "flags), not class scores",
+                             f"Choose its scores with --output ({', '.join(scores)})" if scores
+                             else "Export the model with its probabilities or logits")
 
     ops = {n.op_type for n in graph.node if n.domain == "ai.onnx.ml"}
     regressors = sorted(op for op in ops if op.endswith("Regressor"))

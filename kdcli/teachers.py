@@ -584,6 +584,9 @@ def load_teacher(path: str | Path, opts: TeacherOptions | None = None, device: s
 def _check_options_apply(t: Teacher, opts: TeacherOptions) -> None:
     """Refuse options the format would ignore: ``--output`` picks among an ONNX model's
     outputs, and a kdcli model does its own preprocessing."""
+    from kdcli.checks import check_preprocessing_options
+
+    check_preprocessing_options(opts.scale, opts.mean, opts.std)
     if opts.output_name is not None and t.format != "onnx":
         raise UsageError(f"--output {opts.output_name!r}: teacher {t.name} is a {t.format} "
                          "model with one output; --output picks among an ONNX model's outputs",

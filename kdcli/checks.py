@@ -206,15 +206,18 @@ def check_class_filter(classes: list[int] | None, exclude: list[int] | None) -> 
                              "Labels are 0 or more")
 
 
-def check_arch_spec(arch: str | None, flag: str = "--arch") -> str | None:
-    """An ``--arch`` that says something: not empty, and no family without its widths."""
+def check_arch_spec(arch: str | None, student: bool = True) -> str | None:
+    """An ``--arch`` that says something: not empty, and for a student to train not ``mlp:``
+    (no widths; ``--layers 0`` says "no hidden layer" on purpose). A teacher's ``mlp:``
+    describes a linear state dict."""
     if arch is None:
         return None
     family, sep, rest = arch.strip().partition(":")
-    if not family or (sep and not rest.strip() and family == "mlp"):
-        raise UsageError(f"{flag} {arch!r} names no architecture",
-                         "Give e.g. --arch mlp:300,300 (or --hidden and --layers; "
-                         "--layers 0 for no hidden layer)")
+    if not family or (student and sep and not rest.strip() and family == "mlp"):
+        raise UsageError(f"--arch {arch!r} names no architecture",
+                         "Give e.g. --arch mlp:300,300" + (" (or --hidden and --layers; "
+                                                           "--layers 0 for no hidden layer)"
+                                                           if student else ""))
     return arch
 
 

@@ -159,7 +159,7 @@ def model_options(count: int, *, arch: list[str] | None = None,
         return values[i if len(values) > 1 else 0] if values else None
 
     for a in arch or []:
-        check_arch_spec(a)
+        check_arch_spec(a, student=False)
     for i in range(count):
         check_preprocessing_options(pick(scale, i), _stats(pick(mean, i), "--mean"),
                                     _stats(pick(std, i), "--std"))

@@ -125,7 +125,7 @@ def ts_file(tmp_path_factory) -> Path:
     ["--mean", "nan"], ["--mean", "inf"], ["--mean", "0.5,,0.5"], ["--std", "0"],
     ["--std", "-1"], ["--std", "nan"], ["--std", ""],
     ["--classes", ""], ["--classes", "1,,2"], ["--classes", "1", "--exclude-classes", "2"],
-    ["--exclude-classes", ""], ["--weights", "1,"], ["--arch", ""], ["--arch", "mlp:"],
+    ["--exclude-classes", ""], ["--weights", "1,"], ["--arch", ""], ["--arch", " "],
 ])
 def test_soft_targets_refuses_options_that_cannot_be_meant(cli, ts_file, args):
     out = ts_file.parent / "never.safetensors"

@@ -127,25 +127,24 @@ def ts_file(tmp_path_factory) -> Path:
     ["--classes", ""], ["--classes", "1,,2"], ["--classes", "1", "--exclude-classes", "2"],
     ["--exclude-classes", ""], ["--weights", "1,"], ["--arch", ""], ["--arch", " "],
 ])
-def test_soft_targets_refuses_options_that_cannot_be_meant(cli, ts_file, args):
-    out = ts_file.parent / "never.safetensors"
+def test_soft_targets_refuses_options_that_cannot_be_meant(cli, tmp_path, ts_file, args):
+    out = tmp_path / "never.safetensors"
     r = cli("soft-targets", ts_file, "--data", ts_file.parent / "x.npz", "--out", out, *args)
-    assert one_line_error(r, 2 if r.exit_code == 2 else 1)
-    assert args[0] in r.output or "--" in r.output
+    assert args[0] in one_line_error(r)
     assert not out.exists()
 
 
-def test_soft_targets_refuses_a_mean_per_channel_for_grey_inputs(cli, ts_file):
-    out = ts_file.parent / "never.safetensors"
+def test_soft_targets_refuses_a_mean_per_channel_for_grey_inputs(cli, tmp_path, ts_file):
+    out = tmp_path / "never.safetensors"
     r = cli("soft-targets", ts_file, "--data", ts_file.parent / "x.npz", "--out", out,
             "--mean", "1,2,3", "--std", "1")
     assert "--mean" in one_line_error(r)
     assert not out.exists()
 
 
-def test_output_name_that_the_model_lacks_is_refused(cli, ts_file, teacher_file):
+def test_output_name_that_the_model_lacks_is_refused(cli, tmp_path, ts_file, teacher_file):
     for model in (ts_file, teacher_file):
-        out = ts_file.parent / "never.safetensors"
+        out = tmp_path / "never.safetensors"
         r = cli("soft-targets", model, "--data", ts_file.parent / "x.npz", "--out", out,
                 "--output", "probabilities")
         assert "--output" in one_line_error(r)
@@ -155,24 +154,24 @@ def test_output_name_that_the_model_lacks_is_refused(cli, ts_file, teacher_file)
 @pytest.mark.parametrize("args", [
     ["--arch", ""], ["--arch", "mlp:"], ["--arch", "mlp:30,,30"],
 ])
-def test_train_refuses_empty_architectures(cli, ts_file, args):
-    r = cli("train", "--data", ts_file.parent / "x.npz", "--out", ts_file.parent / "m.safetensors",
+def test_train_refuses_empty_architectures(cli, tmp_path, ts_file, args):
+    r = cli("train", "--data", ts_file.parent / "x.npz", "--out", tmp_path / "m.safetensors",
             "--epochs", "1", *args)
     assert "arch" in one_line_error(r)
-    assert not (ts_file.parent / "m.safetensors").exists()
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 @pytest.mark.parametrize("args", [["--T", "1,,2"], ["--T", ""], ["--seeds", "-1"],
                                   ["--seeds", "0,,1"], ["--hidden", "30,,30"]])
-def test_sweep_refuses_empty_or_negative_grid_values(cli, ts_file, args):
+def test_sweep_refuses_empty_or_negative_grid_values(cli, tmp_path, ts_file, args):
     r = cli("sweep", ts_file, "--data", ts_file.parent / "x.npz", "--out-dir",
-            ts_file.parent / "sw", *args)
+            tmp_path / "sw", *args)
     assert args[0] in one_line_error(r)
-    assert not (ts_file.parent / "sw").exists()
+    assert not (tmp_path / "sw").exists()
 
 
-def test_preprocessing_options_for_a_kdcli_model_are_refused(cli, ts_file, teacher_file):
-    out = ts_file.parent / "never.safetensors"
+def test_preprocessing_options_for_a_kdcli_model_are_refused(cli, tmp_path, teacher_file):
+    out = tmp_path / "never.safetensors"
     for args in (["--mean", "1,2,3"], ["--scale", "255"]):
         r = cli("soft-targets", teacher_file, "--data", "mnist[:20]", "--out", out, *args)
         assert "kdcli model" in one_line_error(r)

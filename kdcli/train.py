@@ -140,7 +140,7 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
                               "--resume")
                 break
             epoch += 1
-    if history and run.dist.main and not cfg.dry_run:
+    if history and run.dist.main and not cfg.dry_run and history[-1]["epoch"] >= cfg.epochs:
         _warn_if_failed(history, _final_stats(run, inputs, step_loss, stat_names), eval_data,
                         cfg, reporter)
     run.close()

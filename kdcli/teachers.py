@@ -572,7 +572,7 @@ def load_teacher(path: str | Path, opts: TeacherOptions | None = None, device: s
     if opts.input_shape:
         t.input_shape, t.shape_from_user = list(opts.input_shape), True
     t.preprocessing = {**IDENTITY, **opts.preprocessing()}
-    _check_options_apply(t, opts)
+    check_teacher_options(p, opts, fmt.name)
     fmt.load(t, opts)
     if opts.output is not None:
         t.output = opts.output  # an explicit flag wins over the file
@@ -581,18 +581,29 @@ def load_teacher(path: str | Path, opts: TeacherOptions | None = None, device: s
     return t
 
 
-def _check_options_apply(t: Teacher, opts: TeacherOptions) -> None:
-    """Refuse options the format would ignore: ``--output`` picks among an ONNX model's
-    outputs, and a kdcli model does its own preprocessing."""
+def check_teacher_options(path: str | Path, opts: TeacherOptions,
+                          fmt: str | None = None) -> None:
+    """Refuse options that are impossible, or that the model's format would ignore:
+    ``--output`` picks among an ONNX model's outputs, and a kdcli model does its own
+    preprocessing. Cheap unless such an option is given (the format is found by content).
+
+    Raises:
+        UsageError: naming the option.
+    """
     from kdcli.checks import check_preprocessing_options
 
     check_preprocessing_options(opts.scale, opts.mean, opts.std)
-    if opts.output_name is not None and t.format != "onnx":
-        raise UsageError(f"--output {opts.output_name!r}: teacher {t.name} is a {t.format} "
+    pre = {**IDENTITY, **opts.preprocessing()}
+    if opts.output_name is None and pre == IDENTITY:
+        return
+    name = Path(path).name
+    fmt = fmt or find_format(Path(path)).name
+    if opts.output_name is not None and fmt != "onnx":
+        raise UsageError(f"--output {opts.output_name!r}: teacher {name} is a {fmt} "
                          "model with one output; --output picks among an ONNX model's outputs",
                          "Drop --output for this model")
-    if t.format == "kdcli" and t.preprocessing != IDENTITY:
-        raise UsageError(f"--scale/--mean/--std were given for {t.name}, a kdcli model that "
+    if fmt == "kdcli" and pre != IDENTITY:
+        raise UsageError(f"--scale/--mean/--std were given for {name}, a kdcli model that "
                          "does its own preprocessing (from its file)",
                          "Drop them, or give them once per model with 1/0/1 for this one")
 

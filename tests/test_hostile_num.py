@@ -172,8 +172,10 @@ def test_sweep_refuses_empty_or_negative_grid_values(cli, tmp_path, ts_file, arg
 
 def test_preprocessing_options_for_a_kdcli_model_are_refused(cli, tmp_path, teacher_file):
     out = tmp_path / "never.safetensors"
-    for args in (["--mean", "1,2,3"], ["--scale", "255"]):
-        r = cli("soft-targets", teacher_file, "--data", "mnist[:20]", "--out", out, *args)
+    for args in (["--mean", "1,2,3"], ["--scale", "255"], ["--output", "logits"]):
+        # refused before the data is read: the missing data file is never reached
+        r = cli("soft-targets", teacher_file, "--data", tmp_path / "missing.npz", "--out", out,
+                *args)
         assert "kdcli model" in one_line_error(r)
         assert not out.exists()
 

@@ -90,7 +90,7 @@ def test_hf_index_naming_part_of_the_weights_is_refused(tmp_path, vit_folder, cl
 @pytest.mark.parametrize("proc", [
     {"image_std": [float("inf")]}, {"image_std": [-0.5]}, {"image_std": [0.0]},
     {"image_mean": [float("nan")]}, {"rescale_factor": -1 / 255}, {"rescale_factor": 1e-30},
-    {"rescale_factor": float("inf")},
+    {"rescale_factor": float("inf")}, {"rescale_factor": 0},
 ])
 def test_hf_impossible_preprocessing_is_refused(tmp_path, vit_folder, proc):
     from kdcli.teachers import load_teacher

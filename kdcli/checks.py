@@ -219,3 +219,88 @@ def parse_size(text: str | int) -> int:
         raise UsageError(f"the size {text!r} is not a positive finite size",
                          "Write e.g. 500MB or 2GB")
     return int(value)
+
+
+# The range of a divisor of raw inputs (--scale, a processor's 1/rescale_factor): 16-bit
+# pixels need 65535; outside [1e-6, 1e6] the inputs are scaled to noise or to overflow.
+SCALE_MIN, SCALE_MAX = 1e-6, 1e6
+
+
+def preprocessing_problem(scale: object = None, mean: object = None,
+                          std: object = None) -> str | None:
+    """What is impossible in a preprocessing ``(x / scale - mean) / std``, or None.
+
+    ``scale`` must be a finite number in ``[SCALE_MIN, SCALE_MAX]``; ``mean`` finite
+    numbers; ``std`` finite positive numbers (each one value or a list). None is not given.
+    """
+    if scale is not None and not (_finite(scale) and SCALE_MIN <= scale <= SCALE_MAX):
+        return f"scale {scale} is not a finite number from {SCALE_MIN:g} to {SCALE_MAX:g}"
+    for name, value in (("mean", mean), ("std", std)):
+        values = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
+        if isinstance(value, (list, tuple)) and not value:
+            return f"{name} is an empty list"
+        for v in values:
+            if not _finite(v) or (name == "std" and v <= 0):
+                return f"{name} {v} is not a finite number" + (" above 0" if name == "std"
+                                                               else "")
+    return None
+
+
+def check_preprocessing_options(scale: float | None, mean: object, std: object) -> None:
+    """``--scale``, ``--mean`` and ``--std`` as the user gave them (see
+    :func:`preprocessing_problem`)."""
+    problem = preprocessing_problem(scale, mean, std)
+    if problem:
+        raise UsageError(f"--{problem}", "Give e.g. --scale 255 --mean 0.5 --std 0.25 "
+                         "(std above 0; every value finite)")
+
+
+def split_list(text: str | None, flag: str) -> list[str] | None:
+    """The comma-separated items of a list option (None when it was not given).
+
+    Raises:
+        UsageError: the option was given empty, or with an empty item (``1,,2``, ``1,``).
+    """
+    if text is None:
+        return None
+    items = [v.strip() for v in str(text).split(",")]
+    if not any(items):
+        raise UsageError(f"{flag} was given empty", f"Give a value, e.g. {flag} 1,2, or leave "
+                         f"{flag} out")
+    if not all(items):
+        raise UsageError(f"{flag} {text!r} has an empty item", "Separate the values with "
+                         "single commas, e.g. 1,2")
+    return items
+
+
+def check_class_filter(classes: list[int] | None, exclude: list[int] | None) -> None:
+    """``--classes`` keeps, ``--exclude-classes`` drops: one of them, with labels ≥ 0."""
+    if classes is not None and exclude is not None:
+        raise UsageError("--classes and --exclude-classes were both given",
+                         "Give the classes to keep (--classes) or to drop (--exclude-classes)")
+    for flag, values in (("--classes", classes), ("--exclude-classes", exclude)):
+        if values and any(v < 0 for v in values):
+            raise UsageError(f"{flag} holds a negative label: {values}",
+                             "Labels are 0 or more")
+
+
+def check_arch_spec(arch: str | None, student: bool = True) -> str | None:
+    """An ``--arch`` that says something: not empty, and for a student to train not ``mlp:``
+    (no widths; ``--layers 0`` says "no hidden layer" on purpose). A teacher's ``mlp:``
+    describes a linear state dict."""
+    if arch is None:
+        return None
+    family, sep, rest = arch.strip().partition(":")
+    if not family or (student and sep and not rest.strip() and family == "mlp"):
+        raise UsageError(f"--arch {arch!r} names no architecture",
+                         "Give e.g. --arch mlp:300,300" + (" (or --hidden and --layers; "
+                                                           "--layers 0 for no hidden layer)"
+                                                           if student else ""))
+    return arch
+
+
+def check_seeds(seeds: list[int]) -> list[int]:
+    """Seeds of a sweep: distinct integers of 0 or more."""
+    if any(s < 0 for s in seeds):
+        raise UsageError(f"--seeds must be 0 or more, got {seeds}", "Try --seeds 0,1")
+    return seeds

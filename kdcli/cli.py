@@ -145,6 +145,7 @@ def model_options(count: int, *, arch: list[str] | None = None,
     Raises:
         UsageError: an option was given neither once nor once per model.
     """
+    from kdcli.checks import check_arch_spec, check_preprocessing_options
     from kdcli.teachers import TeacherOptions, parse_shape
 
     per = {"arch": arch, "input_shape": input_shape, "scale": scale, "mean": mean, "std": std,
@@ -157,6 +158,11 @@ def model_options(count: int, *, arch: list[str] | None = None,
     def pick(values: list | None, i: int) -> Any:
         return values[i if len(values) > 1 else 0] if values else None
 
+    for a in arch or []:
+        check_arch_spec(a, student=False)
+    for i in range(count):
+        check_preprocessing_options(pick(scale, i), _stats(pick(mean, i), "--mean"),
+                                    _stats(pick(std, i), "--std"))
     return [TeacherOptions(arch=pick(arch, i),
                            input_shape=parse_shape(pick(input_shape, i)) if input_shape else None,
                            scale=pick(scale, i), mean=_stats(pick(mean, i), "--mean"),
@@ -245,19 +251,25 @@ def _reporter(json_out: bool, quiet: bool):
 
 
 def _ints(text: str | None, flag: str) -> list[int] | None:
-    if not text:
+    from kdcli.checks import split_list
+
+    items = split_list(text, flag)
+    if items is None:
         return None
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        return [int(v) for v in items]
     except ValueError as e:
         raise UsageError(f"bad {flag} {text!r}", f"Use comma-separated integers, e.g. {flag} 7,8") from e
 
 
 def _floats(text: str | None, flag: str) -> list[float] | None:
-    if not text:
+    from kdcli.checks import split_list
+
+    items = split_list(text, flag)
+    if items is None:
         return None
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        return [float(v) for v in items]
     except ValueError as e:
         raise UsageError(f"bad {flag} {text!r}", f"Use comma-separated numbers, e.g. {flag} 0.5,0.5") from e
 
@@ -273,10 +285,10 @@ def _stats(text: str | None, flag: str) -> float | list[float] | None:
 def _arch(arch: str | None, hidden: int | None, layers: int | None, defaults: tuple[int, int],
           **kw: Any):
     """The architecture of --arch, or of --hidden/--layers (``defaults`` when not given)."""
-    from kdcli.checks import check_width
+    from kdcli.checks import check_arch_spec, check_width
     from kdcli.models import Architecture
 
-    if arch:
+    if check_arch_spec(arch):
         given = [f for f, v in (("--hidden", hidden), ("--layers", layers)) if v is not None]
         if given:
             raise UsageError(f"--arch {arch} conflicts with {' and '.join(given)}",
@@ -453,6 +465,7 @@ def soft_targets_cmd(
     number of examples; under torchrun each rank runs the teachers on its own share.
     """
     from kdcli.augment import AugmentConfig
+    from kdcli.checks import check_class_filter
     from kdcli.soft_targets import soft_targets
 
     rep = _reporter(json_out, quiet)
@@ -460,11 +473,12 @@ def soft_targets_cmd(
     opts = model_options(len(teachers), arch=arch, input_shape=input_shape, scale=scale,
                          mean=mean, std=std, teacher_output=teacher_output, output=output,
                          trust_pickle=trust_pickle)
+    keep, drop = _ints(classes, "--classes"), _ints(exclude_classes, "--exclude-classes")
+    check_class_filter(keep, drop)
     rep.result(soft_targets(
         [str(t) for t in teachers], T, data, out, options=opts, combine=combine,
         weights=_floats(weights, "--weights"), batch_size=batch_size, device=device,
-        precision=precision, classes=_ints(classes, "--classes"),
-        exclude_classes=_ints(exclude_classes, "--exclude-classes"), limit=limit,
+        precision=precision, classes=keep, exclude_classes=drop, limit=limit,
         augment=AugmentConfig.from_options(augment, jitter=jitter or None, crop_pad=crop_pad,
                                            pad_mode=pad_mode, flip=flip),
         copies=copies, seed=seed, top_k=top_k, targets_dtype=targets_dtype,

@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kdcli.checks import preprocessing_problem
 from kdcli.errors import FormatError, ModelError, UnsafePickleError, UsageError, quote_name
 from kdcli.files import inside_folder, sha256_file
 
@@ -238,8 +239,9 @@ def _wrong(p: Path, key: str, value: Any, want: str) -> None:
 def processor_preprocessing(proc: dict[str, Any]) -> dict[str, Any]:
     """kdcli's preprocessing dict from a processor config: scale, mean, std, size."""
     pre: dict[str, Any] = {}
-    if proc.get("do_rescale", True) and proc.get("rescale_factor"):
-        pre["scale"] = 1.0 / float(proc["rescale_factor"])
+    if proc.get("do_rescale", True) and proc.get("rescale_factor") is not None:
+        factor = float(proc["rescale_factor"])
+        pre["scale"] = 1.0 / factor if factor else factor
     if proc.get("do_normalize", False) and "image_mean" in proc and "image_std" in proc:
         pre["mean"] = [float(v) for v in _as_list(proc["image_mean"])]
         pre["std"] = [float(v) for v in _as_list(proc["image_std"])]
@@ -248,6 +250,22 @@ def processor_preprocessing(proc: dict[str, Any]) -> dict[str, Any]:
     hw = _height_width(size)
     if hw:
         pre["size"] = hw
+    return pre
+
+
+def check_processor(folder: Path, pre: dict[str, Any]) -> dict[str, Any]:
+    """``pre`` (the processor's preprocessing, with the user's overrides), if it is possible.
+
+    Raises:
+        FormatError: an infinite, zero or negative ``image_std``, a non-finite
+            ``image_mean``, or a ``rescale_factor`` that is not a finite number from
+            ``1/SCALE_MAX`` to ``1/SCALE_MIN``.
+    """
+    problem = preprocessing_problem(pre.get("scale"), pre.get("mean"), pre.get("std"))
+    if problem:
+        raise FormatError(f"{folder / PROCESSOR}: its {problem} (the scale is "
+                          "1/rescale_factor)", "Fix image_mean, image_std or rescale_factor, "
+                          "or override them with --scale, --mean and --std")
     return pre
 
 
@@ -283,7 +301,8 @@ def describe_folder(folder: Path) -> dict[str, Any]:
     cfg = read_config(folder)
     id2label = cfg.get("id2label") or {}
     n = int(cfg.get("num_labels") or len(id2label) or 2)
-    pre = {"scale": 1.0, "mean": 0.0, "std": 1.0, **processor_preprocessing(read_processor(folder))}
+    pre = {"scale": 1.0, "mean": 0.0, "std": 1.0,
+           **check_processor(folder, processor_preprocessing(read_processor(folder)))}
     channels = cfg.get("num_channels")
     size = pre.get("size") or _height_width(cfg.get("image_size"))
     if channels and size:
@@ -325,10 +344,11 @@ def load_hf(t: Teacher, opts: TeacherOptions) -> None:
         model = auto.from_pretrained(
             folder, config=config, local_files_only=True, trust_remote_code=False,
             use_safetensors=files[0].name != PICKLES[0] and files[0].name != PICKLES[1],
-            dtype=torch.float32)
+            dtype=torch.float32, output_loading_info=True)
     except Exception as e:  # noqa: BLE001
         raise FormatError(f"{folder} does not load as a {type(config).__name__} checkpoint "
                           f"({first_line(e)})", "Save it again with save_pretrained") from e
+    model = _check_loading_info(folder, *model)
     if model.main_input_name not in FLOAT_INPUTS:
         raise ModelError(f"{folder} takes {model.main_input_name!r}, not a float tensor",
                          f"kdcli runs classifiers whose input is one of {FLOAT_INPUTS}")
@@ -344,9 +364,29 @@ def load_hf(t: Teacher, opts: TeacherOptions) -> None:
             pre["size"] = size
     if t.shape_from_user:
         pre.pop("size", None)
-    t.preprocessing = {**IDENTITY, **pre, **opts.preprocessing()}
+    t.preprocessing = check_processor(folder, {**IDENTITY, **pre, **opts.preprocessing()})
     t.meta["preprocessing_source"] = PROCESSOR if (folder / PROCESSOR).is_file() else "none"
     _torch_runner(t, _LogitsOnly(model))
+
+
+def _check_loading_info(folder: Path, model: Any, info: dict[str, Any]) -> Any:
+    """``model``, if its weights came whole from the folder: a key the model has and the
+    files lack would stay randomly initialised, and a key the files have and the model lacks
+    means the weights belong to another model.
+
+    Raises:
+        FormatError: weights are missing, unexpected or of another shape.
+    """
+    for what, keys in (("missing", info.get("missing_keys")),
+                       ("unexpected", info.get("unexpected_keys")),
+                       ("of the wrong shape", info.get("mismatched_keys"))):
+        keys = sorted(str(k[0] if isinstance(k, (tuple, list)) else k) for k in keys or ())
+        if keys:
+            shown = ", ".join(repr(k) for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
+            raise FormatError(f"{folder}: {len(keys)} weight(s) of the model are {what} in "
+                              f"its weight files ({shown}), so those layers would be random",
+                              "Save the whole checkpoint again with save_pretrained")
+    return model
 
 
 class _LogitsOnly:

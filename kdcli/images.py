@@ -19,8 +19,10 @@ share one size.
 The decoded array is written once to ``$KDCLI_CACHE/images/<key>/`` (default
 ``~/.cache/kdcli``; never inside the data folder) as ``inputs.npy`` beside a
 ``manifest.json`` that lists every file's name, size and modification time. A later load
-whose listing matches memory-maps the array instead of decoding; any added, removed,
-renamed or touched file makes it decode afresh.
+whose listing matches memory-maps the array instead of decoding, after checking its dtype,
+shape, SHA-256 and three of its rows against the images; any added, removed, renamed or
+touched file, or a cache entry that fails a check, makes it decode afresh. 16-bit grey
+images are scaled to 8 bits, not clipped.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CACHE_FORMAT = "kdcli.image-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the manifest records data_sha256
 _GRAY_BANDS = ({"L"}, {"L", "A"}, {"1"}, {"I"}, {"F"})
 
 
@@ -200,7 +202,34 @@ def _read_cache(key: dict[str, Any], listing: list[list[Any]]) -> Any:
         return None
     if mapped is None or mapped[0].shape[0] != len(listing):
         return None
-    return mapped
+    return mapped if _cache_is_true(d, mapped[0], manifest, key) else None
+
+
+def _cache_is_true(d: Path, x: Any, manifest: dict[str, Any], key: dict[str, Any]) -> bool:
+    """Whether a cached array is what decoding the folder gives: uint8 of the recorded shape
+    ``[N, H, W]`` or ``[N, 3, H, W]`` (of ``--channels`` and ``--image-size``, if given),
+    the bytes the manifest's ``data_sha256`` names, and the first, middle and last images
+    decoded again equal to their rows."""
+    import torch
+
+    from kdcli.files import sha256_file
+
+    shape = list(x.shape)
+    if x.dtype != torch.uint8 or shape != manifest.get("shape") or len(shape) not in (3, 4) \
+            or (len(shape) == 4 and shape[1] != 3) \
+            or (key["channels"] is not None and key["channels"] != (1 if len(shape) == 3 else 3)) \
+            or (key["image_size"] is not None and shape[-2:] != key["image_size"]):
+        return False
+    if sha256_file(d / "inputs.npy") != manifest.get("data_sha256"):
+        return False
+    mode, size = ("L" if len(shape) == 3 else "RGB"), tuple(shape[-2:])
+    folder, files = Path(key["folder"]), manifest["files"]
+    try:
+        return all(bool((x[i] == torch.from_numpy(
+            decode_image(folder / files[i][0], mode, size))).all())
+            for i in sorted({0, len(files) // 2, len(files) - 1}))
+    except DataError:
+        return False
 
 
 @contextlib.contextmanager
@@ -249,7 +278,7 @@ def decode_image(path: Path, mode: str, size: tuple[int, int] | None,
     try:
         with _open(path, expect) as img:
             img.load()
-            img = img.convert(mode)
+            img = _eight_bit(img).convert(mode)
             if size is not None and img.size != (size[1], size[0]):
                 img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             a = np.asarray(img, dtype=np.uint8)
@@ -257,6 +286,20 @@ def decode_image(path: Path, mode: str, size: tuple[int, int] | None,
         raise DataError(f"cannot read image {quote_name(path)}: {_first(e)}",
                         "Replace or remove the file") from e
     return a if mode == "L" else a.transpose(2, 0, 1)
+
+
+def _eight_bit(img: Any) -> Any:
+    """16-bit (and 32-bit integer) grey images scaled to 8 bits, as Pillow's ``convert``
+    would clip them: ``round(v / 257)``, so 65535 is 255."""
+    import numpy as np
+    from PIL import Image
+
+    if not (img.mode.startswith("I;16") or img.mode == "I"):
+        return img
+    a = np.asarray(img).astype(np.float64)
+    if img.mode == "I" and a.size and (a.min() < 0 or a.max() > 65535):
+        raise ValueError(f"{img.mode} pixels from {a.min():g} to {a.max():g} are not 16-bit")
+    return Image.fromarray(np.round(a / 257).astype(np.uint8), "L")
 
 
 def _plan(paths: list[tuple[Path, os.stat_result]],
@@ -284,6 +327,7 @@ def _decode_all(folder: Path, paths: list[tuple[Path, os.stat_result]], opts: Da
     """Decode every image into the cache (or into memory if the cache cannot be written)."""
     import numpy as np
 
+    from kdcli.files import sha256_file
     from kdcli.storage import map_npy
 
     mode, size = _plan(paths, opts)
@@ -312,7 +356,8 @@ def _decode_all(folder: Path, paths: list[tuple[Path, os.stat_result]], opts: Da
     (d / "manifest.json").unlink(missing_ok=True)
     os.replace(tmp, d / "inputs.npy")
     manifest = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key,
-                "shape": list(shape), "files": listing}
+                "shape": list(shape), "files": listing,
+                "data_sha256": sha256_file(d / "inputs.npy")}
     mtmp = d / f".manifest.{os.getpid()}.json.tmp"
     mtmp.write_text(json.dumps(manifest))
     os.replace(mtmp, d / "manifest.json")

@@ -245,7 +245,8 @@ class Family:
 
 
 def _parse_mlp(rest: str) -> dict[str, Any]:
-    return {"hidden": [int(h) for h in rest.split(",") if h.strip()]}
+    # "mlp:" has no hidden layer (a linear model); an empty width ("1,,2") does not parse
+    return {"hidden": [int(h) for h in rest.split(",")] if rest.strip() else []}
 
 
 def _check_mlp(arch: Architecture) -> None:
@@ -274,10 +275,11 @@ def _check_width(arch: Architecture) -> None:
     from kdcli.checks import MAX_CNN_WIDTH
 
     w = arch.width
-    if isinstance(w, bool) or not (isinstance(w, (int, float)) and 0 < w <= MAX_CNN_WIDTH):
+    base = 16 if arch.family == "resnet" else 32  # the narrowest layer's channels at w = 1
+    if isinstance(w, bool) or not (isinstance(w, (int, float)) and 1 / base <= w <= MAX_CNN_WIDTH):
         name = {"cnn": "CNN", "resnet": "ResNet"}.get(arch.family, arch.family)
-        raise UsageError(f"the {name} width multiplier must be above 0 and at most "
-                         f"{MAX_CNN_WIDTH:g}, got {w}",
+        raise UsageError(f"the {name} width multiplier must be from 1/{base} (one channel) "
+                         f"to {MAX_CNN_WIDTH:g}, got {w}",
                          f"Use e.g. {arch.family}:{'8,' if arch.family == 'resnet' else ''}0.5")
 
 
@@ -614,6 +616,7 @@ def load_model(path: str | Path) -> ModelFile:
     if recorded is not None and data_sha256(mapped) != recorded:
         raise FormatError(f"{p} fails its checksum: its weights are not the bytes that were "
                           "written", "The file is damaged; regenerate or copy it again")
+    _check_weight_dtypes(p, tensors)
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise FormatError(f"{p} has NaN or Inf in weight {name!r}",
@@ -627,6 +630,17 @@ def load_model(path: str | Path) -> ModelFile:
                           "The file is damaged; regenerate it") from e
     model.eval()
     return ModelFile(model, arch, pre, num_classes, training, meta, class_names, feature_names)
+
+
+def _check_weight_dtypes(p: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Weights are float32 (BatchNorm's ``num_batches_tracked`` int64), as kdcli writes
+    them: another dtype would be cast silently on load."""
+    for name, t in tensors.items():
+        want = "int64" if name.endswith("num_batches_tracked") else "float32"
+        got = str(t.dtype).removeprefix("torch.")
+        if got != want:
+            raise FormatError(f"{p} stores weight {name!r} as {got}, not {want}",
+                              "The file is damaged or was not written by kdcli; regenerate it")
 
 
 def _model_metadata(p: Path, meta: dict[str, str]

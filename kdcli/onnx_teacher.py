@@ -44,6 +44,7 @@ def load_onnx(t: Teacher, opts: TeacherOptions) -> None:
         raise ModelError(f"{t.path} takes {len(inputs)} inputs", "kdcli teachers take one input")
     inp = inputs[0]
     out = choose_output(sess, opts.output_name, t.path, t.notes)
+    _refuse_non_scores(t, graph, out, sess.get_outputs())
     dims = list(inp.shape)
     if dims and isinstance(dims[0], int) and dims[0] > 0:
         t.fixed_batch = dims[0]
@@ -68,6 +69,31 @@ def load_onnx(t: Teacher, opts: TeacherOptions) -> None:
             return torch.from_numpy(np.asarray(y))
 
     t.runner = run
+
+
+_SCORE_TYPES = ("tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)")
+
+
+def _refuse_non_scores(t: Teacher, graph: Any, out: Any, outputs: list[Any]) -> None:
+    """Labels (integer, string or boolean outputs) and an ONNX-ML regressor's predicted
+    values are not class scores (a regressor's one column would be read as a binary logit)."""
+    from kdcli.teachers import NotScoresError
+
+    if not out.type.startswith("seq(map(") and out.type not in _SCORE_TYPES:
+        scores = [o.name for o in outputs if o.type in _SCORE_TYPES or
+                  o.type.startswith("seq(map(")]
+        raise NotScoresError(f"{t.name}'s output {out.name!r} is {out.type} (labels or "
+                             "flags), not class scores",
+                             f"Choose its scores with --output ({', '.join(scores)})" if scores
+                             else "Export the model with its probabilities or logits")
+
+    ops = {n.op_type for n in graph.node if n.domain == "ai.onnx.ml"}
+    regressors = sorted(op for op in ops if op.endswith("Regressor"))
+    if regressors and not any(op.endswith("Classifier") for op in ops):
+        raise NotScoresError(f"{t.name} is a regressor ({regressors[0]}): it outputs "
+                             "predicted values, not class scores",
+                             "kdcli distils classifiers; export a classifier (with "
+                             "probabilities) instead")
 
 
 def choose_output(sess: Any, output_name: str | None, where: Any,

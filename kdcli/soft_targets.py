@@ -36,7 +36,13 @@ from kdcli.files import (
 )
 from kdcli.output import Reporter, Timer
 from kdcli.storage import SafetensorsWriter, to_bytes
-from kdcli.teachers import Teacher, TeacherOptions, describe_preprocessing, load_teacher
+from kdcli.teachers import (
+    Teacher,
+    TeacherOptions,
+    check_teacher_options,
+    describe_preprocessing,
+    load_teacher,
+)
 from kdcli.transfer import (
     COMBINE_RULES,
     INDEX_SUFFIX,
@@ -196,6 +202,8 @@ def soft_targets(
     max_shard = _max_shard(out, shard_size)
     weights, opts = _check_weights(weights, len(teachers)), _per_member(options, len(teachers))
     out = _check_out(out, force, inputs=[*teachers, *data_files(data)])
+    for teacher, opt in zip(teachers, opts, strict=True):
+        check_teacher_options(teacher, opt)  # before the data is read
     dev = resolve_device(device)
     precision, precision_shown = _precision(precision, dev)
     # read the data, then probe the teachers with its first batch

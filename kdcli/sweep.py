@@ -91,7 +91,7 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
 def _check_grid(temperatures: list[float], hidden: list[int], layers: int, seeds: list[int],
                 distill: DistillConfig) -> list[int]:
     """Refuse an empty or out-of-range grid; return the seeds."""
-    from kdcli.checks import check_temperature
+    from kdcli.checks import check_seeds, check_temperature
     from kdcli.models import Architecture
 
     if not temperatures or not hidden:
@@ -100,6 +100,7 @@ def _check_grid(temperatures: list[float], hidden: list[int], layers: int, seeds
         check_temperature(t)
     if any(h <= 0 for h in hidden):
         raise UsageError(f"--hidden widths must be positive, got {hidden}", "e.g. 30,300")
+    check_seeds(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds must be distinct integers, got {seeds}", "e.g. --seeds 0,1")
     for s in seeds:

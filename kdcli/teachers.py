@@ -97,6 +97,10 @@ class TeacherOptions:
                                   ("std", self.std)) if v is not None}
 
 
+class NotScoresError(ModelError):
+    """A model's output is not class scores (labels, flags, a regressor's value)."""
+
+
 @dataclass
 class Teacher:
     """A loaded teacher, ready to map raw inputs to logits.
@@ -203,6 +207,12 @@ class Teacher:
         if not isinstance(out, torch.Tensor):
             raise ModelError(f"teacher {self.name} returned {type(out).__name__}",
                              "The model must return a tensor of class scores")
+        if not out.is_floating_point():
+            raise NotScoresError(
+                f"teacher {self.name} outputs {str(out.dtype).removeprefix('torch.')} values "
+                "(labels, counts or flags), not class scores",
+                "Give a model that outputs logits or probabilities (for an ONNX classifier, "
+                "its probabilities: --output)")
         if out.dim() == 1 and out.shape[0] == batch:
             out = out[:, None]  # one score per example: a binary classifier
         if out.dim() != 2 or out.shape[0] != batch:
@@ -562,12 +572,40 @@ def load_teacher(path: str | Path, opts: TeacherOptions | None = None, device: s
     if opts.input_shape:
         t.input_shape, t.shape_from_user = list(opts.input_shape), True
     t.preprocessing = {**IDENTITY, **opts.preprocessing()}
+    check_teacher_options(p, opts, fmt.name)
     fmt.load(t, opts)
     if opts.output is not None:
         t.output = opts.output  # an explicit flag wins over the file
     _probe(t, probe)
     t.frozen = True
     return t
+
+
+def check_teacher_options(path: str | Path, opts: TeacherOptions,
+                          fmt: str | None = None) -> None:
+    """Refuse options that are impossible, or that the model's format would ignore:
+    ``--output`` picks among an ONNX model's outputs, and a kdcli model does its own
+    preprocessing. Cheap unless such an option is given (the format is found by content).
+
+    Raises:
+        UsageError: naming the option.
+    """
+    from kdcli.checks import check_preprocessing_options
+
+    check_preprocessing_options(opts.scale, opts.mean, opts.std)
+    pre = {**IDENTITY, **opts.preprocessing()}
+    if opts.output_name is None and pre == IDENTITY:
+        return
+    name = Path(path).name
+    fmt = fmt or find_format(Path(path)).name
+    if opts.output_name is not None and fmt != "onnx":
+        raise UsageError(f"--output {opts.output_name!r}: teacher {name} is a {fmt} "
+                         "model with one output; --output picks among an ONNX model's outputs",
+                         "Drop --output for this model")
+    if fmt == "kdcli" and pre != IDENTITY:
+        raise UsageError(f"--scale/--mean/--std were given for {name}, a kdcli model that "
+                         "does its own preprocessing (from its file)",
+                         "Drop them, or give them once per model with 1/0/1 for this one")
 
 
 def _probe(t: Teacher, probe: torch.Tensor | None) -> None:
@@ -626,6 +664,8 @@ def _resolve_input_shape(t: Teacher, probe: torch.Tensor) -> None:
             x = prepare_input(probe, t.preprocessing, t.input_shape, t.input_dtype, t.name)
             t._check_output(t._forward(x), probe.shape[0])
             return
+        except NotScoresError:
+            raise  # the model ran: its shape is right, its output is not scores
         except Exception as e:  # noqa: BLE001 - any failure means "not this shape"
             first_err = first_err or e
     t.input_shape = None

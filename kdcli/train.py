@@ -109,7 +109,6 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
                                                 run.gen, cfg.epochs)
         reporter.info(f"resuming from {checkpoint} after epoch {start_epoch}")
     run.wrap(start_epoch)
-    n_classes: int | None = None  # known after the first evaluation
     # Long runs on small sets evaluate, print and checkpoint about REPORTS times in all.
     every = max(1, cfg.epochs // REPORTS)
     # A loss that blows up rolls the epoch back and retries it at half the learning rate
@@ -128,7 +127,7 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
             record = _record(epoch, stat_names, sums, seen, lr_scale, clipped, run.steps)
             shown = (epoch + 1) % every == 0 or epoch + 1 in (cfg.epochs, cfg.stop_after)
             if eval_data is not None and run.dist.main and (shown or cfg.dry_run):
-                record["test_errors"], n_classes = run.test_errors(eval_data)
+                record["test_errors"], _ = run.test_errors(eval_data)
             record["seconds"] = round(time.perf_counter() - t0, 3)
             history.append(record)
             if shown or cfg.dry_run:
@@ -143,7 +142,9 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
                               "--resume")
                 break
             epoch += 1
-    _warn_if_chance(history, eval_data, n_classes, cfg, reporter)
+    if history and run.dist.main and not cfg.dry_run and history[-1]["epoch"] >= cfg.epochs:
+        _warn_if_failed(history, _final_stats(run, inputs, step_loss, stat_names), eval_data,
+                        cfg, reporter)
     run.close()
     return history
 
@@ -393,18 +394,60 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int, warmup_steps: i
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
 
 
-def _warn_if_chance(history: list[dict[str, Any]], eval_data: Data | None,
-                    n_classes: int | None, cfg: TrainConfig, reporter: Reporter) -> None:
-    """Warn when training ends near chance level: a loss that blew up but stayed finite (so no
-    divergence error) leaves a model that predicts one class for everything."""
-    if not history or "test_errors" not in history[-1] or eval_data is None or not n_classes:
-        return
-    accuracy = 1 - history[-1]["test_errors"] / len(eval_data.labels)
+# A run "ends at chance" when its accuracy (test, else on training rows; a student's: its
+# agreement with the teacher) is below 2/C for C > 2 classes, or below 55% for 2; its loss is
+# "absurd" when the cross-entropy on hard labels exceeds 100 log C on training rows (a
+# uniform guess scores log C; 100 times that is a model confidently wrong by ~100s of nats).
+CHANCE_BINARY, ABSURD_LOSS = 0.55, 100.0
+_FINAL_ROWS = 4096  # training rows the final model is checked on
+
+
+def _final_stats(run: _Run, inputs: torch.Tensor | Rows, step_loss: StepLoss,
+                 stat_names: list[str]) -> dict[str, float]:
+    """The final model's statistics (as ``stat_names``) on up to :data:`_FINAL_ROWS`
+    training rows spread over the set, and its class count as ``classes``."""
+    import torch
+
+    idx = torch.linspace(0, run.n - 1, min(run.n, _FINAL_ROWS)).long().unique()
+    run.model.eval()
+    with torch.no_grad():
+        z = torch.cat([run.model(inputs[idx[a:a + 512]].to(run.dev)).float()
+                       for a in range(0, len(idx), 512)])
+        _, stats = step_loss(z, idx)
+    return {**dict(zip(stat_names, stats.tolist(), strict=True)), "classes": z.shape[-1]}
+
+
+def _warn_if_failed(history: list[dict[str, Any]], final: dict[str, float],
+                    eval_data: Data | None, cfg: TrainConfig, reporter: Reporter) -> None:
+    """Warn when training ends at chance or with an absurd loss (the rules above): a loss
+    that blew up but stayed finite (so no divergence error), or inputs of an absurd scale,
+    leave a model that predicts one class, or predicts wildly, for everything."""
+    c = int(final["classes"])
     lr = cfg.lr * history[-1].get("lr_scale", 1.0)  # the rate the run ended at
-    if n_classes > 2 and accuracy < 2 / n_classes:
-        reporter.warn(f"test accuracy {accuracy:.1%} is near chance ({1 / n_classes:.1%}): "
-                      f"training failed, most likely because --lr {lr:g} is too high for "
-                      f"this loss. Try --lr {lr / 2:g}")
+    # the cross-entropy on hard labels: train's loss, a student's hard term (0 without labels)
+    loss = final["hard"] if "hard" in final else final.get("train_loss", 0.0)
+    absurd = c > 1 and not loss <= ABSURD_LOSS * math.log(c)
+    if absurd:
+        shown = f"{loss:.3g}" if math.isfinite(loss) else "not finite"
+        reporter.warn(f"training ended with an absurd loss ({shown} on training rows; over "
+                      f"{ABSURD_LOSS:g} log C = {ABSURD_LOSS * math.log(c):.3g} counts as "
+                      "absurd): the model is confidently wrong. Check the inputs' scale "
+                      f"(--normalize) and lower --lr {lr:g}")
+    if "test_errors" in history[-1] and eval_data is not None:
+        accuracy, where = 1 - history[-1]["test_errors"] / len(eval_data.labels), "test"
+    elif "train_error" in final:
+        accuracy, where = 1 - final["train_error"], "training"
+    elif "agreement" in final:
+        accuracy, where = final["agreement"], "teacher-agreement"
+    else:
+        return
+    bar = 2 / c if c > 2 else CHANCE_BINARY
+    if c > 1 and accuracy < bar:
+        why = (f"training failed, most likely because --lr {lr:g} is too high for this loss. "
+               f"Try --lr {lr / 2:g}") if absurd or history[-1].get("lr_scale", 1.0) < 1 \
+            else "the model learnt little: train longer (--epochs), or check the labels"
+        reporter.warn(f"{where} accuracy {accuracy:.1%} is near chance ({1 / c:.1%}; below "
+                      f"{bar:.0%} counts as chance): {why}")
 
 
 def _epoch_line(r: dict[str, Any], epochs: int) -> str:
@@ -800,7 +843,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     """
     from kdcli.checks import resolve_device
     from kdcli.distributed import session
-    from kdcli.transfer import load_transfer_set
+    from kdcli.transfer import check_unchanged, file_stamps, load_transfer_set
 
     d = _with(distill or DistillConfig(), T=T, alpha=alpha, loss=loss, center=center, tail=tail)
     cfg = config or student_config()
@@ -813,6 +856,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
                             [transfer, *data_files(transfer), *data_files(eval_data)])
     start = time.perf_counter()
     ts = load_transfer_set(transfer)
+    stamps = file_stamps(ts)
     if d.alpha > 0 and not ts.has_labels:
         raise UsageError(f"--alpha {d.alpha} needs labels, but {transfer} has none",
                          "Use --alpha 0 (pure distillation) or a labelled transfer set")
@@ -834,6 +878,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
                       cfg, eval_data=eval_ds,
                       checkpoint=None if cfg.dry_run else checkpoint_path(out),
                       fingerprint=fingerprint, resume=resume, reporter=rep, dist=dist)
+        check_unchanged(ts, stamps)  # trained on the bytes that were checked, or nothing
         return _finish(model, arch=arch, pre=pre, num_classes=ts.num_classes,
                        training=training, history=history, eval_ds=eval_ds, cfg=cfg,
                        outputs=outputs, reporter=rep, dist=dist)

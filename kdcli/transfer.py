@@ -575,6 +575,31 @@ def _tail_ok(ts: TransferSet, start: int, chunk: torch.Tensor):
     return None if bool(ok.all()) else ("a NaN or positive tail_logmass", ok)
 
 
+def _tail_agrees(ts: TransferSet, start: int, chunk: torch.Tensor):
+    """The tail mass must be 0 (``-inf``) exactly when K = C, and with K < C no more than
+    the C - K left-out classes can hold: each at most the smallest top-k probability."""
+    import torch
+
+    if ts.top_k == ts.num_classes:
+        ok = chunk == float("-inf")
+        return None if bool(ok.all()) else ("a tail_logmass above 0 mass, but K = C "
+                                            "leaves no class out", ok)
+    ok = torch.isfinite(chunk)
+    if not bool(ok.all()):
+        return ("a tail_logmass of -inf (no mass outside the top k), but with K < C the "
+                "left-out classes always hold some", ok)
+    rows = ts.columns["topk_logits"][torch.arange(start, start + len(chunk))]
+    v = rows.double() / ts.T
+    log_qk = v[:, -1] - torch.logsumexp(v, -1)
+    tail = chunk.double()
+    log_odds = tail - torch.log(-torch.expm1(tail))  # log(t / (1 - t))
+    eps = 2.0 ** -10 if rows.dtype == torch.float16 else 2.0 ** -22
+    tol = 1e-3 + 2 * eps * v.abs().amax(-1)
+    ok = log_odds <= math.log(ts.num_classes - ts.top_k) + log_qk + tol
+    return None if bool(ok.all()) else ("a tail_logmass larger than the classes outside "
+                                        "the top k can hold", ok)
+
+
 def _labels_ok(ts: TransferSet, start: int, chunk: torch.Tensor):
     ok = (chunk >= 0) & (chunk < ts.num_classes)
     return None if bool(ok.all()) else (f"labels outside [0, {ts.num_classes})", ok)
@@ -583,7 +608,28 @@ def _labels_ok(ts: TransferSet, start: int, chunk: torch.Tensor):
 _DENSE_CHECKS = (("logits", _logits_ok), ("soft_targets", _soft_ok),
                  ("member_logits", _members_ok))
 _TOPK_CHECKS = (("topk_logits", _topk_logits_ok), ("topk_indices", _topk_indices_ok),
-                ("tail_logmass", _tail_ok))
+                ("tail_logmass", _tail_ok), ("tail_logmass", _tail_agrees))
+
+
+def file_stamps(ts: TransferSet) -> list[tuple[Path, int, int]]:
+    """``(path, size, mtime_ns)`` of each file of ``ts``, from its open descriptor: taken
+    after the checks, compared by :func:`check_unchanged` when the reading is done."""
+    return [(f.path, (st := os.fstat(f.fd)).st_size, st.st_mtime_ns) for f in ts.budget.files]
+
+
+def check_unchanged(ts: TransferSet, stamps: list[tuple[Path, int, int]]) -> None:
+    """Refuse a set whose files were written to since ``stamps`` were taken: its checksums
+    were verified once, when it was opened, so the rows read since may not be those bytes.
+
+    Raises:
+        FormatError: a file's size or modification time changed.
+    """
+    for (path, size, mtime), now in zip(stamps, file_stamps(ts), strict=True):
+        if now[1:] != (size, mtime):
+            raise FormatError(f"{path} was modified while it was being read (its size or "
+                              "modification time changed after its checksum was verified), "
+                              "so what was read may not be what was checked",
+                              "Leave the transfer set unchanged while it is in use, and rerun")
 
 
 def load_transfer_set(path: str | Path, check_values: bool = True,
@@ -725,6 +771,7 @@ def _check_file(p: Path, tensors: dict[str, torch.Tensor], raw_meta: dict[str, s
         raise FormatError(f"{p} holds no examples", "Regenerate it from non-empty data")
     _check_dtypes(p, tensors)
     _check_meta_agrees(p, tensors, meta, storage)
+    _check_meta_describes(p, tensors, meta, storage)
     return meta
 
 
@@ -789,6 +836,43 @@ def _check_meta_agrees(p: Path, tensors: dict[str, torch.Tensor], meta: dict[str
     if len(set(known.values())) > 1:
         raise bad("different member counts: " +
                   ", ".join(f"{name} {v}" for name, v in known.items()))
+
+
+def _check_meta_describes(p: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                          storage: str) -> None:
+    """The rest of what the metadata says about the tensors: at least two classes and as
+    many class names, the stored top-k dtype, an ensemble's weights and member logits, and
+    the teachers' input shapes."""
+    def bad(what: str) -> FormatError:
+        return FormatError(f"{p} has metadata that contradicts its tensors: {what}",
+                           "Regenerate it with kdcli soft-targets")
+
+    c = int(meta["num_classes"]) if storage == "top-k" else int(tensors["logits"].shape[1])
+    if c < 2:
+        raise bad(f"{c} class(es); a classifier's targets need at least 2")
+    names = meta.get("class_names")
+    if names is not None and len(names) != c:
+        raise bad(f"{len(names)} class_names for {c} classes")
+    if storage == "top-k" and "targets_dtype" in meta:
+        got = str(tensors["topk_logits"].dtype).removeprefix("torch.")
+        if meta["targets_dtype"] != got:
+            raise bad(f"targets_dtype {_clip(meta['targets_dtype'])!r}, but topk_logits are "
+                      f"stored as {got}")
+    teachers = meta.get("teachers")
+    if isinstance(teachers, list) and len(teachers) > 1:
+        if meta.get("weights") is None:
+            raise bad(f"{len(teachers)} teachers but no weights")
+        if storage == "dense" and "member_logits" not in tensors:
+            raise bad(f"{len(teachers)} teachers but no member_logits")
+    sample = list(tensors["inputs"].shape[1:])
+    for t in teachers if isinstance(teachers, list) else []:
+        shape, pre = t.get("input_shape"), t.get("preprocessing")
+        if shape is None or (isinstance(pre, dict) and pre.get("size")):
+            continue  # not recorded, or resized images (any input size)
+        if not (isinstance(shape, list) and all(type(d) is int and d > 0 for d in shape) and
+                math.prod(shape) == math.prod(sample)):
+            raise bad(f"teacher {_clip(t.get('file'))!r} has input_shape {_clip(shape)}, "
+                      f"but the inputs are {sample}")
 
 
 def _decode_meta(p: Path, raw: dict[str, str]) -> dict[str, Any]:

@@ -393,7 +393,9 @@ def test_eval_data_of_another_shape_is_refused_before_training(cli, tmp_path, pa
     t, m = parts
     small = {**t, "inputs": t["inputs"][:, :20, :20].contiguous()}
     p = tmp_path / "small.safetensors"
-    save_file(small, str(p), metadata={k: v for k, v in m.items() if k != "inputs_sha256"})
+    teachers = [{**r, "input_shape": [20, 20]} for r in json.loads(m["teachers"])]
+    save_file(small, str(p), metadata={**{k: v for k, v in m.items() if k != "inputs_sha256"},
+                                       "teachers": json.dumps(teachers)})
     r = cli("train-student", "--transfer", p, "--out", "s.safetensors", "--epochs", "50",
             "--hidden", "8")
     one_line_error(r, match="has examples of shape [28, 28], but the transfer set's are [20, 20]",

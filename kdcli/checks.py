@@ -300,7 +300,7 @@ def check_arch_spec(arch: str | None, student: bool = True) -> str | None:
 
 
 def check_seeds(seeds: list[int]) -> list[int]:
-    """Seeds of a sweep: distinct integers of 0 or more."""
-    if any(s < 0 for s in seeds):
-        raise UsageError(f"--seeds must be 0 or more, got {seeds}", "Try --seeds 0,1")
+    """Seeds of a sweep: each from 0 to :data:`SEED_MAX` (see :func:`check_seed`)."""
+    for s in seeds:
+        check_seed(s, "--seeds")
     return seeds

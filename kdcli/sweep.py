@@ -16,7 +16,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcli.checks import check_seed
 from kdcli.config import SWEEP_ALPHA, DistillConfig, TrainConfig, student_config
 from kdcli.errors import UsageError
 from kdcli.files import OutputWriteError, write_error
@@ -103,8 +102,6 @@ def _check_grid(temperatures: list[float], hidden: list[int], layers: int, seeds
     check_seeds(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds must be distinct integers, got {seeds}", "e.g. --seeds 0,1")
-    for s in seeds:
-        check_seed(s, "--seeds")
     if distill.T is not None:
         raise UsageError("sweep takes its temperatures from --T, not from its DistillConfig",
                          "Leave DistillConfig.T None")

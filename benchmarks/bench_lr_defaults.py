@@ -12,11 +12,12 @@ up and were retried at a lower rate. Cases:
   T=20, alpha 0.1, kd and mse, 2x300 student on 10,000 digits;
 * 1,800 MNIST digits at T=20 (3% of the set, class-balanced), 2x800, alpha 0;
 * a transfer set of only 7s and 8s, 2x800, alpha 0;
-* the quickstart's student: 2x300, alpha 0.1, 15 epochs, on the training set and two
+* the former quickstart's student: 2x300, alpha 0.1, 15 epochs, on the training set and two
   jittered copies (180,000 rows: one seed, and lr 0.02 and 0.1 only).
 
-The MNIST cases need a kdcli teacher: ``--teacher`` (e.g. the quickstart's). Run:
-``python benchmarks/bench_lr_defaults.py --teacher quickstart/teacher.safetensors``.
+The MNIST cases need a kdcli teacher: ``--teacher``, such as the 2x1200 teacher of
+examples/mnist-paper (the former quickstart's, 103 test errors). Run:
+``python benchmarks/bench_lr_defaults.py --teacher teacher.safetensors``.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def cases(folder: Path, teacher: str | None) -> list[dict]:
                     "data": "mnist:train", "classes": [7, 8], "T": 20.0,
                     "arch": "mlp:800,800", "alpha": 0.0, "loss": "kd", "epochs": None,
                     "eval": "mnist:test"})
-        out.append({"name": "quickstart (2x300, 15 epochs)", "teachers": [teacher],
+        out.append({"name": "former quickstart (2x300, 15 epochs)", "teachers": [teacher],
                     "data": "mnist:train", "T": 20.0, "jitter": 2, "copies": 2,
                     "arch": "mlp:300,300", "alpha": 0.1, "loss": "kd", "epochs": 15,
                     "eval": "mnist:test", "seeds": 1, "grid": (0.02, 0.1)})  # 180,000 rows

@@ -29,7 +29,7 @@ def test_quickstart_script_runs_end_to_end(tmp_path):
     r = subprocess.run(["bash", str(ROOT / "examples" / "quickstart.sh"), "--epochs", "1"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
-    for name in ("teacher.safetensors", "baseline.safetensors", "transfer.safetensors",
+    for name in ("teacher.safetensors", "twin.safetensors", "transfer.safetensors",
                  "student.safetensors", "student.onnx"):
         assert (tmp_path / "quickstart" / name).exists(), name
     assert "Top-1 agreement" in r.stdout and "student.onnx" in r.stdout

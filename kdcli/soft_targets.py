@@ -231,6 +231,7 @@ def _check_options(teachers: list[str | Path], *, combine: str, precision: str,
     augment.check()
     if copies < 0:
         raise UsageError(f"--copies must be 0 or more, got {copies}", "Try --copies 1")
+    _check_copies_bound(copies)
     if copies and not augment.active:
         raise UsageError("--copies needs an augmentation to make the copies differ",
                          "Add --jitter 2, or --augment crop-flip")
@@ -253,6 +254,13 @@ def _max_shard(out: str | Path, shard_size: str | int | None) -> int:
         raise UsageError(f"--shard-size writes a sharded set, which is named by its index file, "
                          f"not {out}", f"Use --out {Path(out).stem}{INDEX_SUFFIX}")
     return parse_size(shard_size if shard_size is not None else "1GB")
+
+
+def _check_copies_bound(copies: int) -> None:
+    """Refuse a --copies no run could finish (the row count is checked again with the data)."""
+    from kdcli.resources import MAX_COPIES, check_count
+
+    check_count(copies, "--copies", MAX_COPIES, "Try --copies 10")
 
 
 def _read(data: str, limit: int | None, data_options: DataOptions | None,
@@ -362,6 +370,7 @@ def _write_set(out: Path, meta: dict[str, str], writer: _RangeWriter, dist, forc
     """Write the whole set: one file, or (for an index ``out``) shards of at most
     ``max_shard`` bytes, which are returned."""
     n = writer.source.n
+    _check_room(out, n, writer)
     if not is_index_path(out):
         _write_single(out, n, meta, writer, dist, force)
         return None
@@ -373,6 +382,14 @@ def _write_set(out: Path, meta: dict[str, str], writer: _RangeWriter, dist, forc
                          f"({header + bytes_per_row(layout):,} bytes with header)",
                          "Give a larger --shard-size")
     return _write_sharded(out, n, rows_per_shard, meta, writer, dist, force)
+
+
+def _check_room(out: Path, n: int, writer: _RangeWriter) -> None:
+    """Refuse a set larger than the free space of its folder, before writing a byte."""
+    from kdcli.resources import check_disk
+
+    check_disk(n * bytes_per_row(writer.specs(1)), out.parent or Path("."),
+               f"the transfer set of {n:,} rows", "Lower --copies or --limit, or free space")
 
 
 def _summary(out: Path, writer: _RangeWriter, stats, *, has_labels: bool,

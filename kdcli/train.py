@@ -766,7 +766,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     """
     from kdcli.checks import resolve_device
     from kdcli.distributed import session
-    from kdcli.transfer import load_transfer_set
+    from kdcli.transfer import check_class_memory, load_transfer_set
 
     d = _with(distill or DistillConfig(), T=T, alpha=alpha, loss=loss, center=center, tail=tail)
     cfg = config or student_config()
@@ -784,6 +784,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
                          "Use --alpha 0 (pure distillation) or a labelled transfer set")
     cfg = cfg.resolved(int(ts.columns["inputs"].shape[0]))
     cfg.check()
+    check_class_memory(ts.path, ts.num_classes, cfg.batch_size)
     d = d.resolved(ts.T)
     _check_targets(ts, d, rep)
     step = _student_step(ts, d)

@@ -203,6 +203,7 @@ def soft_targets(
     with session(dev) as dist:
         writer = _RangeWriter(members, source, weights, combine, T, c, top_k, targets_dtype,
                               batch_size, rep)
+        _check_room(out, source.n, writer)
         meta = _metadata(writer, dist, precision=precision, classes=classes,
                          exclude_classes=exclude_classes, class_names=class_names,
                          data_options=data_options)
@@ -370,7 +371,6 @@ def _write_set(out: Path, meta: dict[str, str], writer: _RangeWriter, dist, forc
     """Write the whole set: one file, or (for an index ``out``) shards of at most
     ``max_shard`` bytes, which are returned."""
     n = writer.source.n
-    _check_room(out, n, writer)
     if not is_index_path(out):
         _write_single(out, n, meta, writer, dist, force)
         return None

@@ -1,0 +1,200 @@
+"""Resources: memory bombs refused before allocation, ONNX runs that never end, files that
+change under a running command, signals and temporaries (issue 27, "Resources").
+
+Every bomb here is refused from its shapes before anything is allocated; where the old code
+would have allocated the bomb, the test makes that step fail loudly instead (never allocate).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdcli.resources import ResourceError
+
+ROOT = Path(__file__).parents[1]
+
+
+def one_line_error(result, code: int = 1) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == code, result.output
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from kdcli.models import Architecture, Preprocessing, build_model, save_model
+
+    pre = Preprocessing(255.0, 0.1307, 0.3081, [28, 28], "pixel values 0-255")
+    arch = Architecture.parse("mlp:8")
+    path = tmp_path_factory.mktemp("model") / "m.safetensors"
+    save_model(path, build_model(arch, pre, 10).eval(), arch, pre, 10,
+               {"command": "train", "data": "mnist:train"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def ts_teacher(tmp_path_factory) -> Path:
+    from conftest import TinyMLP
+
+    p = tmp_path_factory.mktemp("ts") / "teacher.ts"
+    torch.jit.save(torch.jit.script(TinyMLP().eval()), str(p))
+    return p
+
+
+# --------------------------------------------------------------- memory bombs
+
+def test_export_batch_bomb_is_refused_before_allocation(tmp_path, cli, tiny_model):
+    out = tmp_path / "m.onnx"
+    line = one_line_error(cli("export", out, "--model", tiny_model, "--batch", "1000000000000"))
+    assert "--batch 1000000000000" in line and "memory" in line and "Lower --batch" in line
+    assert not out.exists()
+
+
+def _tiny_vit_folder(folder: Path) -> Path:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
+                    num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                    num_labels=3)
+    ViTForImageClassification(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("edit", [
+    {"num_hidden_layers": 100_000, "hidden_size": 768, "intermediate_size": 3072},
+    {"hidden_size": 10_000_000},
+    {"image_size": 10_000_000},
+    "crop_size",
+])
+def test_hf_config_bombs_are_refused_before_the_model_is_built(tmp_path, cli, monkeypatch,
+                                                               edit):
+    transformers = pytest.importorskip("transformers")
+    folder = _tiny_vit_folder(tmp_path / "vit")
+    if edit == "crop_size":
+        (folder / "preprocessor_config.json").write_text(json.dumps({
+            "do_center_crop": True, "crop_size": {"height": 300_000, "width": 300_000}}))
+    else:
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, **edit}))
+
+    def never(*a, **k):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(transformers.AutoModelForImageClassification, "from_pretrained", never)
+    np.save(tmp_path / "x.npy", np.zeros((4, 8, 8), np.uint8))
+    line = one_line_error(cli("soft-targets", folder, "--data", tmp_path / "x.npy",
+                              "--out", tmp_path / "t.safetensors"))
+    assert "config.json describes" in line and "memory" in line, line
+    assert "nothing was allocated" in line
+
+
+def _onnx_identity(path: Path, dims: list) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(
+        [helper.make_node("Flatten", ["x"], ["f"]),
+         helper.make_node("Slice", ["f", "s", "e", "a"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [dims[0], 3])],
+        [helper.make_tensor("s", TensorProto.INT64, [1], [0]),
+         helper.make_tensor("e", TensorProto.INT64, [1], [3]),
+         helper.make_tensor("a", TensorProto.INT64, [1], [1])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_onnx_fixed_batch_of_fifty_million_is_refused(tmp_path, cli):
+    model = _onnx_identity(tmp_path / "big.onnx", [50_000_000, 784])
+    np.save(tmp_path / "x.npy", np.zeros((4, 784), np.float32))
+    line = one_line_error(cli("soft-targets", model, "--data", tmp_path / "x.npy",
+                              "--out", tmp_path / "t.safetensors"))
+    assert "50,000,000" in line and "memory" in line and "fixed" not in line.split(":")[0]
+    assert "batches of 50,000,000" in line
+
+
+def _set_metadata(path: Path, **fields: str) -> None:
+    """Rewrite a safetensors file's ``__metadata__`` in place (its data section unchanged)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header["__metadata__"].update(fields)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+
+
+def test_top_k_set_claiming_billions_of_classes_is_refused(tmp_path, cli, ts_teacher):
+    from kdcli.soft_targets import soft_targets
+    from kdcli.transfer import load_transfer_set
+
+    ts = tmp_path / "t.safetensors"
+    soft_targets([ts_teacher], T=2.0, data="mnist[:64]", out=ts, top_k=3)
+    _set_metadata(ts, num_classes=str(300_000_000_000))
+    with pytest.raises(ResourceError) as e:
+        load_transfer_set(ts)
+    assert "300,000,000,000 classes" in str(e.value)
+    line = one_line_error(cli("train-student", "--transfer", ts, "--arch", "mlp:8", "--epochs", "1",
+                              "--out", tmp_path / "s.safetensors"))
+    assert "300,000,000,000 classes" in line and "memory" in line
+
+
+def _png_folder(root: Path, n: int = 2) -> Path:
+    from PIL import Image
+
+    for k in range(2):
+        (root / f"c{k}").mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((6, 6), 40 * i + k, np.uint8)).save(root / f"c{k}/{i}.png")
+    return root
+
+
+def _cache_files(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.rglob("*") if p.is_file())
+
+
+def test_huge_image_size_is_refused_before_any_file_is_made(tmp_path, cli, image_cache):
+    folder = _png_folder(tmp_path / "png")
+    line = one_line_error(cli("train", "--data", folder, "--image-size", "100000,100000",
+                              "--arch", "mlp:4", "--epochs", "1", "--eval-data", "none",
+                              "--out", tmp_path / "m.safetensors"))
+    assert "100000x100000" in line and "Lower --image-size" in line
+    assert _cache_files(image_cache) == []
+
+
+# --------------------------------------------------------------- absurd counts
+
+@pytest.mark.parametrize("args", [
+    ["train", "--data", "mnist[:10]", "--epochs", "9223372036854775808"],
+    ["train", "--data", "mnist[:10]", "--epochs", "1000000000"],
+    ["soft-targets", "T.pt", "--copies", "1000000000", "--jitter", "1"],
+])
+def test_absurd_counts_are_refused(tmp_path, cli, args):
+    r = cli(*args, "--out", tmp_path / "o.safetensors")
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code in (1, 2) and len(lines) == 1 and lines[0].startswith("Error:"), r.output
+    assert "at most 1,000,000" in lines[0] or "range" in lines[0], lines[0]
+
+
+def test_copies_that_cannot_fit_on_the_disk_are_refused(tmp_path, cli, ts_teacher):
+    line = one_line_error(cli("soft-targets", ts_teacher, "--scale", "255", "--data", "mnist[:1000]",
+                              "--copies", "1000000", "--jitter", "1",
+                              "--out", tmp_path / "t.safetensors"))
+    assert "no space left" in line and "1,000,001,000 rows" in line and "--copies" in line
+    assert list(tmp_path.iterdir()) == []

@@ -45,6 +45,7 @@ class Terminated(KeyboardInterrupt):
 _received: list[int] = []
 _pending: list[int] = []
 _deferred = [0]
+_anywhere = [0]  # inside signals_raise_here()
 _lock = threading.Lock()  # a re-delivery never races the handler's removal
 _KDCLI_DIR = str(Path(__file__).resolve().parent)
 _RETRY_S, _MAX_DEFERRALS = 0.05, 40  # put off for at most 2 s, then raised wherever it lands
@@ -91,6 +92,20 @@ def handle_signals() -> Iterator[None]:
                 signal.signal(s, handler)
 
 
+@contextlib.contextmanager
+def signals_raise_here() -> Iterator[None]:
+    """Mark a wait (on a worker thread, a timer) where a signal may be raised wherever it
+    lands, though the wait's own frames are the standard library's."""
+    if _pending:
+        _pending.clear()
+        _raise_for(_received[-1])
+    _anywhere[0] += 1
+    try:
+        yield
+    finally:
+        _anywhere[0] -= 1
+
+
 def _raise_for(signum: int) -> None:
     if signum == signal.SIGTERM:
         raise Terminated()
@@ -99,7 +114,7 @@ def _raise_for(signum: int) -> None:
 
 def _on_signal(signum: int, frame: Any) -> None:
     _received.append(signum)
-    if _safe_to_raise(frame) or _deferred[0] >= _MAX_DEFERRALS:
+    if _anywhere[0] or _safe_to_raise(frame) or _deferred[0] >= _MAX_DEFERRALS:
         _pending.clear()
         _raise_for(signum)
     _deferred[0] += 1

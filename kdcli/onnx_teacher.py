@@ -101,6 +101,8 @@ def run_session(sess: Any, outputs: list[str] | None, feeds: dict[str, Any],
 
     import onnxruntime as ort
 
+    from kdcli.files import signals_raise_here
+
     ro = ort.RunOptions()
     ro.log_severity_level = 4  # the terminate flag's own error line
     box: dict[str, Any] = {}
@@ -120,7 +122,8 @@ def run_session(sess: Any, outputs: list[str] | None, feeds: dict[str, Any],
     th.start()
     finished = False
     try:
-        finished = done.wait(limit)
+        with signals_raise_here():
+            finished = done.wait(limit)
     finally:
         if not finished:  # out of time, or a signal: stop onnxruntime and wait for it
             ro.terminate = True

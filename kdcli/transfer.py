@@ -252,6 +252,8 @@ class Rows:
         return out
 
     def _take(self, s: int, idx: torch.Tensor) -> torch.Tensor:
+        if self.sources is not None:
+            self.sources[s][0].check_intact()  # a truncated file: an error, not SIGBUS
         part = self.parts[s]
         if self.dim == 0:
             if _is_run(idx):

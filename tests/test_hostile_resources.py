@@ -193,8 +193,160 @@ def test_absurd_counts_are_refused(tmp_path, cli, args):
 
 
 def test_copies_that_cannot_fit_on_the_disk_are_refused(tmp_path, cli, ts_teacher):
-    line = one_line_error(cli("soft-targets", ts_teacher, "--scale", "255", "--data", "mnist[:1000]",
-                              "--copies", "1000000", "--jitter", "1",
+    line = one_line_error(cli("soft-targets", ts_teacher, "--scale", "255",
+                              "--data", "mnist[:1000]", "--copies", "1000000", "--jitter", "1",
                               "--out", tmp_path / "t.safetensors"))
     assert "no space left" in line and "1,000,001,000 rows" in line and "--copies" in line
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------- signals
+
+def _start(args: list, cwd: Path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kdcli", *map(str, args)], cwd=cwd,
+                            env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for(cond, proc: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.time() + seconds
+    while not cond() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert cond(), proc.communicate()
+
+
+def _one_line_stop(proc: subprocess.Popen, sig: int) -> str:
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == (143 if sig == signal.SIGTERM else 130), err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_while_shards_are_written_is_one_line_and_leaves_nothing(tmp_path, ts_teacher,
+                                                                        sig):
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = _start(["soft-targets", ts_teacher, "--scale", "255", "--data", "mnist[:20000]",
+                   "--out", out / "t.index.json", "--shard-size", "200KB"], tmp_path)
+    _wait_for(lambda: any(p.name.endswith(".tmp") for p in out.iterdir()), proc)
+    line = _one_line_stop(proc, sig)
+    assert ("terminated (SIGTERM)" if sig == signal.SIGTERM else "interrupted") in line
+    assert list(out.iterdir()) == []
+
+
+def test_a_signal_inside_an_import_is_raised_after_it_never_inside(tmp_path, monkeypatch):
+    """Raised inside a library's import, the signal could be swallowed (exit 0) or leave the
+    module half-imported ("module 'numpy' has no attribute 'ndarray'")."""
+    from kdcli.files import Terminated, handle_signals
+
+    (tmp_path / "kdcli_slow_import.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.3)\nDONE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    imported = []
+    with pytest.raises(Terminated), handle_signals():
+        import kdcli_slow_import
+
+        imported.append(kdcli_slow_import.DONE)
+    assert imported == [True]
+    time.sleep(0.2)  # no re-delivery is left over (this process would die of it)
+
+
+def test_a_swallowed_signal_still_stops_the_command(monkeypatch):
+    from kdcli.files import Terminated, handle_signals
+
+    monkeypatch.setattr("kdcli.files._MAX_DEFERRALS", 0)  # raise wherever it lands
+    with pytest.raises(Terminated), handle_signals():
+        try:  # a library that catches everything
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        except BaseException:  # noqa: BLE001, S110
+            pass
+
+
+# --------------------------------------------------------------- ONNX runs that never end
+
+def _endless_loop_onnx(path: Path) -> Path:
+    """A Loop with no trip count whose condition stays true: it never terminates."""
+    import onnx
+    from onnx import TensorProto as TP
+    from onnx import helper
+
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Identity", ["v_in"], ["v_out"])], "body",
+        [helper.make_tensor_value_info("i", TP.INT64, []),
+         helper.make_tensor_value_info("cond_in", TP.BOOL, []),
+         helper.make_tensor_value_info("v_in", TP.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("cond_out", TP.BOOL, []),
+         helper.make_tensor_value_info("v_out", TP.FLOAT, ["N", 4])])
+    g = helper.make_graph(
+        [helper.make_node("Loop", ["", "cond", "x"], ["y"], body=body)], "g",
+        [helper.make_tensor_value_info("x", TP.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, ["N", 4])],
+        [helper.make_tensor("cond", TP.BOOL, [], [True])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_an_onnx_loop_that_never_ends_is_stopped_at_the_time_limit(tmp_path, cli, monkeypatch):
+    model = _endless_loop_onnx(tmp_path / "loop.onnx")
+    np.save(tmp_path / "x.npy", np.zeros((4, 4), np.float32))
+    monkeypatch.setenv("KDCLI_ONNX_TIMEOUT", "0.5")
+    start = time.time()
+    line = one_line_error(cli("soft-targets", model, "--data", tmp_path / "x.npy",
+                              "--out", tmp_path / "t.safetensors"))
+    assert time.time() - start < 30
+    assert "longer than 0.5 s" in line and "KDCLI_ONNX_TIMEOUT" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop.onnx", "x.npy"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_an_endless_onnx_run_stops_on_a_signal(tmp_path, sig):
+    model = _endless_loop_onnx(tmp_path / "loop.onnx")
+    script = ("import sys, numpy as np\n"
+              "from kdcli.files import handle_signals\n"
+              "from kdcli.onnx_teacher import open_session, run_session\n"
+              "sess, _ = open_session(sys.argv[1])\n"
+              "try:\n"
+              "    with handle_signals():\n"
+              "        print('running', flush=True)\n"
+              "        run_session(sess, None, {'x': np.zeros((2, 4), np.float32)}, 'm')\n"
+              "except KeyboardInterrupt as e:\n"
+              "    print(type(e).__name__, flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(model)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "running"
+    time.sleep(0.3)  # inside onnxruntime's run
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert out.strip() == ("Terminated" if sig == signal.SIGTERM else "KeyboardInterrupt"), err
+
+
+# --------------------------------------------------------------- files that change under a run
+
+def test_a_transfer_set_truncated_while_in_use_is_an_error_not_sigbus(tmp_path, ts_teacher):
+    from kdcli.soft_targets import soft_targets
+
+    ts = tmp_path / "t.safetensors"
+    soft_targets([ts_teacher], T=2.0, data="mnist[:2000]", out=ts)
+    script = ("import os, sys, torch\n"
+              "from kdcli.errors import FormatError\n"
+              "from kdcli.transfer import load_transfer_set\n"
+              "ts = load_transfer_set(sys.argv[1])\n"
+              "x = ts.columns['inputs']\n"
+              "assert not ts.budget.paged\n"  # read through the memory map
+              "x[torch.arange(10)]\n"
+              "os.truncate(sys.argv[1], os.path.getsize(sys.argv[1]) // 3)\n"
+              "try:\n"
+              "    x[torch.arange(1900, 2000)].sum()\n"
+              "except FormatError as e:\n"
+              "    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", script, str(ts)], env=_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, (r.returncode, r.stderr)  # -7: SIGBUS
+    assert "shrank from" in r.stdout and "while in use" in r.stdout

@@ -350,3 +350,73 @@ def test_a_transfer_set_truncated_while_in_use_is_an_error_not_sigbus(tmp_path, 
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, (r.returncode, r.stderr)  # -7: SIGBUS
     assert "shrank from" in r.stdout and "while in use" in r.stdout
+
+
+# --------------------------------------------------------------- the image cache
+
+def _train_dry(cli, folder: Path, out: Path):
+    return cli("train", "--data", folder, "--arch", "mlp:4", "--dry-run", "--eval-data", "none",
+               "--out", out)
+
+
+def test_stale_cache_temporaries_of_dead_processes_are_removed(tmp_path, cli, image_cache):
+    from kdcli.files import _host
+
+    folder = _png_folder(tmp_path / "png")
+    assert _train_dry(cli, folder, tmp_path / "m.safetensors").exit_code == 0
+    (entry,) = (image_cache / "images").iterdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = entry / f".inputs.npy.{_host()}.{dead}.tmp"  # a decode killed by SIGKILL
+    stale.write_bytes(b"x" * 100)
+    (entry / "manifest.json").unlink()  # decode again
+    assert _train_dry(cli, folder, tmp_path / "m.safetensors").exit_code == 0
+    assert _cache_files(image_cache) == ["inputs.npy", "manifest.json"]
+
+
+def test_a_cache_entry_that_is_a_folder_leaves_no_temporary(tmp_path, cli, image_cache):
+    folder = _png_folder(tmp_path / "png")
+    assert _train_dry(cli, folder, tmp_path / "m.safetensors").exit_code == 0
+    (entry,) = (image_cache / "images").iterdir()
+    for name in ("inputs.npy", "manifest.json"):
+        (entry / name).unlink()
+        (entry / name).mkdir()
+        (entry / name / "x").write_text("planted")
+    r = _train_dry(cli, folder, tmp_path / "m.safetensors")
+    assert r.exit_code == 0, r.output
+    assert _cache_files(image_cache) == ["x", "x"]  # the planted files, and no temporary
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KiB tmpfs (needs root and mount); skipped where it cannot be mounted."""
+    import shutil
+
+    d = tmp_path / "disk"
+    d.mkdir()
+    if not shutil.which("mount") or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(d)],
+            capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_image_cache_on_a_full_disk_is_not_a_sigbus(tmp_path, small_disk):
+    from PIL import Image
+
+    folder = tmp_path / "png"
+    rng = np.random.default_rng(0)
+    for i in range(30):  # 30 x 3 x 64 x 64 bytes: 369 KB, more than the 256 KiB disk
+        (folder / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8)).save(
+            folder / f"c{i % 2}" / f"{i}.png")
+    r = subprocess.run([sys.executable, "-m", "kdcli", "train", "--data", str(folder),
+                        "--arch", "mlp:4", "--dry-run", "--eval-data", "none",
+                        "--out", str(tmp_path / "m.safetensors")], cwd=tmp_path,
+                       env=_env(KDCLI_CACHE=str(small_disk)), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr)  # -7 or 135: SIGBUS
+    assert [p for p in small_disk.rglob("*") if p.is_file()] == []  # decoded into memory

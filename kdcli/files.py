@@ -192,13 +192,19 @@ def temp_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.{tag}.tmp")
 
 
-def remove_stale_temps(final: Path) -> list[Path]:
+def remove_stale_temps(final: Path, names: str | None = None) -> list[Path]:
     """Delete temporaries of ``final`` left by dead processes of this host.
+
+    Args:
+        final: The output whose temporaries are removed.
+        names: A regular expression matching several final names in ``final``'s folder
+            (the shards of a set, whatever their count), instead of ``final``'s own name.
 
     Returns:
         The files removed.
     """
-    pattern = re.compile(rf"^\.{re.escape(final.name)}\.{re.escape(_host())}\.(\d+)"
+    name = names or re.escape(final.name)
+    pattern = re.compile(rf"^\.{name}\.{re.escape(_host())}\.(\d+)"
                          r"(?:-\d+)?\.tmp$")
     removed = []
     try:

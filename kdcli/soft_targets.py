@@ -562,8 +562,10 @@ def _write_sharded(index: Path, n: int, rows_per_shard: int, meta: dict[str, str
     finals = shard_paths(index, count)
     mine = range(*dist.split(count))
     temps = {i: temp_path(finals[i]) for i in mine}
-    for i in mine:
-        remove_stale_temps(finals[i])
+    import re
+
+    stem = re.escape(index.name.removesuffix(INDEX_SUFFIX))  # any count: a killed run's
+    remove_stale_temps(index, rf"{stem}-\d{{5}}-of-\d{{5}}\.safetensors")  # may differ
 
     def rows(i: int) -> tuple[int, int]:
         return i * rows_per_shard, min(n, (i + 1) * rows_per_shard)

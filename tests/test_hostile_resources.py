@@ -420,3 +420,24 @@ def test_image_cache_on_a_full_disk_is_not_a_sigbus(tmp_path, small_disk):
                        timeout=120)
     assert r.returncode == 0, (r.returncode, r.stderr)  # -7 or 135: SIGBUS
     assert [p for p in small_disk.rglob("*") if p.is_file()] == []  # decoded into memory
+
+
+# --------------------------------------------------------------- temporaries
+
+def test_a_killed_sharded_write_leaves_nothing_after_the_next_run(tmp_path, ts_teacher):
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["soft-targets", ts_teacher, "--scale", "255", "--data", "mnist[:6000]",
+            "--out", out / "t.index.json", "--shard-size", "40KB"]
+    proc = _start(args, tmp_path)
+    _wait_for(lambda: sum(p.name.endswith(".tmp") for p in out.iterdir()) > 3, proc)
+    proc.kill()
+    proc.communicate()
+    assert any(p.name.endswith(".tmp") for p in out.iterdir())
+    args[4], args[-1] = "mnist[:300]", "400KB"  # another shard count
+    r = subprocess.run([sys.executable, "-m", "kdcli", *map(str, args)],
+                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert [n for n in names if n.endswith(".tmp")] == [], names
+    assert "t.index.json" in names

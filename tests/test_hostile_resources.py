@@ -434,7 +434,7 @@ def test_a_killed_sharded_write_leaves_nothing_after_the_next_run(tmp_path, ts_t
     proc.kill()
     proc.communicate()
     assert any(p.name.endswith(".tmp") for p in out.iterdir())
-    args[4], args[-1] = "mnist[:300]", "400KB"  # another shard count
+    args[5], args[-1] = "mnist[:300]", "400KB"  # another shard count
     r = subprocess.run([sys.executable, "-m", "kdcli", *map(str, args)],
                        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -424,7 +424,7 @@ def test_image_cache_on_a_full_disk_is_not_a_sigbus(tmp_path, small_disk):
 
 # --------------------------------------------------------------- temporaries
 
-def test_a_killed_sharded_write_leaves_nothing_after_the_next_run(tmp_path, ts_teacher):
+def test_a_killed_sharded_write_leaves_nothing_after_the_next_run(tmp_path, ts_teacher, cli):
     out = tmp_path / "out"
     out.mkdir()
     args = ["soft-targets", ts_teacher, "--scale", "255", "--data", "mnist[:6000]",
@@ -435,9 +435,8 @@ def test_a_killed_sharded_write_leaves_nothing_after_the_next_run(tmp_path, ts_t
     proc.communicate()
     assert any(p.name.endswith(".tmp") for p in out.iterdir())
     args[5], args[-1] = "mnist[:300]", "400KB"  # another shard count
-    r = subprocess.run([sys.executable, "-m", "kdcli", *map(str, args)],
-                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
     names = sorted(p.name for p in out.iterdir())
     assert [n for n in names if n.endswith(".tmp")] == [], names
     assert "t.index.json" in names

@@ -125,7 +125,7 @@ def test_onnx_fixed_batch_of_fifty_million_is_refused(tmp_path, cli):
     np.save(tmp_path / "x.npy", np.zeros((4, 784), np.float32))
     line = one_line_error(cli("soft-targets", model, "--data", tmp_path / "x.npy",
                               "--out", tmp_path / "t.safetensors"))
-    assert "50,000,000" in line and "memory" in line and "fixed" not in line.split(":")[0]
+    assert "50,000,000" in line and "memory" in line
     assert "batches of 50,000,000" in line
 
 

@@ -254,7 +254,7 @@ def _check_folder_memory(shape: tuple[int, ...]) -> None:
     from kdcli.resources import check_memory
 
     check_memory(math.prod(shape), f"the {shape[0]:,} decoded images of shape "
-                 f"{list(shape[1:])} (not cached: the cache folder has no room)",
+                 f"{list(shape[1:])} (not cached: the cache cannot be written or has no room)",
                  "Lower --image-size, or set KDCLI_CACHE to a folder with room")
 
 

@@ -91,6 +91,8 @@ class _Source:
         """Inputs and labels (or None) of transfer rows ``[a, b)``."""
         import torch
 
+        for f in self.budget.files:  # a mapped data file truncated meanwhile: not SIGBUS
+            f.check_intact()
         xs, ys = [], []
         for copy in range(a // self.base, (b - 1) // self.base + 1):
             lo = max(a, copy * self.base) - copy * self.base

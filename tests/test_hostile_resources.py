@@ -440,3 +440,23 @@ def test_a_killed_sharded_write_leaves_nothing_after_the_next_run(tmp_path, ts_t
     names = sorted(p.name for p in out.iterdir())
     assert [n for n in names if n.endswith(".tmp")] == [], names
     assert "t.index.json" in names
+
+
+def test_a_data_file_truncated_during_soft_targets_is_an_error_not_sigbus(tmp_path):
+    np.save(tmp_path / "x.npy", np.arange(4000 * 784, dtype=np.float32).reshape(4000, 784))
+    script = ("import os, sys\n"
+              "from kdcli.augment import AugmentConfig\n"
+              "from kdcli.errors import FormatError\n"
+              "from kdcli.soft_targets import _read\n"
+              "src = _read(sys.argv[1], None, None, None, None, 0, AugmentConfig(), 0)\n"
+              "assert src.budget.files\n"  # memory-mapped
+              "src.rows(0, 10)\n"
+              "os.truncate(sys.argv[1], 4096)\n"
+              "try:\n"
+              "    src.rows(3900, 4000)[0].sum()\n"
+              "except FormatError as e:\n"
+              "    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "x.npy")], env=_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, (r.returncode, r.stderr)  # -7: SIGBUS
+    assert "shrank from" in r.stdout

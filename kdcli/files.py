@@ -153,16 +153,13 @@ def exit_on_signals() -> None:
 
 
 def hold_signals_for_exit() -> None:
-    """Block SIGTERM and SIGINT for the interpreter's exit, where Python no longer runs
-    handlers (so a signal would end the process without a word); one already pending ends
-    it with its line."""
+    """Ignore SIGTERM and SIGINT from here on: the command is over (its outputs complete or
+    removed) and the interpreter exits. There Python no longer runs handlers, so a signal
+    would kill the process without a word (exit 143 after a complete run)."""
     if launched_world() != "1" or threading.current_thread() is not threading.main_thread():
         return
-    stops = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
-    pending = signal.sigpending() & stops
-    if pending:
-        _exit_now(min(pending), None)
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _exit_now(signum: int, frame: Any) -> None:  # noqa: ARG001 - the signal API

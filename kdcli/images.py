@@ -25,6 +25,7 @@ renamed or touched file makes it decode afresh.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -288,9 +289,13 @@ def _reserve_cache(d: Path, nbytes: int) -> tuple[int, Path] | None:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError:
         return None
+    reserve = getattr(os, "posix_fallocate", None)  # not on macOS: ordinary writes only
     try:
-        os.posix_fallocate(fd, 0, nbytes + 4096)  # the header is under 4 KiB
-    except (OSError, AttributeError):
+        if reserve is not None:
+            reserve(fd, 0, nbytes + 4096)  # the header is under 4 KiB
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # the file system cannot reserve
+            return fd, tmp
         os.close(fd)
         tmp.unlink(missing_ok=True)
         return None

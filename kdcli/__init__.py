@@ -16,3 +16,11 @@ The public Python API is one function per CLI command, and the settings they tak
 """
 
 __version__ = "0.1.0"
+
+import os as _os
+import sys as _sys
+
+if _os.path.basename((_sys.argv or [""])[0]) == "kdcli":  # the console script: a signal
+    from kdcli.files import exit_on_signals  # while the CLI is imported is one line
+
+    exit_on_signals()

@@ -671,7 +671,13 @@ def inspect_cmd(
 
 def main() -> None:
     """Console-script entry point."""
-    app(prog_name="kdcli")
+    from kdcli.files import exit_on_signals, hold_signals_for_exit
+
+    exit_on_signals()
+    try:
+        app(prog_name="kdcli")
+    finally:
+        hold_signals_for_exit()
 
 
 if __name__ == "__main__":

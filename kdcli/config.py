@@ -79,6 +79,7 @@ class TrainConfig:
 
         if self.epochs is not None and self.epochs <= 0:
             raise UsageError(f"--epochs must be positive, got {self.epochs}", "Try --epochs 20")
+        _check_epochs_bound(self.epochs)
         check_batch_size(self.batch_size, "Try --batch-size 256")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UsageError(f"--lr must be a positive number, got {self.lr}", "Try --lr 0.05")
@@ -178,3 +179,11 @@ class DistillConfig:
         only counts for a top-k set."""
         return {"alpha": self.alpha, "T": self.T, "loss": self.loss, "center": self.center,
                 "tail": self.tail if top_k else None}
+
+
+def _check_epochs_bound(epochs: int | None) -> None:
+    """Refuse an --epochs no run could finish (UsageError naming the bound)."""
+    from kdcli.resources import MAX_EPOCHS, check_count
+
+    if epochs is not None:
+        check_count(epochs, "--epochs", MAX_EPOCHS, "Try --epochs 20")

@@ -82,6 +82,7 @@ def main_export(model: str | Path = "student.safetensors", output: str | Path = 
     except FormatError as e:
         raise FormatError(f"{e.message}; kdcli export takes a kdcli model file",
                           "Train one with kdcli train or kdcli train-student") from e
+    _check_batch_memory(fixed, mf)
     x_check = _check_inputs(mf, data, fixed, check_examples, data_options)
     start = time.perf_counter()
     with atomic_output(output, force) as tmp:
@@ -120,6 +121,18 @@ def _parse_batch(batch: str | int) -> int | None:
     if n <= 0:
         raise UsageError(f"--batch must be positive, got {n}", "Use dynamic or e.g. 1")
     return n
+
+
+def _check_batch_memory(fixed: int | None, mf) -> None:
+    """Refuse a fixed batch whose input, traced and checked, cannot fit in memory."""
+    import math
+
+    from kdcli.resources import check_memory
+
+    if fixed is not None:
+        per_example = 4 * 3 * math.prod(mf.preprocessing.raw_shape)  # input, copies, check
+        check_memory(fixed * per_example, f"--batch {fixed}",
+                     "Lower --batch, or use --batch dynamic")
 
 
 def _check_inputs(mf, data: str | None, fixed: int | None, count: int,

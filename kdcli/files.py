@@ -16,8 +16,10 @@ import os
 import re
 import signal
 import socket
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from kdcli.distributed import launched_world
 from kdcli.errors import DataError, KdcliError, OutputExistsError, UsageError, quote_name
@@ -39,29 +41,131 @@ class Terminated(KeyboardInterrupt):
     """The process got SIGTERM; handled like Ctrl-C (temporaries are removed)."""
 
 
+# Signals a command received, those put off (not yet raised), and how often one was put off.
+_received: list[int] = []
+_pending: list[int] = []
+_deferred = [0]
+_anywhere = [0]  # inside signals_raise_here()
+_lock = threading.Lock()  # a re-delivery never races the handler's removal
+_KDCLI_DIR = str(Path(__file__).resolve().parent)
+_RETRY_S, _MAX_DEFERRALS = 0.05, 40  # put off for at most 2 s, then raised wherever it lands
+
+
 @contextlib.contextmanager
 def handle_signals() -> Iterator[None]:
-    """Turn SIGTERM into :class:`Terminated` while the body runs (main thread only).
+    """Turn SIGTERM into :class:`Terminated` and SIGINT into KeyboardInterrupt while the
+    body runs (main thread only), raised only where it is safe.
+
+    A signal that lands inside a library (an import, a callback from native code) is not
+    raised there, where it could be swallowed, leave a module half-imported or abort the
+    process from C++; it is delivered again 50 ms later until it lands in kdcli's own code
+    (for at most 2 s). A signal that was received but never raised (swallowed by a library)
+    still ends the command with the error, never exit 0.
 
     Not under torchrun: there SIGTERM is how torchrun stops the other ranks when one fails,
     and a Python handler would wait for a blocked collective to time out. Such a rank dies
     at once; the next run removes its temporaries (their names carry its pid).
     """
-    def raise_terminated(signum, frame):  # noqa: ARG001 - the signal API
-        raise Terminated()
-
     if launched_world() != "1":
         yield
         return
     try:
-        old = signal.signal(signal.SIGTERM, raise_terminated)
+        old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s, handler in old.items():
+            if handler is not signal.SIG_IGN:
+                signal.signal(s, _on_signal)
     except ValueError:  # not the main thread
         yield
         return
+    _received.clear()
+    _pending.clear()
+    _deferred[0] = 0
+    try:
+        yield
+        if _received:  # received, but swallowed or still put off: the run was stopped
+            _pending.clear()
+            _raise_for(_received[-1])
+    finally:
+        with _lock:
+            _pending.clear()
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def signals_raise_here() -> Iterator[None]:
+    """Mark a wait (on a worker thread, a timer) where a signal may be raised wherever it
+    lands, though the wait's own frames are the standard library's."""
+    if _pending:
+        _pending.clear()
+        _raise_for(_received[-1])
+    _anywhere[0] += 1
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        _anywhere[0] -= 1
+
+
+def _raise_for(signum: int) -> None:
+    if signum == signal.SIGTERM:
+        raise Terminated()
+    raise KeyboardInterrupt()
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    _received.append(signum)
+    if _anywhere[0] or _safe_to_raise(frame) or _deferred[0] >= _MAX_DEFERRALS:
+        _pending.clear()
+        _raise_for(signum)
+    _deferred[0] += 1
+    _pending.append(signum)
+    timer = threading.Timer(_RETRY_S, _redeliver, (signum,))
+    timer.daemon = True
+    timer.start()
+
+
+def _redeliver(signum: int) -> None:
+    with _lock:
+        if _pending and signal.getsignal(signum) is _on_signal:
+            os.kill(os.getpid(), signum)
+
+
+def _safe_to_raise(frame: Any) -> bool:
+    """Whether the signal landed in kdcli's own code, outside any import."""
+    if frame is None or not frame.f_code.co_filename.startswith(_KDCLI_DIR):
+        return False
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return False
+        frame = frame.f_back
+    return True
+
+
+def exit_on_signals() -> None:
+    """Outside a command (starting up, finishing), SIGTERM and SIGINT print one line and end
+    the process at once: nothing is being written then. For the console script only."""
+    if launched_world() != "1":
+        return
+    with contextlib.suppress(ValueError):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                signal.signal(s, _exit_now)
+
+
+def hold_signals_for_exit() -> None:
+    """Ignore SIGTERM and SIGINT from here on: the command is over (its outputs complete or
+    removed) and the interpreter exits. There Python no longer runs handlers, so a signal
+    would kill the process without a word (exit 143 after a complete run)."""
+    if launched_world() != "1" or threading.current_thread() is not threading.main_thread():
+        return
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def _exit_now(signum: int, frame: Any) -> None:  # noqa: ARG001 - the signal API
+    what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+    os.write(2, f"Error: {what}\n".encode())
+    os._exit(128 + signum)
 
 
 def write_error(path: str | os.PathLike, exc: BaseException) -> OutputWriteError | None:
@@ -96,13 +200,19 @@ def temp_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.{tag}.tmp")
 
 
-def remove_stale_temps(final: Path) -> list[Path]:
+def remove_stale_temps(final: Path, names: str | None = None) -> list[Path]:
     """Delete temporaries of ``final`` left by dead processes of this host.
+
+    Args:
+        final: The output whose temporaries are removed.
+        names: A regular expression matching several final names in ``final``'s folder
+            (the shards of a set, whatever their count), instead of ``final``'s own name.
 
     Returns:
         The files removed.
     """
-    pattern = re.compile(rf"^\.{re.escape(final.name)}\.{re.escape(_host())}\.(\d+)"
+    name = names or re.escape(final.name)
+    pattern = re.compile(rf"^\.{name}\.{re.escape(_host())}\.(\d+)"
                          r"(?:-\d+)?\.tmp$")
     removed = []
     try:

@@ -340,6 +340,7 @@ def load_hf(t: Teacher, opts: TeacherOptions) -> None:
                           "kdcli loads the model types transformers ships (no remote code)") \
             from e
     auto = _auto_class(tf, config, folder)
+    _check_size(folder, config)
     try:
         model = auto.from_pretrained(
             folder, config=config, local_files_only=True, trust_remote_code=False,
@@ -387,6 +388,16 @@ def _check_loading_info(folder: Path, model: Any, info: dict[str, Any]) -> Any:
                               f"its weight files ({shown}), so those layers would be random",
                               "Save the whole checkpoint again with save_pretrained")
     return model
+
+
+def _check_size(folder: Path, config: Any) -> None:
+    """Refuse a configuration whose model cannot fit in memory, before building it."""
+    from kdcli.resources import check_memory, hf_model_bytes
+
+    check_memory(hf_model_bytes(config, read_processor(folder)),
+                 f"the model that {folder}/config.json describes",
+                 "Its sizes (num_hidden_layers, hidden_size, image_size, or crop_size in "
+                 f"{PROCESSOR}) are too large for this machine; check the files")
 
 
 class _LogitsOnly:

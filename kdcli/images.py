@@ -28,8 +28,10 @@ images are scaled to 8 bits, not clipped.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -324,44 +326,128 @@ def _plan(paths: list[tuple[Path, os.stat_result]],
 
 def _decode_all(folder: Path, paths: list[tuple[Path, os.stat_result]], opts: DataOptions,
                 key: dict[str, Any], listing: list[list[Any]]) -> Any:
-    """Decode every image into the cache (or into memory if the cache cannot be written)."""
-    import numpy as np
+    """Decode every image into the cache (or into memory if the cache cannot be written).
 
-    from kdcli.files import sha256_file
-    from kdcli.storage import map_npy
+    The sizes are checked against the memory (and the cache's space is reserved) before
+    anything is decoded; the cache is written with ordinary writes, never through a memory
+    map, so a full disk is an error (or a fallback to memory), not a SIGBUS.
+    """
+    import numpy as np
 
     mode, size = _plan(paths, opts)
     shape = (len(paths), *size) if mode == "L" else (len(paths), 3, *size)
+    _check_image_memory(shape)
     d = _cache_dir(key)
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        if d.is_symlink():
-            raise NotADirectoryError(d)  # a planted link: decode into memory
-        tmp = d / f".inputs.{os.getpid()}.npy.tmp"
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-    except OSError:
-        d, out = None, np.empty(shape, dtype=np.uint8)
-    try:
+    cache = _reserve_cache(d, math.prod(shape))
+    if cache is None:
+        _check_folder_memory(shape)
+        out = np.empty(shape, dtype=np.uint8)
         for i, (p, st) in enumerate(paths):
             out[i] = decode_image(p, mode, size, st)
-    except BaseException:
-        if d is not None:
-            del out
-            tmp.unlink(missing_ok=True)
-        raise
-    if d is None:
         return out
-    out.flush()
-    del out
-    (d / "manifest.json").unlink(missing_ok=True)
-    os.replace(tmp, d / "inputs.npy")
-    manifest = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key,
-                "shape": list(shape), "files": listing,
-                "data_sha256": sha256_file(d / "inputs.npy")}
-    mtmp = d / f".manifest.{os.getpid()}.json.tmp"
-    mtmp.write_text(json.dumps(manifest))
-    os.replace(mtmp, d / "manifest.json")
-    return map_npy(d / "inputs.npy")
+    fd, tmp = cache
+    try:
+        with os.fdopen(fd, "r+b") as f:
+            f.write(_npy_header(shape))
+            for p, st in paths:
+                f.write(decode_image(p, mode, size, st).tobytes())
+            f.truncate()  # drop the reserve beyond the header's few bytes
+        return _place_cache(d, tmp, key, shape, listing)
+    except OSError as e:
+        raise DataError(f"cannot write the image cache in {d}: {_first(e)}",
+                        "Free space, or set KDCLI_CACHE to a writable folder with room") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_image_memory(shape: tuple[int, ...]) -> None:
+    """One image, decoded and resized (Pillow holds 4 bytes a pixel), must fit in memory."""
+    from kdcli.resources import check_memory
+
+    h, w = shape[-2:]
+    check_memory(h * w * (8 + 2 * math.prod(shape[1:-2])),
+                 f"decoding one image at {h}x{w} pixels (height x width)",
+                 "Lower --image-size")
+
+
+def _check_folder_memory(shape: tuple[int, ...]) -> None:
+    from kdcli.resources import check_memory
+
+    check_memory(math.prod(shape), f"the {shape[0]:,} decoded images of shape "
+                 f"{list(shape[1:])} (not cached: the cache cannot be written or has no room)",
+                 "Lower --image-size, or set KDCLI_CACHE to a folder with room")
+
+
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+              "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _reserve_cache(d: Path, nbytes: int) -> tuple[int, Path] | None:
+    """A new temporary array file in the cache folder ``d``, its space reserved, as an open
+    descriptor and its path; None if the cache cannot be written or has no room.
+
+    Temporaries that dead processes left in ``d`` (killed mid-decode) are removed first."""
+    from kdcli.files import remove_stale_temps, temp_path
+
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    if d.is_symlink():  # a planted link: decode into memory, write nothing through it
+        return None
+    remove_stale_temps(d / "inputs.npy")
+    remove_stale_temps(d / "manifest.json")
+    tmp = temp_path(d / "inputs.npy")
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return None
+    reserve = getattr(os, "posix_fallocate", None)  # not on macOS: ordinary writes only
+    try:
+        if reserve is not None:
+            reserve(fd, 0, nbytes + 4096)  # the header is under 4 KiB
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # the file system cannot reserve
+            return fd, tmp
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        return None
+    return fd, tmp
+
+
+def _place_cache(d: Path, tmp: Path, key: dict[str, Any], shape: tuple[int, ...],
+                 listing: list[list[Any]]) -> Any:
+    """Rename the decoded array into the cache and write its manifest; the mapped array.
+
+    If the cache's entries cannot be replaced (an entry is a folder), the temporary is
+    mapped and then removed, so the images are used this once without a cache."""
+    from kdcli.files import sha256_file, temp_path
+    from kdcli.storage import map_npy
+
+    target, manifest_path = d / "inputs.npy", d / "manifest.json"
+    mtmp = temp_path(manifest_path)
+    try:
+        if manifest_path.is_symlink() or manifest_path.exists():
+            os.unlink(manifest_path)
+        os.replace(tmp, target)
+        manifest = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key,
+                    "shape": list(shape), "files": listing,
+                    "data_sha256": sha256_file(target)}
+        mtmp.write_text(json.dumps(manifest))
+        os.replace(mtmp, manifest_path)
+    except OSError:
+        return map_npy(tmp) if tmp.exists() else map_npy(target)
+    finally:
+        mtmp.unlink(missing_ok=True)
+    return map_npy(target)
 
 
 def _first(e: BaseException) -> str:

@@ -24,6 +24,8 @@ ONNX_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64",
               "tensor(uint8)": "uint8", "tensor(float16)": "float16",
               "tensor(int64)": "int64", "tensor(int32)": "int32"}
 _LABEL_TYPES = ("tensor(int64)", "tensor(int32)", "tensor(string)")
+# Seconds one onnxruntime run may take before it is stopped (KDCLI_ONNX_TIMEOUT overrides).
+RUN_TIMEOUT_S = 600.0
 
 
 def load_onnx(t: Teacher, opts: TeacherOptions) -> None:
@@ -61,11 +63,13 @@ def load_onnx(t: Teacher, opts: TeacherOptions) -> None:
         t.output = t.output or "probs"
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            (rows,) = sess.run([out.name], {inp.name: np.ascontiguousarray(x.numpy())})
+            (rows,) = run_session(sess, [out.name], {inp.name: np.ascontiguousarray(x.numpy())},
+                                  t.path)
             return torch.tensor([[row[k] for k in keys] for row in rows], dtype=torch.float32)
     else:
         def run(x: torch.Tensor) -> torch.Tensor:
-            (y,) = sess.run([out.name], {inp.name: np.ascontiguousarray(x.numpy())})
+            (y,) = run_session(sess, [out.name], {inp.name: np.ascontiguousarray(x.numpy())},
+                               t.path)
             return torch.from_numpy(np.asarray(y))
 
     t.runner = run
@@ -94,6 +98,69 @@ def _refuse_non_scores(t: Teacher, graph: Any, out: Any, outputs: list[Any]) -> 
                              "predicted values, not class scores",
                              "kdcli distils classifiers; export a classifier (with "
                              "probabilities) instead")
+
+
+def run_timeout() -> float:
+    """Seconds one onnxruntime run may take: ``KDCLI_ONNX_TIMEOUT``, default 600."""
+    import os
+
+    try:
+        limit = float(os.environ.get("KDCLI_ONNX_TIMEOUT", RUN_TIMEOUT_S))
+    except ValueError:
+        limit = RUN_TIMEOUT_S
+    return limit if math.isfinite(limit) and limit > 0 else RUN_TIMEOUT_S
+
+
+def run_session(sess: Any, outputs: list[str] | None, feeds: dict[str, Any],
+                where: Any) -> list[Any]:
+    """``sess.run`` in a worker thread, stopped (``RunOptions.terminate``) after
+    :func:`run_timeout` seconds, or at once on Ctrl-C or SIGTERM.
+
+    onnxruntime's run holds the main thread in native code, where Python cannot take a
+    signal; a model that never ends (a ``Loop`` without a trip count) would ignore both.
+
+    Raises:
+        ModelError: the run took longer than the limit.
+    """
+    import signal
+    import threading
+
+    import onnxruntime as ort
+
+    from kdcli.files import signals_raise_here
+
+    ro = ort.RunOptions()
+    ro.log_severity_level = 4  # the terminate flag's own error line
+    box: dict[str, Any] = {}
+    done = threading.Event()  # waited on, not Thread.join: an interrupted join breaks exit
+
+    def work() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            box["out"] = sess.run(outputs, feeds, ro)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            box["err"] = e
+        finally:
+            done.set()
+
+    th = threading.Thread(target=work, name="kdcli-onnx-run", daemon=True)
+    limit = run_timeout()
+    th.start()
+    finished = False
+    try:
+        with signals_raise_here():
+            finished = done.wait(limit)
+    finally:
+        if not finished:  # out of time, or a signal: stop onnxruntime and wait for it
+            ro.terminate = True
+            done.wait()
+    if not finished:
+        raise ModelError(f"{where} ran longer than {limit:g} s on one batch and was stopped "
+                         "(a Loop that never ends?)",
+                         "Check the model; KDCLI_ONNX_TIMEOUT sets the limit in seconds")
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
 
 
 def choose_output(sess: Any, output_name: str | None, where: Any,

@@ -100,6 +100,8 @@ class _Source:
         """Inputs and labels (or None) of transfer rows ``[a, b)``."""
         import torch
 
+        for f in self.budget.files:  # a mapped data file truncated meanwhile: not SIGBUS
+            f.check_intact()
         xs, ys = [], []
         for copy in range(a // self.base, (b - 1) // self.base + 1):
             lo = max(a, copy * self.base) - copy * self.base
@@ -217,6 +219,7 @@ def soft_targets(
     with session(dev) as dist:
         writer = _RangeWriter(members, source, weights, combine, T, c, top_k, targets_dtype,
                               batch_size, rep)
+        _check_room(out, source.n, writer)
         meta = _metadata(writer, dist, precision=precision, classes=classes,
                          exclude_classes=exclude_classes, class_names=class_names,
                          data_options=data_options)
@@ -246,6 +249,7 @@ def _check_options(teachers: list[str | Path], *, combine: str, precision: str,
     augment.check()
     if copies < 0:
         raise UsageError(f"--copies must be 0 or more, got {copies}", "Try --copies 1")
+    _check_copies_bound(copies)
     if copies and not augment.active:
         raise UsageError("--copies needs an augmentation to make the copies differ",
                          "Add --jitter 2, or --augment crop-flip")
@@ -276,6 +280,13 @@ def _max_shard(out: str | Path, shard_size: str | int | None) -> int:
         raise UsageError(f"--shard-size writes a sharded set, which is named by its index file, "
                          f"not {out}", f"Use --out {Path(out).stem}{INDEX_SUFFIX}")
     return parse_size(shard_size if shard_size is not None else "1GB")
+
+
+def _check_copies_bound(copies: int) -> None:
+    """Refuse a --copies no run could finish (the row count is checked again with the data)."""
+    from kdcli.resources import MAX_COPIES, check_count
+
+    check_count(copies, "--copies", MAX_COPIES, "Try --copies 10")
 
 
 def _read(data: str, limit: int | None, data_options: DataOptions | None,
@@ -396,6 +407,14 @@ def _write_set(out: Path, meta: dict[str, str], writer: _RangeWriter, dist, forc
                          f"({header + bytes_per_row(layout):,} bytes with header)",
                          "Give a larger --shard-size")
     return _write_sharded(out, n, rows_per_shard, meta, writer, dist, force)
+
+
+def _check_room(out: Path, n: int, writer: _RangeWriter) -> None:
+    """Refuse a set larger than the free space of its folder, before writing a byte."""
+    from kdcli.resources import check_disk
+
+    check_disk(n * bytes_per_row(writer.specs(1)), out.parent or Path("."),
+               f"the transfer set of {n:,} rows", "Lower --copies or --limit, or free space")
 
 
 def _summary(out: Path, writer: _RangeWriter, stats, *, has_labels: bool,
@@ -568,8 +587,10 @@ def _write_sharded(index: Path, n: int, rows_per_shard: int, meta: dict[str, str
     finals = shard_paths(index, count)
     mine = range(*dist.split(count))
     temps = {i: temp_path(finals[i]) for i in mine}
-    for i in mine:
-        remove_stale_temps(finals[i])
+    import re
+
+    stem = re.escape(index.name.removesuffix(INDEX_SUFFIX))  # any count: a killed run's
+    remove_stale_temps(index, rf"{stem}-\d{{5}}-of-\d{{5}}\.safetensors")  # may differ
 
     def rows(i: int) -> tuple[int, int]:
         return i * rows_per_shard, min(n, (i + 1) * rows_per_shard)

@@ -80,6 +80,21 @@ class MappedFile:
             raise FormatError(f"{self.path} ended early (read {got} of {len(buf)} bytes at "
                               f"{offset})", "The file was truncated while in use")
 
+    def check_intact(self) -> None:
+        """Refuse to read the map of a file that shrank since it was mapped: touching a page
+        past its new end would kill the process with SIGBUS.
+
+        Raises:
+            FormatError: the file is shorter than when it was opened.
+        """
+        if self.mm is None:
+            return
+        now = os.fstat(self.fd).st_size
+        if now < self.size:
+            raise FormatError(f"{self.path} shrank from {self.size:,} to {now:,} bytes while in "
+                              "use", "Another process truncated or replaced it; copy or "
+                              "regenerate it, and rerun")
+
     def tensor(self, offset: int, dtype, shape: list[int]) -> torch.Tensor:
         """A zero-copy tensor of ``dtype`` and ``shape`` starting at byte ``offset``."""
         import torch

@@ -612,6 +612,7 @@ def _probe(t: Teacher, probe: torch.Tensor | None) -> None:
     """Settle the input shape, output kind and class count on a probe batch."""
     import torch
 
+    _check_batch_memory(t, 2 if probe is None else int(probe.shape[0]))
     if probe is None:
         if t.input_shape is None:
             raise ModelError(f"the input shape of teacher {t.name} is not known",
@@ -650,6 +651,25 @@ def _probe(t: Teacher, probe: torch.Tensor | None) -> None:
     t.num_classes = c
     if t.class_names is not None and len(t.class_names) != c:
         t.class_names = None
+
+
+def _check_batch_memory(t: Teacher, rows: int) -> None:
+    """Refuse a teacher whose batch of model inputs cannot fit in memory, before the probe
+    allocates it (a fixed batch of millions, an image size of 100,000 pixels a side)."""
+    from kdcli.resources import check_memory
+
+    shape, size = t.input_shape, t.preprocessing.get("size")
+    if not shape:
+        return
+    elems = math.prod(shape[:1]) * math.prod(size) if size else math.prod(shape)
+    rows = max(rows, t.fixed_batch or 0)
+    hint = (f"The model takes only batches of {t.fixed_batch:,}: export it with a dynamic or "
+            "smaller batch" if t.fixed_batch and t.fixed_batch == rows else
+            "Its input size (the image or crop size of its configuration, or --input-shape) is "
+            "too large; check the file")
+    where = [*shape[:1], *size] if size else shape
+    check_memory(2 * 4 * rows * elems, f"teacher {t.name}'s batch of {rows:,} inputs of shape "
+                 f"{where}", hint)
 
 
 def _resolve_input_shape(t: Teacher, probe: torch.Tensor) -> None:

@@ -843,7 +843,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     """
     from kdcli.checks import resolve_device
     from kdcli.distributed import session
-    from kdcli.transfer import check_unchanged, file_stamps, load_transfer_set
+    from kdcli.transfer import check_class_memory, check_unchanged, file_stamps, load_transfer_set
 
     d = _with(distill or DistillConfig(), T=T, alpha=alpha, loss=loss, center=center, tail=tail)
     cfg = config or student_config()
@@ -861,6 +861,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
         raise UsageError(f"--alpha {d.alpha} needs labels, but {transfer} has none",
                          "Use --alpha 0 (pure distillation) or a labelled transfer set")
     cfg, precision_note = _concrete(cfg, int(ts.columns["inputs"].shape[0]))
+    check_class_memory(ts.path, ts.num_classes, cfg.batch_size)
     d = d.resolved(ts.T)
     _check_targets(ts, d, rep)
     step = _student_step(ts, d)

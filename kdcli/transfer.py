@@ -255,6 +255,8 @@ class Rows:
         return out
 
     def _take(self, s: int, idx: torch.Tensor) -> torch.Tensor:
+        if self.sources is not None:
+            self.sources[s][0].check_intact()  # a truncated file: an error, not SIGBUS
         part = self.parts[s]
         if self.dim == 0:
             if _is_run(idx):
@@ -720,7 +722,20 @@ def _make_set(p: Path, columns: dict[str, Rows], meta: dict[str, Any], budget: P
     key = "logits" if storage == "dense" else "topk_logits"
     c = int(meta["num_classes"]) if storage == "top-k" else int(columns[key].shape[1])
     k = int(columns[key].shape[1]) if storage == "top-k" else None
+    if storage == "top-k":
+        check_class_memory(p, c, 1)
     return TransferSet(columns, float(meta["T"]), storage, c, k, meta, p, shards, budget)
+
+
+def check_class_memory(p: Path, classes: int, rows: int) -> None:
+    """Refuse a set whose dense targets of ``rows`` examples (``[rows, C]`` float32, made
+    twice when top-k targets are scattered) cannot fit in memory."""
+    from kdcli.resources import check_memory
+
+    check_memory(2 * 4 * rows * classes, f"{p} claims {classes:,} classes: dense targets of "
+                 f"{rows:,} example{'s' if rows > 1 else ''}",
+                 "Lower --batch-size, or check the file" if rows > 1 else
+                 "The file is damaged or hostile; regenerate it")
 
 
 def _check_file(p: Path, tensors: dict[str, torch.Tensor], raw_meta: dict[str, str]

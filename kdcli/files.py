@@ -131,14 +131,17 @@ def _redeliver(signum: int) -> None:
 
 
 def _safe_to_raise(frame: Any) -> bool:
-    """Whether the signal landed in kdcli's own code, outside any import."""
-    if frame is None or not frame.f_code.co_filename.startswith(_KDCLI_DIR):
-        return False
+    """Whether the signal landed in code that kdcli called (kdcli's own frames, or a
+    library's Python frames below them, such as torch's modules and optimizers in a training
+    step), outside any import. Raising in an import would leave a module half-imported."""
+    ours = False
     while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
+        name = frame.f_code.co_filename
+        if name.startswith("<frozen importlib"):
             return False
+        ours = ours or name.startswith(_KDCLI_DIR)
         frame = frame.f_back
-    return True
+    return ours
 
 
 def exit_on_signals() -> None:

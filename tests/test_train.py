@@ -123,7 +123,9 @@ def test_sigint_leaves_a_resumable_checkpoint(tmp_path, transfer_file):
     if proc.returncode == 0:
         pytest.skip("finished before the signal arrived")
     assert proc.returncode == 130 and err.startswith("Error: interrupted")
-    assert run_cli([*base, "--out", out, "--resume"]).wait(timeout=300) == 0
+    p = run_cli([*base, "--out", out, "--resume"], stderr=subprocess.PIPE, text=True)
+    _, err2 = p.communicate(timeout=300)
+    assert p.returncode == 0, (out.exists(), err2)
     assert out.exists()
 
 

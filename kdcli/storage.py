@@ -13,6 +13,8 @@ been read. Memory stays flat however large the files are.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import hashlib
 import json
 import math
@@ -358,6 +360,11 @@ class SafetensorsWriter:
     chunk's place, so memory does not grow with the file. Closing checks that every byte
     was written.
 
+    The data section's SHA-256 is computed in file order. A chunk that continues the bytes
+    hashed so far (the first tensor's rows, written in order) is hashed at once on a worker
+    thread, which hashlib runs outside the GIL, so it overlaps the work that makes the next
+    chunk; closing reads back and hashes only the rest.
+
     Args:
         path: The file to write (normally a temporary path).
         specs: ``name -> (torch dtype, shape)``, in file order.
@@ -384,6 +391,10 @@ class SafetensorsWriter:
         self.hash_at = 8 + raw.index(f'"{DATA_SHA256}":"{_PLACEHOLDER}"'.encode()) + \
             len(DATA_SHA256) + 4
         self.written = dict.fromkeys(specs, 0)
+        self.hash = hashlib.sha256()
+        self.hashed = 0  # bytes of the data section handed to the hash, in order
+        self.pending: collections.deque[concurrent.futures.Future] = collections.deque()
+        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.f = open(path, "w+b")  # noqa: SIM115 - closed in __exit__ (read back to hash)
         self.f.write(len(raw).to_bytes(8, "little") + raw)
         self.f.truncate(self.base + offset)
@@ -395,12 +406,31 @@ class SafetensorsWriter:
         self.f.seek(self.base + start + first * itemsize)
         self.f.write(buf)
         self.written[name] += len(buf)
+        if start + first * itemsize == self.hashed and len(buf):
+            self._hash_later(buf)
+
+    def _hash_later(self, buf: memoryview) -> None:
+        """Hash ``buf``, the next bytes of the data section, on the worker thread (which
+        keeps ``buf``, and so its tensor, alive until then)."""
+        if self.pool is None:
+            self.pool = concurrent.futures.ThreadPoolExecutor(1, "kdcli-sha256")
+        while len(self.pending) >= _MAX_PENDING_HASHES:  # bounded memory
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(self.hash.update, buf))
+        self.hashed += len(buf)
+
+    def _finish_hashing(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
+        self.pending.clear()
 
     def __enter__(self) -> SafetensorsWriter:
         return self
 
     def __exit__(self, exc_type: object, *_: object) -> None:
         try:
+            self._finish_hashing()
             if exc_type is None:
                 for name, (_, _, size) in self.layout.items():
                     if self.written[name] != size:
@@ -413,9 +443,12 @@ class SafetensorsWriter:
             self.f.close()
 
     def _digest(self, chunk: int = 8 << 20) -> str:
-        h = hashlib.sha256()
+        """The data section's SHA-256: the bytes hashed while writing, then the rest read
+        back from the file."""
+        h = self.hash
         fd = self.f.fileno()
-        pos, end = self.base, self.base + sum(size for _, _, size in self.layout.values())
+        pos = self.base + self.hashed
+        end = self.base + sum(size for _, _, size in self.layout.values())
         while pos < end:
             block = os.pread(fd, min(chunk, end - pos), pos)
             if not block:
@@ -423,6 +456,10 @@ class SafetensorsWriter:
             h.update(block)
             pos += len(block)
         return h.hexdigest()
+
+
+# Chunks handed to the hashing thread and not yet hashed, at most (each holds its tensor).
+_MAX_PENDING_HASHES = 8
 
 
 def to_bytes(t: torch.Tensor) -> memoryview:

@@ -90,9 +90,12 @@ def combine_members(member_logits: torch.Tensor, weights: list[float], rule: str
     """
     import torch
 
+    if member_logits.shape[0] == 1:  # one teacher: its logits (what the weighted sum gives)
+        logits = member_logits[0]
+        return logits, torch.softmax(logits / T, dim=-1)
     w = torch.tensor(weights, dtype=torch.float64)
     w = (w / w.sum()).to(member_logits.dtype)[:, None, None]
-    if member_logits.shape[0] == 1 or rule == "mean-logits":
+    if rule == "mean-logits":
         logits = (w * member_logits).sum(0)
         return logits, torch.softmax(logits / T, dim=-1)
     if rule != "mean-probs":

@@ -106,3 +106,45 @@ def test_help_says_auto_is_the_default(cli):
     for command in ("train", "train-student", "soft-targets", "sweep"):
         r = cli(command, "--help")
         assert "auto" in r.output and "bf16" in r.output, command
+
+
+def test_host_to_device_leaves_cpu_tensors_alone():
+    import torch
+
+    from kdcli.devices import host_to_device
+
+    x = torch.arange(6)
+    assert host_to_device(x, "cpu") is x
+
+
+cuda = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_host_to_device_copies_from_pinned_memory_to_the_gpu():
+    import torch
+
+    from kdcli.devices import host_to_device
+
+    x = torch.arange(6)
+    y = host_to_device(x, "cuda")
+    assert y.device.type == "cuda" and torch.equal(y.cpu(), x)
+
+
+@cuda
+def test_student_and_soft_targets_on_cuda_match_the_cpu(tmp_path, teacher_file):
+    from kdcli.soft_targets import soft_targets
+    from kdcli.transfer import load_transfer_set
+
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        out = tmp_path / f"t-{dev}.safetensors"
+        soft_targets([teacher_file], T=4.0, data="mnist[:512]", out=out, device=dev,
+                     precision="fp32")
+        outs[dev] = load_transfer_set(out)
+    import torch
+
+    assert torch.allclose(outs["cpu"].soft_targets, outs["cuda"].soft_targets, atol=1e-3)
+    s = train("mnist[:512]", arch=Architecture.parse("mlp:16"), out=tmp_path / "m.safetensors",
+              eval_data="mnist:test[:200]", config=TrainConfig(epochs=1, device="cuda"))
+    assert s["precision"] in ("bf16", "fp32") and s["test_errors"] < 200

@@ -173,6 +173,26 @@ def _exit_now(signum: int, frame: Any) -> None:  # noqa: ARG001 - the signal API
 
 def write_error(path: str | os.PathLike, exc: BaseException) -> OutputWriteError | None:
     """The one-line error for a failed write of ``path``, or None if ``exc`` is not one."""
+    reason = write_failure(path, exc)
+    if reason is None:
+        return None
+    return OutputWriteError(f"cannot write {path}: {reason}",
+                            "Free space or choose a writable output path; nothing was written")
+
+
+def folder_write_error(folder: str | os.PathLike, exc: BaseException, what: str,
+                       hint: str) -> OutputWriteError:
+    """The one-line error for ``what`` (e.g. ``cannot create --out-dir X``) failing in
+    ``folder``; ``exc`` is re-raised if it is not a write failure."""
+    reason = write_failure(Path(folder) / "x", exc)
+    if reason is None:
+        raise exc
+    return OutputWriteError(f"{what}: {reason}", hint)
+
+
+def write_failure(path: str | os.PathLike, exc: BaseException) -> str | None:
+    """Why writing ``path`` failed (a full disk, a read-only folder, ...), or None if
+    ``exc`` is not a write failure."""
     reason = None
     if isinstance(exc, OSError) and exc.errno in _WRITE_ERRORS:
         reason = _WRITE_ERRORS[exc.errno]
@@ -181,10 +201,7 @@ def write_error(path: str | os.PathLike, exc: BaseException) -> OutputWriteError
             str(exc)):
         reason = "no space left on the device" if _full(Path(path).parent) else \
             "the write failed (is the disk full?)"
-    if reason is None:
-        return None
-    return OutputWriteError(f"cannot write {path}: {reason}",
-                            "Free space or choose a writable output path; nothing was written")
+    return reason
 
 
 def _full(folder: Path) -> bool:
@@ -315,11 +332,8 @@ def check_writable(folder: str | os.PathLike) -> None:
         finally:
             os.close(fd)
     except OSError as e:
-        err = write_error(folder, e)
-        if err is None:
-            raise
-        raise OutputWriteError(f"cannot write in {folder}: {err.message.split(': ', 1)[1]}",
-                               "Choose a writable output folder") from e
+        raise folder_write_error(folder, e, f"cannot write in {folder}",
+                                 "Choose a writable output folder") from e
     finally:
         with contextlib.suppress(OSError):
             os.unlink(probe)

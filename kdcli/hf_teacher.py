@@ -159,13 +159,19 @@ def read_processor(folder: Path) -> dict[str, Any]:
     p = folder / PROCESSOR
     if not p.is_file():
         return {}
+    cfg = _json_object(p, "Save the processor again")
+    _check_processor(cfg, p)
+    return cfg
+
+
+def _json_object(p: Path, hint: str) -> dict[str, Any]:
+    """The JSON object in ``p`` (FormatError with ``hint`` if it is not one)."""
     try:
         cfg = json.loads(p.read_text())
     except ValueError as e:
-        raise FormatError(f"{p} is not valid JSON ({e})", "Save the processor again") from e
+        raise FormatError(f"{p} is not valid JSON ({e})", hint) from e
     if not isinstance(cfg, dict):
-        raise FormatError(f"{p} is not a JSON object", "Save the processor again")
-    _check_processor(cfg, p)
+        raise FormatError(f"{p} is not a JSON object", hint)
     return cfg
 
 
@@ -176,12 +182,7 @@ def read_config(folder: Path) -> dict[str, Any]:
         FormatError: not JSON, not an object, or a field of the wrong type.
     """
     p = folder / "config.json"
-    try:
-        cfg = json.loads(p.read_text())
-    except ValueError as e:
-        raise FormatError(f"{p} is not valid JSON ({e})", "Save the checkpoint again") from e
-    if not isinstance(cfg, dict):
-        raise FormatError(f"{p} is not a JSON object", "Save the checkpoint again")
+    cfg = _json_object(p, "Save the checkpoint again")
     n = cfg.get("num_labels")
     if n is not None and not _positive_int(n):
         _wrong(p, "num_labels", n, "a positive integer")

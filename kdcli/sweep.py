@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdcli.config import SWEEP_ALPHA, DistillConfig, TrainConfig, student_config
 from kdcli.errors import UsageError
-from kdcli.files import OutputWriteError, write_error
+from kdcli.files import folder_write_error
 from kdcli.output import Reporter
 
 if TYPE_CHECKING:
@@ -122,11 +122,8 @@ def _folder(out_dir: str | Path, force: bool) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        err = write_error(folder, e)
-        if err is None:
-            raise
-        raise OutputWriteError(f"cannot create --out-dir {folder}: {err.message.split(': ')[-1]}",
-                               "Choose a writable --out-dir") from e
+        raise folder_write_error(folder, e, f"cannot create --out-dir {folder}",
+                                 "Choose a writable --out-dir") from e
     if force:
         for old in [folder / "transfer.safetensors", *folder.glob("student-h*-T*.safetensors*"),
                     folder / "results.json", folder / "sweep.png"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,12 @@ torch.set_num_threads(2)
 # --precision auto picks bf16 on CPUs with bf16 units and fp32 elsewhere: pin it to fp32 so
 # that the suite gives the same numbers on every machine (tests/test_precision.py unsets it).
 os.environ["KDCLI_AUTO_PRECISION"] = "fp32"
+# A suite started as a background job of a non-interactive shell inherits SIGINT ignored, and
+# so would every kdcli it starts (kdcli keeps an ignored signal ignored, as it should): give
+# the suite Python's own handler, which its children reset to the default, so that the
+# Ctrl-C tests test Ctrl-C.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

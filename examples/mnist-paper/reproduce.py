@@ -44,14 +44,11 @@ DEVICE: list[str] = []  # ["--device", ...] when --device is not cpu
 
 
 def bf16_is_fast(device: str) -> bool:
-    """Whether bf16 autocast pays off: on a GPU, or a CPU with bf16 instructions (Linux)."""
-    if device != "cpu":
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    """Whether bf16 autocast pays off: what kdcli's ``--precision auto`` picks on ``device``
+    (a GPU with bf16, or a CPU with bf16 instructions)."""
+    from kdcli.checks import resolve_precision
+
+    return resolve_precision("auto", "cuda" if device != "cpu" else "cpu")[0] == "bf16"
 
 
 class Runner:
@@ -149,8 +146,8 @@ def paper(run: Runner, q: bool, start: float) -> str:
     rows.append(("baseline 2x800, hard labels", "146", _errs(base), _secs(base)))
 
     # 3. Distilled 2x800 at T = 20 on the untranslated training set.
-    run("soft-targets", "teacher.safetensors", "--T", "20", "--out", "transfer.safetensors",
-        "--force")
+    run("soft-targets", *PRECISION, "teacher.safetensors", "--T", "20", "--out",
+        "transfer.safetensors", "--force")
     dist = [run("train-student", "--transfer", "transfer.safetensors", "--hidden", "800",
                 "--alpha", "0", "--epochs", ep, "--seed", s,
                 "--out", f"student800-s{s}.safetensors", *COMMON) for s in seeds]
@@ -166,7 +163,7 @@ def paper(run: Runner, q: bool, start: float) -> str:
                    "--out", f"baseline{h}.safetensors", *COMMON) for h in ("300", "30")}
 
     # 5. Digit 3 left out of the transfer set, then its bias fitted back (no labels of 3s).
-    run("soft-targets", "teacher.safetensors", "--T", "20", "--exclude-classes", "3",
+    run("soft-targets", *PRECISION, "teacher.safetensors", "--T", "20", "--exclude-classes", "3",
         "--out", "transfer-no3.safetensors", "--force")
     run("train-student", "--transfer", "transfer-no3.safetensors", "--hidden", "800", "--alpha",
         "0", "--epochs", ep, "--out", "student-no3.safetensors", *COMMON)
@@ -182,7 +179,7 @@ def paper(run: Runner, q: bool, start: float) -> str:
                  f"{a['errors']} ({a['errors_per_class'][3]} on 3s)", ""))
 
     # 6. A transfer set of only 7s and 8s.
-    run("soft-targets", "teacher.safetensors", "--T", "20", "--classes", "7,8",
+    run("soft-targets", *PRECISION, "teacher.safetensors", "--T", "20", "--classes", "7,8",
         "--out", "transfer-78.safetensors", "--force")
     # Two classes only: at the default lr 0.05 (and at 0.03) this student diverges.
     run("train-student", "--transfer", "transfer-78.safetensors", "--hidden", "800", "--alpha",
@@ -208,8 +205,8 @@ def extras(run: Runner, out: Path, q: bool, start: float) -> str:
     ep_teacher, ep, ep_jitter = ("4", "2", "1") if q else ("240", "60", "30")
     rows = []
     _reuse_teacher(run, out, ep_teacher, None)
-    run("soft-targets", "teacher.safetensors", "--T", "20", "--out", "transfer.safetensors",
-        "--force")
+    run("soft-targets", *PRECISION, "teacher.safetensors", "--T", "20", "--out",
+        "transfer.safetensors", "--force")
     a01 = run("train-student", "--transfer", "transfer.safetensors", "--hidden", "800",
               "--alpha", "0.1", "--epochs", ep, "--out", "student800-a01.safetensors", *COMMON)
     rows.append(("distilled 2x800, T=20, alpha=0.1", "teacher seed 0", "untranslated",
@@ -229,7 +226,7 @@ def extras(run: Runner, out: Path, q: bool, start: float) -> str:
          "+ 2 jittered copies"),
     ]
     for name, teachers, opts, who, data in sets:
-        run("soft-targets", *teachers, "--T", "20", *opts, "--out",
+        run("soft-targets", *PRECISION, *teachers, "--T", "20", *opts, "--out",
             f"transfer-{name}.safetensors", "--force")
         jittered = bool(opts)
         seeds = ["0", "1"] if name == "ens-jitter" and not q else ["0"]
@@ -267,8 +264,8 @@ def small_data(run: Runner, out: Path, q: bool, start: float, teacher_file: Path
                     else f"mnist:train[balanced={600 * int(f)},seed={s}]")
             transfer = f"transfer-{f}pct-s{s if f != '100' else '0'}.safetensors"
             if f != "100" or s == "0":
-                run("soft-targets", teacher, "--T", "20", "--data", data, "--out", transfer,
-                    "--force")
+                run("soft-targets", *PRECISION, teacher, "--T", "20", "--data", data, "--out",
+                    transfer, "--force")
             hard = run("train", "--data", data, "--hidden", "800", "--layers", "2", *epochs,
                        "--seed", s, "--out", f"hard-{f}pct-s{s}.safetensors", *COMMON)
             soft = run("train-student", "--transfer", transfer, "--hidden", "800", "--alpha",

@@ -497,7 +497,7 @@ class _RangeWriter:
         src, m, c, n = self.source, len(self.members), self.c, b - a
         if n <= 0:
             return
-        with SafetensorsWriter(path, self.specs(n), meta) as w:
+        with SafetensorsWriter(path, self.specs(n), meta) as w, _weight_cast_cache(self.members):
             for start in range(a, b, self.batch_size):
                 stop = min(b, start + self.batch_size)
                 x, y = src.rows(start, stop)
@@ -527,6 +527,19 @@ class _RangeWriter:
                     self.stats[:m] += (z.argmax(-1) == y).sum(-1)
                     self.stats[m] += int((logits.argmax(-1) == y).sum())
                 advance(stop - start)
+
+
+def _weight_cast_cache(members: list[Teacher]) -> contextlib.AbstractContextManager:
+    """One bf16 autocast region around the whole teacher pass when a PyTorch teacher runs in
+    bf16. Each batch's own autocast region then nests in it, so autocast keeps the bf16
+    copies of the weights it made for the first batch instead of casting every weight again
+    for every batch (the same copies, so the same numbers)."""
+    import torch
+
+    bf16 = [t for t in members if t.module is not None and t.precision == "bf16"]
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(bf16[0].device).type, dtype=torch.bfloat16)
 
 
 def _write_single(out: Path, n: int, meta: dict[str, str], writer: _RangeWriter, dist,

@@ -15,7 +15,6 @@ import itertools
 import os
 import re
 import signal
-import socket
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -249,6 +248,8 @@ def remove_stale_temps(final: Path, names: str | None = None) -> list[Path]:
 
 
 def _host() -> str:
+    import socket  # here, not at start-up: `kdcli --help` imports this module
+
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
 
 

@@ -671,11 +671,9 @@ def inspect_cmd(
 
 def main() -> None:
     """Console-script entry point."""
-    from kdcli.devices import passive_thread_waits
     from kdcli.files import exit_on_signals, hold_signals_for_exit
 
     exit_on_signals()
-    passive_thread_waits()  # before any command imports torch
     try:
         app(prog_name="kdcli")
     finally:

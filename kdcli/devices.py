@@ -34,16 +34,3 @@ def use_tf32() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
-
-def passive_thread_waits() -> None:
-    """Make torch's OpenMP threads sleep, not spin, while they wait for work
-    (``OMP_WAIT_POLICY=PASSIVE``), unless the user chose a policy. Call before torch is
-    imported: the OpenMP runtime reads it once.
-
-    On a machine whose cores are busy with other work, spinning threads steal the cores
-    from each other: a training step on 2 cores at a load of 10 ran at 327 samples/s with
-    the default policy and 7,160 with PASSIVE. On idle cores the two measured the same.
-    """
-    import os
-
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +37,35 @@ def image_cache(tmp_path_factory, monkeypatch) -> Path:
     folder = tmp_path_factory.mktemp("kdcli-cache")
     monkeypatch.setenv("KDCLI_CACHE", str(folder))
     return folder
+
+
+@contextlib.contextmanager
+def _tmpfs(folder: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs mounted on ``folder`` (needs root and mount); the test is skipped where
+    one cannot be mounted."""
+    folder.mkdir()
+    if not shutil.which("mount") or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+            capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A full disk waiting to happen: a real 256 KiB tmpfs."""
+    with _tmpfs(tmp_path / "disk", "size=256k") as d:
+        yield d
+
+
+@pytest.fixture
+def read_only_mount(tmp_path):
+    """A real read-only tmpfs."""
+    with _tmpfs(tmp_path / "ro", "size=256k,ro") as d:
+        yield d
 
 
 @pytest.fixture(scope="session")

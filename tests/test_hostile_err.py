@@ -10,7 +10,6 @@ import errno
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -49,34 +48,6 @@ def model_file(tmp_path_factory) -> Path:
 
 
 # --------------------------------------------------------------- read-only folders, full disks
-
-def _mount(folder: Path, options: str):
-    """Mount a real tmpfs on ``folder`` (needs root and mount); skip where it cannot be."""
-    folder.mkdir()
-    if not shutil.which("mount") or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
-            capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    return folder
-
-
-@pytest.fixture
-def read_only_mount(tmp_path):
-    d = _mount(tmp_path / "ro", "size=256k,ro")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    d = _mount(tmp_path / "disk", "size=256k")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
-
 
 @pytest.fixture
 def simulated_read_only(tmp_path, monkeypatch):

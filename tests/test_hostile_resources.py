@@ -387,23 +387,6 @@ def test_a_cache_entry_that_is_a_folder_leaves_no_temporary(tmp_path, cli, image
     assert _cache_files(image_cache) == ["x", "x"]  # the planted files, and no temporary
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 256 KiB tmpfs (needs root and mount); skipped where it cannot be mounted."""
-    import shutil
-
-    d = tmp_path / "disk"
-    d.mkdir()
-    if not shutil.which("mount") or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(d)],
-            capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
-
-
 def test_image_cache_on_a_full_disk_is_not_a_sigbus(tmp_path, small_disk):
     from PIL import Image
 

@@ -68,6 +68,24 @@ def read_only_mount(tmp_path):
         yield d
 
 
+def save_tiny_vit(folder: Path, **save_options) -> Path:
+    """A tiny ViT image classifier (3 classes, 1x8x8 inputs) built from its config class, no
+    download, saved with ``save_pretrained(folder, **save_options)``."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, num_labels=3)
+    transformers.ViTForImageClassification(cfg).eval().save_pretrained(folder, **save_options)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_folder():
+    """:func:`save_tiny_vit`, for tests and fixtures that build Hugging Face folders."""
+    return save_tiny_vit
+
+
 @pytest.fixture(scope="session")
 def runner() -> CliRunner:
     return CliRunner()

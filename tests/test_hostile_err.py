@@ -126,17 +126,12 @@ def test_full_disk_while_checkpointing_or_exporting_is_one_line(small_disk, cli,
 # --------------------------------------------------------------- Hugging Face configs
 
 @pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory) -> Path:
+def hf_folder(tmp_path_factory, tiny_vit_folder) -> Path:
     """A tiny ViT built from its config class (no download), with a processor config."""
     pytest.importorskip("transformers")
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers import ViTImageProcessor
 
-    torch.manual_seed(0)
-    cfg = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
-                    num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                    num_labels=3)
-    folder = tmp_path_factory.mktemp("hf") / "vit"
-    ViTForImageClassification(cfg).eval().save_pretrained(folder)
+    folder = tiny_vit_folder(tmp_path_factory.mktemp("hf") / "vit")
     ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.5],
                       image_std=[0.25]).save_pretrained(folder)
     return folder

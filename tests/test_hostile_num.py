@@ -23,19 +23,9 @@ def one_line_error(result, code: int = 1) -> str:
 # --- Hugging Face folders: missing weights, impossible preprocessing ----------------------
 
 
-def _tiny_vit_folder(folder: Path) -> Path:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
-                                 num_hidden_layers=1, num_attention_heads=2,
-                                 intermediate_size=32, num_labels=3)
-    transformers.ViTForImageClassification(cfg).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def vit_folder(tmp_path_factory) -> Path:
-    return _tiny_vit_folder(tmp_path_factory.mktemp("vit") / "vit")
+def vit_folder(tmp_path_factory, tiny_vit_folder) -> Path:
+    return tiny_vit_folder(tmp_path_factory.mktemp("vit") / "vit")
 
 
 def _copy_folder(src: Path, dst: Path) -> Path:

@@ -194,17 +194,8 @@ def test_recorded_data_is_used_when_named_again_and_bundled_sets_stay_allowed(
 
 
 @pytest.fixture
-def hf_folder(tmp_path) -> Path:
-    pytest.importorskip("transformers")
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    cfg = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
-                    num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                    num_labels=3)
-    folder = tmp_path / "hf"
-    ViTForImageClassification(cfg).eval().save_pretrained(folder, max_shard_size="8KB")
-    return folder
+def hf_folder(tmp_path, tiny_vit_folder) -> Path:
+    return tiny_vit_folder(tmp_path / "hf", max_shard_size="8KB")
 
 
 class Payload:

@@ -66,16 +66,6 @@ def test_export_batch_bomb_is_refused_before_allocation(tmp_path, cli, tiny_mode
     assert not out.exists()
 
 
-def _tiny_vit_folder(folder: Path) -> Path:
-    from transformers import ViTConfig, ViTForImageClassification
-
-    cfg = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
-                    num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                    num_labels=3)
-    ViTForImageClassification(cfg).save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize("edit", [
     {"num_hidden_layers": 100_000, "hidden_size": 768, "intermediate_size": 3072},
     {"hidden_size": 10_000_000},
@@ -83,9 +73,9 @@ def _tiny_vit_folder(folder: Path) -> Path:
     "crop_size",
 ])
 def test_hf_config_bombs_are_refused_before_the_model_is_built(tmp_path, cli, monkeypatch,
-                                                               edit):
+                                                               tiny_vit_folder, edit):
     transformers = pytest.importorskip("transformers")
-    folder = _tiny_vit_folder(tmp_path / "vit")
+    folder = tiny_vit_folder(tmp_path / "vit")
     if edit == "crop_size":
         (folder / "preprocessor_config.json").write_text(json.dumps({
             "do_center_crop": True, "crop_size": {"height": 300_000, "width": 300_000}}))

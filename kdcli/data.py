@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcli.errors import DataError, quote_name
+from kdcli.errors import DataError, UsageError, quote_name
 
 if TYPE_CHECKING:
     import numpy as np
@@ -120,8 +120,6 @@ def recorded_data(training: dict[str, Any], *keys: str) -> str | None:
     name, _, split = base.partition(":")
     if isinstance(spec, str) and name == "mnist" and split in ("", *MNIST_FILES):
         return spec
-    from kdcli.errors import UsageError
-
     shown = quote_name(str(spec)[:200])
     raise UsageError(f"the model file records its data as {shown}, a path kdcli does not "
                      "open unless you name it", f"Pass --data {shown} if you trust it, or "

@@ -107,7 +107,7 @@ def weight_files(folder: Path, trust_pickle: bool = False) -> list[Path]:
         if pickled and not trust_pickle:
             raise UnsafePickleError(
                 f"{SAFETENSORS_INDEX} in {quote_name(folder)} names the shard "
-                f"{quote_name(repr(str(pickled[0])[:100]))}, not a safetensors file: it may "
+                f"{repr(str(pickled[0])[:100])}, not a safetensors file: it may "
                 "be a pickle, and loading it can run code from the file",
                 "If you trust its source, pass --trust-pickle; or save it again with "
                 "save_pretrained(safe_serialization=True)")
@@ -135,7 +135,7 @@ def _inside(folder: Path, name: str) -> Path:
     """Where the weight file ``name`` leads, read without touching anything outside."""
     p = inside_folder(folder, str(name))
     if p is None or p == Path(os.path.realpath(folder)):
-        raise FormatError(f"{folder} names the weight file {quote_name(repr(str(name)))}, "
+        raise FormatError(f"{folder} names the weight file {repr(str(name))}, "
                           "which is outside the checkpoint folder",
                           "Keep every shard inside the folder")
     return p
@@ -188,8 +188,7 @@ def read_config(folder: Path) -> dict[str, Any]:
         _wrong(p, "num_labels", n, "a positive integer")
     id2label = cfg.get("id2label")
     if id2label is not None and not (isinstance(id2label, dict) and all(
-            _positive_int(k, zero=True) or (isinstance(k, str) and k.isdecimal())
-            for k in id2label)):
+            isinstance(k, str) and k.isdecimal() for k in id2label)):
         _wrong(p, "id2label", id2label, 'an object from class numbers to names ({"0": "cat"})')
     size = cfg.get("image_size")
     if size is not None and not (_positive_int(size) or _is_size(size) or (

@@ -254,8 +254,8 @@ def check_external_data(path: Path, proto: Any) -> None:
                 why = "is not a regular file (a folder, FIFO or device)"
         if why:
             raise FormatError(
-                f"External data {quote_name(repr(location[:200]))} of tensor "
-                f"{quote_name(repr(t.name[:100]))} in {quote_name(path)} {why}",
+                f"External data {repr(location[:200])} of tensor "
+                f"{repr(t.name[:100])} in {quote_name(path)} {why}",
                 "kdcli reads external data only from regular files beside the model; copy "
                 "them into its folder and save it with relative locations")
 

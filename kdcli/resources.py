@@ -30,15 +30,15 @@ class ResourceError(KdcliError):
 def available_memory() -> int | None:
     """Bytes of memory available to a new allocation, or None if unknown.
 
-    ``KDCLI_MEMORY_LIMIT`` (bytes) overrides the system's figure; otherwise
-    ``MemAvailable`` of ``/proc/meminfo``, else the free physical pages.
+    ``KDCLI_MEMORY_LIMIT`` (a positive, finite number of bytes) overrides the system's
+    figure; otherwise ``MemAvailable`` of ``/proc/meminfo``, else the free physical pages.
     """
-    limit = os.environ.get("KDCLI_MEMORY_LIMIT")
-    if limit:
-        try:
-            return int(float(limit))
-        except ValueError:
-            pass
+    try:
+        limit = float(os.environ.get("KDCLI_MEMORY_LIMIT", "nan"))
+    except ValueError:
+        limit = math.nan
+    if math.isfinite(limit) and limit > 0:
+        return int(limit)
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:

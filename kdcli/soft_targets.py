@@ -413,7 +413,7 @@ def _check_room(out: Path, n: int, writer: _RangeWriter) -> None:
     """Refuse a set larger than the free space of its folder, before writing a byte."""
     from kdcli.resources import check_disk
 
-    check_disk(n * bytes_per_row(writer.specs(1)), out.parent or Path("."),
+    check_disk(n * bytes_per_row(writer.specs(1)), out.parent,
                f"the transfer set of {n:,} rows", "Lower --copies or --limit, or free space")
 
 

@@ -165,6 +165,11 @@ def _transfer_set(folder: Path, teacher: str | Path, data: str, T: float,
         raise UsageError(f"{transfer} was made from --data {old_meta.get('data_source')}, "
                          f"not {data}", "Use a new --out-dir, or pass --force to start "
                          "afresh")
+    made_at = old_meta.get("precision", "fp32")  # sets from before auto were fp32
+    if made_at != config.precision:
+        raise UsageError(f"{transfer} was made at --precision {made_at}, and this sweep runs "
+                         f"at {config.precision}", f"Pass --precision {made_at}, use a new "
+                         "--out-dir, or pass --force to start afresh")
     rep.info(f"reusing {transfer}")
     return transfer
 

@@ -12,6 +12,7 @@ with the column and row.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import re
@@ -54,9 +55,10 @@ def load_table(path: Path, opts: DataOptions) -> Table:
 
     table = _read(path)
     names = list(table.column_names)
-    dup = next((c for i, c in enumerate(names) if c in names[:i]), None)
+    counts = collections.Counter(names)
+    dup = next((c for c in names if counts[c] > 1), None)
     if dup is not None:
-        raise DataError(f"{path} has the column name {dup!r} {names.count(dup)} times",
+        raise DataError(f"{path} has the column name {dup!r} {counts[dup]} times",
                         "Give every column its own name")
     if table.num_rows == 0:
         raise DataError(f"{path} holds no rows (columns: {_few(names)})",

@@ -29,8 +29,7 @@ from kdcli.config import (  # noqa: F401 - the constants are re-exported, as kdc
     TrainConfig,
     student_config,
 )
-from kdcli.devices import host_to_device as to_device
-from kdcli.devices import use_tf32
+from kdcli.devices import host_to_device, use_tf32
 from kdcli.distributed import Dist
 from kdcli.errors import FormatError, OutputExistsError, UsageError, first_line
 from kdcli.files import (
@@ -262,7 +261,7 @@ class _Run:
         cfg, dist = self.cfg, self.dist
         with torch.autocast(self.dev.type, dtype=torch.bfloat16,
                             enabled=cfg.precision == "bf16"):
-            z = self.net(to_device(x, self.dev))
+            z = self.net(host_to_device(x, self.dev))
         if len(local):
             loss, stats = step_loss(z.float(), local)
             if dist.enabled:  # DDP averages over ranks: weight by this rank's share

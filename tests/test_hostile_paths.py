@@ -497,3 +497,16 @@ def test_onnx_external_data_inside_the_folder_loads(tmp_path):
     t = load_teacher(onnx_with_external(tmp_path / "ok.onnx", "w.bin"),
                      probe=torch.zeros(2, 784))
     assert t.num_classes == 10
+
+
+def test_the_image_cache_is_used_when_a_checked_image_is_a_link(tmp_path, monkeypatch):
+    import kdcli.images as images
+
+    root = write_pngs(tmp_path / "imgs", 4)
+    (root / "b" / "zzz.png").symlink_to(root / "a" / "000.png")  # the last file: checked
+    decodes = []
+    real = images._decode_all
+    monkeypatch.setattr(images, "_decode_all", lambda *a: decodes.append(1) or real(*a))
+    first, second = load_data(str(root)), load_data(str(root))
+    assert len(decodes) == 1  # the second load read the cache
+    assert bool((first.inputs[:] == second.inputs[:]).all())

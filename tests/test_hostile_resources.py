@@ -433,3 +433,14 @@ def test_a_data_file_truncated_during_soft_targets_is_an_error_not_sigbus(tmp_pa
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, (r.returncode, r.stderr)  # -7: SIGBUS
     assert "shrank from" in r.stdout
+
+
+@pytest.mark.parametrize("value, expected", [("1000", 1000), ("inf", None), ("-5", None),
+                                             ("0", None), ("nan", None), ("lots", None)])
+def test_memory_limit_override_takes_only_a_positive_finite_size(monkeypatch, value,
+                                                                 expected):
+    from kdcli.resources import available_memory
+
+    monkeypatch.setenv("KDCLI_MEMORY_LIMIT", value)
+    got = available_memory()  # no error; a bad value falls back to the system's figure
+    assert got == expected if expected is not None else (got is None or got > 2**20)

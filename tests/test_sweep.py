@@ -111,3 +111,13 @@ def test_sweep_passes_the_device_to_training(cli, tmp_path, teacher_file):
             "--device", "cuda")
     assert r.exit_code == 1 and "no CUDA GPU" in r.stderr
     assert not list((tmp_path / "sw").glob("student-*"))
+
+
+def test_sweep_refuses_a_transfer_set_made_at_another_precision(tmp_path, teacher_file,
+                                                                monkeypatch):
+    kw = dict(temperatures=[2.0], hidden=[8], data="mnist[:600]",
+              config=student_config(epochs=1), eval_data="none", out_dir=tmp_path / "sw")
+    sweep(teacher_file, **kw)  # auto is pinned to fp32 in the tests
+    monkeypatch.setenv("KDCLI_AUTO_PRECISION", "bf16")
+    with pytest.raises(UsageError, match="made at --precision fp32.*runs at bf16"):
+        sweep(teacher_file, **kw)

@@ -21,7 +21,7 @@ import torch
 from common import report
 from safetensors.torch import load_file
 
-from kdcli.models import Architecture
+from kdcli.students.base import Architecture
 from kdcli.train import TrainConfig, train
 
 

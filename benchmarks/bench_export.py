@@ -7,9 +7,9 @@ import onnxruntime as ort
 import torch
 from common import median_of, report
 
-from kdcli.data import load_data
+from kdcli.data.base import load_data
 from kdcli.export import main_export
-from kdcli.models import Architecture, Preprocessing, build_model, save_model
+from kdcli.students.base import Architecture, Preprocessing, build_model, save_model
 
 
 def main() -> None:

@@ -16,12 +16,12 @@ from common import report
 from torch import nn
 
 from kdcli.config import DistillConfig
-from kdcli.data import load_data
-from kdcli.losses import criterion
-from kdcli.models import Architecture, Preprocessing, build_model, save_model
+from kdcli.data.base import load_data
 from kdcli.soft_targets import soft_targets
+from kdcli.students.base import Architecture, Preprocessing, build_model, save_model
 from kdcli.train import TrainConfig, train
-from kdcli.transfer import load_transfer_set
+from kdcli.training.losses import criterion
+from kdcli.transfer.base import load_transfer_set
 
 
 def bare_cuda_epoch(ts, precision: str) -> float:

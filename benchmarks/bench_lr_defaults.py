@@ -39,7 +39,7 @@ def foreign_teacher(path: Path) -> None:
     import torch
     from torch import nn
 
-    from kdcli.data import load_data
+    from kdcli.data.base import load_data
 
     torch.manual_seed(0)
     d = load_data("mnist:train[:10000]")
@@ -89,9 +89,9 @@ def cases(folder: Path, teacher: str | None) -> list[dict]:
 
 
 def run_case(c: dict, folder: Path, seeds: list[int]) -> dict:
-    from kdcli.models import Architecture
     from kdcli.output import Reporter
     from kdcli.soft_targets import soft_targets
+    from kdcli.students.base import Architecture
     from kdcli.train import STUDENT_LR, student_config, train_student
 
     quiet = Reporter("quiet")

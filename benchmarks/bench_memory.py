@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from common import kdcli_peak_rss, report
 
-from kdcli.models import Architecture, Preprocessing, build_model, save_model
+from kdcli.students.base import Architecture, Preprocessing, build_model, save_model
 
 C, FEATURES = 1000, 64
 

@@ -17,8 +17,8 @@ from common import report
 
 from kdcli.checks import cpu_bf16_flags, resolve_precision
 from kdcli.config import student_config
-from kdcli.models import Architecture
 from kdcli.soft_targets import soft_targets
+from kdcli.students.base import Architecture
 from kdcli.train import TrainConfig, train, train_student
 
 EPOCHS, SEEDS, TEACHER_EPOCHS = 4, (0, 1), 3

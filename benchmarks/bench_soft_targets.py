@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from common import best_of, report
 
-from kdcli.data import load_data
-from kdcli.models import Architecture, Preprocessing, build_model, save_model
+from kdcli.data.base import load_data
 from kdcli.soft_targets import soft_targets
+from kdcli.students.base import Architecture, Preprocessing, build_model, save_model
 
 BATCH = 1024
 ROUNDS = 5

@@ -81,9 +81,9 @@ def sklearn_baseline(t: dict, seeds: list[int]) -> list[int]:
 
 
 def kdcli_runs(t: dict, seeds: list[int], folder: Path) -> tuple[list[int], list[int]]:
-    from kdcli.models import Architecture
     from kdcli.output import Reporter
     from kdcli.soft_targets import soft_targets
+    from kdcli.students.base import Architecture
     from kdcli.train import STUDENT_LR, STUDENT_WARMUP, TrainConfig, train, train_student
 
     quiet = Reporter("quiet")

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from common import report
 
-from kdcli.augment import AugmentConfig
+from kdcli.data.augment import AugmentConfig
 from kdcli.evaluate import predict
-from kdcli.models import Architecture, Preprocessing, build_model, load_model, save_model
 from kdcli.soft_targets import soft_targets
+from kdcli.students.base import Architecture, Preprocessing, build_model, load_model, save_model
 from kdcli.train import TrainConfig, train, train_student
-from kdcli.transfer import load_transfer_set
+from kdcli.transfer.base import load_transfer_set
 
 C, FEATURES, N_TRAIN, N_TEST, T_SYN = 32_000, 64, 10_000, 2_000, 2.0
 

@@ -2,7 +2,7 @@
 tutorial's loop, same model, batch and loss.
 
 The ceiling: the same 784-800-800-10 MLP, batch 256, kdcli's own loss (0.9 * T^2 * KL +
-0.1 * CE, :func:`kdcli.losses.criterion`), gradient clipping to norm 5 and SGD with Nesterov
+0.1 * CE, `training.losses.criterion`), gradient clipping to norm 5 and SGD with Nesterov
 momentum, on one batch of tensors already in memory: forward, loss, backward, clip, step and
 nothing else. kdcli's loop reaches at most this; the target is 90% of it, fp32 and bf16.
 The tutorial loop: a DataLoader over a TensorDataset of preprocessed float inputs, soft
@@ -23,11 +23,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdcli.config import DistillConfig, student_config
-from kdcli.losses import criterion
-from kdcli.models import Architecture
 from kdcli.soft_targets import soft_targets
+from kdcli.students.base import Architecture
 from kdcli.train import TrainConfig, train, train_student
-from kdcli.transfer import load_transfer_set
+from kdcli.training.losses import criterion
+from kdcli.transfer.base import load_transfer_set
 
 T, ALPHA, BATCH, LR, CLIP = 20.0, 0.1, 256, 0.02, 5.0
 TARGET = 0.9  # of the ceiling

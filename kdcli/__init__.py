@@ -11,8 +11,8 @@ The public Python API is one function per CLI command, and the settings they tak
     from kdcli.sweep import sweep
     from kdcli.inspection import inspect_file
     from kdcli.config import DistillConfig, TrainConfig, student_config
-    from kdcli.augment import AugmentConfig
-    from kdcli.models import Architecture
+    from kdcli.data.augment import AugmentConfig
+    from kdcli.students.base import Architecture
 """
 
 __version__ = "0.1.0"
@@ -21,6 +21,6 @@ import os as _os
 import sys as _sys
 
 if _os.path.basename((_sys.argv or [""])[0]) == "kdcli":  # the console script: a signal
-    from kdcli.files import exit_on_signals  # while the CLI is imported is one line
+    from kdcli.io.files import exit_on_signals  # while the CLI is imported is one line
 
     exit_on_signals()

@@ -1,4 +1,4 @@
-from kdcli.files import exit_on_signals
+from kdcli.io.files import exit_on_signals
 
 exit_on_signals()  # a signal while the CLI is imported: one line, not a traceback
 

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcli.errors import DataError, UsageError
-from kdcli.files import atomic_output, check_output, data_files
+from kdcli.io.files import atomic_output, check_output, data_files
 from kdcli.output import Reporter
 
 if TYPE_CHECKING:
     import torch
 
-    from kdcli.data import DataOptions
+    from kdcli.data.base import DataOptions
 
 
 def fit_bias_shift(logits: torch.Tensor, target: torch.Tensor, free: list[int] | None = None,
@@ -85,7 +85,7 @@ def calibrate_bias(model: str | Path = "student.safetensors",
         target: ``teacher`` or ``labels`` (the label frequencies of ``data``).
         classes: Only these classes' biases may move (default: all).
         eval_data: Labelled data to report test errors before and after.
-        options: How to feed ``teacher`` (:class:`kdcli.teachers.TeacherOptions`).
+        options: How to feed ``teacher`` (:class:`kdcli.teachers.base.TeacherOptions`).
         force: Overwrite ``out``.
         reporter: Output sink.
         data_options: How a table or image folder is read (default: as the model records).
@@ -96,7 +96,7 @@ def calibrate_bias(model: str | Path = "student.safetensors",
     import torch
 
     from kdcli.evaluate import predict
-    from kdcli.models import final_linear, load_model, save_model
+    from kdcli.students.base import final_linear, load_model, save_model
 
     rep = reporter or Reporter()
     if target not in ("teacher", "labels"):
@@ -145,11 +145,11 @@ def _target(mf, data: str | None, teacher: str | Path | None, transfer: str | Pa
     unless every class has some probability) and a description of the inputs."""
     import torch
 
-    from kdcli.data import load_data, recorded_data
-    from kdcli.data import recorded_options as _options
+    from kdcli.data.base import load_data, recorded_data
+    from kdcli.data.base import recorded_options as _options
     from kdcli.evaluate import predict
-    from kdcli.teachers import load_teacher
-    from kdcli.transfer import load_transfer_set
+    from kdcli.teachers.base import load_teacher
+    from kdcli.transfer.base import load_transfer_set
 
     c = mf.num_classes
     if transfer is not None:
@@ -183,8 +183,8 @@ def _target(mf, data: str | None, teacher: str | Path | None, transfer: str | Pa
 def _evaluate(mf, eval_data: str, shift: torch.Tensor,
               data_options: DataOptions | None) -> dict[str, Any]:
     """Errors on ``eval_data`` (in all and per class) before and after the shift."""
-    from kdcli.data import load_data
-    from kdcli.data import recorded_options as _options
+    from kdcli.data.base import load_data
+    from kdcli.data.base import recorded_options as _options
     from kdcli.evaluate import classification_metrics, predict
 
     ev = load_data(eval_data, options=_options(data_options, mf.training))

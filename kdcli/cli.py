@@ -90,7 +90,7 @@ ResumeOpt = Annotated[bool, typer.Option(help="Continue from OUT.ckpt after an i
 DryRunOpt = Annotated[bool, typer.Option(help="Train one batch; write nothing.")]
 TrainDeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, or auto (cuda when present).")]
 StopAfterOpt = Annotated[int | None, typer.Option(help="Stop after this epoch, keeping OUT.ckpt; continue later with --resume (for time-limited job slots).")]
-# Augmentation options shared by train and soft-targets (see kdcli.augment.AugmentConfig).
+# Augmentation options shared by train and soft-targets (see kdcli.data.augment.AugmentConfig).
 JitterOpt = Annotated[int, typer.Option(help="Shift images by up to K pixels, zero-filled.")]
 AugmentOpt = Annotated[str | None, typer.Option(help="Augmentation preset: crop-flip (--crop-pad 4 --flip, the usual choice for natural images) or none; the options below override it.")]
 CropPadOpt = Annotated[int | None, typer.Option(help="Random crop of the original size after padding P pixels on each side.", show_default=False)]
@@ -99,7 +99,7 @@ FlipOpt = Annotated[bool | None, typer.Option("--flip/--no-flip", help="Mirror i
 NormalizeOpt = Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="Zero-mean, unit-variance inputs, or only scaled (8-bit pixels to [0, 1]). Default: normalize unless --input-dropout is used, so that a dropped pixel is black.", show_default=False)]
 NormalizeByOpt = Annotated[str, typer.Option(help="How --normalize standardizes: auto (tables per feature, [C,H,W] colour images per channel, else one mean and std), scalar, channel or feature.")]
 # How tables and image folders are read: one definition, taken by every command that reads
-# data (see kdcli.data.DataOptions and _data_options).
+# data (see kdcli.data.base.DataOptions and _data_options).
 LabelColumnOpt = Annotated[str | None, typer.Option(help="Table: the label column (default: label when present, else unlabelled; none: unlabelled).", rich_help_panel="Tables and image folders")]
 FeatureColumnsOpt = Annotated[str | None, typer.Option(help="Table: feature columns, comma-separated (default: every other numeric column).", rich_help_panel="Tables and image folders")]
 ChannelsOpt = Annotated[int | None, typer.Option(help="Images: 1 (grayscale) or 3 (RGB) channels (default: RGB if any image is in colour).", rich_help_panel="Tables and image folders")]
@@ -108,8 +108,8 @@ ImageSizeOpt = Annotated[str | None, typer.Option(help="Images: resize all to H,
 
 def _data_options(label_column: str | None, feature_columns: str | None,
                   channels: int | None, image_size: str | None):
-    """The :class:`~kdcli.data.DataOptions` of the shared table/image options."""
-    from kdcli.data import DataOptions
+    """The :class:`~kdcli.data.base.DataOptions` of the shared table/image options."""
+    from kdcli.data.base import DataOptions
 
     size = _ints(image_size, "--image-size")
     if size is not None and len(size) == 1:
@@ -140,13 +140,13 @@ def model_options(count: int, *, arch: list[str] | None = None,
                   mean: list[str] | None = None, std: list[str] | None = None,
                   teacher_output: list[str] | None = None, output: list[str] | None = None,
                   trust_pickle: bool = False) -> list:
-    """One :class:`~kdcli.teachers.TeacherOptions` per model from the shared model options.
+    """One :class:`~kdcli.teachers.base.TeacherOptions` per model from the shared model options.
 
     Raises:
         UsageError: an option was given neither once nor once per model.
     """
     from kdcli.checks import check_arch_spec, check_preprocessing_options
-    from kdcli.teachers import TeacherOptions, parse_shape
+    from kdcli.teachers.base import TeacherOptions, parse_shape
 
     per = {"arch": arch, "input_shape": input_shape, "scale": scale, "mean": mean, "std": std,
            "teacher_output": teacher_output, "output": output}
@@ -211,7 +211,7 @@ def command(name: str, example: str) -> Callable[[F], F]:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             from kdcli.distributed import launched_rank, launched_world
-            from kdcli.files import Terminated, handle_signals
+            from kdcli.io.files import Terminated, handle_signals
 
             try:
                 if name not in DISTRIBUTED and launched_world() != "1":
@@ -286,7 +286,7 @@ def _arch(arch: str | None, hidden: int | None, layers: int | None, defaults: tu
           **kw: Any):
     """The architecture of --arch, or of --hidden/--layers (``defaults`` when not given)."""
     from kdcli.checks import check_arch_spec, check_width
-    from kdcli.models import Architecture
+    from kdcli.students.base import Architecture
 
     if check_arch_spec(arch):
         given = [f for f, v in (("--hidden", hidden), ("--layers", layers)) if v is not None]
@@ -369,7 +369,7 @@ def train_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a model on hard labels (make a teacher or a baseline)."""
-    from kdcli.augment import AugmentConfig
+    from kdcli.data.augment import AugmentConfig
     from kdcli.train import train
 
     rep = _reporter(json_out, quiet)
@@ -464,8 +464,8 @@ def soft_targets_cmd(
     --trust-pickle). Memory stays bounded for any
     number of examples; under torchrun each rank runs the teachers on its own share.
     """
-    from kdcli.augment import AugmentConfig
     from kdcli.checks import check_class_filter
+    from kdcli.data.augment import AugmentConfig
     from kdcli.soft_targets import soft_targets
 
     rep = _reporter(json_out, quiet)
@@ -671,7 +671,7 @@ def inspect_cmd(
 
 def main() -> None:
     """Console-script entry point."""
-    from kdcli.files import exit_on_signals, hold_signals_for_exit
+    from kdcli.io.files import exit_on_signals, hold_signals_for_exit
 
     exit_on_signals()
     try:

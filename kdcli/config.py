@@ -67,7 +67,7 @@ class TrainConfig:
     warmup: float = 0.0
     # How normalize standardizes: auto (by example shape: tables per feature, [C, H, W]
     # images per channel, else one scalar), scalar, channel or feature; see
-    # kdcli.models.normalize_by.
+    # kdcli.students.base.normalize_by.
     normalize_by: str = "auto"
     # Rescale each step's gradient to at most this L2 norm (0: never). A safety net against
     # the rare huge step that kills a small net's ReLUs; healthy steps are far below it.
@@ -75,7 +75,7 @@ class TrainConfig:
 
     def check(self) -> None:
         """Refuse settings out of range (UsageError, naming the option and a valid value)."""
-        from kdcli.models import NORMALIZE_BY
+        from kdcli.students.base import NORMALIZE_BY
 
         if self.epochs is not None and self.epochs <= 0:
             raise UsageError(f"--epochs must be positive, got {self.epochs}", "Try --epochs 20")
@@ -142,7 +142,7 @@ _NOT_FINGERPRINTED = ("dry_run", "stop_after", "device")
 
 LOSSES = ("kd", "mse")
 # How a top-k transfer set's probability mass outside the top K is treated (see
-# kdcli.losses.DistillationLoss).
+# kdcli.training.losses.DistillationLoss).
 TAIL_RULES = ("student", "uniform", "renormalize")
 # sweep's students learn from the soft targets alone, so that the table shows T's effect.
 SWEEP_ALPHA = 0.0

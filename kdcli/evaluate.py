@@ -13,7 +13,7 @@ from kdcli.output import Reporter
 if TYPE_CHECKING:
     import torch
 
-    from kdcli.data import DataOptions
+    from kdcli.data.base import DataOptions
 
 
 def predict(fn: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
@@ -73,7 +73,7 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
         data: A labelled data spec.
         limit: Use only the first N examples.
         batch_size: Examples per forward pass.
-        options: How to feed each model (:class:`kdcli.teachers.TeacherOptions`, one for all
+        options: How to feed each model (:class:`kdcli.teachers.base.TeacherOptions`, one for all
             or one per model); the CLI builds them from the shared model options.
         trust_pickle: Allow pickled modules (runs code from the file), when ``options`` is
             not given.
@@ -83,9 +83,9 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
     Returns:
         ``{"models": [...metrics...], "agreement": [[...]], "class_names": [...] | None}``.
     """
-    from kdcli.data import check_same_classes, load_data
-    from kdcli.models import file_class_names
-    from kdcli.teachers import TeacherOptions, load_teacher
+    from kdcli.data.base import check_same_classes, load_data
+    from kdcli.students.base import file_class_names
+    from kdcli.teachers.base import TeacherOptions, load_teacher
 
     rep = reporter or Reporter()
     if not models:

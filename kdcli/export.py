@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 from kdcli import __version__
 from kdcli.checks import check_opset
 from kdcli.errors import ExportError, FormatError, UsageError, first_line
-from kdcli.files import atomic_output, check_output, require_file, write_error
+from kdcli.io.files import atomic_output, check_output, require_file, write_error
 from kdcli.output import Reporter
 
 if TYPE_CHECKING:
-    from kdcli.data import DataOptions
+    from kdcli.data.base import DataOptions
 
 OUTPUT_MODES = {"logits": ["logits"], "probs": ["probabilities"],
                 "both": ["logits", "probabilities"]}
@@ -66,7 +66,7 @@ def main_export(model: str | Path = "student.safetensors", output: str | Path = 
     """
     import onnx
 
-    from kdcli.models import fold_batchnorm, load_model
+    from kdcli.students.base import fold_batchnorm, load_model
 
     rep = reporter or Reporter()
     if outputs not in OUTPUT_MODES:
@@ -140,7 +140,7 @@ def _check_inputs(mf, data: str | None, fixed: int | None, count: int,
     """Real raw inputs for the check, as float32 ``[n, *raw_shape]``."""
     import torch
 
-    from kdcli.data import load_data, recorded_data, recorded_options
+    from kdcli.data.base import load_data, recorded_data, recorded_options
 
     spec = data or recorded_data(mf.training, "test_data", "data")
     if not spec:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcli.errors import FormatError
-from kdcli.files import require_file
+from kdcli.io.files import require_file
 from kdcli.output import Reporter
 
 MAX_DARK_CLASSES = 1000  # a [C, C] table of mean soft targets beyond this is too big to show
@@ -25,9 +25,9 @@ def inspect_file(path: str | Path, reporter: Reporter | None = None,
             ``inputs_sha256``) and every stored row, as training does. Model files are
             always verified.
     """
-    from kdcli.hf_teacher import is_hf_folder
-    from kdcli.models import MODEL_FORMAT, read_safetensors_metadata
-    from kdcli.transfer import TRANSFER_FORMAT, is_index_path
+    from kdcli.students.base import MODEL_FORMAT, read_safetensors_metadata
+    from kdcli.teachers.hf import is_hf_folder
+    from kdcli.transfer.base import TRANSFER_FORMAT, is_index_path
 
     rep = reporter or Reporter()
     if is_hf_folder(Path(path)):
@@ -37,7 +37,7 @@ def inspect_file(path: str | Path, reporter: Reporter | None = None,
         return _inspect_transfer(p, rep, verify)
     meta = read_safetensors_metadata(p)
     if meta is None:
-        from kdcli.teachers import is_onnx_file
+        from kdcli.teachers.base import is_onnx_file
 
         if p.suffix == ".onnx" or is_onnx_file(p):
             return _inspect_onnx(p, rep)
@@ -52,7 +52,7 @@ def inspect_file(path: str | Path, reporter: Reporter | None = None,
 
 
 def _inspect_transfer(p: Path, rep: Reporter, verify: bool = False) -> dict[str, Any]:
-    from kdcli.transfer import load_transfer_set
+    from kdcli.transfer.base import load_transfer_set
 
     ts = load_transfer_set(p, check_values=verify, verify=verify)
     c, n = ts.num_classes, len(ts)
@@ -87,7 +87,7 @@ def _target_statistics(ts) -> tuple[float, float, list[dict[str, Any]]]:
     sets) and, for up to MAX_DARK_CLASSES classes, each class's most probable other class."""
     import torch
 
-    from kdcli.transfer import TopK
+    from kdcli.transfer.base import TopK
 
     c, n = ts.num_classes, len(ts)
     with_dark = c <= MAX_DARK_CLASSES
@@ -155,7 +155,7 @@ def _show_transfer(info: dict[str, Any], ts, rep: Reporter) -> None:
 def _inspect_model(p: Path, rep: Reporter) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from kdcli.models import count_params, load_model
+    from kdcli.students.base import count_params, load_model
 
     mf = load_model(p)
     info = {"file": str(p), "kind": "model", "format": mf.metadata["format"],
@@ -178,7 +178,7 @@ def _inspect_model(p: Path, rep: Reporter) -> dict[str, Any]:
 def _inspect_onnx(p: Path, rep: Reporter) -> dict[str, Any]:
     import onnx
 
-    from kdcli.onnx_teacher import describe_onnx
+    from kdcli.teachers.onnx import describe_onnx
 
     try:
         proto = onnx.load(str(p))
@@ -209,8 +209,8 @@ def _inspect_onnx(p: Path, rep: Reporter) -> dict[str, Any]:
 
 def _inspect_hf(p: Path, rep: Reporter) -> dict[str, Any]:
     """A Hugging Face checkpoint folder, from its JSON files alone (no weights are loaded)."""
-    from kdcli.hf_teacher import describe_folder
-    from kdcli.teachers import describe_preprocessing
+    from kdcli.teachers.base import describe_preprocessing
+    from kdcli.teachers.hf import describe_folder
 
     info = {"file": str(p), "kind": "huggingface checkpoint", **describe_folder(p)}
     rows = [["format", info["format"]], ["architecture", _short(info["architecture"])],

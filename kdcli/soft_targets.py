@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcli import __version__
-from kdcli.augment import AugmentConfig
 from kdcli.checks import (
     check_batch_size,
     check_precision,
@@ -25,8 +24,9 @@ from kdcli.checks import (
     resolve_device,
     resolve_precision,
 )
+from kdcli.data.augment import AugmentConfig
 from kdcli.errors import DataError, DistributedError, ModelError, OutputExistsError, UsageError
-from kdcli.files import (
+from kdcli.io.files import (
     atomic_output,
     check_output,
     data_files,
@@ -34,16 +34,16 @@ from kdcli.files import (
     temp_path,
     write_error,
 )
+from kdcli.io.storage import SafetensorsWriter, to_bytes
 from kdcli.output import Reporter, Timer
-from kdcli.storage import SafetensorsWriter, to_bytes
-from kdcli.teachers import (
+from kdcli.teachers.base import (
     Teacher,
     TeacherOptions,
     check_teacher_options,
     describe_preprocessing,
     load_teacher,
 )
-from kdcli.transfer import (
+from kdcli.transfer.base import (
     COMBINE_RULES,
     INDEX_SUFFIX,
     TRANSFER_FORMAT,
@@ -60,7 +60,7 @@ from kdcli.transfer import (
 )
 
 if TYPE_CHECKING:
-    from kdcli.data import DataOptions
+    from kdcli.data.base import DataOptions
 
 
 # The default T for teachers that output logits (the paper's MNIST value), and for teachers
@@ -88,7 +88,7 @@ class _Source:
     BLOCK = 4096
 
     def __init__(self, ds, keep, copies: int, augment: AugmentConfig, seed: int) -> None:
-        from kdcli.storage import PageBudget
+        from kdcli.io.storage import PageBudget
 
         self.ds, self.keep, self.copies, self.augment, self.seed = ds, keep, copies, augment, seed
         self.base = len(ds) if keep is None else len(keep)
@@ -124,7 +124,7 @@ class _Source:
     def _augment(self, x, copy: int, lo: int, hi: int):
         import torch
 
-        from kdcli.augment import Draw
+        from kdcli.data.augment import Draw
 
         draws = []
         for blk in range(lo // self.BLOCK, (hi - 1) // self.BLOCK + 1):
@@ -165,7 +165,7 @@ def soft_targets(
         teachers: Teacher model files; several form an ensemble.
         T: Softmax temperature. None: :func:`default_temperature` (the paper's 20 for
             teachers that output logits; 2 when every teacher outputs probabilities).
-        data: Data spec (see :mod:`kdcli.data`).
+        data: Data spec (see :mod:`kdcli.data.base`).
         out: Output transfer-set file, or an ``.index.json`` for a sharded set.
         options: Per-teacher :class:`TeacherOptions` (one for all, or one each).
         combine: ``mean-probs`` (the paper's arithmetic mean at T) or ``mean-logits``.
@@ -293,7 +293,7 @@ def _read(data: str, limit: int | None, data_options: DataOptions | None,
           classes: list[int] | None, exclude_classes: list[int] | None, copies: int,
           augment: AugmentConfig, seed: int) -> _Source:
     """The transfer set's inputs: the data, filtered by class, and its augmented copies."""
-    from kdcli.data import load_data
+    from kdcli.data.base import load_data
 
     ds = load_data(data, limit=limit, options=data_options)
     keep = _filter_classes(ds, classes, exclude_classes)
@@ -729,8 +729,8 @@ def _check_classes(members: list[Teacher], labels_max: int | None) -> int:
 def _class_names(ds, members: list[Teacher], c: int) -> list[str] | None:
     """The class names of the data, else of the teachers (their own, or what their kdcli or
     ONNX file records); refuse any that differ."""
-    from kdcli.data import check_same_classes
-    from kdcli.models import file_class_names
+    from kdcli.data.base import check_same_classes
+    from kdcli.students.base import file_class_names
 
     names = ds.class_names
     for t in members:

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from kdcli.config import SWEEP_ALPHA, DistillConfig, TrainConfig, student_config
 from kdcli.errors import UsageError
-from kdcli.files import folder_write_error
+from kdcli.io.files import folder_write_error
 from kdcli.output import Reporter
 
 if TYPE_CHECKING:
-    from kdcli.data import DataOptions
+    from kdcli.data.base import DataOptions
 
 
 def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
@@ -54,7 +54,7 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
         data_options: How a table or image folder given as ``data`` or ``eval_data`` is
             read.
     """
-    from kdcli.transfer import load_transfer_set
+    from kdcli.transfer.base import load_transfer_set
 
     rep = reporter or Reporter()
     distill = distill or DistillConfig(alpha=SWEEP_ALPHA)
@@ -91,7 +91,7 @@ def _check_grid(temperatures: list[float], hidden: list[int], layers: int, seeds
                 distill: DistillConfig) -> list[int]:
     """Refuse an empty or out-of-range grid; return the seeds."""
     from kdcli.checks import check_seeds, check_temperature
-    from kdcli.models import Architecture
+    from kdcli.students.base import Architecture
 
     if not temperatures or not hidden:
         raise UsageError("the grid is empty", "Pass --T 2,4,8 and --hidden 30,300")
@@ -145,9 +145,9 @@ def _transfer_set(folder: Path, teacher: str | Path, data: str, T: float,
                   data_options: DataOptions | None, rep: Reporter, config: TrainConfig) -> Path:
     """The sweep's transfer set: an earlier sweep's, if it has the same teacher and data,
     else a new one at ``T``."""
-    from kdcli.files import sha256_file
+    from kdcli.io.files import sha256_file
     from kdcli.soft_targets import soft_targets
-    from kdcli.transfer import load_transfer_set
+    from kdcli.transfer.base import load_transfer_set
 
     transfer = folder / "transfer.safetensors"
     teacher_sha = sha256_file(teacher)
@@ -179,7 +179,7 @@ def _student(folder: Path, transfer: Path, h: int, t: float, s: int, *, layers: 
              data_options: DataOptions | None) -> dict[str, Any]:
     """One grid point's student of width ``h`` at T ``t`` and seed ``s``: kept from an
     earlier sweep, or trained now."""
-    from kdcli.models import Architecture, load_model
+    from kdcli.students.base import Architecture, load_model
     from kdcli.train import train_student
 
     out = folder / f"student-h{h}-T{t:g}-s{s}.safetensors"

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcli.augment import AugmentConfig
 from kdcli.config import (  # noqa: F401 - the constants are re-exported, as kdcli.train's API
     DEFAULT_EPOCHS,
     MAX_AUTO_EPOCHS,
@@ -29,31 +28,32 @@ from kdcli.config import (  # noqa: F401 - the constants are re-exported, as kdc
     TrainConfig,
     student_config,
 )
+from kdcli.data.augment import AugmentConfig
 from kdcli.devices import host_to_device, use_tf32
 from kdcli.distributed import Dist
 from kdcli.errors import FormatError, OutputExistsError, UsageError, first_line
-from kdcli.files import (
+from kdcli.io.files import (
     atomic_output,
     check_output,
     check_writable,
     data_files,
     sha256_file,
 )
-from kdcli.models import (
+from kdcli.output import Reporter
+from kdcli.students.base import (
     Architecture,
     Preprocessing,
     apply_max_norm,
     build_model,
     save_model,
 )
-from kdcli.output import Reporter
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from kdcli.data import Data, DataOptions
-    from kdcli.transfer import Rows
+    from kdcli.data.base import Data, DataOptions
+    from kdcli.transfer.base import Rows
 
 
 # Runs of more epochs than this evaluate, print and checkpoint every epochs // REPORTS.
@@ -552,7 +552,7 @@ def check_train_outputs(out: str | Path, force: bool, resume: bool,
 
 def _transfer_files(inputs) -> list[Path]:
     """The shards of any sharded transfer set among ``inputs``."""
-    from kdcli.transfer import is_index_path, own_shards
+    from kdcli.transfer.base import is_index_path, own_shards
 
     return [f for i in inputs if is_index_path(i) for f in own_shards(i)]
 
@@ -585,7 +585,7 @@ def _finish(model: nn.Module, *, arch: Architecture, pre: Preprocessing, num_cla
     """Final fp32 evaluation, model file, checkpoint clean-up and the results table (the
     model file and table on rank 0 only)."""
     from kdcli.evaluate import classification_metrics, predict
-    from kdcli.models import count_params
+    from kdcli.students.base import count_params
 
     summary = dict(training)
     if dist.enabled:
@@ -658,7 +658,7 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
     import torch.nn.functional as F
 
     from kdcli.checks import resolve_device
-    from kdcli.data import load_data
+    from kdcli.data.base import load_data
     from kdcli.distributed import session
 
     cfg = config or TrainConfig()
@@ -731,7 +731,7 @@ def _eval_data(eval_data: str | None, source: str, data_options: DataOptions | N
                shape_of: str) -> Data | None:
     """The data of ``--eval-data`` (``auto``: mnist:test for MNIST ``source``), refused unless
     its class names and example shape match the training data's."""
-    from kdcli.data import check_same_classes, load_data
+    from kdcli.data.base import check_same_classes, load_data
 
     spec = _default_eval(eval_data, source)
     if not spec:
@@ -811,7 +811,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
 
     ``--loss kd``: ``L = alpha*CE(y, softmax(z)) + (1-alpha)*T^2*CE(p_T, softmax(z/T))``.
     ``--loss mse``: ``L = alpha*CE(y, softmax(z)) + (1-alpha)*1/2*mean_i (z_i - v_i)^2``, the
-    exact high-T limit of ``kd`` (see :class:`kdcli.losses.LogitMSELoss`).
+    exact high-T limit of ``kd`` (see :class:`kdcli.training.losses.LogitMSELoss`).
 
     The transfer set (one file or a sharded set) is memory-mapped and read a batch at a
     time, so memory does not grow with its size. Under torchrun, training is data-parallel
@@ -827,7 +827,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
         T: Shorthand for ``distill.T``.
         loss: Shorthand for ``distill.loss``: ``kd`` or ``mse`` (logit matching).
         center: Shorthand for ``distill.center`` (``mse``: centre both logit vectors).
-        tail: Shorthand for ``distill.tail`` (top-k sets; see :mod:`kdcli.losses`).
+        tail: Shorthand for ``distill.tail`` (top-k sets; see :mod:`kdcli.training.losses`).
         out: Output student model file.
         config: Optimization settings (default: :func:`student_config`, lr 0.05 after a
             1-epoch warmup, gradients clipped to norm 5).
@@ -842,7 +842,12 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     """
     from kdcli.checks import resolve_device
     from kdcli.distributed import session
-    from kdcli.transfer import check_class_memory, check_unchanged, file_stamps, load_transfer_set
+    from kdcli.transfer.base import (
+        check_class_memory,
+        check_unchanged,
+        file_stamps,
+        load_transfer_set,
+    )
 
     d = _with(distill or DistillConfig(), T=T, alpha=alpha, loss=loss, center=center, tail=tail)
     cfg = config or student_config()
@@ -894,7 +899,7 @@ def _check_targets(ts, d: DistillConfig, rep: Reporter) -> None:
     """Fail early, saying why, if the transfer set cannot give the targets ``d`` asks for."""
     import torch
 
-    from kdcli.losses import matches_logits
+    from kdcli.training.losses import matches_logits
 
     probe = torch.arange(1)
     if matches_logits(d):
@@ -912,8 +917,8 @@ def _student_step(ts, d: DistillConfig) -> StepLoss:
     soft losses and the agreement with the teacher's predictions."""
     import torch
 
-    from kdcli.losses import criterion, matches_logits
-    from kdcli.transfer import to_device
+    from kdcli.training.losses import criterion, matches_logits
+    from kdcli.transfer.base import to_device
 
     teacher_pred = ts.teacher_argmax()
     labels = ts.columns["labels"] if d.alpha > 0 else None

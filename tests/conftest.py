@@ -15,8 +15,8 @@ import torch
 from typer.testing import CliRunner
 
 from kdcli.cli import app
-from kdcli.models import Architecture
 from kdcli.output import Reporter
+from kdcli.students.base import Architecture
 from kdcli.train import TrainConfig, train
 
 torch.set_num_threads(2)
@@ -153,7 +153,7 @@ def colour_mnist(spec: str, path: Path, seed: int = 0) -> Path:
     ``inputs`` uint8 ``[N, 3, 28, 28]`` and ``labels``: colour images kdcli reads as data."""
     import numpy as np
 
-    from kdcli.data import load_data
+    from kdcli.data.base import load_data
 
     ds = load_data(spec)
     g = torch.Generator().manual_seed(seed)

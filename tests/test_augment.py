@@ -1,4 +1,4 @@
-"""Augmentation (kdcli.augment): jitter, random crops, flips; in train and soft-targets copies."""
+"""Augmentation (kdcli.data.augment): jitter, random crops, flips; train and soft-targets."""
 
 import json
 import sys
@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from kdcli.augment import AugmentConfig, shift
+from kdcli.data.augment import AugmentConfig, shift
 from kdcli.errors import UsageError
 from kdcli.soft_targets import soft_targets
-from kdcli.transfer import load_transfer_set
+from kdcli.transfer.base import load_transfer_set
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import colour_mnist  # noqa: E402
@@ -98,8 +98,8 @@ def colour(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def colour_teacher(tmp_path_factory, colour):
-    from kdcli.models import Architecture
     from kdcli.output import Reporter
+    from kdcli.students.base import Architecture
     from kdcli.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("teacher") / "resnet.safetensors"
@@ -132,7 +132,7 @@ def test_crop_flip_copies_are_reproducible_from_the_seed(tmp_path, colour, colou
         assert bool((plain | mirrored).all())
         assert 50 < int((mirrored & ~plain).sum()) < 150
     # the teacher's logits are its own, on the augmented inputs
-    from kdcli.teachers import load_teacher
+    from kdcli.teachers.base import load_teacher
 
     torch.testing.assert_close(ts.logits[200:260], load_teacher(colour_teacher).logits(
         ts.inputs[200:260]), rtol=0, atol=1e-5)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from kdcli.errors import DataError, user_message
-from kdcli.files import atomic_output
+from kdcli.io.files import atomic_output
 
 COMMANDS = ["train", "eval", "soft-targets", "train-student", "export", "inspect"]
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdcli.augment import AugmentConfig
-from kdcli.data import load_data
-from kdcli.models import Architecture, load_model
+from kdcli.data.augment import AugmentConfig
+from kdcli.data.base import load_data
 from kdcli.output import Reporter
+from kdcli.students.base import Architecture, load_model
 from kdcli.train import TrainConfig, checkpoint_path, train
-from kdcli.transfer import load_transfer_set
+from kdcli.transfer.base import load_transfer_set
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import colour_mnist  # noqa: E402

@@ -10,10 +10,10 @@ import torch
 from conftest import randomize_batchnorm
 
 import kdcli.export as export_mod
-from kdcli.data import load_data
+from kdcli.data.base import load_data
 from kdcli.errors import ExportError
 from kdcli.export import main_export
-from kdcli.models import Architecture, Preprocessing, build_model, load_model, save_model
+from kdcli.students.base import Architecture, Preprocessing, build_model, load_model, save_model
 
 PRE = Preprocessing(255.0, 0.1307, 0.3081, [28, 28], "pixel values 0-255")
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from kdcli.errors import FormatError, UnsafePickleError
 from kdcli.output import Reporter
-from kdcli.teachers import TeacherOptions, load_teacher
+from kdcli.teachers.base import TeacherOptions, load_teacher
 
 
 class Payload:
@@ -194,7 +194,7 @@ def test_checkpoint_payload_runs_no_code(tmp_path, cli):
     out = tmp_path / "m.safetensors"
     Path(f"{out}.ckpt").write_bytes(torch_saved({"fingerprint": Payload(marker)}))
     with pytest.raises(FormatError, match="damaged"):
-        from kdcli.models import Architecture
+        from kdcli.students.base import Architecture
         train("mnist[:64]", arch=Architecture.parse("mlp:8"), out=out,
               config=TrainConfig(epochs=1), eval_data=None, resume=True)
     line = one_line_error(cli("train", "--data", "mnist[:64]", "--arch", "mlp:8",
@@ -205,7 +205,7 @@ def test_checkpoint_payload_runs_no_code(tmp_path, cli):
 
 
 def test_numpy_object_arrays_run_no_code(tmp_path):
-    from kdcli.data import load_data
+    from kdcli.data.base import load_data
     from kdcli.errors import DataError
 
     marker = tmp_path / "marker"
@@ -220,7 +220,7 @@ def test_numpy_object_arrays_run_no_code(tmp_path):
 
 
 def test_numpy_strings_and_big_endian(tmp_path):
-    from kdcli.data import load_data
+    from kdcli.data.base import load_data
     from kdcli.errors import DataError
 
     np.save(tmp_path / "s.npy", np.array([["a", "b"], ["c", "d"]]))
@@ -252,7 +252,7 @@ def _sharded(teacher: Path, index: Path, force: bool = False, n: int = 300) -> d
 
 
 def test_force_deletes_only_the_sets_own_shards(tmp_path, ts_teacher):
-    from kdcli.transfer import load_transfer_set
+    from kdcli.transfer.base import load_transfer_set
 
     d = tmp_path / "out"
     d.mkdir()
@@ -291,7 +291,7 @@ def test_a_second_run_keeps_the_first_set_until_the_new_one_is_complete(tmp_path
 
     from kdcli.errors import KdcliError
     from kdcli.soft_targets import _RangeWriter
-    from kdcli.transfer import load_transfer_set
+    from kdcli.transfer.base import load_transfer_set
 
     index = tmp_path / "x.index.json"
     _sharded(ts_teacher, index)
@@ -317,7 +317,7 @@ def test_a_second_run_keeps_the_first_set_until_the_new_one_is_complete(tmp_path
 
 @pytest.mark.parametrize("how", ["absolute", "dotdot", "symlink", "nested"])
 def test_reader_refuses_shards_outside_the_index_folder(tmp_path, ts_teacher, how):
-    from kdcli.transfer import load_transfer_set
+    from kdcli.transfer.base import load_transfer_set
 
     d = tmp_path / "set"
     d.mkdir()
@@ -375,7 +375,7 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     import subprocess
     import sys
 
-    from kdcli.files import _host, atomic_output, temp_path
+    from kdcli.io.files import _host, atomic_output, temp_path
 
     out = tmp_path / "o.bin"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
@@ -410,8 +410,7 @@ def test_disk_full_while_writing_gives_one_line_and_no_partial_file(tmp_path, mo
                                                                      cli, ts_teacher):
     import errno
 
-    from kdcli import storage
-
+    from kdcli.io import storage as storage
     real, calls = storage.SafetensorsWriter.write, []
 
     def full(self, name, first, chunk):

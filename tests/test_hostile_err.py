@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdcli.models import Architecture
 from kdcli.output import Reporter
+from kdcli.students.base import Architecture
 from kdcli.train import TrainConfig, train
 
 
@@ -105,7 +105,7 @@ def test_read_only_folders_give_one_line_naming_the_path(request, how, cli, ts_t
 def test_torch_saves_short_write_is_a_write_error(tmp_path):
     """What torch.save raises when the disk fills (seen on a real full tmpfs), for machines
     where the test below cannot mount one."""
-    from kdcli.files import write_error
+    from kdcli.io.files import write_error
 
     e = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2496 vs 2390")
     err = write_error(tmp_path / "m.safetensors.ckpt", e)
@@ -195,8 +195,8 @@ def test_duplicate_column_names_are_named(tmp_path, cli):
 
 
 def test_a_long_header_reads_and_a_too_long_line_is_one_line(tmp_path, cli, monkeypatch):
-    from kdcli import tables
-    from kdcli.data import load_data
+    from kdcli.data import tables as tables
+    from kdcli.data.base import load_data
 
     wide = tmp_path / "wide.csv"  # a 1.2 MB header: more than pyarrow's default block
     names = ["x" * 600_000 + "a", "x" * 600_000 + "b"]
@@ -267,7 +267,7 @@ def test_labels_are_shown_as_stored(tmp_path, cli):
 def test_wide_unsigned_inputs_follow_one_rule_in_every_command(tmp_path, cli, dtype):
     from conftest import TinyMLP
 
-    from kdcli.transfer import load_transfer_set
+    from kdcli.transfer.base import load_transfer_set
 
     teacher = tmp_path / "teacher.ts"
     torch.jit.save(torch.jit.script(TinyMLP().eval()), str(teacher))
@@ -325,7 +325,7 @@ def test_a_teacher_with_no_output_columns_is_one_line(tmp_path, cli):
 
 def test_arch_refuses_installed_libraries_and_reports_factories_that_fail(tmp_path, cli,
                                                                          monkeypatch):
-    from kdcli.safety import check_factory
+    from kdcli.teachers.safety import check_factory
 
     pytest.importorskip("PIL")
     monkeypatch.syspath_prepend(str(tmp_path))

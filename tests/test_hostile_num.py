@@ -43,7 +43,7 @@ def _edit_weights(folder: Path, edit) -> None:
 
 
 def test_hf_folder_missing_weights_is_refused(tmp_path, vit_folder):
-    from kdcli.teachers import load_teacher
+    from kdcli.teachers.base import load_teacher
 
     folder = _copy_folder(vit_folder, tmp_path / "half")
     _edit_weights(folder, lambda sd: {k: v for k, v in sd.items() if "classifier" not in k})
@@ -52,7 +52,7 @@ def test_hf_folder_missing_weights_is_refused(tmp_path, vit_folder):
 
 
 def test_hf_folder_unexpected_weights_are_refused(tmp_path, vit_folder):
-    from kdcli.teachers import load_teacher
+    from kdcli.teachers.base import load_teacher
 
     folder = _copy_folder(vit_folder, tmp_path / "extra")
     _edit_weights(folder, lambda sd: {**sd, "stray.weight": torch.zeros(3)})
@@ -83,7 +83,7 @@ def test_hf_index_naming_part_of_the_weights_is_refused(tmp_path, vit_folder, cl
     {"rescale_factor": float("inf")}, {"rescale_factor": 0},
 ])
 def test_hf_impossible_preprocessing_is_refused(tmp_path, vit_folder, proc):
-    from kdcli.teachers import load_teacher
+    from kdcli.teachers.base import load_teacher
 
     folder = _copy_folder(vit_folder, tmp_path / "proc")
     base = {"do_normalize": True, "image_mean": [0.5], "image_std": [0.5], "do_rescale": True,
@@ -190,7 +190,7 @@ class _Labels(torch.nn.Module):
 
 @pytest.mark.parametrize("kind", ["argmax", "int", "bool"])
 def test_integer_or_boolean_outputs_are_not_logits(tmp_path, kind):
-    from kdcli.teachers import load_teacher
+    from kdcli.teachers.base import load_teacher
 
     p = tmp_path / f"{kind}.pt"
     torch.jit.save(torch.jit.script(_Labels(kind).eval()), str(p))
@@ -227,7 +227,7 @@ def test_onnx_label_output_and_regressor_are_refused(tmp_path, cli):
 def small_set(tmp_path_factory, ts_file) -> Path:
     """A dense transfer set (T=2) of the TorchScript teacher on 16 grey examples."""
     from kdcli.soft_targets import soft_targets
-    from kdcli.teachers import TeacherOptions
+    from kdcli.teachers.base import TeacherOptions
 
     out = tmp_path_factory.mktemp("set") / "t.safetensors"
     soft_targets([ts_file], T=2.0, data=str(ts_file.parent / "x.npz"), out=out,
@@ -238,7 +238,7 @@ def small_set(tmp_path_factory, ts_file) -> Path:
 def _parts(path: Path) -> tuple[dict, dict]:
     from safetensors.torch import load_file
 
-    from kdcli.storage import read_header
+    from kdcli.io.storage import read_header
 
     meta = read_header(path).metadata
     return load_file(str(path)), {k: v for k, v in meta.items() if k != "data_sha256"} | {
@@ -246,7 +246,7 @@ def _parts(path: Path) -> tuple[dict, dict]:
 
 
 def _topk(tensors: dict, meta: dict, k: int) -> tuple[dict, dict]:
-    from kdcli.transfer import top_k_targets
+    from kdcli.transfer.base import top_k_targets
 
     tk = top_k_targets(tensors["logits"], k, float(meta["T"]))
     return ({"inputs": tensors["inputs"], "labels": tensors["labels"],
@@ -306,7 +306,7 @@ def test_lying_transfer_sets_are_refused(cli, tmp_path, small_set):
 def test_model_weights_of_another_dtype_are_refused(cli, tmp_path, teacher_file, dtype):
     from safetensors.torch import load_file, save_file
 
-    from kdcli.storage import read_header
+    from kdcli.io.storage import read_header
 
     meta = read_header(teacher_file).metadata
     meta = {k: v for k, v in meta.items() if k != "data_sha256"} | {"format_version": "1"}
@@ -323,7 +323,7 @@ def test_model_weights_of_another_dtype_are_refused(cli, tmp_path, teacher_file,
 def test_model_with_a_width_below_one_channel_is_refused(cli, tmp_path, teacher_file, family):
     from safetensors.torch import load_file, save_file
 
-    from kdcli.storage import read_header
+    from kdcli.io.storage import read_header
 
     meta = read_header(teacher_file).metadata
     meta = {k: v for k, v in meta.items() if k != "data_sha256"} | {"format_version": "1"}
@@ -344,8 +344,8 @@ def test_model_with_a_width_below_one_channel_is_refused(cli, tmp_path, teacher_
 def test_16_bit_pngs_are_scaled_not_clipped(tmp_path):
     from PIL import Image
 
-    from kdcli.data import DataOptions
-    from kdcli.images import load_image_folder
+    from kdcli.data.base import DataOptions
+    from kdcli.data.images import load_image_folder
 
     folder = tmp_path / "deep"
     (folder / "a").mkdir(parents=True)
@@ -380,8 +380,8 @@ def _cache_entry(image_cache: Path) -> Path:
 
 @pytest.mark.parametrize("lie", ["zeros", "float", "shape", "one row", "manifest shape"])
 def test_a_lying_image_cache_entry_is_not_used(png_folder, image_cache, lie):
-    from kdcli.data import DataOptions
-    from kdcli.images import load_image_folder
+    from kdcli.data.base import DataOptions
+    from kdcli.data.images import load_image_folder
 
     def inputs() -> np.ndarray:
         got = load_image_folder(png_folder, DataOptions()).inputs
@@ -440,8 +440,8 @@ def test_a_transfer_set_overwritten_during_training_is_refused(tmp_path, small_s
     import shutil
 
     import kdcli.train
-    from kdcli.models import Architecture
-    from kdcli.storage import read_header
+    from kdcli.io.storage import read_header
+    from kdcli.students.base import Architecture
     from kdcli.train import TrainConfig, train_student
 
     ts = tmp_path / "t.safetensors"

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kdcli.data import load_data
+from kdcli.data.base import load_data
 from kdcli.errors import DataError, FormatError, UnsafePickleError, UsageError, user_message
 
 _WATCHED: list[str] = []
@@ -132,7 +132,7 @@ def victim(tmp_path_factory) -> Path:
 
 
 def test_inside_folder_reads_links_without_leaving_the_folder(tmp_path):
-    from kdcli.files import inside_folder
+    from kdcli.io.files import inside_folder
 
     d = tmp_path / "d"
     (d / "sub").mkdir(parents=True)
@@ -153,7 +153,7 @@ def test_inside_folder_reads_links_without_leaving_the_folder(tmp_path):
 
 
 def model_recording(teacher_file: Path, out: Path, data: str) -> Path:
-    from kdcli.models import load_model, save_model
+    from kdcli.students.base import load_model, save_model
 
     mf = load_model(teacher_file)
     save_model(out, mf.model, mf.arch, mf.preprocessing, mf.num_classes,
@@ -209,7 +209,7 @@ class Payload:
 def test_hf_index_naming_a_torch_save_shard_needs_trust_pickle(hf_folder, tmp_path):
     from safetensors.torch import load_file
 
-    from kdcli.teachers import load_teacher
+    from kdcli.teachers.base import load_teacher
 
     index = hf_folder / "model.safetensors.index.json"
     doc = json.loads(index.read_text())
@@ -231,7 +231,7 @@ def test_hf_index_naming_a_torch_save_shard_needs_trust_pickle(hf_folder, tmp_pa
 def test_hf_json_links_out_of_the_folder_are_refused(hf_folder, victim, watch, name):
     from kdcli.inspection import inspect_file
     from kdcli.output import Reporter
-    from kdcli.teachers import load_teacher
+    from kdcli.teachers.base import load_teacher
 
     outside = victim / name
     if (hf_folder / name).exists():
@@ -249,7 +249,7 @@ def test_hf_json_links_out_of_the_folder_are_refused(hf_folder, victim, watch, n
 
 
 def test_hf_shard_link_out_of_the_folder_is_refused_unmeasured(hf_folder, victim, watch):
-    from kdcli.teachers import load_teacher
+    from kdcli.teachers.base import load_teacher
 
     doc = json.loads((hf_folder / "model.safetensors.index.json").read_text())
     shard = hf_folder / sorted(set(doc["weight_map"].values()))[0]
@@ -265,7 +265,7 @@ def test_transfer_shard_link_out_of_the_folder_is_refused_unmeasured(tmp_path, v
                                                                     teacher_file, watch):
     from kdcli.output import Reporter
     from kdcli.soft_targets import soft_targets
-    from kdcli.transfer import load_transfer_set
+    from kdcli.transfer.base import load_transfer_set
 
     index = tmp_path / "x.index.json"
     soft_targets([teacher_file], T=4.0, data="mnist[:300]", out=index, shard_size="100KB",
@@ -310,7 +310,7 @@ def test_links_inside_the_folder_still_work(tmp_path):
 
 def test_an_image_swapped_for_a_link_while_decoding_is_not_read(tmp_path, victim, watch,
                                                                 monkeypatch):
-    import kdcli.images as images
+    import kdcli.data.images as images
 
     root = write_pngs(tmp_path / "imgs", 4)
     real_plan = images._plan
@@ -332,7 +332,7 @@ def test_an_image_swapped_for_a_link_while_decoding_is_not_read(tmp_path, victim
 @pytest.mark.parametrize("plant", ["inputs.npy", "manifest.json"])
 def test_links_planted_in_the_image_cache_are_not_read(tmp_path, victim, image_cache,
                                                       monkeypatch, plant):
-    import kdcli.images as images
+    import kdcli.data.images as images
 
     root = write_pngs(tmp_path / "imgs", 4)
     first = load_data(str(root)).inputs.clone()
@@ -422,7 +422,7 @@ def test_names_with_line_breaks_stay_on_one_line(tmp_path, cli):
 
 
 def test_column_and_file_names_are_quoted_in_library_errors(tmp_path):
-    from kdcli.data import DataOptions
+    from kdcli.data.base import DataOptions
 
     (tmp_path / "t.csv").write_text('"a\nError: fine",label\n1,0\n2,1\n')
     with pytest.raises(DataError) as e:
@@ -470,7 +470,7 @@ def onnx_with_external(path: Path, location: str) -> Path:
 @pytest.mark.parametrize("how", ["dotdot", "absolute", "link", "nested", "fifo"])
 def test_onnx_external_data_out_of_the_folder_is_refused_naming_it(tmp_path, victim, watch,
                                                                    how):
-    from kdcli.teachers import load_teacher
+    from kdcli.teachers.base import load_teacher
 
     secret = victim / "w.bin"
     secret.write_bytes(np.ones(7840, np.float32).tobytes())
@@ -491,7 +491,7 @@ def test_onnx_external_data_out_of_the_folder_is_refused_naming_it(tmp_path, vic
 
 
 def test_onnx_external_data_inside_the_folder_loads(tmp_path):
-    from kdcli.teachers import load_teacher
+    from kdcli.teachers.base import load_teacher
 
     (tmp_path / "w.bin").write_bytes(np.ones(7840, np.float32).tobytes())
     t = load_teacher(onnx_with_external(tmp_path / "ok.onnx", "w.bin"),
@@ -500,7 +500,7 @@ def test_onnx_external_data_inside_the_folder_loads(tmp_path):
 
 
 def test_the_image_cache_is_used_when_a_checked_image_is_a_link(tmp_path, monkeypatch):
-    import kdcli.images as images
+    import kdcli.data.images as images
 
     root = write_pngs(tmp_path / "imgs", 4)
     (root / "b" / "zzz.png").symlink_to(root / "a" / "000.png")  # the last file: checked

@@ -38,7 +38,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from kdcli.models import Architecture, Preprocessing, build_model, save_model
+    from kdcli.students.base import Architecture, Preprocessing, build_model, save_model
 
     pre = Preprocessing(255.0, 0.1307, 0.3081, [28, 28], "pixel values 0-255")
     arch = Architecture.parse("mlp:8")
@@ -132,7 +132,7 @@ def _set_metadata(path: Path, **fields: str) -> None:
 
 def test_top_k_set_claiming_billions_of_classes_is_refused(tmp_path, cli, ts_teacher):
     from kdcli.soft_targets import soft_targets
-    from kdcli.transfer import load_transfer_set
+    from kdcli.transfer.base import load_transfer_set
 
     ts = tmp_path / "t.safetensors"
     soft_targets([ts_teacher], T=2.0, data="mnist[:64]", out=ts, top_k=3)
@@ -230,7 +230,7 @@ def test_signal_while_shards_are_written_is_one_line_and_leaves_nothing(tmp_path
 def test_a_signal_inside_an_import_is_raised_after_it_never_inside(tmp_path, monkeypatch):
     """Raised inside a library's import, the signal could be swallowed (exit 0) or leave the
     module half-imported ("module 'numpy' has no attribute 'ndarray'")."""
-    from kdcli.files import Terminated, handle_signals
+    from kdcli.io.files import Terminated, handle_signals
 
     (tmp_path / "kdcli_slow_import.py").write_text(
         "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\n"
@@ -246,9 +246,9 @@ def test_a_signal_inside_an_import_is_raised_after_it_never_inside(tmp_path, mon
 
 
 def test_a_swallowed_signal_still_stops_the_command(monkeypatch):
-    from kdcli.files import Terminated, handle_signals
+    from kdcli.io.files import Terminated, handle_signals
 
-    monkeypatch.setattr("kdcli.files._MAX_DEFERRALS", 0)  # raise wherever it lands
+    monkeypatch.setattr("kdcli.io.files._MAX_DEFERRALS", 0)  # raise wherever it lands
     with pytest.raises(Terminated), handle_signals():
         try:  # a library that catches everything
             os.kill(os.getpid(), signal.SIGTERM)
@@ -298,8 +298,8 @@ def test_an_onnx_loop_that_never_ends_is_stopped_at_the_time_limit(tmp_path, cli
 def test_an_endless_onnx_run_stops_on_a_signal(tmp_path, sig):
     model = _endless_loop_onnx(tmp_path / "loop.onnx")
     script = ("import sys, numpy as np\n"
-              "from kdcli.files import handle_signals\n"
-              "from kdcli.onnx_teacher import open_session, run_session\n"
+              "from kdcli.io.files import handle_signals\n"
+              "from kdcli.teachers.onnx import open_session, run_session\n"
               "sess, _ = open_session(sys.argv[1])\n"
               "try:\n"
               "    with handle_signals():\n"
@@ -326,7 +326,7 @@ def test_a_transfer_set_truncated_while_in_use_is_an_error_not_sigbus(tmp_path, 
     soft_targets([ts_teacher], T=2.0, data="mnist[:2000]", out=ts)
     script = ("import os, sys, torch\n"
               "from kdcli.errors import FormatError\n"
-              "from kdcli.transfer import load_transfer_set\n"
+              "from kdcli.transfer.base import load_transfer_set\n"
               "ts = load_transfer_set(sys.argv[1])\n"
               "x = ts.columns['inputs']\n"
               "assert not ts.budget.paged\n"  # read through the memory map
@@ -350,7 +350,7 @@ def _train_dry(cli, folder: Path, out: Path):
 
 
 def test_stale_cache_temporaries_of_dead_processes_are_removed(tmp_path, cli, image_cache):
-    from kdcli.files import _host
+    from kdcli.io.files import _host
 
     folder = _png_folder(tmp_path / "png")
     assert _train_dry(cli, folder, tmp_path / "m.safetensors").exit_code == 0
@@ -418,7 +418,7 @@ def test_a_killed_sharded_write_leaves_nothing_after_the_next_run(tmp_path, ts_t
 def test_a_data_file_truncated_during_soft_targets_is_an_error_not_sigbus(tmp_path):
     np.save(tmp_path / "x.npy", np.arange(4000 * 784, dtype=np.float32).reshape(4000, 784))
     script = ("import os, sys\n"
-              "from kdcli.augment import AugmentConfig\n"
+              "from kdcli.data.augment import AugmentConfig\n"
               "from kdcli.errors import FormatError\n"
               "from kdcli.soft_targets import _read\n"
               "src = _read(sys.argv[1], None, None, None, None, 0, AugmentConfig(), 0)\n"

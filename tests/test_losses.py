@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdcli.losses import DistillationLoss, LogitMSELoss
+from kdcli.training.losses import DistillationLoss, LogitMSELoss
 
 
 def soft_grad(z: torch.Tensor, v: torch.Tensor, T: float) -> torch.Tensor:

@@ -8,7 +8,7 @@ from conftest import randomize_batchnorm
 from safetensors.torch import load_file, save_file
 
 from kdcli.errors import FormatError, UsageError
-from kdcli.models import (
+from kdcli.students.base import (
     Architecture,
     Preprocessing,
     apply_max_norm,
@@ -76,7 +76,7 @@ def test_reader_says_what_is_wrong(tmp_path):
     good = tmp_path / "good.safetensors"
     save_model(good, model, arch, PRE, 10, {})
     tensors = load_file(str(good))
-    from kdcli.models import read_safetensors_metadata
+    from kdcli.students.base import read_safetensors_metadata
 
     meta = read_safetensors_metadata(good)
     # rewritten by another writer: no checksum of kdcli's layout, so an older version 1 file
@@ -122,7 +122,7 @@ def test_max_norm_bounds_hidden_units_and_leaves_the_output_layer_free():
 
 
 def test_families_are_one_table_and_specs_round_trip():
-    from kdcli.models import FAMILIES
+    from kdcli.students.base import FAMILIES
 
     assert set(FAMILIES) == {"mlp", "cnn", "resnet"}
     for spec in ("mlp:1200,1200", "cnn:0.5", "resnet:8", "resnet:20,0.5"):
@@ -142,7 +142,7 @@ def test_old_model_files_without_new_architecture_fields_still_load(tmp_path):
     model = build_model(arch, PRE, 10).eval()
     path = tmp_path / "old.safetensors"
     save_model(path, model, arch, PRE, 10, {})
-    from kdcli.models import read_safetensors_metadata
+    from kdcli.students.base import read_safetensors_metadata
 
     meta = read_safetensors_metadata(path)
     old = {k: v for k, v in json.loads(meta["architecture"]).items() if k != "depth"}
@@ -195,7 +195,7 @@ def test_resnet_batchnorm_trains_on_batch_statistics_and_evaluates_on_running_on
 
 
 def test_fold_batchnorm_is_exact_and_leaves_the_model_alone():
-    from kdcli.models import fold_batchnorm
+    from kdcli.students.base import fold_batchnorm
 
     model = resnet("resnet:14,0.5", [3, 12, 12])
     folded = fold_batchnorm(model)

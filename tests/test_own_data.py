@@ -14,10 +14,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from kdcli import images
-from kdcli.data import DataOptions, load_data
+from kdcli.data import images as images
+from kdcli.data.base import DataOptions, load_data
 from kdcli.errors import DataError, UsageError
-from kdcli.models import (
+from kdcli.output import Reporter
+from kdcli.soft_targets import soft_targets
+from kdcli.students.base import (
     Architecture,
     Preprocessing,
     build_model,
@@ -25,8 +27,6 @@ from kdcli.models import (
     normalize_by,
     stats_shape,
 )
-from kdcli.output import Reporter
-from kdcli.soft_targets import soft_targets
 from kdcli.train import TrainConfig, train, train_student
 
 QUIET = Reporter("quiet")
@@ -269,7 +269,7 @@ def test_flat_folder_is_unlabelled_and_takes_the_teachers_class_names(tmp_path, 
     assert d.labels is None and d.class_names is None
     assert torch.equal(d.inputs, torch.from_numpy(x[310:320]))
     soft_targets([teacher], T=2.0, data=str(flat), out=tmp_path / "t.safetensors")
-    from kdcli.transfer import load_transfer_set
+    from kdcli.transfer.base import load_transfer_set
 
     ts = load_transfer_set(tmp_path / "t.safetensors")
     assert ts.meta["class_names"] == names and not ts.has_labels
@@ -409,7 +409,7 @@ def test_normalize_by_rule_and_stats_shapes():
 
 
 def test_teacher_mean_and_std_per_channel(tmp_path):
-    from kdcli.teachers import TeacherOptions, load_teacher
+    from kdcli.teachers.base import TeacherOptions, load_teacher
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3)).eval()
@@ -426,8 +426,8 @@ def test_teacher_mean_and_std_per_channel(tmp_path):
 def test_a_slice_without_the_last_class_keeps_every_class_name(tmp_path):
     """Class names come from the whole table; a model trained on a slice that lacks the last
     class must still have one output per name, or its file could not be read back."""
-    from kdcli.models import Architecture, load_model
     from kdcli.output import Reporter
+    from kdcli.students.base import Architecture, load_model
     from kdcli.train import TrainConfig, train
 
     rows = ["x,y,label"] + [f"{i},{i % 3},{'ab'[i % 2]}" for i in range(20)] + ["5,5,c"]

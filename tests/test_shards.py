@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 
 from kdcli.checks import parse_size
 from kdcli.errors import DataError, FormatError, UsageError
-from kdcli.models import Architecture
 from kdcli.soft_targets import soft_targets
+from kdcli.students.base import Architecture
 from kdcli.train import TrainConfig, train_student
-from kdcli.transfer import load_transfer_set
+from kdcli.transfer.base import load_transfer_set
 
 
 @pytest.fixture(scope="module")

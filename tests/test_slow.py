@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kdcli.models import Architecture
+from kdcli.students.base import Architecture
 from kdcli.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdcli.data import load_data
+from kdcli.data.base import load_data
 from kdcli.errors import FormatError, KdcliError, ModelError
 from kdcli.soft_targets import soft_targets
-from kdcli.teachers import TeacherOptions, load_teacher
-from kdcli.transfer import load_transfer_set
+from kdcli.teachers.base import TeacherOptions, load_teacher
+from kdcli.transfer.base import load_transfer_set
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TinyMLP  # noqa: E402

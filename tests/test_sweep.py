@@ -6,7 +6,7 @@ import pytest
 
 from kdcli.config import DistillConfig
 from kdcli.errors import UsageError
-from kdcli.models import load_model
+from kdcli.students.base import load_model
 from kdcli.sweep import sweep
 from kdcli.train import student_config
 
@@ -46,7 +46,7 @@ def test_sweep_refuses_to_keep_students_trained_otherwise(tmp_path, teacher_file
 
 
 def test_sweep_with_another_teacher_needs_force(tmp_path, teacher_file):
-    from kdcli.models import Architecture
+    from kdcli.students.base import Architecture
     from kdcli.train import TrainConfig, train
 
     other = tmp_path / "other.safetensors"

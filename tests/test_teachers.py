@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from kdcli.errors import FormatError, ModelError, UnsafePickleError, UsageError
-from kdcli.teachers import TeacherOptions, detect_format, load_teacher
+from kdcli.teachers.base import TeacherOptions, detect_format, load_teacher
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -45,7 +45,7 @@ def run(path, **opts):
 
 
 def test_kdcli_model_file(teacher_file):
-    from kdcli.models import load_model
+    from kdcli.students.base import load_model
 
     t = load_teacher(teacher_file)
     assert t.format == "kdcli"

@@ -7,11 +7,11 @@ from safetensors.torch import load_file
 
 from kdcli.errors import UsageError
 from kdcli.inspection import inspect_file
-from kdcli.losses import DistillationLoss, top_k_kl
-from kdcli.models import Architecture
 from kdcli.soft_targets import soft_targets
+from kdcli.students.base import Architecture
 from kdcli.train import TrainConfig, train_student
-from kdcli.transfer import TopK, load_transfer_set, top_k_targets
+from kdcli.training.losses import DistillationLoss, top_k_kl
+from kdcli.transfer.base import TopK, load_transfer_set, top_k_targets
 
 
 def _loss_and_grad(z: torch.Tensor, targets, T: float, tail: str = "student"):

@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kdcli.augment import AugmentConfig
+from kdcli.data.augment import AugmentConfig
 from kdcli.errors import FormatError, KdcliError, OutputExistsError, UsageError
-from kdcli.models import Architecture, load_model
+from kdcli.students.base import Architecture, load_model
 from kdcli.train import STUDENT_LR, STUDENT_WARMUP, TrainConfig, learning_rate, train, train_student
-from kdcli.transfer import load_transfer_set
+from kdcli.transfer.base import load_transfer_set
 
 
 def same_weights(a: Path, b: Path) -> bool:

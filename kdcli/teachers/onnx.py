@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from kdcli.errors import FormatError, ModelError, UsageError
 
 if TYPE_CHECKING:
-    from kdcli.teachers import Teacher, TeacherOptions
+    from kdcli.teachers.base import Teacher, TeacherOptions
 
 ONNX_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64",
               "tensor(uint8)": "uint8", "tensor(float16)": "float16",
@@ -81,7 +81,7 @@ _SCORE_TYPES = ("tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bf
 def _refuse_non_scores(t: Teacher, graph: Any, out: Any, outputs: list[Any]) -> None:
     """Labels (integer, string or boolean outputs) and an ONNX-ML regressor's predicted
     values are not class scores (a regressor's one column would be read as a binary logit)."""
-    from kdcli.teachers import NotScoresError
+    from kdcli.teachers.base import NotScoresError
 
     if not out.type.startswith("seq(map(") and out.type not in _SCORE_TYPES:
         scores = [o.name for o in outputs if o.type in _SCORE_TYPES or
@@ -127,7 +127,7 @@ def run_session(sess: Any, outputs: list[str] | None, feeds: dict[str, Any],
 
     import onnxruntime as ort
 
-    from kdcli.files import signals_raise_here
+    from kdcli.io.files import signals_raise_here
 
     ro = ort.RunOptions()
     ro.log_severity_level = 4  # the terminate flag's own error line
@@ -232,7 +232,7 @@ def check_external_data(path: Path, proto: Any) -> None:
     from onnx import TensorProto, external_data_helper
 
     from kdcli.errors import quote_name
-    from kdcli.files import inside_folder
+    from kdcli.io.files import inside_folder
 
     for t in external_data_helper._get_all_tensors(proto):
         if t.data_location != TensorProto.EXTERNAL:

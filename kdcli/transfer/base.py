@@ -5,7 +5,7 @@ each hold a contiguous range of rows, plus an ``.index.json`` file naming them. 
 ``dense`` (all C logits and probabilities per example) or ``top-k`` (the K largest logits,
 their class indices, and the log of the probability mass outside them).
 
-Writing streams rows straight to their place in a file (:class:`kdcli.storage.SafetensorsWriter`);
+Writing streams rows straight to their place in a file (`io.storage.SafetensorsWriter`);
 reading memory-maps every file and gathers rows on demand under a page budget, so neither
 grows in memory with the number of examples.
 """
@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kdcli.errors import DataError, FormatError, UsageError
-from kdcli.files import inside_folder
-from kdcli.models import check_format
-from kdcli.storage import (
+from kdcli.io.files import inside_folder
+from kdcli.io.storage import (
     DATA_SHA256,
     MappedFile,
     PageBudget,
@@ -31,6 +30,7 @@ from kdcli.storage import (
     data_sha256,
     read_safetensors,
 )
+from kdcli.students.base import check_format
 
 if TYPE_CHECKING:
     import torch
@@ -656,7 +656,7 @@ def load_transfer_set(path: str | Path, check_values: bool = True,
     """
     import hashlib
 
-    from kdcli.files import require_file
+    from kdcli.io.files import require_file
 
     p = require_file(path, "transfer set")
     if is_index_path(p) or _looks_like_json(p):

@@ -26,7 +26,7 @@ from kdcli.errors import DataError, quote_name
 if TYPE_CHECKING:
     import numpy as np
 
-    from kdcli.data import DataOptions
+    from kdcli.data.base import DataOptions
 
 _PIXEL = re.compile(r"^pixel(\d+)$")
 # The longest CSV line (or file, read as one block) pyarrow is given: 256 MiB.

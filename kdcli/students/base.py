@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdcli import __version__
 from kdcli.errors import FormatError, UsageError
-from kdcli.storage import read_safetensors_metadata  # noqa: F401 - also used by teachers.py
+from kdcli.io.storage import read_safetensors_metadata  # noqa: F401 - also used by teachers.py
 
 if TYPE_CHECKING:
     import torch
@@ -545,9 +545,9 @@ def save_model(path: str | Path, model: nn.Module, arch: Architecture, pre: Prep
 
     The header records ``data_sha256``, the SHA-256 of the weights' bytes, which
     :func:`load_model` checks; ``class_names`` and ``feature_names`` are kept when given.
-    The caller is responsible for atomicity (see :func:`kdcli.files.atomic_output`).
+    The caller is responsible for atomicity (see :func:`kdcli.io.files.atomic_output`).
     """
-    from kdcli.storage import SafetensorsWriter
+    from kdcli.io.storage import SafetensorsWriter
 
     meta = {
         "format": MODEL_FORMAT,
@@ -599,8 +599,8 @@ def load_model(path: str | Path) -> ModelFile:
     """
     import torch
 
-    from kdcli.files import require_file
-    from kdcli.storage import DATA_SHA256, data_sha256, read_safetensors
+    from kdcli.io.files import require_file
+    from kdcli.io.storage import DATA_SHA256, data_sha256, read_safetensors
 
     p = require_file(path, "model file")
     meta = read_safetensors_metadata(p)

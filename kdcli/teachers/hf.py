@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 from kdcli.checks import preprocessing_problem
 from kdcli.errors import FormatError, ModelError, UnsafePickleError, UsageError, quote_name
-from kdcli.files import inside_folder, sha256_file
+from kdcli.io.files import inside_folder, sha256_file
 
 if TYPE_CHECKING:
-    from kdcli.teachers import Teacher, TeacherOptions
+    from kdcli.teachers.base import Teacher, TeacherOptions
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -321,7 +321,7 @@ def describe_folder(folder: Path) -> dict[str, Any]:
 def load_hf(t: Teacher, opts: TeacherOptions) -> None:
     """Fill ``t`` from the checkpoint folder ``t.path`` (the ``huggingface`` table entry)."""
     from kdcli.errors import first_line
-    from kdcli.teachers import IDENTITY, _torch_runner
+    from kdcli.teachers.base import IDENTITY, _torch_runner
 
     folder = t.path
     files = weight_files(folder, opts.trust_pickle)

@@ -36,7 +36,7 @@ class DistillationLoss(nn.Module):
     on the student, so the soft term is computed as ``T^2 * KL(p_T || softmax(z / T))``: the
     same gradients, and a value that is 0 when the student matches the teacher.
 
-    Top-k targets (:class:`kdcli.transfer.TopK`) know the teacher's top-K probabilities
+    Top-k targets (:class:`kdcli.transfer.base.TopK`) know the teacher's top-K probabilities
     exactly and the total mass ``m`` outside them, but not how ``m`` is spread. ``tail``
     says what to assume:
 

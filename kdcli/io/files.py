@@ -46,7 +46,7 @@ _pending: list[int] = []
 _deferred = [0]
 _anywhere = [0]  # inside signals_raise_here()
 _lock = threading.Lock()  # a re-delivery never races the handler's removal
-_KDCLI_DIR = str(Path(__file__).resolve().parent)
+_KDCLI_DIR = str(Path(__file__).resolve().parent.parent)
 _RETRY_S, _MAX_DEFERRALS = 0.05, 40  # put off for at most 2 s, then raised wherever it lands
 
 

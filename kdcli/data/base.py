@@ -8,8 +8,8 @@ with seed S, default 0; see :func:`balanced_index`):
 * ``mnist`` / ``mnist:train`` / ``mnist:test``: the MNIST copy bundled with kdcli.
 * a folder holding the four standard MNIST IDX files, optionally with ``:train``/``:test``.
 * an image folder: ``DIR/CLASS/*.png`` (labelled, classes in sorted order like torchvision's
-  ``ImageFolder``) or a flat folder of images (unlabelled); see :mod:`kdcli.images`.
-* a table: ``.csv``, ``.tsv`` (optionally ``.gz``) or ``.parquet``; see :mod:`kdcli.tables`.
+  ``ImageFolder``) or a flat folder of images (unlabelled); see :mod:`kdcli.data.images`.
+* a table: ``.csv``, ``.tsv`` (optionally ``.gz``) or ``.parquet``; see :mod:`kdcli.data.tables`.
 * an IDX images file (``*-images-idx3-ubyte`` or ``.gz``); its labels file is found by
   the standard name (``images-idx3`` -> ``labels-idx1``) when present.
 * ``.npz`` / ``.safetensors`` holding ``inputs`` (any shape) and optional integer ``labels``,
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-MNIST_DIR = Path(__file__).parent / "datasets" / "mnist"
+MNIST_DIR = Path(__file__).parent.parent / "datasets" / "mnist"
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -386,14 +386,14 @@ def _read_mnist(name: str, split: str, opts: DataOptions) -> Loaded:
 
 
 def _read_table(path: Path, split: str, opts: DataOptions) -> Loaded:
-    from kdcli.tables import load_table
+    from kdcli.data.tables import load_table
 
     t = load_table(path, opts)
     return Loaded(t.inputs, t.labels, t.class_names, t.feature_names)
 
 
 def _read_images(path: Path, split: str, opts: DataOptions) -> Loaded:
-    from kdcli.images import load_image_folder
+    from kdcli.data.images import load_image_folder
 
     f = load_image_folder(path, opts)
     return Loaded(f.inputs, f.labels, f.class_names)
@@ -576,7 +576,7 @@ def _check_magic(path: Path) -> None:
 def _load_numpy(path: Path):
     import numpy as np
 
-    from kdcli.storage import map_npy
+    from kdcli.io.storage import map_npy
 
     _check_magic(path)
     if path.suffix == ".npy":
@@ -619,7 +619,7 @@ def _load_safetensors(path: Path):
     import torch
 
     from kdcli.errors import FormatError
-    from kdcli.storage import read_safetensors
+    from kdcli.io.storage import read_safetensors
 
     try:
         tensors, _, mapped = read_safetensors(path)

@@ -40,12 +40,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcli.errors import DataError, quote_name
-from kdcli.files import inside_folder, open_regular
+from kdcli.io.files import inside_folder, open_regular
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from kdcli.data import DataOptions
+    from kdcli.data.base import DataOptions
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CACHE_FORMAT = "kdcli.image-cache"
@@ -185,7 +185,7 @@ def _cache_dir(key: dict[str, Any]) -> Path:
 def _read_cache(key: dict[str, Any], listing: list[list[Any]]) -> Any:
     """The memory-mapped inputs if the cache holds this exact listing, else None. Only
     regular files are read: a link, FIFO or device planted in the cache is not opened."""
-    from kdcli.storage import map_npy
+    from kdcli.io.storage import map_npy
 
     d = _cache_dir(key)
     try:
@@ -214,7 +214,7 @@ def _cache_is_true(d: Path, x: Any, manifest: dict[str, Any], key: dict[str, Any
     decoded again equal to their rows."""
     import torch
 
-    from kdcli.files import sha256_file
+    from kdcli.io.files import sha256_file
 
     shape = list(x.shape)
     if x.dtype != torch.uint8 or shape != manifest.get("shape") or len(shape) not in (3, 4) \
@@ -226,7 +226,7 @@ def _cache_is_true(d: Path, x: Any, manifest: dict[str, Any], key: dict[str, Any
         return False
     mode, size = ("L" if len(shape) == 3 else "RGB"), tuple(shape[-2:])
     folder, files = Path(key["folder"]), manifest["files"]
-    from kdcli.files import inside_folder
+    from kdcli.io.files import inside_folder
 
     try:
         for i in sorted({0, len(files) // 2, len(files) - 1}):
@@ -400,7 +400,7 @@ def _reserve_cache(d: Path, nbytes: int) -> tuple[int, Path] | None:
     descriptor and its path; None if the cache cannot be written or has no room.
 
     Temporaries that dead processes left in ``d`` (killed mid-decode) are removed first."""
-    from kdcli.files import remove_stale_temps, temp_path
+    from kdcli.io.files import remove_stale_temps, temp_path
 
     try:
         d.mkdir(parents=True, exist_ok=True)
@@ -434,8 +434,8 @@ def _place_cache(d: Path, tmp: Path, key: dict[str, Any], shape: tuple[int, ...]
 
     If the cache's entries cannot be replaced (an entry is a folder), the temporary is
     mapped and then removed, so the images are used this once without a cache."""
-    from kdcli.files import sha256_file, temp_path
-    from kdcli.storage import map_npy
+    from kdcli.io.files import sha256_file, temp_path
+    from kdcli.io.storage import map_npy
 
     target, manifest_path = d / "inputs.npy", d / "manifest.json"
     mtmp = temp_path(manifest_path)

@@ -6,11 +6,11 @@ holds it (from the content, not the extension) and loads it. Loading turns the p
 class names, preprocessing) is settled by a probe batch inside :func:`load_teacher` and then
 frozen; :meth:`Teacher.logits` only runs the model. A new format is one entry plus its tests.
 
-* ``huggingface``: a ``transformers`` checkpoint folder (:mod:`kdcli.hf_teacher`).
+* ``huggingface``: a ``transformers`` checkpoint folder (:mod:`kdcli.teachers.hf`).
 * ``kdcli``: a kdcli model file (safetensors with ``format: kdcli.model``).
 * ``torchscript``: ``torch.jit.save`` archives.
 * ``torch.export``: ``torch.export.save`` programs (``.pt2``), dynamic or fixed batch.
-* ``onnx``: ONNX models, including ONNX-ML classifiers (:mod:`kdcli.onnx_teacher`).
+* ``onnx``: ONNX models, including ONNX-ML classifiers (:mod:`kdcli.teachers.onnx`).
 * ``state_dict``: a ``torch.save`` state dict (loaded with ``weights_only=True``) or a
   plain safetensors file, plus ``--arch`` (a kdcli spec or ``package.module:factory``).
 * ``pickle``: a fully pickled ``nn.Module``, only with ``trust_pickle=True``.
@@ -41,8 +41,8 @@ from kdcli.errors import (
     UsageError,
     first_line,
 )
-from kdcli.files import require_file, sha256_file
-from kdcli.models import (
+from kdcli.io.files import require_file, sha256_file
+from kdcli.students.base import (
     MODEL_FORMAT,
     Architecture,
     Preprocessing,
@@ -75,7 +75,7 @@ class TeacherOptions:
         scale: Raw units are divided by this first.
         mean: Subtracted after scaling: one value, or a list with one per channel of
             ``[C, H, W]`` examples or one per input value (see
-            :func:`kdcli.models.stats_shape`).
+            :func:`kdcli.students.base.stats_shape`).
         std: Divided by after centring (one value or a list, like ``mean``).
         output: What the model outputs: ``logits``, ``log-probs`` or ``probs``.
         output_name: Which ONNX output to use, for models with several.
@@ -111,7 +111,7 @@ class Teacher:
     Attributes:
         path: The file (or checkpoint folder).
         format: One of the format names of :data:`FORMATS`.
-        sha256: The file's SHA-256 (a folder's: see :func:`kdcli.hf_teacher.folder_sha256`).
+        sha256: The file's SHA-256 (a folder's: see :func:`kdcli.teachers.hf.folder_sha256`).
         preprocessing: How raw inputs become model inputs (see :func:`prepare_input`):
             ``scale``, ``mean``, ``std`` (numbers, or one per channel), and for image
             checkpoints ``size`` (``[H, W]`` to resize to). Identity for kdcli models,
@@ -428,7 +428,7 @@ def _is_torch_save(p: Path) -> bool:
 
 
 def _is_hf(p: Path) -> bool:
-    from kdcli.hf_teacher import is_hf_folder
+    from kdcli.teachers.hf import is_hf_folder
 
     return is_hf_folder(p)
 
@@ -438,19 +438,19 @@ def _is_onnx(p: Path) -> bool:
 
 
 def _load_hf(t: Teacher, opts: TeacherOptions) -> None:
-    from kdcli.hf_teacher import load_hf
+    from kdcli.teachers.hf import load_hf
 
     load_hf(t, opts)
 
 
 def _hf_digest(p: Path) -> str:
-    from kdcli.hf_teacher import folder_sha256
+    from kdcli.teachers.hf import folder_sha256
 
     return folder_sha256(p)
 
 
 def _load_onnx(t: Teacher, opts: TeacherOptions) -> None:
-    from kdcli.onnx_teacher import load_onnx
+    from kdcli.teachers.onnx import load_onnx
 
     load_onnx(t, opts)
 
@@ -731,7 +731,7 @@ def _load_torchscript(p: Path) -> Any:
 def _load_exported(t: Teacher, p: Path, trust_pickle: bool = False) -> Any:
     import torch
 
-    from kdcli.safety import check_export_archive
+    from kdcli.teachers.safety import check_export_archive
 
     check_export_archive(p, trust_pickle)
     try:
@@ -899,7 +899,7 @@ def _call_factory(spec: str) -> Any:
     if not modname or not attr:
         raise UsageError(f"bad --arch {spec!r}",
                          "Use mlp:W,W / cnn:MULT, or package.module:factory")
-    from kdcli.safety import check_factory
+    from kdcli.teachers.safety import check_factory
 
     if "" not in sys.path:
         sys.path.insert(0, "")  # like `python -m`, user code in the working folder is found

@@ -209,8 +209,8 @@ def _inspect_onnx(p: Path, rep: Reporter) -> dict[str, Any]:
 
 def _inspect_hf(p: Path, rep: Reporter) -> dict[str, Any]:
     """A Hugging Face checkpoint folder, from its JSON files alone (no weights are loaded)."""
-    from kdcli.teachers.base import describe_preprocessing
     from kdcli.teachers.hf import describe_folder
+    from kdcli.teachers.inputs import describe_preprocessing
 
     info = {"file": str(p), "kind": "huggingface checkpoint", **describe_folder(p)}
     rows = [["format", info["format"]], ["architecture", _short(info["architecture"])],

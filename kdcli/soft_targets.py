@@ -40,9 +40,9 @@ from kdcli.teachers.base import (
     Teacher,
     TeacherOptions,
     check_teacher_options,
-    describe_preprocessing,
     load_teacher,
 )
+from kdcli.teachers.inputs import describe_preprocessing
 from kdcli.transfer.base import (
     COMBINE_RULES,
     INDEX_SUFFIX,

@@ -92,7 +92,7 @@ def test_grey_digits_are_resized_and_made_rgb_like_the_processor(tmp_path):
     from transformers import AutoImageProcessor
 
     from kdcli.data.base import load_data
-    from kdcli.teachers.base import prepare_input
+    from kdcli.teachers.inputs import prepare_input
 
     model = tiny_vit(classes=10, channels=3, size=16, names=None)
     folder = tmp_path / "vit"

@@ -321,7 +321,8 @@ def describe_folder(folder: Path) -> dict[str, Any]:
 def load_hf(t: Teacher, opts: TeacherOptions) -> None:
     """Fill ``t`` from the checkpoint folder ``t.path`` (the ``huggingface`` table entry)."""
     from kdcli.errors import first_line
-    from kdcli.teachers.base import IDENTITY, _torch_runner
+    from kdcli.teachers.base import _torch_runner
+    from kdcli.teachers.inputs import IDENTITY
 
     folder = t.path
     files = weight_files(folder, opts.trust_pickle)

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import torch
 from common import median_of, report
 
-from kdcli.data.base import load_data
+from kdcli.data.sources import load_data
 from kdcli.export import main_export
 from kdcli.students.base import Architecture, Preprocessing, build_model, save_model
 

@@ -16,7 +16,7 @@ from common import report
 from torch import nn
 
 from kdcli.config import DistillConfig
-from kdcli.data.base import load_data
+from kdcli.data.sources import load_data
 from kdcli.soft_targets import soft_targets
 from kdcli.students.base import Architecture, Preprocessing, build_model, save_model
 from kdcli.train import TrainConfig, train

@@ -39,7 +39,7 @@ def foreign_teacher(path: Path) -> None:
     import torch
     from torch import nn
 
-    from kdcli.data.base import load_data
+    from kdcli.data.sources import load_data
 
     torch.manual_seed(0)
     d = load_data("mnist:train[:10000]")

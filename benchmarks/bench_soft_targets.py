@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from common import best_of, report
 
-from kdcli.data.base import load_data
+from kdcli.data.sources import load_data
 from kdcli.soft_targets import soft_targets
 from kdcli.students.base import Architecture, Preprocessing, build_model, save_model
 

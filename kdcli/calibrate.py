@@ -145,8 +145,8 @@ def _target(mf, data: str | None, teacher: str | Path | None, transfer: str | Pa
     unless every class has some probability) and a description of the inputs."""
     import torch
 
-    from kdcli.data.base import load_data, recorded_data
     from kdcli.data.base import recorded_options as _options
+    from kdcli.data.sources import load_data, recorded_data
     from kdcli.evaluate import predict
     from kdcli.teachers.base import load_teacher
     from kdcli.transfer.base import load_transfer_set
@@ -183,8 +183,8 @@ def _target(mf, data: str | None, teacher: str | Path | None, transfer: str | Pa
 def _evaluate(mf, eval_data: str, shift: torch.Tensor,
               data_options: DataOptions | None) -> dict[str, Any]:
     """Errors on ``eval_data`` (in all and per class) before and after the shift."""
-    from kdcli.data.base import load_data
     from kdcli.data.base import recorded_options as _options
+    from kdcli.data.sources import load_data
     from kdcli.evaluate import classification_metrics, predict
 
     ev = load_data(eval_data, options=_options(data_options, mf.training))

@@ -83,7 +83,8 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
     Returns:
         ``{"models": [...metrics...], "agreement": [[...]], "class_names": [...] | None}``.
     """
-    from kdcli.data.base import check_same_classes, load_data
+    from kdcli.data.base import check_same_classes
+    from kdcli.data.sources import load_data
     from kdcli.students.base import file_class_names
     from kdcli.teachers.base import TeacherOptions, load_teacher
 

@@ -140,7 +140,8 @@ def _check_inputs(mf, data: str | None, fixed: int | None, count: int,
     """Real raw inputs for the check, as float32 ``[n, *raw_shape]``."""
     import torch
 
-    from kdcli.data.base import load_data, recorded_data, recorded_options
+    from kdcli.data.base import recorded_options
+    from kdcli.data.sources import load_data, recorded_data
 
     spec = data or recorded_data(mf.training, "test_data", "data")
     if not spec:

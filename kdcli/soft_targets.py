@@ -165,7 +165,7 @@ def soft_targets(
         teachers: Teacher model files; several form an ensemble.
         T: Softmax temperature. None: :func:`default_temperature` (the paper's 20 for
             teachers that output logits; 2 when every teacher outputs probabilities).
-        data: Data spec (see :mod:`kdcli.data.base`).
+        data: Data spec (see :mod:`kdcli.data.sources`).
         out: Output transfer-set file, or an ``.index.json`` for a sharded set.
         options: Per-teacher :class:`TeacherOptions` (one for all, or one each).
         combine: ``mean-probs`` (the paper's arithmetic mean at T) or ``mean-logits``.
@@ -293,7 +293,7 @@ def _read(data: str, limit: int | None, data_options: DataOptions | None,
           classes: list[int] | None, exclude_classes: list[int] | None, copies: int,
           augment: AugmentConfig, seed: int) -> _Source:
     """The transfer set's inputs: the data, filtered by class, and its augmented copies."""
-    from kdcli.data.base import load_data
+    from kdcli.data.sources import load_data
 
     ds = load_data(data, limit=limit, options=data_options)
     keep = _filter_classes(ds, classes, exclude_classes)

@@ -658,7 +658,7 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
     import torch.nn.functional as F
 
     from kdcli.checks import resolve_device
-    from kdcli.data.base import load_data
+    from kdcli.data.sources import load_data
     from kdcli.distributed import session
 
     cfg = config or TrainConfig()
@@ -731,7 +731,8 @@ def _eval_data(eval_data: str | None, source: str, data_options: DataOptions | N
                shape_of: str) -> Data | None:
     """The data of ``--eval-data`` (``auto``: mnist:test for MNIST ``source``), refused unless
     its class names and example shape match the training data's."""
-    from kdcli.data.base import check_same_classes, load_data
+    from kdcli.data.base import check_same_classes
+    from kdcli.data.sources import load_data
 
     spec = _default_eval(eval_data, source)
     if not spec:

@@ -153,7 +153,7 @@ def colour_mnist(spec: str, path: Path, seed: int = 0) -> Path:
     ``inputs`` uint8 ``[N, 3, 28, 28]`` and ``labels``: colour images kdcli reads as data."""
     import numpy as np
 
-    from kdcli.data.base import load_data
+    from kdcli.data.sources import load_data
 
     ds = load_data(spec)
     g = torch.Generator().manual_seed(seed)

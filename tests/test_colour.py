@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from kdcli.data.augment import AugmentConfig
-from kdcli.data.base import load_data
+from kdcli.data.sources import load_data
 from kdcli.output import Reporter
 from kdcli.students.base import Architecture, load_model
 from kdcli.train import TrainConfig, checkpoint_path, train

@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kdcli.data.base import MNIST_DIR, balanced_index, load_data, read_idx
+from kdcli.data.idx import read_idx
+from kdcli.data.mnist import MNIST_DIR
+from kdcli.data.sources import balanced_index, load_data
 from kdcli.errors import DataError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "SHA256SUMS"

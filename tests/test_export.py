@@ -10,7 +10,7 @@ import torch
 from conftest import randomize_batchnorm
 
 import kdcli.export as export_mod
-from kdcli.data.base import load_data
+from kdcli.data.sources import load_data
 from kdcli.errors import ExportError
 from kdcli.export import main_export
 from kdcli.students.base import Architecture, Preprocessing, build_model, load_model, save_model

@@ -91,7 +91,7 @@ def test_vit_with_processor_config_equals_model_on_processor_output(tmp_path):
 def test_grey_digits_are_resized_and_made_rgb_like_the_processor(tmp_path):
     from transformers import AutoImageProcessor
 
-    from kdcli.data.base import load_data
+    from kdcli.data.sources import load_data
     from kdcli.teachers.inputs import prepare_input
 
     model = tiny_vit(classes=10, channels=3, size=16, names=None)
@@ -188,7 +188,7 @@ def test_ensemble_of_hf_and_kdcli_teachers_mean_probs(tmp_path, teacher_file):
     T = 4.0
     soft_targets([folder, teacher_file], T=T, data="mnist[:64]", out=out, device="cpu")
     ts = load_transfer_set(out)
-    from kdcli.data.base import load_data
+    from kdcli.data.sources import load_data
 
     x = load_data("mnist[:64]").inputs
     z_hf = hf_logits(model, x.float()[:, None] / 255)

@@ -205,7 +205,7 @@ def test_checkpoint_payload_runs_no_code(tmp_path, cli):
 
 
 def test_numpy_object_arrays_run_no_code(tmp_path):
-    from kdcli.data.base import load_data
+    from kdcli.data.sources import load_data
     from kdcli.errors import DataError
 
     marker = tmp_path / "marker"
@@ -220,7 +220,7 @@ def test_numpy_object_arrays_run_no_code(tmp_path):
 
 
 def test_numpy_strings_and_big_endian(tmp_path):
-    from kdcli.data.base import load_data
+    from kdcli.data.sources import load_data
     from kdcli.errors import DataError
 
     np.save(tmp_path / "s.npy", np.array([["a", "b"], ["c", "d"]]))

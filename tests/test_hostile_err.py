@@ -196,7 +196,7 @@ def test_duplicate_column_names_are_named(tmp_path, cli):
 
 def test_a_long_header_reads_and_a_too_long_line_is_one_line(tmp_path, cli, monkeypatch):
     from kdcli.data import tables as tables
-    from kdcli.data.base import load_data
+    from kdcli.data.sources import load_data
 
     wide = tmp_path / "wide.csv"  # a 1.2 MB header: more than pyarrow's default block
     names = ["x" * 600_000 + "a", "x" * 600_000 + "b"]

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kdcli.data.base import load_data
+from kdcli.data.sources import load_data
 from kdcli.errors import DataError, FormatError, UnsafePickleError, UsageError, user_message
 
 _WATCHED: list[str] = []

@@ -15,7 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from kdcli.data import images as images
-from kdcli.data.base import DataOptions, load_data
+from kdcli.data.base import DataOptions
+from kdcli.data.sources import load_data
 from kdcli.errors import DataError, UsageError
 from kdcli.output import Reporter
 from kdcli.soft_targets import soft_targets

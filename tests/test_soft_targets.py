@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdcli.data.base import load_data
+from kdcli.data.sources import load_data
 from kdcli.errors import FormatError, KdcliError, ModelError
 from kdcli.soft_targets import soft_targets
 from kdcli.teachers.base import TeacherOptions, load_teacher

@@ -19,12 +19,13 @@ that is how distributed ranks agree and how transfer-set copies stay reproducibl
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+import torch.nn.functional as F
+
+from kdcli.checks import check_jitter
 from kdcli.errors import UsageError
-
-if TYPE_CHECKING:
-    import torch
 
 PAD_MODES = ("zero", "reflect")
 
@@ -43,8 +44,6 @@ class Draw:
     @staticmethod
     def cat(draws: list[Draw]) -> Draw:
         """The draws of consecutive row ranges, joined."""
-        import torch
-
         def join(name: str):
             parts = [getattr(d, name) for d in draws]
             return None if parts[0] is None else torch.cat(parts)
@@ -126,8 +125,6 @@ class AugmentConfig:
                              f"examples have shape {shape}",
                              "Drop --jitter/--crop-pad/--flip/--augment for non-image data")
         if self.jitter:
-            from kdcli.checks import check_jitter
-
             check_jitter(self.jitter, shape)
         if self.crop_pad and self.pad_mode == "zero" and self.crop_pad >= min(shape[-2:]):
             raise UsageError(f"--crop-pad {self.crop_pad} is not smaller than the "
@@ -139,8 +136,6 @@ class AugmentConfig:
 
     def draw(self, b: int, generator: torch.Generator | None = None) -> Draw:
         """Draw the random choices for ``b`` images (shifts first, then flips)."""
-        import torch
-
         dy = dx = flip = None
         if self.shift:
             dy, dx = random_shifts(b, self.shift, generator)
@@ -151,8 +146,6 @@ class AugmentConfig:
     def apply(self, x: torch.Tensor, d: Draw) -> torch.Tensor:
         """Augment raw images ``x`` (``[B, H, W]`` or ``[B, C, H, W]``, any dtype) with the
         draws ``d`` of the same ``B`` images."""
-        import torch
-
         if d.dy is not None:
             x = shift(x, d.dy, d.dx, self.shift,
                       "reflect" if self.crop_pad and self.pad_mode == "reflect" else "zero")
@@ -172,8 +165,6 @@ PRESETS: dict[str, AugmentConfig] = {
 def random_shifts(b: int, k: int, generator: torch.Generator | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ``b`` random shifts ``(dy, dx)``, each a whole number in ``-k..k``."""
-    import torch
-
     dy = torch.randint(-k, k + 1, (b,), generator=generator)
     dx = torch.randint(-k, k + 1, (b,), generator=generator)
     return dy, dx
@@ -188,9 +179,6 @@ def shift(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, k: int,
     reflect mode; needs ``k`` smaller than the image). This is a random crop of the image
     padded by ``k`` on each side.
     """
-    import torch
-    import torch.nn.functional as F
-
     _check_images(x)
     b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
     rows = torch.arange(h)[None, :] - dy[:, None]  # [B, H], in -k .. h-1+k

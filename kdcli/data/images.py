@@ -30,36 +30,36 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import math
 import os
 import re
+import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from kdcli.data.base import DataOptions, Loaded, first_line
 from kdcli.errors import DataError, quote_name
-from kdcli.io.files import inside_folder, open_regular
-
-if TYPE_CHECKING:
-    import numpy as np
-
-    from kdcli.data.base import DataOptions
+from kdcli.io.files import (
+    inside_folder,
+    open_regular,
+    remove_stale_temps,
+    sha256_file,
+    temp_path,
+)
+from kdcli.io.storage import map_npy
+from kdcli.resources import check_memory
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CACHE_FORMAT = "kdcli.image-cache"
 CACHE_VERSION = 2  # 2: the manifest records data_sha256
 _GRAY_BANDS = ({"L"}, {"L", "A"}, {"1"}, {"I"}, {"F"})
-
-
-@dataclass
-class ImageFolder:
-    """A folder read as examples: ``inputs`` is ``(tensor, MappedFile)`` or a numpy array."""
-
-    inputs: Any
-    labels: np.ndarray | None
-    class_names: list[str] | None
 
 
 def cache_root() -> Path:
@@ -71,15 +71,22 @@ def cache_root() -> Path:
     return Path(base) / "kdcli"
 
 
-def load_image_folder(folder: Path, opts: DataOptions) -> ImageFolder:
+def read(path: Path, split: str, options: DataOptions) -> Loaded:
+    """The data source's reader: :func:`load_image_folder`."""
+    return load_image_folder(path, options)
+
+
+def load_image_folder(folder: Path, opts: DataOptions) -> Loaded:
     """Read an image folder (see the module docstring), from the cache when it is current.
+
+    Returns:
+        ``inputs`` as ``(tensor, MappedFile)`` (from the cache) or a numpy array, labels
+        and class names (None for a flat folder).
 
     Raises:
         DataError: no images; mixed sizes without ``--image-size``; an unreadable image
             (naming the file); a link leading out of the folder.
     """
-    import numpy as np
-
     files, classes = scan(folder)
     listing = [[str(p.relative_to(folder)), st.st_size, st.st_mtime_ns] for p, _, st, _ in files]
     labels = None if classes is None else np.array([k for *_, k in files], dtype=np.int64)
@@ -87,10 +94,10 @@ def load_image_folder(folder: Path, opts: DataOptions) -> ImageFolder:
            "image_size": list(opts.image_size) if opts.image_size else None}
     cached = _read_cache(key, listing)
     if cached is not None:
-        return ImageFolder(cached, labels, classes)
+        return Loaded(cached, labels, classes)
     inputs = _decode_all(folder, [(real, st) for _, real, st, _ in files], opts, key,
                          listing)
-    return ImageFolder(inputs, labels, classes)
+    return Loaded(inputs, labels, classes)
 
 
 # (path as named, path to open: the named one, or where a link inside the folder leads; stat)
@@ -106,8 +113,6 @@ def scan(folder: Path) -> tuple[list[tuple[Path, Path, os.stat_result, int]],
     leads out, from the folder itself or naming an image, is refused before its target is
     touched. Only regular files are images; links to folders below a class folder are not
     followed (as ``rglob`` does not)."""
-    import stat
-
     root = Path(os.path.realpath(folder))
     top = _entries(folder, root, folder, root, top=True)
     subdirs = sorted((e for e in top if stat.S_ISDIR(e[2].st_mode)), key=lambda e: e[0].name)
@@ -129,8 +134,6 @@ def scan(folder: Path) -> tuple[list[tuple[Path, Path, os.stat_result, int]],
 
 
 def _is_image(f: Found) -> bool:
-    import stat
-
     return stat.S_ISREG(f[2].st_mode) and f[0].suffix.lower() in EXTENSIONS
 
 
@@ -161,8 +164,6 @@ def _entries(folder: Path, root: Path, named_dir: Path, real_dir: Path, top: boo
 
 
 def _images_under(folder: Path, root: Path, named_dir: Path, real_dir: Path) -> list[Found]:
-    import stat
-
     found = []
     for named, real, st in _entries(folder, root, named_dir, real_dir, top=False):
         if stat.S_ISDIR(st.st_mode) and real == named:  # not a link
@@ -185,8 +186,6 @@ def _cache_dir(key: dict[str, Any]) -> Path:
 def _read_cache(key: dict[str, Any], listing: list[list[Any]]) -> Any:
     """The memory-mapped inputs if the cache holds this exact listing, else None. Only
     regular files are read: a link, FIFO or device planted in the cache is not opened."""
-    from kdcli.io.storage import map_npy
-
     d = _cache_dir(key)
     try:
         with os.fdopen(open_regular(d / "manifest.json", "cache file"), "rb") as f:
@@ -212,10 +211,6 @@ def _cache_is_true(d: Path, x: Any, manifest: dict[str, Any], key: dict[str, Any
     ``[N, H, W]`` or ``[N, 3, H, W]`` (of ``--channels`` and ``--image-size``, if given),
     the bytes the manifest's ``data_sha256`` names, and the first, middle and last images
     decoded again equal to their rows."""
-    import torch
-
-    from kdcli.io.files import sha256_file
-
     shape = list(x.shape)
     if x.dtype != torch.uint8 or shape != manifest.get("shape") or len(shape) not in (3, 4) \
             or (len(shape) == 4 and shape[1] != 3) \
@@ -226,8 +221,6 @@ def _cache_is_true(d: Path, x: Any, manifest: dict[str, Any], key: dict[str, Any
         return False
     mode, size = ("L" if len(shape) == 3 else "RGB"), tuple(shape[-2:])
     folder, files = Path(key["folder"]), manifest["files"]
-    from kdcli.io.files import inside_folder
-
     try:
         for i in sorted({0, len(files) // 2, len(files) - 1}):
             real = inside_folder(folder, files[i][0])  # an image may be a link inside it
@@ -244,12 +237,10 @@ def _open(path: Path, expect: os.stat_result | None = None) -> Iterator[Any]:
     """The image at ``path`` opened with Pillow, without following a link in its last
     component or blocking on a FIFO; with ``expect``, the file must be the one scanned
     (same device and inode), so a file swapped for a link or another file is refused."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         f = os.fdopen(open_regular(path, "image"), "rb")
     except OSError as e:
-        raise DataError(f"cannot read image {quote_name(path)}: {_first(e)}",
+        raise DataError(f"cannot read image {quote_name(path)}: {first_line(e)}",
                         "Replace or remove the file") from e
     with f:
         st = os.fstat(f.fileno())
@@ -260,7 +251,7 @@ def _open(path: Path, expect: os.stat_result | None = None) -> Iterator[Any]:
             img = Image.open(f)
         except (OSError, UnidentifiedImageError, ValueError,
                 Image.DecompressionBombError) as e:
-            raise DataError(f"cannot read image {quote_name(path)}: {_first(e)}",
+            raise DataError(f"cannot read image {quote_name(path)}: {first_line(e)}",
                             "Replace or remove the file") from e
         with img:
             yield img
@@ -279,9 +270,6 @@ def decode_image(path: Path, mode: str, size: tuple[int, int] | None,
     Raises:
         DataError: the file is not a readable image (naming it), or was replaced.
     """
-    import numpy as np
-    from PIL import Image
-
     try:
         with _open(path, expect) as img:
             img.load()
@@ -290,7 +278,7 @@ def decode_image(path: Path, mode: str, size: tuple[int, int] | None,
                 img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             a = np.asarray(img, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read image {quote_name(path)}: {_first(e)}",
+        raise DataError(f"cannot read image {quote_name(path)}: {first_line(e)}",
                         "Replace or remove the file") from e
     return a if mode == "L" else a.transpose(2, 0, 1)
 
@@ -298,9 +286,6 @@ def decode_image(path: Path, mode: str, size: tuple[int, int] | None,
 def _eight_bit(img: Any) -> Any:
     """16-bit (and 32-bit integer) grey images scaled to 8 bits, as Pillow's ``convert``
     would clip them: ``round(v / 257)``, so 65535 is 255."""
-    import numpy as np
-    from PIL import Image
-
     if not (img.mode.startswith("I;16") or img.mode == "I"):
         return img
     a = np.asarray(img).astype(np.float64)
@@ -337,8 +322,6 @@ def _decode_all(folder: Path, paths: list[tuple[Path, os.stat_result]], opts: Da
     anything is decoded; the cache is written with ordinary writes, never through a memory
     map, so a full disk is an error (or a fallback to memory), not a SIGBUS.
     """
-    import numpy as np
-
     mode, size = _plan(paths, opts)
     shape = (len(paths), *size) if mode == "L" else (len(paths), 3, *size)
     _check_image_memory(shape)
@@ -359,7 +342,7 @@ def _decode_all(folder: Path, paths: list[tuple[Path, os.stat_result]], opts: Da
             f.truncate()  # drop the reserve beyond the header's few bytes
         return _place_cache(d, tmp, key, shape, listing)
     except OSError as e:
-        raise DataError(f"cannot write the image cache in {d}: {_first(e)}",
+        raise DataError(f"cannot write the image cache in {d}: {first_line(e)}",
                         "Free space, or set KDCLI_CACHE to a writable folder with room") from e
     finally:
         tmp.unlink(missing_ok=True)
@@ -367,8 +350,6 @@ def _decode_all(folder: Path, paths: list[tuple[Path, os.stat_result]], opts: Da
 
 def _check_image_memory(shape: tuple[int, ...]) -> None:
     """One image, decoded and resized (Pillow holds 4 bytes a pixel), must fit in memory."""
-    from kdcli.resources import check_memory
-
     h, w = shape[-2:]
     check_memory(h * w * (8 + 2 * math.prod(shape[1:-2])),
                  f"decoding one image at {h}x{w} pixels (height x width)",
@@ -376,18 +357,12 @@ def _check_image_memory(shape: tuple[int, ...]) -> None:
 
 
 def _check_folder_memory(shape: tuple[int, ...]) -> None:
-    from kdcli.resources import check_memory
-
     check_memory(math.prod(shape), f"the {shape[0]:,} decoded images of shape "
                  f"{list(shape[1:])} (not cached: the cache cannot be written or has no room)",
                  "Lower --image-size, or set KDCLI_CACHE to a folder with room")
 
 
 def _npy_header(shape: tuple[int, ...]) -> bytes:
-    import io
-
-    import numpy as np
-
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(
         buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
@@ -400,8 +375,6 @@ def _reserve_cache(d: Path, nbytes: int) -> tuple[int, Path] | None:
     descriptor and its path; None if the cache cannot be written or has no room.
 
     Temporaries that dead processes left in ``d`` (killed mid-decode) are removed first."""
-    from kdcli.io.files import remove_stale_temps, temp_path
-
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -434,9 +407,6 @@ def _place_cache(d: Path, tmp: Path, key: dict[str, Any], shape: tuple[int, ...]
 
     If the cache's entries cannot be replaced (an entry is a folder), the temporary is
     mapped and then removed, so the images are used this once without a cache."""
-    from kdcli.io.files import sha256_file, temp_path
-    from kdcli.io.storage import map_npy
-
     target, manifest_path = d / "inputs.npy", d / "manifest.json"
     mtmp = temp_path(manifest_path)
     try:
@@ -453,7 +423,3 @@ def _place_cache(d: Path, tmp: Path, key: dict[str, Any], shape: tuple[int, ...]
     finally:
         mtmp.unlink(missing_ok=True)
     return map_npy(target)
-
-
-def _first(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -12,21 +12,25 @@ with the column and row.
 
 from __future__ import annotations
 
+import codecs
 import collections
 import contextlib
+import gzip
 import math
 import re
+import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+from kdcli.data.base import DataOptions, Loaded, first_line
 from kdcli.errors import DataError, quote_name
-
-if TYPE_CHECKING:
-    import numpy as np
-
-    from kdcli.data.base import DataOptions
 
 _PIXEL = re.compile(r"^pixel(\d+)$")
 # The longest CSV line (or file, read as one block) pyarrow is given: 256 MiB.
@@ -34,26 +38,18 @@ MAX_BLOCK = 256 << 20
 _MAX_LABEL = 2**62  # larger values do not fit an int64 class index (and are not classes)
 
 
-@dataclass
-class Table:
-    """A table read as examples (see the module docstring)."""
-
-    inputs: np.ndarray
-    labels: np.ndarray | None
-    class_names: list[str] | None
-    feature_names: list[str]
-
-
-def load_table(path: Path, opts: DataOptions) -> Table:
+def read(path: Path, split: str, options: DataOptions) -> Loaded:
     """Read a CSV/TSV/Parquet file as examples.
+
+    Returns:
+        Features as float32 ``[N, F]`` (or uint8 images, see the module docstring), labels,
+        class names for string labels, and the feature names.
 
     Raises:
         DataError: a missing column, a non-numeric or missing value, or a ragged row, each
             naming the column and row.
     """
-    import numpy as np
-
-    table = _read(path)
+    table = _read_table(path)
     names = list(table.column_names)
     counts = collections.Counter(names)
     dup = next((c for c in names if counts[c] > 1), None)
@@ -63,8 +59,8 @@ def load_table(path: Path, opts: DataOptions) -> Table:
     if table.num_rows == 0:
         raise DataError(f"{path} holds no rows (columns: {_few(names)})",
                         "Give a table with a header and at least one row")
-    label = _label_column(names, opts, path)
-    features = _feature_columns(table, label, opts, path)
+    label = _label_column(names, options, path)
+    features = _feature_columns(table, label, options, path)
     columns = []
     for name in features:
         col = table.column(name)
@@ -73,12 +69,10 @@ def load_table(path: Path, opts: DataOptions) -> Table:
     inputs = np.stack(columns, axis=1) if columns else np.zeros((table.num_rows, 0))
     inputs = _as_images(inputs, features) if inputs.size else inputs.astype(np.float32)
     labels, class_names = (None, None) if label is None else _labels(table, label, path)
-    return Table(inputs, labels, class_names, features)
+    return Loaded(inputs, labels, class_names, features)
 
 
-def _read(path: Path):
-    import pyarrow as pa
-
+def _read_table(path: Path) -> pa.Table:
     parquet = path.suffix.lower() in (".parquet", ".pq")
     bad: list[Any] = []
 
@@ -88,11 +82,7 @@ def _read(path: Path):
 
     try:
         if parquet:
-            import pyarrow.parquet as pq
-
             return pq.read_table(path)
-        import pyarrow.csv as pcsv
-
         _check_text(path)
         delimiter = "\t" if ".tsv" in "".join(path.suffixes).lower() else ","
         with _no_unraisable():
@@ -113,7 +103,7 @@ def _read(path: Path):
             raise DataError(f"{path} {where} has {r.actual_columns} fields, but the header "
                             f"has {r.expected_columns} columns",
                             "Give every row the same number of fields") from e
-        first = _printable((str(e).strip().splitlines() or [type(e).__name__])[0][:200])
+        first = _printable(first_line(e))
         kind = "Parquet" if parquet else "CSV"
         raise DataError(f"cannot read {path} as {kind}: {first}",
                         f"Check that the file is a valid {kind} table") from e
@@ -132,9 +122,6 @@ def _block_size(path: Path) -> int:
 def _check_text(path: Path) -> None:
     """Refuse a CSV whose start is not text (NUL bytes, or not UTF-8), before pyarrow
     prints the raw bytes."""
-    import codecs
-    import gzip
-
     head = b""
     opener = gzip.open if path.suffix.lower() == ".gz" else open
     with contextlib.suppress(OSError, EOFError), opener(path, "rb") as f:
@@ -154,8 +141,6 @@ def _check_text(path: Path) -> None:
 def _no_unraisable() -> Iterator[None]:
     """Hold back the 'Exception ignored in ...' tracebacks pyarrow prints when a row it
     hands to a callback is not UTF-8 (the read then fails and kdcli reports it)."""
-    import sys
-
     old = sys.unraisablehook
     sys.unraisablehook = lambda unraisable: None
     try:
@@ -207,8 +192,6 @@ def _is_text(col: Any) -> bool:
 
     A string column holding some numbers is kept, so that its first bad value is reported.
     """
-    import pyarrow as pa
-
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
         return False
     return not any(_parses(v) for v in col.to_pylist() if v is not None)
@@ -223,8 +206,6 @@ def _parses(v: Any) -> bool:
 
 
 def _check_present(col: Any, name: str, path: Path) -> None:
-    import pyarrow.compute as pc
-
     if col.null_count:
         row = int(pc.index(pc.is_null(col), True).as_py())
         raise DataError(f"column {name!r} of {path} has a missing value in {_row(path, row)}",
@@ -233,9 +214,6 @@ def _check_present(col: Any, name: str, path: Path) -> None:
 
 def _numeric(col: Any, name: str, path: Path) -> np.ndarray:
     """A numeric column as a numpy array (integers stay integers, bools become 0/1)."""
-    import numpy as np
-    import pyarrow as pa
-
     t = col.type
     if pa.types.is_integer(t) or pa.types.is_floating(t):
         return col.to_numpy()
@@ -250,8 +228,6 @@ def _numeric(col: Any, name: str, path: Path) -> np.ndarray:
 
 def _as_images(inputs: np.ndarray, features: list[str]) -> np.ndarray:
     """Kaggle's ``pixel0..pixel{n-1}`` columns with values 0-255 -> uint8 ``[N, s, s]``."""
-    import numpy as np
-
     n = len(features)
     side = math.isqrt(n)
     is_pixels = side * side == n and all(
@@ -264,9 +240,6 @@ def _as_images(inputs: np.ndarray, features: list[str]) -> np.ndarray:
 
 def _labels(table: Any, label: str, path: Path) -> tuple[np.ndarray, list[str] | None]:
     """Integer class indices and, for string labels, the sorted class names."""
-    import numpy as np
-    import pyarrow as pa
-
     col = table.column(label)
     _check_present(col, label, path)
     t = col.type

@@ -33,10 +33,8 @@ from kdcli.options import (
     F,
     ForceOpt,
     GradClipOpt,
-    JsonOpt,
     LimitOpt,
     PrecisionOpt,
-    QuietOpt,
     ResumeOpt,
     SeedOpt,
     TrainDeviceOpt,
@@ -47,13 +45,14 @@ from kdcli.options import (
     floats,
     ints,
     model_options,
-    reporter,
+    output_options,
     train_options,
 )
 
 if TYPE_CHECKING:
     from kdcli.data.augment import AugmentConfig
     from kdcli.data.base import DataOptions
+    from kdcli.output import Reporter
     from kdcli.teachers.base import TeacherOptions
 
 
@@ -185,11 +184,13 @@ def _root(
 
 @command("train", "kdcli train --data mnist --hidden 1200 --layers 2 --dropout 0.5 "
          "--input-dropout 0.2 --max-norm 3.5 --jitter 2 --epochs 60 --out teacher.safetensors")
+@output_options()
 @data_options()
 @augment_options()
 @train_options(_TRAIN, "Peak learning rate.")
 def train_cmd(
     *,
+    data_options: "DataOptions",
     data: Annotated[str, typer.Option(help="Labelled training data: mnist, a path, ...[:N].")] = "mnist",
     hidden: Annotated[int | None, typer.Option(help="MLP hidden width  [default: 800]", show_default=False)] = None,
     layers: Annotated[int | None, typer.Option(help="Number of MLP hidden layers  [default: 2]", show_default=False)] = None,
@@ -204,15 +205,12 @@ def train_cmd(
     num_classes: Annotated[int | None, typer.Option(help="Classes of the model (default: largest label + 1, refused if most of them would have no example).")] = None,
     out: Annotated[Path, typer.Option(help="Output model file.")] = Path("model.safetensors"),
     resume: ResumeOpt = False,
-    data_options: "DataOptions",
     force: ForceOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    rep: "Reporter",
 ) -> None:
     """Train a model on hard labels (make a teacher or a baseline)."""
     from kdcli.train import train
 
-    rep = reporter(json_out, quiet)
     a = architecture(arch, hidden, layers, (800, 2), dropout=dropout,
                      input_dropout=input_dropout, max_norm=max_norm)
     rep.result(train(data, arch=a, out=out, config=config, augment=augmentation,
@@ -221,34 +219,35 @@ def train_cmd(
 
 
 @command("eval", "kdcli eval teacher.safetensors student.safetensors student.onnx --data mnist:test")
+@output_options()
 @data_options()
 @model_options(per="models")
 def eval_cmd(
     models: Annotated[list[Path], typer.Argument(help="Model files (kdcli, ONNX, TorchScript, ...).")],
     *,
+    data_options: "DataOptions",
     data: Annotated[str, typer.Option(help="Labelled data.")] = "mnist:test",
     limit: LimitOpt = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 1000,
     options: "list[TeacherOptions]",
-    data_options: "DataOptions",
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    rep: "Reporter",
 ) -> None:
     """Report errors, accuracy, NLL, ECE, size and agreement of models."""
     from kdcli.evaluate import evaluate
 
-    rep = reporter(json_out, quiet)
     rep.result(evaluate([str(m) for m in models], data, limit=limit, batch_size=batch_size,
                         options=options, reporter=rep, data_options=data_options))
 
 
 @command("soft-targets", "kdcli soft-targets teacher.safetensors --T 20 --out transfer.safetensors")
+@output_options()
 @data_options()
 @model_options(per="teachers")
 @augment_options()
 def soft_targets_cmd(
     teachers: Annotated[list[Path], typer.Argument(help="Teacher file(s) or Hugging Face checkpoint folder(s); several form an ensemble.")],
     *,
+    data_options: "DataOptions",
     T: Annotated[float | None, typer.Option("--T", "-T", help="Softmax temperature of the soft targets (default: 20, the paper's; 2 when every teacher outputs probabilities, as tree ensembles do).", show_default=False)] = None,
     data: Annotated[str, typer.Option(help="Transfer data: mnist:train, a path, ...[:N].")] = "mnist:train",
     out: Annotated[Path, typer.Option(help="Output transfer set: a .safetensors file, or NAME.index.json for a sharded set.")] = Path("transfer.safetensors"),
@@ -267,10 +266,8 @@ def soft_targets_cmd(
     targets_dtype: Annotated[str, typer.Option(help="Dtype of stored top-k logits: float32 or float16.")] = "float32",
     shard_size: Annotated[str | None, typer.Option(help="Largest shard file of a sharded set, e.g. 500MB (default 1GB with an .index.json --out).")] = None,
     seed: SeedOpt = 0,
-    data_options: "DataOptions",
     force: ForceOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    rep: "Reporter",
 ) -> None:
     """Run a teacher (or an ensemble) and write soft targets at temperature T.
 
@@ -283,7 +280,6 @@ def soft_targets_cmd(
     from kdcli.checks import check_class_filter
     from kdcli.soft_targets import soft_targets
 
-    rep = reporter(json_out, quiet)
     keep, drop = ints(classes, "--classes"), ints(exclude_classes, "--exclude-classes")
     check_class_filter(keep, drop)
     rep.result(soft_targets(
@@ -296,10 +292,12 @@ def soft_targets_cmd(
 
 
 @command("train-student", "kdcli train-student --hidden 300 --alpha 0.1")
+@output_options()
 @data_options()
 @train_options(_STUDENT, "Peak learning rate (T^2 makes early gradients large: keep a --warmup).")
 def train_student_cmd(
     *,
+    data_options: "DataOptions",
     transfer: Annotated[Path, typer.Option(help="Transfer set from soft-targets (a file, or a sharded set's .index.json).")] = Path("transfer.safetensors"),
     hidden: Annotated[int | None, typer.Option(help="Student MLP hidden width  [default: 300]", show_default=False)] = None,
     layers: Annotated[int | None, typer.Option(help="Student MLP hidden layers  [default: 2]", show_default=False)] = None,
@@ -314,10 +312,8 @@ def train_student_cmd(
     eval_data: EvalDataOpt = "auto",
     out: Annotated[Path, typer.Option(help="Output student model file.")] = Path("student.safetensors"),
     resume: ResumeOpt = False,
-    data_options: "DataOptions",
     force: ForceOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    rep: "Reporter",
 ) -> None:
     """Train a student against a transfer set at temperature T.
 
@@ -327,7 +323,6 @@ def train_student_cmd(
     """
     from kdcli.train import train_student
 
-    rep = reporter(json_out, quiet)
     a = architecture(arch, hidden, layers, (300, 2), dropout=dropout)
     distill = DistillConfig(T=T, alpha=alpha, loss=loss, center=center, tail=tail)
     rep.result(train_student(transfer, arch=a, distill=distill, out=out, config=config,
@@ -336,10 +331,12 @@ def train_student_cmd(
 
 
 @command("export", "kdcli export student.onnx --model student.safetensors")
+@output_options()
 @data_options(only_given=True)
 def export_cmd(
     output: Annotated[Path, typer.Argument(help="The ONNX file to write.")] = Path("student.onnx"),
     *,
+    data_options: "DataOptions | None",
     model: Annotated[Path, typer.Option(help="kdcli model file to export.")] = Path("student.safetensors"),
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's).")] = None,
     outputs: Annotated[str, typer.Option(help="logits, probs or both.")] = "logits",
@@ -347,25 +344,24 @@ def export_cmd(
     atol: Annotated[float, typer.Option(help="Max |logit difference| allowed vs torch.")] = 1e-4,
     data: Annotated[str | None, typer.Option(help="Real inputs to verify on (default: the model's data if it is bundled MNIST; a recorded path must be named again).")] = None,
     verbose: Annotated[bool, typer.Option(help="Show the exporter's messages and warnings.")] = False,
-    data_options: "DataOptions | None",
     force: ForceOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    rep: "Reporter",
 ) -> None:
     """Export a model to ONNX (preprocessing inside) and verify it against torch."""
     from kdcli.export import main_export
 
-    rep = reporter(json_out, quiet)
     rep.result(main_export(model, output, opset=opset, outputs=outputs, batch=batch, atol=atol,
                            data=data, force=force, verbose=verbose, reporter=rep,
                            data_options=data_options))
 
 
 @command("calibrate-bias", "kdcli calibrate-bias --model student.safetensors --teacher teacher.safetensors --data mnist:train --out calibrated.safetensors")
+@output_options()
 @data_options(only_given=True)
 @model_options()
 def calibrate_bias_cmd(
     *,
+    data_options: "DataOptions | None",
     model: Annotated[Path, typer.Option(help="kdcli model to correct.")] = Path("student.safetensors"),
     out: Annotated[Path, typer.Option(help="Corrected model file.")] = Path("calibrated.safetensors"),
     teacher: Annotated[Path | None, typer.Option(help="Teacher whose mean prediction at T=1 on --data is the target.")] = None,
@@ -375,10 +371,8 @@ def calibrate_bias_cmd(
     classes: Annotated[str | None, typer.Option(help="Only shift these classes' biases, e.g. 3.")] = None,
     eval_data: Annotated[str | None, typer.Option(help="Labelled data to report errors before and after.")] = None,
     options: "list[TeacherOptions]",
-    data_options: "DataOptions | None",
     force: ForceOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    rep: "Reporter",
 ) -> None:
     """Fit per-class output-bias shifts so the model's mean prediction matches a target.
 
@@ -387,7 +381,6 @@ def calibrate_bias_cmd(
     """
     from kdcli.calibrate import calibrate_bias
 
-    rep = reporter(json_out, quiet)
     rep.result(calibrate_bias(model, out, data=data, teacher=teacher, transfer=transfer,
                               options=options[0], target=target,
                               classes=ints(classes, "--classes"), eval_data=eval_data,
@@ -395,10 +388,12 @@ def calibrate_bias_cmd(
 
 
 @command("sweep", "kdcli sweep teacher.safetensors --T 1,2,2.5,4,8,20 --hidden 30,300 --seeds 0,1")
+@output_options()
 @data_options()
 def sweep_cmd(
     teacher: Annotated[Path, typer.Argument(help="The teacher model file.")],
     *,
+    data_options: "DataOptions",
     T: Annotated[str, typer.Option("--T", "-T", help="Temperatures, e.g. 1,2,2.5,4,8,20.")] = "1,2,4,8,20",
     hidden: Annotated[str, typer.Option(help="Student widths, e.g. 30,300.")] = "30,300",
     layers: Annotated[int, typer.Option(help="Hidden layers of each student.")] = 2,
@@ -415,14 +410,11 @@ def sweep_cmd(
     out_dir: Annotated[Path, typer.Option(help="Folder for everything the sweep writes (finished points are kept).")] = Path("sweep"),
     force: Annotated[bool, typer.Option("--force", "-f", help="Start afresh: delete what an earlier sweep left in --out-dir.")] = False,
     device: TrainDeviceOpt = _STUDENT.device,
-    data_options: "DataOptions",
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    rep: "Reporter",
 ) -> None:
     """Train students over a grid of T and widths; print a table and plot errors against T."""
     from kdcli.sweep import sweep
 
-    rep = reporter(json_out, quiet)
     cfg = student_config(epochs=epochs, lr=lr, warmup=warmup, grad_clip=grad_clip,
                          batch_size=batch_size, precision=precision, device=device)
     rep.result(sweep(teacher, temperatures=floats(T, "--T") or [],
@@ -433,15 +425,16 @@ def sweep_cmd(
 
 
 @command("inspect", "kdcli inspect transfer.safetensors")
+@output_options(quiet=False)
 def inspect_cmd(
     file: Annotated[Path, typer.Argument(help="A transfer set, kdcli model, ONNX model or Hugging Face checkpoint folder.")],
+    *,
     verify: Annotated[bool, typer.Option(help="Transfer sets: also verify the checksums and every stored row (as training does).")] = False,
-    json_out: JsonOpt = False,
+    rep: "Reporter",
 ) -> None:
     """Show a file's format, metadata, tensors and dark knowledge."""
     from kdcli.inspection import inspect_file
 
-    rep = reporter(json_out, False)
     rep.result(inspect_file(file, reporter=rep, verify=verify))
 
 

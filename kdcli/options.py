@@ -170,12 +170,21 @@ def augment_options() -> Callable[[F], F]:
     return _group("augmentation", params, build)
 
 
-def reporter(json_out: bool, quiet: bool) -> Any:
-    """The :class:`~kdcli.output.Reporter` of ``--json`` and ``--quiet``."""
-    from kdcli.output import Reporter
+def output_options(quiet: bool = True) -> Callable[[F], F]:
+    """Decorator: ``--json`` (and ``--quiet``, unless ``quiet`` is False), passed to the
+    command as its ``rep`` parameter, the :class:`~kdcli.output.Reporter` they choose."""
+    params = [_option("json_out", JsonOpt, False)]
+    if quiet:
+        params.append(_option("quiet", QuietOpt, False))
 
-    # --json --quiet: the JSON result on stdout, and nothing on stderr
-    return Reporter("json" if json_out else "quiet" if quiet else "rich")
+    def build(values: dict[str, Any], _: dict[str, Any]) -> Any:
+        from kdcli.output import Reporter
+
+        # --json --quiet: the JSON result on stdout, and nothing on stderr
+        return Reporter("json" if values["json_out"] else
+                        "quiet" if values.get("quiet") else "rich")
+
+    return _group("rep", params, build)
 
 
 def _data_options(label_column: str | None, feature_columns: str | None,

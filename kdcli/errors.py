@@ -60,6 +60,10 @@ class DistributedError(KdcliError):
     """A rank failed, or the ranks of a torchrun job could not reach each other."""
 
 
+class ResourceError(KdcliError):
+    """A command would need more memory (or disk) than the machine has."""
+
+
 class OutputWriteError(KdcliError):
     """An output could not be written (disk full, read-only folder, no permission)."""
 

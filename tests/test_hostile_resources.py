@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcli.resources import ResourceError
+from kdcli.errors import ResourceError
 
 ROOT = Path(__file__).parents[1]
 

@@ -1,14 +1,15 @@
-"""The ``kdcli`` command line: it only wires options to library functions.
+"""The ``kdcli`` command line: the app, the one error wrapper, and the commands.
 
-Each command checks its options, builds a :class:`~kdcli.output.Reporter` and calls one
-library function, which is also the public Python API. Heavy imports (torch, onnx,
-onnxruntime) happen inside those functions, so ``kdcli --help`` stays fast.
+Each command takes its options (defined once in :mod:`kdcli.options`), builds a
+:class:`~kdcli.output.Reporter` and calls one library function, which is also the public
+Python API. Heavy imports (torch, onnx, onnxruntime) happen inside those functions, so
+``kdcli --help`` stays fast.
+
+No ``from __future__ import annotations`` here: Typer reads the commands' signatures, which
+the option groups of :mod:`kdcli.options` rewrite, with their annotations evaluated.
 """
 
-from __future__ import annotations
-
 import contextlib
-import dataclasses
 import functools
 import logging
 import os
@@ -17,7 +18,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
@@ -25,6 +26,34 @@ from typer.core import TyperGroup
 from kdcli import __version__
 from kdcli.config import SWEEP_ALPHA, DistillConfig, TrainConfig, student_config
 from kdcli.errors import UsageError, one_line, user_message
+from kdcli.options import (
+    BatchOpt,
+    EpochsOpt,
+    EvalDataOpt,
+    F,
+    ForceOpt,
+    GradClipOpt,
+    LimitOpt,
+    PrecisionOpt,
+    ResumeOpt,
+    SeedOpt,
+    TrainDeviceOpt,
+    WarmupOpt,
+    architecture,
+    augment_options,
+    data_options,
+    floats,
+    ints,
+    model_options,
+    output_options,
+    train_options,
+)
+
+if TYPE_CHECKING:
+    from kdcli.data.augment import AugmentConfig
+    from kdcli.data.base import DataOptions
+    from kdcli.output import Reporter
+    from kdcli.teachers.base import TeacherOptions
 
 
 class _OneLineErrors(TyperGroup):
@@ -66,109 +95,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-F = TypeVar("F", bound=Callable[..., Any])
-
 # The option defaults, from the one place each is defined (kdcli.config).
 _TRAIN, _STUDENT, _DISTILL = TrainConfig(), student_config(), DistillConfig()
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
-ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
-SeedOpt = Annotated[int, typer.Option(help="Random seed (same seed: same weights on CPU).")]
-PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 autocast where the CPU or GPU has bf16 units, else fp32), fp32 or bf16.")]
-# Optimization options shared by train and train-student (see kdcli.train.TrainConfig).
-BatchOpt = Annotated[int, typer.Option(help="Examples per step.")]
-OptimizerOpt = Annotated[str, typer.Option(help="sgd (Nesterov momentum) or adam.")]
-MomentumOpt = Annotated[float, typer.Option(help="SGD momentum.")]
-WeightDecayOpt = Annotated[float, typer.Option(help="L2 weight decay.")]
-ScheduleOpt = Annotated[str, typer.Option(help="cosine (per step) or constant.")]
-WarmupOpt = Annotated[float, typer.Option(help="Epochs of linear learning-rate warmup before the schedule (lets a higher --lr train stably).")]
-EpochsOpt = Annotated[int | None, typer.Option(help="Passes over the data  [default: 20, or more on a small set, so that training takes at least 2,000 steps (at most 1,000 epochs)]", show_default=False)]
-GradClipOpt = Annotated[float, typer.Option(help="Rescale each step's gradient to at most this L2 norm (0: off).")]
-EvalDataOpt = Annotated[str, typer.Option(help="Data for per-epoch test errors (auto: mnist:test for MNIST; none).")]
-ResumeOpt = Annotated[bool, typer.Option(help="Continue from OUT.ckpt after an interruption.")]
-DryRunOpt = Annotated[bool, typer.Option(help="Train one batch; write nothing.")]
-TrainDeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, or auto (cuda when present).")]
-StopAfterOpt = Annotated[int | None, typer.Option(help="Stop after this epoch, keeping OUT.ckpt; continue later with --resume (for time-limited job slots).")]
-# Augmentation options shared by train and soft-targets (see kdcli.data.augment.AugmentConfig).
-JitterOpt = Annotated[int, typer.Option(help="Shift images by up to K pixels, zero-filled.")]
-AugmentOpt = Annotated[str | None, typer.Option(help="Augmentation preset: crop-flip (--crop-pad 4 --flip, the usual choice for natural images) or none; the options below override it.")]
-CropPadOpt = Annotated[int | None, typer.Option(help="Random crop of the original size after padding P pixels on each side.", show_default=False)]
-PadModeOpt = Annotated[str | None, typer.Option(help="How --crop-pad pads: zero (default) or reflect.", show_default=False)]
-FlipOpt = Annotated[bool | None, typer.Option("--flip/--no-flip", help="Mirror images left-right with probability 1/2.", show_default=False)]
-NormalizeOpt = Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="Zero-mean, unit-variance inputs, or only scaled (8-bit pixels to [0, 1]). Default: normalize unless --input-dropout is used, so that a dropped pixel is black.", show_default=False)]
-NormalizeByOpt = Annotated[str, typer.Option(help="How --normalize standardizes: auto (tables per feature, [C,H,W] colour images per channel, else one mean and std), scalar, channel or feature.")]
-# How tables and image folders are read: one definition, taken by every command that reads
-# data (see kdcli.data.base.DataOptions and _data_options).
-LabelColumnOpt = Annotated[str | None, typer.Option(help="Table: the label column (default: label when present, else unlabelled; none: unlabelled).", rich_help_panel="Tables and image folders")]
-FeatureColumnsOpt = Annotated[str | None, typer.Option(help="Table: feature columns, comma-separated (default: every other numeric column).", rich_help_panel="Tables and image folders")]
-ChannelsOpt = Annotated[int | None, typer.Option(help="Images: 1 (grayscale) or 3 (RGB) channels (default: RGB if any image is in colour).", rich_help_panel="Tables and image folders")]
-ImageSizeOpt = Annotated[str | None, typer.Option(help="Images: resize all to H,W, e.g. 32,32 (needed when sizes differ).", rich_help_panel="Tables and image folders")]
-
-
-def _data_options(label_column: str | None, feature_columns: str | None,
-                  channels: int | None, image_size: str | None):
-    """The :class:`~kdcli.data.base.DataOptions` of the shared table/image options."""
-    from kdcli.data.base import DataOptions
-
-    size = _ints(image_size, "--image-size")
-    if size is not None and len(size) == 1:
-        size = size * 2
-    columns = [c.strip() for c in feature_columns.split(",") if c.strip()] \
-        if feature_columns is not None else None
-    opts = DataOptions(label_column=label_column or None,
-                       feature_columns=tuple(columns) if feature_columns is not None else None,
-                       channels=channels, image_size=tuple(size) if size else None)
-    opts.check()
-    return opts
-
-# How to feed a foreign model: the same options, from this one definition, for every command
-# that runs one (soft-targets, eval, calibrate-bias --teacher). Each is given once for all
-# models, or once per model; see model_options().
-ModelArchOpt = Annotated[list[str] | None, typer.Option("--arch", help="For a bare state dict: mlp:1200,1200, or package.module:factory, which IMPORTS AND RUNS your code (the working folder is on the import path); the factory must be a class or function of your own that returns an nn.Module (per model).")]
-InputShapeOpt = Annotated[list[str] | None, typer.Option(help="Per-example shape the model takes, e.g. 1,28,28 (per model).")]
-ScaleOpt = Annotated[list[float] | None, typer.Option(help="Divide raw inputs by this (per model).")]
-MeanOpt = Annotated[list[str] | None, typer.Option(help="Then subtract this: one value, or one per channel or feature, comma-separated (per model).")]
-StdOpt = Annotated[list[str] | None, typer.Option(help="Then divide by this: one value, or one per channel or feature (per model).")]
-ModelOutputOpt = Annotated[list[str] | None, typer.Option("--teacher-output", help="What the model outputs: logits, log-probs or probs (default: detected; per model).")]
-OutputNameOpt = Annotated[list[str] | None, typer.Option("--output", help="Which ONNX output to use (per model).")]
-TrustPickleOpt = Annotated[bool, typer.Option(help="Allow pickled nn.Modules: this RUNS CODE from the file.")]
-
-
-def model_options(count: int, *, arch: list[str] | None = None,
-                  input_shape: list[str] | None = None, scale: list[float] | None = None,
-                  mean: list[str] | None = None, std: list[str] | None = None,
-                  teacher_output: list[str] | None = None, output: list[str] | None = None,
-                  trust_pickle: bool = False) -> list:
-    """One :class:`~kdcli.teachers.base.TeacherOptions` per model from the shared model options.
-
-    Raises:
-        UsageError: an option was given neither once nor once per model.
-    """
-    from kdcli.checks import check_arch_spec, check_preprocessing_options
-    from kdcli.teachers.base import TeacherOptions, parse_shape
-
-    per = {"arch": arch, "input_shape": input_shape, "scale": scale, "mean": mean, "std": std,
-           "teacher_output": teacher_output, "output": output}
-    for flag, values in per.items():
-        if values and len(values) not in (1, count):
-            raise UsageError(f"--{flag.replace('_', '-')} was given {len(values)} times for "
-                             f"{count} models", "Give it once for all models, or once per model")
-
-    def pick(values: list | None, i: int) -> Any:
-        return values[i if len(values) > 1 else 0] if values else None
-
-    for a in arch or []:
-        check_arch_spec(a, student=False)
-    for i in range(count):
-        check_preprocessing_options(pick(scale, i), _stats(pick(mean, i), "--mean"),
-                                    _stats(pick(std, i), "--std"))
-    return [TeacherOptions(arch=pick(arch, i),
-                           input_shape=parse_shape(pick(input_shape, i)) if input_shape else None,
-                           scale=pick(scale, i), mean=_stats(pick(mean, i), "--mean"),
-                           std=_stats(pick(std, i), "--std"), output=pick(teacher_output, i),
-                           output_name=pick(output, i), trust_pickle=trust_pickle)
-            for i in range(count)]
 
 
 # Commands that run under torchrun (the others refuse, rather than race on their outputs).
@@ -211,7 +139,7 @@ def command(name: str, example: str) -> Callable[[F], F]:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             from kdcli.distributed import launched_rank, launched_world
-            from kdcli.io.files import Terminated, handle_signals
+            from kdcli.io.files import handle_signals
 
             try:
                 if name not in DISTRIBUTED and launched_world() != "1":
@@ -227,9 +155,6 @@ def command(name: str, example: str) -> Callable[[F], F]:
                 if isinstance(e, SystemExit):
                     raise
                 message, code = user_message(e)
-                if isinstance(e, Terminated):
-                    message, code = message.replace("interrupted", "terminated (SIGTERM)",
-                                                    1), 143
                 if os.environ.get("KDCLI_DEBUG") == "1":
                     traceback.print_exc()
                 rank = launched_rank()
@@ -241,73 +166,6 @@ def command(name: str, example: str) -> Callable[[F], F]:
         return fn
 
     return deco
-
-
-def _reporter(json_out: bool, quiet: bool):
-    from kdcli.output import Reporter
-
-    # --json --quiet: the JSON result on stdout, and nothing on stderr
-    return Reporter("json" if json_out else "quiet" if quiet else "rich")
-
-
-def _ints(text: str | None, flag: str) -> list[int] | None:
-    from kdcli.checks import split_list
-
-    items = split_list(text, flag)
-    if items is None:
-        return None
-    try:
-        return [int(v) for v in items]
-    except ValueError as e:
-        raise UsageError(f"bad {flag} {text!r}", f"Use comma-separated integers, e.g. {flag} 7,8") from e
-
-
-def _floats(text: str | None, flag: str) -> list[float] | None:
-    from kdcli.checks import split_list
-
-    items = split_list(text, flag)
-    if items is None:
-        return None
-    try:
-        return [float(v) for v in items]
-    except ValueError as e:
-        raise UsageError(f"bad {flag} {text!r}", f"Use comma-separated numbers, e.g. {flag} 0.5,0.5") from e
-
-
-def _stats(text: str | None, flag: str) -> float | list[float] | None:
-    """One ``--mean``/``--std`` value, or a comma-separated list (per channel or feature)."""
-    values = _floats(text, flag)
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else values
-
-
-def _arch(arch: str | None, hidden: int | None, layers: int | None, defaults: tuple[int, int],
-          **kw: Any):
-    """The architecture of --arch, or of --hidden/--layers (``defaults`` when not given)."""
-    from kdcli.checks import check_arch_spec, check_width
-    from kdcli.students.base import Architecture
-
-    if check_arch_spec(arch):
-        given = [f for f, v in (("--hidden", hidden), ("--layers", layers)) if v is not None]
-        if given:
-            raise UsageError(f"--arch {arch} conflicts with {' and '.join(given)}",
-                             "Give the widths in --arch (e.g. mlp:300,300), or drop --arch")
-        return Architecture.parse(arch, **kw)
-    hidden = defaults[0] if hidden is None else hidden
-    layers = defaults[1] if layers is None else layers
-    if not 0 <= layers <= 64:
-        raise UsageError(f"--layers must be from 0 to 64, got {layers}", "Try --layers 2")
-    check_width(hidden)
-    a = Architecture("mlp", hidden=[hidden] * layers, **kw)
-    a.check()
-    return a
-
-
-def _train_config(options: dict[str, Any]) -> TrainConfig:
-    """The :class:`~kdcli.config.TrainConfig` of a command's options (those named like its
-    fields: train and train-student take all of them)."""
-    return TrainConfig(**{f.name: options[f.name] for f in dataclasses.fields(TrainConfig)})
 
 
 def _version(value: bool) -> None:
@@ -326,7 +184,13 @@ def _root(
 
 @command("train", "kdcli train --data mnist --hidden 1200 --layers 2 --dropout 0.5 "
          "--input-dropout 0.2 --max-norm 3.5 --jitter 2 --epochs 60 --out teacher.safetensors")
+@output_options()
+@data_options()
+@augment_options()
+@train_options(_TRAIN, "Peak learning rate.")
 def train_cmd(
+    *,
+    data_options: "DataOptions",
     data: Annotated[str, typer.Option(help="Labelled training data: mnist, a path, ...[:N].")] = "mnist",
     hidden: Annotated[int | None, typer.Option(help="MLP hidden width  [default: 800]", show_default=False)] = None,
     layers: Annotated[int | None, typer.Option(help="Number of MLP hidden layers  [default: 2]", show_default=False)] = None,
@@ -334,91 +198,56 @@ def train_cmd(
     dropout: Annotated[float, typer.Option(help="Dropout on hidden units.")] = 0.0,
     input_dropout: Annotated[float, typer.Option(help="Dropout on inputs (MLP).")] = 0.0,
     max_norm: Annotated[float | None, typer.Option(help="Max L2 norm of each hidden unit's incoming weights (the output layer is free).")] = None,
-    jitter: JitterOpt = 0,
-    augment: AugmentOpt = None,
-    crop_pad: CropPadOpt = None,
-    pad_mode: PadModeOpt = None,
-    flip: FlipOpt = None,
-    epochs: EpochsOpt = None,
-    batch_size: BatchOpt = _TRAIN.batch_size,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = _TRAIN.lr,
-    optimizer: OptimizerOpt = _TRAIN.optimizer,
-    momentum: MomentumOpt = _TRAIN.momentum,
-    weight_decay: WeightDecayOpt = _TRAIN.weight_decay,
-    schedule: ScheduleOpt = _TRAIN.schedule,
-    warmup: WarmupOpt = _TRAIN.warmup,
-    grad_clip: GradClipOpt = _TRAIN.grad_clip,
-    precision: PrecisionOpt = _TRAIN.precision,
-    seed: SeedOpt = _TRAIN.seed,
+    augmentation: "AugmentConfig",
+    config: TrainConfig,
     eval_data: EvalDataOpt = "auto",
-    limit: Annotated[int | None, typer.Option(help="Use only the first N examples.")] = None,
+    limit: LimitOpt = None,
     num_classes: Annotated[int | None, typer.Option(help="Classes of the model (default: largest label + 1, refused if most of them would have no example).")] = None,
     out: Annotated[Path, typer.Option(help="Output model file.")] = Path("model.safetensors"),
     resume: ResumeOpt = False,
-    dry_run: DryRunOpt = False,
-    stop_after: StopAfterOpt = None,
-    device: TrainDeviceOpt = _TRAIN.device,
-    normalize: NormalizeOpt = None,
-    normalize_by: NormalizeByOpt = _TRAIN.normalize_by,
-    label_column: LabelColumnOpt = None,
-    feature_columns: FeatureColumnsOpt = None,
-    channels: ChannelsOpt = None,
-    image_size: ImageSizeOpt = None,
     force: ForceOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    rep: "Reporter",
 ) -> None:
     """Train a model on hard labels (make a teacher or a baseline)."""
-    from kdcli.data.augment import AugmentConfig
     from kdcli.train import train
 
-    rep = _reporter(json_out, quiet)
-    dopts = _data_options(label_column, feature_columns, channels, image_size)
-    a = _arch(arch, hidden, layers, (800, 2), dropout=dropout, input_dropout=input_dropout, max_norm=max_norm)
-    cfg = _train_config(locals())
-    aug = AugmentConfig.from_options(augment, jitter=jitter or None, crop_pad=crop_pad,
-                                     pad_mode=pad_mode, flip=flip)
-    rep.result(train(data, arch=a, out=out, config=cfg, augment=aug, eval_data=eval_data,
-                     limit=limit, num_classes=num_classes, force=force, resume=resume,
-                     reporter=rep, data_options=dopts))
+    a = architecture(arch, hidden, layers, (800, 2), dropout=dropout,
+                     input_dropout=input_dropout, max_norm=max_norm)
+    rep.result(train(data, arch=a, out=out, config=config, augment=augmentation,
+                     eval_data=eval_data, limit=limit, num_classes=num_classes, force=force,
+                     resume=resume, reporter=rep, data_options=data_options))
 
 
 @command("eval", "kdcli eval teacher.safetensors student.safetensors student.onnx --data mnist:test")
+@output_options()
+@data_options()
+@model_options(per="models")
 def eval_cmd(
     models: Annotated[list[Path], typer.Argument(help="Model files (kdcli, ONNX, TorchScript, ...).")],
+    *,
+    data_options: "DataOptions",
     data: Annotated[str, typer.Option(help="Labelled data.")] = "mnist:test",
-    limit: Annotated[int | None, typer.Option(help="Use only the first N examples.")] = None,
+    limit: LimitOpt = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 1000,
-    arch: ModelArchOpt = None,
-    input_shape: InputShapeOpt = None,
-    scale: ScaleOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    teacher_output: ModelOutputOpt = None,
-    output: OutputNameOpt = None,
-    trust_pickle: TrustPickleOpt = False,
-    label_column: LabelColumnOpt = None,
-    feature_columns: FeatureColumnsOpt = None,
-    channels: ChannelsOpt = None,
-    image_size: ImageSizeOpt = None,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    options: "list[TeacherOptions]",
+    rep: "Reporter",
 ) -> None:
     """Report errors, accuracy, NLL, ECE, size and agreement of models."""
     from kdcli.evaluate import evaluate
 
-    rep = _reporter(json_out, quiet)
-    dopts = _data_options(label_column, feature_columns, channels, image_size)
-    opts = model_options(len(models), arch=arch, input_shape=input_shape, scale=scale,
-                         mean=mean, std=std, teacher_output=teacher_output, output=output,
-                         trust_pickle=trust_pickle)
     rep.result(evaluate([str(m) for m in models], data, limit=limit, batch_size=batch_size,
-                        options=opts, reporter=rep, data_options=dopts))
+                        options=options, reporter=rep, data_options=data_options))
 
 
 @command("soft-targets", "kdcli soft-targets teacher.safetensors --T 20 --out transfer.safetensors")
+@output_options()
+@data_options()
+@model_options(per="teachers")
+@augment_options()
 def soft_targets_cmd(
     teachers: Annotated[list[Path], typer.Argument(help="Teacher file(s) or Hugging Face checkpoint folder(s); several form an ensemble.")],
+    *,
+    data_options: "DataOptions",
     T: Annotated[float | None, typer.Option("--T", "-T", help="Softmax temperature of the soft targets (default: 20, the paper's; 2 when every teacher outputs probabilities, as tree ensembles do).", show_default=False)] = None,
     data: Annotated[str, typer.Option(help="Transfer data: mnist:train, a path, ...[:N].")] = "mnist:train",
     out: Annotated[Path, typer.Option(help="Output transfer set: a .safetensors file, or NAME.index.json for a sharded set.")] = Path("transfer.safetensors"),
@@ -427,34 +256,18 @@ def soft_targets_cmd(
     batch_size: Annotated[int, typer.Option(help="Examples per teacher call.")] = 1024,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     precision: PrecisionOpt = "auto",
-    arch: ModelArchOpt = None,
-    input_shape: InputShapeOpt = None,
-    scale: ScaleOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    teacher_output: ModelOutputOpt = None,
-    output: OutputNameOpt = None,
-    trust_pickle: TrustPickleOpt = False,
+    options: "list[TeacherOptions]",
     classes: Annotated[str | None, typer.Option(help="Keep only these labels, e.g. 7,8.")] = None,
     exclude_classes: Annotated[str | None, typer.Option(help="Drop these labels, e.g. 3.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Use only the first N examples.")] = None,
+    limit: LimitOpt = None,
     copies: Annotated[int, typer.Option(help="Add this many augmented copies of each example (augmented by the options below).")] = 0,
-    jitter: JitterOpt = 0,
-    augment: AugmentOpt = None,
-    crop_pad: CropPadOpt = None,
-    pad_mode: PadModeOpt = None,
-    flip: FlipOpt = None,
+    augmentation: "AugmentConfig",
     top_k: Annotated[int | None, typer.Option(help="Store only the K largest logits per example, their classes and the tail mass (for many classes).")] = None,
     targets_dtype: Annotated[str, typer.Option(help="Dtype of stored top-k logits: float32 or float16.")] = "float32",
     shard_size: Annotated[str | None, typer.Option(help="Largest shard file of a sharded set, e.g. 500MB (default 1GB with an .index.json --out).")] = None,
     seed: SeedOpt = 0,
-    label_column: LabelColumnOpt = None,
-    feature_columns: FeatureColumnsOpt = None,
-    channels: ChannelsOpt = None,
-    image_size: ImageSizeOpt = None,
     force: ForceOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    rep: "Reporter",
 ) -> None:
     """Run a teacher (or an ensemble) and write soft targets at temperature T.
 
@@ -465,28 +278,26 @@ def soft_targets_cmd(
     number of examples; under torchrun each rank runs the teachers on its own share.
     """
     from kdcli.checks import check_class_filter
-    from kdcli.data.augment import AugmentConfig
     from kdcli.soft_targets import soft_targets
 
-    rep = _reporter(json_out, quiet)
-    dopts = _data_options(label_column, feature_columns, channels, image_size)
-    opts = model_options(len(teachers), arch=arch, input_shape=input_shape, scale=scale,
-                         mean=mean, std=std, teacher_output=teacher_output, output=output,
-                         trust_pickle=trust_pickle)
-    keep, drop = _ints(classes, "--classes"), _ints(exclude_classes, "--exclude-classes")
+    keep, drop = ints(classes, "--classes"), ints(exclude_classes, "--exclude-classes")
     check_class_filter(keep, drop)
     rep.result(soft_targets(
-        [str(t) for t in teachers], T, data, out, options=opts, combine=combine,
-        weights=_floats(weights, "--weights"), batch_size=batch_size, device=device,
+        [str(t) for t in teachers], T, data, out, options=options, combine=combine,
+        weights=floats(weights, "--weights"), batch_size=batch_size, device=device,
         precision=precision, classes=keep, exclude_classes=drop, limit=limit,
-        augment=AugmentConfig.from_options(augment, jitter=jitter or None, crop_pad=crop_pad,
-                                           pad_mode=pad_mode, flip=flip),
-        copies=copies, seed=seed, top_k=top_k, targets_dtype=targets_dtype,
-        shard_size=shard_size, force=force, reporter=rep, data_options=dopts))
+        augment=augmentation, copies=copies, seed=seed, top_k=top_k,
+        targets_dtype=targets_dtype, shard_size=shard_size, force=force, reporter=rep,
+        data_options=data_options))
 
 
 @command("train-student", "kdcli train-student --hidden 300 --alpha 0.1")
+@output_options()
+@data_options()
+@train_options(_STUDENT, "Peak learning rate (T^2 makes early gradients large: keep a --warmup).")
 def train_student_cmd(
+    *,
+    data_options: "DataOptions",
     transfer: Annotated[Path, typer.Option(help="Transfer set from soft-targets (a file, or a sharded set's .index.json).")] = Path("transfer.safetensors"),
     hidden: Annotated[int | None, typer.Option(help="Student MLP hidden width  [default: 300]", show_default=False)] = None,
     layers: Annotated[int | None, typer.Option(help="Student MLP hidden layers  [default: 2]", show_default=False)] = None,
@@ -497,32 +308,12 @@ def train_student_cmd(
     loss: Annotated[str, typer.Option(help="kd: alpha*CE(y,softmax(z)) + (1-alpha)*T^2*CE(p_T,softmax(z/T)); mse: alpha*CE + (1-alpha)*1/2*mean_i (z_i-v_i)^2 on logits, the exact high-T limit of kd.")] = _DISTILL.loss,
     center: Annotated[bool, typer.Option(help="mse: centre both logit vectors per example.")] = _DISTILL.center,
     tail: Annotated[str, typer.Option(help="Top-k sets: student (spread the mass outside the top K like the student does), uniform (evenly) or renormalize (drop it).")] = _DISTILL.tail,
-    epochs: EpochsOpt = None,
-    batch_size: BatchOpt = _STUDENT.batch_size,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (T^2 makes early gradients large: keep a --warmup).")] = _STUDENT.lr,
-    optimizer: OptimizerOpt = _STUDENT.optimizer,
-    momentum: MomentumOpt = _STUDENT.momentum,
-    weight_decay: WeightDecayOpt = _STUDENT.weight_decay,
-    schedule: ScheduleOpt = _STUDENT.schedule,
-    warmup: WarmupOpt = _STUDENT.warmup,
-    grad_clip: GradClipOpt = _STUDENT.grad_clip,
-    precision: PrecisionOpt = _STUDENT.precision,
-    seed: SeedOpt = _STUDENT.seed,
+    config: TrainConfig,
     eval_data: EvalDataOpt = "auto",
     out: Annotated[Path, typer.Option(help="Output student model file.")] = Path("student.safetensors"),
     resume: ResumeOpt = False,
-    dry_run: DryRunOpt = False,
-    stop_after: StopAfterOpt = None,
-    device: TrainDeviceOpt = _STUDENT.device,
-    normalize: NormalizeOpt = None,
-    normalize_by: NormalizeByOpt = _STUDENT.normalize_by,
-    label_column: LabelColumnOpt = None,
-    feature_columns: FeatureColumnsOpt = None,
-    channels: ChannelsOpt = None,
-    image_size: ImageSizeOpt = None,
     force: ForceOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    rep: "Reporter",
 ) -> None:
     """Train a student against a transfer set at temperature T.
 
@@ -532,19 +323,20 @@ def train_student_cmd(
     """
     from kdcli.train import train_student
 
-    rep = _reporter(json_out, quiet)
-    dopts = _data_options(label_column, feature_columns, channels, image_size)
-    a = _arch(arch, hidden, layers, (300, 2), dropout=dropout)
-    cfg = _train_config(locals())
+    a = architecture(arch, hidden, layers, (300, 2), dropout=dropout)
     distill = DistillConfig(T=T, alpha=alpha, loss=loss, center=center, tail=tail)
-    rep.result(train_student(transfer, arch=a, distill=distill, out=out, config=cfg,
+    rep.result(train_student(transfer, arch=a, distill=distill, out=out, config=config,
                              eval_data=eval_data, force=force, resume=resume, reporter=rep,
-                             data_options=dopts))
+                             data_options=data_options))
 
 
 @command("export", "kdcli export student.onnx --model student.safetensors")
+@output_options()
+@data_options(only_given=True)
 def export_cmd(
     output: Annotated[Path, typer.Argument(help="The ONNX file to write.")] = Path("student.onnx"),
+    *,
+    data_options: "DataOptions | None",
     model: Annotated[Path, typer.Option(help="kdcli model file to export.")] = Path("student.safetensors"),
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's).")] = None,
     outputs: Annotated[str, typer.Option(help="logits, probs or both.")] = "logits",
@@ -552,27 +344,24 @@ def export_cmd(
     atol: Annotated[float, typer.Option(help="Max |logit difference| allowed vs torch.")] = 1e-4,
     data: Annotated[str | None, typer.Option(help="Real inputs to verify on (default: the model's data if it is bundled MNIST; a recorded path must be named again).")] = None,
     verbose: Annotated[bool, typer.Option(help="Show the exporter's messages and warnings.")] = False,
-    label_column: LabelColumnOpt = None,
-    feature_columns: FeatureColumnsOpt = None,
-    channels: ChannelsOpt = None,
-    image_size: ImageSizeOpt = None,
     force: ForceOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    rep: "Reporter",
 ) -> None:
     """Export a model to ONNX (preprocessing inside) and verify it against torch."""
     from kdcli.export import main_export
 
-    rep = _reporter(json_out, quiet)
-    given = (label_column, feature_columns, channels, image_size) != (None, None, None, None)
-    dopts = _data_options(label_column, feature_columns, channels, image_size) if given else None
     rep.result(main_export(model, output, opset=opset, outputs=outputs, batch=batch, atol=atol,
                            data=data, force=force, verbose=verbose, reporter=rep,
-                           data_options=dopts))
+                           data_options=data_options))
 
 
 @command("calibrate-bias", "kdcli calibrate-bias --model student.safetensors --teacher teacher.safetensors --data mnist:train --out calibrated.safetensors")
+@output_options()
+@data_options(only_given=True)
+@model_options()
 def calibrate_bias_cmd(
+    *,
+    data_options: "DataOptions | None",
     model: Annotated[Path, typer.Option(help="kdcli model to correct.")] = Path("student.safetensors"),
     out: Annotated[Path, typer.Option(help="Corrected model file.")] = Path("calibrated.safetensors"),
     teacher: Annotated[Path | None, typer.Option(help="Teacher whose mean prediction at T=1 on --data is the target.")] = None,
@@ -581,21 +370,9 @@ def calibrate_bias_cmd(
     target: Annotated[str, typer.Option(help="teacher (mean soft prediction at T=1) or labels (label frequencies).")] = "teacher",
     classes: Annotated[str | None, typer.Option(help="Only shift these classes' biases, e.g. 3.")] = None,
     eval_data: Annotated[str | None, typer.Option(help="Labelled data to report errors before and after.")] = None,
-    arch: ModelArchOpt = None,
-    input_shape: InputShapeOpt = None,
-    scale: ScaleOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    teacher_output: ModelOutputOpt = None,
-    output: OutputNameOpt = None,
-    trust_pickle: TrustPickleOpt = False,
-    label_column: LabelColumnOpt = None,
-    feature_columns: FeatureColumnsOpt = None,
-    channels: ChannelsOpt = None,
-    image_size: ImageSizeOpt = None,
+    options: "list[TeacherOptions]",
     force: ForceOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    rep: "Reporter",
 ) -> None:
     """Fit per-class output-bias shifts so the model's mean prediction matches a target.
 
@@ -604,21 +381,19 @@ def calibrate_bias_cmd(
     """
     from kdcli.calibrate import calibrate_bias
 
-    rep = _reporter(json_out, quiet)
-    given = (label_column, feature_columns, channels, image_size) != (None, None, None, None)
-    dopts = _data_options(label_column, feature_columns, channels, image_size) if given else None
-    opts = model_options(1, arch=arch, input_shape=input_shape, scale=scale, mean=mean, std=std,
-                         teacher_output=teacher_output, output=output, trust_pickle=trust_pickle)
     rep.result(calibrate_bias(model, out, data=data, teacher=teacher, transfer=transfer,
-                              options=opts[0],
-                              target=target, classes=_ints(classes, "--classes"),
-                              eval_data=eval_data, force=force, reporter=rep,
-                              data_options=dopts))
+                              options=options[0], target=target,
+                              classes=ints(classes, "--classes"), eval_data=eval_data,
+                              force=force, reporter=rep, data_options=data_options))
 
 
 @command("sweep", "kdcli sweep teacher.safetensors --T 1,2,2.5,4,8,20 --hidden 30,300 --seeds 0,1")
+@output_options()
+@data_options()
 def sweep_cmd(
     teacher: Annotated[Path, typer.Argument(help="The teacher model file.")],
+    *,
+    data_options: "DataOptions",
     T: Annotated[str, typer.Option("--T", "-T", help="Temperatures, e.g. 1,2,2.5,4,8,20.")] = "1,2,4,8,20",
     hidden: Annotated[str, typer.Option(help="Student widths, e.g. 30,300.")] = "30,300",
     layers: Annotated[int, typer.Option(help="Hidden layers of each student.")] = 2,
@@ -635,37 +410,31 @@ def sweep_cmd(
     out_dir: Annotated[Path, typer.Option(help="Folder for everything the sweep writes (finished points are kept).")] = Path("sweep"),
     force: Annotated[bool, typer.Option("--force", "-f", help="Start afresh: delete what an earlier sweep left in --out-dir.")] = False,
     device: TrainDeviceOpt = _STUDENT.device,
-    label_column: LabelColumnOpt = None,
-    feature_columns: FeatureColumnsOpt = None,
-    channels: ChannelsOpt = None,
-    image_size: ImageSizeOpt = None,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    rep: "Reporter",
 ) -> None:
     """Train students over a grid of T and widths; print a table and plot errors against T."""
     from kdcli.sweep import sweep
 
-    rep = _reporter(json_out, quiet)
     cfg = student_config(epochs=epochs, lr=lr, warmup=warmup, grad_clip=grad_clip,
                          batch_size=batch_size, precision=precision, device=device)
-    rep.result(sweep(teacher, temperatures=_floats(T, "--T") or [], hidden=_ints(hidden, "--hidden") or [],
-                     layers=layers, data=data, distill=DistillConfig(alpha=alpha), config=cfg,
-                     seeds=_ints(seeds, "--seeds") or [], eval_data=eval_data,
-                     out_dir=out_dir, force=force, reporter=rep,
-                     data_options=_data_options(label_column, feature_columns, channels,
-                                                image_size)))
+    rep.result(sweep(teacher, temperatures=floats(T, "--T") or [],
+                     hidden=ints(hidden, "--hidden") or [], layers=layers, data=data,
+                     distill=DistillConfig(alpha=alpha), config=cfg,
+                     seeds=ints(seeds, "--seeds") or [], eval_data=eval_data, out_dir=out_dir,
+                     force=force, reporter=rep, data_options=data_options))
 
 
 @command("inspect", "kdcli inspect transfer.safetensors")
+@output_options(quiet=False)
 def inspect_cmd(
     file: Annotated[Path, typer.Argument(help="A transfer set, kdcli model, ONNX model or Hugging Face checkpoint folder.")],
+    *,
     verify: Annotated[bool, typer.Option(help="Transfer sets: also verify the checksums and every stored row (as training does).")] = False,
-    json_out: JsonOpt = False,
+    rep: "Reporter",
 ) -> None:
     """Show a file's format, metadata, tensors and dark knowledge."""
     from kdcli.inspection import inspect_file
 
-    rep = _reporter(json_out, False)
     rep.result(inspect_file(file, reporter=rep, verify=verify))
 
 

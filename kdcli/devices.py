@@ -6,17 +6,12 @@ copy, so the copy overlaps the GPU's work on the batch before; on the CPU nothin
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
+import torch
 
 
 def host_to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """``x`` on ``device``: unchanged on the CPU; on a GPU, copied from pinned memory
     without waiting (``non_blocking``), so the host can prepare the next batch meanwhile."""
-    import torch
-
     dev = torch.device(device)
     if dev.type != "cuda" or x.device.type == "cuda":
         return x.to(dev)
@@ -29,8 +24,6 @@ def use_tf32() -> None:
     """Let fp32 matrix multiplies and convolutions on a CUDA GPU use TF32 tensor cores
     (10-bit mantissa products, fp32 accumulation): several times faster on Ampere and later
     GPUs, and well within the noise of training. bf16 autocast is unaffected."""
-    import torch
-
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 

@@ -1,9 +1,9 @@
 """kdcli's exceptions, and the one table that maps errors to what the user sees.
 
-Every error kdcli raises on purpose is a :class:`KdcliError`. Its message says what is
-wrong; its ``hint`` says how to fix it. :func:`user_message` turns any exception into one
-line and an exit code, which the wrapper of every command (:func:`kdcli.cli.command`) prints
-after ``Error:``.
+Every error kdcli raises on purpose is a :class:`KdcliError` (:class:`Terminated`, for
+SIGTERM, is an interrupt instead). Its message says what is wrong; its ``hint`` says how to
+fix it. :func:`user_message` turns any exception into one line and an exit code, which the
+wrapper of every command (:func:`kdcli.cli.command`) prints after ``Error:``.
 """
 
 from __future__ import annotations
@@ -60,6 +60,22 @@ class DistributedError(KdcliError):
     """A rank failed, or the ranks of a torchrun job could not reach each other."""
 
 
+class ResourceError(KdcliError):
+    """A command would need more memory (or disk) than the machine has."""
+
+
+class OutputWriteError(KdcliError):
+    """An output could not be written (disk full, read-only folder, no permission)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The process got SIGTERM; handled like Ctrl-C (temporaries are removed).
+
+    A :class:`KeyboardInterrupt`, not a :class:`KdcliError`, so that ``except Exception``
+    never swallows it.
+    """
+
+
 def quote_name(name: object) -> str:
     """A name (a path, a column, a class folder) as it may appear in a message: as it is
     when printable, else Python's quoted form, so a name holding a line break or a
@@ -99,11 +115,16 @@ def user_message(exc: BaseException) -> tuple[str, int]:
     return one_line(message), code
 
 
+_NOT_WRITTEN = "Outputs were not written; rerun (with --resume where supported)"
+
+
 def _message(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, KdcliError):
         return str(exc), exc.exit_code
+    if isinstance(exc, Terminated):
+        return f"terminated (SIGTERM). {_NOT_WRITTEN}", 143
     if isinstance(exc, KeyboardInterrupt):
-        return "interrupted. Outputs were not written; rerun (with --resume where supported)", 130
+        return f"interrupted. {_NOT_WRITTEN}", 130
     if type(exc).__name__ in ("DistError", "DistBackendError", "DistNetworkError",
                               "DistStoreError") or "ProcessGroup" in str(exc)[:200]:
         first = first_line(exc, limit=None)

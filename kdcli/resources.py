@@ -15,16 +15,12 @@ import math
 import os
 from typing import Any
 
-from kdcli.errors import KdcliError, UsageError
+from kdcli.errors import ResourceError, UsageError
 
 # The largest counts kdcli takes whatever the memory: epochs and augmented copies (10^6 each;
 # a million epochs of one step each is already days of training).
 MAX_EPOCHS = 1_000_000
 MAX_COPIES = 1_000_000
-
-
-class ResourceError(KdcliError):
-    """A command would need more memory (or disk) than the machine has."""
 
 
 def available_memory() -> int | None:

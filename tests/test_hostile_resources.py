@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcli.resources import ResourceError
+from kdcli.errors import ResourceError
 
 ROOT = Path(__file__).parents[1]
 
@@ -230,7 +230,8 @@ def test_signal_while_shards_are_written_is_one_line_and_leaves_nothing(tmp_path
 def test_a_signal_inside_an_import_is_raised_after_it_never_inside(tmp_path, monkeypatch):
     """Raised inside a library's import, the signal could be swallowed (exit 0) or leave the
     module half-imported ("module 'numpy' has no attribute 'ndarray'")."""
-    from kdcli.io.files import Terminated, handle_signals
+    from kdcli.errors import Terminated
+    from kdcli.io.files import handle_signals
 
     (tmp_path / "kdcli_slow_import.py").write_text(
         "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\n"
@@ -246,7 +247,8 @@ def test_a_signal_inside_an_import_is_raised_after_it_never_inside(tmp_path, mon
 
 
 def test_a_swallowed_signal_still_stops_the_command(monkeypatch):
-    from kdcli.io.files import Terminated, handle_signals
+    from kdcli.errors import Terminated
+    from kdcli.io.files import handle_signals
 
     monkeypatch.setattr("kdcli.io.files._MAX_DEFERRALS", 0)  # raise wherever it lands
     with pytest.raises(Terminated), handle_signals():

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from kdcli.distributed import launched_world
-from kdcli.errors import DataError, KdcliError, OutputExistsError, UsageError, quote_name
+from kdcli.errors import (
+    DataError,
+    OutputExistsError,
+    OutputWriteError,
+    Terminated,
+    UsageError,
+    quote_name,
+)
 
 _WRITE_ERRORS = {errno.ENOSPC: "no space left on the device",
                  errno.EDQUOT: "the disk quota is exceeded",
@@ -30,14 +37,6 @@ _WRITE_ERRORS = {errno.ENOSPC: "no space left on the device",
                  errno.EPERM: "permission denied",
                  errno.EFBIG: "the file is too large for the file system"}
 _counter = itertools.count()
-
-
-class OutputWriteError(KdcliError):
-    """An output could not be written (disk full, read-only folder, no permission)."""
-
-
-class Terminated(KeyboardInterrupt):
-    """The process got SIGTERM; handled like Ctrl-C (temporaries are removed)."""
 
 
 # Signals a command received, those put off (not yet raised), and how often one was put off.

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from kdcli.errors import FormatError, ModelError, UnsafePickleError, UsageError
-from kdcli.teachers.base import TeacherOptions, detect_format, load_teacher
+from kdcli.teachers.base import TeacherOptions
+from kdcli.teachers.formats import detect_format, load_teacher
 
 sys.path.insert(0, str(Path(__file__).parent))
 

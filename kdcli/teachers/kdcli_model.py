@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from kdcli.output import Reporter
-from kdcli.students.base import MODEL_FORMAT, count_params, load_model, read_safetensors_metadata
+from kdcli.students.base import (
+    MODEL_FORMAT,
+    ModelFile,
+    count_params,
+    load_model,
+    read_safetensors_metadata,
+)
 from kdcli.teachers.base import (
     InputSpec,
     LoadRequest,
@@ -26,6 +32,16 @@ from kdcli.teachers.inputs import IDENTITY
 
 def _metadata(p: Path) -> dict[str, str] | None:
     return None if p.is_dir() else read_safetensors_metadata(p)
+
+
+def _class_names(mf: ModelFile) -> list[str] | None:
+    """The model's class names: the file's ``class_names`` (which ``train`` and
+    ``train-student`` write), else, for older files, those of its training summary."""
+    if mf.class_names is not None:
+        return mf.class_names
+    names = mf.training.get("class_names")
+    ok = isinstance(names, list) and len(names) == mf.num_classes
+    return [str(n) for n in names] if ok else None
 
 
 class KdcliModelFormat(TeacherFormat):
@@ -44,15 +60,12 @@ class KdcliModelFormat(TeacherFormat):
                 "model_preprocessing": asdict(mf.preprocessing),
                 "training": {k: mf.training.get(k) for k in ("command", "test_errors")
                              if k in mf.training}}
-        names = mf.training.get("class_names")
         runner, module = torch_runner(mf.model, req.device, req.precision)
         shape = req.user_shape or tuple(mf.preprocessing.raw_shape)
         return req.teacher(
             self, runner, module=module, inputs=(InputSpec(shape=shape),),
             preprocessing=dict(IDENTITY),  # the model does its own
-            meta=meta, num_classes=mf.num_classes,
-            class_names=[str(n) for n in names] if isinstance(names, list) and
-            len(names) == mf.num_classes else None)
+            meta=meta, num_classes=mf.num_classes, class_names=_class_names(mf))
 
     def class_names(self, path: Path) -> list[str] | None:
         return names_from_json((_metadata(path) or {}).get("class_names"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,7 +270,7 @@ class LoadRequest:
                        device=self.device, precision=self.precision, **{**base, **fields})
 
 
-class TeacherFormat:
+class TeacherFormat(ABC):
     """One entry of the formats table: everything kdcli asks of a format.
 
     A format module defines a subclass and exposes one instance as ``FORMAT``; the table
@@ -289,14 +290,14 @@ class TeacherFormat:
     own_preprocessing: bool = False
     picks_output: bool = False
 
+    @abstractmethod
     def detect(self, path: Path) -> bool:
         """Whether ``path`` holds this format (by content); may raise a FormatError that
         says what the path is instead."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load(self, req: LoadRequest) -> Teacher:
         """The provisional spec of the model at ``req.path`` (see :meth:`LoadRequest.teacher`)."""
-        raise NotImplementedError
 
     def digest(self, path: Path) -> str:
         """The SHA-256 that identifies the teacher."""

@@ -148,7 +148,7 @@ def _target(mf, data: str | None, teacher: str | Path | None, transfer: str | Pa
     from kdcli.data.base import recorded_options as _options
     from kdcli.data.sources import load_data, recorded_data
     from kdcli.evaluate import predict
-    from kdcli.teachers.base import load_teacher
+    from kdcli.teachers.formats import load_teacher
     from kdcli.transfer.base import load_transfer_set
 
     c = mf.num_classes

@@ -4,23 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+import torch.nn.functional as F
 
 from kdcli.checks import check_batch_size
+from kdcli.data.base import DataOptions, check_same_classes
+from kdcli.data.sources import load_data
 from kdcli.errors import DataError, ModelError, UsageError
 from kdcli.output import Reporter
-
-if TYPE_CHECKING:
-    import torch
-
-    from kdcli.data.base import DataOptions
+from kdcli.teachers.base import TeacherOptions
+from kdcli.teachers.formats import file_class_names, load_teacher
 
 
 def predict(fn: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
             batch_size: int = 1000) -> torch.Tensor:
     """Run ``fn`` over ``inputs`` in batches; return ``[N, C]`` float32 logits on the CPU."""
-    import torch
-
     with torch.inference_mode():
         return torch.cat([fn(inputs[i:i + batch_size]).float().cpu()
                           for i in range(0, inputs.shape[0], batch_size)])
@@ -34,9 +34,6 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,
         logits: ``[N, C]``.
         labels: ``[N]`` int64.
     """
-    import torch
-    import torch.nn.functional as F
-
     bad = ~torch.isfinite(logits).all(-1)
     if bool(bad.any()):
         rows = bad.nonzero()[:5, 0].tolist()
@@ -83,11 +80,6 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
     Returns:
         ``{"models": [...metrics...], "agreement": [[...]], "class_names": [...] | None}``.
     """
-    from kdcli.data.base import check_same_classes
-    from kdcli.data.sources import load_data
-    from kdcli.students.base import file_class_names
-    from kdcli.teachers.base import TeacherOptions, load_teacher
-
     rep = reporter or Reporter()
     if not models:
         raise UsageError("no model given", "Name at least one model file")
@@ -115,7 +107,7 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
                 return y
             logits = predict(fn, ds.inputs, batch_size)
         m = classification_metrics(logits, ds.labels)
-        m.update(model=str(path), format=t.format, params=_param_count(t),
+        m.update(model=str(path), format=t.format, params=t.param_count(),
                  file_bytes=Path(path).stat().st_size)
         results.append(m)
         preds.append(logits.argmax(-1))
@@ -135,23 +127,6 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
                    for i, row in enumerate(agreement)])
     return {"data": ds.source, "models": results, "agreement": agreement,
             "class_names": class_names}
-
-
-def _param_count(t) -> int | None:
-    runner_model = getattr(t, "module", None)
-    if t.format == "onnx":
-        import onnx
-        from onnx import numpy_helper
-
-        m = onnx.load(str(t.path))
-        arrays = (numpy_helper.to_array(i) for i in m.graph.initializer
-                  if "raw_mean" not in i.name and "raw_std" not in i.name)
-        # Learned tensors only: not the preprocessing's constants (scale, mean, std, also
-        # per channel or feature) or integer shapes.
-        return int(sum(a.size for a in arrays if a.ndim >= 1 and a.dtype.kind == "f"))
-    if runner_model is not None and hasattr(runner_model, "parameters"):
-        return sum(p.numel() for p in runner_model.parameters())
-    return None
 
 
 def _human_bytes(n: int) -> str:

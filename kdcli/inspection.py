@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from kdcli.errors import FormatError
 from kdcli.io.files import require_file
 from kdcli.output import Reporter
+from kdcli.students.base import read_safetensors_metadata
+from kdcli.teachers.base import short
+from kdcli.teachers.formats import find_inspector
+from kdcli.transfer.base import TRANSFER_FORMAT, TopK, is_index_path, load_transfer_set
 
 MAX_DARK_CLASSES = 1000  # a [C, C] table of mean soft targets beyond this is too big to show
 
@@ -25,35 +30,25 @@ def inspect_file(path: str | Path, reporter: Reporter | None = None,
             ``inputs_sha256``) and every stored row, as training does. Model files are
             always verified.
     """
-    from kdcli.students.base import MODEL_FORMAT, read_safetensors_metadata
-    from kdcli.teachers.hf import is_hf_folder
-    from kdcli.transfer.base import TRANSFER_FORMAT, is_index_path
-
     rep = reporter or Reporter()
-    if is_hf_folder(Path(path)):
-        return _inspect_hf(Path(path), rep)
+    if Path(path).is_dir() and (fmt := find_inspector(Path(path))) is not None:
+        return fmt.inspect(Path(path), rep)
     p = require_file(path, "file")
     if is_index_path(p):
         return _inspect_transfer(p, rep, verify)
+    fmt = find_inspector(p)
+    if fmt is not None:
+        return fmt.inspect(p, rep)
     meta = read_safetensors_metadata(p)
     if meta is None:
-        from kdcli.teachers.base import is_onnx_file
-
-        if p.suffix == ".onnx" or is_onnx_file(p):
-            return _inspect_onnx(p, rep)
         raise FormatError(f"{p} is not a kdcli file", "Give a transfer set, model or .onnx")
-    fmt = meta.get("format")
-    if fmt == TRANSFER_FORMAT:
+    if meta.get("format") == TRANSFER_FORMAT:
         return _inspect_transfer(p, rep, verify)
-    if fmt == MODEL_FORMAT:
-        return _inspect_model(p, rep)
     raise FormatError(f"{p} is a safetensors file without a kdcli format name",
                       "Give a file written by kdcli")
 
 
 def _inspect_transfer(p: Path, rep: Reporter, verify: bool = False) -> dict[str, Any]:
-    from kdcli.transfer.base import load_transfer_set
-
     ts = load_transfer_set(p, check_values=verify, verify=verify)
     c, n = ts.num_classes, len(ts)
     entropy, tail_mass, dark = _target_statistics(ts)
@@ -85,10 +80,6 @@ def _inspect_transfer(p: Path, rep: Reporter, verify: bool = False) -> dict[str,
 def _target_statistics(ts) -> tuple[float, float, list[dict[str, Any]]]:
     """In one pass over the stored targets: the summed entropy, the summed tail mass (top-k
     sets) and, for up to MAX_DARK_CLASSES classes, each class's most probable other class."""
-    import torch
-
-    from kdcli.transfer.base import TopK
-
     c, n = ts.num_classes, len(ts)
     with_dark = c <= MAX_DARK_CLASSES
     sums = torch.zeros(c if with_dark else 0, c, dtype=torch.float64)  # per class: sum of targets
@@ -124,14 +115,14 @@ def _target_statistics(ts) -> tuple[float, float, list[dict[str, Any]]]:
 def _show_transfer(info: dict[str, Any], ts, rep: Reporter) -> None:
     """The tables of ``kdcli inspect`` for a transfer set."""
     form = "dense" if ts.storage == "dense" else f"top-{ts.top_k} ({ts.meta.get('targets_dtype')})"
-    rows = [[k, _short(info[k])] for k in ("format", "format_version", "T", "examples",
+    rows = [[k, short(info[k])] for k in ("format", "format_version", "T", "examples",
                                            "classes")]
     rows += [["storage", form],
              ["files", "1 file" if len(ts.shards) == 1 else f"{len(ts.shards)} shards"],
              ["bytes", f"{info['bytes']:,} ({info['bytes_per_example']:,} per example)"]]
     if ts.storage == "top-k":
         rows.append(["mean tail mass", f"{info['mean_tail_mass']:.4g}"])
-    rows += [[k, _short(info[k])] for k in ("combine", "weights", "data_source", "created",
+    rows += [[k, short(info[k])] for k in ("combine", "weights", "data_source", "created",
                                             "kdcli_version", "mean_entropy_nats",
                                             "class_names", "feature_names") if info[k]]
     rows.append(["verified", "checksums and every row" if info["verified"]
@@ -152,78 +143,3 @@ def _show_transfer(info: dict[str, Any], ts, rep: Reporter) -> None:
         rep.info(f"(the dark-knowledge table is shown for up to {MAX_DARK_CLASSES} classes)")
 
 
-def _inspect_model(p: Path, rep: Reporter) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    from kdcli.students.base import count_params, load_model
-
-    mf = load_model(p)
-    info = {"file": str(p), "kind": "model", "format": mf.metadata["format"],
-            "format_version": int(mf.metadata["format_version"]),
-            "architecture": mf.arch.spec(), "architecture_detail": asdict(mf.arch),
-            "preprocessing": asdict(mf.preprocessing), "classes": mf.num_classes,
-            "params": count_params(mf.model), "training": mf.training,
-            "created": mf.metadata.get("created"),
-            "kdcli_version": mf.metadata.get("kdcli_version"),
-            "class_names": mf.class_names, "feature_names": mf.feature_names}
-    rows = [[k, _short(info[k])] for k in ("format", "format_version", "architecture",
-                                           "params", "classes", "class_names", "feature_names",
-                                           "preprocessing", "created") if info[k] is not None]
-    rows += [[f"training.{k}", _short(v)] for k, v in mf.training.items()
-             if k not in ("teachers",)]
-    rep.table(f"Model {p.name}", ["", "value"], rows)
-    return info
-
-
-def _inspect_onnx(p: Path, rep: Reporter) -> dict[str, Any]:
-    import onnx
-
-    from kdcli.teachers.onnx import describe_onnx
-
-    try:
-        proto = onnx.load(str(p))
-    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and others
-        raise FormatError(f"{p} is not a readable ONNX model ({type(e).__name__}: "
-                          f"{(str(e).splitlines() or [''])[0][:100]})",
-                          "The file is truncated or damaged; export it again") from None
-    props = {e.key: e.value for e in proto.metadata_props}
-    info = {"file": str(p), "kind": "onnx", "format": "onnx", "metadata": props,
-            "class_names": json.loads(props["class_names"]) if "class_names" in props else None,
-            "opset": [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")],
-            "inputs": [i.name for i in proto.graph.input],
-            "outputs": [o.name for o in proto.graph.output], "nodes": len(proto.graph.node),
-            **describe_onnx(p)}
-    specs = lambda xs: "; ".join(f"{a['name']} {a['type']} {a['shape']}" for a in xs)  # noqa: E731
-    rows = [["opset", _short(info["opset"])], ["inputs", specs(info["input_specs"])],
-            ["outputs", specs(info["output_specs"])],
-            ["class scores", info["scores_output"] or "(choose with --output)"],
-            ["classes", _short(info["classes"])],
-            ["class labels", _short(info.get("class_labels"))],
-            ["class names", _short(info["class_names"])],
-            ["preprocessing", info["preprocessing"]], ["nodes", info["nodes"]]]
-    if info["ml_operators"]:
-        rows.append(["ONNX-ML operators", ", ".join(info["ml_operators"])])
-    rep.table(f"ONNX {p.name}", ["", "value"], rows + [[k, _short(v)] for k, v in props.items()])
-    return info
-
-
-def _inspect_hf(p: Path, rep: Reporter) -> dict[str, Any]:
-    """A Hugging Face checkpoint folder, from its JSON files alone (no weights are loaded)."""
-    from kdcli.teachers.hf import describe_folder
-    from kdcli.teachers.inputs import describe_preprocessing
-
-    info = {"file": str(p), "kind": "huggingface checkpoint", **describe_folder(p)}
-    rows = [["format", info["format"]], ["architecture", _short(info["architecture"])],
-            ["inputs", "; ".join(f"{i['name']} {i['shape']}" for i in info["input_specs"])],
-            ["outputs", "logits [batch, classes]"], ["classes", info["classes"]],
-            ["class names", _short(info["class_names"])],
-            ["preprocessing", f"{describe_preprocessing(info['preprocessing'])} "
-                              f"(from {info['preprocessing_source']})"],
-            ["weights", _short(info["weights"])]]
-    rep.table(f"Hugging Face checkpoint {p.name}", ["", "value"], rows)
-    return info
-
-
-def _short(v: Any, n: int = 90) -> str:
-    s = v if isinstance(v, str) else json.dumps(v, default=str)
-    return s if len(s) <= n else s[: n - 1] + "…"

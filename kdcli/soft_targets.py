@@ -36,12 +36,8 @@ from kdcli.io.files import (
 )
 from kdcli.io.storage import SafetensorsWriter, to_bytes
 from kdcli.output import Reporter, Timer
-from kdcli.teachers.base import (
-    Teacher,
-    TeacherOptions,
-    check_teacher_options,
-    load_teacher,
-)
+from kdcli.teachers.base import Teacher, TeacherOptions
+from kdcli.teachers.formats import check_teacher_options, load_teacher
 from kdcli.teachers.inputs import describe_preprocessing
 from kdcli.transfer.base import (
     COMBINE_RULES,
@@ -324,7 +320,7 @@ def _load_members(teachers: list[str | Path], opts: list[TeacherOptions], dev: s
                for p, o in zip(teachers, opts, strict=True)]
     for t in members:
         pre = t.preprocessing
-        if t.format != "kdcli" and probe_x.dtype == torch.uint8 and \
+        if not t.fmt.own_preprocessing and probe_x.dtype == torch.uint8 and \
                 pre.get("scale", 1.0) == 1.0 and pre.get("mean", 0.0) == 0.0 and \
                 pre.get("std", 1.0) == 1.0:
             rep.warn(f"{t.name} gets raw 8-bit values (0-255): no --scale/--mean/--std given. "
@@ -730,11 +726,10 @@ def _class_names(ds, members: list[Teacher], c: int) -> list[str] | None:
     """The class names of the data, else of the teachers (their own, or what their kdcli or
     ONNX file records); refuse any that differ."""
     from kdcli.data.base import check_same_classes
-    from kdcli.students.base import file_class_names
 
     names = ds.class_names
     for t in members:
-        theirs = t.class_names if t.class_names is not None else file_class_names(t.path)
+        theirs = t.class_names if t.class_names is not None else t.fmt.class_names(t.path)
         check_same_classes(names, ds.source, theirs, f"teacher {t.name}")
         names = names or theirs
     if names is not None and len(names) != c:

@@ -132,7 +132,7 @@ def test_crop_flip_copies_are_reproducible_from_the_seed(tmp_path, colour, colou
         assert bool((plain | mirrored).all())
         assert 50 < int((mirrored & ~plain).sum()) < 150
     # the teacher's logits are its own, on the augmented inputs
-    from kdcli.teachers.base import load_teacher
+    from kdcli.teachers.formats import load_teacher
 
     torch.testing.assert_close(ts.logits[200:260], load_teacher(colour_teacher).logits(
         ts.inputs[200:260]), rtol=0, atol=1e-5)

@@ -17,7 +17,8 @@ from torch import nn
 
 from kdcli.errors import FormatError, UnsafePickleError
 from kdcli.output import Reporter
-from kdcli.teachers.base import TeacherOptions, load_teacher
+from kdcli.teachers.base import TeacherOptions
+from kdcli.teachers.formats import load_teacher
 
 
 class Payload:

@@ -43,7 +43,7 @@ def _edit_weights(folder: Path, edit) -> None:
 
 
 def test_hf_folder_missing_weights_is_refused(tmp_path, vit_folder):
-    from kdcli.teachers.base import load_teacher
+    from kdcli.teachers.formats import load_teacher
 
     folder = _copy_folder(vit_folder, tmp_path / "half")
     _edit_weights(folder, lambda sd: {k: v for k, v in sd.items() if "classifier" not in k})
@@ -52,7 +52,7 @@ def test_hf_folder_missing_weights_is_refused(tmp_path, vit_folder):
 
 
 def test_hf_folder_unexpected_weights_are_refused(tmp_path, vit_folder):
-    from kdcli.teachers.base import load_teacher
+    from kdcli.teachers.formats import load_teacher
 
     folder = _copy_folder(vit_folder, tmp_path / "extra")
     _edit_weights(folder, lambda sd: {**sd, "stray.weight": torch.zeros(3)})
@@ -83,7 +83,7 @@ def test_hf_index_naming_part_of_the_weights_is_refused(tmp_path, vit_folder, cl
     {"rescale_factor": float("inf")}, {"rescale_factor": 0},
 ])
 def test_hf_impossible_preprocessing_is_refused(tmp_path, vit_folder, proc):
-    from kdcli.teachers.base import load_teacher
+    from kdcli.teachers.formats import load_teacher
 
     folder = _copy_folder(vit_folder, tmp_path / "proc")
     base = {"do_normalize": True, "image_mean": [0.5], "image_std": [0.5], "do_rescale": True,
@@ -190,7 +190,7 @@ class _Labels(torch.nn.Module):
 
 @pytest.mark.parametrize("kind", ["argmax", "int", "bool"])
 def test_integer_or_boolean_outputs_are_not_logits(tmp_path, kind):
-    from kdcli.teachers.base import load_teacher
+    from kdcli.teachers.formats import load_teacher
 
     p = tmp_path / f"{kind}.pt"
     torch.jit.save(torch.jit.script(_Labels(kind).eval()), str(p))

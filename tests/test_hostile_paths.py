@@ -209,7 +209,7 @@ class Payload:
 def test_hf_index_naming_a_torch_save_shard_needs_trust_pickle(hf_folder, tmp_path):
     from safetensors.torch import load_file
 
-    from kdcli.teachers.base import load_teacher
+    from kdcli.teachers.formats import load_teacher
 
     index = hf_folder / "model.safetensors.index.json"
     doc = json.loads(index.read_text())
@@ -231,7 +231,7 @@ def test_hf_index_naming_a_torch_save_shard_needs_trust_pickle(hf_folder, tmp_pa
 def test_hf_json_links_out_of_the_folder_are_refused(hf_folder, victim, watch, name):
     from kdcli.inspection import inspect_file
     from kdcli.output import Reporter
-    from kdcli.teachers.base import load_teacher
+    from kdcli.teachers.formats import load_teacher
 
     outside = victim / name
     if (hf_folder / name).exists():
@@ -249,7 +249,7 @@ def test_hf_json_links_out_of_the_folder_are_refused(hf_folder, victim, watch, n
 
 
 def test_hf_shard_link_out_of_the_folder_is_refused_unmeasured(hf_folder, victim, watch):
-    from kdcli.teachers.base import load_teacher
+    from kdcli.teachers.formats import load_teacher
 
     doc = json.loads((hf_folder / "model.safetensors.index.json").read_text())
     shard = hf_folder / sorted(set(doc["weight_map"].values()))[0]
@@ -470,7 +470,7 @@ def onnx_with_external(path: Path, location: str) -> Path:
 @pytest.mark.parametrize("how", ["dotdot", "absolute", "link", "nested", "fifo"])
 def test_onnx_external_data_out_of_the_folder_is_refused_naming_it(tmp_path, victim, watch,
                                                                    how):
-    from kdcli.teachers.base import load_teacher
+    from kdcli.teachers.formats import load_teacher
 
     secret = victim / "w.bin"
     secret.write_bytes(np.ones(7840, np.float32).tobytes())
@@ -491,7 +491,7 @@ def test_onnx_external_data_out_of_the_folder_is_refused_naming_it(tmp_path, vic
 
 
 def test_onnx_external_data_inside_the_folder_loads(tmp_path):
-    from kdcli.teachers.base import load_teacher
+    from kdcli.teachers.formats import load_teacher
 
     (tmp_path / "w.bin").write_bytes(np.ones(7840, np.float32).tobytes())
     t = load_teacher(onnx_with_external(tmp_path / "ok.onnx", "w.bin"),

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kdcli.errors import ModelError
-from kdcli.teachers.base import LOG_PROB_FLOOR, TeacherOptions, load_teacher
+from kdcli.teachers.base import LOG_PROB_FLOOR, TeacherOptions
+from kdcli.teachers.formats import load_teacher
 
 pytest.importorskip("sklearn")
 skl2onnx = pytest.importorskip("skl2onnx")

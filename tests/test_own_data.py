@@ -410,7 +410,8 @@ def test_normalize_by_rule_and_stats_shapes():
 
 
 def test_teacher_mean_and_std_per_channel(tmp_path):
-    from kdcli.teachers.base import TeacherOptions, load_teacher
+    from kdcli.teachers.base import TeacherOptions
+    from kdcli.teachers.formats import load_teacher
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3)).eval()

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from kdcli.data.sources import load_data
 from kdcli.errors import FormatError, KdcliError, ModelError
 from kdcli.soft_targets import soft_targets
-from kdcli.teachers.base import TeacherOptions, load_teacher
+from kdcli.teachers.base import TeacherOptions
+from kdcli.teachers.formats import load_teacher
 from kdcli.transfer.base import load_transfer_set
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from kdcli.errors import FormatError, ModelError, UnsafePickleError, UsageError
-from kdcli.teachers.base import TeacherOptions, detect_format, load_teacher
+from kdcli.teachers.base import TeacherOptions
+from kdcli.teachers.formats import detect_format, load_teacher
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -207,3 +208,26 @@ def test_detect_format_by_content(tmp_path, tiny, teacher_file):
     assert detect_format(teacher_file) == "kdcli"
     onnx_file = export_onnx(tiny, tmp_path / "model.pt")  # ONNX behind a .pt name
     assert detect_format(onnx_file) == "onnx"
+
+
+def test_kdcli_model_trained_on_named_classes_keeps_its_class_names(tmp_path):
+    """`train` records a table's class names at the top level of the model file; the
+    teacher must read them there (and the transfer-set metadata record them)."""
+    from kdcli.config import TrainConfig
+    from kdcli.data.base import DataOptions
+    from kdcli.output import Reporter
+    from kdcli.students.base import Architecture
+    from kdcli.train import train
+
+    table = tmp_path / "pets.csv"
+    gen = torch.Generator().manual_seed(0)
+    rows = [f"{a:.3f},{b:.3f},{['cat', 'dog', 'eel'][i % 3]}"
+            for i, (a, b) in enumerate(torch.rand(30, 2, generator=gen).tolist())]
+    table.write_text("a,b,kind\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "pets.safetensors"
+    train(str(table), arch=Architecture.parse("mlp:8"), out=out, config=TrainConfig(epochs=1),
+          eval_data="none", data_options=DataOptions(label_column="kind"),
+          reporter=Reporter("quiet"))
+    t = load_teacher(out)
+    assert t.class_names == ["cat", "dog", "eel"]
+    assert t.describe()["class_names"] == ["cat", "dog", "eel"]

@@ -697,23 +697,3 @@ def _names(meta: dict[str, str], key: str, count: int | None) -> list[str] | Non
     if count is not None and len(names) != count:
         raise ValueError(f"{len(names)} {key} for {count} classes")
     return names
-
-
-def file_class_names(path: str | Path) -> list[str] | None:
-    """The ``class_names`` a kdcli model file or an ONNX export records, or None."""
-    p = Path(path)
-    if not p.is_file():  # a folder, or a FIFO that would block: the loader reports it
-        return None
-    meta = read_safetensors_metadata(p)
-    if meta is None and p.suffix.lower() == ".onnx":
-        import onnx
-
-        try:
-            proto = onnx.load(str(p), load_external_data=False)
-        except Exception:  # noqa: BLE001 - not readable as ONNX: no names
-            return None
-        meta = {e.key: e.value for e in proto.metadata_props}
-    try:
-        return _names(meta or {}, "class_names", None)
-    except ValueError:
-        return None

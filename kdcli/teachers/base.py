@@ -1,19 +1,10 @@
-"""Teachers: load a model saved in any common format and run it on raw data.
+"""What a teacher is: an immutable spec plus a runner, and the helpers its formats share.
 
-The formats are a table, :data:`FORMATS`: each entry names a format, says whether a path
-holds it (from the content, not the extension) and loads it. Loading turns the path into a
-:class:`Teacher` whose description (format, input shape and dtype, output kind, classes,
-class names, preprocessing) is settled by a probe batch inside :func:`load_teacher` and then
-frozen; :meth:`Teacher.logits` only runs the model. A new format is one entry plus its tests.
-
-* ``huggingface``: a ``transformers`` checkpoint folder (:mod:`kdcli.teachers.hf`).
-* ``kdcli``: a kdcli model file (safetensors with ``format: kdcli.model``).
-* ``torchscript``: ``torch.jit.save`` archives.
-* ``torch.export``: ``torch.export.save`` programs (``.pt2``), dynamic or fixed batch.
-* ``onnx``: ONNX models, including ONNX-ML classifiers (:mod:`kdcli.teachers.onnx`).
-* ``state_dict``: a ``torch.save`` state dict (loaded with ``weights_only=True``) or a
-  plain safetensors file, plus ``--arch`` (a kdcli spec or ``package.module:factory``).
-* ``pickle``: a fully pickled ``nn.Module``, only with ``trust_pickle=True``.
+A format's loader (one module per format; the table is :data:`kdcli.teachers.formats.FORMATS`)
+returns a :class:`Teacher`: a frozen description of the model (format, named inputs, output
+kind, classes, class names, preprocessing, digest) and its runner, a callable from a batch of
+model inputs to raw outputs. :func:`kdcli.teachers.formats.load_teacher` settles what the file
+does not say on a probe batch and makes the final spec once, with :func:`dataclasses.replace`.
 
 Every teacher returns float32 logits ``[B, C]``; probability or log-probability outputs are
 turned into logits (``log p``, exact up to a constant per row, floored at
@@ -22,47 +13,30 @@ turned into logits (``log p``, exact up to a constant per row, floored at
 
 from __future__ import annotations
 
-import importlib
-import math
-import re
-import sys
+import json
 import zipfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from kdcli.errors import (
-    DataError,
-    FormatError,
-    KdcliError,
-    ModelError,
-    UnsafePickleError,
-    UsageError,
-    first_line,
-)
-from kdcli.io.files import require_file, sha256_file
-from kdcli.students.base import (
-    MODEL_FORMAT,
-    Architecture,
-    Preprocessing,
-    build_model,
-    load_model,
-    read_safetensors_metadata,
-)
+import torch
+
+from kdcli.devices import host_to_device, use_tf32
+from kdcli.errors import FormatError, ModelError, UsageError
+from kdcli.io.files import sha256_file
+from kdcli.output import Reporter
 from kdcli.teachers.inputs import IDENTITY, prepare_input
 
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
 OUTPUT_KINDS = ("logits", "log-probs", "probs")
-_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 #: The smallest logit a probability (or log-probability) output becomes: a probability of
 #: exactly 0, common for trees, gives this finite logit instead of -inf. At T <= 30 its
 #: soft target is below exp(-33) of the top class's, so tempered probabilities stay exact
 #: in float32.
 LOG_PROB_FLOOR = -1000.0
+#: The name of the one input of formats whose files do not name it.
+DEFAULT_INPUT = "input"
 
 
 @dataclass
@@ -101,59 +75,88 @@ class NotScoresError(ModelError):
     """A model's output is not class scores (labels, flags, a regressor's value)."""
 
 
-@dataclass
-class Teacher:
-    """A loaded teacher, ready to map raw inputs to logits.
+@dataclass(frozen=True)
+class InputSpec:
+    """One named input of a teacher model.
 
-    A format's loader fills the fields; :func:`load_teacher` then probes the model and
-    freezes them, so every field is known, and fixed, before the first call.
+    Attributes:
+        name: The model's name for it (``input`` where the file names none).
+        dtype: The dtype fed to the model, e.g. ``float32``.
+        shape: The per-example shape, or None while it is not known.
+    """
+
+    name: str = DEFAULT_INPUT
+    dtype: str = "float32"
+    shape: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A loaded teacher: an immutable description of the model plus its runner.
 
     Attributes:
         path: The file (or checkpoint folder).
-        format: One of the format names of :data:`FORMATS`.
+        format: The format's name, as transfer sets record it (``kdcli``, ``onnx``,
+            ``state_dict``, ``pickle``, ...).
+        fmt: The formats-table entry that loaded it (what the format answers: parameter
+            count, whether it does its own preprocessing, ...).
         sha256: The file's SHA-256 (a folder's: see :func:`kdcli.teachers.hf.folder_sha256`).
+        runner: A callable from a batch of prepared model inputs to the model's raw output.
+        inputs: The model's inputs; today's formats have exactly one.
         preprocessing: How raw inputs become model inputs (see :func:`prepare_input`):
             ``scale``, ``mean``, ``std`` (numbers, or one per channel), and for image
             checkpoints ``size`` (``[H, W]`` to resize to). Identity for kdcli models,
             which carry their own.
-        input_shape: Per-example shape fed to the model.
-        input_dtype: dtype fed to the model.
         fixed_batch: The only batch size the model accepts, or None.
-        output: ``logits``, ``log-probs`` or ``probs``.
+        output: ``logits``, ``log-probs`` or ``probs`` (None until the probe detects it).
         num_classes: Number of classes (2 for a single-column binary output).
         class_names: The classes' names, where the file has them.
         binary: The model has one output column (a logit or a probability of class 1).
+        module: The torch module, for PyTorch formats.
+        meta: What the format adds to :meth:`describe` (architecture, ONNX output, ...).
+        notes: What the user is told about how the teacher was read.
+        device: Where the model runs.
+        precision: ``fp32`` or ``bf16``.
     """
 
     path: Path
     format: str
+    fmt: TeacherFormat
     sha256: str
-    preprocessing: dict[str, Any] = field(default_factory=dict)
-    input_shape: list[int] | None = None
-    input_dtype: str = "float32"
+    runner: Callable[[torch.Tensor], Any]
+    inputs: tuple[InputSpec, ...] = (InputSpec(),)
+    preprocessing: dict[str, Any] = field(default_factory=lambda: dict(IDENTITY))
     fixed_batch: int | None = None
     output: str | None = None
     num_classes: int | None = None
     class_names: list[str] | None = None
     binary: bool = False
-    shape_from_user: bool = False
-    runner: Any = None  # callable: prepared tensor -> raw output
-    module: Any = None  # the torch module, for PyTorch formats
+    module: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+    notes: tuple[str, ...] = ()
     device: str = "cpu"
     precision: str = "fp32"
-    frozen: bool = field(default=False, repr=False)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if self.__dict__.get("frozen"):
-            raise AttributeError(f"teacher {self.path.name} is loaded and frozen; "
-                                 f"cannot set {name}")
-        object.__setattr__(self, name, value)
 
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def input_shape(self) -> list[int] | None:
+        """The per-example shape of the (one) input, or None while it is not known."""
+        shape = self.inputs[0].shape
+        return None if shape is None else list(shape)
+
+    @property
+    def input_dtype(self) -> str:
+        """The dtype of the (one) input."""
+        return self.inputs[0].dtype
+
+    def with_input_shape(self, shape: list[int] | None) -> tuple[InputSpec, ...]:
+        """The inputs, with the (one) input's per-example shape replaced by ``shape``."""
+        first = InputSpec(self.inputs[0].name, self.inputs[0].dtype,
+                          None if shape is None else tuple(shape))
+        return (first, *self.inputs[1:])
 
     def describe(self) -> dict[str, Any]:
         """What the transfer-set metadata records about this teacher."""
@@ -163,6 +166,10 @@ class Teacher:
         if self.class_names is not None:
             out["class_names"] = self.class_names
         return out
+
+    def param_count(self) -> int | None:
+        """The model's number of parameters, as its format counts them (None: unknown)."""
+        return self.fmt.param_count(self)
 
     def logits(self, raw: torch.Tensor) -> torch.Tensor:
         """Run the teacher on a batch of raw examples.
@@ -175,15 +182,14 @@ class Teacher:
         """
         x = prepare_input(raw, self.preprocessing, self.input_shape, self.input_dtype,
                           self.name)
-        out = self._check_output(self._forward(x), raw.shape[0])
+        out = self.check_output(self.forward(x), raw.shape[0])
         return to_logits(out, self.output or "logits")
 
-    def _forward(self, x: torch.Tensor) -> Any:
+    def forward(self, x: torch.Tensor) -> Any:
+        """The raw output on prepared inputs ``x``, in chunks of a fixed batch if need be."""
         return self._run_fixed(x) if self.fixed_batch else self.runner(x)
 
     def _run_fixed(self, x: torch.Tensor) -> torch.Tensor:
-        import torch
-
         b = self.fixed_batch
         outs = []
         for i in range(0, x.shape[0], b):
@@ -191,12 +197,16 @@ class Teacher:
             n = chunk.shape[0]
             if n < b:
                 chunk = torch.cat([chunk, chunk.new_zeros((b - n, *chunk.shape[1:]))])
-            outs.append(self._check_output(self.runner(chunk), b)[:n])
+            outs.append(self.check_output(self.runner(chunk), b)[:n])
         return torch.cat(outs)
 
-    def _check_output(self, out: Any, batch: int) -> torch.Tensor:
-        import torch
+    def check_output(self, out: Any, batch: int) -> torch.Tensor:
+        """The class scores ``[batch, C]`` (float32, CPU) in a model's raw output.
 
+        Raises:
+            NotScoresError: the output is labels or flags, not scores.
+            ModelError: several outputs, not a tensor, or the wrong shape.
+        """
         if isinstance(out, (tuple, list)):
             if len(out) != 1:
                 raise ModelError(f"teacher {self.name} returns {len(out)} outputs",
@@ -222,6 +232,98 @@ class Teacher:
         return out.detach().float().cpu()
 
 
+@dataclass(frozen=True)
+class LoadRequest:
+    """What a format's loader is given: the path, the user's options and where to run.
+
+    Attributes:
+        path: The model file or checkpoint folder.
+        opts: The user's options for this teacher.
+        sha256: The digest of the path (computed before loading, by the format's entry).
+        device: ``cpu`` or ``cuda``.
+        precision: ``fp32`` or ``bf16``.
+    """
+
+    path: Path
+    opts: TeacherOptions
+    sha256: str = ""
+    device: str = "cpu"
+    precision: str = "fp32"
+
+    @property
+    def user_shape(self) -> tuple[int, ...] | None:
+        """The per-example shape the user gave (``--input-shape``), which wins over the file's."""
+        return tuple(self.opts.input_shape) if self.opts.input_shape else None
+
+    def teacher(self, fmt: TeacherFormat, runner: Callable[[torch.Tensor], Any],
+                **fields: Any) -> Teacher:
+        """The provisional spec: the request's fields, the user's options and ``fields``.
+
+        Unless ``fields`` say otherwise the format is ``fmt.name``, the one input is
+        ``float32`` of the user's shape, the preprocessing is the user's, and the output kind
+        is the user's ``--teacher-output``.
+        """
+        base = {"format": fmt.name, "inputs": (InputSpec(shape=self.user_shape),),
+                "preprocessing": {**IDENTITY, **self.opts.preprocessing()},
+                "output": self.opts.output}
+        return Teacher(path=self.path, fmt=fmt, sha256=self.sha256, runner=runner,
+                       device=self.device, precision=self.precision, **{**base, **fields})
+
+
+class TeacherFormat(ABC):
+    """One entry of the formats table: everything kdcli asks of a format.
+
+    A format module defines a subclass and exposes one instance as ``FORMAT``; the table
+    names the module. Subclasses implement :meth:`detect` and :meth:`load`, and override
+    the rest where the format knows more.
+
+    Attributes:
+        name: The format's name in the table (a loader may record a more precise one).
+        folders: Its models are folders, not files.
+        own_preprocessing: The model file carries its own preprocessing, so
+            ``--scale/--mean/--std`` would be ignored (they are refused).
+        picks_output: ``--output NAME`` chooses among the model's outputs.
+    """
+
+    name: str = ""
+    folders: bool = False
+    own_preprocessing: bool = False
+    picks_output: bool = False
+
+    @abstractmethod
+    def detect(self, path: Path) -> bool:
+        """Whether ``path`` holds this format (by content); may raise a FormatError that
+        says what the path is instead."""
+
+    @abstractmethod
+    def load(self, req: LoadRequest) -> Teacher:
+        """The provisional spec of the model at ``req.path`` (see :meth:`LoadRequest.teacher`)."""
+
+    def digest(self, path: Path) -> str:
+        """The SHA-256 that identifies the teacher."""
+        return sha256_file(path)
+
+    def inspects(self, path: Path) -> bool:
+        """Whether ``kdcli inspect`` shows ``path`` with :meth:`inspect` (False: it does not
+        describe this format)."""
+        return False
+
+    def inspect(self, path: Path, rep: Reporter) -> dict[str, Any]:
+        """What ``kdcli inspect`` shows of ``path``: shows its table, returns its info."""
+        raise NotImplementedError
+
+    def param_count(self, t: Teacher) -> int | None:
+        """The number of parameters of the loaded model (None: unknown)."""
+        module = t.module
+        if module is not None and hasattr(module, "parameters"):
+            return sum(p.numel() for p in module.parameters())
+        return None
+
+    def class_names(self, path: Path) -> list[str] | None:
+        """The class names the file records, read without loading the model (None: none)."""
+        return None
+
+
 def to_logits(out: torch.Tensor, kind: str) -> torch.Tensor:
     """Turn a model's outputs of ``kind`` into logits ``[B, C]``.
 
@@ -229,8 +331,6 @@ def to_logits(out: torch.Tensor, kind: str) -> torch.Tensor:
     :data:`LOG_PROB_FLOOR`. A single column (``[B, 1]``) is a binary classifier: a
     probability ``p`` of class 1 becomes ``log [1 - p, p]``, a logit ``z`` becomes ``[0, z]``.
     """
-    import torch
-
     if out.shape[1] == 1:
         if kind == "probs":
             out = torch.cat([1 - out, out], 1)
@@ -250,8 +350,6 @@ def detect_output_kind(out: torch.Tensor) -> str:
 
     A single column is a probability if every value lies in [0, 1], else a logit.
     """
-    import torch
-
     if out.numel() == 0 or not bool(torch.isfinite(out).all()):
         return "logits"
     in_unit = bool((out >= 0).all() & (out <= 1).all())
@@ -264,46 +362,41 @@ def detect_output_kind(out: torch.Tensor) -> str:
     return "logits"
 
 
-# --- the formats table -----------------------------------------------------------------
+def torch_runner(module: Any, device: str, precision: str,
+                 eval_mode: bool = True) -> tuple[Callable[[torch.Tensor], Any], Any]:
+    """A runner for a torch module on ``device`` (autocast to bf16 for ``precision`` bf16).
 
+    Args:
+        module: The model (an ``nn.Module``, or anything with ``to``, ``eval`` and a call).
+        device: ``cpu`` or ``cuda``.
+        precision: ``fp32`` or ``bf16``.
+        eval_mode: Put the module in eval mode (exported programs already are).
 
-@dataclass(frozen=True)
-class TeacherFormat:
-    """One entry of the formats table.
-
-    Attributes:
-        name: The format's name, as recorded in transfer sets.
-        detect: Whether a path holds this format (by content); may raise a FormatError
-            that says what the path is instead.
-        load: Fills a :class:`Teacher`'s runner and whatever the file tells (shape, dtype,
-            output kind, classes, preprocessing).
-        digest: The SHA-256 that identifies the teacher.
+    Returns:
+        The runner and the module, moved to the device.
     """
+    dev = torch.device(device)
+    if dev.type != "cpu":
+        module = module.to(dev)
+    if dev.type == "cuda":
+        use_tf32()
+    if eval_mode:
+        module.eval()
 
-    name: str
-    detect: Callable[[Path], bool]
-    load: Callable[[Teacher, TeacherOptions], None]
-    digest: Callable[[Path], str] = sha256_file
+    def run(x: torch.Tensor) -> Any:
+        with torch.inference_mode(), torch.autocast(
+                dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return module(host_to_device(x, dev))
 
-
-def _st_meta(p: Path) -> dict | None:
-    return None if p.is_dir() else read_safetensors_metadata(p)
-
-
-def _is_kdcli(p: Path) -> bool:
-    meta = _st_meta(p)
-    return meta is not None and meta.get("format") == MODEL_FORMAT
-
-
-def _is_safetensors_state_dict(p: Path) -> bool:
-    meta = _st_meta(p)
-    if meta is not None and meta.get("format") == "kdcli.transfer-set":
-        raise FormatError(f"{p} is a transfer set, not a model",
-                          "Give a teacher model; use the transfer set with train-student")
-    return meta is not None
+    return run, module
 
 
-def _zip_names(p: Path) -> list[str]:
+def zip_names(p: Path) -> list[str]:
+    """The member names of the zip archive at ``p`` ([] if it is not one).
+
+    Raises:
+        FormatError: a zip archive that is corrupt or truncated.
+    """
     if p.is_dir():
         return []
     with open(p, "rb") as f:
@@ -314,536 +407,6 @@ def _zip_names(p: Path) -> list[str]:
     except zipfile.BadZipFile as e:
         raise FormatError(f"{p} is a corrupt or truncated zip archive",
                           "Save the model again") from e
-
-
-def _is_exported(p: Path) -> bool:
-    return any(n.endswith("archive_format") or n.endswith("serialized_exported_program.json")
-               for n in _zip_names(p))
-
-
-def _is_torchscript(p: Path) -> bool:
-    names = _zip_names(p)
-    return any("/code/" in n for n in names) or any(n.endswith("constants.pkl") for n in names)
-
-
-def _is_torch_save(p: Path) -> bool:
-    if any(n.endswith("data.pkl") for n in _zip_names(p)):
-        return True
-    with open(p, "rb") as f:
-        return f.read(1) == b"\x80"  # a pickle protocol header: legacy torch.save
-
-
-def _is_hf(p: Path) -> bool:
-    from kdcli.teachers.hf import is_hf_folder
-
-    return is_hf_folder(p)
-
-
-def _is_onnx(p: Path) -> bool:
-    return not p.is_dir() and is_onnx_file(p)
-
-
-def _load_hf(t: Teacher, opts: TeacherOptions) -> None:
-    from kdcli.teachers.hf import load_hf
-
-    load_hf(t, opts)
-
-
-def _hf_digest(p: Path) -> str:
-    from kdcli.teachers.hf import folder_sha256
-
-    return folder_sha256(p)
-
-
-def _load_onnx(t: Teacher, opts: TeacherOptions) -> None:
-    from kdcli.teachers.onnx import load_onnx
-
-    load_onnx(t, opts)
-
-
-def _load_kdcli(t: Teacher, opts: TeacherOptions) -> None:
-    mf = load_model(t.path)
-    t.input_shape = t.input_shape or list(mf.preprocessing.raw_shape)
-    t.preprocessing = dict(IDENTITY)  # the model does its own
-    t.meta = {"architecture": mf.arch.spec(), "model_preprocessing": asdict(mf.preprocessing),
-              "training": {k: mf.training.get(k) for k in ("command", "test_errors")
-                           if k in mf.training}}
-    names = mf.training.get("class_names")
-    if isinstance(names, list) and len(names) == mf.num_classes:
-        t.class_names = [str(n) for n in names]
-    t.num_classes = mf.num_classes
-    _torch_runner(t, mf.model)
-
-
-def _load_ts(t: Teacher, opts: TeacherOptions) -> None:
-    _torch_runner(t, _load_torchscript(t.path))
-
-
-def _load_export(t: Teacher, opts: TeacherOptions) -> None:
-    _torch_runner(t, _load_exported(t, t.path, opts.trust_pickle))
-
-
-def _load_st_state_dict(t: Teacher, opts: TeacherOptions) -> None:
-    _torch_runner(t, _module_from_state_dict(t, _load_safetensors_sd(t.path), opts))
-    t.format = "state_dict"
-
-
-def _load_pickled(t: Teacher, opts: TeacherOptions) -> None:
-    _torch_runner(t, _load_torch_save(t, t.path, opts))
-
-
-#: The formats, tried in this order on a path's content.
-FORMATS: tuple[TeacherFormat, ...] = (
-    TeacherFormat("huggingface", _is_hf, _load_hf, _hf_digest),
-    TeacherFormat("kdcli", _is_kdcli, _load_kdcli),
-    TeacherFormat("safetensors-state-dict", _is_safetensors_state_dict, _load_st_state_dict),
-    TeacherFormat("torch.export", _is_exported, _load_export),
-    TeacherFormat("torchscript", _is_torchscript, _load_ts),
-    TeacherFormat("torch.save", _is_torch_save, _load_pickled),
-    TeacherFormat("onnx", _is_onnx, _load_onnx),
-)
-
-
-def find_format(path: Path, role: str = "teacher") -> TeacherFormat:
-    """The table entry for ``path``, found by content.
-
-    Raises:
-        DataError: the path is missing, empty, or a folder that is no checkpoint.
-        FormatError: no format matches, or the file is corrupt.
-    """
-    p = Path(path)
-    if p.is_dir():
-        if _is_hf(p):
-            return FORMATS[0]
-        raise DataError(f"{role} {p} is a directory without a config.json",
-                        "Give a model file, or a Hugging Face checkpoint folder "
-                        "(config.json and model.safetensors)")
-    require_file(p, role)
-    for fmt in FORMATS:
-        if fmt.detect(p):
-            return fmt
-    if _zip_names(p):
-        raise FormatError(f"{p} is a zip archive but not a PyTorch file",
-                          "Give a kdcli, TorchScript, torch.export, ONNX or torch.save file")
-    raise FormatError(f"{p} is not a model format kdcli knows",
-                      "Give a kdcli .safetensors, TorchScript, torch.export .pt2, ONNX, "
-                      "a Hugging Face checkpoint folder, or a torch.save state dict (with --arch)")
-
-
-def detect_format(path: Path) -> str:
-    """Name a model file's format from its content (see :data:`FORMATS`)."""
-    return find_format(Path(path)).name
-
-
-def is_onnx_file(path: Path) -> bool:
-    """Whether ``path`` parses as an ONNX model with nodes and outputs."""
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - not parseable as ONNX
-        return False
-    return len(model.graph.node) > 0 and len(model.graph.output) > 0
-
-
-def load_teacher(path: str | Path, opts: TeacherOptions | None = None, device: str = "cpu",
-                 precision: str = "fp32", role: str = "teacher",
-                 probe: torch.Tensor | None = None) -> Teacher:
-    """Load a teacher from any supported format, probe it, and freeze its description.
-
-    Args:
-        path: The model file, or a Hugging Face checkpoint folder.
-        opts: Loading and input options (see :class:`TeacherOptions`).
-        device: ``cpu`` or ``cuda`` (PyTorch formats; ONNX uses CUDA if its provider exists).
-        precision: ``fp32`` or ``bf16`` (autocast, PyTorch formats only).
-        role: What to call the file in error messages (``teacher``, ``model``).
-        probe: A few raw examples of the data the teacher will see. They settle the input
-            shape (when the file does not say), the output kind and the classes. Without
-            them, random inputs of the file's own input shape are used.
-
-    Raises:
-        DataError: the file is missing or empty.
-        FormatError: the format is unknown, or the file is corrupt.
-        UnsafePickleError: the file is a pickle and ``trust_pickle`` is off.
-        ModelError: the model cannot run on the probe.
-    """
-    opts = opts or TeacherOptions()
-    if opts.output is not None and opts.output not in OUTPUT_KINDS:
-        raise UsageError(f"unknown --teacher-output {opts.output!r}",
-                         f"Use one of {', '.join(OUTPUT_KINDS)}")
-    p = Path(path)
-    fmt = find_format(p, role)
-    t = Teacher(path=p, format=fmt.name, sha256=fmt.digest(p), output=opts.output,
-                device=device, precision=precision)
-    if opts.input_shape:
-        t.input_shape, t.shape_from_user = list(opts.input_shape), True
-    t.preprocessing = {**IDENTITY, **opts.preprocessing()}
-    check_teacher_options(p, opts, fmt.name)
-    fmt.load(t, opts)
-    if opts.output is not None:
-        t.output = opts.output  # an explicit flag wins over the file
-    _probe(t, probe)
-    t.frozen = True
-    return t
-
-
-def check_teacher_options(path: str | Path, opts: TeacherOptions,
-                          fmt: str | None = None) -> None:
-    """Refuse options that are impossible, or that the model's format would ignore:
-    ``--output`` picks among an ONNX model's outputs, and a kdcli model does its own
-    preprocessing. Cheap unless such an option is given (the format is found by content).
-
-    Raises:
-        UsageError: naming the option.
-    """
-    from kdcli.checks import check_preprocessing_options
-
-    check_preprocessing_options(opts.scale, opts.mean, opts.std)
-    pre = {**IDENTITY, **opts.preprocessing()}
-    if opts.output_name is None and pre == IDENTITY:
-        return
-    name = Path(path).name
-    fmt = fmt or find_format(Path(path)).name
-    if opts.output_name is not None and fmt != "onnx":
-        raise UsageError(f"--output {opts.output_name!r}: teacher {name} is a {fmt} "
-                         "model with one output; --output picks among an ONNX model's outputs",
-                         "Drop --output for this model")
-    if fmt == "kdcli" and pre != IDENTITY:
-        raise UsageError(f"--scale/--mean/--std were given for {name}, a kdcli model that "
-                         "does its own preprocessing (from its file)",
-                         "Drop them, or give them once per model with 1/0/1 for this one")
-
-
-def _probe(t: Teacher, probe: torch.Tensor | None) -> None:
-    """Settle the input shape, output kind and class count on a probe batch."""
-    import torch
-
-    _check_batch_memory(t, 2 if probe is None else int(probe.shape[0]))
-    if probe is None:
-        if t.input_shape is None:
-            raise ModelError(f"the input shape of teacher {t.name} is not known",
-                             "Pass --input-shape (or give example inputs to probe it)")
-        gen = torch.Generator().manual_seed(0)
-        scale = t.preprocessing.get("scale", 1.0)
-        probe = torch.rand((2, *t.input_shape), generator=gen) * scale
-    if t.input_shape is None:
-        _resolve_input_shape(t, probe[:2])
-    x = prepare_input(probe, t.preprocessing, t.input_shape, t.input_dtype, t.name)
-    try:
-        out = t._check_output(t._forward(x), probe.shape[0])
-    except KdcliError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the model's own error, on its own inputs
-        raise ModelError(f"teacher {t.name} fails on examples of shape {t.input_shape} "
-                         f"({first_line(e)})", "Check --input-shape and the data") from e
-    if t.output is None:
-        t.output = detect_output_kind(out)
-        if t.output != "logits":
-            t.notes.append(f"{t.name}: outputs look like {t.output}; "
-                           f"converted to logits (override with --teacher-output)")
-    width = int(out.shape[1])
-    if width == 0:
-        raise ModelError(f"teacher {t.name} returns no class scores (shape "
-                         f"{tuple(out.shape)})", "The model must output at least one score "
-                         "per example")
-    t.binary = width == 1
-    if t.binary:
-        t.notes.append(f"{t.name}: one output column ({t.output}); read as a binary "
-                       "classifier with two classes")
-    c = 2 if t.binary else width
-    if t.num_classes is not None and t.num_classes != c:
-        raise ModelError(f"teacher {t.name} says it has {t.num_classes} classes but "
-                         f"outputs {width} columns", "Check the model's configuration")
-    t.num_classes = c
-    if t.class_names is not None and len(t.class_names) != c:
-        t.class_names = None
-
-
-def _check_batch_memory(t: Teacher, rows: int) -> None:
-    """Refuse a teacher whose batch of model inputs cannot fit in memory, before the probe
-    allocates it (a fixed batch of millions, an image size of 100,000 pixels a side)."""
-    from kdcli.resources import check_memory
-
-    shape, size = t.input_shape, t.preprocessing.get("size")
-    if not shape:
-        return
-    elems = math.prod(shape[:1]) * math.prod(size) if size else math.prod(shape)
-    rows = max(rows, t.fixed_batch or 0)
-    hint = (f"The model takes only batches of {t.fixed_batch:,}: export it with a dynamic or "
-            "smaller batch" if t.fixed_batch and t.fixed_batch == rows else
-            "Its input size (the image or crop size of its configuration, or --input-shape) is "
-            "too large; check the file")
-    where = [*shape[:1], *size] if size else shape
-    check_memory(2 * 4 * rows * elems, f"teacher {t.name}'s batch of {rows:,} inputs of shape "
-                 f"{where}", hint)
-
-
-def _resolve_input_shape(t: Teacher, probe: torch.Tensor) -> None:
-    """Find the per-example input shape, trying the likely ones."""
-    sample = list(probe.shape[1:])
-    n = math.prod(sample)
-    candidates = [sample, [n], [1, *sample]] if len(sample) > 1 else [sample, [1, *sample]]
-    first_err = None
-    for cand in candidates:
-        t.input_shape = cand
-        try:
-            x = prepare_input(probe, t.preprocessing, t.input_shape, t.input_dtype, t.name)
-            t._check_output(t._forward(x), probe.shape[0])
-            return
-        except NotScoresError:
-            raise  # the model ran: its shape is right, its output is not scores
-        except Exception as e:  # noqa: BLE001 - any failure means "not this shape"
-            first_err = first_err or e
-    t.input_shape = None
-    msg = first_line(first_err) if first_err else "unknown"
-    raise ModelError(
-        f"teacher {t.name} fails on examples of shape {sample} ({msg})",
-        "Pass --input-shape with the per-example shape the model expects, "
-        f"e.g. --input-shape {n} or --input-shape 1,{','.join(map(str, sample))}")
-
-
-def _torch_runner(t: Teacher, module: Any) -> None:
-    import torch
-
-    from kdcli.devices import host_to_device, use_tf32
-
-    dev = torch.device(t.device)
-    if dev.type != "cpu":
-        module = module.to(dev)
-    if dev.type == "cuda":
-        use_tf32()
-    if t.format != "torch.export":  # exported programs are already in inference form
-        module.eval()
-    t.module = module
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast(
-                dev.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
-            return module(host_to_device(x, dev))
-
-    t.runner = run
-
-
-def _load_torchscript(p: Path) -> Any:
-    import torch
-
-    try:
-        return torch.jit.load(str(p), map_location="cpu")
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds here
-        raise FormatError(f"{p} is a corrupt TorchScript archive ({first_line(e)})",
-                          "Save it again with torch.jit.save") from e
-
-
-def _load_exported(t: Teacher, p: Path, trust_pickle: bool = False) -> Any:
-    import torch
-
-    from kdcli.teachers.safety import check_export_archive
-
-    check_export_archive(p, trust_pickle)
-    try:
-        ep = torch.export.load(str(p))
-    except Exception as e:  # noqa: BLE001
-        raise FormatError(f"{p} is a corrupt torch.export program ({first_line(e)})",
-                          "Save it again with torch.export.save") from e
-    user_inputs = list(ep.graph_signature.user_inputs)
-    if len(user_inputs) != 1:
-        raise ModelError(f"{p} takes {len(user_inputs)} inputs", "kdcli teachers take one input")
-    for node in ep.graph.nodes:
-        if node.op == "placeholder" and node.name == user_inputs[0]:
-            val = node.meta.get("val")
-            if val is not None:
-                dims = list(val.shape)
-                if isinstance(dims[0], int):
-                    t.fixed_batch = int(dims[0])
-                rest = dims[1:]
-                if all(isinstance(d, int) for d in rest) and not t.shape_from_user:
-                    t.input_shape = [int(d) for d in rest]
-                t.input_dtype = str(val.dtype).removeprefix("torch.")
-    return ep.module()
-
-
-def _load_torch_save(t: Teacher, p: Path, opts: TeacherOptions) -> Any:
-    import pickle
-
-    import torch
-    from torch import nn
-
-    try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if not opts.trust_pickle:
-            raise UnsafePickleError(
-                f"{p} holds a pickled Python object; loading it runs code from the file",
-                "If you trust its source, pass --trust-pickle; or save a state dict and "
-                "pass --arch") from e
-        try:
-            obj = torch.load(str(p), map_location="cpu", weights_only=False)
-        except Exception as e2:  # noqa: BLE001
-            raise FormatError(f"cannot unpickle {p} ({first_line(e2)})",
-                              "Make sure the module's code is importable (PYTHONPATH)") from e2
-        t.format = "pickle"
-    except Exception as e:  # noqa: BLE001 - truncated zip, bad storage, ...
-        raise FormatError(f"{p} is a corrupt torch.save file ({first_line(e)})",
-                          "Save it again") from e
-    if isinstance(obj, nn.Module):
-        return obj
-    if isinstance(obj, dict):
-        t.format = "state_dict"
-        return _module_from_state_dict(t, _unwrap_state_dict(obj, p), opts)
-    raise FormatError(f"{p} holds a {type(obj).__name__}, not a module or state dict",
-                      "Save model.state_dict() and pass --arch")
-
-
-def _unwrap_state_dict(obj: dict, p: Path) -> dict:
-    import torch
-
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    for key in _STATE_DICT_KEYS:
-        if isinstance(obj.get(key), dict):
-            return _unwrap_state_dict(obj[key], p)
-    raise FormatError(f"{p} holds a dict without a recognizable state dict",
-                      f"Save model.state_dict() (or nest it under one of {_STATE_DICT_KEYS})")
-
-
-def _load_safetensors_sd(p: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(p))
-    except SafetensorError as e:
-        raise FormatError(f"{p} is a corrupt safetensors file ({first_line(e)})",
-                          "Save it again") from e
-
-
-def _module_from_state_dict(t: Teacher, sd: dict, opts: TeacherOptions) -> Any:
-    if not opts.arch:
-        raise UsageError(f"{t.name} is a bare state dict with no architecture",
-                         "Pass --arch mlp:WIDTH,WIDTH (kdcli's family) or "
-                         "--arch package.module:factory (your own code)")
-    t.meta["architecture"] = opts.arch
-    if opts.arch.startswith(("mlp:", "cnn:")):
-        arch = Architecture.parse(opts.arch)
-        sample = _state_dict_input_size(sd)
-        raw = list(opts.input_shape) if opts.input_shape else None
-        if raw is None:
-            raw = [sample] if arch.family == "mlp" and sample else [1, 28, 28]
-        num_classes = _state_dict_num_classes(sd)
-        model = build_model(arch, Preprocessing(raw_shape=raw), num_classes)
-        net = model[1]
-        _load_positional(net, sd, t.name, sorted_keys=t.format == "safetensors-state-dict")
-        if not t.shape_from_user and arch.family == "cnn":
-            t.input_shape = raw
-        return model
-    module = _call_factory(opts.arch)
-    try:
-        module.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise FormatError(f"the state dict in {t.name} does not fit {opts.arch}: "
-                          f"{first_line(e)}", "Check --arch") from e
-    return module
-
-
-def _state_dict_input_size(sd: dict) -> int | None:
-    first = next((v for k, v in sd.items() if k.endswith("weight") and v.dim() == 2), None)
-    return int(first.shape[1]) if first is not None else None
-
-
-def _state_dict_num_classes(sd: dict) -> int:
-    weights = [v for k, v in sd.items() if k.endswith("weight") and v.dim() == 2]
-    if not weights:
-        raise FormatError("the state dict has no Linear weights", "Check --arch")
-    return int(weights[-1].shape[0])
-
-
-def _load_positional(net: nn.Module, sd: dict, name: str, sorted_keys: bool = False) -> None:
-    """Load ``sd`` into ``net`` by key, or else module by module in order.
-
-    Modules are the key prefixes (``fc1`` of ``fc1.weight``). They keep the file's order,
-    or natural order (``layer2`` before ``layer10``) for formats that sort keys
-    (safetensors). Within a module, parameters match by name; every shape must agree.
-    """
-    try:
-        net.load_state_dict(sd, strict=True)
-        return
-    except RuntimeError:
-        pass
-
-    def groups(d: dict, natural: bool) -> list[tuple[str, dict]]:
-        out: dict[str, dict] = {}
-        for k, v in d.items():
-            if k.endswith("num_batches_tracked"):
-                continue
-            prefix, _, leaf = k.rpartition(".")
-            out.setdefault(prefix, {})[leaf] = v
-        items = list(out.items())
-        if natural:
-            items.sort(key=lambda kv: [int(s) if s.isdigit() else s
-                                       for s in re.split(r"(\d+)", kv[0])])
-        return items
-
-    own, theirs = groups(net.state_dict(), False), groups(sd, sorted_keys)
-    shape = lambda gs: [{k: tuple(v.shape) for k, v in g.items()} for _, g in gs]  # noqa: E731
-    if shape(own) != shape(theirs):
-        raise FormatError(
-            f"the state dict in {name} does not fit the architecture: it has "
-            f"{_shapes(theirs)}, the architecture needs {_shapes(own)}",
-            "Pass the --arch the teacher was built with")
-    mapped = {f"{po}.{leaf}": g2[leaf] for (po, g1), (_, g2) in zip(own, theirs, strict=True)
-              for leaf in g1}
-    net.load_state_dict(mapped, strict=True)
-
-
-def _shapes(groups: list[tuple[str, dict]]) -> str:
-    text = ", ".join(f"{p or '.'}:{[list(v.shape) for v in g.values()]}" for p, g in groups)
-    return text if len(text) < 160 else text[:157] + "..."
-
-
-def _call_factory(spec: str) -> Any:
-    modname, _, attr = spec.partition(":")
-    if not modname or not attr:
-        raise UsageError(f"bad --arch {spec!r}",
-                         "Use mlp:W,W / cnn:MULT, or package.module:factory")
-    from kdcli.teachers.safety import check_factory
-
-    if "" not in sys.path:
-        sys.path.insert(0, "")  # like `python -m`, user code in the working folder is found
-    check_factory(spec, modname, attr)
-    try:
-        factory = getattr(importlib.import_module(modname), attr)
-    except (ImportError, AttributeError) as e:
-        raise UsageError(f"cannot import {spec} ({e})",
-                         "Check the module is on PYTHONPATH and the factory name") from e
-    check_factory(spec, modname, attr, factory)
-    module = _run_factory(spec, factory)
-    from torch import nn
-
-    if not isinstance(module, nn.Module):
-        raise ModelError(f"{spec}() returned {type(module).__name__}", "Return an nn.Module")
-    return module
-
-
-
-def _run_factory(spec: str, factory: Any) -> Any:
-    """Call ``factory()``; one line if it needs arguments or raises."""
-    import inspect
-
-    from kdcli.errors import first_line
-
-    try:
-        inspect.signature(factory).bind()
-    except TypeError as e:
-        raise UsageError(f"--arch {spec} cannot be called without arguments ({e})",
-                         "Give a factory whose arguments all have defaults") from None
-    except ValueError:  # no signature to inspect (a builtin): let the call decide
-        pass
-    try:
-        return factory()
-    except Exception as e:  # noqa: BLE001 - the user's code raises anything
-        raise ModelError(f"--arch {spec}: calling it raised {type(e).__name__}: "
-                         f"{first_line(e, 150)!r}",
-                         "Fix the factory; it must build the model with no arguments") from e
 
 
 def parse_shape(text: str) -> list[int]:
@@ -858,3 +421,17 @@ def parse_shape(text: str) -> list[int]:
     return shape
 
 
+def names_from_json(text: str | None) -> list[str] | None:
+    """The names in ``text``, a JSON list of strings (None if it is missing or not one)."""
+    try:
+        names = json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+    ok = isinstance(names, list) and all(isinstance(n, str) for n in names)
+    return names if ok else None
+
+
+def short(v: Any, n: int = 90) -> str:
+    """``v`` as text of at most ``n`` characters (JSON unless a string), for inspect tables."""
+    s = v if isinstance(v, str) else json.dumps(v, default=str)
+    return s if len(s) <= n else s[: n - 1] + "…"

@@ -11,14 +11,34 @@ both shapes.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
+import stat
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from kdcli.errors import FormatError, ModelError, UsageError
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
-if TYPE_CHECKING:
-    from kdcli.teachers.base import Teacher, TeacherOptions
+from kdcli.errors import FormatError, ModelError, UsageError, first_line, quote_name
+from kdcli.io.files import inside_folder, signals_raise_here
+from kdcli.output import Reporter
+from kdcli.students.base import read_safetensors_metadata
+from kdcli.teachers.base import (
+    InputSpec,
+    LoadRequest,
+    NotScoresError,
+    Teacher,
+    TeacherFormat,
+    names_from_json,
+    short,
+)
 
 ONNX_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64",
               "tensor(uint8)": "uint8", "tensor(float16)": "float16",
@@ -28,65 +48,122 @@ _LABEL_TYPES = ("tensor(int64)", "tensor(int32)", "tensor(string)")
 RUN_TIMEOUT_S = 600.0
 
 
-def load_onnx(t: Teacher, opts: TeacherOptions) -> None:
-    """Fill ``t`` from the ONNX model at ``t.path`` (the ``onnx`` entry of the formats table).
+class OnnxFormat(TeacherFormat):
+    """An ONNX model, run with onnxruntime."""
 
-    Raises:
-        FormatError: the file is corrupt or onnxruntime cannot run it.
-        ModelError: the model takes several inputs, or its declared input shape contradicts
-            its first operator.
-        UsageError: several outputs and none is clearly the class scores.
-    """
-    import numpy as np
-    import torch
+    name = "onnx"
+    picks_output = True
 
-    sess, graph = open_session(t.path, t.device)
-    inputs = sess.get_inputs()
-    if len(inputs) != 1:
-        raise ModelError(f"{t.path} takes {len(inputs)} inputs", "kdcli teachers take one input")
-    inp = inputs[0]
-    out = choose_output(sess, opts.output_name, t.path, t.notes)
-    _refuse_non_scores(t, graph, out, sess.get_outputs())
-    dims = list(inp.shape)
-    if dims and isinstance(dims[0], int) and dims[0] > 0:
-        t.fixed_batch = dims[0]
-    rest = dims[1:]
-    if rest and all(isinstance(d, int) and d > 0 for d in rest) and not t.shape_from_user:
-        t.input_shape = [int(d) for d in rest]
-        _check_declared_shape(t, graph, inp.name, dims)
-    t.input_dtype = ONNX_TYPES.get(inp.type, "float32")
-    t.meta["onnx_output"] = out.name
+    def detect(self, path: Path) -> bool:
+        return not path.is_dir() and is_onnx_file(path)
 
-    if out.type.startswith("seq(map("):
-        keys = _zipmap_labels(graph, out.name)
-        _set_classes(t, keys)
-        t.output = t.output or "probs"
+    def load(self, req: LoadRequest) -> Teacher:
+        """The spec of the ONNX model at ``req.path``.
 
-        def run(x: torch.Tensor) -> torch.Tensor:
-            (rows,) = run_session(sess, [out.name], {inp.name: np.ascontiguousarray(x.numpy())},
-                                  t.path)
-            return torch.tensor([[row[k] for k in keys] for row in rows], dtype=torch.float32)
-    else:
-        def run(x: torch.Tensor) -> torch.Tensor:
-            (y,) = run_session(sess, [out.name], {inp.name: np.ascontiguousarray(x.numpy())},
-                               t.path)
-            return torch.from_numpy(np.asarray(y))
+        Raises:
+            FormatError: the file is corrupt or onnxruntime cannot run it.
+            ModelError: the model takes several inputs, or its declared input shape
+                contradicts its first operator.
+            UsageError: several outputs and none is clearly the class scores.
+        """
+        path, name, notes = req.path, req.path.name, []
+        sess, graph = open_session(path, req.device)
+        inputs = sess.get_inputs()
+        if len(inputs) != 1:
+            raise ModelError(f"{path} takes {len(inputs)} inputs",
+                             "kdcli teachers take one input")
+        inp = inputs[0]
+        out = choose_output(sess, req.opts.output_name, path, notes)
+        _refuse_non_scores(name, graph, out, sess.get_outputs())
+        dims = list(inp.shape)
+        fixed_batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
+        rest, shape = dims[1:], req.user_shape
+        if rest and all(isinstance(d, int) and d > 0 for d in rest) and shape is None:
+            shape = tuple(int(d) for d in rest)
+            _check_declared_shape(name, graph, inp.name, dims)
+        spec = InputSpec(inp.name, ONNX_TYPES.get(inp.type, "float32"), shape)
+        fields: dict[str, Any] = {}
+        if out.type.startswith("seq(map("):
+            keys = _zipmap_labels(graph, out.name)
+            fields = _classes(name, keys, notes)
+            fields["output"] = req.opts.output or "probs"
+            runner = _ZipMapRunner(sess, spec.name, out.name, keys, path)
+        else:
+            runner = _TensorRunner(sess, spec.name, out.name, path)
+        return req.teacher(self, runner, inputs=(spec,), fixed_batch=fixed_batch,
+                           meta={"onnx_output": out.name}, notes=tuple(notes), **fields)
 
-    t.runner = run
+    def param_count(self, t: Teacher) -> int:
+        """Learned tensors only: not the preprocessing's constants (scale, mean, std, also
+        per channel or feature) or integer shapes."""
+        m = onnx.load(str(t.path))
+        arrays = (numpy_helper.to_array(i) for i in m.graph.initializer
+                  if "raw_mean" not in i.name and "raw_std" not in i.name)
+        return int(sum(a.size for a in arrays if a.ndim >= 1 and a.dtype.kind == "f"))
+
+    def class_names(self, path: Path) -> list[str] | None:
+        """The ``class_names`` a kdcli export records in its metadata."""
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception:  # noqa: BLE001 - not readable as ONNX: no names
+            return None
+        return names_from_json({e.key: e.value for e in proto.metadata_props}
+                               .get("class_names"))
+
+    def inspects(self, path: Path) -> bool:
+        return path.is_file() and read_safetensors_metadata(path) is None and (
+            path.suffix == ".onnx" or is_onnx_file(path))
+
+    def inspect(self, path: Path, rep: Reporter) -> dict[str, Any]:
+        return inspect_onnx(path, rep)
+
+
+class _TensorRunner:
+    """Runs the session on one input and returns the chosen output as a tensor."""
+
+    def __init__(self, sess: Any, input_name: str, output: str, where: Path) -> None:
+        self.sess, self.input_name, self.output, self.where = sess, input_name, output, where
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        (y,) = run_session(self.sess, [self.output],
+                           {self.input_name: np.ascontiguousarray(x.numpy())}, self.where)
+        return torch.from_numpy(np.asarray(y))
+
+
+class _ZipMapRunner(_TensorRunner):
+    """Runs the session and turns its ZipMap output (one map per example) into a tensor
+    whose columns follow ``keys``."""
+
+    def __init__(self, sess: Any, input_name: str, output: str, keys: list,
+                 where: Path) -> None:
+        super().__init__(sess, input_name, output, where)
+        self.keys = keys
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        (rows,) = run_session(self.sess, [self.output],
+                              {self.input_name: np.ascontiguousarray(x.numpy())}, self.where)
+        return torch.tensor([[row[k] for k in self.keys] for row in rows], dtype=torch.float32)
+
+
+def is_onnx_file(path: Path) -> bool:
+    """Whether ``path`` parses as an ONNX model with nodes and outputs."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not parseable as ONNX
+        return False
+    return len(model.graph.node) > 0 and len(model.graph.output) > 0
 
 
 _SCORE_TYPES = ("tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)")
 
 
-def _refuse_non_scores(t: Teacher, graph: Any, out: Any, outputs: list[Any]) -> None:
+def _refuse_non_scores(name: str, graph: Any, out: Any, outputs: list[Any]) -> None:
     """Labels (integer, string or boolean outputs) and an ONNX-ML regressor's predicted
     values are not class scores (a regressor's one column would be read as a binary logit)."""
-    from kdcli.teachers.base import NotScoresError
-
     if not out.type.startswith("seq(map(") and out.type not in _SCORE_TYPES:
         scores = [o.name for o in outputs if o.type in _SCORE_TYPES or
                   o.type.startswith("seq(map(")]
-        raise NotScoresError(f"{t.name}'s output {out.name!r} is {out.type} (labels or "
+        raise NotScoresError(f"{name}'s output {out.name!r} is {out.type} (labels or "
                              "flags), not class scores",
                              f"Choose its scores with --output ({', '.join(scores)})" if scores
                              else "Export the model with its probabilities or logits")
@@ -94,7 +171,7 @@ def _refuse_non_scores(t: Teacher, graph: Any, out: Any, outputs: list[Any]) -> 
     ops = {n.op_type for n in graph.node if n.domain == "ai.onnx.ml"}
     regressors = sorted(op for op in ops if op.endswith("Regressor"))
     if regressors and not any(op.endswith("Classifier") for op in ops):
-        raise NotScoresError(f"{t.name} is a regressor ({regressors[0]}): it outputs "
+        raise NotScoresError(f"{name} is a regressor ({regressors[0]}): it outputs "
                              "predicted values, not class scores",
                              "kdcli distils classifiers; export a classifier (with "
                              "probabilities) instead")
@@ -102,8 +179,6 @@ def _refuse_non_scores(t: Teacher, graph: Any, out: Any, outputs: list[Any]) -> 
 
 def run_timeout() -> float:
     """Seconds one onnxruntime run may take: ``KDCLI_ONNX_TIMEOUT``, default 600."""
-    import os
-
     try:
         limit = float(os.environ.get("KDCLI_ONNX_TIMEOUT", RUN_TIMEOUT_S))
     except ValueError:
@@ -122,13 +197,6 @@ def run_session(sess: Any, outputs: list[str] | None, feeds: dict[str, Any],
     Raises:
         ModelError: the run took longer than the limit.
     """
-    import signal
-    import threading
-
-    import onnxruntime as ort
-
-    from kdcli.io.files import signals_raise_here
-
     ro = ort.RunOptions()
     ro.log_severity_level = 4  # the terminate flag's own error line
     box: dict[str, Any] = {}
@@ -195,11 +263,6 @@ def choose_output(sess: Any, output_name: str | None, where: Any,
 def open_session(path: Any, device: str = "cpu") -> tuple[Any, Any]:
     """An onnxruntime session and the parsed graph of the model at ``path``. External data
     is checked (:func:`check_external_data`) before onnxruntime sees the model."""
-    import onnx
-    import onnxruntime as ort
-
-    from kdcli.errors import first_line
-
     so = ort.SessionOptions()
     so.log_severity_level = 3
     providers = ["CPUExecutionProvider"]
@@ -227,13 +290,6 @@ def check_external_data(path: Path, proto: Any) -> None:
     Raises:
         FormatError: naming the tensor, the location and why.
     """
-    import stat
-
-    from onnx import TensorProto, external_data_helper
-
-    from kdcli.errors import quote_name
-    from kdcli.io.files import inside_folder
-
     for t in external_data_helper._get_all_tensors(proto):
         if t.data_location != TensorProto.EXTERNAL:
             continue
@@ -292,8 +348,6 @@ def describe_onnx(path: Any, output_name: str | None = None) -> dict[str, Any]:
 
 def _zipmap_labels(graph: Any, output: str) -> list:
     """The class labels of the ZipMap that makes ``output``, in column order."""
-    from onnx import helper
-
     zipmaps = [n for n in graph.node if n.op_type == "ZipMap"]
     node = next((n for n in zipmaps if output in n.output), zipmaps[0] if zipmaps else None)
     if node is None:
@@ -306,18 +360,20 @@ def _zipmap_labels(graph: Any, output: str) -> list:
     return [int(k) for k in attrs.get("classlabels_int64s", [])]
 
 
-def _set_classes(t: Teacher, keys: list) -> None:
-    """Column k is the k-th ZipMap label: string labels name the classes."""
-    t.num_classes = len(keys)
+def _classes(name: str, keys: list, notes: list[str]) -> dict[str, Any]:
+    """The class fields of a ZipMap output: column k is the k-th label; string labels name
+    the classes (a note says how other labels map to classes)."""
+    fields: dict[str, Any] = {"num_classes": len(keys)}
     if keys and isinstance(keys[0], str):
-        t.class_names = list(keys)
+        fields["class_names"] = list(keys)
     elif keys != list(range(len(keys))):
-        t.class_names = [str(k) for k in keys]
-        t.notes.append(f"{t.name}: its class labels are {keys}; class k of the transfer set "
-                       "is the k-th of them (labels in the data must be 0..C-1 in this order)")
+        fields["class_names"] = [str(k) for k in keys]
+        notes.append(f"{name}: its class labels are {keys}; class k of the transfer set "
+                     "is the k-th of them (labels in the data must be 0..C-1 in this order)")
+    return fields
 
 
-def _check_declared_shape(t: Teacher, graph: Any, name: str, dims: list) -> None:
+def _check_declared_shape(teacher: str, graph: Any, name: str, dims: list) -> None:
     """Refuse a declared input shape that contradicts the operator that reads the input."""
     need = _features_used(graph, name)
     if need is None:
@@ -327,7 +383,7 @@ def _check_declared_shape(t: Teacher, graph: Any, name: str, dims: list) -> None
     if declared == n or (not exact and declared > n):
         return
     raise ModelError(
-        f"{t.name} declares its input {name!r} with shape {dims} ({declared} features per "
+        f"{teacher} declares its input {name!r} with shape {dims} ({declared} features per "
         f"example), but its {op} uses {'' if exact else 'at least '}{n} features: "
         f"the actual shape is [batch, {n}]",
         f"Fix the declared shape (e.g. onnx.tools.update_model_dims to [None, {n}]), "
@@ -336,8 +392,6 @@ def _check_declared_shape(t: Teacher, graph: Any, name: str, dims: list) -> None
 
 def _features_used(graph: Any, name: str) -> tuple[str, int, bool] | None:
     """(operator, features, exact) for ONNX-ML operators that read ``name`` directly."""
-    from onnx import helper
-
     for node in graph.node:
         if not node.input or node.input[0] != name:
             continue
@@ -350,3 +404,35 @@ def _features_used(graph: Any, name: str) -> tuple[str, int, bool] | None:
         if node.op_type == "Scaler" and len(attrs.get("scale", [])) > 1:
             return node.op_type, len(attrs["scale"]), True
     return None
+
+
+def inspect_onnx(p: Path, rep: Reporter) -> dict[str, Any]:
+    """What ``kdcli inspect`` shows of an ONNX model: shows its table, returns its info."""
+    try:
+        proto = onnx.load(str(p))
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and others
+        raise FormatError(f"{p} is not a readable ONNX model ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0][:100]})",
+                          "The file is truncated or damaged; export it again") from None
+    props = {e.key: e.value for e in proto.metadata_props}
+    info = {"file": str(p), "kind": "onnx", "format": "onnx", "metadata": props,
+            "class_names": json.loads(props["class_names"]) if "class_names" in props else None,
+            "opset": [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")],
+            "inputs": [i.name for i in proto.graph.input],
+            "outputs": [o.name for o in proto.graph.output], "nodes": len(proto.graph.node),
+            **describe_onnx(p)}
+    specs = lambda xs: "; ".join(f"{a['name']} {a['type']} {a['shape']}" for a in xs)  # noqa: E731
+    rows = [["opset", short(info["opset"])], ["inputs", specs(info["input_specs"])],
+            ["outputs", specs(info["output_specs"])],
+            ["class scores", info["scores_output"] or "(choose with --output)"],
+            ["classes", short(info["classes"])],
+            ["class labels", short(info.get("class_labels"))],
+            ["class names", short(info["class_names"])],
+            ["preprocessing", info["preprocessing"]], ["nodes", info["nodes"]]]
+    if info["ml_operators"]:
+        rows.append(["ONNX-ML operators", ", ".join(info["ml_operators"])])
+    rep.table(f"ONNX {p.name}", ["", "value"], rows + [[k, short(v)] for k, v in props.items()])
+    return info
+
+
+FORMAT = OnnxFormat()

@@ -22,12 +22,19 @@ What PyTorch 2.13 unpickles, and what kdcli does about it:
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import io
 import json
+import pickle
+import sys
+import warnings
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from kdcli.errors import FormatError, UnsafePickleError
+import torch
+
+from kdcli.errors import FormatError, UnsafePickleError, UsageError
 
 _HINT = "If you trust its source, pass --trust-pickle (this runs code from the file)"
 _NATIVE = (".so", ".dll", ".dylib", ".pyd")
@@ -93,7 +100,7 @@ def _unpickled_with_fallback(rel: str) -> bool:
 
 
 def _check_payload_config(p: Path, rel: str, data: bytes) -> None:
-    from torch.export.pt2_archive import constants as pt2
+    from torch.export.pt2_archive import constants as pt2  # seconds to import: only here
 
     try:
         config = json.loads(data)["config"]
@@ -119,11 +126,6 @@ def _check_payload_config(p: Path, rel: str, data: bytes) -> None:
 def _check_restricted_pickle(p: Path, rel: str, data: bytes) -> None:
     """Refuse an entry that torch's restricted unpickler rejects (torch would then retry
     without restrictions)."""
-    import pickle
-    import warnings
-
-    import torch
-
     if not data:
         return  # torch skips empty payloads
     try:
@@ -161,10 +163,6 @@ def check_factory(spec: str, modname: str, attr: str, factory: object = None) ->
     Raises:
         UsageError: the spec or the object is refused.
     """
-    import inspect
-
-    from kdcli.errors import UsageError
-
     top = modname.split(".")[0]
     if _library(top):
         raise UsageError(f"--arch {spec} names the library module {modname}, not model code",
@@ -187,8 +185,6 @@ def check_factory(spec: str, modname: str, attr: str, factory: object = None) ->
 
 
 def _library(top: str) -> bool:
-    import sys
-
     return top in sys.stdlib_module_names or top in sys.builtin_module_names or \
         top in _LIBRARIES or _installed(top)
 
@@ -198,8 +194,6 @@ def _installed(top: str) -> bool:
     importing it) in a ``site-packages`` or ``dist-packages`` folder, where pip and the
     system's packages install. The user's own code (the working folder, PYTHONPATH, an
     editable install's source folder) is not there."""
-    import importlib.util
-
     try:
         spec = importlib.util.find_spec(top)
     except (ImportError, ValueError):

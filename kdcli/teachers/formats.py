@@ -1,0 +1,162 @@
+"""The teacher formats table, and loading a teacher from any of them.
+
+:data:`FORMATS` names one module per format, in detection order; each module exposes its
+entry as ``FORMAT`` (a :class:`~kdcli.teachers.base.TeacherFormat`) and is imported only when
+the table is walked that far. A new format is one module, one line here, and its tests.
+
+* ``huggingface``: a ``transformers`` checkpoint folder (:mod:`kdcli.teachers.hf`).
+* ``kdcli``: a kdcli model file (safetensors with ``format: kdcli.model``).
+* ``safetensors-state-dict``: a plain safetensors file, loaded as a state dict with ``--arch``
+  (a kdcli spec or ``package.module:factory``); recorded as ``state_dict``.
+* ``torch.export``: ``torch.export.save`` programs (``.pt2``), dynamic or fixed batch.
+* ``torchscript``: ``torch.jit.save`` archives.
+* ``torch.save``: a state dict (loaded with ``weights_only=True``, recorded as ``state_dict``)
+  or a fully pickled ``nn.Module``, only with ``trust_pickle=True`` (recorded as ``pickle``).
+* ``onnx``: ONNX models, including ONNX-ML classifiers (:mod:`kdcli.teachers.onnx`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from kdcli.checks import check_preprocessing_options
+from kdcli.errors import DataError, FormatError, UsageError
+from kdcli.io.files import require_file
+from kdcli.teachers.base import (
+    OUTPUT_KINDS,
+    LoadRequest,
+    Teacher,
+    TeacherFormat,
+    TeacherOptions,
+    zip_names,
+)
+from kdcli.teachers.inputs import IDENTITY
+from kdcli.teachers.probe import settle
+
+#: The formats' modules, tried in this order on a path's content.
+FORMATS: tuple[str, ...] = (
+    "kdcli.teachers.hf",
+    "kdcli.teachers.kdcli_model",
+    "kdcli.teachers.state_dict",
+    "kdcli.teachers.torch_export",
+    "kdcli.teachers.torchscript",
+    "kdcli.teachers.pickled",
+    "kdcli.teachers.onnx",
+)
+
+
+def entries() -> Iterator[TeacherFormat]:
+    """The table's entries in detection order, each module imported when it is reached."""
+    for module in FORMATS:
+        yield importlib.import_module(module).FORMAT
+
+
+def find_format(path: Path, role: str = "teacher") -> TeacherFormat:
+    """The table entry for ``path``, found by content.
+
+    Raises:
+        DataError: the path is missing, empty, or a folder that is no checkpoint.
+        FormatError: no format matches, or the file is corrupt.
+    """
+    p = Path(path)
+    if p.is_dir():
+        for fmt in entries():
+            if fmt.folders and fmt.detect(p):
+                return fmt
+        raise DataError(f"{role} {p} is a directory without a config.json",
+                        "Give a model file, or a Hugging Face checkpoint folder "
+                        "(config.json and model.safetensors)")
+    require_file(p, role)
+    for fmt in entries():
+        if fmt.detect(p):
+            return fmt
+    if zip_names(p):
+        raise FormatError(f"{p} is a zip archive but not a PyTorch file",
+                          "Give a kdcli, TorchScript, torch.export, ONNX or torch.save file")
+    raise FormatError(f"{p} is not a model format kdcli knows",
+                      "Give a kdcli .safetensors, TorchScript, torch.export .pt2, ONNX, "
+                      "a Hugging Face checkpoint folder, or a torch.save state dict (with --arch)")
+
+
+def detect_format(path: Path) -> str:
+    """Name a model file's format from its content (see :data:`FORMATS`)."""
+    return find_format(Path(path)).name
+
+
+def find_inspector(path: Path) -> TeacherFormat | None:
+    """The entry whose ``kdcli inspect`` view describes ``path``, or None."""
+    return next((fmt for fmt in entries() if fmt.inspects(Path(path))), None)
+
+
+def file_class_names(path: str | Path) -> list[str] | None:
+    """The class names a model file records, read without loading it (None: none, or the
+    file is not a model; the loader reports that)."""
+    p = Path(path)
+    if not p.is_file():  # a folder, or a FIFO that would block: the loader reports it
+        return None
+    try:
+        fmt = find_format(p)
+    except (DataError, FormatError):
+        return None
+    return fmt.class_names(p)
+
+
+def load_teacher(path: str | Path, opts: TeacherOptions | None = None, device: str = "cpu",
+                 precision: str = "fp32", role: str = "teacher",
+                 probe: torch.Tensor | None = None) -> Teacher:
+    """Load a teacher from any supported format and probe it: its spec is then complete.
+
+    Args:
+        path: The model file, or a Hugging Face checkpoint folder.
+        opts: Loading and input options (see :class:`TeacherOptions`).
+        device: ``cpu`` or ``cuda`` (PyTorch formats; ONNX uses CUDA if its provider exists).
+        precision: ``fp32`` or ``bf16`` (autocast, PyTorch formats only).
+        role: What to call the file in error messages (``teacher``, ``model``).
+        probe: A few raw examples of the data the teacher will see. They settle the input
+            shape (when the file does not say), the output kind and the classes. Without
+            them, random inputs of the file's own input shape are used.
+
+    Raises:
+        DataError: the file is missing or empty.
+        FormatError: the format is unknown, or the file is corrupt.
+        UnsafePickleError: the file is a pickle and ``trust_pickle`` is off.
+        ModelError: the model cannot run on the probe.
+    """
+    opts = opts or TeacherOptions()
+    if opts.output is not None and opts.output not in OUTPUT_KINDS:
+        raise UsageError(f"unknown --teacher-output {opts.output!r}",
+                         f"Use one of {', '.join(OUTPUT_KINDS)}")
+    p = Path(path)
+    fmt = find_format(p, role)
+    req = LoadRequest(p, opts, fmt.digest(p), device, precision)
+    check_teacher_options(p, opts, fmt)
+    return settle(fmt.load(req), probe)
+
+
+def check_teacher_options(path: str | Path, opts: TeacherOptions,
+                          fmt: TeacherFormat | None = None) -> None:
+    """Refuse options that are impossible, or that the model's format would ignore:
+    ``--output`` picks among an ONNX model's outputs, and a kdcli model does its own
+    preprocessing. Cheap unless such an option is given (the format is found by content).
+
+    Raises:
+        UsageError: naming the option.
+    """
+    check_preprocessing_options(opts.scale, opts.mean, opts.std)
+    pre = {**IDENTITY, **opts.preprocessing()}
+    if opts.output_name is None and pre == IDENTITY:
+        return
+    name = Path(path).name
+    fmt = fmt or find_format(Path(path))
+    if opts.output_name is not None and not fmt.picks_output:
+        raise UsageError(f"--output {opts.output_name!r}: teacher {name} is a {fmt.name} "
+                         "model with one output; --output picks among an ONNX model's outputs",
+                         "Drop --output for this model")
+    if fmt.own_preprocessing and pre != IDENTITY:
+        raise UsageError(f"--scale/--mean/--std were given for {name}, a kdcli model that "
+                         "does its own preprocessing (from its file)",
+                         "Drop them, or give them once per model with 1/0/1 for this one")

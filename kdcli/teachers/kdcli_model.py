@@ -1,0 +1,96 @@
+"""kdcli model files as teachers (the ``kdcli`` format): safetensors with ``format: kdcli.model``.
+
+The model carries its own preprocessing, so the teacher's is the identity and
+``--scale/--mean/--std`` are refused for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from kdcli.output import Reporter
+from kdcli.students.base import (
+    MODEL_FORMAT,
+    ModelFile,
+    count_params,
+    load_model,
+    read_safetensors_metadata,
+)
+from kdcli.teachers.base import (
+    InputSpec,
+    LoadRequest,
+    Teacher,
+    TeacherFormat,
+    names_from_json,
+    short,
+    torch_runner,
+)
+from kdcli.teachers.inputs import IDENTITY
+
+
+def _metadata(p: Path) -> dict[str, str] | None:
+    return None if p.is_dir() else read_safetensors_metadata(p)
+
+
+def _class_names(mf: ModelFile) -> list[str] | None:
+    """The model's class names: the file's ``class_names`` (which ``train`` and
+    ``train-student`` write), else, for older files, those of its training summary."""
+    if mf.class_names is not None:
+        return mf.class_names
+    names = mf.training.get("class_names")
+    ok = isinstance(names, list) and len(names) == mf.num_classes
+    return [str(n) for n in names] if ok else None
+
+
+class KdcliModelFormat(TeacherFormat):
+    """A kdcli model file."""
+
+    name = "kdcli"
+    own_preprocessing = True
+
+    def detect(self, path: Path) -> bool:
+        meta = _metadata(path)
+        return meta is not None and meta.get("format") == MODEL_FORMAT
+
+    def load(self, req: LoadRequest) -> Teacher:
+        mf = load_model(req.path)
+        meta = {"architecture": mf.arch.spec(),
+                "model_preprocessing": asdict(mf.preprocessing),
+                "training": {k: mf.training.get(k) for k in ("command", "test_errors")
+                             if k in mf.training}}
+        runner, module = torch_runner(mf.model, req.device, req.precision)
+        shape = req.user_shape or tuple(mf.preprocessing.raw_shape)
+        return req.teacher(
+            self, runner, module=module, inputs=(InputSpec(shape=shape),),
+            preprocessing=dict(IDENTITY),  # the model does its own
+            meta=meta, num_classes=mf.num_classes, class_names=_class_names(mf))
+
+    def class_names(self, path: Path) -> list[str] | None:
+        return names_from_json((_metadata(path) or {}).get("class_names"))
+
+    def inspects(self, path: Path) -> bool:
+        return self.detect(path)
+
+    def inspect(self, path: Path, rep: Reporter) -> dict[str, Any]:
+        mf = load_model(path)
+        info = {"file": str(path), "kind": "model", "format": mf.metadata["format"],
+                "format_version": int(mf.metadata["format_version"]),
+                "architecture": mf.arch.spec(), "architecture_detail": asdict(mf.arch),
+                "preprocessing": asdict(mf.preprocessing), "classes": mf.num_classes,
+                "params": count_params(mf.model), "training": mf.training,
+                "created": mf.metadata.get("created"),
+                "kdcli_version": mf.metadata.get("kdcli_version"),
+                "class_names": mf.class_names, "feature_names": mf.feature_names}
+        rows = [[k, short(info[k])] for k in ("format", "format_version", "architecture",
+                                              "params", "classes", "class_names",
+                                              "feature_names", "preprocessing", "created")
+                if info[k] is not None]
+        rows += [[f"training.{k}", short(v)] for k, v in mf.training.items()
+                 if k not in ("teachers",)]
+        rep.table(f"Model {path.name}", ["", "value"], rows)
+        return info
+
+
+FORMAT = KdcliModelFormat()

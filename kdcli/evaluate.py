@@ -84,7 +84,7 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
         ``{"models": [...metrics...], "agreement": [[...]], "class_names": [...] | None}``.
     """
     from kdcli.data.base import check_same_classes, load_data
-    from kdcli.students.base import file_class_names
+    from kdcli.students.model_file import file_class_names
     from kdcli.teachers.base import TeacherOptions, load_teacher
 
     rep = reporter or Reporter()

@@ -25,7 +25,8 @@ def inspect_file(path: str | Path, reporter: Reporter | None = None,
             ``inputs_sha256``) and every stored row, as training does. Model files are
             always verified.
     """
-    from kdcli.students.base import MODEL_FORMAT, read_safetensors_metadata
+    from kdcli.io.storage import read_safetensors_metadata
+    from kdcli.students.model_file import MODEL_FORMAT
     from kdcli.teachers.hf import is_hf_folder
     from kdcli.transfer.base import TRANSFER_FORMAT, is_index_path
 
@@ -153,15 +154,14 @@ def _show_transfer(info: dict[str, Any], ts, rep: Reporter) -> None:
 
 
 def _inspect_model(p: Path, rep: Reporter) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    from kdcli.students.base import count_params, load_model
+    from kdcli.students.base import count_params
+    from kdcli.students.model_file import load_model
 
     mf = load_model(p)
     info = {"file": str(p), "kind": "model", "format": mf.metadata["format"],
             "format_version": int(mf.metadata["format_version"]),
-            "architecture": mf.arch.spec(), "architecture_detail": asdict(mf.arch),
-            "preprocessing": asdict(mf.preprocessing), "classes": mf.num_classes,
+            "architecture": mf.arch.spec(), "architecture_detail": mf.arch.to_dict(),
+            "preprocessing": mf.preprocessing.to_dict(), "classes": mf.num_classes,
             "params": count_params(mf.model), "training": mf.training,
             "created": mf.metadata.get("created"),
             "kdcli_version": mf.metadata.get("kdcli_version"),

@@ -730,7 +730,7 @@ def _class_names(ds, members: list[Teacher], c: int) -> list[str] | None:
     """The class names of the data, else of the teachers (their own, or what their kdcli or
     ONNX file records); refuse any that differ."""
     from kdcli.data.base import check_same_classes
-    from kdcli.students.base import file_class_names
+    from kdcli.students.model_file import file_class_names
 
     names = ds.class_names
     for t in members:

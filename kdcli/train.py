@@ -39,14 +39,11 @@ from kdcli.io.files import (
     data_files,
     sha256_file,
 )
+from kdcli.modalities import fit_preprocessing
 from kdcli.output import Reporter
-from kdcli.students.base import (
-    Architecture,
-    Preprocessing,
-    apply_max_norm,
-    build_model,
-    save_model,
-)
+from kdcli.preprocessing import Preprocessing
+from kdcli.students.base import Architecture, apply_max_norm, build_model
+from kdcli.students.model_file import save_model
 
 if TYPE_CHECKING:
     import torch
@@ -722,7 +719,7 @@ def _build(arch: Architecture, cfg: TrainConfig, inputs: torch.Tensor | Rows,
     import torch
 
     torch.manual_seed(cfg.seed)
-    pre = Preprocessing.fit(inputs, _normalize(cfg, arch), cfg.normalize_by)
+    pre = fit_preprocessing(inputs, _normalize(cfg, arch), cfg.normalize_by)
     return build_model(arch, pre, num_classes), pre
 
 

@@ -28,7 +28,7 @@ import re
 import sys
 import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,14 +42,10 @@ from kdcli.errors import (
     first_line,
 )
 from kdcli.io.files import require_file, sha256_file
-from kdcli.students.base import (
-    MODEL_FORMAT,
-    Architecture,
-    Preprocessing,
-    build_model,
-    load_model,
-    read_safetensors_metadata,
-)
+from kdcli.io.storage import read_safetensors_metadata
+from kdcli.preprocessing import Preprocessing
+from kdcli.students.base import Architecture, build_model
+from kdcli.students.model_file import MODEL_FORMAT, load_model
 from kdcli.teachers.inputs import IDENTITY, prepare_input
 
 if TYPE_CHECKING:
@@ -173,8 +169,8 @@ class Teacher:
         Returns:
             ``[B, C]`` float32 logits on the CPU.
         """
-        x = prepare_input(raw, self.preprocessing, self.input_shape, self.input_dtype,
-                          self.name)
+        x = prepare_input(raw, Preprocessing.from_dict(self.preprocessing), self.input_shape,
+                          self.input_dtype, self.name)
         out = self._check_output(self._forward(x), raw.shape[0])
         return to_logits(out, self.output or "logits")
 
@@ -365,7 +361,7 @@ def _load_kdcli(t: Teacher, opts: TeacherOptions) -> None:
     mf = load_model(t.path)
     t.input_shape = t.input_shape or list(mf.preprocessing.raw_shape)
     t.preprocessing = dict(IDENTITY)  # the model does its own
-    t.meta = {"architecture": mf.arch.spec(), "model_preprocessing": asdict(mf.preprocessing),
+    t.meta = {"architecture": mf.arch.spec(), "model_preprocessing": mf.preprocessing.to_dict(),
               "training": {k: mf.training.get(k) for k in ("command", "test_errors")
                            if k in mf.training}}
     names = mf.training.get("class_names")
@@ -528,7 +524,8 @@ def _probe(t: Teacher, probe: torch.Tensor | None) -> None:
         probe = torch.rand((2, *t.input_shape), generator=gen) * scale
     if t.input_shape is None:
         _resolve_input_shape(t, probe[:2])
-    x = prepare_input(probe, t.preprocessing, t.input_shape, t.input_dtype, t.name)
+    x = prepare_input(probe, Preprocessing.from_dict(t.preprocessing), t.input_shape,
+                      t.input_dtype, t.name)
     try:
         out = t._check_output(t._forward(x), probe.shape[0])
     except KdcliError:
@@ -587,7 +584,8 @@ def _resolve_input_shape(t: Teacher, probe: torch.Tensor) -> None:
     for cand in candidates:
         t.input_shape = cand
         try:
-            x = prepare_input(probe, t.preprocessing, t.input_shape, t.input_dtype, t.name)
+            x = prepare_input(probe, Preprocessing.from_dict(t.preprocessing), t.input_shape,
+                              t.input_dtype, t.name)
             t._check_output(t._forward(x), probe.shape[0])
             return
         except NotScoresError:

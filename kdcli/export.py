@@ -161,15 +161,18 @@ def _check_inputs(mf: ModelFile, data: str | None, fixed: int | None, count: int
 
 
 class Exportable(nn.Module):
-    """A model's inputs, in the modality's order, -> its logits and/or probabilities."""
+    """A model's inputs, in the modality's order, -> its logits and/or probabilities: the
+    first as ``input``, any others as the tuple ``more`` (the graph's input names are the
+    modality's)."""
 
     def __init__(self, model: nn.Module, output_names: list[str]) -> None:
         super().__init__()
         self.model = model
         self.output_names = output_names
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        logits = self.model(*inputs)
+    def forward(self, input: torch.Tensor,  # noqa: A002 - one-input graphs name it so
+                more: tuple[torch.Tensor, ...] = ()) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        logits = self.model(input, *more)
         if self.output_names == ["logits"]:
             return logits
         probs = torch.softmax(logits, dim=-1)
@@ -180,15 +183,17 @@ def _to_onnx(model: nn.Module, output_names: list[str], raw_shape: list[int],
              fixed: int | None, opset: int | None, path: Path, verbose: bool = False) -> str:
     """Export with torch's exporter; return what it printed (shown only with --verbose)."""
     modality = modality_for(raw_shape)
-    example = modality.example_inputs(raw_shape, fixed or 2)
-    kwargs: dict[str, Any] = {"input_names": list(example), "output_names": output_names,
-                              "dynamo": True, "external_data": False}
+    first, *more = modality.example_inputs(raw_shape, fixed or 2).values()
+    args = (first, tuple(more)) if more else (first,)  # as forward(input, more) takes them
+    kwargs: dict[str, Any] = {"input_names": [s.name for s in modality.inputs(raw_shape)],
+                              "output_names": output_names, "dynamo": True,
+                              "external_data": False}
     if fixed is None:
         dims: dict[str, torch.export.Dim] = {}
-        kwargs["dynamic_shapes"] = tuple(
-            {axis: dims.setdefault(dim, torch.export.Dim(dim, min=1))
-             for axis, dim in axes.items()}
-            for axes in modality.dynamic_axes(raw_shape).values())
+        shapes = [{axis: dims.setdefault(dim, torch.export.Dim(dim, min=1))
+                   for axis, dim in axes.items()}
+                  for axes in modality.dynamic_axes(raw_shape).values()]
+        kwargs["dynamic_shapes"] = (shapes[0], tuple(shapes[1:]))[:len(args)]
     if opset is not None:
         kwargs["opset_version"] = opset
     buf = io.StringIO()
@@ -198,8 +203,8 @@ def _to_onnx(model: nn.Module, output_names: list[str], raw_shape: list[int],
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf), \
                 warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            torch.onnx.export(Exportable(model, output_names).eval(), tuple(example.values()),
-                              str(path), **kwargs)
+            torch.onnx.export(Exportable(model, output_names).eval(), args, str(path),
+                              **kwargs)
     except Exception as e:  # noqa: BLE001 - the exporter raises many types
         cause = _write_failure(e, path)
         if cause is not None:  # a full disk or read-only folder, not the exporter's fault:

@@ -9,7 +9,9 @@ from common import median_of, report
 
 from kdcli.data.sources import load_data
 from kdcli.export import main_export
-from kdcli.students.base import Architecture, Preprocessing, build_model, save_model
+from kdcli.preprocessing import Preprocessing
+from kdcli.students.base import Architecture, build_model
+from kdcli.students.model_file import save_model
 
 
 def main() -> None:

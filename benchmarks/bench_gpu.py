@@ -17,8 +17,10 @@ from torch import nn
 
 from kdcli.config import DistillConfig
 from kdcli.data.sources import load_data
+from kdcli.modalities import fit_preprocessing
 from kdcli.soft_targets import soft_targets
-from kdcli.students.base import Architecture, Preprocessing, build_model, save_model
+from kdcli.students.base import Architecture, build_model
+from kdcli.students.model_file import save_model
 from kdcli.train import TrainConfig, train
 from kdcli.training.losses import criterion
 from kdcli.transfer.base import load_transfer_set
@@ -93,7 +95,7 @@ def main() -> None:
                                                      f"(kdcli {kd / ceiling:.0%})"))
     data = load_data("mnist:train")
     arch = Architecture.parse("mlp:1200,1200")
-    pre = Preprocessing.fit(data.inputs)
+    pre = fit_preprocessing(data.inputs)
     big = tmp / "big.safetensors"
     model = build_model(arch, pre, 10).eval()
     save_model(big, model, arch, pre, 10, {})

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from common import kdcli_peak_rss, report
 
-from kdcli.students.base import Architecture, Preprocessing, build_model, save_model
+from kdcli.preprocessing import Preprocessing
+from kdcli.students.base import Architecture, build_model
+from kdcli.students.model_file import save_model
 
 C, FEATURES = 1000, 64
 

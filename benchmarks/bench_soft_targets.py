@@ -8,8 +8,10 @@ import torch
 from common import best_of, report
 
 from kdcli.data.sources import load_data
+from kdcli.modalities import fit_preprocessing
 from kdcli.soft_targets import soft_targets
-from kdcli.students.base import Architecture, Preprocessing, build_model, save_model
+from kdcli.students.base import Architecture, build_model
+from kdcli.students.model_file import save_model
 
 BATCH = 1024
 ROUNDS = 5
@@ -21,7 +23,7 @@ def main() -> None:
     data = load_data("mnist:train")
     tmp = Path(tempfile.mkdtemp())
     arch = Architecture.parse("mlp:1200,1200")
-    pre = Preprocessing.fit(data.inputs)
+    pre = fit_preprocessing(data.inputs)
     model = build_model(arch, pre, 10).eval()
     teacher = tmp / "teacher.safetensors"
     save_model(teacher, model, arch, pre, 10, {})

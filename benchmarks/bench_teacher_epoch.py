@@ -8,7 +8,7 @@ from unittest import mock
 from common import report
 from torch import nn
 
-import kdcli.students.base
+import kdcli.students.mlp
 from kdcli.data.augment import AugmentConfig
 from kdcli.students.base import Architecture
 from kdcli.train import TrainConfig, train
@@ -28,7 +28,7 @@ def main() -> None:
     out = Path(tempfile.mkdtemp()) / "t.safetensors"
     rows, result = [], {}
     for precision in ("fp32", "bf16"):
-        with mock.patch.object(kdcli.students.base, "_byte_dropout", nn.Dropout):
+        with mock.patch.object(kdcli.students.mlp, "ByteDropout", nn.Dropout):
             torch_s = epoch_seconds(precision, out)
         kd_s = epoch_seconds(precision, out)
         result[precision] = {"nn_dropout_s": torch_s, "byte_dropout_s": kd_s,

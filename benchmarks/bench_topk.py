@@ -26,8 +26,10 @@ from common import report
 
 from kdcli.data.augment import AugmentConfig
 from kdcli.evaluate import predict
+from kdcli.preprocessing import Preprocessing
 from kdcli.soft_targets import soft_targets
-from kdcli.students.base import Architecture, Preprocessing, build_model, load_model, save_model
+from kdcli.students.base import Architecture, build_model
+from kdcli.students.model_file import load_model, save_model
 from kdcli.train import TrainConfig, train, train_student
 from kdcli.transfer.base import load_transfer_set
 

@@ -96,7 +96,8 @@ def calibrate_bias(model: str | Path = "student.safetensors",
     import torch
 
     from kdcli.evaluate import predict
-    from kdcli.students.base import final_linear, load_model, save_model
+    from kdcli.students.base import final_linear
+    from kdcli.students.model_file import load_model, save_model
 
     rep = reporter or Reporter()
     if target not in ("teacher", "labels"):

@@ -75,7 +75,7 @@ class TrainConfig:
 
     def check(self) -> None:
         """Refuse settings out of range (UsageError, naming the option and a valid value)."""
-        from kdcli.students.base import NORMALIZE_BY
+        from kdcli.preprocessing import NORMALIZE_BY
 
         if self.epochs is not None and self.epochs <= 0:
             raise UsageError(f"--epochs must be positive, got {self.epochs}", "Try --epochs 20")

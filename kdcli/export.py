@@ -2,8 +2,10 @@
 
 The graph takes raw inputs (for MNIST: float32 pixels 0-255, shape ``[batch, 28, 28]``);
 scaling, normalization and flattening are inside it, and BatchNorm is folded into the
-convolutions before it. Inputs are named ``input``; outputs ``logits`` and/or
-``probabilities`` (softmax at T = 1). Every export is checked with
+convolutions before it. The inputs are the modality's (see
+:meth:`kdcli.modalities.base.Modality.inputs`: for images and tables one float32 input named
+``input``, with a dynamic batch); outputs ``logits`` and/or ``probabilities`` (softmax at
+T = 1). Every export is checked with
 ``onnx.checker`` (full check) and by running onnxruntime against torch; a file that fails
 is removed.
 """
@@ -15,20 +17,30 @@ import contextlib
 import io
 import json
 import logging
+import math
 import time
 import warnings
-from dataclasses import asdict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
 
 from kdcli import __version__
 from kdcli.checks import check_opset
+from kdcli.data.base import DataOptions, recorded_options
+from kdcli.data.sources import load_data, recorded_data
 from kdcli.errors import ExportError, FormatError, UsageError, first_line
 from kdcli.io.files import atomic_output, check_output, require_file, write_error
+from kdcli.modalities import modality_for
 from kdcli.output import Reporter
-
-if TYPE_CHECKING:
-    from kdcli.data.base import DataOptions
+from kdcli.resources import check_memory
+from kdcli.students.base import fold_batchnorm
+from kdcli.students.model_file import ModelFile, load_model
 
 OUTPUT_MODES = {"logits": ["logits"], "probs": ["probabilities"],
                 "both": ["logits", "probabilities"]}
@@ -64,10 +76,6 @@ def main_export(model: str | Path = "student.safetensors", output: str | Path = 
     Raises:
         ExportError: export failed, or the ONNX model disagrees with torch.
     """
-    import onnx
-
-    from kdcli.students.base import fold_batchnorm, load_model
-
     rep = reporter or Reporter()
     if outputs not in OUTPUT_MODES:
         raise UsageError(f"unknown --outputs {outputs!r}", "Use logits, probs or both")
@@ -123,64 +131,70 @@ def _parse_batch(batch: str | int) -> int | None:
     return n
 
 
-def _check_batch_memory(fixed: int | None, mf) -> None:
+def _check_batch_memory(fixed: int | None, mf: ModelFile) -> None:
     """Refuse a fixed batch whose input, traced and checked, cannot fit in memory."""
-    import math
-
-    from kdcli.resources import check_memory
-
     if fixed is not None:
         per_example = 4 * 3 * math.prod(mf.preprocessing.raw_shape)  # input, copies, check
         check_memory(fixed * per_example, f"--batch {fixed}",
                      "Lower --batch, or use --batch dynamic")
 
 
-def _check_inputs(mf, data: str | None, fixed: int | None, count: int,
-                  data_options: DataOptions | None = None):
-    """Real raw inputs for the check, as float32 ``[n, *raw_shape]``."""
-    import torch
-
-    from kdcli.data.base import recorded_options
-    from kdcli.data.sources import load_data, recorded_data
-
+def _check_inputs(mf: ModelFile, data: str | None, fixed: int | None, count: int,
+                  data_options: DataOptions | None = None) -> dict[str, torch.Tensor]:
+    """Real raw inputs for the check, as the model's named inputs (``[n, *shape]`` each)."""
     spec = data or recorded_data(mf.training, "test_data", "data")
     if not spec:
         raise UsageError("the model records no data source to check the export on",
                          "Pass --data with examples the model takes")
     ds = load_data(spec, limit=max(count, fixed or 0),
                    options=recorded_options(data_options, mf.training))
-    x = ds.inputs.float()
-    if list(x.shape[1:]) != list(mf.preprocessing.raw_shape):
-        raise UsageError(f"--data examples have shape {list(x.shape[1:])}, but the model takes "
-                         f"{mf.preprocessing.raw_shape}", "Pass --data the model was trained on")
+    raw = ds.inputs
+    if list(raw.shape[1:]) != list(mf.preprocessing.raw_shape):
+        raise UsageError(f"--data examples have shape {list(raw.shape[1:])}, but the model "
+                         f"takes {mf.preprocessing.raw_shape}",
+                         "Pass --data the model was trained on")
+    batch = modality_for(list(raw.shape[1:])).batch(raw)
     if fixed is not None:
-        reps = -(-fixed // len(x))
-        x = torch.cat([x] * reps)[: fixed * max(1, len(x) // fixed)]
-    return x
+        reps = -(-fixed // len(raw))
+        rows = fixed * max(1, len(raw) // fixed)
+        batch = {k: torch.cat([v] * reps)[:rows] for k, v in batch.items()}
+    return batch
 
 
-def _to_onnx(model, output_names: list[str], raw_shape: list[int], fixed: int | None,
-             opset: int | None, path: Path, verbose: bool = False) -> str:
+class Exportable(nn.Module):
+    """A model's inputs, in the modality's order, -> its logits and/or probabilities: the
+    first as ``input``, any others as the tuple ``more`` (the graph's input names are the
+    modality's)."""
+
+    def __init__(self, model: nn.Module, output_names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.output_names = output_names
+
+    def forward(self, input: torch.Tensor,  # noqa: A002 - one-input graphs name it so
+                more: tuple[torch.Tensor, ...] = ()) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        logits = self.model(input, *more)
+        if self.output_names == ["logits"]:
+            return logits
+        probs = torch.softmax(logits, dim=-1)
+        return probs if self.output_names == ["probabilities"] else (logits, probs)
+
+
+def _to_onnx(model: nn.Module, output_names: list[str], raw_shape: list[int],
+             fixed: int | None, opset: int | None, path: Path, verbose: bool = False) -> str:
     """Export with torch's exporter; return what it printed (shown only with --verbose)."""
-    import torch
-
-    class Exportable(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input: torch.Tensor):  # noqa: A002 - the ONNX input's name
-            logits = self.model(input)
-            if output_names == ["logits"]:
-                return logits
-            probs = torch.softmax(logits, dim=-1)
-            return probs if output_names == ["probabilities"] else (logits, probs)
-
-    example = torch.zeros(fixed or 2, *raw_shape)
-    kwargs: dict[str, Any] = {"input_names": ["input"], "output_names": output_names,
-                              "dynamo": True, "external_data": False}
+    modality = modality_for(raw_shape)
+    first, *more = modality.example_inputs(raw_shape, fixed or 2).values()
+    args = (first, tuple(more)) if more else (first,)  # as forward(input, more) takes them
+    kwargs: dict[str, Any] = {"input_names": [s.name for s in modality.inputs(raw_shape)],
+                              "output_names": output_names, "dynamo": True,
+                              "external_data": False}
     if fixed is None:
-        kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1)},)
+        dims: dict[str, torch.export.Dim] = {}
+        shapes = [{axis: dims.setdefault(dim, torch.export.Dim(dim, min=1))
+                   for axis, dim in axes.items()}
+                  for axes in modality.dynamic_axes(raw_shape).values()]
+        kwargs["dynamic_shapes"] = (shapes[0], tuple(shapes[1:]))[:len(args)]
     if opset is not None:
         kwargs["opset_version"] = opset
     buf = io.StringIO()
@@ -190,7 +204,8 @@ def _to_onnx(model, output_names: list[str], raw_shape: list[int], fixed: int | 
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf), \
                 warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            torch.onnx.export(Exportable().eval(), (example,), str(path), **kwargs)
+            torch.onnx.export(Exportable(model, output_names).eval(), args, str(path),
+                              **kwargs)
     except Exception as e:  # noqa: BLE001 - the exporter raises many types
         cause = _write_failure(e, path)
         if cause is not None:  # a full disk or read-only folder, not the exporter's fault:
@@ -215,12 +230,12 @@ def _write_failure(exc: BaseException, path: Path) -> BaseException | None:
     return None
 
 
-def _set_metadata(proto, mf, outputs: str) -> None:
-    pre = asdict(mf.preprocessing)
+def _set_metadata(proto: onnx.ModelProto, mf: ModelFile, outputs: str) -> None:
+    pre = mf.preprocessing.to_dict()
     props = {
         "kdcli_version": __version__,
         "architecture": mf.arch.spec(),
-        "architecture_json": json.dumps(asdict(mf.arch)),
+        "architecture_json": json.dumps(mf.arch.to_dict()),
         "preprocessing": json.dumps(pre),
         "input_units": f"{pre['units']} as float32, shape [batch, "
                        f"{', '.join(map(str, pre['raw_shape']))}]; normalization is inside",
@@ -249,24 +264,21 @@ def _training_summary(training: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def verify(path: Path, model, x, output_names: list[str], atol: float) -> dict[str, Any]:
+def verify(path: Path, model: nn.Module, x: Mapping[str, torch.Tensor],
+           output_names: list[str], atol: float) -> dict[str, Any]:
     """Check an exported file: ``onnx.checker`` and onnxruntime against torch.
 
     Args:
         path: The ONNX file.
         model: The torch model it was exported from.
-        x: Real raw inputs, float32 ``[n, *raw_shape]``.
+        x: Real raw inputs by name, each ``[n, *shape]`` (see :func:`_check_inputs`).
         output_names: The graph's outputs.
         atol: Largest allowed absolute logit difference.
 
     Raises:
         ExportError: a check failed.
     """
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-    import torch
-
+    rows = len(next(iter(x.values())))
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:  # noqa: BLE001 - checker raises ValidationError and others
@@ -278,15 +290,15 @@ def verify(path: Path, model, x, output_names: list[str], atol: float) -> dict[s
     try:
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         batch = sess.get_inputs()[0].shape[0]
-        step = batch if isinstance(batch, int) else len(x)
-        got = [sess.run(None, {"input": x[i:i + step].numpy()})
-               for i in range(0, len(x) - step + 1, step)]
+        step = batch if isinstance(batch, int) else rows
+        got = [sess.run(None, {k: v[i:i + step].numpy() for k, v in x.items()})
+               for i in range(0, rows - step + 1, step)]
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"onnxruntime cannot run the export: {first_line(e, limit=None)}",
                           "Try another --opset") from e
     n = sum(len(g[0]) for g in got)
     with torch.inference_mode():
-        ref = model(x[:n]).float()
+        ref = model(*(v[:n] for v in x.values())).float()
     first = torch.from_numpy(np.concatenate([g[0] for g in got]))
     if output_names == ["probabilities"]:
         ref = torch.softmax(ref, -1)

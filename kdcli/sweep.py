@@ -179,7 +179,8 @@ def _student(folder: Path, transfer: Path, h: int, t: float, s: int, *, layers: 
              data_options: DataOptions | None) -> dict[str, Any]:
     """One grid point's student of width ``h`` at T ``t`` and seed ``s``: kept from an
     earlier sweep, or trained now."""
-    from kdcli.students.base import Architecture, load_model
+    from kdcli.students.base import Architecture
+    from kdcli.students.model_file import load_model
     from kdcli.train import train_student
 
     out = folder / f"student-h{h}-T{t:g}-s{s}.safetensors"

@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,14 +39,11 @@ from kdcli.io.files import (
     data_files,
     sha256_file,
 )
+from kdcli.modalities import fit_preprocessing
 from kdcli.output import Reporter
-from kdcli.students.base import (
-    Architecture,
-    Preprocessing,
-    apply_max_norm,
-    build_model,
-    save_model,
-)
+from kdcli.preprocessing import Preprocessing
+from kdcli.students.base import Architecture, apply_max_norm, build_model
+from kdcli.students.model_file import save_model
 
 if TYPE_CHECKING:
     import torch
@@ -686,7 +683,7 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
         loss = F.cross_entropy(z, y)
         return loss, torch.stack([loss.detach(), (z.argmax(-1) != y).float().mean()])
 
-    fingerprint = {"command": "train", "data": ds.source, "arch": asdict(arch),
+    fingerprint = {"command": "train", "data": ds.source, "arch": arch.to_dict(),
                    "config": cfg.settings(), "augment": aug.settings()}
     training = {"command": "train", "architecture": arch.spec(), "data": ds.source,
                 **_recorded(data_options), **cfg.settings(), **aug.settings()}
@@ -722,7 +719,7 @@ def _build(arch: Architecture, cfg: TrainConfig, inputs: torch.Tensor | Rows,
     import torch
 
     torch.manual_seed(cfg.seed)
-    pre = Preprocessing.fit(inputs, _normalize(cfg, arch), cfg.normalize_by)
+    pre = fit_preprocessing(inputs, _normalize(cfg, arch), cfg.normalize_by)
     return build_model(arch, pre, num_classes), pre
 
 
@@ -967,5 +964,5 @@ def _student_record(ts, name: str, transfer_sha: str, arch: Architecture, d: Dis
     if ts.meta.get("class_names"):
         training["class_names"] = ts.meta["class_names"]
     fingerprint = {"command": "train-student", "transfer_sha256": transfer_sha,
-                   "arch": asdict(arch), **d.settings(topk), "config": cfg.settings()}
+                   "arch": arch.to_dict(), **d.settings(topk), "config": cfg.settings()}
     return training, fingerprint

@@ -8,7 +8,8 @@ import torch
 from kdcli.calibrate import calibrate_bias, fit_bias_shift
 from kdcli.errors import UsageError
 from kdcli.soft_targets import soft_targets
-from kdcli.students.base import Architecture, load_model
+from kdcli.students.base import Architecture
+from kdcli.students.model_file import load_model
 from kdcli.train import TrainConfig, train_student
 
 

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from kdcli.data.augment import AugmentConfig
 from kdcli.data.sources import load_data
 from kdcli.output import Reporter
-from kdcli.students.base import Architecture, load_model
+from kdcli.students.base import Architecture
+from kdcli.students.model_file import load_model
 from kdcli.train import TrainConfig, checkpoint_path, train
 from kdcli.transfer.base import load_transfer_set
 

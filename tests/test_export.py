@@ -13,7 +13,9 @@ import kdcli.export as export_mod
 from kdcli.data.sources import load_data
 from kdcli.errors import ExportError
 from kdcli.export import main_export
-from kdcli.students.base import Architecture, Preprocessing, build_model, load_model, save_model
+from kdcli.preprocessing import Preprocessing
+from kdcli.students.base import Architecture, build_model
+from kdcli.students.model_file import load_model, save_model
 
 PRE = Preprocessing(255.0, 0.1307, 0.3081, [28, 28], "pixel values 0-255")
 

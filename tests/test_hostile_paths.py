@@ -153,7 +153,7 @@ def test_inside_folder_reads_links_without_leaving_the_folder(tmp_path):
 
 
 def model_recording(teacher_file: Path, out: Path, data: str) -> Path:
-    from kdcli.students.base import load_model, save_model
+    from kdcli.students.model_file import load_model, save_model
 
     mf = load_model(teacher_file)
     save_model(out, mf.model, mf.arch, mf.preprocessing, mf.num_classes,

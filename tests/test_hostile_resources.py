@@ -38,7 +38,9 @@ def _env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from kdcli.students.base import Architecture, Preprocessing, build_model, save_model
+    from kdcli.preprocessing import Preprocessing
+    from kdcli.students.base import Architecture, build_model
+    from kdcli.students.model_file import save_model
 
     pre = Preprocessing(255.0, 0.1307, 0.3081, [28, 28], "pixel values 0-255")
     arch = Architecture.parse("mlp:8")

@@ -8,14 +8,10 @@ from conftest import randomize_batchnorm
 from safetensors.torch import load_file, save_file
 
 from kdcli.errors import FormatError, UsageError
-from kdcli.students.base import (
-    Architecture,
-    Preprocessing,
-    apply_max_norm,
-    build_model,
-    load_model,
-    save_model,
-)
+from kdcli.preprocessing import Preprocessing
+from kdcli.students.base import Architecture, apply_max_norm, build_model
+from kdcli.students.layers import BasicBlock, ByteDropout, Preprocess
+from kdcli.students.model_file import load_model, save_model
 
 PRE = Preprocessing(255.0, 0.1307, 0.3081, [28, 28], "pixel values 0-255")
 
@@ -76,7 +72,7 @@ def test_reader_says_what_is_wrong(tmp_path):
     good = tmp_path / "good.safetensors"
     save_model(good, model, arch, PRE, 10, {})
     tensors = load_file(str(good))
-    from kdcli.students.base import read_safetensors_metadata
+    from kdcli.io.storage import read_safetensors_metadata
 
     meta = read_safetensors_metadata(good)
     # rewritten by another writer: no checksum of kdcli's layout, so an older version 1 file
@@ -122,7 +118,7 @@ def test_max_norm_bounds_hidden_units_and_leaves_the_output_layer_free():
 
 
 def test_families_are_one_table_and_specs_round_trip():
-    from kdcli.students.base import FAMILIES
+    from kdcli.students import FAMILIES
 
     assert set(FAMILIES) == {"mlp", "cnn", "resnet"}
     for spec in ("mlp:1200,1200", "cnn:0.5", "resnet:8", "resnet:20,0.5"):
@@ -142,7 +138,7 @@ def test_old_model_files_without_new_architecture_fields_still_load(tmp_path):
     model = build_model(arch, PRE, 10).eval()
     path = tmp_path / "old.safetensors"
     save_model(path, model, arch, PRE, 10, {})
-    from kdcli.students.base import read_safetensors_metadata
+    from kdcli.io.storage import read_safetensors_metadata
 
     meta = read_safetensors_metadata(path)
     old = {k: v for k, v in json.loads(meta["architecture"]).items() if k != "depth"}
@@ -172,7 +168,7 @@ def test_resnet_takes_colour_and_grayscale_images_of_any_size_from_8x8():
         x = torch.randint(0, 256, (4, *raw), dtype=torch.uint8)
         assert model(x).shape == (4, 7), raw
     model = resnet("resnet:20,0.5", [3, 16, 16])
-    blocks = [m for m in model.modules() if type(m).__name__ == "BasicBlock"]
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
     assert len(blocks) == 9 and len(convs) == 19  # 3 stages of 3 blocks; 19 convs + 1 Linear
     assert [m.out_channels for m in convs[::6]] == [8, 8, 16, 32]  # 16/32/64 times 0.5
@@ -209,3 +205,82 @@ def test_fold_batchnorm_is_exact_and_leaves_the_model_alone():
 def test_resnet_depth_must_be_a_valid_integer(depth):
     with pytest.raises(UsageError, match="ResNet depth"):
         Architecture(family="resnet", depth=depth).check()
+
+
+@pytest.mark.parametrize("spec", ["mlp:16,8", "cnn:0.25", "resnet:8,0.25"])
+def test_torch_save_of_every_familys_student_loads_back(tmp_path, spec):
+    """Every layer is a module-level class, so a whole student pickles (no local classes)."""
+    torch.manual_seed(0)
+    pre = Preprocessing(255.0, [0.5, 0.4, 0.3], [0.25, 0.2, 0.3], [3, 12, 12], "pixels")
+    model = build_model(Architecture.parse(spec, dropout=0.5), pre, 5).eval()
+    torch.save(model, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    x = torch.randint(0, 256, (3, 3, 12, 12), dtype=torch.uint8)
+    torch.testing.assert_close(back(x), model(x), rtol=0, atol=0)
+    assert isinstance(back[0], Preprocess)
+    assert any(isinstance(m, ByteDropout) for m in back.modules())
+
+
+def test_each_family_has_its_own_configuration():
+    from kdcli.students.cnn import CnnConfig
+    from kdcli.students.mlp import MlpConfig
+    from kdcli.students.resnet import ResNetConfig
+
+    mlp = Architecture.parse("mlp:30,20", dropout=0.5, max_norm=3.0)
+    assert mlp.config == MlpConfig([30, 20], 0.5, 0.0, 3.0)
+    assert (mlp.width, mlp.depth) == (1.0, 0)  # fields an MLP has not read as unset
+    assert Architecture.parse("cnn:0.5").config == CnnConfig(0.5)
+    resnet = Architecture.parse("resnet:14,0.5")
+    assert resnet.config == ResNetConfig(14, 0.5)
+    assert resnet.hidden == [] and resnet.max_norm is None
+    # the file's flat record, in its order, with every field
+    assert list(resnet.to_dict()) == ["family", "hidden", "width", "dropout", "input_dropout",
+                                      "max_norm", "depth"]
+    assert Architecture.from_dict(resnet.to_dict()) == resnet
+    with pytest.raises(UsageError, match="an MLP takes no width"):
+        Architecture("mlp", hidden=[3], width=2.0).check()
+    with pytest.raises(UsageError, match="unknown model family"):
+        Architecture("rnn")
+
+
+def test_preprocessing_records_keep_their_form():
+    """A student's record has its raw shape and units; a teacher's has only what it sets."""
+    student = Preprocessing(255.0, 0.1307, 0.3081, [28, 28], "pixel values 0-255")
+    assert list(student.to_dict()) == ["scale", "mean", "std", "raw_shape", "units"]
+    assert Preprocessing.from_dict(student.to_dict()) == student
+    teacher = {"scale": 255.0, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "size": [8, 8]}
+    assert Preprocessing.from_dict(teacher).to_dict() == teacher
+    assert Preprocessing.from_dict({"scale": 1.0, "mean": 0.0, "std": 1.0}).to_dict() == \
+        {"scale": 1.0, "mean": 0.0, "std": 1.0}
+
+
+def test_one_statistics_rule_for_students_and_teachers():
+    from kdcli.errors import ModelError
+    from kdcli.preprocessing import stats_shape
+    from kdcli.teachers.inputs import prepare_input
+
+    assert stats_shape(1, [3, 8, 8]) == [] and stats_shape(3, [3, 8, 8]) == [3, 1, 1]
+    assert stats_shape(13, [13]) == [13] and stats_shape(192, [3, 8, 8]) == [3, 8, 8]
+    pre = Preprocessing(255.0, [0.1, 0.2, 0.3], [0.5, 0.5, 0.25], [3, 8, 8])
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    student = build_model(Architecture.parse("mlp:"), pre, 2)[0](x)
+    teacher = prepare_input(x, Preprocessing(255.0, pre.mean, pre.std), None, "float32")
+    torch.testing.assert_close(teacher.reshape(4, -1), student, rtol=0, atol=0)
+    with pytest.raises(ModelError, match="do not fit"):
+        prepare_input(x, Preprocessing(1.0, [0.0] * 4, 1.0), None, "float32")
+
+
+def test_modalities_follow_from_the_raw_shape():
+    from kdcli.modalities import get, modality_for, normalize_by
+
+    assert modality_for([13]).name == "table" and modality_for([28, 28]).name == "image"
+    assert modality_for([3, 32, 32]) is get("image")
+    table = get("table")
+    (spec,) = table.inputs([13])
+    assert (spec.name, spec.dtype, spec.shape) == ("input", torch.float32, (13,))
+    assert table.dynamic_axes([13]) == {"input": {0: "batch"}}
+    batch = table.batch(torch.ones(5, 13, dtype=torch.float64))
+    assert list(batch) == ["input"] and batch["input"].dtype == torch.float32
+    assert table.example_inputs([13], 2)["input"].shape == (2, 13)
+    assert [normalize_by("auto", s) for s in ([13], [3, 8, 8], [28, 28])] == \
+        ["feature", "channel", "scalar"]

@@ -209,7 +209,8 @@ def test_tree_ensemble_distilled_into_an_mlp_exported_and_run(tmp_path):
 
     from kdcli.export import main_export
     from kdcli.soft_targets import soft_targets
-    from kdcli.students.base import Architecture, load_model
+    from kdcli.students.base import Architecture
+    from kdcli.students.model_file import load_model
     from kdcli.train import TrainConfig, train_student
     from kdcli.transfer.base import load_transfer_set
 

@@ -18,16 +18,12 @@ from kdcli.data import images as images
 from kdcli.data.base import DataOptions
 from kdcli.data.sources import load_data
 from kdcli.errors import DataError, UsageError
+from kdcli.modalities import fit_preprocessing, normalize_by
 from kdcli.output import Reporter
+from kdcli.preprocessing import stats_shape
 from kdcli.soft_targets import soft_targets
-from kdcli.students.base import (
-    Architecture,
-    Preprocessing,
-    build_model,
-    load_model,
-    normalize_by,
-    stats_shape,
-)
+from kdcli.students.base import Architecture, build_model
+from kdcli.students.model_file import load_model
 from kdcli.train import TrainConfig, train, train_student
 
 QUIET = Reporter("quiet")
@@ -249,7 +245,7 @@ def test_feature_and_label_columns_and_unlabelled_tables(tmp_path):
     d = load_data(f"{p}[1:]", options=DataOptions(label_column="none"))
     assert d.labels is None and len(d) == 2 and "label" in d.feature_names
     # A constant feature (b) gets std 1, not inf.
-    pre = Preprocessing.fit(load_data(str(p)).inputs)
+    pre = fit_preprocessing(load_data(str(p)).inputs)
     assert pre.std[2] == 1.0 and all(np.isfinite(pre.mean + pre.std))
 
 
@@ -397,13 +393,13 @@ def test_normalize_by_rule_and_stats_shapes():
     with pytest.raises(UsageError):
         stats_shape(4, [3, 8, 8])
     x = torch.randint(0, 256, (50, 3, 4, 4), dtype=torch.uint8)
-    pre = Preprocessing.fit(x)
+    pre = fit_preprocessing(x)
     want = (x.double() / 255).transpose(0, 1).reshape(3, -1)
     assert np.allclose(pre.mean, want.mean(1).numpy(), atol=1e-6)
     assert np.allclose(pre.std, want.std(1, correction=0).numpy(), atol=1e-6)
     model = build_model(Architecture.parse("mlp:4"), pre, 2)
     assert not any("raw_" in k for k in model.state_dict())  # the stats live in metadata
-    feat = Preprocessing.fit(x, by="feature")
+    feat = fit_preprocessing(x, by="feature")
     assert len(feat.mean) == 48
     out = build_model(Architecture.parse("mlp:4"), feat, 2)(x)
     assert torch.isfinite(out).all()
@@ -429,7 +425,8 @@ def test_a_slice_without_the_last_class_keeps_every_class_name(tmp_path):
     """Class names come from the whole table; a model trained on a slice that lacks the last
     class must still have one output per name, or its file could not be read back."""
     from kdcli.output import Reporter
-    from kdcli.students.base import Architecture, load_model
+    from kdcli.students.base import Architecture
+    from kdcli.students.model_file import load_model
     from kdcli.train import TrainConfig, train
 
     rows = ["x,y,label"] + [f"{i},{i % 3},{'ab'[i % 2]}" for i in range(20)] + ["5,5,c"]

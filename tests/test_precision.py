@@ -16,7 +16,8 @@ from kdcli.checks import (
 from kdcli.config import TrainConfig
 from kdcli.errors import UsageError
 from kdcli.output import Reporter
-from kdcli.students.base import Architecture, load_model
+from kdcli.students.base import Architecture
+from kdcli.students.model_file import load_model
 from kdcli.train import train
 
 EPYC_ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"

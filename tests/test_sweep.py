@@ -6,7 +6,7 @@ import pytest
 
 from kdcli.config import DistillConfig
 from kdcli.errors import UsageError
-from kdcli.students.base import load_model
+from kdcli.students.model_file import load_model
 from kdcli.sweep import sweep
 from kdcli.train import student_config
 

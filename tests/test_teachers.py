@@ -46,7 +46,7 @@ def run(path, **opts):
 
 
 def test_kdcli_model_file(teacher_file):
-    from kdcli.students.base import load_model
+    from kdcli.students.model_file import load_model
 
     t = load_teacher(teacher_file)
     assert t.format == "kdcli"

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from kdcli.data.augment import AugmentConfig
 from kdcli.errors import FormatError, KdcliError, OutputExistsError, UsageError
-from kdcli.students.base import Architecture, load_model
+from kdcli.students.base import Architecture
+from kdcli.students.model_file import load_model
 from kdcli.train import STUDENT_LR, STUDENT_WARMUP, TrainConfig, learning_rate, train, train_student
 from kdcli.transfer.base import load_transfer_set
 

@@ -27,6 +27,7 @@ from kdcli.devices import host_to_device, use_tf32
 from kdcli.errors import FormatError, ModelError, UsageError
 from kdcli.io.files import sha256_file
 from kdcli.output import Reporter
+from kdcli.preprocessing import Preprocessing
 from kdcli.teachers.inputs import IDENTITY, prepare_input
 
 OUTPUT_KINDS = ("logits", "log-probs", "probs")
@@ -180,8 +181,8 @@ class Teacher:
         Returns:
             ``[B, C]`` float32 logits on the CPU.
         """
-        x = prepare_input(raw, self.preprocessing, self.input_shape, self.input_dtype,
-                          self.name)
+        x = prepare_input(raw, Preprocessing.from_dict(self.preprocessing), self.input_shape,
+                          self.input_dtype, self.name)
         out = self.check_output(self.forward(x), raw.shape[0])
         return to_logits(out, self.output or "logits")
 

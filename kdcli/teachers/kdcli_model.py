@@ -6,7 +6,6 @@ The model carries its own preprocessing, so the teacher's is the identity and
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +56,7 @@ class KdcliModelFormat(TeacherFormat):
     def load(self, req: LoadRequest) -> Teacher:
         mf = load_model(req.path)
         meta = {"architecture": mf.arch.spec(),
-                "model_preprocessing": asdict(mf.preprocessing),
+                "model_preprocessing": mf.preprocessing.to_dict(),
                 "training": {k: mf.training.get(k) for k in ("command", "test_errors")
                              if k in mf.training}}
         runner, module = torch_runner(mf.model, req.device, req.precision)
@@ -77,8 +76,8 @@ class KdcliModelFormat(TeacherFormat):
         mf = load_model(path)
         info = {"file": str(path), "kind": "model", "format": mf.metadata["format"],
                 "format_version": int(mf.metadata["format_version"]),
-                "architecture": mf.arch.spec(), "architecture_detail": asdict(mf.arch),
-                "preprocessing": asdict(mf.preprocessing), "classes": mf.num_classes,
+                "architecture": mf.arch.spec(), "architecture_detail": mf.arch.to_dict(),
+                "preprocessing": mf.preprocessing.to_dict(), "classes": mf.num_classes,
                 "params": count_params(mf.model), "training": mf.training,
                 "created": mf.metadata.get("created"),
                 "kdcli_version": mf.metadata.get("kdcli_version"),

@@ -12,6 +12,7 @@ from dataclasses import replace
 import torch
 
 from kdcli.errors import KdcliError, ModelError, first_line
+from kdcli.preprocessing import Preprocessing
 from kdcli.resources import check_memory
 from kdcli.teachers.base import NotScoresError, Teacher, detect_output_kind
 from kdcli.teachers.inputs import prepare_input
@@ -37,7 +38,8 @@ def settle(t: Teacher, probe: torch.Tensor | None) -> Teacher:
         scale = t.preprocessing.get("scale", 1.0)
         probe = torch.rand((2, *t.input_shape), generator=gen) * scale
     shape = t.input_shape or _resolve_input_shape(t, probe[:2])
-    x = prepare_input(probe, t.preprocessing, shape, t.input_dtype, t.name)
+    pre = Preprocessing.from_dict(t.preprocessing)
+    x = prepare_input(probe, pre, shape, t.input_dtype, t.name)
     try:
         out = t.check_output(t.forward(x), probe.shape[0])
     except KdcliError:
@@ -94,7 +96,8 @@ def _resolve_input_shape(t: Teacher, probe: torch.Tensor) -> list[int]:
     first_err = None
     for cand in candidates:
         try:
-            x = prepare_input(probe, t.preprocessing, cand, t.input_dtype, t.name)
+            x = prepare_input(probe, Preprocessing.from_dict(t.preprocessing), cand,
+                              t.input_dtype, t.name)
             t.check_output(t.forward(x), probe.shape[0])
             return cand
         except NotScoresError:

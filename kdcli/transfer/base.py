@@ -30,7 +30,7 @@ from kdcli.io.storage import (
     data_sha256,
     read_safetensors,
 )
-from kdcli.students.base import check_format
+from kdcli.students.model_file import check_format
 
 if TYPE_CHECKING:
     import torch

@@ -9,8 +9,8 @@ import torch
 
 from kdcli.errors import FormatError
 from kdcli.io.files import require_file
+from kdcli.io.storage import read_safetensors_metadata
 from kdcli.output import Reporter
-from kdcli.students.base import read_safetensors_metadata
 from kdcli.teachers.base import short
 from kdcli.teachers.formats import find_inspector
 from kdcli.transfer.base import TRANSFER_FORMAT, TopK, is_index_path, load_transfer_set

@@ -9,14 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kdcli.io.storage import read_safetensors_metadata
 from kdcli.output import Reporter
-from kdcli.students.base import (
-    MODEL_FORMAT,
-    ModelFile,
-    count_params,
-    load_model,
-    read_safetensors_metadata,
-)
+from kdcli.students.base import count_params
+from kdcli.students.model_file import MODEL_FORMAT, ModelFile, load_model
 from kdcli.teachers.base import (
     InputSpec,
     LoadRequest,

@@ -28,8 +28,8 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from kdcli.errors import FormatError, ModelError, UsageError, first_line, quote_name
 from kdcli.io.files import inside_folder, signals_raise_here
+from kdcli.io.storage import read_safetensors_metadata
 from kdcli.output import Reporter
-from kdcli.students.base import read_safetensors_metadata
 from kdcli.teachers.base import (
     InputSpec,
     LoadRequest,

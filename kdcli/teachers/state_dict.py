@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kdcli.errors import FormatError, ModelError, UsageError, first_line
-from kdcli.students.base import Architecture, Preprocessing, build_model, read_safetensors_metadata
+from kdcli.io.storage import read_safetensors_metadata
+from kdcli.preprocessing import Preprocessing
+from kdcli.students.base import Architecture, build_model
 from kdcli.teachers.base import (
     InputSpec,
     LoadRequest,

@@ -21,7 +21,7 @@ from kdcli.soft_targets import soft_targets
 from kdcli.students.base import Architecture, Preprocessing, build_model, save_model
 from kdcli.train import TrainConfig, train
 from kdcli.training.losses import criterion
-from kdcli.transfer.base import load_transfer_set
+from kdcli.transfer.reader import load_transfer_set
 
 
 def bare_cuda_epoch(ts, precision: str) -> float:

@@ -2,11 +2,14 @@
 # Fixed runs whose output files must stay bit-identical across a refactor.
 #
 # Usage: bash benchmarks/fixed_runs.sh OUTDIR   (then compare OUTDIR/SHA256SUMS between trees)
+# The sums are fixed_digest.py's: every tensor and setting, without the creation time and
+# the training seconds that differ between any two runs.
 # A jittered teacher, a second teacher, an augmented transfer set, a sharded top-k ensemble
 # set, kd, top-k and mse students, exports, and the same path for a table (scikit-learn's
 # wine) and a small colour-image folder. fp32 on the CPU, one thread, fixed seeds.
 set -euo pipefail
 out=${1:?usage: fixed_runs.sh OUTDIR}
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 export OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES=""
@@ -56,5 +59,5 @@ k train --data tiles --arch cnn:0.25 --epochs 3 --eval-data none --out tiles-tea
 k soft-targets tiles-teacher.safetensors --data tiles --T 4 --copies 1 --augment crop-flip --out tiles-transfer.safetensors "${c[@]}"
 k train-student --transfer tiles-transfer.safetensors --hidden 16 --epochs 3 --eval-data none --out tiles-student.safetensors "${c[@]}"
 k export tiles-student.onnx --model tiles-student.safetensors --data tiles --force
-sha256sum ./*.safetensors ./*.onnx ./*.index.json ./*shard* 2>/dev/null | sort -u -k2 > SHA256SUMS
+"$py" "$here/fixed_digest.py" ./*.safetensors ./*.onnx ./*.index.json | sort -u -k2 > SHA256SUMS
 cat SHA256SUMS

@@ -27,7 +27,7 @@ def inspect_file(path: str | Path, reporter: Reporter | None = None,
     """
     from kdcli.students.base import MODEL_FORMAT, read_safetensors_metadata
     from kdcli.teachers.hf import is_hf_folder
-    from kdcli.transfer.base import TRANSFER_FORMAT, is_index_path
+    from kdcli.transfer.layout import TRANSFER_FORMAT, is_index_path
 
     rep = reporter or Reporter()
     if is_hf_folder(Path(path)):
@@ -52,7 +52,7 @@ def inspect_file(path: str | Path, reporter: Reporter | None = None,
 
 
 def _inspect_transfer(p: Path, rep: Reporter, verify: bool = False) -> dict[str, Any]:
-    from kdcli.transfer.base import load_transfer_set
+    from kdcli.transfer.reader import load_transfer_set
 
     ts = load_transfer_set(p, check_values=verify, verify=verify)
     c, n = ts.num_classes, len(ts)
@@ -64,7 +64,7 @@ def _inspect_transfer(p: Path, rep: Reporter, verify: bool = False) -> dict[str,
         "examples": n, "classes": c, "storage": ts.storage, "top_k": ts.top_k,
         "shards": len(ts.shards), "bytes": file_bytes,
         "bytes_per_example": round(file_bytes / n, 1),
-        "mean_tail_mass": (tail_mass / n) if ts.storage == "top-k" else 0.0,
+        "mean_tail_mass": tail_mass / n,
         "combine": ts.meta.get("combine"), "weights": ts.meta.get("weights"),
         "teachers": ts.meta.get("teachers"), "data_source": ts.meta.get("data_source"),
         "inputs_sha256": ts.meta.get("inputs_sha256"), "created": ts.meta.get("created"),
@@ -87,8 +87,6 @@ def _target_statistics(ts) -> tuple[float, float, list[dict[str, Any]]]:
     sets) and, for up to MAX_DARK_CLASSES classes, each class's most probable other class."""
     import torch
 
-    from kdcli.transfer.base import TopK
-
     c, n = ts.num_classes, len(ts)
     with_dark = c <= MAX_DARK_CLASSES
     sums = torch.zeros(c if with_dark else 0, c, dtype=torch.float64)  # per class: sum of targets
@@ -99,11 +97,8 @@ def _target_statistics(ts) -> tuple[float, float, list[dict[str, Any]]]:
     step = ts.chunk_rows()
     for a in range(0, n, step):
         idx = torch.arange(a, min(n, a + step))
-        t = ts.targets(idx, ts.T)
-        if isinstance(t, TopK):
-            tail_mass += float(t.tail_logmass.exp().sum())
-            t = ts.dense_probs(t, ts.T)
-        probs = t.double()
+        tail_mass += ts.form.tail_mass(ts, idx)
+        probs = ts.dense_targets(idx, ts.T).double()
         entropy += float(-(probs * probs.clamp_min(1e-30).log()).sum())
         group = group_col[idx].long() if group_col is not None else pred[idx]
         if with_dark:
@@ -123,13 +118,13 @@ def _target_statistics(ts) -> tuple[float, float, list[dict[str, Any]]]:
 
 def _show_transfer(info: dict[str, Any], ts, rep: Reporter) -> None:
     """The tables of ``kdcli inspect`` for a transfer set."""
-    form = "dense" if ts.storage == "dense" else f"top-{ts.top_k} ({ts.meta.get('targets_dtype')})"
+    form = ts.form.describe(ts.meta)
     rows = [[k, _short(info[k])] for k in ("format", "format_version", "T", "examples",
                                            "classes")]
     rows += [["storage", form],
              ["files", "1 file" if len(ts.shards) == 1 else f"{len(ts.shards)} shards"],
              ["bytes", f"{info['bytes']:,} ({info['bytes_per_example']:,} per example)"]]
-    if ts.storage == "top-k":
+    if ts.form.has_tail:
         rows.append(["mean tail mass", f"{info['mean_tail_mass']:.4g}"])
     rows += [[k, _short(info[k])] for k in ("combine", "weights", "data_source", "created",
                                             "kdcli_version", "mean_entropy_nats",

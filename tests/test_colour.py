@@ -16,7 +16,7 @@ from kdcli.data.base import load_data
 from kdcli.output import Reporter
 from kdcli.students.base import Architecture, load_model
 from kdcli.train import TrainConfig, checkpoint_path, train
-from kdcli.transfer.base import load_transfer_set
+from kdcli.transfer.reader import load_transfer_set
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import colour_mnist  # noqa: E402

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kdcli.errors import FormatError
 from kdcli.io.files import require_file
 from kdcli.output import Reporter
@@ -85,8 +87,6 @@ def _inspect_transfer(p: Path, rep: Reporter, verify: bool = False) -> dict[str,
 def _target_statistics(ts) -> tuple[float, float, list[dict[str, Any]]]:
     """In one pass over the stored targets: the summed entropy, the summed tail mass (top-k
     sets) and, for up to MAX_DARK_CLASSES classes, each class's most probable other class."""
-    import torch
-
     c, n = ts.num_classes, len(ts)
     with_dark = c <= MAX_DARK_CLASSES
     sums = torch.zeros(c if with_dark else 0, c, dtype=torch.float64)  # per class: sum of targets

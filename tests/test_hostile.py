@@ -290,8 +290,8 @@ def test_a_second_run_keeps_the_first_set_until_the_new_one_is_complete(tmp_path
     import errno
 
     from kdcli.errors import KdcliError
-    from kdcli.transfer.writer import RangeWriter
     from kdcli.transfer.reader import load_transfer_set
+    from kdcli.transfer.writer import RangeWriter
 
     index = tmp_path / "x.index.json"
     _sharded(ts_teacher, index)

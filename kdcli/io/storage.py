@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from kdcli.errors import FormatError
@@ -323,7 +324,6 @@ def data_sha256(mapped: MappedFile, also: tuple[int, int] | None = None,
 
 def map_npy(path: str | Path) -> tuple[torch.Tensor, MappedFile] | None:
     """Memory-map a C-ordered ``.npy`` array; None if it needs a plain ``np.load``."""
-    import numpy as np
     p = Path(path)
     with open(p, "rb") as f:
         try:

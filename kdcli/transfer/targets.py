@@ -67,8 +67,6 @@ class Targets(ABC):
     top_k: int | None = None
     has_tail: ClassVar[bool] = False
 
-    # ------------------------------------------------------------------ writing
-
     @abstractmethod
     def columns(self) -> Layout:
         """Its tensors in a file, in file order."""
@@ -90,8 +88,6 @@ class Targets(ABC):
     def describe(self, meta: dict[str, Any]) -> str:
         """How ``kdcli inspect`` names the form of a set with metadata ``meta``."""
         return self.label()
-
-    # ------------------------------------------------------------------ checking a file
 
     @classmethod
     @abstractmethod
@@ -115,8 +111,6 @@ class Targets(ABC):
     @abstractmethod
     def value_checks(self) -> tuple[tuple[str, ValueRule], ...]:
         """The checks of every stored value: ``(column, rule)`` pairs, in order."""
-
-    # ------------------------------------------------------------------ serving rows
 
     def rederive_problem(self, ts: StoredSet, T: float) -> str | None:
         """Why soft targets at ``T`` (not the stored T) cannot be derived, or None."""

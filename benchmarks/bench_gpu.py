@@ -23,7 +23,7 @@ from kdcli.students.base import Architecture, build_model
 from kdcli.students.model_file import save_model
 from kdcli.train import TrainConfig, train
 from kdcli.training.losses import criterion
-from kdcli.transfer.base import load_transfer_set
+from kdcli.transfer.reader import load_transfer_set
 
 
 def bare_cuda_epoch(ts, precision: str) -> float:

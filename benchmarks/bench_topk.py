@@ -31,7 +31,7 @@ from kdcli.soft_targets import soft_targets
 from kdcli.students.base import Architecture, build_model
 from kdcli.students.model_file import load_model, save_model
 from kdcli.train import TrainConfig, train, train_student
-from kdcli.transfer.base import load_transfer_set
+from kdcli.transfer.reader import load_transfer_set
 
 C, FEATURES, N_TRAIN, N_TEST, T_SYN = 32_000, 64, 10_000, 2_000, 2.0
 

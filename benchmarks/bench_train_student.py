@@ -27,7 +27,7 @@ from kdcli.soft_targets import soft_targets
 from kdcli.students.base import Architecture
 from kdcli.train import TrainConfig, train, train_student
 from kdcli.training.losses import criterion
-from kdcli.transfer.base import load_transfer_set
+from kdcli.transfer.reader import load_transfer_set
 
 T, ALPHA, BATCH, LR, CLIP = 20.0, 0.1, 256, 0.02, 5.0
 TARGET = 0.9  # of the ceiling

@@ -19,13 +19,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from kdcli.errors import DataError, UsageError
 from kdcli.io.files import atomic_output, check_output, data_files
 from kdcli.output import Reporter
 
 if TYPE_CHECKING:
-    import torch
-
     from kdcli.data.base import DataOptions
 
 
@@ -45,8 +45,6 @@ def fit_bias_shift(logits: torch.Tensor, target: torch.Tensor, free: list[int] |
         ``(b [C], steps)``. With all classes free, ``b`` is shifted so its median is 0 (a
         constant shift does not change softmax), so untouched classes read about 0.
     """
-    import torch
-
     z = logits.double()
     pi = target.double()
     mask = torch.zeros(z.shape[1], dtype=torch.bool)
@@ -93,8 +91,6 @@ def calibrate_bias(model: str | Path = "student.safetensors",
     Returns:
         The fitted shifts, the distributions before and after, and the errors if evaluated.
     """
-    import torch
-
     from kdcli.evaluate import predict
     from kdcli.students.base import final_linear
     from kdcli.students.model_file import load_model, save_model
@@ -144,13 +140,11 @@ def _target(mf, data: str | None, teacher: str | Path | None, transfer: str | Pa
             rep: Reporter) -> tuple[Any, torch.Tensor, str]:
     """The inputs to match on, the target distribution ``pi`` over the classes (refused
     unless every class has some probability) and a description of the inputs."""
-    import torch
-
     from kdcli.data.base import recorded_options as _options
     from kdcli.data.sources import load_data, recorded_data
     from kdcli.evaluate import predict
     from kdcli.teachers.formats import load_teacher
-    from kdcli.transfer.base import load_transfer_set
+    from kdcli.transfer.reader import load_transfer_set
 
     c = mf.num_classes
     if transfer is not None:

@@ -13,7 +13,8 @@ from kdcli.io.storage import read_safetensors_metadata
 from kdcli.output import Reporter
 from kdcli.teachers.base import short
 from kdcli.teachers.formats import find_inspector
-from kdcli.transfer.base import TRANSFER_FORMAT, TopK, is_index_path, load_transfer_set
+from kdcli.transfer.layout import TRANSFER_FORMAT, is_index_path
+from kdcli.transfer.reader import load_transfer_set
 
 MAX_DARK_CLASSES = 1000  # a [C, C] table of mean soft targets beyond this is too big to show
 
@@ -59,7 +60,7 @@ def _inspect_transfer(p: Path, rep: Reporter, verify: bool = False) -> dict[str,
         "examples": n, "classes": c, "storage": ts.storage, "top_k": ts.top_k,
         "shards": len(ts.shards), "bytes": file_bytes,
         "bytes_per_example": round(file_bytes / n, 1),
-        "mean_tail_mass": (tail_mass / n) if ts.storage == "top-k" else 0.0,
+        "mean_tail_mass": tail_mass / n,
         "combine": ts.meta.get("combine"), "weights": ts.meta.get("weights"),
         "teachers": ts.meta.get("teachers"), "data_source": ts.meta.get("data_source"),
         "inputs_sha256": ts.meta.get("inputs_sha256"), "created": ts.meta.get("created"),
@@ -90,11 +91,8 @@ def _target_statistics(ts) -> tuple[float, float, list[dict[str, Any]]]:
     step = ts.chunk_rows()
     for a in range(0, n, step):
         idx = torch.arange(a, min(n, a + step))
-        t = ts.targets(idx, ts.T)
-        if isinstance(t, TopK):
-            tail_mass += float(t.tail_logmass.exp().sum())
-            t = ts.dense_probs(t, ts.T)
-        probs = t.double()
+        tail_mass += ts.form.tail_mass(ts, idx)
+        probs = ts.dense_targets(idx, ts.T).double()
         entropy += float(-(probs * probs.clamp_min(1e-30).log()).sum())
         group = group_col[idx].long() if group_col is not None else pred[idx]
         if with_dark:
@@ -114,13 +112,13 @@ def _target_statistics(ts) -> tuple[float, float, list[dict[str, Any]]]:
 
 def _show_transfer(info: dict[str, Any], ts, rep: Reporter) -> None:
     """The tables of ``kdcli inspect`` for a transfer set."""
-    form = "dense" if ts.storage == "dense" else f"top-{ts.top_k} ({ts.meta.get('targets_dtype')})"
+    form = ts.form.describe(ts.meta)
     rows = [[k, short(info[k])] for k in ("format", "format_version", "T", "examples",
                                            "classes")]
     rows += [["storage", form],
              ["files", "1 file" if len(ts.shards) == 1 else f"{len(ts.shards)} shards"],
              ["bytes", f"{info['bytes']:,} ({info['bytes_per_example']:,} per example)"]]
-    if ts.storage == "top-k":
+    if ts.form.has_tail:
         rows.append(["mean tail mass", f"{info['mean_tail_mass']:.4g}"])
     rows += [[k, short(info[k])] for k in ("combine", "weights", "data_source", "created",
                                             "kdcli_version", "mean_entropy_nats",

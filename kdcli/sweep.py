@@ -54,7 +54,7 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
         data_options: How a table or image folder given as ``data`` or ``eval_data`` is
             read.
     """
-    from kdcli.transfer.base import load_transfer_set
+    from kdcli.transfer.reader import load_transfer_set
 
     rep = reporter or Reporter()
     distill = distill or DistillConfig(alpha=SWEEP_ALPHA)
@@ -147,7 +147,7 @@ def _transfer_set(folder: Path, teacher: str | Path, data: str, T: float,
     else a new one at ``T``."""
     from kdcli.io.files import sha256_file
     from kdcli.soft_targets import soft_targets
-    from kdcli.transfer.base import load_transfer_set
+    from kdcli.transfer.reader import load_transfer_set
 
     transfer = folder / "transfer.safetensors"
     teacher_sha = sha256_file(teacher)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from kdcli.data.augment import AugmentConfig, shift
 from kdcli.errors import UsageError
 from kdcli.soft_targets import soft_targets
-from kdcli.transfer.base import load_transfer_set
+from kdcli.transfer.reader import load_transfer_set
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import colour_mnist  # noqa: E402

@@ -17,7 +17,7 @@ from kdcli.output import Reporter
 from kdcli.students.base import Architecture
 from kdcli.students.model_file import load_model
 from kdcli.train import TrainConfig, checkpoint_path, train
-from kdcli.transfer.base import load_transfer_set
+from kdcli.transfer.reader import load_transfer_set
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import colour_mnist  # noqa: E402

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdcli.transfer.base import load_transfer_set
+from kdcli.transfer.reader import load_transfer_set
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
@@ -125,7 +125,7 @@ def _job_with_a_bad_rank_1(tmp_path, transfer_file, rank1_code: str, epochs: int
     bad = textwrap.indent(textwrap.dedent(rank1_code).strip(), "    ")
     script.write_text("\n".join([
         "import os, signal, sys, threading",
-        "import kdcli.transfer.base",
+        "import kdcli.transfer.reader",
         "from kdcli.cli import main",
         "from kdcli.errors import DataError",
         'if os.environ["RANK"] == "1":',
@@ -154,7 +154,7 @@ def test_a_failing_rank_reports_its_error_with_its_rank(tmp_path, transfer_file)
     r = _job_with_a_bad_rank_1(tmp_path, transfer_file, """
         def broken(self, idx, T):
             raise DataError("shard unreadable on this machine", "Check the disk")
-        kdcli.transfer.base.TransferSet.targets = broken
+        kdcli.transfer.reader.TransferSet.targets = broken
     """, epochs=2)
     assert "[rank 1] Error: shard unreadable on this machine. Check the disk" in r.stderr
 

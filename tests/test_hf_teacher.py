@@ -14,7 +14,7 @@ from kdcli.errors import FormatError, UnsafePickleError, UsageError
 from kdcli.soft_targets import soft_targets
 from kdcli.teachers.base import TeacherOptions
 from kdcli.teachers.formats import detect_format, load_teacher
-from kdcli.transfer.base import load_transfer_set
+from kdcli.transfer.reader import load_transfer_set
 
 transformers = pytest.importorskip("transformers")
 

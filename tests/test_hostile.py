@@ -253,7 +253,7 @@ def _sharded(teacher: Path, index: Path, force: bool = False, n: int = 300) -> d
 
 
 def test_force_deletes_only_the_sets_own_shards(tmp_path, ts_teacher):
-    from kdcli.transfer.base import load_transfer_set
+    from kdcli.transfer.reader import load_transfer_set
 
     d = tmp_path / "out"
     d.mkdir()
@@ -291,8 +291,8 @@ def test_a_second_run_keeps_the_first_set_until_the_new_one_is_complete(tmp_path
     import errno
 
     from kdcli.errors import KdcliError
-    from kdcli.soft_targets import _RangeWriter
-    from kdcli.transfer.base import load_transfer_set
+    from kdcli.transfer.reader import load_transfer_set
+    from kdcli.transfer.writer import RangeWriter
 
     index = tmp_path / "x.index.json"
     _sharded(ts_teacher, index)
@@ -300,7 +300,7 @@ def test_a_second_run_keeps_the_first_set_until_the_new_one_is_complete(tmp_path
     with pytest.raises(KdcliError, match="exists"):  # no --force: nothing deleted
         _sharded(ts_teacher, index, n=200)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
-    real_write, calls = _RangeWriter.write, []
+    real_write, calls = RangeWriter.write, []
 
     def full_disk(self, path, *args):
         calls.append(path)
@@ -308,7 +308,7 @@ def test_a_second_run_keeps_the_first_set_until_the_new_one_is_complete(tmp_path
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_write(self, path, *args)
 
-    monkeypatch.setattr(_RangeWriter, "write", full_disk)
+    monkeypatch.setattr(RangeWriter, "write", full_disk)
     with pytest.raises(KdcliError, match="no space left") as e:
         _sharded(ts_teacher, index, force=True, n=200)
     assert "\n" not in str(e.value) and "x-0000" in str(e.value)
@@ -318,7 +318,7 @@ def test_a_second_run_keeps_the_first_set_until_the_new_one_is_complete(tmp_path
 
 @pytest.mark.parametrize("how", ["absolute", "dotdot", "symlink", "nested"])
 def test_reader_refuses_shards_outside_the_index_folder(tmp_path, ts_teacher, how):
-    from kdcli.transfer.base import load_transfer_set
+    from kdcli.transfer.reader import load_transfer_set
 
     d = tmp_path / "set"
     d.mkdir()

@@ -267,7 +267,7 @@ def test_labels_are_shown_as_stored(tmp_path, cli):
 def test_wide_unsigned_inputs_follow_one_rule_in_every_command(tmp_path, cli, dtype):
     from conftest import TinyMLP
 
-    from kdcli.transfer.base import load_transfer_set
+    from kdcli.transfer.reader import load_transfer_set
 
     teacher = tmp_path / "teacher.ts"
     torch.jit.save(torch.jit.script(TinyMLP().eval()), str(teacher))

@@ -246,7 +246,7 @@ def _parts(path: Path) -> tuple[dict, dict]:
 
 
 def _topk(tensors: dict, meta: dict, k: int) -> tuple[dict, dict]:
-    from kdcli.transfer.base import top_k_targets
+    from kdcli.transfer.ensemble import top_k_targets
 
     tk = top_k_targets(tensors["logits"], k, float(meta["T"]))
     return ({"inputs": tensors["inputs"], "labels": tensors["labels"],

@@ -265,7 +265,7 @@ def test_transfer_shard_link_out_of_the_folder_is_refused_unmeasured(tmp_path, v
                                                                     teacher_file, watch):
     from kdcli.output import Reporter
     from kdcli.soft_targets import soft_targets
-    from kdcli.transfer.base import load_transfer_set
+    from kdcli.transfer.reader import load_transfer_set
 
     index = tmp_path / "x.index.json"
     soft_targets([teacher_file], T=4.0, data="mnist[:300]", out=index, shard_size="100KB",

@@ -134,7 +134,7 @@ def _set_metadata(path: Path, **fields: str) -> None:
 
 def test_top_k_set_claiming_billions_of_classes_is_refused(tmp_path, cli, ts_teacher):
     from kdcli.soft_targets import soft_targets
-    from kdcli.transfer.base import load_transfer_set
+    from kdcli.transfer.reader import load_transfer_set
 
     ts = tmp_path / "t.safetensors"
     soft_targets([ts_teacher], T=2.0, data="mnist[:64]", out=ts, top_k=3)
@@ -330,7 +330,7 @@ def test_a_transfer_set_truncated_while_in_use_is_an_error_not_sigbus(tmp_path, 
     soft_targets([ts_teacher], T=2.0, data="mnist[:2000]", out=ts)
     script = ("import os, sys, torch\n"
               "from kdcli.errors import FormatError\n"
-              "from kdcli.transfer.base import load_transfer_set\n"
+              "from kdcli.transfer.reader import load_transfer_set\n"
               "ts = load_transfer_set(sys.argv[1])\n"
               "x = ts.columns['inputs']\n"
               "assert not ts.budget.paged\n"  # read through the memory map

@@ -212,7 +212,7 @@ def test_tree_ensemble_distilled_into_an_mlp_exported_and_run(tmp_path):
     from kdcli.students.base import Architecture
     from kdcli.students.model_file import load_model
     from kdcli.train import TrainConfig, train_student
-    from kdcli.transfer.base import load_transfer_set
+    from kdcli.transfer.reader import load_transfer_set
 
     X, y = load_wine(return_X_y=True)
     rng = np.random.default_rng(0)
@@ -257,7 +257,7 @@ def test_default_temperature_is_low_for_probability_teachers(tmp_path, teacher_f
     soft-targets defaults to T = 2 when every teacher outputs probabilities (and says so)."""
     from kdcli.output import Reporter
     from kdcli.soft_targets import LOGITS_T, PROBS_T, soft_targets
-    from kdcli.transfer.base import load_transfer_set
+    from kdcli.transfer.reader import load_transfer_set
 
     X, y = table(binary=False)
     path = tmp_path / "forest.onnx"

@@ -266,7 +266,7 @@ def test_flat_folder_is_unlabelled_and_takes_the_teachers_class_names(tmp_path, 
     assert d.labels is None and d.class_names is None
     assert torch.equal(d.inputs, torch.from_numpy(x[310:320]))
     soft_targets([teacher], T=2.0, data=str(flat), out=tmp_path / "t.safetensors")
-    from kdcli.transfer.base import load_transfer_set
+    from kdcli.transfer.reader import load_transfer_set
 
     ts = load_transfer_set(tmp_path / "t.safetensors")
     assert ts.meta["class_names"] == names and not ts.has_labels

@@ -92,7 +92,7 @@ def test_soft_targets_and_student_record_the_concrete_precision(cli, teacher_fil
     r = cli("soft-targets", teacher_file, "--data", "mnist[:300]", "--out", "t.safetensors")
     assert r.exit_code == 0, r.output
     assert "fp32 (auto: this CPU has no bf16 instructions" in r.output
-    from kdcli.transfer.base import load_transfer_set
+    from kdcli.transfer.reader import load_transfer_set
 
     assert load_transfer_set("t.safetensors").meta["precision"] == "fp32"
     monkeypatch.setattr(checks, "cpu_bf16_flags", lambda: ["amx_bf16"])
@@ -135,7 +135,7 @@ def test_host_to_device_copies_from_pinned_memory_to_the_gpu():
 @cuda
 def test_student_and_soft_targets_on_cuda_match_the_cpu(tmp_path, teacher_file):
     from kdcli.soft_targets import soft_targets
-    from kdcli.transfer.base import load_transfer_set
+    from kdcli.transfer.reader import load_transfer_set
 
     outs = {}
     for dev in ("cpu", "cuda"):

@@ -13,7 +13,7 @@ from kdcli.errors import DataError, FormatError, UsageError
 from kdcli.soft_targets import soft_targets
 from kdcli.students.base import Architecture
 from kdcli.train import TrainConfig, train_student
-from kdcli.transfer.base import load_transfer_set
+from kdcli.transfer.reader import load_transfer_set
 
 
 @pytest.fixture(scope="module")

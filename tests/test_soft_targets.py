@@ -15,7 +15,7 @@ from kdcli.errors import FormatError, KdcliError, ModelError
 from kdcli.soft_targets import soft_targets
 from kdcli.teachers.base import TeacherOptions
 from kdcli.teachers.formats import load_teacher
-from kdcli.transfer.base import load_transfer_set
+from kdcli.transfer.reader import load_transfer_set
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TinyMLP  # noqa: E402

@@ -11,7 +11,8 @@ from kdcli.soft_targets import soft_targets
 from kdcli.students.base import Architecture
 from kdcli.train import TrainConfig, train_student
 from kdcli.training.losses import DistillationLoss, top_k_kl
-from kdcli.transfer.base import TopK, load_transfer_set, top_k_targets
+from kdcli.transfer.ensemble import TopK, top_k_targets
+from kdcli.transfer.reader import load_transfer_set
 
 
 def _loss_and_grad(z: torch.Tensor, targets, T: float, tail: str = "student"):

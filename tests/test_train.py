@@ -17,8 +17,9 @@ from kdcli.data.augment import AugmentConfig
 from kdcli.errors import FormatError, KdcliError, OutputExistsError, UsageError
 from kdcli.students.base import Architecture
 from kdcli.students.model_file import load_model
-from kdcli.train import STUDENT_LR, STUDENT_WARMUP, TrainConfig, learning_rate, train, train_student
-from kdcli.transfer.base import load_transfer_set
+from kdcli.train import STUDENT_LR, STUDENT_WARMUP, TrainConfig, train, train_student
+from kdcli.training.loop import learning_rate
+from kdcli.transfer.reader import load_transfer_set
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -343,7 +344,7 @@ def test_a_loss_that_blows_up_is_retried_at_half_the_rate(cli, transfer_file):
 
 
 def test_blow_up_rule():
-    from kdcli.train import _blew_up
+    from kdcli.training.loop import _blew_up
 
     assert _blew_up(float("nan"), 2.0, []) and _blew_up(float("inf"), None, [])
     assert not _blew_up(5.9, 2.0, [])  # under 3x the untrained model's loss

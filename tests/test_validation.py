@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from kdcli.errors import FormatError
 from kdcli.io.storage import read_header
-from kdcli.transfer.base import load_transfer_set
+from kdcli.transfer.reader import load_transfer_set
 
 
 def one_line_error(r, code: int = 1, *, match: str | None = None, no_file: Path | None = None):

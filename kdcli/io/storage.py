@@ -21,12 +21,12 @@ import math
 import mmap
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
 
 from kdcli.errors import FormatError
-
-if TYPE_CHECKING:
-    import torch
 
 # Bytes of mapped data read before the pages are dropped again.
 PAGE_BUDGET_BYTES = 64 << 20
@@ -41,8 +41,6 @@ _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8, "F16": 2
 
 def torch_dtype(name: str):
     """The torch dtype of a safetensors dtype name such as ``F32``."""
-    import torch
-
     return getattr(torch, _DTYPES[name])
 
 
@@ -99,8 +97,6 @@ class MappedFile:
 
     def tensor(self, offset: int, dtype, shape: list[int]) -> torch.Tensor:
         """A zero-copy tensor of ``dtype`` and ``shape`` starting at byte ``offset``."""
-        import torch
-
         count = math.prod(shape)
         if count == 0 or self.mm is None:
             return torch.empty(shape, dtype=dtype)
@@ -328,9 +324,6 @@ def data_sha256(mapped: MappedFile, also: tuple[int, int] | None = None,
 
 def map_npy(path: str | Path) -> tuple[torch.Tensor, MappedFile] | None:
     """Memory-map a C-ordered ``.npy`` array; None if it needs a plain ``np.load``."""
-    import numpy as np
-    import torch
-
     p = Path(path)
     with open(p, "rb") as f:
         try:
@@ -464,8 +457,6 @@ _MAX_PENDING_HASHES = 8
 
 def to_bytes(t: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a CPU tensor (bf16 is viewed as int16, same bytes)."""
-    import torch
-
     t = t.detach().contiguous().cpu()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)

@@ -6,11 +6,14 @@ soft targets, ``y`` hard labels, ``alpha`` the weight on the hard labels.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kdcli.config import TAIL_RULES, DistillConfig
+from kdcli.transfer.ensemble import TopK
 
 
 def criterion(distill: DistillConfig) -> nn.Module:
@@ -36,7 +39,7 @@ class DistillationLoss(nn.Module):
     on the student, so the soft term is computed as ``T^2 * KL(p_T || softmax(z / T))``: the
     same gradients, and a value that is 0 when the student matches the teacher.
 
-    Top-k targets (:class:`kdcli.transfer.base.TopK`) know the teacher's top-K probabilities
+    Top-k targets (:class:`kdcli.transfer.ensemble.TopK`) know the teacher's top-K probabilities
     exactly and the total mass ``m`` outside them, but not how ``m`` is spread. ``tail``
     says what to assume:
 
@@ -70,14 +73,10 @@ class DistillationLoss(nn.Module):
             raise ValueError(f"tail must be one of {TAIL_RULES}, got {tail!r}")
         self.T, self.alpha, self.tail = float(T), float(alpha), tail
 
-    def forward(self, student_logits: torch.Tensor, soft_targets: torch.Tensor | tuple,
+    def forward(self, student_logits: torch.Tensor, soft_targets: torch.Tensor | TopK,
                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         log_q = F.log_softmax(student_logits / self.T, dim=-1)
-        if isinstance(soft_targets, torch.Tensor):
-            kl = (torch.special.xlogy(soft_targets, soft_targets) - soft_targets * log_q).sum(-1)
-        else:
-            kl = top_k_kl(log_q, *soft_targets, T=self.T, tail=self.tail)
-        soft = kl.mean() * (self.T * self.T)
+        soft = soft_kl(soft_targets, log_q, self.T, self.tail).mean() * (self.T * self.T)
         hard = _hard(student_logits, labels, self.alpha)
         return self.alpha * hard + (1.0 - self.alpha) * soft, hard, soft
 
@@ -119,6 +118,20 @@ class LogitMSELoss(nn.Module):
         soft = 0.5 * (z - v).pow(2).mean()  # mean over classes and examples
         hard = _hard(student_logits, labels, self.alpha)
         return self.alpha * hard + (1.0 - self.alpha) * soft, hard, soft
+
+
+@functools.singledispatch
+def soft_kl(soft_targets: torch.Tensor, log_q: torch.Tensor, T: float,
+            tail: str = "student") -> torch.Tensor:
+    """Per-example ``KL(p_T || q)`` ``[B]`` of soft targets against the student's
+    log-probabilities ``log_q`` ``[B, C]`` at ``T``, by the targets' type: dense ``[B, C]``
+    probabilities here, :class:`TopK` in :func:`top_k_kl` (``tail`` applies to those)."""
+    return (torch.special.xlogy(soft_targets, soft_targets) - soft_targets * log_q).sum(-1)
+
+
+@soft_kl.register
+def _(soft_targets: TopK, log_q: torch.Tensor, T: float, tail: str = "student") -> torch.Tensor:
+    return top_k_kl(log_q, *soft_targets, T=T, tail=tail)
 
 
 def top_k_kl(log_q: torch.Tensor, logits: torch.Tensor, indices: torch.Tensor,

@@ -1,0 +1,246 @@
+"""The checks of a transfer set: its files, their metadata and every stored value.
+
+A file is refused (FormatError, saying what is wrong) unless its header, tensors, shapes,
+dtypes and metadata agree with docs/formats.md and with each other; its targets form
+(:mod:`kdcli.transfer.targets`) checks its own tensors. With ``verify`` the checksums are
+read too; :func:`check_values` checks every stored row.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdcli.errors import FormatError
+from kdcli.io.storage import DATA_SHA256, MappedFile, data_sha256
+from kdcli.students.model_file import check_format
+from kdcli.transfer.ensemble import COMBINE_RULES
+from kdcli.transfer.layout import TRANSFER_FORMAT, TRANSFER_FORMAT_VERSION, clip
+from kdcli.transfer.targets import FORMS, StoredSet, Targets, finite_rows, form_named
+
+
+def check_file(p: Path, tensors: dict[str, torch.Tensor], raw_meta: dict[str, str]
+               ) -> tuple[dict[str, Any], Targets]:
+    """Validate one transfer-set file's metadata and tensor shapes; return the decoded
+    metadata and the form of its targets."""
+    check_format(raw_meta, p, TRANSFER_FORMAT, TRANSFER_FORMAT_VERSION)
+    meta = decode_meta(p, raw_meta)
+    form_type = form_named(p, meta.get("targets", "dense"))
+    missing = [k for k in ("inputs", *form_type.required) if k not in tensors]
+    if missing:
+        raise FormatError(f"{p} lacks the tensor(s) {', '.join(missing)}",
+                          "Regenerate it with kdcli soft-targets")
+    form = form_type.from_file(p, tensors, meta)
+    inputs = tensors["inputs"]
+    n = inputs.shape[0] if inputs.dim() else -1
+    labels = tensors.get("labels")
+    if labels is not None and labels.shape != (n,):
+        raise FormatError(f"{p} has labels of shape {tuple(labels.shape)} for {n} inputs",
+                          "Regenerate the file")
+    if n == 0:
+        raise FormatError(f"{p} holds no examples", "Regenerate it from non-empty data")
+    _check_dtypes(p, tensors)
+    _check_meta_agrees(p, tensors, meta, form)
+    _check_meta_describes(p, tensors, meta, form)
+    return meta, form
+
+
+# The dtypes docs/formats.md allows for each tensor (inputs: any numeric dtype but bool).
+_ALLOWED_DTYPES = {"labels": ("int64",),
+                   **{k: v for form in FORMS.values() for k, v in form.dtypes.items()}}
+
+
+def _check_dtypes(p: Path, tensors: dict[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        allowed = _ALLOWED_DTYPES.get(name)
+        got = str(t.dtype).removeprefix("torch.")
+        if allowed and got not in allowed:
+            raise FormatError(f"{p} stores {name} as {got}, not {' or '.join(allowed)}",
+                              "Regenerate it with kdcli soft-targets")
+        if name == "inputs" and got == "bool":
+            raise FormatError(f"{p} stores inputs as bool", "Regenerate it")
+
+
+def _check_meta_agrees(p: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                       form: Targets) -> None:
+    """Metadata that describes the tensors must agree with them."""
+    def bad(what: str) -> FormatError:
+        return FormatError(f"{p} has metadata that contradicts its tensors: {what}",
+                           "Regenerate it with kdcli soft-targets")
+
+    try:
+        c = int(meta["num_classes"]) if "num_classes" in meta else None
+        k = int(meta["top_k"]) if "top_k" in meta else None
+    except ValueError:
+        raise bad(f"num_classes {meta.get('num_classes')!r}, top_k "
+                  f"{meta.get('top_k')!r}") from None
+    conflict = form.meta_conflict(c, k)
+    if conflict:
+        raise bad(conflict)
+    combine = meta.get("combine")
+    if combine is not None and combine not in COMBINE_RULES:
+        raise FormatError(f"{p} records an unknown combine rule {clip(combine)!r}",
+                          f"It must be one of {', '.join(COMBINE_RULES)}; regenerate the set")
+    weights, teachers = meta.get("weights"), meta.get("teachers")
+    if weights is not None:
+        if not (isinstance(weights, list) and weights and all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and
+                math.isfinite(w) and w >= 0 for w in weights) and sum(weights) > 0):
+            raise bad(f"weights {clip(weights)} are not non-negative numbers")
+        if abs(sum(weights) - 1) > 1e-6:
+            raise bad(f"weights {clip(weights)} do not sum to 1")
+    if teachers is not None and not (isinstance(teachers, list) and
+                                     all(isinstance(t, dict) for t in teachers)):
+        raise bad("teachers is not a list of records")
+    members = tensors.get("member_logits")
+    m = int(members.shape[0]) if members is not None else None
+    counts = {"weights": len(weights) if isinstance(weights, list) else None,
+              "teachers": len(teachers) if isinstance(teachers, list) else None,
+              "member_logits": m}
+    known = {name: v for name, v in counts.items() if v is not None}
+    if len(set(known.values())) > 1:
+        raise bad("different member counts: " +
+                  ", ".join(f"{name} {v}" for name, v in known.items()))
+
+
+def _check_meta_describes(p: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                          form: Targets) -> None:
+    """The rest of what the metadata says about the tensors: at least two classes and as
+    many class names, what the form checks (:meth:`Targets.meta_problem`), an ensemble's
+    weights, and the teachers' input shapes."""
+    def bad(what: str) -> FormatError:
+        return FormatError(f"{p} has metadata that contradicts its tensors: {what}",
+                           "Regenerate it with kdcli soft-targets")
+
+    c = form.num_classes
+    if c < 2:
+        raise bad(f"{c} class(es); a classifier's targets need at least 2")
+    names = meta.get("class_names")
+    if names is not None and len(names) != c:
+        raise bad(f"{len(names)} class_names for {c} classes")
+    problem = form.meta_problem(tensors, meta)
+    if problem:
+        raise bad(problem)
+    teachers = meta.get("teachers")
+    if isinstance(teachers, list) and len(teachers) > 1 and meta.get("weights") is None:
+        raise bad(f"{len(teachers)} teachers but no weights")
+    sample = list(tensors["inputs"].shape[1:])
+    for t in teachers if isinstance(teachers, list) else []:
+        shape, pre = t.get("input_shape"), t.get("preprocessing")
+        if shape is None or (isinstance(pre, dict) and pre.get("size")):
+            continue  # not recorded, or resized images (any input size)
+        if not (isinstance(shape, list) and all(type(d) is int and d > 0 for d in shape) and
+                math.prod(shape) == math.prod(sample)):
+            raise bad(f"teacher {clip(t.get('file'))!r} has input_shape {clip(shape)}, "
+                      f"but the inputs are {sample}")
+
+
+def decode_meta(p: Path, raw: dict[str, str]) -> dict[str, Any]:
+    """A file's metadata with its JSON fields parsed, refused unless T is positive and the
+    names are lists of strings."""
+    meta: dict[str, Any] = dict(raw)
+    try:
+        for k in ("weights", "teachers", "classes", "class_names", "feature_names",
+                  "data_options"):
+            if k in meta:
+                meta[k] = json.loads(meta[k])
+        T = float(meta["T"])
+    except (KeyError, ValueError, RecursionError) as e:
+        what = "nested too deeply" if isinstance(e, RecursionError) else clip(e)
+        raise FormatError(f"{p} has bad or missing metadata ({what})", "Regenerate it") from None
+    if not (T > 0 and math.isfinite(T)):
+        raise FormatError(f"{p} records T={meta['T']}", "Regenerate it with a positive --T")
+    for k in ("class_names", "feature_names"):
+        names = meta.get(k)
+        if names is not None and not (isinstance(names, list) and
+                                      all(isinstance(n, str) for n in names)):
+            raise FormatError(f"{p} records {k} that are not a list of strings",
+                              "Regenerate it")
+    return meta
+
+
+def verify_file(p: Path, tensors: dict[str, torch.Tensor], raw_meta: dict[str, str],
+                 mapped: MappedFile, inputs_hash: Any) -> None:
+    """Check a file's ``data_sha256`` (required from version 3 on), feeding its ``inputs``
+    bytes to ``inputs_hash`` (a SHA-256 running over the set's files) in the same read."""
+    recorded = raw_meta.get(DATA_SHA256)
+    if recorded is None and int(raw_meta["format_version"]) >= 3:
+        raise FormatError(f"{p} is {TRANSFER_FORMAT} version {raw_meta['format_version']} but "
+                          f"records no {DATA_SHA256}", "The file is damaged; regenerate it")
+    x = tensors["inputs"]
+    lo = mapped.offsets["inputs"]
+    digest = data_sha256(mapped, (lo, lo + x.numel() * x.element_size()), inputs_hash)
+    if recorded is not None and digest != recorded:
+        raise FormatError(f"{p} fails its checksum ({DATA_SHA256}): its tensors are not the "
+                          "bytes that were written",
+                          "The file is damaged; regenerate it or copy it again")
+
+
+def verify_inputs(p: Path, meta: dict[str, Any], digest: str) -> None:
+    """The inputs of a whole set (``digest``, their SHA-256) must be what it records."""
+    recorded = meta.get("inputs_sha256")
+    if recorded is not None and digest != recorded:
+        raise FormatError(f"{p} records an inputs_sha256 that its inputs do not have",
+                          "The inputs were altered or the metadata belongs to another set; "
+                          "regenerate it")
+
+
+def check_counts(p: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                  n: int) -> None:
+    """The metadata's example and class counts must agree with a whole set's tensors."""
+    recorded = meta.get("num_examples")
+    if recorded is not None and str(recorded) != str(n):
+        raise FormatError(f"{p} records num_examples={recorded}, but holds {n} examples",
+                          "Regenerate it")
+
+
+def check_index_fields(p: Path, shards: list[Any], index_meta: Any) -> None:
+    """The index's own fields must have the types docs/formats.md gives them."""
+    if not isinstance(index_meta, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in index_meta.items()):
+        raise FormatError(f"{p}: metadata must be an object of strings",
+                          "Regenerate it with kdcli soft-targets")
+    for i, s in enumerate(shards):
+        ok = isinstance(s, dict) and isinstance(s.get("file"), str) and all(
+            type(s.get(k)) is int and s[k] >= 0 for k in ("row_start", "rows")) and (
+            "bytes" not in s or (type(s["bytes"]) is int and s["bytes"] >= 0))
+        if not ok:
+            raise FormatError(f"{p}: shard entry {i + 1} is malformed ({clip(s)})",
+                              "Each needs a file name and integer row_start, rows and bytes; "
+                              "regenerate the set")
+
+
+def check_values(ts: StoredSet, form: Targets, path: Path) -> None:
+    """Check every stored row of ``ts`` (the set at ``path``), in one pass of chunks
+    (FormatError naming rows): float inputs finite, the form's own checks
+    (:meth:`Targets.value_checks`), labels in ``[0, C)``."""
+    checks = form.value_checks()
+    if ts.columns["inputs"].dtype.is_floating_point:
+        checks = (("inputs", _inputs_ok), *checks)
+    labels_ok = functools.partial(_labels_ok, form.num_classes)
+    for name, rule in (*checks, ("labels", labels_ok)):
+        if name not in ts.columns:
+            continue
+        for start, chunk in ts.columns[name].chunks():
+            problem = rule(ts, start, chunk)
+            if problem:
+                what, ok = problem
+                rows = (start + (~ok).nonzero()[:5, 0]).tolist()
+                raise FormatError(f"{path} has {what} (rows {rows})",
+                                  "Regenerate it with kdcli soft-targets; check the "
+                                  "teacher's outputs")
+
+
+def _inputs_ok(ts: StoredSet, start: int, chunk: torch.Tensor):
+    ok = finite_rows(chunk)
+    return None if bool(ok.all()) else ("NaN or Inf in inputs", ok)
+
+
+def _labels_ok(num_classes: int, ts: StoredSet, start: int, chunk: torch.Tensor):
+    ok = (chunk >= 0) & (chunk < num_classes)
+    return None if bool(ok.all()) else (f"labels outside [0, {num_classes})", ok)

@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parent.parent / "kdcli"
 MAX_LINES = 500
 HEAVY = ("torch", "onnx", "onnxruntime", "transformers")

@@ -238,8 +238,7 @@ def _load_members(teachers: list[str | Path], opts: list[TeacherOptions], dev: s
     for t in members:
         pre = t.preprocessing
         if not t.fmt.own_preprocessing and probe_x.dtype == torch.uint8 and \
-                pre.get("scale", 1.0) == 1.0 and pre.get("mean", 0.0) == 0.0 and \
-                pre.get("std", 1.0) == 1.0:
+                (pre.scale, pre.mean, pre.std) == (1.0, 0.0, 1.0):
             rep.warn(f"{t.name} gets raw 8-bit values (0-255): no --scale/--mean/--std given. "
                      "If it was trained on [0, 1] inputs, pass --scale 255")
     return members
@@ -312,7 +311,7 @@ def _summary(out: Path, writer: RangeWriter, stats, *, has_labels: bool,
         "seconds": round(seconds, 3),
         "samples_per_s": round(n / max(seconds, 1e-9), 1),
         "teachers": [{"file": str(t.path), "format": t.format, "output": t.output,
-                      "preprocessing": t.preprocessing,
+                      "preprocessing": t.preprocessing.to_dict(),
                       "accuracy": (float(correct[i]) / n if has_labels else None)}
                      for i, t in enumerate(members)],
         "class_names": class_names,

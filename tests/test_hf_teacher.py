@@ -86,14 +86,13 @@ def test_vit_with_processor_config_equals_model_on_processor_output(tmp_path):
     assert abs(pre["scale"] - 255) < 1e-9
     # --scale/--mean/--std override the processor config
     t = load_teacher(folder, TeacherOptions(scale=1.0, mean=0.0, std=1.0), probe=images[:2])
-    assert t.preprocessing["scale"] == 1.0 and t.preprocessing["mean"] == 0.0
+    assert t.preprocessing.scale == 1.0 and t.preprocessing.mean == 0.0
 
 
 def test_grey_digits_are_resized_and_made_rgb_like_the_processor(tmp_path):
     from transformers import AutoImageProcessor
 
     from kdcli.data.sources import load_data
-    from kdcli.preprocessing import Preprocessing
     from kdcli.teachers.inputs import prepare_input
 
     model = tiny_vit(classes=10, channels=3, size=16, names=None)
@@ -103,7 +102,7 @@ def test_grey_digits_are_resized_and_made_rgb_like_the_processor(tmp_path):
     ds = load_data("mnist:test[:20]")
     t = load_teacher(folder, probe=ds.inputs[:4])
     assert t.input_shape == [3, 16, 16] and t.class_names is None
-    mine = prepare_input(ds.inputs, Preprocessing.from_dict(t.preprocessing), t.input_shape,
+    mine = prepare_input(ds.inputs, t.preprocessing, t.input_shape,
                          "float32")
     rgb = np.repeat(ds.inputs.numpy()[..., None], 3, -1)
     ref = AutoImageProcessor.from_pretrained(folder)(images=list(rgb),

@@ -106,7 +106,8 @@ class Teacher:
         inputs: The model's inputs; today's formats have exactly one.
         preprocessing: How raw inputs become model inputs (see :func:`prepare_input`):
             ``scale``, ``mean``, ``std`` (numbers, or one per channel), and for image
-            checkpoints ``size`` (``[H, W]`` to resize to). Identity for kdcli models,
+            checkpoints ``size`` (``[H, W]`` to resize to); the one
+            :class:`~kdcli.preprocessing.Preprocessing` type. Identity for kdcli models,
             which carry their own.
         fixed_batch: The only batch size the model accepts, or None.
         output: ``logits``, ``log-probs`` or ``probs`` (None until the probe detects it).
@@ -126,7 +127,7 @@ class Teacher:
     sha256: str
     runner: Callable[[torch.Tensor], Any]
     inputs: tuple[InputSpec, ...] = (InputSpec(),)
-    preprocessing: dict[str, Any] = field(default_factory=lambda: dict(IDENTITY))
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
     fixed_batch: int | None = None
     output: str | None = None
     num_classes: int | None = None
@@ -162,7 +163,7 @@ class Teacher:
     def describe(self) -> dict[str, Any]:
         """What the transfer-set metadata records about this teacher."""
         out = {"file": self.path.name, "sha256": self.sha256, "format": self.format,
-               "preprocessing": self.preprocessing, "input_shape": self.input_shape,
+               "preprocessing": self.preprocessing.to_dict(), "input_shape": self.input_shape,
                "output": self.output, "num_classes": self.num_classes, **self.meta}
         if self.class_names is not None:
             out["class_names"] = self.class_names
@@ -181,7 +182,7 @@ class Teacher:
         Returns:
             ``[B, C]`` float32 logits on the CPU.
         """
-        x = prepare_input(raw, Preprocessing.from_dict(self.preprocessing), self.input_shape,
+        x = prepare_input(raw, self.preprocessing, self.input_shape,
                           self.input_dtype, self.name)
         out = self.check_output(self.forward(x), raw.shape[0])
         return to_logits(out, self.output or "logits")
@@ -265,7 +266,7 @@ class LoadRequest:
         is the user's ``--teacher-output``.
         """
         base = {"format": fmt.name, "inputs": (InputSpec(shape=self.user_shape),),
-                "preprocessing": {**IDENTITY, **self.opts.preprocessing()},
+                "preprocessing": Preprocessing.from_dict({**IDENTITY, **self.opts.preprocessing()}),
                 "output": self.opts.output}
         return Teacher(path=self.path, fmt=fmt, sha256=self.sha256, runner=runner,
                        device=self.device, precision=self.precision, **{**base, **fields})

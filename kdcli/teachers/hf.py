@@ -34,6 +34,7 @@ from kdcli.errors import (
     first_line,
 )
 from kdcli.output import Reporter
+from kdcli.preprocessing import Preprocessing
 from kdcli.resources import check_memory, hf_model_bytes
 from kdcli.teachers.base import (
     InputSpec,
@@ -178,7 +179,8 @@ class HfFormat(TeacherFormat):
         runner, module = torch_runner(_LogitsOnly(model, spec.name), req.device, req.precision)
         return req.teacher(
             self, runner, module=module, inputs=(replace(spec, shape=shape),),
-            preprocessing=check_processor(folder, {**IDENTITY, **pre, **opts.preprocessing()}),
+            preprocessing=Preprocessing.from_dict(
+                check_processor(folder, {**IDENTITY, **pre, **opts.preprocessing()})),
             num_classes=num_classes, meta=meta,
             class_names=class_names(getattr(config, "id2label", None), num_classes))
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from kdcli.io.storage import read_safetensors_metadata
 from kdcli.output import Reporter
+from kdcli.preprocessing import Preprocessing
 from kdcli.students.base import count_params
 from kdcli.students.model_file import MODEL_FORMAT, ModelFile, load_model
 from kdcli.teachers.base import (
@@ -22,7 +23,6 @@ from kdcli.teachers.base import (
     short,
     torch_runner,
 )
-from kdcli.teachers.inputs import IDENTITY
 
 
 def _metadata(p: Path) -> dict[str, str] | None:
@@ -59,7 +59,7 @@ class KdcliModelFormat(TeacherFormat):
         shape = req.user_shape or tuple(mf.preprocessing.raw_shape)
         return req.teacher(
             self, runner, module=module, inputs=(InputSpec(shape=shape),),
-            preprocessing=dict(IDENTITY),  # the model does its own
+            preprocessing=Preprocessing(),  # the model does its own
             meta=meta, num_classes=mf.num_classes, class_names=_class_names(mf))
 
     def class_names(self, path: Path) -> list[str] | None:

@@ -12,7 +12,6 @@ from dataclasses import replace
 import torch
 
 from kdcli.errors import KdcliError, ModelError, first_line
-from kdcli.preprocessing import Preprocessing
 from kdcli.resources import check_memory
 from kdcli.teachers.base import NotScoresError, Teacher, detect_output_kind
 from kdcli.teachers.inputs import prepare_input
@@ -35,11 +34,10 @@ def settle(t: Teacher, probe: torch.Tensor | None) -> Teacher:
             raise ModelError(f"the input shape of teacher {t.name} is not known",
                              "Pass --input-shape (or give example inputs to probe it)")
         gen = torch.Generator().manual_seed(0)
-        scale = t.preprocessing.get("scale", 1.0)
+        scale = t.preprocessing.scale
         probe = torch.rand((2, *t.input_shape), generator=gen) * scale
     shape = t.input_shape or _resolve_input_shape(t, probe[:2])
-    pre = Preprocessing.from_dict(t.preprocessing)
-    x = prepare_input(probe, pre, shape, t.input_dtype, t.name)
+    x = prepare_input(probe, t.preprocessing, shape, t.input_dtype, t.name)
     try:
         out = t.check_output(t.forward(x), probe.shape[0])
     except KdcliError:
@@ -74,7 +72,7 @@ def settle(t: Teacher, probe: torch.Tensor | None) -> Teacher:
 def _check_batch_memory(t: Teacher, rows: int) -> None:
     """Refuse a teacher whose batch of model inputs cannot fit in memory, before the probe
     allocates it (a fixed batch of millions, an image size of 100,000 pixels a side)."""
-    shape, size = t.input_shape, t.preprocessing.get("size")
+    shape, size = t.input_shape, t.preprocessing.size
     if not shape:
         return
     elems = math.prod(shape[:1]) * math.prod(size) if size else math.prod(shape)
@@ -96,7 +94,7 @@ def _resolve_input_shape(t: Teacher, probe: torch.Tensor) -> list[int]:
     first_err = None
     for cand in candidates:
         try:
-            x = prepare_input(probe, Preprocessing.from_dict(t.preprocessing), cand,
+            x = prepare_input(probe, t.preprocessing, cand,
                               t.input_dtype, t.name)
             t.check_output(t.forward(x), probe.shape[0])
             return cand

@@ -48,6 +48,7 @@ from kdcli.options import (
     output_options,
     train_options,
 )
+from kdcli.students import examples
 
 if TYPE_CHECKING:
     from kdcli.data.augment import AugmentConfig
@@ -194,7 +195,7 @@ def train_cmd(
     data: Annotated[str, typer.Option(help="Labelled training data: mnist, a path, ...[:N].")] = "mnist",
     hidden: Annotated[int | None, typer.Option(help="MLP hidden width  [default: 800]", show_default=False)] = None,
     layers: Annotated[int | None, typer.Option(help="Number of MLP hidden layers  [default: 2]", show_default=False)] = None,
-    arch: Annotated[str | None, typer.Option(help="Architecture spec instead of --hidden/--layers: mlp:1200,1200, cnn:0.5, or resnet:DEPTH[,WIDTH] (e.g. resnet:20,0.5) for colour images.")] = None,
+    arch: Annotated[str | None, typer.Option(help=f"Architecture spec instead of --hidden/--layers, e.g. {examples()} (see the README for each family).")] = None,
     dropout: Annotated[float, typer.Option(help="Dropout on hidden units.")] = 0.0,
     input_dropout: Annotated[float, typer.Option(help="Dropout on inputs (MLP).")] = 0.0,
     max_norm: Annotated[float | None, typer.Option(help="Max L2 norm of each hidden unit's incoming weights (the output layer is free).")] = None,
@@ -301,7 +302,7 @@ def train_student_cmd(
     transfer: Annotated[Path, typer.Option(help="Transfer set from soft-targets (a file, or a sharded set's .index.json).")] = Path("transfer.safetensors"),
     hidden: Annotated[int | None, typer.Option(help="Student MLP hidden width  [default: 300]", show_default=False)] = None,
     layers: Annotated[int | None, typer.Option(help="Student MLP hidden layers  [default: 2]", show_default=False)] = None,
-    arch: Annotated[str | None, typer.Option(help="Student spec instead of --hidden/--layers: mlp:800,800, cnn:0.25 or resnet:8,0.5.")] = None,
+    arch: Annotated[str | None, typer.Option(help=f"Student spec instead of --hidden/--layers, e.g. {examples()}.")] = None,
     dropout: Annotated[float, typer.Option(help="Dropout on hidden units.")] = 0.0,
     alpha: Annotated[float, typer.Option(help="Weight on the hard labels, in [0, 1].")] = _DISTILL.alpha,
     T: Annotated[float | None, typer.Option("--T", "-T", help="Temperature (default: the transfer set's; another value re-derives the targets).")] = None,

@@ -120,8 +120,9 @@ def test_max_norm_bounds_hidden_units_and_leaves_the_output_layer_free():
 def test_families_are_one_table_and_specs_round_trip():
     from kdcli.students import FAMILIES
 
-    assert set(FAMILIES) == {"mlp", "cnn", "resnet"}
-    for spec in ("mlp:1200,1200", "cnn:0.5", "resnet:8", "resnet:20,0.5"):
+    assert {"mlp", "cnn", "resnet"} <= set(FAMILIES)
+    examples = [family.example for family in FAMILIES.values()]  # shown in --help
+    for spec in ("mlp:1200,1200", "cnn:0.5", "resnet:8", "resnet:20,0.5", *examples):
         arch = Architecture.parse(spec)
         assert arch.spec() == spec and Architecture.parse(arch.spec()) == arch
     assert Architecture.parse("resnet:20,0.5").depth == 20

@@ -28,6 +28,7 @@ class CnnConfig:
     USAGE: ClassVar[str] = "cnn:WIDTH (e.g. cnn:0.5)"
     OTHERS: ClassVar[tuple[str, str]] = ("a CNN takes no hidden widths or depth",
                                          "Give the width multiplier, e.g. cnn:0.5")
+    BARE_STATE_DICT: ClassVar[bool] = True  # a bare state dict loads with --arch cnn:...
 
     width: float = 1.0
     dropout: float = 0.0

@@ -28,6 +28,8 @@ class MlpConfig:
     USAGE: ClassVar[str] = "mlp:WIDTH,WIDTH,... (e.g. mlp:1200,1200)"
     OTHERS: ClassVar[tuple[str, str]] = ("an MLP takes no width multiplier or depth",
                                          "Give the widths, e.g. mlp:300,300")
+    FLAT_INPUT: ClassVar[bool] = True  # takes flattened examples
+    BARE_STATE_DICT: ClassVar[bool] = True  # a bare state dict loads with --arch mlp:...
 
     hidden: list[int] = field(default_factory=list)
     dropout: float = 0.0

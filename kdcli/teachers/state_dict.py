@@ -22,6 +22,7 @@ from torch import nn
 from kdcli.errors import FormatError, ModelError, UsageError, first_line
 from kdcli.io.storage import read_safetensors_metadata
 from kdcli.preprocessing import Preprocessing
+from kdcli.students import FAMILIES, family_config
 from kdcli.students.base import Architecture, build_model
 from kdcli.teachers.base import (
     InputSpec,
@@ -87,15 +88,18 @@ def state_dict_teacher(fmt: TeacherFormat, req: LoadRequest, sd: dict,
                          "Pass --arch mlp:WIDTH,WIDTH (kdcli's family) or "
                          "--arch package.module:factory (your own code)")
     shape = req.user_shape
-    if arch.startswith(("mlp:", "cnn:")):
+    family = arch.partition(":")[0] if ":" in arch else None
+    config = family_config(family) if family in FAMILIES else None
+    if config is not None and getattr(config, "BARE_STATE_DICT", False):
         spec = Architecture.parse(arch)
+        flat = getattr(config, "FLAT_INPUT", False)
         sample = _state_dict_input_size(sd)
         raw = list(req.user_shape) if req.user_shape else None
         if raw is None:
-            raw = [sample] if spec.family == "mlp" and sample else [1, 28, 28]
+            raw = [sample] if flat and sample else [1, 28, 28]
         module = build_model(spec, Preprocessing(raw_shape=raw), _state_dict_num_classes(sd))
         _load_positional(module[1], sd, name, sorted_keys)
-        if spec.family == "cnn":
+        if not flat:
             shape = tuple(raw)
     else:
         module = _call_factory(arch)

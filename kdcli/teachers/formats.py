@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -37,22 +38,37 @@ from kdcli.teachers.base import (
 from kdcli.teachers.inputs import IDENTITY
 from kdcli.teachers.probe import settle
 
-#: The formats' modules, tried in this order on a path's content.
-FORMATS: tuple[str, ...] = (
-    "kdcli.teachers.hf",
-    "kdcli.teachers.kdcli_model",
-    "kdcli.teachers.state_dict",
-    "kdcli.teachers.torch_export",
-    "kdcli.teachers.torchscript",
-    "kdcli.teachers.pickled",
-    "kdcli.teachers.onnx",
+
+class Entry(NamedTuple):
+    """One line of :data:`FORMATS`: the module that holds the format's ``FORMAT``, and how
+    error hints name the files it reads (without importing the module)."""
+
+    module: str
+    files: str
+
+
+#: The formats, tried in this order on a path's content.
+FORMATS: tuple[Entry, ...] = (
+    Entry("kdcli.teachers.hf", "a Hugging Face checkpoint folder"),
+    Entry("kdcli.teachers.kdcli_model", "a kdcli .safetensors model"),
+    Entry("kdcli.teachers.state_dict", "a safetensors state dict (with --arch)"),
+    Entry("kdcli.teachers.torch_export", "a torch.export .pt2"),
+    Entry("kdcli.teachers.torchscript", "TorchScript"),
+    Entry("kdcli.teachers.pickled", "a torch.save state dict (with --arch)"),
+    Entry("kdcli.teachers.onnx", "ONNX"),
 )
 
 
 def entries() -> Iterator[TeacherFormat]:
     """The table's entries in detection order, each module imported when it is reached."""
-    for module in FORMATS:
-        yield importlib.import_module(module).FORMAT
+    for entry in FORMATS:
+        yield importlib.import_module(entry.module).FORMAT
+
+
+def _known_files() -> str:
+    """What each format reads, for hints: ``a Hugging Face checkpoint folder, ... or ONNX``."""
+    files = [e.files for e in FORMATS]
+    return ", ".join(files[:-1]) + " or " + files[-1]
 
 
 def find_format(path: Path, role: str = "teacher") -> TeacherFormat:
@@ -76,10 +92,9 @@ def find_format(path: Path, role: str = "teacher") -> TeacherFormat:
             return fmt
     if zip_names(p):
         raise FormatError(f"{p} is a zip archive but not a PyTorch file",
-                          "Give a kdcli, TorchScript, torch.export, ONNX or torch.save file")
+                          f"Give one of: {_known_files()}")
     raise FormatError(f"{p} is not a model format kdcli knows",
-                      "Give a kdcli .safetensors, TorchScript, torch.export .pt2, ONNX, "
-                      "a Hugging Face checkpoint folder, or a torch.save state dict (with --arch)")
+                      f"Give one of: {_known_files()}")
 
 
 def detect_format(path: Path) -> str:

@@ -2,5 +2,5 @@
 
 :mod:`kdcli.data.sources` holds the table of sources and ``load_data``; :mod:`kdcli.data.base`
 the types and checks the sources share; one module per source (``mnist``, ``idx``, ``images``,
-``arrays``, ``tables``) its reader; :mod:`kdcli.data.augment` the batch augmentation.
+``arrays``, ``tables``, ``jsonl``) its reader; :mod:`kdcli.data.augment` the batch augmentation.
 """

@@ -1,8 +1,9 @@
 """The types every data source shares, and the checks made on whatever a source returns.
 
 A source module (:mod:`kdcli.data.mnist`, :mod:`kdcli.data.idx`, :mod:`kdcli.data.images`,
-:mod:`kdcli.data.arrays`, :mod:`kdcli.data.tables`) imports from here only; the table that
-lists them and :func:`~kdcli.data.sources.load_data` live in :mod:`kdcli.data.sources`.
+:mod:`kdcli.data.arrays`, :mod:`kdcli.data.tables`) imports from here only (a table format
+such as :mod:`kdcli.data.jsonl` also reuses ``tables``' column logic); the table that lists
+them and :func:`~kdcli.data.sources.load_data` live in :mod:`kdcli.data.sources`.
 
 How tables and image folders are read (label and feature columns, channels, image size) is
 one :class:`DataOptions`, taken by every command that reads data.

@@ -14,6 +14,7 @@ class, drawn with seed S, default 0; see :func:`balanced_index`):
 * an image folder: ``DIR/CLASS/*.png`` (labelled, classes in sorted order like torchvision's
   ``ImageFolder``) or a flat folder of images (unlabelled); see :mod:`kdcli.data.images`.
 * a table: ``.csv``, ``.tsv`` (optionally ``.gz``) or ``.parquet``; see :mod:`kdcli.data.tables`.
+* a JSON Lines table (``.jsonl``, one object per line); see :mod:`kdcli.data.jsonl`.
 * an IDX images file (``*-images-idx3-ubyte`` or ``.gz``); its labels file is found by
   the standard name (``images-idx3`` -> ``labels-idx1``) when present (:mod:`kdcli.data.idx`).
 * ``.npz`` / ``.safetensors`` holding ``inputs`` (any shape) and optional integer ``labels``,
@@ -88,6 +89,7 @@ SOURCES: list[Source] = [
     Source("CSV/TSV table", "kdcli.data.tables:read",
            suffixes=(".csv", ".tsv", ".csv.gz", ".tsv.gz")),
     Source("Parquet table", "kdcli.data.tables:read", suffixes=(".parquet", ".pq")),
+    Source("JSON Lines table", "kdcli.data.jsonl:read", suffixes=(".jsonl",)),
     Source("IDX file", "kdcli.data.idx:read_file", files=True,
            claims="kdcli.data.idx:is_idx_file"),
 ]
@@ -241,13 +243,13 @@ def _read(base: str, opts: DataOptions) -> Loaded:
         if not path.exists():
             raise DataError(f"data source {base!r} does not exist",
                             "Use mnist, mnist:test, or a path to an image folder, a table "
-                            "(.csv/.tsv/.parquet) or IDX/.npz/.npy/.safetensors data")
+                            "(.csv/.tsv/.parquet/.jsonl) or IDX/.npz/.npy/.safetensors data")
         _check_kind(path)
     for source in SOURCES:
         if source.matches(name, path):
             return source.read(path if path is not None else name, split, opts)
     raise DataError(f"unknown data format for {path}",
-                    "Use an image folder, .csv/.tsv/.parquet, IDX (optionally .gz), .npz, "
+                    "Use an image folder, .csv/.tsv/.parquet/.jsonl, IDX (optionally .gz), .npz, "
                     ".npy or .safetensors")
 
 

@@ -49,7 +49,24 @@ def read(path: Path, split: str, options: DataOptions) -> Loaded:
         DataError: a missing column, a non-numeric or missing value, or a ragged row, each
             naming the column and row.
     """
-    table = _read_table(path)
+    return from_table(_read_table(path), path, options)
+
+
+def from_table(table: pa.Table, path: Path, options: DataOptions) -> Loaded:
+    """Turn a table read from ``path`` into examples: the column logic every table source
+    shares (:mod:`kdcli.data.jsonl` reads its files with it too).
+
+    Args:
+        table: The table as pyarrow read it, one row per example.
+        path: The file it came from (named in errors).
+        options: ``--label-column`` and ``--feature-columns``.
+
+    Returns:
+        As :func:`read`.
+
+    Raises:
+        DataError: as :func:`read`.
+    """
     names = list(table.column_names)
     counts = collections.Counter(names)
     dup = next((c for c in names if counts[c] > 1), None)
@@ -263,10 +280,11 @@ def _labels(table: Any, label: str, path: Path) -> tuple[np.ndarray, list[str] |
 
 
 def _row(path: Path, i: int) -> str:
-    """Data row ``i`` (0-based) as a user counts it: 1-based, and the file line for CSV."""
-    if path.suffix.lower() in (".parquet", ".pq") or path.suffix.lower() == ".gz":
-        return f"row {i + 1}"
-    return f"row {i + 1} (line {i + 2})"
+    """Data row ``i`` (0-based) as a user counts it: 1-based, and the file line for an
+    uncompressed CSV/TSV (one header line; other sources' rows need not be lines)."""
+    if path.suffix.lower() in (".csv", ".tsv"):
+        return f"row {i + 1} (line {i + 2})"
+    return f"row {i + 1}"
 
 
 def _few(names: list[str], n: int = 8) -> str:

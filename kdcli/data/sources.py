@@ -84,8 +84,8 @@ SOURCES: list[Source] = [
     Source("MNIST IDX folder", "kdcli.data.idx:read_folder", folders=True,
            claims="kdcli.data.idx:is_idx_folder"),
     Source("image folder", "kdcli.data.images:read", folders=True),
-    Source("numpy .npz/.npy", "kdcli.data.arrays:read_numpy", suffixes=(".npz", ".npy")),
-    Source("safetensors", "kdcli.data.arrays:read_safetensors", suffixes=(".safetensors",)),
+    Source("numpy arrays", "kdcli.data.arrays:read_numpy", suffixes=(".npz", ".npy")),
+    Source("safetensors arrays", "kdcli.data.arrays:read_safetensors", suffixes=(".safetensors",)),
     Source("CSV/TSV table", "kdcli.data.tables:read",
            suffixes=(".csv", ".tsv", ".csv.gz", ".tsv.gz")),
     Source("Parquet table", "kdcli.data.tables:read", suffixes=(".parquet", ".pq")),
@@ -242,15 +242,18 @@ def _read(base: str, opts: DataOptions) -> Loaded:
             path, split = Path(base), ""
         if not path.exists():
             raise DataError(f"data source {base!r} does not exist",
-                            "Use mnist, mnist:test, or a path to an image folder, a table "
-                            "(.csv/.tsv/.parquet/.jsonl) or IDX/.npz/.npy/.safetensors data")
+                            f"Use mnist, mnist:test, or a path to one of: {_known()}")
         _check_kind(path)
     for source in SOURCES:
         if source.matches(name, path):
             return source.read(path if path is not None else name, split, opts)
-    raise DataError(f"unknown data format for {path}",
-                    "Use an image folder, .csv/.tsv/.parquet/.jsonl, IDX (optionally .gz), .npz, "
-                    ".npy or .safetensors")
+    raise DataError(f"unknown data format for {path}", f"Use one of: {_known()}")
+
+
+def _known() -> str:
+    """The sources a path may be, from the table: ``image folder, numpy .npz/.npy (...)``."""
+    return ", ".join(s.name + (f" ({'/'.join(s.suffixes)})" if s.suffixes else "")
+                     for s in SOURCES if not s.names)
 
 
 def _check_kind(path: Path) -> None:

@@ -231,3 +231,34 @@ def test_kdcli_model_trained_on_named_classes_keeps_its_class_names(tmp_path):
     t = load_teacher(out)
     assert t.class_names == ["cat", "dog", "eel"]
     assert t.describe()["class_names"] == ["cat", "dog", "eel"]
+
+
+class _TextFormat:
+    """A stand-in format entry for a model that reads raw text (what text formats plug into)."""
+
+    name = "text-stand-in"
+
+
+def test_a_text_model_gets_its_texts_as_they_are_and_is_probed_on_texts(tmp_path):
+    from kdcli.teachers.base import TEXT, InputSpec, Teacher
+    from kdcli.teachers.probe import settle
+
+    seen = []
+
+    def runner(texts):  # scores from the texts' lengths: [B, 3]
+        seen.append(list(texts))
+        n = torch.tensor([float(len(t)) for t in texts])
+        return torch.stack([n, -n, n / 2], 1)
+
+    t = Teacher(path=tmp_path / "m", format="text-stand-in", fmt=_TextFormat(), sha256="",
+                runner=runner, inputs=(InputSpec("text", TEXT),))
+    assert t.takes_text
+    probed = settle(t, None)  # no data: probed on two short texts
+    assert probed.num_classes == 3 and probed.output == "logits" and seen[-1] == [
+        "a short probe text", "another one"]
+    z = probed.logits(["ab", "abcd"])
+    assert seen[-1] == ["ab", "abcd"]  # untouched: no float cast, no reshape, no scaling
+    assert torch.equal(z, torch.tensor([[2.0, -2.0, 1.0], [4.0, -4.0, 2.0]]))
+    with pytest.raises(ModelError, match="fails on texts"):
+        settle(Teacher(path=tmp_path / "m", format="x", fmt=_TextFormat(), sha256="",
+                       runner=lambda texts: 1 / 0, inputs=(InputSpec("text", TEXT),)), ["a"])

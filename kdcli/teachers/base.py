@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import zipfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,10 @@ OUTPUT_KINDS = ("logits", "log-probs", "probs")
 LOG_PROB_FLOOR = -1000.0
 #: The name of the one input of formats whose files do not name it.
 DEFAULT_INPUT = "input"
+#: The dtype of an input that is raw text (one string, or a pair, per example).
+TEXT = "string"
+#: A batch of raw examples: ``[B, *shape]`` values, or ``B`` texts or ``(text, text)`` pairs.
+RawBatch = torch.Tensor | Sequence[str] | Sequence[tuple[str, str]]
 
 
 @dataclass
@@ -173,23 +177,37 @@ class Teacher:
         """The model's number of parameters, as its format counts them (None: unknown)."""
         return self.fmt.param_count(self)
 
-    def logits(self, raw: torch.Tensor) -> torch.Tensor:
+    @property
+    def takes_text(self) -> bool:
+        """Whether the model reads raw text (an input of dtype ``string``): its runner takes
+        the batch's texts as they are and tokenizes them itself."""
+        return any(spec.dtype == TEXT for spec in self.inputs)
+
+    def prepare(self, raw: RawBatch, shape: list[int] | None = None) -> Any:
+        """A batch of raw examples as the model takes them: the texts as they are for a text
+        model, else :func:`prepare_input` (layout ``shape``, default the input's; scale,
+        mean, std; dtype)."""
+        if self.takes_text:
+            return raw
+        return prepare_input(raw, self.preprocessing, shape or self.input_shape,
+                             self.input_dtype, self.name)
+
+    def logits(self, raw: RawBatch) -> torch.Tensor:
         """Run the teacher on a batch of raw examples.
 
         Args:
-            raw: ``[B, *sample_shape]`` raw inputs, as the data source stores them.
+            raw: ``[B, *sample_shape]`` raw inputs, as the data source stores them; for a
+                text model, ``B`` texts (or ``(text, text)`` pairs).
 
         Returns:
             ``[B, C]`` float32 logits on the CPU.
         """
-        x = prepare_input(raw, self.preprocessing, self.input_shape,
-                          self.input_dtype, self.name)
-        out = self.check_output(self.forward(x), raw.shape[0])
+        out = self.check_output(self.forward(self.prepare(raw)), len(raw))
         return to_logits(out, self.output or "logits")
 
-    def forward(self, x: torch.Tensor) -> Any:
+    def forward(self, x: Any) -> Any:
         """The raw output on prepared inputs ``x``, in chunks of a fixed batch if need be."""
-        return self._run_fixed(x) if self.fixed_batch else self.runner(x)
+        return self._run_fixed(x) if self.fixed_batch and not self.takes_text else self.runner(x)
 
     def _run_fixed(self, x: torch.Tensor) -> torch.Tensor:
         b = self.fixed_batch

@@ -13,38 +13,36 @@ import torch
 
 from kdcli.errors import KdcliError, ModelError, first_line
 from kdcli.resources import check_memory
-from kdcli.teachers.base import NotScoresError, Teacher, detect_output_kind
-from kdcli.teachers.inputs import prepare_input
+from kdcli.teachers.base import NotScoresError, RawBatch, Teacher, detect_output_kind
+
+# What a text model is probed with when no data is given: two short texts.
+PROBE_TEXTS = ("a short probe text", "another one")
 
 
-def settle(t: Teacher, probe: torch.Tensor | None) -> Teacher:
+def settle(t: Teacher, probe: RawBatch | None) -> Teacher:
     """The final spec: ``t`` with its input shape, output kind and class count settled.
 
     Args:
         t: The provisional spec from a format's loader.
-        probe: A few raw examples (None: random inputs of the file's own input shape).
+        probe: A few raw examples (None: random inputs of the file's own input shape, or
+            two short texts for a text model).
 
     Raises:
         ModelError: the shape is unknown, the model fails on the probe, or its output does
             not fit its classes.
     """
-    _check_batch_memory(t, 2 if probe is None else int(probe.shape[0]))
-    if probe is None:
-        if t.input_shape is None:
-            raise ModelError(f"the input shape of teacher {t.name} is not known",
-                             "Pass --input-shape (or give example inputs to probe it)")
-        gen = torch.Generator().manual_seed(0)
-        scale = t.preprocessing.scale
-        probe = torch.rand((2, *t.input_shape), generator=gen) * scale
-    shape = t.input_shape or _resolve_input_shape(t, probe[:2])
-    x = prepare_input(probe, t.preprocessing, shape, t.input_dtype, t.name)
+    if t.takes_text:
+        probe, shape = list(probe if probe is not None else PROBE_TEXTS), t.input_shape
+    else:
+        probe, shape = _tensor_probe(t, probe)
     try:
-        out = t.check_output(t.forward(x), probe.shape[0])
+        out = t.check_output(t.forward(t.prepare(probe, shape)), len(probe))
     except KdcliError:
         raise
     except Exception as e:  # noqa: BLE001 - the model's own error, on its own inputs
-        raise ModelError(f"teacher {t.name} fails on examples of shape {shape} "
-                         f"({first_line(e)})", "Check --input-shape and the data") from e
+        what = "texts" if t.takes_text else f"examples of shape {shape}"
+        hint = "Check the data" if t.takes_text else "Check --input-shape and the data"
+        raise ModelError(f"teacher {t.name} fails on {what} ({first_line(e)})", hint) from e
     notes, output = list(t.notes), t.output
     if output is None:
         output = detect_output_kind(out)
@@ -67,6 +65,20 @@ def settle(t: Teacher, probe: torch.Tensor | None) -> Teacher:
     names = t.class_names if t.class_names is None or len(t.class_names) == c else None
     return replace(t, inputs=t.with_input_shape(shape), output=output, notes=tuple(notes),
                    binary=binary, num_classes=c, class_names=names)
+
+
+def _tensor_probe(t: Teacher, probe: torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:
+    """The probe batch of a model of tensors (random inputs of its shape when none is given)
+    and the per-example shape it takes, tried on the probe when the file does not say."""
+    _check_batch_memory(t, 2 if probe is None else int(probe.shape[0]))
+    if probe is None:
+        if t.input_shape is None:
+            raise ModelError(f"the input shape of teacher {t.name} is not known",
+                             "Pass --input-shape (or give example inputs to probe it)")
+        gen = torch.Generator().manual_seed(0)
+        scale = t.preprocessing.scale
+        probe = torch.rand((2, *t.input_shape), generator=gen) * scale
+    return probe, t.input_shape or _resolve_input_shape(t, probe[:2])
 
 
 def _check_batch_memory(t: Teacher, rows: int) -> None:
@@ -94,9 +106,7 @@ def _resolve_input_shape(t: Teacher, probe: torch.Tensor) -> list[int]:
     first_err = None
     for cand in candidates:
         try:
-            x = prepare_input(probe, t.preprocessing, cand,
-                              t.input_dtype, t.name)
-            t.check_output(t.forward(x), probe.shape[0])
+            t.check_output(t.forward(t.prepare(probe, cand)), probe.shape[0])
             return cand
         except NotScoresError:
             raise  # the model ran: its shape is right, its output is not scores

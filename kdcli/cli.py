@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from typer.core import TyperGroup
 
 from kdcli import __version__
 from kdcli.config import SWEEP_ALPHA, DistillConfig, TrainConfig, student_config
 from kdcli.errors import UsageError, one_line, user_message
+from kdcli.helpformat import Command, Group
 from kdcli.options import (
     BatchOpt,
+    CopySeedOpt,
     EpochsOpt,
     EvalDataOpt,
     F,
@@ -36,7 +37,6 @@ from kdcli.options import (
     LimitOpt,
     PrecisionOpt,
     ResumeOpt,
-    SeedOpt,
     TrainDeviceOpt,
     WarmupOpt,
     architecture,
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from kdcli.teachers.base import TeacherOptions
 
 
-class _OneLineErrors(TyperGroup):
+class _OneLineErrors(Group):
     """The command group: usage errors (unknown option, bad value) become one line, exit 2."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
@@ -89,8 +89,10 @@ app = typer.Typer(
     cls=_OneLineErrors,
     help="Distil saved neural networks into small, deployable ones "
     "(Hinton, Vinyals & Dean, 2015).\n\n"
-    "Typical run: kdcli train (a teacher) -> kdcli soft-targets -> kdcli train-student -> "
-    "kdcli export -> kdcli eval.",
+    "Typical run: kdcli train (a teacher), then kdcli soft-targets, kdcli train-student, "
+    "kdcli export and kdcli eval. Each command's --help shows examples; "
+    "pip install \"kdcli[hf]\" adds Hugging Face teachers.",
+    rich_markup_mode=None,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -133,8 +135,12 @@ def _quiet_libraries(show: bool = True) -> Iterator[None]:
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
-def command(name: str, example: str) -> Callable[[F], F]:
-    """Register a command whose errors become one ``Error: ...`` line and exit code 1."""
+def command(name: str, *examples: str) -> Callable[[F], F]:
+    """Register a command whose errors become one ``Error: ...`` line and exit code 1.
+
+    ``examples`` are shown under "Examples:" in its ``--help``, each a command line or a
+    caption (``# ...``).
+    """
 
     def deco(fn: F) -> F:
         @functools.wraps(fn)
@@ -163,7 +169,7 @@ def command(name: str, example: str) -> Callable[[F], F]:
                 typer.echo(f"{where}Error: {message}", err=True)
                 raise typer.Exit(code) from None
 
-        app.command(name, epilog=f"Example: {example}")(wrapper)
+        app.command(name, cls=Command, epilog="\n".join(examples))(wrapper)
         return fn
 
     return deco
@@ -183,28 +189,32 @@ def _root(
     """Distil saved neural networks into small, deployable ones."""
 
 
-@command("train", "kdcli train --data mnist --hidden 1200 --layers 2 --dropout 0.5 "
-         "--input-dropout 0.2 --max-norm 3.5 --jitter 2 --epochs 60 --out teacher.safetensors")
+@command("train", "# The paper's MNIST teacher",
+         "kdcli train --data mnist --hidden 1200 --dropout 0.5 --input-dropout 0.2 "
+         "--max-norm 3.5 --jitter 2 --epochs 60 --out teacher.safetensors",
+         "# A table (CSV or Parquet) whose label column is species",
+         "kdcli train --data penguins.csv --label-column species --hidden 64 "
+         "--out teacher.safetensors")
 @output_options()
 @data_options()
 @augment_options()
-@train_options(_TRAIN, "Peak learning rate.")
+@train_options(_TRAIN, "Peak learning rate.", "normalize, but not with --input-dropout, so that a dropped pixel is black")
 def train_cmd(
     *,
     data_options: "DataOptions",
-    data: Annotated[str, typer.Option(help="Labelled training data: mnist, a path, ...[:N].")] = "mnist",
-    hidden: Annotated[int | None, typer.Option(help="MLP hidden width  [default: 800]", show_default=False)] = None,
-    layers: Annotated[int | None, typer.Option(help="Number of MLP hidden layers  [default: 2]", show_default=False)] = None,
-    arch: Annotated[str | None, typer.Option(help=f"Architecture spec instead of --hidden/--layers, e.g. {examples()} (see the README for each family).")] = None,
-    dropout: Annotated[float, typer.Option(help="Dropout on hidden units.")] = 0.0,
-    input_dropout: Annotated[float, typer.Option(help="Dropout on inputs (MLP).")] = 0.0,
-    max_norm: Annotated[float | None, typer.Option(help="Max L2 norm of each hidden unit's incoming weights (the output layer is free).")] = None,
+    data: Annotated[str, typer.Option(metavar="SPEC", help="Labelled training data: mnist, a path, ...; [:N] takes the first N.")] = "mnist",
+    hidden: Annotated[int | None, typer.Option(metavar="N", help="MLP hidden width  [default: 800]", show_default=False)] = None,
+    layers: Annotated[int | None, typer.Option(metavar="N", help="Number of MLP hidden layers  [default: 2]", show_default=False)] = None,
+    arch: Annotated[str | None, typer.Option(metavar="SPEC", help=f"Architecture instead of --hidden/--layers, e.g. {examples()}.")] = None,
+    dropout: Annotated[float, typer.Option(metavar="P", help="Dropout on hidden units.")] = 0.0,
+    input_dropout: Annotated[float, typer.Option(metavar="P", help="Dropout on inputs (MLP).")] = 0.0,
+    max_norm: Annotated[float | None, typer.Option(metavar="X", help="Max L2 norm of each hidden unit's incoming weights (not the output layer's).")] = None,
     augmentation: "AugmentConfig",
     config: TrainConfig,
     eval_data: EvalDataOpt = "auto",
     limit: LimitOpt = None,
-    num_classes: Annotated[int | None, typer.Option(help="Classes of the model (default: largest label + 1, refused if most of them would have no example).")] = None,
-    out: Annotated[Path, typer.Option(help="Output model file.")] = Path("model.safetensors"),
+    num_classes: Annotated[int | None, typer.Option(metavar="N", help="Classes of the model (default: largest label + 1; refused if most would have no example).")] = None,
+    out: Annotated[Path, typer.Option(metavar="FILE", help="Output model file.")] = Path("model.safetensors"),
     resume: ResumeOpt = False,
     force: ForceOpt = False,
     rep: "Reporter",
@@ -219,17 +229,19 @@ def train_cmd(
                      resume=resume, reporter=rep, data_options=data_options))
 
 
-@command("eval", "kdcli eval teacher.safetensors student.safetensors student.onnx --data mnist:test")
+@command("eval", "kdcli eval teacher.safetensors student.safetensors student.onnx --data mnist:test",
+         "# A table, with a scikit-learn teacher converted to ONNX",
+         "kdcli eval teacher.onnx student.safetensors --data test.csv --label-column species")
 @output_options()
 @data_options()
 @model_options(per="models")
 def eval_cmd(
-    models: Annotated[list[Path], typer.Argument(help="Model files (kdcli, ONNX, TorchScript, ...).")],
+    models: Annotated[list[Path], typer.Argument(metavar="MODEL", help="Model files (kdcli, ONNX, TorchScript, ...).")],
     *,
     data_options: "DataOptions",
-    data: Annotated[str, typer.Option(help="Labelled data.")] = "mnist:test",
+    data: Annotated[str, typer.Option(metavar="SPEC", help="Labelled data.")] = "mnist:test",
     limit: LimitOpt = None,
-    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 1000,
+    batch_size: Annotated[int, typer.Option(metavar="N", help="Examples per forward pass.")] = 1000,
     options: "list[TeacherOptions]",
     rep: "Reporter",
 ) -> None:
@@ -240,33 +252,38 @@ def eval_cmd(
                         options=options, reporter=rep, data_options=data_options))
 
 
-@command("soft-targets", "kdcli soft-targets teacher.safetensors --T 20 --out transfer.safetensors")
+@command("soft-targets", "kdcli soft-targets teacher.safetensors --T 20 --out transfer.safetensors",
+         "# A foreign teacher: a scikit-learn or XGBoost classifier converted to ONNX",
+         "kdcli soft-targets teacher.onnx --data train.csv --label-column species "
+         "--out transfer.safetensors",
+         "# An ensemble of two teachers, weighted",
+         "kdcli soft-targets a.safetensors b.onnx --weights 0.7,0.3")
 @output_options()
 @data_options()
 @model_options(per="teachers")
 @augment_options()
 def soft_targets_cmd(
-    teachers: Annotated[list[Path], typer.Argument(help="Teacher file(s) or Hugging Face checkpoint folder(s); several form an ensemble.")],
+    teachers: Annotated[list[Path], typer.Argument(metavar="TEACHER", help="Teacher files or Hugging Face checkpoint folders; several form an ensemble.")],
     *,
     data_options: "DataOptions",
-    T: Annotated[float | None, typer.Option("--T", "-T", help="Softmax temperature of the soft targets (default: 20, the paper's; 2 when every teacher outputs probabilities, as tree ensembles do).", show_default=False)] = None,
-    data: Annotated[str, typer.Option(help="Transfer data: mnist:train, a path, ...[:N].")] = "mnist:train",
-    out: Annotated[Path, typer.Option(help="Output transfer set: a .safetensors file, or NAME.index.json for a sharded set.")] = Path("transfer.safetensors"),
-    combine: Annotated[str, typer.Option(help="Ensemble rule: mean-probs (paper) or mean-logits.")] = "mean-probs",
-    weights: Annotated[str | None, typer.Option(help="Ensemble weights, e.g. 0.5,0.3,0.2.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Examples per teacher call.")] = 1024,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    T: Annotated[float | None, typer.Option("--T", "-T", metavar="T", help="Softmax temperature  [default: 20, the paper's; 2 when every teacher outputs probabilities, as tree ensembles do]", show_default=False)] = None,
+    data: Annotated[str, typer.Option(metavar="SPEC", help="Transfer data: mnist:train, a path, ...; [:N] takes the first N.")] = "mnist:train",
+    out: Annotated[Path, typer.Option(metavar="FILE", help="Output transfer set: a .safetensors file, or NAME.index.json for a sharded one.")] = Path("transfer.safetensors"),
+    combine: Annotated[str, typer.Option(metavar="RULE", help="Ensemble rule: mean-probs (paper) or mean-logits.")] = "mean-probs",
+    weights: Annotated[str | None, typer.Option(metavar="W,W,...", help="Ensemble weights, e.g. 0.5,0.3,0.2.")] = None,
+    batch_size: Annotated[int, typer.Option(metavar="N", help="Examples per teacher call.")] = 1024,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu or cuda.")] = "auto",
     precision: PrecisionOpt = "auto",
     options: "list[TeacherOptions]",
-    classes: Annotated[str | None, typer.Option(help="Keep only these labels, e.g. 7,8.")] = None,
-    exclude_classes: Annotated[str | None, typer.Option(help="Drop these labels, e.g. 3.")] = None,
+    classes: Annotated[str | None, typer.Option(metavar="LABELS", help="Keep only these labels, e.g. 7,8.")] = None,
+    exclude_classes: Annotated[str | None, typer.Option(metavar="LABELS", help="Drop these labels, e.g. 3.")] = None,
     limit: LimitOpt = None,
-    copies: Annotated[int, typer.Option(help="Add this many augmented copies of each example (augmented by the options below).")] = 0,
+    copies: Annotated[int, typer.Option(metavar="N", help="Augmented copies of each example to add (see the augmentation options).")] = 0,
     augmentation: "AugmentConfig",
-    top_k: Annotated[int | None, typer.Option(help="Store only the K largest logits per example, their classes and the tail mass (for many classes).")] = None,
-    targets_dtype: Annotated[str, typer.Option(help="Dtype of stored top-k logits: float32 or float16.")] = "float32",
-    shard_size: Annotated[str | None, typer.Option(help="Largest shard file of a sharded set, e.g. 500MB (default 1GB with an .index.json --out).")] = None,
-    seed: SeedOpt = 0,
+    top_k: Annotated[int | None, typer.Option(metavar="K", help="Store only the K largest logits per example (for many classes).")] = None,
+    targets_dtype: Annotated[str, typer.Option(metavar="DTYPE", help="Dtype of stored top-k logits: float32 or float16.")] = "float32",
+    shard_size: Annotated[str | None, typer.Option(metavar="SIZE", help="Largest shard file of a sharded set, e.g. 500MB (default: 1GB with an .index.json --out).")] = None,
+    seed: CopySeedOpt = 0,
     force: ForceOpt = False,
     rep: "Reporter",
 ) -> None:
@@ -275,8 +292,11 @@ def soft_targets_cmd(
     Teachers may be kdcli models, TorchScript, torch.export (.pt2), ONNX (including
     scikit-learn, XGBoost and LightGBM classifiers), Hugging Face checkpoint folders
     (pip install "kdcli[hf]"), state dicts (with --arch), or pickled modules (with
-    --trust-pickle). Memory stays bounded for any
-    number of examples; under torchrun each rank runs the teachers on its own share.
+    --trust-pickle).
+
+    Memory stays bounded for any number of examples; under torchrun each rank runs the
+    teachers on its own share. With --top-k, only each example's K largest logits, their
+    classes and the mass of the rest are stored (for many classes).
     """
     from kdcli.checks import check_class_filter
     from kdcli.soft_targets import soft_targets
@@ -292,35 +312,46 @@ def soft_targets_cmd(
         data_options=data_options))
 
 
-@command("train-student", "kdcli train-student --hidden 300 --alpha 0.1")
+@command("train-student", "kdcli train-student --hidden 300 --alpha 0.1 --out student.safetensors",
+         "# The logit-matching loss, the high-temperature limit of kd",
+         "kdcli train-student --loss mse --center --out student.safetensors")
 @output_options()
 @data_options()
-@train_options(_STUDENT, "Peak learning rate (T^2 makes early gradients large: keep a --warmup).")
+@train_options(_STUDENT, "Peak learning rate (T^2 makes early gradients large: keep a --warmup).",
+               "normalize, but not for a student --arch with input dropout")
 def train_student_cmd(
     *,
     data_options: "DataOptions",
-    transfer: Annotated[Path, typer.Option(help="Transfer set from soft-targets (a file, or a sharded set's .index.json).")] = Path("transfer.safetensors"),
-    hidden: Annotated[int | None, typer.Option(help="Student MLP hidden width  [default: 300]", show_default=False)] = None,
-    layers: Annotated[int | None, typer.Option(help="Student MLP hidden layers  [default: 2]", show_default=False)] = None,
-    arch: Annotated[str | None, typer.Option(help=f"Student spec instead of --hidden/--layers, e.g. {examples()}.")] = None,
-    dropout: Annotated[float, typer.Option(help="Dropout on hidden units.")] = 0.0,
-    alpha: Annotated[float, typer.Option(help="Weight on the hard labels, in [0, 1].")] = _DISTILL.alpha,
-    T: Annotated[float | None, typer.Option("--T", "-T", help="Temperature (default: the transfer set's; another value re-derives the targets).")] = None,
-    loss: Annotated[str, typer.Option(help="kd: alpha*CE(y,softmax(z)) + (1-alpha)*T^2*CE(p_T,softmax(z/T)); mse: alpha*CE + (1-alpha)*1/2*mean_i (z_i-v_i)^2 on logits, the exact high-T limit of kd.")] = _DISTILL.loss,
+    transfer: Annotated[Path, typer.Option(metavar="FILE", help="Transfer set from soft-targets (a file, or a sharded set's .index.json).")] = Path("transfer.safetensors"),
+    hidden: Annotated[int | None, typer.Option(metavar="N", help="Student MLP hidden width  [default: 300]", show_default=False)] = None,
+    layers: Annotated[int | None, typer.Option(metavar="N", help="Student MLP hidden layers  [default: 2]", show_default=False)] = None,
+    arch: Annotated[str | None, typer.Option(metavar="SPEC", help=f"Student architecture instead of --hidden/--layers, e.g. {examples()}.")] = None,
+    dropout: Annotated[float, typer.Option(metavar="P", help="Dropout on hidden units.")] = 0.0,
+    alpha: Annotated[float, typer.Option(metavar="A", help="Weight on the hard labels, in [0, 1].")] = _DISTILL.alpha,
+    T: Annotated[float | None, typer.Option("--T", "-T", metavar="T", help="Temperature (default: the transfer set's; another one re-derives the targets).")] = None,
+    loss: Annotated[str, typer.Option(metavar="NAME", help="kd (soft targets at T) or mse (logits); see the loss above.")] = _DISTILL.loss,
     center: Annotated[bool, typer.Option(help="mse: centre both logit vectors per example.")] = _DISTILL.center,
-    tail: Annotated[str, typer.Option(help="Top-k sets: student (spread the mass outside the top K like the student does), uniform (evenly) or renormalize (drop it).")] = _DISTILL.tail,
+    tail: Annotated[str, typer.Option(metavar="RULE", help="Top-k sets: how the mass outside the top K is spread: student, uniform or renormalize (see above).")] = _DISTILL.tail,
     config: TrainConfig,
     eval_data: EvalDataOpt = "auto",
-    out: Annotated[Path, typer.Option(help="Output student model file.")] = Path("student.safetensors"),
+    out: Annotated[Path, typer.Option(metavar="FILE", help="Output student model file.")] = Path("student.safetensors"),
     resume: ResumeOpt = False,
     force: ForceOpt = False,
     rep: "Reporter",
 ) -> None:
     """Train a student against a transfer set at temperature T.
 
-    Loss (kd): L = alpha * CE(y, softmax(z)) + (1 - alpha) * T^2 * CE(p_T, softmax(z / T)).
-    Loss (mse): L = alpha * CE(y, softmax(z)) + (1 - alpha) * 1/2 * mean_i (z_i - v_i)^2,
-    the exact high-temperature limit of kd (same --lr and --alpha scale).
+    The loss (--loss), with y the label, z the student's logits, p_T the soft targets
+    and v the teacher's logits:
+
+    \b
+    kd:  alpha * CE(y, softmax(z)) + (1 - alpha) * T^2 * CE(p_T, softmax(z / T))
+    mse: alpha * CE(y, softmax(z)) + (1 - alpha) * 1/2 * mean_i (z_i - v_i)^2,
+         the exact high-temperature limit of kd (same --lr and --alpha scale).
+
+    A top-k transfer set stores only the K largest logits; --tail spreads the rest of
+    the mass like the student does (student), evenly (uniform), or drops it
+    (renormalize).
     """
     from kdcli.train import train_student
 
@@ -331,24 +362,30 @@ def train_student_cmd(
                              data_options=data_options))
 
 
-@command("export", "kdcli export student.onnx --model student.safetensors")
+@command("export", "kdcli export student.onnx --model student.safetensors",
+         "# Verify on real rows of a table, outputting probabilities",
+         "kdcli export student.onnx --data test.csv --outputs probs")
 @output_options()
 @data_options(only_given=True)
 def export_cmd(
-    output: Annotated[Path, typer.Argument(help="The ONNX file to write.")] = Path("student.onnx"),
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="The ONNX file to write.")] = Path("student.onnx"),
     *,
     data_options: "DataOptions | None",
-    model: Annotated[Path, typer.Option(help="kdcli model file to export.")] = Path("student.safetensors"),
-    opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's).")] = None,
-    outputs: Annotated[str, typer.Option(help="logits, probs or both.")] = "logits",
-    batch: Annotated[str, typer.Option(help="dynamic, or a fixed batch size.")] = "dynamic",
-    atol: Annotated[float, typer.Option(help="Max |logit difference| allowed vs torch.")] = 1e-4,
-    data: Annotated[str | None, typer.Option(help="Real inputs to verify on (default: the model's data if it is bundled MNIST; a recorded path must be named again).")] = None,
+    model: Annotated[Path, typer.Option(metavar="FILE", help="kdcli model file to export.")] = Path("student.safetensors"),
+    opset: Annotated[int | None, typer.Option(metavar="N", help="ONNX opset (default: the exporter's).")] = None,
+    outputs: Annotated[str, typer.Option(metavar="WHICH", help="logits, probs or both.")] = "logits",
+    batch: Annotated[str, typer.Option(metavar="N|dynamic", help="dynamic, or a fixed batch size.")] = "dynamic",
+    atol: Annotated[float, typer.Option(metavar="X", help="Max |logit difference| allowed vs torch.")] = 1e-4,
+    data: Annotated[str | None, typer.Option(metavar="SPEC", help="Real inputs to verify on (default: bundled MNIST if the model was trained on it).")] = None,
     verbose: Annotated[bool, typer.Option(help="Show the exporter's messages and warnings.")] = False,
     force: ForceOpt = False,
     rep: "Reporter",
 ) -> None:
-    """Export a model to ONNX (preprocessing inside) and verify it against torch."""
+    """Export a model to ONNX (preprocessing inside) and verify it against torch.
+
+    The data a model was trained on from a path is not read again unless named with
+    --data.
+    """
     from kdcli.export import main_export
 
     rep.result(main_export(model, output, opset=opset, outputs=outputs, batch=batch, atol=atol,
@@ -356,29 +393,32 @@ def export_cmd(
                            data_options=data_options))
 
 
-@command("calibrate-bias", "kdcli calibrate-bias --model student.safetensors --teacher teacher.safetensors --data mnist:train --out calibrated.safetensors")
+@command("calibrate-bias", "kdcli calibrate-bias --model student.safetensors --teacher teacher.safetensors "
+         "--data mnist:train --out calibrated.safetensors")
 @output_options()
 @data_options(only_given=True)
 @model_options()
 def calibrate_bias_cmd(
     *,
     data_options: "DataOptions | None",
-    model: Annotated[Path, typer.Option(help="kdcli model to correct.")] = Path("student.safetensors"),
-    out: Annotated[Path, typer.Option(help="Corrected model file.")] = Path("calibrated.safetensors"),
-    teacher: Annotated[Path | None, typer.Option(help="Teacher whose mean prediction at T=1 on --data is the target.")] = None,
-    transfer: Annotated[Path | None, typer.Option(help="Or: a transfer set whose stored logits give the target.")] = None,
-    data: Annotated[str | None, typer.Option(help="Inputs to match on; labels unused unless --target labels (default: the model's training data if it is bundled MNIST; a recorded path must be named again).")] = None,
-    target: Annotated[str, typer.Option(help="teacher (mean soft prediction at T=1) or labels (label frequencies).")] = "teacher",
-    classes: Annotated[str | None, typer.Option(help="Only shift these classes' biases, e.g. 3.")] = None,
-    eval_data: Annotated[str | None, typer.Option(help="Labelled data to report errors before and after.")] = None,
+    model: Annotated[Path, typer.Option(metavar="FILE", help="kdcli model to correct.")] = Path("student.safetensors"),
+    out: Annotated[Path, typer.Option(metavar="FILE", help="Corrected model file.")] = Path("calibrated.safetensors"),
+    teacher: Annotated[Path | None, typer.Option(metavar="FILE", help="Teacher whose mean prediction at T=1 on --data is the target.")] = None,
+    transfer: Annotated[Path | None, typer.Option(metavar="FILE", help="Or: a transfer set whose stored logits give the target.")] = None,
+    data: Annotated[str | None, typer.Option(metavar="SPEC", help="Inputs to match on (default: bundled MNIST if the model was trained on it).")] = None,
+    target: Annotated[str, typer.Option(metavar="WHAT", help="teacher (mean soft prediction at T=1) or labels (label frequencies).")] = "teacher",
+    classes: Annotated[str | None, typer.Option(metavar="LABELS", help="Only shift these classes' biases, e.g. 3.")] = None,
+    eval_data: Annotated[str | None, typer.Option(metavar="SPEC", help="Labelled data to report errors before and after.")] = None,
     options: "list[TeacherOptions]",
     force: ForceOpt = False,
     rep: "Reporter",
 ) -> None:
     """Fit per-class output-bias shifts so the model's mean prediction matches a target.
 
-    Corrects students whose transfer set lacked classes (the paper raised the 3's bias by 3.5
-    by hand); no labels of the missing classes are used.
+    Corrects students whose transfer set lacked classes (the paper raised the 3's bias by
+    3.5 by hand); no labels of the missing classes are used. The labels of --data are read
+    only with --target labels; data read from a path when the model was trained is not read
+    again unless named with --data.
     """
     from kdcli.calibrate import calibrate_bias
 
@@ -392,23 +432,23 @@ def calibrate_bias_cmd(
 @output_options()
 @data_options()
 def sweep_cmd(
-    teacher: Annotated[Path, typer.Argument(help="The teacher model file.")],
+    teacher: Annotated[Path, typer.Argument(metavar="TEACHER", help="The teacher model file.")],
     *,
     data_options: "DataOptions",
-    T: Annotated[str, typer.Option("--T", "-T", help="Temperatures, e.g. 1,2,2.5,4,8,20.")] = "1,2,4,8,20",
-    hidden: Annotated[str, typer.Option(help="Student widths, e.g. 30,300.")] = "30,300",
-    layers: Annotated[int, typer.Option(help="Hidden layers of each student.")] = 2,
-    data: Annotated[str, typer.Option(help="Transfer data.")] = "mnist:train",
-    alpha: Annotated[float, typer.Option(help="Weight on the hard labels.")] = SWEEP_ALPHA,
+    T: Annotated[str, typer.Option("--T", "-T", metavar="T,T,...", help="Temperatures, e.g. 1,2,2.5,4,8,20.")] = "1,2,4,8,20",
+    hidden: Annotated[str, typer.Option(metavar="N,N,...", help="Student widths, e.g. 30,300.")] = "30,300",
+    layers: Annotated[int, typer.Option(metavar="N", help="Hidden layers of each student.")] = 2,
+    data: Annotated[str, typer.Option(metavar="SPEC", help="Transfer data.")] = "mnist:train",
+    alpha: Annotated[float, typer.Option(metavar="A", help="Weight on the hard labels.")] = SWEEP_ALPHA,
     epochs: EpochsOpt = None,
-    lr: Annotated[float, typer.Option(help="Learning rate per student.")] = _STUDENT.lr,
+    lr: Annotated[float, typer.Option(metavar="RATE", help="Learning rate per student.")] = _STUDENT.lr,
     warmup: WarmupOpt = _STUDENT.warmup,
     grad_clip: GradClipOpt = _STUDENT.grad_clip,
     batch_size: BatchOpt = _STUDENT.batch_size,
     precision: PrecisionOpt = _STUDENT.precision,
-    seeds: Annotated[str, typer.Option("--seeds", "--seed", help="Seeds, e.g. 0,1,2: one student per seed at each grid point, reported as mean ± sd.")] = "0",
+    seeds: Annotated[str, typer.Option("--seeds", "--seed", metavar="N,N,...", help="Seeds, e.g. 0,1,2: a student per seed at each point, reported as mean ± sd.")] = "0",
     eval_data: EvalDataOpt = "auto",
-    out_dir: Annotated[Path, typer.Option(help="Folder for everything the sweep writes (finished points are kept).")] = Path("sweep"),
+    out_dir: Annotated[Path, typer.Option(metavar="DIR", help="Folder for everything the sweep writes (finished points are kept).")] = Path("sweep"),
     force: Annotated[bool, typer.Option("--force", "-f", help="Start afresh: delete what an earlier sweep left in --out-dir.")] = False,
     device: TrainDeviceOpt = _STUDENT.device,
     rep: "Reporter",
@@ -425,12 +465,12 @@ def sweep_cmd(
                      force=force, reporter=rep, data_options=data_options))
 
 
-@command("inspect", "kdcli inspect transfer.safetensors")
+@command("inspect", "kdcli inspect transfer.safetensors", "kdcli inspect teacher.onnx")
 @output_options(quiet=False)
 def inspect_cmd(
-    file: Annotated[Path, typer.Argument(help="A transfer set, kdcli model, ONNX model or Hugging Face checkpoint folder.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A transfer set, kdcli model, ONNX model or Hugging Face checkpoint folder.")],
     *,
-    verify: Annotated[bool, typer.Option(help="Transfer sets: also verify the checksums and every stored row (as training does).")] = False,
+    verify: Annotated[bool, typer.Option(help="Transfer sets: also verify the checksums and every row (as training does).")] = False,
     rep: "Reporter",
 ) -> None:
     """Show a file's format, metadata, tensors and dark knowledge."""

@@ -27,46 +27,53 @@ F = TypeVar("F", bound=Callable[..., Any])
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
-SeedOpt = Annotated[int, typer.Option(help="Random seed (same seed: same weights on CPU).")]
-PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 autocast where the CPU or GPU has bf16 units, else fp32), fp32 or bf16.")]
-LimitOpt = Annotated[int | None, typer.Option(help="Use only the first N examples.")]
+SeedOpt = Annotated[int, typer.Option(metavar="N", help="Random seed (same seed: same weights on CPU).")]
+# soft-targets: the seed draws only the augmented copies.
+CopySeedOpt = Annotated[int, typer.Option("--seed", metavar="N", help="Random seed of the augmented copies (same seed: same copies).")]
+PrecisionOpt = Annotated[str, typer.Option(metavar="MODE", help="auto (bf16 autocast on a GPU with bf16 or a CPU with bf16 instructions, else fp32; KDCLI_AUTO_PRECISION=fp32 pins it), fp32 or bf16.")]
+LimitOpt = Annotated[int | None, typer.Option(metavar="N", help="Use only the first N examples.")]
 # Optimization options of train and train-student (see train_options) and sweep.
-BatchOpt = Annotated[int, typer.Option(help="Examples per step.")]
-OptimizerOpt = Annotated[str, typer.Option(help="sgd (Nesterov momentum) or adam.")]
-MomentumOpt = Annotated[float, typer.Option(help="SGD momentum.")]
-WeightDecayOpt = Annotated[float, typer.Option(help="L2 weight decay.")]
-ScheduleOpt = Annotated[str, typer.Option(help="cosine (per step) or constant.")]
-WarmupOpt = Annotated[float, typer.Option(help="Epochs of linear learning-rate warmup before the schedule (lets a higher --lr train stably).")]
-EpochsOpt = Annotated[int | None, typer.Option(help="Passes over the data  [default: 20, or more on a small set, so that training takes at least 2,000 steps (at most 1,000 epochs)]", show_default=False)]
-GradClipOpt = Annotated[float, typer.Option(help="Rescale each step's gradient to at most this L2 norm (0: off).")]
-EvalDataOpt = Annotated[str, typer.Option(help="Data for per-epoch test errors (auto: mnist:test for MNIST; none).")]
+BatchOpt = Annotated[int, typer.Option(metavar="N", help="Examples per step.")]
+OptimizerOpt = Annotated[str, typer.Option(metavar="NAME", help="sgd (Nesterov momentum) or adam.")]
+MomentumOpt = Annotated[float, typer.Option(metavar="M", help="SGD momentum.")]
+WeightDecayOpt = Annotated[float, typer.Option(metavar="W", help="L2 weight decay.")]
+ScheduleOpt = Annotated[str, typer.Option(metavar="NAME", help="cosine (per step) or constant.")]
+WarmupOpt = Annotated[float, typer.Option(metavar="EPOCHS", help="Epochs of linear learning-rate warmup (lets a higher --lr train stably).")]
+EpochsOpt = Annotated[int | None, typer.Option(metavar="N", help="Passes over the data  [default: 20, or more for at least 2,000 steps, at most 1,000 epochs]", show_default=False)]
+GradClipOpt = Annotated[float, typer.Option(metavar="NORM", help="Rescale each step's gradient to at most this L2 norm (0: off).")]
+EvalDataOpt = Annotated[str, typer.Option(metavar="SPEC", help="Data for per-epoch test errors, or none (auto: mnist:test when training on MNIST).")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue from OUT.ckpt after an interruption.")]
 DryRunOpt = Annotated[bool, typer.Option(help="Train one batch; write nothing.")]
-TrainDeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, or auto (cuda when present).")]
-StopAfterOpt = Annotated[int | None, typer.Option(help="Stop after this epoch, keeping OUT.ckpt; continue later with --resume (for time-limited job slots).")]
-NormalizeOpt = Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="Zero-mean, unit-variance inputs, or only scaled (8-bit pixels to [0, 1]). Default: normalize unless --input-dropout is used, so that a dropped pixel is black.", show_default=False)]
-NormalizeByOpt = Annotated[str, typer.Option(help="How --normalize standardizes: auto (tables per feature, [C,H,W] colour images per channel, else one mean and std), scalar, channel or feature.")]
+TrainDeviceOpt = Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda, or auto (cuda when present).")]
+StopAfterOpt = Annotated[int | None, typer.Option(metavar="EPOCH", help="Stop after this epoch, keeping OUT.ckpt for --resume (for time-limited jobs).")]
+NORMALIZE_HELP = "Zero-mean, unit-variance inputs, or only scaled (8-bit pixels to [0, 1])."
+
+
+def normalize_option(default: str) -> Any:
+    """The --normalize/--no-normalize option, whose help names the command's default."""
+    return Annotated[bool | None, typer.Option("--normalize/--no-normalize", help=f"{NORMALIZE_HELP}  [default: {default}]", show_default=False)]
+NormalizeByOpt = Annotated[str, typer.Option(metavar="HOW", help="How --normalize standardizes: auto (tables per feature, colour images per channel, else one mean and std), scalar, channel or feature.")]
 # Augmentation options of train and soft-targets (see augment_options).
-JitterOpt = Annotated[int, typer.Option(help="Shift images by up to K pixels, zero-filled.")]
-AugmentOpt = Annotated[str | None, typer.Option(help="Augmentation preset: crop-flip (--crop-pad 4 --flip, the usual choice for natural images) or none; the options below override it.")]
-CropPadOpt = Annotated[int | None, typer.Option(help="Random crop of the original size after padding P pixels on each side.", show_default=False)]
-PadModeOpt = Annotated[str | None, typer.Option(help="How --crop-pad pads: zero (default) or reflect.", show_default=False)]
+JitterOpt = Annotated[int, typer.Option(metavar="K", help="Shift images by up to K pixels, zero-filled.")]
+AugmentOpt = Annotated[str | None, typer.Option(metavar="PRESET", help="crop-flip (--crop-pad 4 --flip, for natural images) or none; the options below override it.")]
+CropPadOpt = Annotated[int | None, typer.Option(metavar="P", help="Random crop of the original size after padding P pixels on each side.", show_default=False)]
+PadModeOpt = Annotated[str | None, typer.Option(metavar="MODE", help="How --crop-pad pads: zero (default) or reflect.", show_default=False)]
 FlipOpt = Annotated[bool | None, typer.Option("--flip/--no-flip", help="Mirror images left-right with probability 1/2.", show_default=False)]
 # How tables and image folders are read, for every command that reads data (data_options).
 _PANEL = "Tables and image folders"
-LabelColumnOpt = Annotated[str | None, typer.Option(help="Table: the label column (default: label when present, else unlabelled; none: unlabelled).", rich_help_panel=_PANEL)]
-FeatureColumnsOpt = Annotated[str | None, typer.Option(help="Table: feature columns, comma-separated (default: every other numeric column).", rich_help_panel=_PANEL)]
-ChannelsOpt = Annotated[int | None, typer.Option(help="Images: 1 (grayscale) or 3 (RGB) channels (default: RGB if any image is in colour).", rich_help_panel=_PANEL)]
-ImageSizeOpt = Annotated[str | None, typer.Option(help="Images: resize all to H,W, e.g. 32,32 (needed when sizes differ).", rich_help_panel=_PANEL)]
+LabelColumnOpt = Annotated[str | None, typer.Option(metavar="NAME", help="Table: the label column (default: label when present, else unlabelled; none: unlabelled).", rich_help_panel=_PANEL)]
+FeatureColumnsOpt = Annotated[str | None, typer.Option(metavar="NAMES", help="Table: feature columns, comma-separated (default: every other numeric column).", rich_help_panel=_PANEL)]
+ChannelsOpt = Annotated[int | None, typer.Option(metavar="N", help="Images: 1 (grayscale) or 3 (RGB) channels (default: RGB if any image is in colour).", rich_help_panel=_PANEL)]
+ImageSizeOpt = Annotated[str | None, typer.Option(metavar="H,W", help="Images: resize all to H,W, e.g. 32,32 (needed when sizes differ).", rich_help_panel=_PANEL)]
 # How to feed a foreign model, for every command that runs one (model_options): each is
 # given once for all models, or once per model.
-ModelArchOpt = Annotated[list[str] | None, typer.Option("--arch", help="For a bare state dict: mlp:1200,1200, or package.module:factory, which IMPORTS AND RUNS your code (the working folder is on the import path); the factory must be a class or function of your own that returns an nn.Module (per model).")]
-InputShapeOpt = Annotated[list[str] | None, typer.Option(help="Per-example shape the model takes, e.g. 1,28,28 (per model).")]
-ScaleOpt = Annotated[list[float] | None, typer.Option(help="Divide raw inputs by this (per model).")]
-MeanOpt = Annotated[list[str] | None, typer.Option(help="Then subtract this: one value, or one per channel or feature, comma-separated (per model).")]
-StdOpt = Annotated[list[str] | None, typer.Option(help="Then divide by this: one value, or one per channel or feature (per model).")]
-ModelOutputOpt = Annotated[list[str] | None, typer.Option("--teacher-output", help="What the model outputs: logits, log-probs or probs (default: detected; per model).")]
-OutputNameOpt = Annotated[list[str] | None, typer.Option("--output", help="Which ONNX output to use (per model).")]
+ModelArchOpt = Annotated[list[str] | None, typer.Option("--arch", metavar="SPEC", help="A bare state dict's network: mlp:1200,1200, or module:factory, which IMPORTS AND RUNS your code (from the working folder; your own class or function returning an nn.Module; per model).")]
+InputShapeOpt = Annotated[list[str] | None, typer.Option(metavar="SHAPE", help="Per-example shape the model takes, e.g. 1,28,28 (per model).")]
+ScaleOpt = Annotated[list[float] | None, typer.Option(metavar="X", help="Divide raw inputs by this (per model).")]
+MeanOpt = Annotated[list[str] | None, typer.Option(metavar="M[,M...]", help="Then subtract this: one value, or one per channel or feature, comma-separated (per model).")]
+StdOpt = Annotated[list[str] | None, typer.Option(metavar="S[,S...]", help="Then divide by this: one value, or one per channel or feature (per model).")]
+ModelOutputOpt = Annotated[list[str] | None, typer.Option("--teacher-output", metavar="KIND", help="What the model outputs: logits, log-probs or probs (default: detected; per model).")]
+OutputNameOpt = Annotated[list[str] | None, typer.Option("--output", metavar="NAME", help="Which ONNX output to use (per model).")]
 TrustPickleOpt = Annotated[bool, typer.Option(help="Allow pickled nn.Modules: this RUNS CODE from the file.")]
 
 
@@ -135,12 +142,13 @@ def model_options(per: str | None = None) -> Callable[[F], F]:
     return _group("options", params, build)
 
 
-def train_options(defaults: TrainConfig, lr_help: str) -> Callable[[F], F]:
+def train_options(defaults: TrainConfig, lr_help: str, normalize: str) -> Callable[[F], F]:
     """Decorator: the optimization options (one per :class:`~kdcli.config.TrainConfig`
-    field, defaulting to ``defaults``), passed to the command as its ``config`` parameter."""
+    field, defaulting to ``defaults``), passed to the command as its ``config`` parameter;
+    ``normalize`` says when --normalize is on by default."""
     d = defaults
     params = [_option("epochs", EpochsOpt), _option("batch_size", BatchOpt, d.batch_size),
-              _option("lr", Annotated[float, typer.Option(help=lr_help)], d.lr),
+              _option("lr", Annotated[float, typer.Option(metavar="RATE", help=lr_help)], d.lr),
               _option("optimizer", OptimizerOpt, d.optimizer),
               _option("momentum", MomentumOpt, d.momentum),
               _option("weight_decay", WeightDecayOpt, d.weight_decay),
@@ -148,7 +156,7 @@ def train_options(defaults: TrainConfig, lr_help: str) -> Callable[[F], F]:
               _option("grad_clip", GradClipOpt, d.grad_clip),
               _option("precision", PrecisionOpt, d.precision), _option("seed", SeedOpt, d.seed),
               _option("dry_run", DryRunOpt, False), _option("stop_after", StopAfterOpt),
-              _option("device", TrainDeviceOpt, d.device), _option("normalize", NormalizeOpt),
+              _option("device", TrainDeviceOpt, d.device), _option("normalize", normalize_option(normalize)),
               _option("normalize_by", NormalizeByOpt, d.normalize_by)]
     return _group("config", params, lambda values, _: TrainConfig(**values))
 

@@ -112,6 +112,7 @@ def _sections(command: Any, ctx: Any) -> dict[str, list[tuple[str, str]]]:
 
 
 def _usage(command: Any, ctx: Any) -> str:
+    """The usage line: ``Usage: kdcli train [OPTIONS]``, arguments by their metavars."""
     pieces = ["[OPTIONS]"]
     for param in command.get_params(ctx):
         if param.param_type_name == "argument":
@@ -137,15 +138,16 @@ def render(command: Any, ctx: Any, width: int,
     if command.epilog:
         lines += ["", "Examples:"]
         for text in command.epilog.splitlines():
-            lines += example(text, width)[1 if lines[-1] == "Examples:" else 0:] \
-                if text.startswith("#") else example(text, width)
+            shown = example(text, width)
+            lines += shown[1:] if lines[-1] == "Examples:" and shown[0] == "" else shown
     return "\n".join(lines) + "\n"
 
 
 class Command(TyperCommand):
     """A command whose ``--help`` is :func:`render`'s plain text."""
 
-    def format_help(self, ctx: Any, formatter: Any) -> None:  # noqa: D102
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        """Write the help into click's ``formatter``, at its width (80 columns at most)."""
         formatter.write(render(self, ctx, formatter.width))
 
 
@@ -153,7 +155,8 @@ class Group(TyperGroup):
     """The command group: its ``--help`` is :func:`render`'s plain text, each command with
     its description's first paragraph."""
 
-    def format_help(self, ctx: Any, formatter: Any) -> None:  # noqa: D102
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        """Write the help into click's ``formatter``, at its width (80 columns at most)."""
         rows = [(name, inspect.cleandoc(cmd.help or "").split("\n\n")[0])
                 for name in self.list_commands(ctx)
                 if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]

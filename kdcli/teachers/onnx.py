@@ -42,9 +42,11 @@ from kdcli.teachers.base import (
     short,
 )
 from kdcli.teachers.onnx_text import (
+    STRING_TYPE,
     TextFeed,
     classifier_labels,
     is_locale_error,
+    onnxruntime_cause,
     refuse_several_inputs,
     session_with_fallback_locale,
     takes_strings,
@@ -324,7 +326,7 @@ def open_session(path: Any, device: str = "cpu", notes: list[str] | None = None,
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
         if not is_locale_error(e):
             raise FormatError(f"{path} is a corrupt or unsupported ONNX model "
-                              f"({first_line(e)})", "Export it again") from e
+                              f"({onnxruntime_cause(e)})", "Export it again") from e
         sess, locale, note = session_with_fallback_locale(
             Path(path), lambda model: ort.InferenceSession(model, so, providers=providers), e)
         if notes is not None:
@@ -371,8 +373,9 @@ def check_external_data(path: Path, proto: Any) -> None:
 def describe_onnx(path: Any, output_name: str | None = None) -> dict[str, Any]:
     """What ``kdcli inspect`` shows of an ONNX model: inputs and outputs with their types and
     shapes, the output kdcli uses, its classes and names, and the ONNX-ML operators."""
-    sess, graph = open_session(path)
     notes: list[str] = []
+    meta: dict[str, Any] = {}
+    sess, graph = open_session(path, notes=notes, meta=meta)
     try:
         out = choose_output(sess, output_name, path, notes)
     except UsageError:
@@ -383,7 +386,8 @@ def describe_onnx(path: Any, output_name: str | None = None) -> dict[str, Any]:
                             "scores_output": out.name if out is not None else None,
                             "ml_operators": sorted({n.op_type for n in graph.node
                                                     if n.domain == "ai.onnx.ml"}),
-                            "classes": None, "class_names": None}
+                            "classes": None, "class_names": None,
+                            "locale_fallback": meta.get("onnx_locale")}
     if out is not None and out.type.startswith("seq(map("):
         keys = _zipmap_labels(graph, out.name)
         info["classes"] = len(keys)
@@ -394,6 +398,7 @@ def describe_onnx(path: Any, output_name: str | None = None) -> dict[str, Any]:
         info["classes"] = out.shape[-1] if out.shape[-1] > 1 else 2
     inp = sess.get_inputs()[0] if len(sess.get_inputs()) == 1 else None
     info["preprocessing"] = ("none: inputs as given" if inp is None else
+                             "none: texts as given" if inp.type == STRING_TYPE else
                              f"none: inputs as given, cast to {ONNX_TYPES.get(inp.type, inp.type)}")
     return info
 
@@ -481,6 +486,9 @@ def inspect_onnx(p: Path, rep: Reporter) -> dict[str, Any]:
             ["class labels", short(info.get("class_labels"))],
             ["class names", short(info["class_names"])],
             ["preprocessing", info["preprocessing"]], ["nodes", info["nodes"]]]
+    if info["locale_fallback"]:
+        rows.append(["StringNormalizer locale", f"{info['locale_fallback']} (the model's "
+                     "is not installed here)"])
     if info["ml_operators"]:
         rows.append(["ONNX-ML operators", ", ".join(info["ml_operators"])])
     rep.table(f"ONNX {p.name}", ["", "value"], rows + [[k, short(v)] for k, v in props.items()])

@@ -14,6 +14,7 @@ changed) to one that exists here, and says so once, with what it changes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,16 @@ def classifier_labels(graph: Any) -> list[str] | None:
     return [s.decode() if isinstance(s, bytes) else str(s) for s in labels] if labels else None
 
 
+def onnxruntime_cause(err: BaseException) -> str:
+    """onnxruntime's error on one line, without its C++ source location, function signature
+    and ``false was false`` (the cause is at the end of its message, which
+    :func:`~kdcli.errors.first_line` would cut)."""
+    msg = " ".join(first_line(err, None).split())
+    msg = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", msg)
+    msg = re.sub(r"/onnxruntime_src/\S+:\d+ \S*?\([^)]*\)\S*\s*", "", msg)
+    return msg.replace("false was false. ", "")[:300]
+
+
 def is_locale_error(err: BaseException) -> bool:
     """Whether onnxruntime failed because a locale the model asks for is not installed."""
     msg = str(err)
@@ -165,11 +176,11 @@ def session_with_fallback_locale(path: Path, make_session: Callable[[bytes], Any
             if is_locale_error(e):
                 continue
             raise FormatError(f"{path} is a corrupt or unsupported ONNX model "
-                              f"({first_line(e)})", "Export it again") from e
+                              f"({onnxruntime_cause(e)})", "Export it again") from e
         return sess, loc, _locale_note(path.name, asked, loc)
     raise FormatError(f"{path} lower-cases text in the locale {', '.join(asked)}, which is "
                       f"not installed, and none of {', '.join(FALLBACK_LOCALES)} is either "
-                      f"({first_line(first_error)})",
+                      f"({onnxruntime_cause(first_error)})",
                       f"Install the locale (e.g. locale-gen {asked[0]}) and run again")
 
 

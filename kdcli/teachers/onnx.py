@@ -17,6 +17,7 @@ import os
 import signal
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from kdcli.io.files import inside_folder, signals_raise_here
 from kdcli.io.storage import read_safetensors_metadata
 from kdcli.output import Reporter
 from kdcli.teachers.base import (
+    TEXT,
     InputSpec,
     LoadRequest,
     NotScoresError,
@@ -38,6 +40,17 @@ from kdcli.teachers.base import (
     TeacherFormat,
     names_from_json,
     short,
+)
+from kdcli.teachers.onnx_text import (
+    STRING_TYPE,
+    TextFeed,
+    classifier_labels,
+    is_locale_error,
+    onnxruntime_cause,
+    refuse_several_inputs,
+    session_with_fallback_locale,
+    takes_strings,
+    text_rank,
 )
 
 ONNX_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64",
@@ -67,14 +80,18 @@ class OnnxFormat(TeacherFormat):
             UsageError: several outputs and none is clearly the class scores.
         """
         path, name, notes = req.path, req.path.name, []
-        sess, graph = open_session(path, req.device)
+        meta: dict[str, Any] = {}
+        sess, graph = open_session(path, req.device, notes, meta)
         inputs = sess.get_inputs()
+        refuse_several_inputs(name, inputs)
         if len(inputs) != 1:
             raise ModelError(f"{path} takes {len(inputs)} inputs",
                              "kdcli teachers take one input")
         inp = inputs[0]
         out = choose_output(sess, req.opts.output_name, path, notes)
         _refuse_non_scores(name, graph, out, sess.get_outputs())
+        if takes_strings(inputs):
+            return self._load_text(req, sess, graph, out, notes, meta)
         dims = list(inp.shape)
         fixed_batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
         rest, shape = dims[1:], req.user_shape
@@ -92,6 +109,24 @@ class OnnxFormat(TeacherFormat):
             runner = _TensorRunner(sess, spec.name, out.name, path)
         return req.teacher(self, runner, inputs=(spec,), fixed_batch=fixed_batch,
                            meta={"onnx_output": out.name}, notes=tuple(notes), **fields)
+
+    def _load_text(self, req: LoadRequest, sess: Any, graph: Any, out: Any,
+                   notes: list[str], meta: dict[str, Any]) -> Teacher:
+        """A text teacher: the model's one input is a tensor of strings (``[N]`` or
+        ``[N, 1]``), fed the batch's texts as they are."""
+        inp, path = sess.get_inputs()[0], req.path
+        feed = TextFeed(text_rank(path.name, inp), path)
+        fields: dict[str, Any] = {}
+        if out.type.startswith("seq(map("):
+            keys = _zipmap_labels(graph, out.name)
+            fields = _classes(path.name, keys, notes)  # probabilities or scores: probed
+            runner: _TensorRunner = _ZipMapRunner(sess, inp.name, out.name, keys, path, feed)
+        else:
+            runner = _TensorRunner(sess, inp.name, out.name, path, feed)
+            fields["class_names"] = classifier_labels(graph)
+        return req.teacher(self, runner, inputs=(InputSpec(inp.name, TEXT),),
+                           meta={"onnx_output": out.name, **meta}, notes=tuple(notes),
+                           **fields)
 
     def param_count(self, t: Teacher) -> int:
         """Learned tensors only: not the preprocessing's constants (scale, mean, std, also
@@ -118,15 +153,23 @@ class OnnxFormat(TeacherFormat):
         return inspect_onnx(path, rep)
 
 
+def _tensor_feed(x: torch.Tensor) -> np.ndarray:
+    """A batch of prepared inputs as onnxruntime takes it."""
+    return np.ascontiguousarray(x.numpy())
+
+
 class _TensorRunner:
-    """Runs the session on one input and returns the chosen output as a tensor."""
+    """Runs the session on one input and returns the chosen output as a tensor; ``feed``
+    makes the batch an array (a tensor's values, or a text model's strings)."""
 
-    def __init__(self, sess: Any, input_name: str, output: str, where: Path) -> None:
+    def __init__(self, sess: Any, input_name: str, output: str, where: Path,
+                 feed: Callable[[Any], np.ndarray] = _tensor_feed) -> None:
         self.sess, self.input_name, self.output, self.where = sess, input_name, output, where
+        self.feed = feed
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        (y,) = run_session(self.sess, [self.output],
-                           {self.input_name: np.ascontiguousarray(x.numpy())}, self.where)
+    def __call__(self, x: Any) -> torch.Tensor:
+        (y,) = run_session(self.sess, [self.output], {self.input_name: self.feed(x)},
+                           self.where)
         return torch.from_numpy(np.asarray(y))
 
 
@@ -135,13 +178,13 @@ class _ZipMapRunner(_TensorRunner):
     whose columns follow ``keys``."""
 
     def __init__(self, sess: Any, input_name: str, output: str, keys: list,
-                 where: Path) -> None:
-        super().__init__(sess, input_name, output, where)
+                 where: Path, feed: Callable[[Any], np.ndarray] = _tensor_feed) -> None:
+        super().__init__(sess, input_name, output, where, feed)
         self.keys = keys
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        (rows,) = run_session(self.sess, [self.output],
-                              {self.input_name: np.ascontiguousarray(x.numpy())}, self.where)
+    def __call__(self, x: Any) -> torch.Tensor:
+        (rows,) = run_session(self.sess, [self.output], {self.input_name: self.feed(x)},
+                              self.where)
         return torch.tensor([[row[k] for k in self.keys] for row in rows], dtype=torch.float32)
 
 
@@ -260,11 +303,15 @@ def choose_output(sess: Any, output_name: str | None, where: Any,
     raise UsageError(f"{where} has several outputs {names}", "Choose one with --output NAME")
 
 
-def open_session(path: Any, device: str = "cpu") -> tuple[Any, Any]:
+def open_session(path: Any, device: str = "cpu", notes: list[str] | None = None,
+                 meta: dict[str, Any] | None = None) -> tuple[Any, Any]:
     """An onnxruntime session and the parsed graph of the model at ``path``. External data
-    is checked (:func:`check_external_data`) before onnxruntime sees the model."""
+    is checked (:func:`check_external_data`) before onnxruntime sees the model. A text
+    pipeline whose ``StringNormalizer`` locale is missing runs with one that exists
+    (:func:`~kdcli.teachers.onnx_text.session_with_fallback_locale`): a note saying so goes
+    to ``notes`` and the locale used to ``meta["onnx_locale"]``."""
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # onnxruntime's own (multi-line) errors: kdcli says what failed
     providers = ["CPUExecutionProvider"]
     if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
@@ -277,8 +324,15 @@ def open_session(path: Any, device: str = "cpu") -> tuple[Any, Any]:
     try:
         sess = ort.InferenceSession(str(path), so, providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
-        raise FormatError(f"{path} is a corrupt or unsupported ONNX model ({first_line(e)})",
-                          "Export it again") from e
+        if not is_locale_error(e):
+            raise FormatError(f"{path} is a corrupt or unsupported ONNX model "
+                              f"({onnxruntime_cause(e)})", "Export it again") from e
+        sess, locale, note = session_with_fallback_locale(
+            Path(path), lambda model: ort.InferenceSession(model, so, providers=providers), e)
+        if notes is not None:
+            notes.append(note)
+        if meta is not None:
+            meta["onnx_locale"] = locale
     return sess, proto.graph
 
 
@@ -319,8 +373,9 @@ def check_external_data(path: Path, proto: Any) -> None:
 def describe_onnx(path: Any, output_name: str | None = None) -> dict[str, Any]:
     """What ``kdcli inspect`` shows of an ONNX model: inputs and outputs with their types and
     shapes, the output kdcli uses, its classes and names, and the ONNX-ML operators."""
-    sess, graph = open_session(path)
     notes: list[str] = []
+    meta: dict[str, Any] = {}
+    sess, graph = open_session(path, notes=notes, meta=meta)
     try:
         out = choose_output(sess, output_name, path, notes)
     except UsageError:
@@ -331,7 +386,8 @@ def describe_onnx(path: Any, output_name: str | None = None) -> dict[str, Any]:
                             "scores_output": out.name if out is not None else None,
                             "ml_operators": sorted({n.op_type for n in graph.node
                                                     if n.domain == "ai.onnx.ml"}),
-                            "classes": None, "class_names": None}
+                            "classes": None, "class_names": None,
+                            "locale_fallback": meta.get("onnx_locale")}
     if out is not None and out.type.startswith("seq(map("):
         keys = _zipmap_labels(graph, out.name)
         info["classes"] = len(keys)
@@ -342,6 +398,7 @@ def describe_onnx(path: Any, output_name: str | None = None) -> dict[str, Any]:
         info["classes"] = out.shape[-1] if out.shape[-1] > 1 else 2
     inp = sess.get_inputs()[0] if len(sess.get_inputs()) == 1 else None
     info["preprocessing"] = ("none: inputs as given" if inp is None else
+                             "none: texts as given" if inp.type == STRING_TYPE else
                              f"none: inputs as given, cast to {ONNX_TYPES.get(inp.type, inp.type)}")
     return info
 
@@ -429,6 +486,9 @@ def inspect_onnx(p: Path, rep: Reporter) -> dict[str, Any]:
             ["class labels", short(info.get("class_labels"))],
             ["class names", short(info["class_names"])],
             ["preprocessing", info["preprocessing"]], ["nodes", info["nodes"]]]
+    if info["locale_fallback"]:
+        rows.append(["StringNormalizer locale", f"{info['locale_fallback']} (the model's "
+                     "is not installed here)"])
     if info["ml_operators"]:
         rows.append(["ONNX-ML operators", ", ".join(info["ml_operators"])])
     rep.table(f"ONNX {p.name}", ["", "value"], rows + [[k, short(v)] for k, v in props.items()])

@@ -66,10 +66,14 @@ def _architectures(cfg: dict[str, Any]) -> list[str]:
 
 
 def is_text_classifier(folder: Path) -> bool:
-    """Whether ``folder`` is a checkpoint of a sequence classifier: its ``config.json`` names
-    a ``...ForSequenceClassification`` architecture, or names none and a tokenizer lies
-    beside it. Never raises: a folder that cannot be read is left to the image format,
-    whose loader says why."""
+    """Whether ``folder`` is a checkpoint of a text sequence classifier.
+
+    Its ``config.json`` names a ``...ForSequenceClassification`` architecture (or none), and
+    a tokenizer lies beside it, or the configuration asks for remote code (which the loader
+    refuses), or its ``model_type`` is one transformers has a text sequence classifier for
+    (audio classifiers are ``...ForSequenceClassification`` too). Never raises: a folder
+    that cannot be read is left to the image format, whose loader says why.
+    """
     if not is_hf_folder(folder):
         return False
     try:
@@ -78,9 +82,22 @@ def is_text_classifier(folder: Path) -> bool:
     except (FormatError, OSError):
         return False
     archs = _architectures(cfg)
-    if archs:
-        return any(a.endswith(_SUFFIX) for a in archs)
-    return any((folder / n).is_file() for n in TOKENIZER_FILES)
+    if archs and not any(a.endswith(_SUFFIX) for a in archs):
+        return False
+    if any((folder / n).is_file() for n in (*TOKENIZER_FILES, *TOKENIZER_SETTINGS)):
+        return True
+    return bool(archs and cfg.get("auto_map")) or _text_model_type(cfg.get("model_type"))
+
+
+def _text_model_type(model_type: Any) -> bool:
+    """Whether transformers has a text sequence classifier for ``model_type``."""
+    try:
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as TEXT_MODELS,
+        )
+    except ImportError:  # the image format's loader says how to install it
+        return False
+    return isinstance(model_type, str) and model_type in TEXT_MODELS
 
 
 def refuse_remote_code(folder: Path, cfg: dict[str, Any], name: str) -> None:

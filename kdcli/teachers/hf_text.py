@@ -48,6 +48,10 @@ from kdcli.teachers.hf_files import (
 
 #: The most tokens (rows x padded length) one sub-batch holds; a longer text runs alone.
 TOKEN_BUDGET = 8192
+#: A sub-batch of at least ``MIN_ROWS`` rows is cut before padding would exceed this share
+#: of its tokens.
+MAX_PADDING = 0.2
+MIN_ROWS = 8
 #: A tokenizer's ``model_max_length`` above this is transformers' "no limit" placeholder.
 _NO_LIMIT = 1_000_000
 #: Model types whose position ids start after the padding index (``padding_idx + 1``), so
@@ -158,22 +162,27 @@ def plan_batches(lengths: Sequence[int], group: bool = True,
 
     Args:
         lengths: Each row's length in tokens.
-        group: Sort the rows by length and cut them into sub-batches of at most ``budget``
-            tokens once padded (a row longer than the budget runs alone). False: one batch
-            in the input order, padded to its longest row.
+        group: Sort the rows by length and cut them into sub-batches, each padded to its
+            longest row: a sub-batch ends before it would exceed ``budget`` tokens (a row
+            longer than that runs alone), or, once it has :data:`MIN_ROWS` rows, before
+            padding would exceed :data:`MAX_PADDING` of its tokens. False: one batch in the
+            input order, padded to its longest row.
         budget: The most tokens (rows x padded length) in one sub-batch.
     """
     n = len(lengths)
     if not group:
         return [list(range(n))] if n else []
-    order = sorted(range(n), key=lambda i: lengths[i])
     plan: list[list[int]] = []
     chunk: list[int] = []
-    for i in order:
-        if chunk and (len(chunk) + 1) * lengths[i] > budget:
+    total = 0
+    for i in sorted(range(n), key=lambda i: lengths[i]):
+        size = (len(chunk) + 1) * lengths[i]
+        if chunk and (size > budget or (len(chunk) >= MIN_ROWS and
+                                        size - total - lengths[i] > MAX_PADDING * size)):
             plan.append(chunk)
-            chunk = []
+            chunk, total = [], 0
         chunk.append(i)
+        total += lengths[i]
     if chunk:
         plan.append(chunk)
     return plan

@@ -4,7 +4,9 @@
 entry as ``FORMAT`` (a :class:`~kdcli.teachers.base.TeacherFormat`) and is imported only when
 the table is walked that far. A new format is one module, one line here, and its tests.
 
-* ``huggingface``: a ``transformers`` checkpoint folder (:mod:`kdcli.teachers.hf`).
+* ``huggingface-text``: a ``transformers`` sequence classifier and its tokenizer
+  (:mod:`kdcli.teachers.hf_text`); it takes texts.
+* ``huggingface``: a ``transformers`` image or audio checkpoint folder (:mod:`kdcli.teachers.hf`).
 * ``kdcli``: a kdcli model file (safetensors with ``format: kdcli.model``).
 * ``safetensors-state-dict``: a plain safetensors file, loaded as a state dict with ``--arch``
   (a kdcli spec or ``package.module:factory``); recorded as ``state_dict``.
@@ -49,6 +51,7 @@ class Entry(NamedTuple):
 
 #: The formats, tried in this order on a path's content.
 FORMATS: tuple[Entry, ...] = (
+    Entry("kdcli.teachers.hf_text", "a Hugging Face text-classifier folder"),
     Entry("kdcli.teachers.hf", "a Hugging Face checkpoint folder"),
     Entry("kdcli.teachers.kdcli_model", "a kdcli .safetensors model"),
     Entry("kdcli.teachers.state_dict", "a safetensors state dict (with --arch)"),

@@ -20,6 +20,7 @@ named by ``model.safetensors.index.json``), and optionally ``preprocessor_config
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,7 @@ class HfFormat(TeacherFormat):
 
     def load(self, req: LoadRequest) -> Teacher:
         folder, opts = req.path, req.opts
-        model, config = _load_model(folder, opts.trust_pickle)
+        model, config = load_model(folder, opts.trust_pickle)
         spec = HF_INPUTS.get(model.main_input_name)
         if spec is None:
             raise ModelError(f"{folder} takes {model.main_input_name!r}, not a float tensor",
@@ -201,13 +202,19 @@ class HfFormat(TeacherFormat):
         return info
 
 
-def _load_model(folder: Path, trust_pickle: bool) -> tuple[Any, Any]:
-    """The model in the checkpoint folder, and its configuration."""
+def load_model(folder: Path, trust_pickle: bool,
+               pick: Callable[[Any, Any, Path], Any] | None = None) -> tuple[Any, Any]:
+    """The model in the checkpoint folder, and its configuration.
+
+    Args:
+        folder: The checkpoint folder.
+        trust_pickle: Allow ``pytorch_model.bin`` weights.
+        pick: ``(transformers, config, folder) -> auto class`` (default: an image or audio
+            classifier); it may refuse the configuration with a kdcli error.
+    """
     files = weight_files(folder, trust_pickle)
     read_config(folder)  # fields of the wrong type: one line, before transformers reads them
-    tf = _import_transformers()
-    tf.utils.logging.set_verbosity_error()
-    tf.utils.logging.disable_progress_bar()
+    tf = import_transformers()
     try:
         config = tf.AutoConfig.from_pretrained(folder, local_files_only=True,
                                                trust_remote_code=False)
@@ -216,7 +223,7 @@ def _load_model(folder: Path, trust_pickle: bool) -> tuple[Any, Any]:
                           f"({first_line(e)})",
                           "kdcli loads the model types transformers ships (no remote code)") \
             from e
-    auto = _auto_class(tf, config, folder)
+    auto = (pick or _auto_class)(tf, config, folder)
     _check_size(folder, config)
     try:
         model = auto.from_pretrained(
@@ -280,12 +287,19 @@ class _LogitsOnly:
         return self.model.parameters()
 
 
-def _import_transformers() -> Any:
+def import_transformers() -> Any:
+    """The transformers package, its log and progress bars off.
+
+    Raises:
+        UsageError: transformers is not installed (with the install hint).
+    """
     try:
         import transformers
     except ImportError as e:
         raise UsageError("a Hugging Face checkpoint folder needs the transformers package, "
                          "which is not installed", INSTALL_HINT) from e
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     return transformers
 
 

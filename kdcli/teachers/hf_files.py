@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import stat
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -120,14 +121,16 @@ def _inside(folder: Path, name: str) -> Path:
     return p
 
 
-def folder_sha256(folder: Path) -> str:
-    """SHA-256 over the names and SHA-256s of the config, processor config and weights."""
+def folder_sha256(folder: Path, extra: tuple[str, ...] = ()) -> str:
+    """SHA-256 over the names and SHA-256s of the config, processor config and weights (and
+    the files named in ``extra`` that the folder holds, such as a tokenizer's)."""
     check_folder(folder)  # before any file is read (this runs before the loader)
     h = hashlib.sha256()
     names = ["config.json", PROCESSOR]
     files = [folder / n for n in names if (folder / n).is_file()]
     with contextlib.suppress(FormatError):  # the loader reports it
         files += weight_files(folder, trust_pickle=True)
+    files += [folder / n for n in extra if (folder / n).is_file()]
     for f in files:
         h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()
@@ -213,3 +216,63 @@ def _wrong(p: Path, key: str, value: Any, want: str) -> None:
     shown = shown if len(shown) <= 40 else shown[:37] + "..."
     raise FormatError(f"{p}: {key} must be {want}, not {shown}",
                       "Fix the field, or save the checkpoint again with save_pretrained")
+
+
+#: The files a tokenizer is read from (any one will do), in the order they are named.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model", "spm.model", "bpe.codes")
+#: The files beside them that say how the tokenizer is used (special tokens, maximum length).
+TOKENIZER_SETTINGS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+_PICKLE_SUFFIXES = (".pkl", ".pickle")
+
+
+def tokenizer_files(folder: Path) -> list[str]:
+    """The tokenizer files of a checkpoint folder, each checked not to be a pickle.
+
+    transformers reads tokenizers from JSON, text and sentencepiece (protobuf) files, never
+    by unpickling; a tokenizer kept only as a pickle is refused, as is a tokenizer file that
+    is one (a pickle renamed ``tokenizer.json`` must not pass for a tokenizer).
+
+    Raises:
+        UnsafePickleError: a tokenizer file is a pickle, or the only tokenizer files are
+            pickles (``vocab.pkl``).
+        FormatError: no tokenizer file.
+    """
+    check_folder(folder)
+    names = [n for n in (*TOKENIZER_FILES, *TOKENIZER_SETTINGS) if (folder / n).is_file()]
+    for name in names:
+        if is_pickle(folder / name):
+            raise UnsafePickleError(
+                f"{quote_name(folder)}: the tokenizer file {name} is a pickle, not a "
+                "tokenizer; kdcli never unpickles tokenizer files (it could run code)",
+                "Save the tokenizer again with save_pretrained (tokenizer.json)")
+    if any(n in TOKENIZER_FILES for n in names):
+        return names
+    pickled = sorted(e.name for e in os.scandir(folder) if e.name.lower().endswith(
+        _PICKLE_SUFFIXES) and e.is_file())
+    if pickled:
+        raise UnsafePickleError(
+            f"{quote_name(folder)} holds its tokenizer only as pickled files ({pickled[0]}); "
+            "kdcli never unpickles tokenizer files (it could run code)",
+            "Save the tokenizer with save_pretrained (tokenizer.json) beside the model")
+    raise FormatError(f"{quote_name(folder)} has no tokenizer (tokenizer.json, or vocabulary "
+                      "files such as vocab.txt)", "Save the model's tokenizer beside it: "
+                      "tokenizer.save_pretrained(FOLDER)")
+
+
+def is_pickle(p: Path) -> bool:
+    """Whether the file ``p`` is a pickle (protocol 2 or later) or a ``torch.save`` zip."""
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return True
+    if head == b"PK\x03\x04":
+        with contextlib.suppress(zipfile.BadZipFile, OSError):
+            return any(n.endswith(".pkl") for n in zipfile.ZipFile(p).namelist())
+    return False
+
+
+def read_tokenizer_config(folder: Path) -> dict[str, Any]:
+    """The checkpoint's ``tokenizer_config.json`` ({} without one)."""
+    p = folder / "tokenizer_config.json"
+    return _json_object(p, "Save the tokenizer again with save_pretrained") if p.is_file() else {}

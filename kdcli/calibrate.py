@@ -140,6 +140,7 @@ def _target(mf, data: str | None, teacher: str | Path | None, transfer: str | Pa
             rep: Reporter) -> tuple[Any, torch.Tensor, str]:
     """The inputs to match on, the target distribution ``pi`` over the classes (refused
     unless every class has some probability) and a description of the inputs."""
+    from kdcli.data.base import no_labels
     from kdcli.data.base import recorded_options as _options
     from kdcli.data.sources import load_data, recorded_data
     from kdcli.evaluate import predict
@@ -157,10 +158,11 @@ def _target(mf, data: str | None, teacher: str | Path | None, transfer: str | Pa
         inputs, source = ds.inputs, ds.source
         if target == "labels":
             if ds.labels is None:
-                raise DataError(f"{ds.source} has no labels", "Use --target teacher")
+                raise no_labels(ds, "or use --target teacher")
             pi = torch.bincount(ds.labels, minlength=c).double() / len(ds)
         else:
-            t = load_teacher(teacher, options, probe=inputs[:1000])
+            t = load_teacher(teacher, options, probe=inputs[:1000],
+                             feature_names=ds.feature_names)
             with rep.progress("teacher", len(inputs)) as advance:
                 def run(x, advance=advance):
                     advance(len(x))
@@ -178,13 +180,14 @@ def _target(mf, data: str | None, teacher: str | Path | None, transfer: str | Pa
 def _evaluate(mf, eval_data: str, shift: torch.Tensor,
               data_options: DataOptions | None) -> dict[str, Any]:
     """Errors on ``eval_data`` (in all and per class) before and after the shift."""
+    from kdcli.data.base import no_labels
     from kdcli.data.base import recorded_options as _options
     from kdcli.data.sources import load_data
     from kdcli.evaluate import classification_metrics, predict
 
     ev = load_data(eval_data, options=_options(data_options, mf.training))
     if ev.labels is None:
-        raise DataError(f"{ev.source} has no labels", "Give labelled --eval-data")
+        raise no_labels(ev, "give labelled --eval-data")
     z = predict(mf.model, ev.inputs)
     evaluated: dict[str, Any] = {"data": ev.source}
     for name, zz in (("before", z), ("after", z + shift)):

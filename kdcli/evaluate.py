@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from kdcli.checks import check_batch_size
-from kdcli.data.base import DataOptions, check_same_classes
+from kdcli.data.base import (
+    DataOptions,
+    absent_text,
+    align_classes,
+    check_same_classes,
+    no_labels,
+)
 from kdcli.data.sources import load_data
 from kdcli.errors import DataError, ModelError, UsageError
 from kdcli.output import Reporter
@@ -84,22 +90,25 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
     if not models:
         raise UsageError("no model given", "Name at least one model file")
     check_batch_size(batch_size, "Try 1000")
-    ds = load_data(data, limit=limit, options=data_options)
+    ds = load_data(data, limit=limit, options=data_options, reporter=rep)
     if ds.labels is None:
-        raise DataError(f"{ds.source} has no labels", "Evaluate on labelled data, e.g. mnist:test")
+        raise no_labels(ds, "evaluate on labelled data, e.g. mnist:test")
     opts = options or [TeacherOptions(trust_pickle=trust_pickle)]
     if len(opts) not in (1, len(models)):
         raise UsageError(f"got options for {len(opts)} models but {len(models)} models",
                          "Give the model options once for all models, or once per model")
-    class_names = ds.class_names
+    class_names, absent = ds.class_names, []
     for path in models:
         theirs = file_class_names(path)
+        absent = absent or align_classes(ds, theirs)
         check_same_classes(theirs, Path(path).name, ds.class_names, ds.source)
-        class_names = class_names or theirs
+        class_names = ds.class_names or theirs
+    if absent:
+        rep.warn(absent_text(absent, ds.source))
     results, preds = [], []
     for i, path in enumerate(models):
         t = load_teacher(path, opts[i if len(opts) > 1 else 0], role="model",
-                         probe=ds.inputs[:batch_size])
+                         probe=ds.inputs[:batch_size], feature_names=ds.feature_names)
         with rep.progress(f"eval {t.name}", len(ds)) as advance:
             def fn(x, t=t, advance=advance):
                 y = t.logits(x)
@@ -126,7 +135,7 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
                   [[names[i], *(f"{100 * a:.2f}%" for a in row)]
                    for i, row in enumerate(agreement)])
     return {"data": ds.source, "models": results, "agreement": agreement,
-            "class_names": class_names}
+            "class_names": class_names, "absent_classes": absent}
 
 
 def _human_bytes(n: int) -> str:

@@ -131,9 +131,11 @@ def soft_targets(
     dev = resolve_device(device)
     precision, precision_shown = _precision(precision, dev)
     # read the data, then probe the teachers with its first batch
-    source = _read(data, limit, data_options, classes, exclude_classes, copies, augment, seed)
+    source = _read(data, limit, data_options, classes, exclude_classes, copies, augment, seed,
+                   rep)
     probe_x, probe_y = source.rows(0, min(source.n, batch_size))
-    members = _load_members(teachers, opts, dev, precision, probe_x, rep)
+    members = _load_members(teachers, opts, dev, precision, probe_x, rep,
+                            source.ds.feature_names)
     T = _temperature(T, members, rep)
     c, class_names = _classes(source.ds, members)
     form = chosen_form(top_k, targets_dtype, c, len(members), rep.info)
@@ -206,11 +208,11 @@ def _check_copies_bound(copies: int) -> None:
 
 def _read(data: str, limit: int | None, data_options: DataOptions | None,
           classes: list[int] | None, exclude_classes: list[int] | None, copies: int,
-          augment: AugmentConfig, seed: int) -> Source:
+          augment: AugmentConfig, seed: int, rep: Reporter | None = None) -> Source:
     """The transfer set's inputs: the data, filtered by class, and its augmented copies."""
     from kdcli.data.sources import load_data
 
-    ds = load_data(data, limit=limit, options=data_options)
+    ds = load_data(data, limit=limit, options=data_options, reporter=rep)
     keep = _filter_classes(ds, classes, exclude_classes)
     augment.check_shape(ds.sample_shape)
     return Source(ds, keep, copies, augment, seed)
@@ -231,9 +233,12 @@ def _check_out(out: str | Path, force: bool, inputs: list[str | Path]) -> Path:
 
 
 def _load_members(teachers: list[str | Path], opts: list[TeacherOptions], dev: str,
-                  precision: str, probe_x, rep: Reporter) -> list[Teacher]:
-    """Load each teacher (probed with ``probe_x``); warn of raw 8-bit inputs to a foreign one."""
-    members = [load_teacher(p, o, device=dev, precision=precision, probe=probe_x)
+                  precision: str, probe_x, rep: Reporter,
+                  feature_names: list[str] | None) -> list[Teacher]:
+    """Load each teacher (probed with ``probe_x``, given the table's columns by name where
+    its file records them); warn of raw 8-bit inputs to a foreign one."""
+    members = [load_teacher(p, o, device=dev, precision=precision, probe=probe_x,
+                            feature_names=feature_names)
                for p, o in zip(teachers, opts, strict=True)]
     for t in members:
         pre = t.preprocessing

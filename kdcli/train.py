@@ -30,7 +30,15 @@ from kdcli.config import (  # noqa: F401 - the constants are re-exported, as kdc
     student_config,
 )
 from kdcli.data.augment import AugmentConfig
-from kdcli.data.base import Data, DataOptions, check_same_classes
+from kdcli.data.base import (
+    Data,
+    DataOptions,
+    absent_text,
+    align_classes,
+    check_same_classes,
+    no_labels,
+    recorded_options,
+)
 from kdcli.data.sources import load_data
 from kdcli.distributed import Dist, session
 from kdcli.errors import UsageError
@@ -155,12 +163,12 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
     if not cfg.dry_run:
         check_train_outputs(out, force, resume, data_files(data) + data_files(eval_data))
     start = time.perf_counter()
-    ds = load_data(data, limit=limit, options=data_options)
+    ds = load_data(data, limit=limit, options=data_options, reporter=rep)
     if ds.labels is None:
-        raise UsageError(f"{ds.source} has no labels", "kdcli train needs labelled data")
+        raise no_labels(ds, "kdcli train needs labelled data", UsageError)
     cfg, precision_note = _concrete(cfg, len(ds))
     eval_ds = _eval_data(eval_data, ds.source, data_options, ds.class_names, ds.source,
-                         list(ds.sample_shape), f"{ds.source} has")
+                         list(ds.sample_shape), f"{ds.source} has", rep, ds.feature_names)
     num_classes = _train_classes(ds, eval_ds, num_classes)
     aug.check_shape(ds.sample_shape)
     model, pre = _build(arch, cfg, ds.inputs, num_classes)
@@ -209,13 +217,25 @@ def _build(arch: Architecture, cfg: TrainConfig, inputs: torch.Tensor | Rows,
 
 def _eval_data(eval_data: str | None, source: str, data_options: DataOptions | None,
                class_names: list[str] | None, names_of: str, shape: list[int],
-               shape_of: str) -> Data | None:
+               shape_of: str, rep: Reporter,
+               feature_names: list[str] | None = None) -> Data | None:
     """The data of ``--eval-data`` (``auto``: mnist:test for MNIST ``source``), refused unless
-    its class names and example shape match the training data's."""
+    it is labelled and its class names (or some of them) and example shape match the
+    training data's. A table's columns are taken by the training data's ``feature_names``
+    unless ``--feature-columns`` names them."""
     spec = _default_eval(eval_data, source)
     if not spec:
         return None
-    eval_ds = load_data(spec, options=data_options)
+    if feature_names and (data_options is None or data_options.feature_columns is None):
+        data_options = replace(data_options or DataOptions(),
+                               feature_columns=tuple(feature_names))
+    eval_ds = load_data(spec, options=data_options, reporter=rep)
+    if eval_ds.labels is None:
+        raise no_labels(eval_ds, "--eval-data needs labels; or pass --eval-data none",
+                        UsageError)
+    absent = align_classes(eval_ds, class_names)
+    if absent:
+        rep.warn(absent_text(absent, eval_ds.source))
     check_same_classes(class_names, names_of, eval_ds.class_names, eval_ds.source)
     if list(eval_ds.sample_shape) != shape:
         raise UsageError(f"--eval-data {spec} has examples of shape "
@@ -339,7 +359,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     d = d.resolved(ts.T)
     _check_targets(ts, d, rep)
     step = _student_step(ts, d)
-    eval_ds = _student_eval_data(ts, Path(transfer).name, eval_data, data_options)
+    eval_ds = _student_eval_data(ts, Path(transfer).name, eval_data, data_options, rep)
     transfer_sha = sha256_file(ts.path)
     inputs = ts.columns["inputs"]
     model, pre = _build(arch, cfg, inputs, ts.num_classes)
@@ -395,12 +415,15 @@ def _student_step(ts: TransferSet, d: DistillConfig) -> StepLoss:
 
 
 def _student_eval_data(ts: TransferSet, name: str, eval_data: str | None,
-                       data_options: DataOptions | None) -> Data | None:
-    """The data of ``--eval-data`` for a student of ``ts``, refused unless its classes and
-    example shape match."""
-    eval_ds = _eval_data(eval_data, str(ts.meta.get("data_source", "")), data_options,
+                       data_options: DataOptions | None, rep: Reporter) -> Data | None:
+    """The data of ``--eval-data`` for a student of ``ts`` (a table read with the data
+    options the transfer set records, unless given), refused unless its classes and example
+    shape match."""
+    options = recorded_options(data_options, ts.meta)
+    eval_ds = _eval_data(eval_data, str(ts.meta.get("data_source", "")), options,
                          ts.meta.get("class_names"), f"transfer set {name}",
-                         list(ts.columns["inputs"].shape[1:]), "the transfer set's are")
+                         list(ts.columns["inputs"].shape[1:]), "the transfer set's are", rep,
+                         ts.meta.get("feature_names"))
     if eval_ds is not None and eval_ds.labels is not None and (
             int(eval_ds.labels.max()) >= ts.num_classes):
         raise UsageError(f"--eval-data has labels up to {int(eval_ds.labels.max())}, but the "

@@ -354,7 +354,8 @@ def bad_inputs(tmp_path: Path, mnist600) -> dict[str, tuple[list[str], str]]:
     (broken / "00001.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     cases["unreadable image"] = (["--data", "broken"], "00001.png")
     write_png_tree(tmp_path / "tr", x[:20], [k % 3 for k in range(20)], ["cat", "dog", "owl"])
-    write_png_tree(tmp_path / "te", x[20:30], [k % 2 for k in range(10)], ["cat", "dog"])
+    # a class the training data lacks (a test set lacking one of its classes is evaluated)
+    write_png_tree(tmp_path / "te", x[20:30], [k % 2 for k in range(10)], ["cat", "emu"])
     cases["classes differ"] = (["--data", "tr", "--eval-data", "te"], "classes differ")
     return cases
 

@@ -11,13 +11,13 @@ one :class:`DataOptions`, taken by every command that reads data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from kdcli.errors import DataError, UsageError
+from kdcli.errors import DataError, KdcliError, UsageError, quote_name
 
 # The splits a spec may name after a colon: ``mnist:test``, ``DIR:train``.
 SPLITS = ("train", "test")
@@ -61,12 +61,12 @@ class DataOptions:
 
 
 def recorded_options(explicit: DataOptions | None, training: dict[str, Any]) -> DataOptions:
-    """``explicit`` if given, else the data options a model file's training record keeps."""
-    if explicit is not None:
-        return explicit
+    """The data options a model file's (or transfer set's) record keeps, each overridden by
+    the one given in ``explicit`` (the command line's; None or an unset field: the
+    record's)."""
     rec = training.get("data_options") or {}
     try:
-        return DataOptions(
+        kept = DataOptions(
             label_column=rec.get("label_column"),
             feature_columns=tuple(rec["feature_columns"]) if rec.get("feature_columns") else None,
             channels=rec.get("channels"),
@@ -74,6 +74,8 @@ def recorded_options(explicit: DataOptions | None, training: dict[str, Any]) -> 
     except (AttributeError, TypeError) as e:
         raise DataError(f"bad data_options {rec!r} in the model file",
                         "Pass the data options (--label-column, ...) explicitly") from e
+    given = {k: v for k, v in (explicit.__dict__ if explicit else {}).items() if v is not None}
+    return replace(kept, **given)
 
 
 @dataclass
@@ -89,6 +91,10 @@ class Data:
         class_names: Names of classes 0..C-1 (folder names or a label column's strings),
             or None for numeric labels.
         feature_names: A table's feature column names, or None.
+        notes: What the user is told once about how the source was read (columns left
+            out, say).
+        label_hint: For unlabelled data, a column that looks like its labels (named in the
+            "has no labels" error), or None.
     """
 
     inputs: torch.Tensor
@@ -97,6 +103,8 @@ class Data:
     files: list = field(default_factory=list)
     class_names: list[str] | None = None
     feature_names: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+    label_hint: str | None = None
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -121,12 +129,15 @@ class Data:
 @dataclass
 class Loaded:
     """What a source's reader returns: inputs (a numpy array, or ``(tensor, MappedFile)``
-    when memory-mapped), labels (numpy, tensor or None) and optional names."""
+    when memory-mapped), labels (numpy, tensor or None), optional names, and the notes and
+    label hint of :class:`Data`."""
 
     inputs: Any
     labels: Any = None
     class_names: list[str] | None = None
     feature_names: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+    label_hint: str | None = None
 
 
 class Reader(Protocol):
@@ -146,6 +157,26 @@ class Reader(Protocol):
         Raises:
             DataError: the source is malformed, naming what and where.
         """
+
+
+def no_labels(data: Data, needs: str, error: type[KdcliError] = DataError) -> KdcliError:
+    """The error for unlabelled data where labels are needed: for a table it names
+    ``--label-column`` and, when the table has a column that looks like its labels, that
+    column.
+
+    Args:
+        data: The unlabelled data.
+        needs: What needs the labels, e.g. ``kdcli train needs labelled data``.
+        error: The error's class.
+    """
+    if data.label_hint is not None:
+        return error(f"{data.source} has no labels; its column {quote_name(data.label_hint)} "
+                     "looks like them", f"Pass --label-column {quote_name(data.label_hint)} "
+                     f"({needs})")
+    if data.feature_names is not None:
+        return error(f"{data.source} has no labels", "Pass --label-column with the table's "
+                     f"label column ({needs})")
+    return error(f"{data.source} has no labels", needs)
 
 
 def first_line(e: BaseException) -> str:
@@ -171,6 +202,32 @@ def check_same_classes(a: list[str] | None, a_source: str, b: list[str] | None,
             f"the same classes in another order ({a[:3]}... vs {b[:3]}...)")
     raise DataError(f"classes differ between {a_source} and {b_source}: {what}",
                     "Give both the same class folders (or label values)")
+
+
+def align_classes(data: Data, names: list[str] | None) -> list[str]:
+    """Number ``data``'s labels by ``names`` when its class names are some of them (a test
+    set that lacks a class the model has); return the classes it lacks, in order.
+
+    Names that are not a proper subset of ``names`` are left as they are (for
+    :func:`check_same_classes` to compare).
+    """
+    have = data.class_names
+    if names is None or have is None or len(have) >= len(names) or not set(have) <= set(names):
+        return []
+    index = torch.tensor([list(names).index(c) for c in have], dtype=torch.long)
+    if data.labels is not None:
+        data.labels = index[data.labels]
+    data.class_names = list(names)
+    return [c for c in names if c not in have]
+
+
+def absent_text(absent: list[str], source: str) -> str:
+    """The note that ``source`` lacks the classes ``absent``: ``class c does not occur in
+    test.csv``."""
+    shown = ", ".join(quote_name(c) for c in absent[:5]) + (", ..." if len(absent) > 5 else "")
+    return (f"class{'es' if len(absent) > 1 else ''} {shown} of the model "
+            f"{'do' if len(absent) > 1 else 'does'} not occur in {source}: "
+            "evaluated on the others")
 
 
 def validate(data: Data) -> None:

@@ -32,9 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.markup import escape
 
 from kdcli.data.base import SPLITS, Data, DataOptions, Loaded, Reader, validate
 from kdcli.errors import DataError, UsageError, quote_name
+from kdcli.output import Reporter
 
 _SLICE = re.compile(r"^(?P<base>.*)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
 _BALANCED = re.compile(r"^(?P<base>.*)\[\s*balanced\s*=\s*(?P<n>\d+)\s*"
@@ -95,14 +97,15 @@ SOURCES: list[Source] = [
 ]
 
 
-def load_data(spec: str, limit: int | None = None,
-              options: DataOptions | None = None) -> Data:
+def load_data(spec: str, limit: int | None = None, options: DataOptions | None = None,
+              reporter: Reporter | None = None) -> Data:
     """Load a data source.
 
     Args:
         spec: A data spec (see the module docstring).
         limit: Keep only the first ``limit`` examples (after any slice).
         options: How tables and image folders are read (default: :class:`DataOptions`).
+        reporter: Where the source's notes (``Data.notes``: columns left out, ...) are said.
 
     Returns:
         The validated data.
@@ -142,8 +145,10 @@ def load_data(spec: str, limit: int | None = None,
         labels_t = None if labels_t is None else labels_t[:limit]
     data = Data(inputs_t if inputs_t.is_contiguous() else inputs_t.contiguous(), labels_t,
                 spec if limit is None else f"{spec}[:{limit}]", files,
-                got.class_names, got.feature_names)
+                got.class_names, got.feature_names, list(got.notes), got.label_hint)
     validate(data)
+    for note in data.notes if reporter is not None else ():
+        reporter.info(escape(note))
     return data
 
 

@@ -3,7 +3,11 @@
 One row is one example. The label column is ``--label-column`` (default ``label`` when the
 table has one; otherwise the table is unlabelled), the features are ``--feature-columns``
 (default: every other numeric column, in table order). Integer labels are class indices;
-string labels are class names, numbered in sorted order. Features become float32
+string labels are class names, numbered in sorted order; an empty or missing label is an
+error naming its rows. Columns nobody asked for that hold no numbers (text, categories,
+dates) are left out, and so is an unnamed first column of distinct whole numbers (the index
+pandas' ``to_csv`` writes); both are said once (:attr:`Loaded.notes`). Such a column named
+in ``--feature-columns`` is refused with its name and a hint. Features become float32
 ``[N, F]``, except the Kaggle MNIST layout: features named ``pixel0`` .. ``pixel{n-1}``
 with ``n`` a square and integer values in 0-255 become uint8 images ``[N, s, s]``, exactly
 what the IDX files give. Non-numeric values, missing values and ragged rows are refused
@@ -77,7 +81,8 @@ def from_table(table: pa.Table, path: Path, options: DataOptions) -> Loaded:
         raise DataError(f"{path} holds no rows (columns: {_few(names)})",
                         "Give a table with a header and at least one row")
     label = _label_column(names, options, path)
-    features = _feature_columns(table, label, options, path)
+    index = _pandas_index(table, label, options)
+    features, skipped = _feature_columns(table, label, index, options, path)
     columns = []
     for name in features:
         col = table.column(name)
@@ -86,7 +91,16 @@ def from_table(table: pa.Table, path: Path, options: DataOptions) -> Loaded:
     inputs = np.stack(columns, axis=1) if columns else np.zeros((table.num_rows, 0))
     inputs = _as_images(inputs, features) if inputs.size else inputs.astype(np.float32)
     labels, class_names = (None, None) if label is None else _labels(table, label, path)
-    return Loaded(inputs, labels, class_names, features)
+    notes = []
+    if index is not None:
+        notes.append(f"{path}: left out its unnamed first column, the row index pandas' "
+                     "to_csv writes")
+    if skipped:
+        notes.append(f"{path}: left out {len(skipped)} column{'s' if len(skipped) > 1 else ''} "
+                     f"that {'do' if len(skipped) > 1 else 'does'} not hold numbers: "
+                     f"{_few(skipped)} (only numeric columns are features)")
+    hint = _label_like(table, skipped) if label is None else None
+    return Loaded(inputs, labels, class_names, features, notes, hint)
 
 
 def _read_table(path: Path) -> pa.Table:
@@ -185,8 +199,9 @@ def _label_column(names: list[str], opts: DataOptions, path: Path) -> str | None
     return label
 
 
-def _feature_columns(table: Any, label: str | None, opts: DataOptions,
-                     path: Path) -> list[str]:
+def _feature_columns(table: Any, label: str | None, index: str | None, opts: DataOptions,
+                     path: Path) -> tuple[list[str], list[str]]:
+    """The feature columns, and the columns left out because they hold no numbers."""
     names = list(table.column_names)
     if opts.feature_columns is not None:
         missing = [c for c in opts.feature_columns if c not in names]
@@ -196,22 +211,65 @@ def _feature_columns(table: Any, label: str | None, opts: DataOptions,
         if label in opts.feature_columns:
             raise DataError(f"column {label!r} of {path} is both the label and a feature",
                             "Drop it from --feature-columns, or pick another --label-column")
-        return list(opts.feature_columns)
-    features = [c for c in names if c != label and not _is_text(table.column(c))]
+        return list(opts.feature_columns), []
+    rest = [c for c in names if c not in (label, index)]
+    skipped = [c for c in rest if not _holds_numbers(table.column(c))]
+    features = [c for c in rest if c not in skipped]
     if not features:
         raise DataError(f"{path} has no numeric feature columns (columns: {_few(names)})",
                         "Pass --feature-columns, or give the table numeric columns")
-    return features
+    return features, skipped
 
 
-def _is_text(col: Any) -> bool:
-    """A string column none of whose values is a number (an id or a name: not a feature).
-
-    A string column holding some numbers is kept, so that its first bad value is reported.
-    """
-    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+def _holds_numbers(col: Any) -> bool:
+    """Whether a column is a feature by default: numbers, booleans, all-missing (reported as
+    missing), or a string column holding some numbers (so that its first bad value is
+    reported). Text, categories, dates and other types hold none."""
+    t = col.type
+    if (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+            or pa.types.is_decimal(t) or pa.types.is_null(t)):
+        return True
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
         return False
-    return not any(_parses(v) for v in col.to_pylist() if v is not None)
+    return any(_parses(v) for v in col.to_pylist() if v is not None)
+
+
+def _pandas_index(table: Any, label: str | None, opts: DataOptions) -> str | None:
+    """The name of the first column when it is the row index pandas' ``to_csv`` writes: no
+    header (or pandas' ``Unnamed: 0`` for one read and written again), distinct whole
+    numbers from 0 (0..N-1, or the rows a split kept). None otherwise, or when the user
+    names the features."""
+    if opts.feature_columns is not None or table.num_columns < 2:
+        return None
+    name = table.column_names[0]
+    col = table.column(0)
+    if name not in ("", "Unnamed: 0") or name == label or not pa.types.is_integer(col.type):
+        return None
+    if col.null_count or pc.min(col).as_py() < 0:
+        return None
+    return name if pc.count_distinct(col).as_py() == table.num_rows else None
+
+
+# Column names that say "the label" (compared in lower case).
+_LABEL_NAMES = ("label", "labels", "target", "class", "classes", "y", "species", "outcome",
+                "category", "diagnosis", "survived")
+
+
+def _label_like(table: Any, skipped: list[str]) -> str | None:
+    """A column that looks like the labels of a table read as unlabelled: one named like a
+    label, else a text column of few distinct values (at most 20, and at most half the
+    rows). Named in the "has no labels" error."""
+    named = [c for c in table.column_names if c.strip().lower() in _LABEL_NAMES]
+    if named:
+        return named[0]
+    for c in skipped:
+        col = table.column(c)
+        t = col.type
+        if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t):
+            k = pc.count_distinct(col).as_py()
+            if 2 <= k <= min(20, table.num_rows // 2):
+                return c
+    return None
 
 
 def _parses(v: Any) -> bool:
@@ -224,21 +282,42 @@ def _parses(v: Any) -> bool:
 
 def _check_present(col: Any, name: str, path: Path) -> None:
     if col.null_count:
-        row = int(pc.index(pc.is_null(col), True).as_py())
-        raise DataError(f"column {name!r} of {path} has a missing value in {_row(path, row)}",
+        raise DataError(f"column {name!r} of {path} has a missing value in "
+                        f"{_rows(path, pc.is_null(col))}",
                         "Fill or drop rows with missing values")
 
 
 def _numeric(col: Any, name: str, path: Path) -> np.ndarray:
-    """A numeric column as a numpy array (integers stay integers, bools become 0/1)."""
+    """A numeric column as a numpy array (integers stay integers, bools become 0/1).
+
+    Raises:
+        DataError: a column of text, categories, dates or another type that holds no
+            numbers, or a value that is not a number, naming the column (and row).
+    """
     t = col.type
     if pa.types.is_integer(t) or pa.types.is_floating(t):
         return col.to_numpy()
     if pa.types.is_boolean(t) or pa.types.is_decimal(t):
         return col.to_numpy().astype(np.float64)
+    one_hot = ("Leave it out of --feature-columns, or turn it into numbers first (one 0/1 "
+               "column per category)")
+    if pa.types.is_temporal(t):
+        raise DataError(f"column {name!r} of {path} holds dates or times ({t}), "
+                        "not numbers", "Leave it out of --feature-columns, or turn it into "
+                        "numbers first (say, days since a start date)")
+    if pa.types.is_dictionary(t):
+        raise DataError(f"column {name!r} of {path} holds categories, not numbers",
+                        one_hot)
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        raise DataError(f"column {name!r} of {path} has type {t}, not numbers",
+                        "Leave it out of --feature-columns")
     values = col.to_pylist()
     row = next((i for i, v in enumerate(values) if not _parses(v)), 0)
-    raise DataError(f"column {name!r} of {path} is not numeric: {values[row]!r} in "
+    shown = str(values[row])[:40]  # a string: quoted, and escaped to one line
+    if not _holds_numbers(col):
+        raise DataError(f"column {name!r} of {path} holds text, not numbers "
+                        f"({shown!r} in {_row(path, row)})", one_hot)
+    raise DataError(f"column {name!r} of {path} is not numeric: {shown!r} in "
                     f"{_row(path, row)}",
                     "Fix the value, or leave the column out with --feature-columns")
 
@@ -262,6 +341,11 @@ def _labels(table: Any, label: str, path: Path) -> tuple[np.ndarray, list[str] |
     t = col.type
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t):
         values = [str(v) for v in col.to_pylist()]
+        empty = pc.equal(pc.utf8_trim_whitespace(col.cast(pa.string())), "")
+        if pc.any(empty).as_py():
+            raise DataError(f"label column {label!r} of {path} is empty in "
+                            f"{_rows(path, empty)}", "Give every row a label, or drop the "
+                            "unlabelled rows")
         names = sorted(set(values))
         index = {c: i for i, c in enumerate(names)}
         return np.array([index[v] for v in values], dtype=np.int64), names
@@ -285,6 +369,19 @@ def _row(path: Path, i: int) -> str:
     if path.suffix.lower() in (".csv", ".tsv"):
         return f"row {i + 1} (line {i + 2})"
     return f"row {i + 1}"
+
+
+def _rows(path: Path, mask: Any) -> str:
+    """The rows where ``mask`` (a boolean column) is true, as :func:`_row` says them: the
+    first, or the first three and how many in all."""
+    rows = np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool))
+    if len(rows) == 1:
+        return _row(path, int(rows[0]))
+    shown = ", ".join(str(int(i) + 1) for i in rows[:3])
+    more = f", ... ({len(rows)} rows in all)" if len(rows) > 3 else ""
+    lines = (" (lines " + ", ".join(str(int(i) + 2) for i in rows[:3]) + (", ..." if more else "")
+             + ")") if path.suffix.lower() in (".csv", ".tsv") else ""
+    return f"rows {shown}{more}{lines}"
 
 
 def _few(names: list[str], n: int = 8) -> str:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import torch
+
+from kdcli.errors import ModelError
 from kdcli.modalities.base import Modality
+from kdcli.preprocessing import Preprocessing
 
 
 class Table(Modality):
@@ -12,6 +16,17 @@ class Table(Modality):
 
     def normalize_by(self, raw_shape: list[int]) -> str:
         return "feature"
+
+    def teacher_layout(self, x: torch.Tensor, pre: Preprocessing, shape: list[int] | None,
+                       name: str) -> torch.Tensor:
+        """As :meth:`Modality.teacher_layout`, but a teacher of one row of another width is
+        told in columns (``--feature-columns``), not in shapes."""
+        if shape is not None and len(shape) == 1 and not pre.size and shape[0] != x.shape[1]:
+            raise ModelError(f"teacher {name} takes rows of {shape[0]} columns, but the data "
+                             f"has {x.shape[1]} feature columns",
+                             "Choose the columns the teacher was trained on, in its order, "
+                             "with --feature-columns")
+        return super().teacher_layout(x, pre, shape, name)
 
 
 TABLE = Table()

@@ -123,6 +123,9 @@ class Teacher:
         notes: What the user is told about how the teacher was read.
         device: Where the model runs.
         precision: ``fp32`` or ``bf16``.
+        columns: The table columns the model takes, as indices into a raw example
+            (None: all, in order): the data's columns matched by name to the feature names
+            its file records (see :func:`~kdcli.teachers.inputs.match_columns`).
     """
 
     path: Path
@@ -142,6 +145,7 @@ class Teacher:
     notes: tuple[str, ...] = ()
     device: str = "cpu"
     precision: str = "fp32"
+    columns: tuple[int, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -189,6 +193,8 @@ class Teacher:
         mean, std; dtype)."""
         if self.takes_text:
             return raw
+        if self.columns is not None:
+            raw = raw[:, list(self.columns)]
         return prepare_input(raw, self.preprocessing, shape or self.input_shape,
                              self.input_dtype, self.name)
 
@@ -341,6 +347,11 @@ class TeacherFormat(ABC):
 
     def class_names(self, path: Path) -> list[str] | None:
         """The class names the file records, read without loading the model (None: none)."""
+        return None
+
+    def feature_names(self, path: Path) -> list[str] | None:
+        """The table columns the model takes, in order, as the file records them (None:
+        none; the columns are then taken by position)."""
         return None
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,7 +38,7 @@ from kdcli.teachers.base import (
     TeacherOptions,
     zip_names,
 )
-from kdcli.teachers.inputs import IDENTITY
+from kdcli.teachers.inputs import IDENTITY, match_columns
 from kdcli.teachers.probe import settle
 
 
@@ -125,7 +126,8 @@ def file_class_names(path: str | Path) -> list[str] | None:
 
 def load_teacher(path: str | Path, opts: TeacherOptions | None = None, device: str = "cpu",
                  precision: str = "fp32", role: str = "teacher",
-                 probe: torch.Tensor | None = None) -> Teacher:
+                 probe: torch.Tensor | None = None,
+                 feature_names: list[str] | None = None) -> Teacher:
     """Load a teacher from any supported format and probe it: its spec is then complete.
 
     Args:
@@ -137,6 +139,8 @@ def load_teacher(path: str | Path, opts: TeacherOptions | None = None, device: s
         probe: A few raw examples of the data the teacher will see. They settle the input
             shape (when the file does not say), the output kind and the classes. Without
             them, random inputs of the file's own input shape are used.
+        feature_names: The data's table columns: a model whose file records the columns it
+            takes gets them by name (see :func:`~kdcli.teachers.inputs.match_columns`).
 
     Raises:
         DataError: the file is missing or empty.
@@ -152,7 +156,14 @@ def load_teacher(path: str | Path, opts: TeacherOptions | None = None, device: s
     fmt = find_format(p, role)
     req = LoadRequest(p, opts, fmt.digest(p), device, precision)
     check_teacher_options(p, opts, fmt)
-    return settle(fmt.load(req), probe)
+    t = fmt.load(req)
+    columns = None if t.takes_text else match_columns(fmt.feature_names(p), feature_names,
+                                                      f"{role} {p.name}")
+    if columns is not None:
+        t = replace(t, columns=columns, notes=(*t.notes, f"{p.name}: takes the table's "
+                                               "columns by name, in the order its file "
+                                               "records"))
+    return settle(t, probe)
 
 
 def check_teacher_options(path: str | Path, opts: TeacherOptions,

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from kdcli.errors import ModelError, UsageError
+from kdcli.errors import DataError, ModelError, UsageError, quote_name
 from kdcli.modalities import modality_for
 from kdcli.preprocessing import Preprocessing, standardize
 
@@ -42,6 +42,29 @@ def prepare_input(raw: torch.Tensor, pre: Preprocessing, shape: list[int] | None
         raise ModelError(f"teacher {name}: {e.message} (its inputs)",
                          "Give one --mean and --std value, or one per channel") from None
     return standardize(x, pre.scale, mean, std).to(getattr(torch, dtype))
+
+
+def match_columns(theirs: list[str] | None, ours: list[str] | None,
+                  name: str) -> tuple[int, ...] | None:
+    """Where the columns a model takes (``theirs``, the feature names its file records) are
+    among the data's (``ours``): the indices that give them by name, in the model's order.
+
+    Returns:
+        None when either side names no columns (they are then taken by position) or the
+        names are the same, in the same order.
+
+    Raises:
+        DataError: the data lacks a column the model takes, naming it.
+    """
+    if theirs is None or ours is None or list(theirs) == list(ours):
+        return None
+    missing = [c for c in theirs if c not in ours]
+    if missing:
+        raise DataError(f"the data has no column {quote_name(missing[0])}, which {name} "
+                        f"takes ({len(missing)} of its {len(theirs)} columns are missing; "
+                        "it records its columns by name)",
+                        "Give a table with the columns the model was trained on")
+    return tuple(ours.index(c) for c in theirs)
 
 
 def describe_preprocessing(pre: dict[str, Any]) -> str:

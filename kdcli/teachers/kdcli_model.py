@@ -65,6 +65,9 @@ class KdcliModelFormat(TeacherFormat):
     def class_names(self, path: Path) -> list[str] | None:
         return names_from_json((_metadata(path) or {}).get("class_names"))
 
+    def feature_names(self, path: Path) -> list[str] | None:
+        return names_from_json((_metadata(path) or {}).get("feature_names"))
+
     def inspects(self, path: Path) -> bool:
         return self.detect(path)
 

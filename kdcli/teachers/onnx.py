@@ -138,12 +138,12 @@ class OnnxFormat(TeacherFormat):
 
     def class_names(self, path: Path) -> list[str] | None:
         """The ``class_names`` a kdcli export records in its metadata."""
-        try:
-            proto = onnx.load(str(path), load_external_data=False)
-        except Exception:  # noqa: BLE001 - not readable as ONNX: no names
-            return None
-        return names_from_json({e.key: e.value for e in proto.metadata_props}
-                               .get("class_names"))
+        return _recorded_names(path, "class_names")
+
+    def feature_names(self, path: Path) -> list[str] | None:
+        """The ``feature_names`` a kdcli export records in its metadata (skl2onnx and
+        onnxmltools record none for a model of one input)."""
+        return _recorded_names(path, "feature_names")
 
     def inspects(self, path: Path) -> bool:
         return path.is_file() and read_safetensors_metadata(path) is None and (
@@ -186,6 +186,15 @@ class _ZipMapRunner(_TensorRunner):
         (rows,) = run_session(self.sess, [self.output], {self.input_name: self.feed(x)},
                               self.where)
         return torch.tensor([[row[k] for k in self.keys] for row in rows], dtype=torch.float32)
+
+
+def _recorded_names(path: Path, key: str) -> list[str] | None:
+    """The list of names the model's metadata records under ``key`` (None: none)."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not readable as ONNX: no names
+        return None
+    return names_from_json({e.key: e.value for e in proto.metadata_props}.get(key))
 
 
 def is_onnx_file(path: Path) -> bool:

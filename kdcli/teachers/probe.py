@@ -15,6 +15,9 @@ from kdcli.errors import KdcliError, ModelError, first_line
 from kdcli.resources import check_memory
 from kdcli.teachers.base import NotScoresError, RawBatch, Teacher, detect_output_kind
 
+# The hint when a teacher fails on table rows: their columns, not a shape, are what to change.
+_TABLE_HINT = ("Check that the table has the columns the teacher was trained on, in its "
+               "order; choose them with --feature-columns")
 # What a text model is probed with when no data is given: two short texts.
 PROBE_TEXTS = ("a short probe text", "another one")
 
@@ -41,7 +44,8 @@ def settle(t: Teacher, probe: RawBatch | None) -> Teacher:
         raise
     except Exception as e:  # noqa: BLE001 - the model's own error, on its own inputs
         what = "texts" if t.takes_text else f"examples of shape {shape}"
-        hint = "Check the data" if t.takes_text else "Check --input-shape and the data"
+        hint = ("Check the data" if t.takes_text else _TABLE_HINT if len(shape) == 1
+                and probe.dim() == 2 else "Check --input-shape and the data")
         raise ModelError(f"teacher {t.name} fails on {what} ({first_line(e)})", hint) from e
     notes, output = list(t.notes), t.output
     if output is None:
@@ -100,7 +104,7 @@ def _check_batch_memory(t: Teacher, rows: int) -> None:
 
 def _resolve_input_shape(t: Teacher, probe: torch.Tensor) -> list[int]:
     """The per-example input shape the model takes, trying the likely ones."""
-    sample = list(probe.shape[1:])
+    sample = [len(t.columns)] if t.columns is not None else list(probe.shape[1:])
     n = math.prod(sample)
     candidates = [sample, [n], [1, *sample]] if len(sample) > 1 else [sample, [1, *sample]]
     first_err = None
@@ -113,6 +117,10 @@ def _resolve_input_shape(t: Teacher, probe: torch.Tensor) -> list[int]:
         except Exception as e:  # noqa: BLE001 - any failure means "not this shape"
             first_err = first_err or e
     msg = first_line(first_err) if first_err else "unknown"
+    if len(sample) == 1:  # table rows: the columns, not a shape, are what to change
+        raise ModelError(f"teacher {t.name} fails on rows of {n} columns ({msg})",
+                         "Check that the table has the columns the teacher was trained on, "
+                         "in its order; choose them with --feature-columns")
     raise ModelError(
         f"teacher {t.name} fails on examples of shape {sample} ({msg})",
         "Pass --input-shape with the per-example shape the model expects, "

@@ -65,7 +65,8 @@ def load_checkpoint(path: Path | None, fingerprint: dict, model, opt, gen,
                       if saved.get(k) != fingerprint.get(k))
         raise UsageError(f"checkpoint {path} comes from a different configuration "
                          f"(differs in: {', '.join(keys)})",
-                         "Rerun with the original options, or delete the checkpoint")
+                         "Rerun with the original options, or drop --resume and pass "
+                         "--force to start afresh with these (this discards it)")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     gen.set_state(state["generator"])

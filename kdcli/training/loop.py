@@ -106,7 +106,12 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
             sums, seen, clipped = run.train_epoch(inputs, step_loss, len(stat_names), epoch,
                                                   lr_scale, advance)
             if _blew_up(float(sums[0] / max(seen, 1)), run.first_loss, history):
-                lr_scale = run.roll_back(snapshot, epoch, sums, seen, lr_scale, reporter)
+                try:
+                    lr_scale = run.roll_back(snapshot, epoch, sums, seen, lr_scale, reporter)
+                except UsageError:  # diverged: its checkpoint would only diverge again
+                    if checkpoint is not None and run.dist.main:
+                        checkpoint.unlink(missing_ok=True)
+                    raise
                 continue
             record = _record(epoch, stat_names, sums, seen, lr_scale, clipped, run.steps)
             shown = (epoch + 1) % every == 0 or epoch + 1 in (cfg.epochs, cfg.stop_after)

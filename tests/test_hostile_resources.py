@@ -303,7 +303,7 @@ def test_an_endless_onnx_run_stops_on_a_signal(tmp_path, sig):
     model = _endless_loop_onnx(tmp_path / "loop.onnx")
     script = ("import sys, numpy as np\n"
               "from kdcli.io.files import handle_signals\n"
-              "from kdcli.teachers.onnx import open_session, run_session\n"
+              "from kdcli.teachers.onnx_session import open_session, run_session\n"
               "sess, _ = open_session(sys.argv[1])\n"
               "try:\n"
               "    with handle_signals():\n"

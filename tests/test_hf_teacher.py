@@ -245,3 +245,8 @@ def test_audio_classifier_taking_input_values(tmp_path):
     with torch.no_grad():
         ref = model(input_values=x).logits
     torch.testing.assert_close(t.logits(x), ref, atol=1e-5, rtol=1e-5)
+    # Saved with its processor's character vocabulary, it is still an audio classifier,
+    # not a text one (the vocabulary files look like a tokenizer's).
+    (tmp_path / "w2v" / "vocab.json").write_text('{"<pad>": 0, "a": 1}')
+    (tmp_path / "w2v" / "tokenizer_config.json").write_text("{}")
+    assert detect_format(tmp_path / "w2v") == "huggingface"

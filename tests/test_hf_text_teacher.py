@@ -205,3 +205,47 @@ def test_an_image_checkpoint_is_still_the_image_format(tmp_path):
                     num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     ViTForImageClassification(cfg).save_pretrained(tmp_path / "vit")
     assert detect_format(tmp_path / "vit") == "huggingface"
+
+
+def test_tokenizer_files_and_templates_must_stay_in_the_folder(bert, tmp_path):
+    """A tokenizer_config.json naming a file outside, or a link out of a subfolder that
+    transformers reads (chat templates), is refused before transformers reads anything."""
+    import json
+    import shutil
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not for kdcli")
+    named = tmp_path / "named"
+    shutil.copytree(bert, named)
+    cfg = json.loads((named / "tokenizer_config.json").read_text())
+    cfg["fast_tokenizer_files"] = ["../outside/secret.txt"]
+    (named / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match="fast_tokenizer_files names .*not a file in the"):
+        load_teacher(named)
+    linked = tmp_path / "linked"
+    shutil.copytree(bert, linked)
+    (linked / "additional_chat_templates").mkdir()
+    (linked / "additional_chat_templates" / "x.jinja").symlink_to(outside / "secret.txt")
+    with pytest.raises(FormatError, match="x.jinja is a link to .*outside the checkpoint"):
+        load_teacher(linked)
+
+
+def test_one_string_is_not_a_batch_of_characters(teacher):
+    t = teacher
+    with pytest.raises(ModelError, match="takes a batch of texts, not one string"):
+        t.logits("the movie was good")
+
+
+def test_a_tokenizer_with_ids_beyond_the_embedding_is_refused(bert, tmp_path):
+    import json
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bert, bad)
+    tok = json.loads((bad / "tokenizer.json").read_text())
+    word = next(w for w in tok["model"]["vocab"] if w.isalpha() and len(w) > 2)
+    tok["model"]["vocab"][word] = 5000  # same count, an id the embedding lacks
+    (bad / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(FormatError, match="ids up to 5,000"):
+        load_teacher(bad)

@@ -192,6 +192,9 @@ class Teacher:
         model, else :func:`prepare_input` (layout ``shape``, default the input's; scale,
         mean, std; dtype)."""
         if self.takes_text:
+            if isinstance(raw, (str, bytes)):  # one string is not a batch of its characters
+                raise ModelError(f"teacher {self.name} takes a batch of texts, not one string",
+                                 "Give a list of texts, e.g. [text]")
             return raw
         if self.columns is not None:
             raw = raw[:, list(self.columns)]

@@ -52,16 +52,43 @@ def check_folder(folder: Path) -> None:
         raise FormatError(f"cannot list the checkpoint folder {quote_name(folder)} "
                           f"({e.strerror})", "Check the path and its permissions") from e
     for e in entries:
-        if e.is_symlink() and inside_folder(folder, e.name) is None:
-            raise FormatError(f"{quote_name(folder)}: {quote_name(e.name)} is a link to "
-                              f"{quote_name(os.readlink(e.path))}, outside the checkpoint "
-                              "folder", "Copy the file into the folder (cp -L), or remove "
-                              "the link")
-        mode = e.stat(follow_symlinks=True).st_mode if e.is_symlink() and \
-            os.path.exists(e.path) else e.stat(follow_symlinks=False).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
-            raise FormatError(f"{quote_name(folder)}: {quote_name(e.name)} is not a regular "
-                              "file (a FIFO, device or socket)", "Remove it from the folder")
+        _check_entry(folder, e, e.name)
+    # Subfolders too (transformers reads additional_chat_templates/*.jinja, say); links
+    # inside are checked, not followed.
+    for sub in (e for e in entries if e.is_dir(follow_symlinks=False)):
+        for root, dirs, files in os.walk(sub.path, followlinks=False):
+            for name in (*dirs, *files):
+                path = os.path.join(root, name)
+                rel = os.path.relpath(path, folder)
+                _check_entry(folder, _Entry(path, rel), rel)
+
+
+class _Entry:
+    """What :func:`_check_entry` asks of an entry below the top level (as ``os.DirEntry``)."""
+
+    def __init__(self, path: str, name: str) -> None:
+        self.path, self.name = path, name
+
+    def is_symlink(self) -> bool:
+        return os.path.islink(self.path)
+
+    def stat(self, follow_symlinks: bool = True) -> os.stat_result:
+        return os.stat(self.path) if follow_symlinks else os.lstat(self.path)
+
+
+def _check_entry(folder: Path, e: Any, name: str) -> None:
+    """Refuse entry ``e`` (``name`` relative to ``folder``) if it is a link that leads out of
+    the folder, or a FIFO, device or socket."""
+    if e.is_symlink() and inside_folder(folder, name) is None:
+        raise FormatError(f"{quote_name(folder)}: {quote_name(name)} is a link to "
+                          f"{quote_name(os.readlink(e.path))}, outside the checkpoint "
+                          "folder", "Copy the file into the folder (cp -L), or remove "
+                          "the link")
+    mode = e.stat(follow_symlinks=True).st_mode if e.is_symlink() and \
+        os.path.exists(e.path) else e.stat(follow_symlinks=False).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+        raise FormatError(f"{quote_name(folder)}: {quote_name(name)} is not a regular "
+                          "file (a FIFO, device or socket)", "Remove it from the folder")
 
 
 def weight_files(folder: Path, trust_pickle: bool = False) -> list[Path]:
@@ -276,3 +303,24 @@ def read_tokenizer_config(folder: Path) -> dict[str, Any]:
     """The checkpoint's ``tokenizer_config.json`` ({} without one)."""
     p = folder / "tokenizer_config.json"
     return _json_object(p, "Save the tokenizer again with save_pretrained") if p.is_file() else {}
+
+
+def refuse_outside_files(folder: Path, settings: dict[str, Any]) -> None:
+    """Refuse a ``tokenizer_config.json`` that names a file outside the checkpoint folder:
+    any ``..._file`` or ``..._files`` value (``fast_tokenizer_files``, ``vocab_file``, ...)
+    that is not a plain name of a file in the folder, which transformers would read.
+
+    Raises:
+        FormatError: naming the setting and the file.
+    """
+    for key, value in settings.items():
+        if not (key.endswith("_file") or key.endswith("_files")) or value is None:
+            continue
+        for name in value if isinstance(value, list) else [value]:
+            plain = isinstance(name, str) and name not in ("", ".", "..") and \
+                "/" not in name and "\\" not in name
+            if not plain or inside_folder(folder, name) is None:
+                raise FormatError(
+                    f"{quote_name(folder)}: tokenizer_config.json's {key} names "
+                    f"{quote_name(str(name))}, which is not a file in the checkpoint folder",
+                    "Save the tokenizer again with save_pretrained, or remove the setting")

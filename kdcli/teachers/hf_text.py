@@ -42,6 +42,7 @@ from kdcli.teachers.hf_files import (
     is_hf_folder,
     read_config,
     read_tokenizer_config,
+    refuse_outside_files,
     tokenizer_files,
     weight_files,
 )
@@ -88,6 +89,9 @@ def is_text_classifier(folder: Path) -> bool:
     archs = _architectures(cfg)
     if archs and not any(a.endswith(_SUFFIX) for a in archs):
         return False
+    model_type = cfg.get("model_type")
+    if model_type is not None and not cfg.get("auto_map") and not _text_model_type(model_type):
+        return False  # an audio classifier saved with its processor's vocabulary, say
     if any((folder / n).is_file() for n in (*TOKENIZER_FILES, *TOKENIZER_SETTINGS)):
         return True
     return bool(archs and cfg.get("auto_map")) or _text_model_type(cfg.get("model_type"))
@@ -196,7 +200,8 @@ def _split(texts: Sequence[Any], name: str) -> tuple[list[str], list[str] | None
             mixes texts and pairs.
     """
     if isinstance(texts, str):
-        texts = [texts]
+        raise ModelError(f"teacher {name} takes a batch of texts, not one string",
+                         "Give a list of texts, e.g. [text]")
     pairs = [isinstance(t, (tuple, list)) for t in texts]
     if any(pairs) and not all(pairs):
         raise ModelError(f"teacher {name} was given a batch that mixes single texts and "
@@ -210,7 +215,7 @@ def _split(texts: Sequence[Any], name: str) -> tuple[list[str], list[str] | None
     bad = next((t for t in texts if not isinstance(t, str)), None)
     if bad is not None:
         raise ModelError(f"teacher {name} reads texts, not {type(bad).__name__} values",
-                         "Give it a text column (--text-column)")
+                         "Give it texts (str), or (text, text) pairs")
     return list(texts), None
 
 
@@ -299,7 +304,9 @@ def load_tokenizer(folder: Path) -> Any:
         UnsafePickleError: the tokenizer is (only) pickled.
     """
     tokenizer_files(folder)
-    refuse_remote_code(folder, read_tokenizer_config(folder), "tokenizer_config.json")
+    settings = read_tokenizer_config(folder)
+    refuse_remote_code(folder, settings, "tokenizer_config.json")
+    refuse_outside_files(folder, settings)
     tf = import_transformers()
     try:
         return tf.AutoTokenizer.from_pretrained(folder, local_files_only=True,
@@ -313,10 +320,13 @@ def load_tokenizer(folder: Path) -> Any:
 def _check_vocabulary(folder: Path, tokenizer: Any, config: Any) -> None:
     """Refuse a tokenizer whose ids the model's embedding does not have (another model's)."""
     vocab = getattr(config, "vocab_size", None)
-    if isinstance(vocab, int) and vocab > 0 and len(tokenizer) > vocab:
-        raise FormatError(f"{folder}: the tokenizer has {len(tokenizer):,} tokens but the "
-                          f"model's embedding only {vocab:,}: they belong to different models",
-                          "Save the model's own tokenizer beside it")
+    ids = tokenizer.get_vocab().values()
+    largest = max(ids, default=-1)
+    if isinstance(vocab, int) and vocab > 0 and (len(tokenizer) > vocab or largest >= vocab):
+        raise FormatError(f"{folder}: the tokenizer has {len(tokenizer):,} tokens (ids up to "
+                          f"{largest:,}) but the model's embedding only {vocab:,}: they "
+                          "belong to different models", "Save the model's own tokenizer "
+                          "beside it")
 
 
 class HfTextFormat(TeacherFormat):

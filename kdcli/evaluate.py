@@ -15,6 +15,7 @@ from kdcli.data.base import (
     absent_text,
     align_classes,
     check_same_classes,
+    names_to_match,
     no_labels,
 )
 from kdcli.data.sources import load_data
@@ -108,7 +109,8 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
     results, preds = [], []
     for i, path in enumerate(models):
         t = load_teacher(path, opts[i if len(opts) > 1 else 0], role="model",
-                         probe=ds.inputs[:batch_size], feature_names=ds.feature_names)
+                         probe=ds.inputs[:batch_size],
+                         feature_names=names_to_match(ds, data_options))
         with rep.progress(f"eval {t.name}", len(ds)) as advance:
             def fn(x, t=t, advance=advance):
                 y = t.logits(x)

@@ -23,6 +23,7 @@ from kdcli.checks import (
     resolve_precision,
 )
 from kdcli.data.augment import AugmentConfig
+from kdcli.data.base import names_to_match
 from kdcli.errors import DataError, ModelError, UsageError
 from kdcli.io.files import check_output, data_files
 from kdcli.output import Reporter, Timer
@@ -135,7 +136,7 @@ def soft_targets(
                    rep)
     probe_x, probe_y = source.rows(0, min(source.n, batch_size))
     members = _load_members(teachers, opts, dev, precision, probe_x, rep,
-                            source.ds.feature_names)
+                            names_to_match(source.ds, data_options))
     T = _temperature(T, members, rep)
     c, class_names = _classes(source.ds, members)
     form = chosen_form(top_k, targets_dtype, c, len(members), rep.info)

@@ -262,11 +262,6 @@ def _recorded(data_options: DataOptions | None) -> dict[str, Any]:
     return {"data_options": recorded} if recorded else {}
 
 
-def _recorded_meta(meta: dict[str, Any]) -> dict[str, Any]:
-    """The data options a transfer set records for its data (nothing for the defaults)."""
-    return {"data_options": meta["data_options"]} if meta.get("data_options") else {}
-
-
 # A class count is refused (unless --num-classes is given) when more of its classes have no
 # training example than this, and than the classes that have one: a stray label of 1,000,000
 # among 500 examples would otherwise build a 1,000,001-class model.
@@ -445,7 +440,7 @@ def _student_record(ts: TransferSet, name: str, transfer_sha: str, arch: Archite
                 "targets": ts.form.label(),
                 "tail": d.tail if ts.form.has_tail and d.loss == "kd" else None,
                 "teachers": teachers,
-                **(_recorded(data_options) or _recorded_meta(ts.meta)),
+                **_recorded(recorded_options(data_options, ts.meta)),
                 **cfg.settings()}
     if ts.meta.get("class_names"):
         training["class_names"] = ts.meta["class_names"]

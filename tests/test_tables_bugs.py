@@ -10,7 +10,7 @@ import pytest
 
 from kdcli.data.base import DataOptions
 from kdcli.data.sources import load_data
-from kdcli.errors import DataError, UsageError
+from kdcli.errors import DataError, ModelError, UsageError
 from kdcli.evaluate import evaluate
 from kdcli.output import Reporter
 from kdcli.soft_targets import soft_targets
@@ -100,8 +100,19 @@ def test_a_teacher_gets_the_tables_columns_by_name(tables, tmp_path):
                      data_options=TARGET)
     assert a["teachers"][0]["accuracy"] == b["teachers"][0]["accuracy"] >= 0.9
     # a column the teacher takes that the data lacks is named
+    import csv
+
+    with open(tables["reversed"], newline="") as f:
+        rows = list(csv.reader(f))
+    lacking = tmp_path / "lacking.csv"
+    with open(lacking, "w", newline="") as f:
+        csv.writer(f).writerows([r[:-2] + r[-1:] for r in rows])  # drop the second-to-last
+    with pytest.raises(DataError, match=f"no column {rows[0][-2]}, which model teacher"):
+        evaluate([teacher], str(lacking), data_options=TARGET, reporter=QUIET)
+    # columns the user chose with --feature-columns go by position: their order is the
+    # user's word (a header in other case still works)
     few = DataOptions(label_column="target", feature_columns=("alcohol", "ash"))
-    with pytest.raises(DataError, match="no column malic_acid, which model teacher"):
+    with pytest.raises(ModelError, match="takes rows of 13 columns, but the data has 2"):
         evaluate([teacher], str(tables["reversed"]), data_options=few, reporter=QUIET)
     # a teacher that records no names (or data without names) keeps the position
     from kdcli.teachers.inputs import match_columns

@@ -260,3 +260,12 @@ def validate(data: Data) -> None:
         if len(data.labels) and int(data.labels.min()) < 0:
             raise DataError(f"labels of {data.source} include {int(data.labels.min())}",
                             "Labels must be class indices 0..C-1")
+
+
+def names_to_match(ds: Data, options: DataOptions | None) -> list[str] | None:
+    """The data's column names that a teacher recording its own is fed by, or None: the
+    columns go by position when the user chose them with ``--feature-columns`` (their
+    order is then the user's word)."""
+    if options is not None and options.feature_columns is not None:
+        return None
+    return ds.feature_names

@@ -93,7 +93,9 @@ def from_table(table: pa.Table, path: Path, options: DataOptions) -> Loaded:
     labels, class_names = (None, None) if label is None else _labels(table, label, path)
     notes = []
     if index is not None:
-        notes.append(f"{path}: left out its unnamed first column, the row index pandas' "
+        notes.append(f"{path}: left out its column {index!r}, the row index pandas wrote "
+                     "with the table" if index not in ("", "Unnamed: 0") else
+                     f"{path}: left out its unnamed first column, the row index pandas' "
                      "to_csv writes")
     if skipped:
         notes.append(f"{path}: left out {len(skipped)} column{'s' if len(skipped) > 1 else ''} "
@@ -241,6 +243,11 @@ def _pandas_index(table: Any, label: str | None, opts: DataOptions) -> str | Non
     names the features."""
     if opts.feature_columns is not None or table.num_columns < 2:
         return None
+    meta = table.schema.pandas_metadata or {}
+    kept = [c for c in meta.get("index_columns", []) if isinstance(c, str)
+            and c in table.column_names and c != label]
+    if kept:  # to_parquet keeps a non-default index as a column, and says so
+        return kept[0]
     name = table.column_names[0]
     col = table.column(0)
     if name not in ("", "Unnamed: 0") or name == label or not pa.types.is_integer(col.type):

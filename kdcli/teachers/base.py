@@ -196,8 +196,8 @@ class Teacher:
                 raise ModelError(f"teacher {self.name} takes a batch of texts, not one string",
                                  "Give a list of texts, e.g. [text]")
             return raw
-        if self.columns is not None:
-            raw = raw[:, list(self.columns)]
+        if self.columns is not None:  # by name: the flat row's columns, then its layout
+            raw = raw.reshape(len(raw), -1)[:, list(self.columns)]
         return prepare_input(raw, self.preprocessing, shape or self.input_shape,
                              self.input_dtype, self.name)
 

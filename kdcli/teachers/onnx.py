@@ -127,8 +127,16 @@ class OnnxFormat(TeacherFormat):
         return int(sum(a.size for a in arrays if a.ndim >= 1 and a.dtype.kind == "f"))
 
     def class_names(self, path: Path) -> list[str] | None:
-        """The ``class_names`` a kdcli export records in its metadata."""
-        return _recorded_names(path, "class_names")
+        """The ``class_names`` a kdcli export records in its metadata, else the string class
+        labels of an ONNX-ML classifier (skl2onnx's), in column order."""
+        names = _recorded_names(path, "class_names")
+        if names is not None or not path.is_file():
+            return names
+        try:
+            graph = onnx.load(str(path), load_external_data=False).graph
+        except Exception:  # noqa: BLE001 - not readable: the loader says why
+            return None
+        return classifier_labels(graph)
 
     def feature_names(self, path: Path) -> list[str] | None:
         """The ``feature_names`` a kdcli export records in its metadata (skl2onnx and

@@ -108,8 +108,9 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
             if _blew_up(float(sums[0] / max(seen, 1)), run.first_loss, history):
                 try:
                     lr_scale = run.roll_back(snapshot, epoch, sums, seen, lr_scale, reporter)
-                except UsageError:  # diverged: its checkpoint would only diverge again
-                    if checkpoint is not None and run.dist.main:
+                except UsageError:  # diverged: its checkpoint would only diverge again;
+                    # one this run resumed from holds earlier good epochs, and is kept
+                    if checkpoint is not None and run.dist.main and start_epoch == 0:
                         checkpoint.unlink(missing_ok=True)
                     raise
                 continue

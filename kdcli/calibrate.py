@@ -159,7 +159,7 @@ def _target(mf, data: str | None, teacher: str | Path | None, transfer: str | Pa
         inputs, source = ds.inputs, ds.source
         if target == "labels":
             if ds.labels is None:
-                raise no_labels(ds, "or use --target teacher")
+                raise no_labels(ds, "use --target teacher to match the teacher instead")
             pi = torch.bincount(ds.labels, minlength=c).double() / len(ds)
         else:
             t = load_teacher(teacher, options, probe=inputs[:1000],

@@ -165,7 +165,7 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
     start = time.perf_counter()
     ds = load_data(data, limit=limit, options=data_options, reporter=rep)
     if ds.labels is None:
-        raise no_labels(ds, "kdcli train needs labelled data", UsageError)
+        raise no_labels(ds, "train on labelled data (kdcli train needs labels)", UsageError)
     cfg, precision_note = _concrete(cfg, len(ds))
     eval_ds = _eval_data(eval_data, ds.source, data_options, ds.class_names, ds.source,
                          list(ds.sample_shape), f"{ds.source} has", rep, ds.feature_names)
@@ -231,7 +231,7 @@ def _eval_data(eval_data: str | None, source: str, data_options: DataOptions | N
                                feature_columns=tuple(feature_names))
     eval_ds = load_data(spec, options=data_options, reporter=rep)
     if eval_ds.labels is None:
-        raise no_labels(eval_ds, "--eval-data needs labels; or pass --eval-data none",
+        raise no_labels(eval_ds, "give labelled --eval-data, or pass --eval-data none",
                         UsageError)
     absent = align_classes(eval_ds, class_names)
     if absent:

@@ -166,7 +166,7 @@ def no_labels(data: Data, needs: str, error: type[KdcliError] = DataError) -> Kd
 
     Args:
         data: The unlabelled data.
-        needs: What needs the labels, e.g. ``kdcli train needs labelled data``.
+        needs: What to do instead, as a clause, e.g. ``give labelled --eval-data``.
         error: The error's class.
     """
     if data.label_hint is not None:
@@ -176,7 +176,7 @@ def no_labels(data: Data, needs: str, error: type[KdcliError] = DataError) -> Kd
     if data.feature_names is not None:
         return error(f"{data.source} has no labels", "Pass --label-column with the table's "
                      f"label column ({needs})")
-    return error(f"{data.source} has no labels", needs)
+    return error(f"{data.source} has no labels", needs[:1].upper() + needs[1:])
 
 
 def first_line(e: BaseException) -> str:

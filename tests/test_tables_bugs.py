@@ -87,6 +87,11 @@ def test_pandas_index_column_is_left_out_and_said_once(tmp_path, cli):
     (tmp_path / "x.csv").write_text(",a,label\n0.5,1.5,0\n1.5,2.5,1\n")
     assert load_data(str(tmp_path / "id.csv")).feature_names == ["id", "a"]
     assert load_data(str(tmp_path / "x.csv")).feature_names == ["", "a"]
+    # to_parquet keeps the split's index as a column and records it as the index
+    tr.to_parquet(tmp_path / "split.parquet")
+    d = load_data(str(tmp_path / "split.parquet"), options=TARGET)
+    assert "__index_level_0__" not in d.feature_names and d.inputs.shape == (106, 13)
+    assert len(d.notes) == 1 and "__index_level_0__" in d.notes[0]
 
 
 def test_a_teacher_gets_the_tables_columns_by_name(tables, tmp_path):
@@ -178,6 +183,28 @@ def test_eval_on_a_test_set_lacking_a_class(tables):
     assert part["absent_classes"] == ["c"] and part["class_names"] == ["a", "b", "c"]
     assert part["models"][0]["examples"] == 53 and full["absent_classes"] == []
     assert part["models"][0]["errors"] <= full["models"][0]["errors"]
+
+
+def test_an_onnx_classifier_on_a_test_set_lacking_a_class_aligns_by_its_labels(tmp_path):
+    """skl2onnx records the class labels in the graph, not in the metadata: eval must still
+    number the data's classes by them (before: 2% accuracy, no warning)."""
+    import numpy as np
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    tr, te = wine(tmp_path)
+    x = tr.drop(columns="target").to_numpy(np.float32)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(x, tr.target)
+    model = tmp_path / "lr.onnx"
+    model.write_bytes(to_onnx(clf, x[:1], options={id(clf[-1]): {"zipmap": False}})
+                      .SerializeToString())
+    te[te.target != "a"].to_csv(tmp_path / "no_a.csv", index=False)
+    r = evaluate([str(model)], str(tmp_path / "no_a.csv"), data_options=TARGET,
+                 reporter=QUIET)
+    assert r["absent_classes"] == ["a"] and r["class_names"] == ["a", "b", "c"]
+    assert r["models"][0]["accuracy"] >= 0.9
 
 
 def test_a_failed_runs_checkpoint_does_not_block_a_retry(tables, tmp_path, monkeypatch):

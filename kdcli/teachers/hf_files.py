@@ -46,46 +46,27 @@ def check_folder(folder: Path) -> None:
     Raises:
         FormatError: naming the entry.
     """
-    try:
-        entries = list(os.scandir(folder))
-    except OSError as e:
-        raise FormatError(f"cannot list the checkpoint folder {quote_name(folder)} "
-                          f"({e.strerror})", "Check the path and its permissions") from e
-    for e in entries:
-        _check_entry(folder, e, e.name)
-    # Subfolders too (transformers reads additional_chat_templates/*.jinja, say); links
-    # inside are checked, not followed.
-    for sub in (e for e in entries if e.is_dir(follow_symlinks=False)):
-        for root, dirs, files in os.walk(sub.path, followlinks=False):
-            for name in (*dirs, *files):
-                path = os.path.join(root, name)
-                rel = os.path.relpath(path, folder)
-                _check_entry(folder, _Entry(path, rel), rel)
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise FormatError(f"cannot list the checkpoint folder {quote_name(folder)}",
+                          "Check the path and its permissions")
+    # Every entry, subfolders included (transformers reads additional_chat_templates/*.jinja,
+    # say); links are checked, never followed.
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in (*dirs, *files):
+            _check_entry(folder, os.path.relpath(os.path.join(root, name), folder))
 
 
-class _Entry:
-    """What :func:`_check_entry` asks of an entry below the top level (as ``os.DirEntry``)."""
-
-    def __init__(self, path: str, name: str) -> None:
-        self.path, self.name = path, name
-
-    def is_symlink(self) -> bool:
-        return os.path.islink(self.path)
-
-    def stat(self, follow_symlinks: bool = True) -> os.stat_result:
-        return os.stat(self.path) if follow_symlinks else os.lstat(self.path)
-
-
-def _check_entry(folder: Path, e: Any, name: str) -> None:
-    """Refuse entry ``e`` (``name`` relative to ``folder``) if it is a link that leads out of
-    the folder, or a FIFO, device or socket."""
-    if e.is_symlink() and inside_folder(folder, name) is None:
+def _check_entry(folder: Path, name: str) -> None:
+    """Refuse ``folder/name`` if it is a link that leads out of the folder, or a FIFO,
+    device or socket."""
+    path = os.path.join(folder, name)
+    link = os.path.islink(path)
+    if link and inside_folder(folder, name) is None:
         raise FormatError(f"{quote_name(folder)}: {quote_name(name)} is a link to "
-                          f"{quote_name(os.readlink(e.path))}, outside the checkpoint "
+                          f"{quote_name(os.readlink(path))}, outside the checkpoint "
                           "folder", "Copy the file into the folder (cp -L), or remove "
                           "the link")
-    mode = e.stat(follow_symlinks=True).st_mode if e.is_symlink() and \
-        os.path.exists(e.path) else e.stat(follow_symlinks=False).st_mode
+    mode = (os.stat(path) if link and os.path.exists(path) else os.lstat(path)).st_mode
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
         raise FormatError(f"{quote_name(folder)}: {quote_name(name)} is not a regular "
                           "file (a FIFO, device or socket)", "Remove it from the folder")

@@ -151,11 +151,13 @@ def _target(mf, data: str | None, teacher: str | Path | None, transfer: str | Pa
     c = mf.num_classes
     if transfer is not None:
         ts = load_transfer_set(transfer)
+        ts.require_tensors("kdcli calibrate-bias")
         inputs, pi = ts.columns["inputs"], ts.mean_targets(1.0)
         source = f"transfer set {Path(transfer).name}"
     else:
         spec = data or recorded_data(mf.training, "data") or "mnist:train"
-        ds = load_data(spec, options=_options(data_options, mf.training))
+        ds = load_data(spec, options=_options(data_options, mf.training),
+                       text="kdcli calibrate-bias")
         inputs, source = ds.inputs, ds.source
         if target == "labels":
             if ds.labels is None:
@@ -186,7 +188,8 @@ def _evaluate(mf, eval_data: str, shift: torch.Tensor,
     from kdcli.data.sources import load_data
     from kdcli.evaluate import classification_metrics, predict
 
-    ev = load_data(eval_data, options=_options(data_options, mf.training))
+    ev = load_data(eval_data, options=_options(data_options, mf.training),
+                   text="kdcli calibrate-bias")
     if ev.labels is None:
         raise no_labels(ev, "give labelled --eval-data")
     z = predict(mf.model, ev.inputs)

@@ -147,7 +147,7 @@ def _check_inputs(mf: ModelFile, data: str | None, fixed: int | None, count: int
         raise UsageError("the model records no data source to check the export on",
                          "Pass --data with examples the model takes")
     ds = load_data(spec, limit=max(count, fixed or 0),
-                   options=recorded_options(data_options, mf.training))
+                   options=recorded_options(data_options, mf.training), text="kdcli export")
     raw = ds.inputs
     if list(raw.shape[1:]) != list(mf.preprocessing.raw_shape):
         raise UsageError(f"--data examples have shape {list(raw.shape[1:])}, but the model "

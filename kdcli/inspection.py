@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.markup import escape
 
 from kdcli.errors import FormatError
 from kdcli.io.files import require_file
@@ -17,6 +18,7 @@ from kdcli.transfer.layout import TRANSFER_FORMAT, is_index_path
 from kdcli.transfer.reader import load_transfer_set
 
 MAX_DARK_CLASSES = 1000  # a [C, C] table of mean soft targets beyond this is too big to show
+SHOWN_ROWS = 5  # the rows of a text set shown with their texts
 
 
 def inspect_file(path: str | Path, reporter: Reporter | None = None,
@@ -70,12 +72,46 @@ def _inspect_transfer(p: Path, rep: Reporter, verify: bool = False) -> dict[str,
         "mean_entropy_nats": entropy / n, "dark_knowledge": dark, "verified": verify,
         "class_names": ts.meta.get("class_names"), "feature_names": ts.meta.get("feature_names"),
     }
+    if ts.is_text:
+        info["tensors"]["text_bytes"] = {"dtype": "uint8",
+                                         "shape": [sum(len(b) for b in ts.text_bytes)]}
+        info["text_columns"] = ts.meta.get("text_columns")
+        info["rows"] = _text_rows(ts)
     names = info["class_names"]
     for d in dark:
         if names:
             d["class_name"], d["closest_name"] = names[d["class"]], names[d["closest"]]
     _show_transfer(info, ts, rep)
     return info
+
+
+def _text_rows(ts, count: int = SHOWN_ROWS, top: int = 3) -> list[dict[str, Any]]:
+    """The first ``count`` rows of a text set: their texts, label and the teacher's ``top``
+    classes with their probabilities at T = 1 (at the stored T when T = 1 cannot be derived
+    from a top-k set)."""
+    n = min(count, len(ts))
+    idx = torch.arange(n)
+    T = 1.0 if ts.rederive_problem(1.0) is None else ts.T
+    probs = ts.dense_targets(idx, T)
+    labels = ts.columns["labels"][idx].tolist() if ts.has_labels else [None] * n
+    names = ts.meta.get("class_names")
+    rows = []
+    for i, (text, p) in enumerate(zip(ts.texts(idx).strings(), probs, strict=True)):
+        k = min(top, len(p))
+        values, classes = p.topk(k)
+        rows.append({"row": i, "text": list(text) if isinstance(text, tuple) else text,
+                     "label": labels[i], "T": T,
+                     "top": [{"class": int(c), **({"name": names[int(c)]} if names else {}),
+                              "prob": round(float(v), 4)} for v, c in zip(values, classes,
+                                                                          strict=True)]})
+    return rows
+
+
+def _clip_text(text: str | list[str], width: int = 70) -> str:
+    """A text on one line, cut to ``width`` characters (a pair joined by `` | ``)."""
+    joined = " | ".join(text) if isinstance(text, list) else text
+    one = " ".join(joined.split())
+    return one if len(one) <= width else one[:width - 1] + "…"
 
 
 def _target_statistics(ts) -> tuple[float, float, list[dict[str, Any]]]:
@@ -123,6 +159,8 @@ def _show_transfer(info: dict[str, Any], ts, rep: Reporter) -> None:
     rows += [[k, short(info[k])] for k in ("combine", "weights", "data_source", "created",
                                             "kdcli_version", "mean_entropy_nats",
                                             "class_names", "feature_names") if info[k]]
+    if info.get("text_columns"):
+        rows.append(["text columns", short(info["text_columns"])])
     rows.append(["verified", "checksums and every row" if info["verified"]
                  else "no (use --verify)"])
     rep.table(f"Transfer set {Path(info['file']).name}", ["", "value"], rows)
@@ -131,6 +169,15 @@ def _show_transfer(info: dict[str, Any], ts, rep: Reporter) -> None:
                for t in info["teachers"] or []])
     rep.table("Tensors", ["name", "dtype", "shape"],
               [[k, v["dtype"], str(v["shape"])] for k, v in info["tensors"].items()])
+    if info.get("rows"):
+        names = info["class_names"]
+        rep.table(f"The first {len(info['rows'])} texts and the teacher's top classes "
+                  f"(T={info['rows'][0]['T']:g})", ["row", "text", "label", "teacher"],
+                  [[r["row"], escape(_clip_text(r["text"])),
+                    "-" if r["label"] is None else
+                    escape(names[r["label"]] if names else str(r["label"])),
+                    escape(", ".join(f"{t.get('name', t['class'])} {t['prob']:.2f}"
+                                     for t in r["top"]))] for r in info["rows"]])
     if info["classes"] <= MAX_DARK_CLASSES:
         rep.table("Dark knowledge: each class's most probable other class (mean soft target)",
                   ["class", "examples", "closest", "soft prob"],

@@ -60,9 +60,10 @@ CropPadOpt = Annotated[int | None, typer.Option(metavar="P", help="Random crop o
 PadModeOpt = Annotated[str | None, typer.Option(metavar="MODE", help="How --crop-pad pads: zero (default) or reflect.", show_default=False)]
 FlipOpt = Annotated[bool | None, typer.Option("--flip/--no-flip", help="Mirror images left-right with probability 1/2.", show_default=False)]
 # How tables and image folders are read, for every command that reads data (data_options).
-_PANEL = "Tables and image folders"
+_PANEL = "Tables, text and image folders"
 LabelColumnOpt = Annotated[str | None, typer.Option(metavar="NAME", help="Table: the label column (default: label when present, else unlabelled; none: unlabelled).", rich_help_panel=_PANEL)]
 FeatureColumnsOpt = Annotated[str | None, typer.Option(metavar="NAMES", help="Table: feature columns, comma-separated (default: every other numeric column).", rich_help_panel=_PANEL)]
+TextColumnOpt = Annotated[str | None, typer.Option(metavar="NAME[,NAME]", help="Table: the text column, or two for sentence pairs; the examples are texts (soft-targets only, for now).", rich_help_panel=_PANEL)]
 ChannelsOpt = Annotated[int | None, typer.Option(metavar="N", help="Images: 1 (grayscale) or 3 (RGB) channels (default: RGB if any image is in colour).", rich_help_panel=_PANEL)]
 ImageSizeOpt = Annotated[str | None, typer.Option(metavar="H,W", help="Images: resize all to H,W, e.g. 32,32 (needed when sizes differ).", rich_help_panel=_PANEL)]
 # How to feed a foreign model, for every command that runs one (model_options): each is
@@ -117,7 +118,7 @@ def data_options(only_given: bool = False) -> Callable[[F], F]:
     ``data_options`` parameter, a :class:`~kdcli.data.base.DataOptions` (with
     ``only_given``: None when none of them is given)."""
     params = [_option("label_column", LabelColumnOpt), _option("feature_columns", FeatureColumnsOpt),
-              _option("channels", ChannelsOpt), _option("image_size", ImageSizeOpt)]
+              _option("text_column", TextColumnOpt), _option("channels", ChannelsOpt), _option("image_size", ImageSizeOpt)]
 
     def build(values: dict[str, Any], _: dict[str, Any]) -> Any:
         if only_given and all(v is None for v in values.values()):
@@ -196,7 +197,7 @@ def output_options(quiet: bool = True) -> Callable[[F], F]:
 
 
 def _data_options(label_column: str | None, feature_columns: str | None,
-                  channels: int | None, image_size: str | None) -> Any:
+                  text_column: str | None, channels: int | None, image_size: str | None) -> Any:
     """The :class:`~kdcli.data.base.DataOptions` of the table/image options."""
     from kdcli.data.base import DataOptions
 
@@ -205,8 +206,10 @@ def _data_options(label_column: str | None, feature_columns: str | None,
         size = size * 2
     columns = [c.strip() for c in feature_columns.split(",") if c.strip()] \
         if feature_columns is not None else None
+    texts = tuple(c.strip() for c in text_column.split(",")) if text_column is not None else None
     opts = DataOptions(label_column=label_column or None,
                        feature_columns=tuple(columns) if feature_columns is not None else None,
+                       text_columns=texts,
                        channels=channels, image_size=tuple(size) if size else None)
     opts.check()
     return opts

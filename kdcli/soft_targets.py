@@ -33,8 +33,9 @@ from kdcli.teachers.inputs import describe_preprocessing
 from kdcli.transfer.ensemble import COMBINE_RULES
 from kdcli.transfer.layout import (
     INDEX_SUFFIX,
+    TENSOR_VERSION,
+    TEXT_VERSION,
     TRANSFER_FORMAT,
-    TRANSFER_FORMAT_VERSION,
     is_index_path,
 )
 from kdcli.transfer.targets import check_form_options, chosen_form
@@ -138,6 +139,7 @@ def soft_targets(
     members = _load_members(teachers, opts, dev, precision, probe_x, rep,
                             names_to_match(source.ds, data_options))
     T = _temperature(T, members, rep)
+    members = _in_one_order(source.ds, members, rep)
     c, class_names = _classes(source.ds, members)
     form = chosen_form(top_k, targets_dtype, c, len(members), rep.info)
     # run them over all rows, writing the set a batch at a time
@@ -215,6 +217,9 @@ def _read(data: str, limit: int | None, data_options: DataOptions | None,
 
     ds = load_data(data, limit=limit, options=data_options, reporter=rep)
     keep = _filter_classes(ds, classes, exclude_classes)
+    if ds.is_text and copies:
+        raise UsageError("--copies makes augmented copies of images; text augmentation is "
+                         "not in kdcli yet", "Drop --copies for text data")
     augment.check_shape(ds.sample_shape)
     return Source(ds, keep, copies, augment, seed)
 
@@ -223,6 +228,23 @@ def _classes(ds, members: list[Teacher]) -> tuple[int, list[str] | None]:
     """The class count the teachers agree on (and the labels fit), and the class names."""
     c = _check_classes(members, None if ds.labels is None else int(ds.labels.max()))
     return c, _class_names(ds, members, c)
+
+
+def _in_one_order(ds, members: list[Teacher], rep: Reporter) -> list[Teacher]:
+    """The teachers, each with its outputs in the class order of the first that names its
+    classes (of the data's, when only the data names them), so that an ensemble averages
+    like with like; say when string labels are taken as a teacher's unnamed classes."""
+    named = [t.class_names if t.class_names is not None else t.fmt.class_names(t.path)
+             for t in members]
+    order = next((n for n in named if n is not None), None)
+    if order is None:
+        if ds.class_names is not None:
+            rep.info(f"{ds.source} names its classes; numbered in sorted order "
+                     f"({', '.join(f'{i} {n}' for i, n in enumerate(ds.class_names[:5]))}"
+                     f"{', ...' if len(ds.class_names) > 5 else ''}) as the teacher's "
+                     "classes, which it does not name: check the accuracy column")
+        return members
+    return [t.in_class_order(order) for t in members]
 
 
 def _check_out(out: str | Path, force: bool, inputs: list[str | Path]) -> Path:
@@ -242,7 +264,11 @@ def _load_members(teachers: list[str | Path], opts: list[TeacherOptions], dev: s
                             feature_names=feature_names)
                for p, o in zip(teachers, opts, strict=True)]
     for t in members:
+        if hasattr(t.runner, "truncated"):
+            t.runner.truncated = 0  # count the transfer set's texts, not the probe's
         pre = t.preprocessing
+        if not isinstance(probe_x, torch.Tensor):
+            continue
         if not t.fmt.own_preprocessing and probe_x.dtype == torch.uint8 and \
                 (pre.scale, pre.mean, pre.std) == (1.0, 0.0, 1.0):
             rep.warn(f"{t.name} gets raw 8-bit values (0-255): no --scale/--mean/--std given. "
@@ -268,8 +294,8 @@ def _metadata(writer: RangeWriter, dist, *, precision: str, classes: list[int] |
     source, augment = writer.source, writer.source.augment
     meta = {
         "format": TRANSFER_FORMAT,
-        # every file carries data_sha256, which version 3 added
-        "format_version": str(TRANSFER_FORMAT_VERSION),
+        # the lowest version that holds the set: 3 (data_sha256), or 4 for texts
+        "format_version": str(TEXT_VERSION if source.text else TENSOR_VERSION),
         "kdcli_version": __version__,
         "created": dist.broadcast(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
         "T": repr(writer.T),
@@ -291,6 +317,10 @@ def _metadata(writer: RangeWriter, dist, *, precision: str, classes: list[int] |
         "seed": str(source.seed),
         "targets": writer.form.name,
     }
+    if source.text:
+        meta["inputs"] = "text"
+        if source.ds.inputs.columns:
+            meta["text_columns"] = json.dumps(source.ds.inputs.columns)
     for key, value in (("class_names", class_names), ("feature_names", source.ds.feature_names),
                        ("data_options", data_options.recorded() if data_options else None)):
         if value:
@@ -318,7 +348,9 @@ def _summary(out: Path, writer: RangeWriter, stats, *, has_labels: bool,
         "samples_per_s": round(n / max(seconds, 1e-9), 1),
         "teachers": [{"file": str(t.path), "format": t.format, "output": t.output,
                       "preprocessing": t.preprocessing.to_dict(),
-                      "accuracy": (float(correct[i]) / n if has_labels else None)}
+                      "accuracy": (float(correct[i]) / n if has_labels else None),
+                      **({"truncated": t.runner.truncated}
+                         if hasattr(t.runner, "truncated") else {})}
                      for i, t in enumerate(members)],
         "class_names": class_names,
     }
@@ -332,9 +364,12 @@ def _summary(out: Path, writer: RangeWriter, stats, *, has_labels: bool,
 def _show_summary(summary: dict[str, Any], members: list[Teacher], rep: Reporter, *,
                   sharded: bool, form: str) -> None:
     """The teachers' notes, then the results table (``form``: the targets form's label)."""
-    for t in members:
+    for t, record in zip(members, summary["teachers"], strict=True):
         for note in t.notes:
             rep.info(note)
+        if record.get("truncated"):
+            rep.info(f"{t.name}: {record['truncated']:,} of {summary['examples']:,} texts "
+                     f"were longer than its {t.runner.max_length} tokens and were truncated")
     rows = [[Path(t["file"]).name, t["format"], t["output"],
              describe_preprocessing(t["preprocessing"]),
              "-" if t["accuracy"] is None else f"{100 * t['accuracy']:.2f}%"]
@@ -413,11 +448,14 @@ def _check_classes(members: list[Teacher], labels_max: int | None) -> int:
 def _class_names(ds, members: list[Teacher], c: int) -> list[str] | None:
     """The class names of the data, else of the teachers (their own, or what their kdcli or
     ONNX file records); refuse any that differ."""
-    from kdcli.data.base import check_same_classes
+    from kdcli.data.base import align_classes, check_same_classes
 
     names = ds.class_names
     for t in members:
         theirs = t.class_names if t.class_names is not None else t.fmt.class_names(t.path)
+        if names is ds.class_names:  # the data's labels numbered in the teacher's order
+            align_classes(ds, theirs)
+            names = ds.class_names
         check_same_classes(names, ds.source, theirs, f"teacher {t.name}")
         names = names or theirs
     if names is not None and len(names) != c:

@@ -64,7 +64,9 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
     folder = _folder(out_dir, force)
     config, precision_shown = _concrete_precision(config)
     transfer = _transfer_set(folder, teacher, data, temperatures[0], data_options, rep, config)
-    config = config.resolved(int(load_transfer_set(transfer).columns["inputs"].shape[0]))
+    ts = load_transfer_set(transfer)
+    ts.require_tensors("kdcli sweep")
+    config = config.resolved(len(ts))
     points = []
     # Seeds outermost: an interrupted sweep has whole grids for its first seeds.
     grid = [(h, t, s) for s in seeds for h in hidden for t in temperatures]

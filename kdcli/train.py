@@ -163,7 +163,7 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
     if not cfg.dry_run:
         check_train_outputs(out, force, resume, data_files(data) + data_files(eval_data))
     start = time.perf_counter()
-    ds = load_data(data, limit=limit, options=data_options, reporter=rep)
+    ds = load_data(data, limit=limit, options=data_options, reporter=rep, text="kdcli train")
     if ds.labels is None:
         raise no_labels(ds, "train on labelled data (kdcli train needs labels)", UsageError)
     cfg, precision_note = _concrete(cfg, len(ds))
@@ -229,7 +229,7 @@ def _eval_data(eval_data: str | None, source: str, data_options: DataOptions | N
     if feature_names and (data_options is None or data_options.feature_columns is None):
         data_options = replace(data_options or DataOptions(),
                                feature_columns=tuple(feature_names))
-    eval_ds = load_data(spec, options=data_options, reporter=rep)
+    eval_ds = load_data(spec, options=data_options, reporter=rep, text="kdcli train")
     if eval_ds.labels is None:
         raise no_labels(eval_ds, "give labelled --eval-data, or pass --eval-data none",
                         UsageError)
@@ -345,6 +345,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
                             [transfer, *data_files(transfer), *data_files(eval_data)])
     start = time.perf_counter()
     ts = load_transfer_set(transfer)
+    ts.require_tensors("kdcli train-student")
     stamps = file_stamps(ts)
     if d.alpha > 0 and not ts.has_labels:
         raise UsageError(f"--alpha {d.alpha} needs labels, but {transfer} has none",

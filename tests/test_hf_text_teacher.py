@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import rotten_tomatoes_rows
+from conftest import TEXT_MAX_LEN, TEXT_NAMES
 
 from kdcli.errors import FormatError, ModelError, UnsafePickleError
 from kdcli.teachers.formats import detect_format, load_teacher
@@ -17,12 +17,7 @@ from kdcli.teachers.formats import detect_format, load_teacher
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-NAMES = ["rotten", "fresh"]
-MAX_LEN = 48
-
-
-def rotten_tomatoes() -> list[dict[str, str]]:
-    return rotten_tomatoes_rows()
+NAMES = TEXT_NAMES
 
 
 class Marker:
@@ -36,53 +31,13 @@ class Marker:
 
 
 @pytest.fixture(scope="module")
-def corpus() -> dict[str, list]:
-    rows = rotten_tomatoes()
-    reviews = [r for r in rows if r["category"] in NAMES]
-    plots = [r["text"] for r in rows if r["category"] == "plot"]  # long: truncated
-    return {"train": [r["text"].strip() for r in reviews[:200]],
-            "labels": [NAMES.index(r["category"]) for r in reviews[:200]],
-            "mixed": ([r["text"].strip() for r in reviews[200:215]] + plots[:3]
-                      + ["", "Great."])}
+def corpus(text_corpus) -> dict[str, list]:
+    return text_corpus
 
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory, corpus) -> Path:
-    """A tiny BERT sequence classifier and its WordPiece tokenizer, saved with
-    save_pretrained (safetensors)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(corpus["train"], trainers.WordPieceTrainer(
-        vocab_size=600, special_tokens=specials))
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                             cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                             model_max_length=MAX_LEN)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                     num_labels=2, id2label=dict(enumerate(NAMES)),
-                     label2id={n: i for i, n in enumerate(NAMES)}, initializer_range=0.2)
-    model = BertForSequenceClassification(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    enc = fast(corpus["train"][:64], padding=True, truncation=True, return_tensors="pt")
-    labels = torch.tensor(corpus["labels"][:64])
-    for _ in range(5):  # a few steps, so that the logits differ from text to text
-        opt.zero_grad()
-        model(**enc, labels=labels).loss.backward()
-        opt.step()
-    folder = tmp_path_factory.mktemp("hf") / "bert"
-    model.save_pretrained(folder, safe_serialization=True)
-    fast.save_pretrained(folder)
-    return folder
+def bert(text_bert) -> Path:
+    return text_bert
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +71,7 @@ def test_logits_equal_transformers_on_texts_of_mixed_lengths(bert, teacher, corp
     texts = corpus["mixed"]
     assert len(texts) == 20 and detect_format(bert) == "huggingface-text"
     assert teacher.takes_text and teacher.class_names == NAMES and teacher.num_classes == 2
-    assert teacher.meta["max_length"] == MAX_LEN and teacher.output == "logits"
+    assert teacher.meta["max_length"] == TEXT_MAX_LEN and teacher.output == "logits"
     before = teacher.runner.truncated
     z = teacher.logits(texts)
     assert teacher.runner.truncated - before >= 3  # the plot summaries are longer than 48
@@ -157,7 +112,7 @@ def test_inspect_shows_the_text_classifier(bert):
     info = inspect_file(bert)
     assert info["format"] == "huggingface-text" and info["class_names"] == NAMES
     assert info["architecture"] == ["BertForSequenceClassification"]
-    assert info["max_length"] == MAX_LEN and "tokenizer.json" in info["tokenizer_files"]
+    assert info["max_length"] == TEXT_MAX_LEN and "tokenizer.json" in info["tokenizer_files"]
 
 
 def test_a_folder_without_a_tokenizer_gets_one_line(bert, tmp_path):

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
+from kdcli.data.text import Texts
 from kdcli.errors import DataError, KdcliError, UsageError, quote_name
 
 # The splits a spec may name after a colon: ``mnist:test``, ``DIR:train``.
@@ -32,6 +33,8 @@ class DataOptions:
             unlabelled; ``"none"``: unlabelled even if there is one.
         feature_columns: A table's feature columns, in order (None: every other numeric
             column).
+        text_columns: A table's text column, or two for sentence pairs: the examples are
+            these texts (:mod:`kdcli.data.text`) instead of numeric features.
         channels: Images as 1 (grayscale) or 3 (RGB) channels (None: RGB if any image is in
             colour, else grayscale).
         image_size: ``(H, W)`` to resize every image to (None: the images must share a size).
@@ -39,6 +42,7 @@ class DataOptions:
 
     label_column: str | None = None
     feature_columns: tuple[str, ...] | None = None
+    text_columns: tuple[str, ...] | None = None
     channels: int | None = None
     image_size: tuple[int, int] | None = None
 
@@ -53,6 +57,18 @@ class DataOptions:
                              f"{self.image_size}", "Try --image-size 32,32")
         if self.feature_columns is not None and not self.feature_columns:
             raise UsageError("--feature-columns is empty", "Name at least one column")
+        if self.text_columns is not None:
+            if len(self.text_columns) not in (1, 2) or not all(self.text_columns):
+                raise UsageError(f"--text-column takes one column name, or two for sentence "
+                                 f"pairs, got {','.join(self.text_columns)!r}",
+                                 "Try --text-column text, or --text-column premise,hypothesis")
+            if len(set(self.text_columns)) != len(self.text_columns):
+                raise UsageError("--text-column names the same column twice",
+                                 "Name two different columns for sentence pairs")
+            if self.feature_columns is not None:
+                raise UsageError("--text-column and --feature-columns together: kdcli reads "
+                                 "an example as text or as numeric features, not both",
+                                 "Give one of them")
 
     def recorded(self) -> dict[str, Any]:
         """The non-default options, as JSON-ready values (kept in output metadata)."""
@@ -69,6 +85,7 @@ def recorded_options(explicit: DataOptions | None, training: dict[str, Any]) -> 
         kept = DataOptions(
             label_column=rec.get("label_column"),
             feature_columns=tuple(rec["feature_columns"]) if rec.get("feature_columns") else None,
+            text_columns=tuple(rec["text_columns"]) if rec.get("text_columns") else None,
             channels=rec.get("channels"),
             image_size=tuple(rec["image_size"]) if rec.get("image_size") else None)
     except (AttributeError, TypeError) as e:
@@ -84,7 +101,8 @@ class Data:
 
     Attributes:
         inputs: ``[N, *sample_shape]`` in the dtype the source stores (uint8 for MNIST and
-            images: ``[N, H, W]`` grayscale, ``[N, C, H, W]`` colour; float32 for tables).
+            images: ``[N, H, W]`` grayscale, ``[N, C, H, W]`` colour; float32 for tables),
+            or N texts or pairs of texts (:class:`~kdcli.data.text.Texts`).
         labels: ``[N]`` int64 class indices, or None.
         source: The spec this was loaded from, recorded in output metadata.
         files: Memory-mapped files the inputs live in.
@@ -97,7 +115,7 @@ class Data:
             "has no labels" error), or None.
     """
 
-    inputs: torch.Tensor
+    inputs: torch.Tensor | Texts
     labels: torch.Tensor | None
     source: str
     files: list = field(default_factory=list)
@@ -108,6 +126,11 @@ class Data:
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
+
+    @property
+    def is_text(self) -> bool:
+        """Whether the examples are texts (:class:`~kdcli.data.text.Texts`)."""
+        return isinstance(self.inputs, Texts)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -205,14 +228,16 @@ def check_same_classes(a: list[str] | None, a_source: str, b: list[str] | None,
 
 
 def align_classes(data: Data, names: list[str] | None) -> list[str]:
-    """Number ``data``'s labels by ``names`` when its class names are some of them (a test
-    set that lacks a class the model has); return the classes it lacks, in order.
+    """Number ``data``'s labels by ``names`` when its class names are some or all of them
+    (a test set that lacks a class the model has; string labels, numbered in sorted order,
+    of a model whose classes come in another order); return the classes it lacks, in order.
 
-    Names that are not a proper subset of ``names`` are left as they are (for
+    Names that are not a subset of ``names`` are left as they are (for
     :func:`check_same_classes` to compare).
     """
     have = data.class_names
-    if names is None or have is None or len(have) >= len(names) or not set(have) <= set(names):
+    if names is None or have is None or list(have) == list(names) or \
+            not set(have) <= set(names):
         return []
     index = torch.tensor([list(names).index(c) for c in have], dtype=torch.long)
     if data.labels is not None:
@@ -238,10 +263,12 @@ def validate(data: Data) -> None:
     """
     if len(data) == 0:
         raise DataError(f"data {data.source} holds no examples", "Check the file or the slice")
-    if data.inputs.dtype == torch.bool or data.inputs.is_complex():
+    if data.is_text:
+        pass  # texts are checked as they are read (kdcli.data.text)
+    elif data.inputs.dtype == torch.bool or data.inputs.is_complex():
         raise DataError(f"inputs of {data.source} have dtype {data.inputs.dtype}",
                         "Store real-valued inputs")
-    if data.inputs.is_floating_point():
+    elif data.inputs.is_floating_point():
         step = max(1, (64 << 20) // max(1, data.inputs[0].numel() * data.inputs.element_size()))
         for start in range(0, len(data), step):
             chunk = data.inputs[start:start + step]

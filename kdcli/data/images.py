@@ -104,20 +104,22 @@ def load_image_folder(folder: Path, opts: DataOptions) -> Loaded:
 Found = tuple[Path, Path, os.stat_result]
 
 
-def scan(folder: Path) -> tuple[list[tuple[Path, Path, os.stat_result, int]],
-                                list[str] | None]:
-    """The image files of a folder in example order, each as (path as named, path to open,
-    ``stat``, class index), and the class names (None for a flat folder).
+def scan(folder: Path, extensions: tuple[str, ...] = EXTENSIONS, what: str = "images",
+         ) -> tuple[list[tuple[Path, Path, os.stat_result, int]], list[str] | None]:
+    """The image files (or files ending in one of ``extensions``, called ``what``) of a
+    folder in example order, each as (path as named, path to open, ``stat``, class index),
+    and the class names (None for a flat folder).
 
     Links are read (``lstat``, ``readlink``), never followed out of the folder: a link that
     leads out, from the folder itself or naming an image, is refused before its target is
     touched. Only regular files are images; links to folders below a class folder are not
     followed (as ``rglob`` does not)."""
     root = Path(os.path.realpath(folder))
-    top = _entries(folder, root, folder, root, top=True)
+    top = _entries(folder, root, folder, root, extensions, top=True)
     subdirs = sorted((e for e in top if stat.S_ISDIR(e[2].st_mode)), key=lambda e: e[0].name)
     per_class = [(named.name, _images_under(folder, root, named,
-                                            root / named.name if real == named else real))
+                                            root / named.name if real == named else real,
+                                            extensions))
                  for named, real, _ in subdirs]
     if any(found for _, found in per_class):
         classes = [name for name, _ in per_class]
@@ -125,19 +127,21 @@ def scan(folder: Path) -> tuple[list[tuple[Path, Path, os.stat_result, int]],
         files.sort(key=lambda f: (_natural(f[0].name), f[3], _natural(str(f[0]))))
     else:
         classes = None
-        files = [(*f, -1) for f in sorted((f for f in top if _is_image(f)),
+        files = [(*f, -1) for f in sorted((f for f in top if _is_image(f, extensions)),
                                           key=lambda f: _natural(f[0].name))]
     if not files:
-        raise DataError(f"folder {quote_name(folder)} holds no images ({', '.join(EXTENSIONS)})",
-                        "Use DIR/CLASS/*.png (labelled) or DIR/*.png (unlabelled)")
+        raise DataError(f"folder {quote_name(folder)} holds no {what} ({', '.join(extensions)})",
+                        f"Use DIR/CLASS/*{extensions[0]} (labelled) or DIR/*{extensions[0]} "
+                        "(unlabelled)")
     return files, classes
 
 
-def _is_image(f: Found) -> bool:
-    return stat.S_ISREG(f[2].st_mode) and f[0].suffix.lower() in EXTENSIONS
+def _is_image(f: Found, extensions: tuple[str, ...] = EXTENSIONS) -> bool:
+    return stat.S_ISREG(f[2].st_mode) and f[0].suffix.lower() in extensions
 
 
-def _entries(folder: Path, root: Path, named_dir: Path, real_dir: Path, top: bool) -> list[Found]:
+def _entries(folder: Path, root: Path, named_dir: Path, real_dir: Path,
+             extensions: tuple[str, ...], top: bool) -> list[Found]:
     """The visible entries of the real folder ``real_dir`` (inside ``root``), links read
     without touching anything outside ``root``."""
     out = []
@@ -145,7 +149,7 @@ def _entries(folder: Path, root: Path, named_dir: Path, real_dir: Path, top: boo
         for e in it:
             if e.name.startswith("."):
                 continue
-            named, image = named_dir / e.name, Path(e.name).suffix.lower() in EXTENSIONS
+            named, image = named_dir / e.name, Path(e.name).suffix.lower() in extensions
             if not e.is_symlink():
                 out.append((named, named, e.stat(follow_symlinks=False)))
                 continue
@@ -163,12 +167,13 @@ def _entries(folder: Path, root: Path, named_dir: Path, real_dir: Path, top: boo
     return out
 
 
-def _images_under(folder: Path, root: Path, named_dir: Path, real_dir: Path) -> list[Found]:
+def _images_under(folder: Path, root: Path, named_dir: Path, real_dir: Path,
+                  extensions: tuple[str, ...]) -> list[Found]:
     found = []
-    for named, real, st in _entries(folder, root, named_dir, real_dir, top=False):
+    for named, real, st in _entries(folder, root, named_dir, real_dir, extensions, top=False):
         if stat.S_ISDIR(st.st_mode) and real == named:  # not a link
-            found += _images_under(folder, root, named, real_dir / named.name)
-        elif _is_image((named, real, st)):
+            found += _images_under(folder, root, named, real_dir / named.name, extensions)
+        elif _is_image((named, real, st), extensions):
             found.append((named, real, st))
     return found
 

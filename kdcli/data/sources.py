@@ -11,9 +11,12 @@ class, drawn with seed S, default 0; see :func:`balanced_index`):
 * ``mnist`` / ``mnist:train`` / ``mnist:test``: the MNIST copy bundled with kdcli
   (:mod:`kdcli.data.mnist`).
 * a folder holding the four standard MNIST IDX files, optionally with ``:train``/``:test``.
+* a text folder: ``DIR/CLASS/*.txt`` (labelled) or ``DIR/*.txt`` (unlabelled), one UTF-8
+  text per file (:mod:`kdcli.data.text_files`).
 * an image folder: ``DIR/CLASS/*.png`` (labelled, classes in sorted order like torchvision's
   ``ImageFolder``) or a flat folder of images (unlabelled); see :mod:`kdcli.data.images`.
 * a table: ``.csv``, ``.tsv`` (optionally ``.gz``) or ``.parquet``; see :mod:`kdcli.data.tables`.
+  With ``--text-column`` its examples are the texts of that column (or two, for pairs).
 * a JSON Lines table (``.jsonl``, one object per line); see :mod:`kdcli.data.jsonl`.
 * an IDX images file (``*-images-idx3-ubyte`` or ``.gz``); its labels file is found by
   the standard name (``images-idx3`` -> ``labels-idx1``) when present (:mod:`kdcli.data.idx`).
@@ -35,6 +38,7 @@ import torch
 from rich.markup import escape
 
 from kdcli.data.base import SPLITS, Data, DataOptions, Loaded, Reader, validate
+from kdcli.data.text import Texts
 from kdcli.errors import DataError, UsageError, quote_name
 from kdcli.output import Reporter
 
@@ -85,6 +89,8 @@ SOURCES: list[Source] = [
     Source("bundled MNIST", "kdcli.data.mnist:read", names=("mnist",)),
     Source("MNIST IDX folder", "kdcli.data.idx:read_folder", folders=True,
            claims="kdcli.data.idx:is_idx_folder"),
+    Source("text folder", "kdcli.data.text_files:read", folders=True,
+           claims="kdcli.data.text_files:is_text_folder"),
     Source("image folder", "kdcli.data.images:read", folders=True),
     Source("numpy arrays", "kdcli.data.arrays:read_numpy", suffixes=(".npz", ".npy")),
     Source("safetensors arrays", "kdcli.data.arrays:read_safetensors", suffixes=(".safetensors",)),
@@ -98,7 +104,7 @@ SOURCES: list[Source] = [
 
 
 def load_data(spec: str, limit: int | None = None, options: DataOptions | None = None,
-              reporter: Reporter | None = None) -> Data:
+              reporter: Reporter | None = None, text: str | None = None) -> Data:
     """Load a data source.
 
     Args:
@@ -106,12 +112,15 @@ def load_data(spec: str, limit: int | None = None, options: DataOptions | None =
         limit: Keep only the first ``limit`` examples (after any slice).
         options: How tables and image folders are read (default: :class:`DataOptions`).
         reporter: Where the source's notes (``Data.notes``: columns left out, ...) are said.
+        text: None if the caller takes text data (:class:`~kdcli.data.text.Texts`); else
+            what it is, for the error that refuses text (``kdcli train``).
 
     Returns:
         The validated data.
 
     Raises:
-        DataError: The source is missing, malformed or empty.
+        DataError: The source is missing, malformed or empty, or is text where ``text``
+            says texts are not taken.
     """
     opts = options or DataOptions()
     opts.check()
@@ -120,7 +129,13 @@ def load_data(spec: str, limit: int | None = None, options: DataOptions | None =
     got = _read(base, opts)
     inputs, labels = got.inputs, got.labels
     files = []
-    if isinstance(inputs, tuple):  # memory-mapped: (tensor, MappedFile)
+    if isinstance(inputs, Texts):
+        if text is not None:
+            raise DataError(f"{base} holds texts, and {text} does not take text yet",
+                            "Write a transfer set from a text teacher with kdcli soft-targets; "
+                            "text students are not in kdcli yet")
+        inputs_t = inputs
+    elif isinstance(inputs, tuple):  # memory-mapped: (tensor, MappedFile)
         inputs_t, mapped = inputs
         files.append(mapped)
     else:
@@ -143,7 +158,9 @@ def load_data(spec: str, limit: int | None = None, options: DataOptions | None =
             raise DataError(f"--limit must be positive, got {limit}", "Pass a count above 0")
         inputs_t = inputs_t[:limit]
         labels_t = None if labels_t is None else labels_t[:limit]
-    data = Data(inputs_t if inputs_t.is_contiguous() else inputs_t.contiguous(), labels_t,
+    if isinstance(inputs_t, torch.Tensor) and not inputs_t.is_contiguous():
+        inputs_t = inputs_t.contiguous()
+    data = Data(inputs_t, labels_t,
                 spec if limit is None else f"{spec}[:{limit}]", files,
                 got.class_names, got.feature_names, list(got.notes), got.label_hint)
     validate(data)
@@ -271,10 +288,12 @@ def _check_kind(path: Path) -> None:
         raise DataError(f"data file {quote_name(path)} is empty", "Check the file")
 
 
-def _widen_unsigned(inputs: torch.Tensor, source: str) -> torch.Tensor:
+def _widen_unsigned(inputs: torch.Tensor | Texts, source: str) -> torch.Tensor | Texts:
     """uint16, uint32 and uint64 inputs as the signed type that holds their values exactly
     (int32, int64, int64), the one rule of every command (kdcli stores no unsigned type
     wider than 8 bits)."""
+    if not isinstance(inputs, torch.Tensor):
+        return inputs
     wider = {torch.uint16: torch.int32, torch.uint32: torch.int64, torch.uint64: torch.int64}
     if inputs.dtype not in wider:
         return inputs

@@ -81,6 +81,8 @@ def from_table(table: pa.Table, path: Path, options: DataOptions) -> Loaded:
         raise DataError(f"{path} holds no rows (columns: {_few(names)})",
                         "Give a table with a header and at least one row")
     label = _label_column(names, options, path)
+    if options.text_columns is not None:
+        return _texts(table, label, options.text_columns, path)
     index = _pandas_index(table, label, options)
     features, skipped = _feature_columns(table, label, index, options, path)
     columns = []
@@ -103,6 +105,68 @@ def from_table(table: pa.Table, path: Path, options: DataOptions) -> Loaded:
                      f"{_few(skipped)} (only numeric columns are features)")
     hint = _label_like(table, skipped) if label is None else None
     return Loaded(inputs, labels, class_names, features, notes, hint)
+
+
+def _texts(table: pa.Table, label: str | None, text_columns: tuple[str, ...],
+           path: Path) -> Loaded:
+    """The examples of a table read with ``--text-column``: its text column (or two, for
+    sentence pairs) as :class:`~kdcli.data.text.Texts`, and the labels."""
+    from kdcli.data.text import from_columns
+
+    names = list(table.column_names)
+    missing = [c for c in text_columns if c not in names]
+    if missing:
+        like = _text_like(table, names)
+        raise DataError(f"{path} has no column {missing[0]!r} (columns: {_few(names)})",
+                        f"Pass --text-column {quote_name(like)}" if like else
+                        "Pass --text-column with the table's text column")
+    if label in text_columns:
+        raise DataError(f"column {label!r} of {path} is both the label and a text column",
+                        "Pick another --label-column or --text-column")
+    columns = []
+    for name in text_columns:
+        col = table.column(name)
+        t = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
+        if pa.types.is_binary(t) or pa.types.is_large_binary(t):  # pyarrow: not UTF-8
+            values = col.to_pylist()
+            row = next((i for i, v in enumerate(values) if v is not None and
+                        not _is_utf8(v)), 0)
+            raise DataError(f"column {name!r} of {path} holds bytes that are not UTF-8 in "
+                            f"{_rows_at(path, [row], lines=False)}", "Convert the file to "
+                            "UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)):
+            raise DataError(f"column {name!r} of {path} holds {t}, not text",
+                            "Pass --text-column with a column of text")
+        columns.append(col.to_pylist())
+    notes: list[str] = []
+    texts = from_columns(columns, str(path), names=list(text_columns),
+                         say_rows=lambda rows: _rows_at(path, rows, lines=False),
+                         notes=notes)
+    labels, class_names = (None, None) if label is None else _labels(table, label, path)
+    hint = _label_like(table, [c for c in names if c not in text_columns]) \
+        if label is None else None
+    return Loaded(texts, labels, class_names, None, notes, hint)
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _text_like(table: pa.Table, names: list[str]) -> str | None:
+    """A column that looks like text to classify: strings averaging 20 characters or more
+    (named in hints), or None."""
+    for c in names:
+        col = table.column(c)
+        if (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)) \
+                and col.length() - col.null_count:
+            mean = pc.mean(pc.utf8_length(col)).as_py() or 0
+            if mean >= 20:
+                return c
+    return None
 
 
 def _read_table(path: Path) -> pa.Table:
@@ -218,6 +282,11 @@ def _feature_columns(table: Any, label: str | None, index: str | None, opts: Dat
     skipped = [c for c in rest if not _holds_numbers(table.column(c))]
     features = [c for c in rest if c not in skipped]
     if not features:
+        like = _text_like(table, skipped)
+        if like is not None:
+            raise DataError(f"{path} has no numeric feature columns; its column "
+                            f"{quote_name(like)} holds text", f"Pass --text-column "
+                            f"{quote_name(like)} to read the rows as texts")
         raise DataError(f"{path} has no numeric feature columns (columns: {_few(names)})",
                         "Pass --feature-columns, or give the table numeric columns")
     return features, skipped
@@ -353,6 +422,7 @@ def _labels(table: Any, label: str, path: Path) -> tuple[np.ndarray, list[str] |
             raise DataError(f"label column {label!r} of {path} is empty in "
                             f"{_rows(path, empty)}", "Give every row a label, or drop the "
                             "unlabelled rows")
+        _check_one_kind(values, label, path)
         names = sorted(set(values))
         index = {c: i for i, c in enumerate(names)}
         return np.array([index[v] for v in values], dtype=np.int64), names
@@ -370,6 +440,20 @@ def _labels(table: Any, label: str, path: Path) -> tuple[np.ndarray, list[str] |
     return y.astype(np.int64), None
 
 
+def _check_one_kind(values: list[str], label: str, path: Path) -> None:
+    """Refuse string labels that mix whole numbers and names (``0``, ``1``, ``pos``): class
+    indices and class names cannot be numbered together."""
+    number = [i for i, v in enumerate(values) if re.fullmatch(r"\s*[-+]?\d+(\.0*)?\s*", v)]
+    if not number or len(number) == len(values):
+        return
+    numbers = set(number)
+    name = next(i for i in range(len(values)) if i not in numbers)
+    raise DataError(f"label column {label!r} of {path} mixes numbers and names: "
+                    f"{values[number[0]]!r} in {_row(path, number[0])}, {values[name][:40]!r} "
+                    f"in {_row(path, name)}", "Use class indices 0, 1, ... or class names "
+                    "throughout")
+
+
 def _row(path: Path, i: int) -> str:
     """Data row ``i`` (0-based) as a user counts it: 1-based, and the file line for an
     uncompressed CSV/TSV (one header line; other sources' rows need not be lines)."""
@@ -382,6 +466,14 @@ def _rows(path: Path, mask: Any) -> str:
     """The rows where ``mask`` (a boolean column) is true, as :func:`_row` says them: the
     first, or the first three and how many in all."""
     rows = np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool))
+    return _rows_at(path, [int(i) for i in rows])
+
+
+def _rows_at(path: Path, rows: list[int], lines: bool = True) -> str:
+    """Rows (0-based) as :func:`_row` says them: the first, or the first three and how many
+    in all (without file lines when ``lines`` is False: quoted texts may span lines)."""
+    if not lines:
+        path = path.with_suffix(".table")
     if len(rows) == 1:
         return _row(path, int(rows[0]))
     shown = ", ".join(str(int(i) + 1) for i in rows[:3])

@@ -17,12 +17,13 @@ import json
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kdcli.data.text import Texts
 from kdcli.devices import host_to_device, use_tf32
 from kdcli.errors import FormatError, ModelError, UsageError
 from kdcli.io.files import sha256_file
@@ -41,7 +42,7 @@ DEFAULT_INPUT = "input"
 #: The dtype of an input that is raw text (one string, or a pair, per example).
 TEXT = "string"
 #: A batch of raw examples: ``[B, *shape]`` values, or ``B`` texts or ``(text, text)`` pairs.
-RawBatch = torch.Tensor | Sequence[str] | Sequence[tuple[str, str]]
+RawBatch = torch.Tensor | Texts | Sequence[str] | Sequence[tuple[str, str]]
 
 
 @dataclass
@@ -126,6 +127,9 @@ class Teacher:
         columns: The table columns the model takes, as indices into a raw example
             (None: all, in order): the data's columns matched by name to the feature names
             its file records (see :func:`~kdcli.teachers.inputs.match_columns`).
+        class_order: Its output columns in the ensemble's class order (None: as they
+            are): ``logits()[:, j]`` is the model's column ``class_order[j]`` (see
+            :meth:`in_class_order`).
     """
 
     path: Path
@@ -146,6 +150,7 @@ class Teacher:
     device: str = "cpu"
     precision: str = "fp32"
     columns: tuple[int, ...] | None = None
+    class_order: tuple[int, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -175,6 +180,8 @@ class Teacher:
                "output": self.output, "num_classes": self.num_classes, **self.meta}
         if self.class_names is not None:
             out["class_names"] = self.class_names
+        if self.class_order is not None:
+            out["class_order"] = list(self.class_order)
         return out
 
     def param_count(self) -> int | None:
@@ -191,6 +198,11 @@ class Teacher:
         """A batch of raw examples as the model takes them: the texts as they are for a text
         model, else :func:`prepare_input` (layout ``shape``, default the input's; scale,
         mean, std; dtype)."""
+        if isinstance(raw, Texts):
+            if not self.takes_text:
+                raise ModelError(f"teacher {self.name} does not take text, but was given "
+                                 "texts", "Give a text teacher, or numeric data")
+            return raw.strings()
         if self.takes_text:
             if isinstance(raw, (str, bytes)):  # one string is not a batch of its characters
                 raise ModelError(f"teacher {self.name} takes a batch of texts, not one string",
@@ -212,7 +224,21 @@ class Teacher:
             ``[B, C]`` float32 logits on the CPU.
         """
         out = self.check_output(self.forward(self.prepare(raw)), len(raw))
-        return to_logits(out, self.output or "logits")
+        z = to_logits(out, self.output or "logits")
+        return z if self.class_order is None else z[:, list(self.class_order)]
+
+    def in_class_order(self, names: list[str]) -> Teacher:
+        """This teacher with its outputs in the order of ``names``, the same classes as its
+        own names in another order (a scikit-learn model sorts its class names; a Hugging
+        Face one keeps ``id2label``'s order)."""
+        own = self.class_names if self.class_names is not None else \
+            self.fmt.class_names(self.path)
+        if own is None or list(own) == list(names) or sorted(own) != sorted(names):
+            return self
+        return replace(self, class_order=tuple(own.index(n) for n in names),
+                       class_names=list(names),
+                       notes=(*self.notes, f"{self.name}: its classes {short(own)} are taken "
+                              f"in the order {short(names)}"))
 
     def forward(self, x: Any) -> Any:
         """The raw output on prepared inputs ``x``, in chunks of a fixed batch if need be."""

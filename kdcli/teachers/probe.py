@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import torch
 
+from kdcli.data.text import Texts
 from kdcli.errors import KdcliError, ModelError, first_line
 from kdcli.resources import check_memory
 from kdcli.teachers.base import NotScoresError, RawBatch, Teacher, detect_output_kind
@@ -34,8 +35,18 @@ def settle(t: Teacher, probe: RawBatch | None) -> Teacher:
         ModelError: the shape is unknown, the model fails on the probe, or its output does
             not fit its classes.
     """
+    text_data = isinstance(probe, Texts)
+    if probe is not None and text_data != t.takes_text:
+        raise ModelError(f"teacher {t.name} takes text, but the data holds examples of shape "
+                         f"{list(probe.shape[1:])}" if t.takes_text else
+                         f"teacher {t.name} takes examples of shape "
+                         f"{list(t.input_shape or ['?'])}, but the data holds texts",
+                         "Give text data (a table with --text-column, or a folder of .txt "
+                         "files)" if t.takes_text else "Give a text teacher (a Hugging Face "
+                         "text classifier, an ONNX text pipeline) or numeric data")
     if t.takes_text:
-        probe, shape = list(probe if probe is not None else PROBE_TEXTS), t.input_shape
+        probe = probe.strings() if text_data else list(PROBE_TEXTS)
+        shape = t.input_shape
     else:
         probe, shape = _tensor_probe(t, probe)
     try:

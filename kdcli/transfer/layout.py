@@ -24,8 +24,13 @@ from kdcli.io.files import inside_folder
 from kdcli.io.storage import DATA_SHA256, SafetensorsWriter
 
 TRANSFER_FORMAT = "kdcli.transfer-set"
-# 1: dense single files; 2 adds top-k targets and shards; 3 adds data_sha256 (required)
-TRANSFER_FORMAT_VERSION = 3
+# 1: dense single files; 2 adds top-k targets and shards; 3 adds data_sha256 (required);
+# 4 adds text sets (text_bytes and text_spans in place of inputs)
+TRANSFER_FORMAT_VERSION = 4
+#: The version kdcli writes: the lowest that holds the set.
+TENSOR_VERSION, TEXT_VERSION = 3, 4
+#: A text set's tensors: every text's UTF-8 bytes, in row order, and each row's spans in it.
+TEXT_BYTES, TEXT_SPANS = "text_bytes", "text_spans"
 INDEX_FORMAT = "kdcli.transfer-set.index"
 INDEX_FORMAT_VERSION = 1
 SHARD_KEYS = ("shard_index", "shard_count", "shard_row_start", "shard_rows", DATA_SHA256)
@@ -69,18 +74,38 @@ class Column(NamedTuple):
 Layout = dict[str, Column]
 
 
-def transfer_layout(inputs: torch.Tensor, labels: bool, targets: Layout) -> Layout:
-    """The tensors of a transfer-set file: the inputs (shaped and typed as a batch of
-    ``inputs``), the labels if any, then the ``targets`` form's own tensors."""
-    layout = {"inputs": Column(inputs.dtype, tuple(inputs.shape[1:]))}
+def transfer_layout(inputs: Any, labels: bool, targets: Layout) -> Layout:
+    """The row tensors of a transfer-set file: the inputs (shaped and typed as a batch of
+    ``inputs``; for :class:`~kdcli.data.text.Texts`, their spans, whose bytes are the one
+    tensor that is not rows, :data:`TEXT_BYTES`), the labels if any, then the ``targets``
+    form's own tensors."""
+    if isinstance(inputs, torch.Tensor):
+        layout = {"inputs": Column(inputs.dtype, tuple(inputs.shape[1:]))}
+    else:
+        layout = {TEXT_SPANS: Column(torch.int64, (inputs.width, 2))}
     if labels:
         layout["labels"] = Column(torch.int64, ())
     return {**layout, **targets}
 
 
-def file_specs(layout: Layout, n: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """The tensors (name -> (dtype, shape)) of a file of ``n`` rows laid out as ``layout``."""
-    return {name: (col.dtype, col.shape(n)) for name, col in layout.items()}
+def file_specs(layout: Layout, n: int, text_bytes: int = 0,
+               ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """The tensors (name -> (dtype, shape)) of a file of ``n`` rows laid out as ``layout``
+    (for a text set, whose texts take ``text_bytes`` bytes, :data:`TEXT_BYTES` first)."""
+    specs = {TEXT_BYTES: (torch.uint8, (text_bytes,))} if TEXT_SPANS in layout else {}
+    return {**specs, **{name: (col.dtype, col.shape(n)) for name, col in layout.items()}}
+
+
+def rows_tensor(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tensor whose first dimension counts a file's examples: ``inputs``, or a text
+    set's :data:`TEXT_SPANS`."""
+    return tensors[TEXT_SPANS] if TEXT_SPANS in tensors else tensors["inputs"]
+
+
+def row_count(tensors: dict[str, torch.Tensor]) -> int:
+    """The examples of a file (-1 for a 0-d rows tensor, which validation refuses)."""
+    t = rows_tensor(tensors)
+    return int(t.shape[0]) if t.dim() else -1
 
 
 def bytes_per_row(layout: Layout) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from kdcli.data.text import Texts
 from kdcli.errors import DataError, FormatError, UsageError
 from kdcli.io.files import require_file
 from kdcli.io.storage import MappedFile, PageBudget, read_safetensors
@@ -26,8 +27,11 @@ from kdcli.transfer.layout import (
     INDEX_FORMAT,
     INDEX_FORMAT_VERSION,
     SHARD_KEYS,
+    TEXT_BYTES,
+    TEXT_SPANS,
     clip,
     is_index_path,
+    row_count,
     shard_file,
 )
 from kdcli.transfer.rows import Rows
@@ -54,6 +58,8 @@ class TransferSet:
         path: The file, or the index file of a sharded set.
         shards: One record per shard file (``file``, ``row_start``, ``rows``, ``bytes``).
         budget: The page budget shared by all columns.
+        text_bytes: A text set's UTF-8 bytes, one tensor per file, into which each file's
+            ``text_spans`` point (empty for other sets).
     """
 
     columns: dict[str, Rows]
@@ -63,9 +69,43 @@ class TransferSet:
     path: Path | None = None
     shards: list[dict[str, Any]] = field(default_factory=list)
     budget: PageBudget = field(default_factory=PageBudget)
+    text_bytes: list[torch.Tensor] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.columns["inputs"])
+        return len(self.columns[TEXT_SPANS if self.is_text else "inputs"])
+
+    @property
+    def is_text(self) -> bool:
+        """Whether its examples are texts (``text_spans`` into ``text_bytes``)."""
+        return TEXT_SPANS in self.columns
+
+    def texts(self, idx: torch.Tensor | slice) -> Texts:
+        """The texts (or pairs) of the examples ``idx`` of a text set, packed in order."""
+        col = self.columns[TEXT_SPANS]
+        idx = torch.arange(*idx.indices(len(self))) if isinstance(idx, slice) else idx
+        spans = col[idx]  # in the buffer of each row's file
+        shard = torch.searchsorted(col.ends, idx, right=True)
+        pieces, out = [], torch.empty_like(spans)
+        pos = 0
+        for i, (s, row) in enumerate(zip(shard.tolist(), spans.tolist(), strict=True)):
+            buf = self.text_bytes[s]
+            for j, (a, b) in enumerate(row):
+                pieces.append(buf[a:b])
+                out[i, j, 0], out[i, j, 1] = pos, pos + (b - a)
+                pos += b - a
+        buffer = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.uint8)
+        return Texts(buffer.clone(), out, self.meta.get("text_columns"))
+
+    def require_tensors(self, command: str) -> None:
+        """Refuse a text set where ``command`` takes tensor inputs.
+
+        Raises:
+            UsageError: the set holds texts.
+        """
+        if self.is_text:
+            raise UsageError(f"{self.path} holds texts, and {command} does not take text "
+                             "yet", "Text students are not in kdcli yet; a text set is for "
+                             "kdcli inspect and for training a text student when they come")
 
     def __repr__(self) -> str:
         return (f"TransferSet({self.path}, N={len(self)}, C={self.num_classes}, "
@@ -193,7 +233,7 @@ def load_transfer_set(path: str | Path, check_values: bool = True,
     else:
         tensors, raw_meta, mapped = read_safetensors(p)
         meta, form = check_file(p, tensors, raw_meta)
-        check_counts(p, tensors, meta, int(tensors["inputs"].shape[0]))
+        check_counts(p, tensors, meta, row_count(tensors))
         if verify:
             inputs_hash = hashlib.sha256()
             verify_file(p, tensors, raw_meta, mapped, inputs_hash)
@@ -201,9 +241,10 @@ def load_transfer_set(path: str | Path, check_values: bool = True,
         budget = PageBudget([mapped])
         columns = _columns(form, {k: [v] for k, v in tensors.items()},
                            {k: [(mapped, mapped.offsets[k])] for k in tensors}, budget)
-        n = len(columns["inputs"])
+        n = row_count(tensors)
         ts = _make_set(p, columns, meta, form, budget,
-                       [{"file": p.name, "row_start": 0, "rows": n, "bytes": mapped.size}])
+                       [{"file": p.name, "row_start": 0, "rows": n, "bytes": mapped.size}],
+                       [tensors[TEXT_BYTES]] if TEXT_BYTES in tensors else None)
     if check_values:
         validation.check_values(ts, ts.form, p)
     return ts
@@ -222,7 +263,7 @@ def _load_sharded(p: Path, verify: bool = True) -> TransferSet:
         f = shard_file(p, s.get("file") if isinstance(s, dict) else None, i, len(shards))
         tensors, mapped, shard_form = _open_shard(p, f, (i, len(shards)), s, index_meta,
                                                   verify, inputs_hash)
-        n = int(tensors["inputs"].shape[0])
+        n = row_count(tensors)
         if int(s.get("row_start", -1)) != row or int(s.get("rows", -1)) != n:
             raise FormatError(f"shard {f.name} holds {n} rows, but {p.name} records rows "
                               f"{s.get('row_start')}+{s.get('rows')} (expected start {row})",
@@ -242,7 +283,7 @@ def _load_sharded(p: Path, verify: bool = True) -> TransferSet:
     meta = decode_meta(p, index_meta)
     if verify:
         verify_inputs(p, meta, inputs_hash.hexdigest())
-    return _make_set(p, columns, meta, form, budget, shards)
+    return _make_set(p, columns, meta, form, budget, shards, parts.get(TEXT_BYTES))
 
 
 def _read_index(p: Path) -> tuple[list[Any], dict[str, Any]]:
@@ -304,7 +345,7 @@ def _columns(form: Targets, parts: dict[str, list[torch.Tensor]],
     along the dimension its column in the form's layout gives (0 for the others)."""
     layout = form.columns()
     return {k: Rows(v, budget, layout[k].row_dim if k in layout else 0, sources[k])
-            for k, v in parts.items()}
+            for k, v in parts.items() if k != TEXT_BYTES}
 
 
 def _looks_like_json(p: Path) -> bool:
@@ -313,9 +354,11 @@ def _looks_like_json(p: Path) -> bool:
 
 
 def _make_set(p: Path, columns: dict[str, Rows], meta: dict[str, Any], form: Targets,
-              budget: PageBudget, shards: list[dict[str, Any]]) -> TransferSet:
+              budget: PageBudget, shards: list[dict[str, Any]],
+              text_bytes: list[torch.Tensor] | None = None) -> TransferSet:
     form.check_memory(p)
-    return TransferSet(columns, float(meta["T"]), form, meta, p, shards, budget)
+    return TransferSet(columns, float(meta["T"]), form, meta, p,
+                       shards, budget, text_bytes or [])
 
 
 def file_stamps(ts: TransferSet) -> list[tuple[Path, int, int]]:

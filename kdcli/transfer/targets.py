@@ -24,7 +24,7 @@ import torch
 from kdcli.devices import host_to_device
 from kdcli.errors import FormatError, UsageError
 from kdcli.transfer.ensemble import TopK, combine_members, top_k_targets
-from kdcli.transfer.layout import Column, Layout, clip
+from kdcli.transfer.layout import Column, Layout, clip, rows_tensor
 from kdcli.transfer.rows import Rows
 
 # How far a stored row of soft targets may be from summing to 1, and from
@@ -184,7 +184,7 @@ class DenseTargets(Targets):
 
     @classmethod
     def from_file(cls, p, tensors, meta):
-        inputs, logits, soft = tensors["inputs"], tensors["logits"], tensors["soft_targets"]
+        inputs, logits, soft = rows_tensor(tensors), tensors["logits"], tensors["soft_targets"]
         n = inputs.shape[0] if inputs.dim() else -1
         if logits.dim() != 2 or logits.shape[0] != n or soft.shape != logits.shape:
             raise FormatError(
@@ -277,7 +277,7 @@ class TopKTargets(Targets):
 
     @classmethod
     def from_file(cls, p, tensors, meta):
-        inputs = tensors["inputs"]
+        inputs = rows_tensor(tensors)
         n = inputs.shape[0] if inputs.dim() else -1
         vals, idx, tail = tensors["topk_logits"], tensors["topk_indices"], tensors["tail_logmass"]
         c = int(meta.get("num_classes", 0))

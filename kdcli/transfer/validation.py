@@ -8,6 +8,7 @@ read too; :func:`check_values` checks every stored row.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import math
@@ -20,7 +21,15 @@ from kdcli.errors import FormatError
 from kdcli.io.storage import DATA_SHA256, MappedFile, data_sha256
 from kdcli.students.model_file import check_format
 from kdcli.transfer.ensemble import COMBINE_RULES
-from kdcli.transfer.layout import TRANSFER_FORMAT, TRANSFER_FORMAT_VERSION, clip
+from kdcli.transfer.layout import (
+    TEXT_BYTES,
+    TEXT_SPANS,
+    TEXT_VERSION,
+    TRANSFER_FORMAT,
+    TRANSFER_FORMAT_VERSION,
+    clip,
+    row_count,
+)
 from kdcli.transfer.targets import FORMS, StoredSet, Targets, finite_rows, form_named
 
 
@@ -31,13 +40,14 @@ def check_file(p: Path, tensors: dict[str, torch.Tensor], raw_meta: dict[str, st
     check_format(raw_meta, p, TRANSFER_FORMAT, TRANSFER_FORMAT_VERSION)
     meta = decode_meta(p, raw_meta)
     form_type = form_named(p, meta.get("targets", "dense"))
-    missing = [k for k in ("inputs", *form_type.required) if k not in tensors]
+    text = _check_kind(p, tensors, meta, raw_meta)
+    inputs_keys = (TEXT_BYTES, TEXT_SPANS) if text else ("inputs",)
+    missing = [k for k in (*inputs_keys, *form_type.required) if k not in tensors]
     if missing:
         raise FormatError(f"{p} lacks the tensor(s) {', '.join(missing)}",
                           "Regenerate it with kdcli soft-targets")
     form = form_type.from_file(p, tensors, meta)
-    inputs = tensors["inputs"]
-    n = inputs.shape[0] if inputs.dim() else -1
+    n = row_count(tensors)
     labels = tensors.get("labels")
     if labels is not None and labels.shape != (n,):
         raise FormatError(f"{p} has labels of shape {tuple(labels.shape)} for {n} inputs",
@@ -45,13 +55,89 @@ def check_file(p: Path, tensors: dict[str, torch.Tensor], raw_meta: dict[str, st
     if n == 0:
         raise FormatError(f"{p} holds no examples", "Regenerate it from non-empty data")
     _check_dtypes(p, tensors)
+    if text:
+        check_texts(p, tensors[TEXT_BYTES], tensors[TEXT_SPANS], meta)
     _check_meta_agrees(p, tensors, meta, form)
     _check_meta_describes(p, tensors, meta, form)
     return meta, form
 
 
+def _check_kind(p: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                raw_meta: dict[str, str]) -> bool:
+    """Whether the file holds texts: its metadata says ``inputs: text`` (from version 4
+    on), and then it has text tensors and no ``inputs``; otherwise no text tensors."""
+    kind = meta.get("inputs", "tensor")
+    text_tensors = [k for k in (TEXT_BYTES, TEXT_SPANS) if k in tensors]
+    if kind not in ("tensor", "text"):
+        raise FormatError(f"{p} records inputs {clip(kind)!r}, not 'text' or 'tensor'",
+                          "Regenerate it with kdcli soft-targets")
+    if kind == "text" and int(raw_meta["format_version"]) < TEXT_VERSION:
+        raise FormatError(f"{p} records text inputs, which {TRANSFER_FORMAT} has from version "
+                          f"{TEXT_VERSION}, but is version {raw_meta['format_version']}",
+                          "The file is damaged; regenerate it")
+    if kind == "text" and "inputs" in tensors:
+        raise FormatError(f"{p} records text inputs but holds an inputs tensor",
+                          "Regenerate it with kdcli soft-targets")
+    if kind == "tensor" and text_tensors:
+        raise FormatError(f"{p} holds {', '.join(text_tensors)} but does not record text "
+                          "inputs (inputs: text)", "Regenerate it with kdcli soft-targets")
+    return kind == "text"
+
+
+def check_texts(p: Path, buffer: torch.Tensor, spans: torch.Tensor, meta: dict[str, Any],
+                chunk: int = 1 << 20) -> None:
+    """A text set's promises (docs/formats.md): ``text_bytes`` is 1-D, ``text_spans``
+    ``[N, P, 2]`` with P = 1 or 2 (as many as ``text_columns`` names); the spans tile the
+    bytes (the first text starts at 0, each ends at or after its start, the next starts
+    where it ends, the last ends at the end); the bytes are UTF-8 and no text starts inside
+    a character. Read in chunks of ``chunk`` spans or bytes.
+
+    Raises:
+        FormatError: saying which promise fails, and at which row.
+    """
+    def bad(what: str) -> FormatError:
+        return FormatError(f"{p} has malformed texts: {what}", "Regenerate it with kdcli "
+                           "soft-targets")
+
+    if buffer.dim() != 1:
+        raise bad(f"text_bytes has shape {tuple(buffer.shape)}, not [bytes]")
+    if spans.dim() != 3 or spans.shape[2] != 2 or spans.shape[1] not in (1, 2):
+        raise bad(f"text_spans has shape {tuple(spans.shape)}, not [N, P, 2] with P 1 or 2")
+    cols = meta.get("text_columns")
+    if cols is not None and not (isinstance(cols, list) and len(cols) == spans.shape[1]
+                                 and all(isinstance(c, str) for c in cols)):
+        raise bad(f"text_columns {clip(cols)} does not name the {spans.shape[1]} texts of a row")
+    width, end, size = int(spans.shape[1]), 0, len(buffer)
+    flat = spans.reshape(-1, 2)
+    for a in range(0, len(flat), chunk):
+        part = flat[a:a + chunk]
+        starts = torch.cat([torch.tensor([end]), part[:-1, 1]])
+        bad_rows = ((part[:, 0] != starts) | (part[:, 1] < part[:, 0])).nonzero()
+        if len(bad_rows):
+            i = a + int(bad_rows[0, 0])
+            raise bad(f"text {i % width + 1} of row {i // width} spans bytes "
+                      f"{flat[i].tolist()}, which do not follow the text before it")
+        inside = part[:, 0][part[:, 0] < size]
+        cont = ((buffer[inside] & 0xC0) == 0x80).nonzero()
+        if len(cont):
+            i = a + int((part[:, 0] < size).nonzero()[int(cont[0, 0]), 0])
+            raise bad(f"text {i % width + 1} of row {i // width} starts inside a UTF-8 "
+                      "character")
+        end = int(part[-1, 1])
+    if end != size:
+        raise bad(f"the texts end at byte {end:,}, but text_bytes holds {size:,}")
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    for a in range(0, size, chunk * 16):
+        try:
+            decoder.decode(buffer[a:a + chunk * 16].numpy().tobytes(), final=a + chunk * 16 >= size)
+        except UnicodeDecodeError as e:
+            at = a + e.start
+            row = int(torch.searchsorted(flat[:, 1].contiguous(), torch.tensor(at), right=True))
+            raise bad(f"text_bytes is not UTF-8 at byte {at:,} (row {row // width})") from None
+
+
 # The dtypes docs/formats.md allows for each tensor (inputs: any numeric dtype but bool).
-_ALLOWED_DTYPES = {"labels": ("int64",),
+_ALLOWED_DTYPES = {"labels": ("int64",), TEXT_BYTES: ("uint8",), TEXT_SPANS: ("int64",),
                    **{k: v for form in FORMS.values() for k, v in form.dtypes.items()}}
 
 
@@ -129,6 +215,8 @@ def _check_meta_describes(p: Path, tensors: dict[str, torch.Tensor], meta: dict[
     teachers = meta.get("teachers")
     if isinstance(teachers, list) and len(teachers) > 1 and meta.get("weights") is None:
         raise bad(f"{len(teachers)} teachers but no weights")
+    if "inputs" not in tensors:
+        return  # texts: a teacher's inputs have no shape
     sample = list(tensors["inputs"].shape[1:])
     for t in teachers if isinstance(teachers, list) else []:
         shape, pre = t.get("input_shape"), t.get("preprocessing")
@@ -146,7 +234,7 @@ def decode_meta(p: Path, raw: dict[str, str]) -> dict[str, Any]:
     meta: dict[str, Any] = dict(raw)
     try:
         for k in ("weights", "teachers", "classes", "class_names", "feature_names",
-                  "data_options"):
+                  "data_options", "text_columns"):
             if k in meta:
                 meta[k] = json.loads(meta[k])
         T = float(meta["T"])
@@ -172,8 +260,9 @@ def verify_file(p: Path, tensors: dict[str, torch.Tensor], raw_meta: dict[str, s
     if recorded is None and int(raw_meta["format_version"]) >= 3:
         raise FormatError(f"{p} is {TRANSFER_FORMAT} version {raw_meta['format_version']} but "
                           f"records no {DATA_SHA256}", "The file is damaged; regenerate it")
-    x = tensors["inputs"]
-    lo = mapped.offsets["inputs"]
+    key = TEXT_BYTES if TEXT_BYTES in tensors else "inputs"
+    x = tensors[key]
+    lo = mapped.offsets[key]
     digest = data_sha256(mapped, (lo, lo + x.numel() * x.element_size()), inputs_hash)
     if recorded is not None and digest != recorded:
         raise FormatError(f"{p} fails its checksum ({DATA_SHA256}): its tensors are not the "
@@ -220,7 +309,7 @@ def check_values(ts: StoredSet, form: Targets, path: Path) -> None:
     (FormatError naming rows): float inputs finite, the form's own checks
     (:meth:`Targets.value_checks`), labels in ``[0, C)``."""
     checks = form.value_checks()
-    if ts.columns["inputs"].dtype.is_floating_point:
+    if "inputs" in ts.columns and ts.columns["inputs"].dtype.is_floating_point:
         checks = (("inputs", _inputs_ok), *checks)
     labels_ok = functools.partial(_labels_ok, form.num_classes)
     for name, rule in (*checks, ("labels", labels_ok)):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from kdcli.data.augment import AugmentConfig, Draw
+from kdcli.data.text import Texts
 from kdcli.errors import DistributedError, ModelError, OutputExistsError, UsageError
 from kdcli.io.files import atomic_output, check_output, remove_stale_temps, temp_path, write_error
 from kdcli.io.storage import PageBudget, SafetensorsWriter, read_safetensors, to_bytes
@@ -30,11 +31,14 @@ from kdcli.teachers.base import Teacher
 from kdcli.transfer.ensemble import combine_members
 from kdcli.transfer.layout import (
     INDEX_SUFFIX,
+    TEXT_BYTES,
+    TEXT_SPANS,
     Layout,
     bytes_per_row,
     file_specs,
     is_index_path,
     own_shards,
+    row_count,
     shard_paths,
     transfer_layout,
     write_index,
@@ -57,7 +61,10 @@ class Source:
         self.base = len(ds) if keep is None else len(keep)
         self.n = self.base * (copies + 1)
         self.budget = PageBudget(getattr(ds, "files", []))
-        self.row_bytes = ds.inputs[0].numel() * ds.inputs.element_size()
+        self.text = isinstance(ds.inputs, Texts)
+        # bytes of one row's inputs (of a text set: its texts, on average, at least 1)
+        self.row_bytes = -(-ds.inputs.nbytes // max(1, len(ds))) if self.text else \
+            ds.inputs[0].numel() * ds.inputs.element_size()
 
     def rows(self, a: int, b: int):
         """Inputs and labels (or None) of transfer rows ``[a, b)``."""
@@ -78,7 +85,7 @@ class Source:
             xs.append(x)
             ys.append(y)
             self.budget.add((hi - lo) * self.row_bytes)
-        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)  # copies: not of texts (refused)
         y = None if ys[0] is None else (ys[0] if len(ys) == 1 else torch.cat(ys))
         return x, y
 
@@ -93,13 +100,18 @@ class Source:
         return self.augment.apply(x, Draw.cat(draws))
 
     def sha256(self, nbytes: int = 8 << 20) -> str:
-        """The SHA-256 of all the inputs' bytes, in row order (``inputs_sha256``)."""
+        """The SHA-256 of all the inputs' bytes, in row order (``inputs_sha256``; of a
+        text set, its texts' UTF-8 bytes, in row order: its ``text_bytes``)."""
         chunk = max(1, nbytes // max(1, self.row_bytes))
         h = hashlib.sha256()
         for a in range(0, self.n, chunk):
             x, _ = self.rows(a, min(self.n, a + chunk))
-            h.update(to_bytes(x))
+            h.update(to_bytes(x.compact()[0] if self.text else x))
         return h.hexdigest()
+
+    def text_bytes(self, a: int, b: int) -> int:
+        """The UTF-8 bytes of the texts of rows ``[a, b)`` (0 for a set that is not text)."""
+        return self.rows(a, b)[0].nbytes if self.text and b > a else 0
 
 
 def write_set(out: Path, meta: dict[str, str], writer: RangeWriter, dist, force: bool,
@@ -112,17 +124,18 @@ def write_set(out: Path, meta: dict[str, str], writer: RangeWriter, dist, force:
         return None
     layout = writer.layout()
     header = len(json.dumps(meta)) + 200 * (len(layout) + 4)  # a generous bound
-    rows_per_shard = (max_shard - header) // bytes_per_row(layout)
+    row = bytes_per_row(layout) + (writer.source.row_bytes if writer.source.text else 0)
+    rows_per_shard = (max_shard - header) // row
     if rows_per_shard < 1:
         raise UsageError(f"--shard-size {shard_size} cannot hold one example "
-                         f"({header + bytes_per_row(layout):,} bytes with header)",
+                         f"({header + row:,} bytes with header)",
                          "Give a larger --shard-size")
     return _write_sharded(out, n, rows_per_shard, meta, writer, dist, force)
 
 
 def check_room(out: Path, n: int, writer: RangeWriter) -> None:
     """Refuse a set larger than the free space of its folder, before writing a byte."""
-    check_disk(n * bytes_per_row(writer.layout()), out.parent,
+    check_disk(n * bytes_per_row(writer.layout()) + writer.source.text_bytes(0, n), out.parent,
                f"the transfer set of {n:,} rows", "Lower --copies or --limit, or free space")
 
 
@@ -148,7 +161,8 @@ class RangeWriter:
         if n <= 0:
             return
         layout = self.layout()
-        with SafetensorsWriter(path, file_specs(layout, n), meta) as w, \
+        cursor = 0  # of a text set: where the next batch's texts go in text_bytes
+        with SafetensorsWriter(path, file_specs(layout, n, src.text_bytes(a, b)), meta) as w, \
                 weight_cast_cache(self.members):
             for start in range(a, b, self.batch_size):
                 stop = min(b, start + self.batch_size)
@@ -157,7 +171,11 @@ class RangeWriter:
                 _check_finite(z, self.members, start)
                 logits, probs = combine_members(z, self.weights, self.combine, self.T)
                 labels = {} if y is None else {"labels": y}
-                write_rows(w, layout, n, start - a, {"inputs": x, **labels,
+                if src.text:
+                    cursor, inputs = _write_texts(w, x, cursor)
+                else:
+                    inputs = {"inputs": x}
+                write_rows(w, layout, n, start - a, {**inputs, **labels,
                                                      **self.form.rows(z, logits, probs, self.T)})
                 if m > 1:
                     preds = z.argmax(-1)
@@ -166,6 +184,15 @@ class RangeWriter:
                     self.stats[:m] += (z.argmax(-1) == y).sum(-1)
                     self.stats[m] += int((logits.argmax(-1) == y).sum())
                 advance(stop - start)
+
+
+def _write_texts(w: SafetensorsWriter, x: Texts, cursor: int) -> tuple[int, dict[str, Any]]:
+    """Write a batch's texts into ``text_bytes`` from byte ``cursor`` on; return the next
+    cursor and the batch's ``text_spans`` rows (spans in the file's buffer)."""
+    buf, spans = x.compact()
+    if len(buf):
+        w.write(TEXT_BYTES, cursor, buf)
+    return cursor + len(buf), {TEXT_SPANS: spans + cursor}
 
 
 def weight_cast_cache(members: list[Teacher]) -> contextlib.AbstractContextManager:
@@ -317,11 +344,19 @@ def merge_shards(parts: list[Path], out: Path, layout: Layout, n: int, meta: dic
                  chunk_bytes: int = 64 << 20) -> None:
     """Concatenate row-range files (in row order) into one transfer-set file of ``n`` rows,
     laid out as ``layout``, at ``out``."""
-    with SafetensorsWriter(out, file_specs(layout, n), meta) as writer:
-        start = 0
+    text = sum(read_safetensors(p)[0][TEXT_BYTES].numel() for p in parts) \
+        if TEXT_SPANS in layout else 0
+    with SafetensorsWriter(out, file_specs(layout, n, text), meta) as writer:
+        start = cursor = 0  # rows and (of a text set) text bytes written so far
         for part in parts:
             tensors, _, mapped = read_safetensors(part)
-            rows = int(tensors["inputs"].shape[0])
+            rows = row_count(tensors)
+            if TEXT_SPANS in layout:  # the part's texts, and its spans moved past earlier ones
+                text_bytes = tensors.pop(TEXT_BYTES)
+                tensors[TEXT_SPANS] = tensors[TEXT_SPANS] + cursor
+                for i in range(0, len(text_bytes), chunk_bytes):
+                    writer.write(TEXT_BYTES, cursor + i, text_bytes[i:i + chunk_bytes])
+                cursor += len(text_bytes)
             for name, t in tensors.items():
                 col = layout[name]
                 step = max(1, chunk_bytes // col.row_bytes)

@@ -1,0 +1,247 @@
+"""Transfer sets of raw text: soft-targets from text teachers (a tiny BERT and a TF-IDF +
+logistic-regression ONNX pipeline, built here, alone and as an ensemble across tokenizers),
+read back exactly, checked strictly, sharded, inspected, and refused where text is not
+taken yet."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import TEXT_MAX_LEN, TEXT_NAMES
+from safetensors.torch import load_file, save_file
+
+from kdcli.errors import FormatError, UsageError
+from kdcli.inspection import inspect_file
+from kdcli.soft_targets import soft_targets
+from kdcli.students.base import Architecture
+from kdcli.teachers.formats import load_teacher
+from kdcli.train import train_student
+from kdcli.transfer.reader import load_transfer_set
+
+pytest.importorskip("transformers")
+skl2onnx = pytest.importorskip("skl2onnx")
+
+
+@pytest.fixture(scope="module")
+def texts(text_corpus) -> list[str]:
+    """Reviews of mixed lengths, three long plot summaries (truncated by the BERT), an
+    empty text and non-ASCII ones."""
+    return text_corpus["mixed"] + ["Un film très réussi, naïf et drôle.", "日本語のレビュー"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, texts) -> str:
+    """The texts as a JSON Lines table, labelled rotten/fresh (alternately)."""
+    path = tmp_path_factory.mktemp("text") / "reviews.jsonl"
+    path.write_text("".join(json.dumps({"review": t, "label": TEXT_NAMES[i % 2]}) + "\n"
+                            for i, t in enumerate(texts)), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tfidf(tmp_path_factory, text_corpus):
+    """A TF-IDF + logistic-regression pipeline exported with skl2onnx, its string input
+    [N, 1], with the default StringNormalizer. Its classes are the names, in scikit-learn's
+    sorted order (fresh, rotten): the BERT's are rotten, fresh."""
+    from skl2onnx.common.data_types import StringTensorType
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    pipe = make_pipeline(TfidfVectorizer(), LogisticRegression(max_iter=500))
+    pipe.fit(text_corpus["train"], [TEXT_NAMES[y] for y in text_corpus["labels"]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = skl2onnx.convert_sklearn(pipe, initial_types=[("text", StringTensorType([None, 1]))],
+                                         options={id(pipe.steps[-1][1]): {"zipmap": False}})
+    path = tmp_path_factory.mktemp("onnx") / "tfidf.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def write(teachers, data, out, **kw):
+    return soft_targets([str(t) for t in teachers], T=kw.pop("T", 4.0), data=data, out=out,
+                        data_options=kw.pop("data_options", None) or _opts("review"),
+                        precision="fp32", batch_size=kw.pop("batch_size", 7), **kw)
+
+
+def _opts(*columns):
+    from kdcli.data.base import DataOptions
+
+    return DataOptions(text_columns=columns)
+
+
+def test_a_text_set_keeps_every_text_and_the_teachers_logits(tmp_path, text_bert, data, texts):
+    out = tmp_path / "t.safetensors"
+    summary = write([text_bert], data, out)
+    ts = load_transfer_set(out)
+    assert ts.is_text and len(ts) == len(texts)
+    assert ts.texts(slice(0, len(ts))).strings() == texts
+    assert ts.texts(torch.tensor([4, 0, 21])).strings() == [texts[4], texts[0], texts[21]]
+    teacher = load_teacher(text_bert, precision="fp32")
+    torch.testing.assert_close(ts.logits, teacher.logits(texts), atol=1e-5, rtol=1e-5)
+    # labels are numbered in the teacher's order (rotten 0, fresh 1), not sorted
+    assert ts.meta["class_names"] == TEXT_NAMES
+    assert ts.labels.tolist() == [i % 2 for i in range(len(texts))]
+    assert ts.meta["format_version"] == "4" and ts.meta["inputs"] == "text"
+    assert ts.meta["text_columns"] == ["review"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(text_bert, local_files_only=True)
+    longer = sum(len(ids) > TEXT_MAX_LEN for ids in tok(texts)["input_ids"])
+    assert summary["teachers"][0]["truncated"] == longer >= 3  # the plot summaries too
+    raw = load_file(out)
+    assert set(raw) == {"text_bytes", "text_spans", "labels", "logits", "soft_targets"}
+    assert bytes(raw["text_bytes"].numpy()) == "".join(texts).encode()
+
+
+def test_sentence_pairs_keep_both_texts(tmp_path, text_bert, texts):
+    path = tmp_path / "pairs.jsonl"
+    pairs = list(zip(texts[:10], texts[5:15], strict=True))
+    path.write_text("".join(json.dumps({"a": a, "b": b}) + "\n" for a, b in pairs))
+    out = tmp_path / "p.safetensors"
+    write([text_bert], str(path), out, data_options=_opts("a", "b"))
+    ts = load_transfer_set(out)
+    assert ts.texts(slice(0, 10)).strings() == pairs and not ts.has_labels
+    teacher = load_teacher(text_bert, precision="fp32")
+    torch.testing.assert_close(ts.logits, teacher.logits(pairs), atol=1e-5, rtol=1e-5)
+
+
+def test_an_ensemble_across_tokenizers_averages_a_bert_and_a_tfidf_model(
+        tmp_path, text_bert, tfidf, data, texts):
+    out = tmp_path / "ens.safetensors"
+    summary = write([text_bert, tfidf], data, out, T=2.0)
+    ts = load_transfer_set(out)
+    bert, lr = load_teacher(text_bert, precision="fp32"), load_teacher(tfidf)
+    assert lr.class_names == ["fresh", "rotten"] != TEXT_NAMES
+    # the TF-IDF model's columns are taken in the BERT's class order
+    expected = torch.stack([bert.logits(texts), lr.logits(texts)[:, [1, 0]]])
+    torch.testing.assert_close(ts.member_logits, expected, atol=1e-5, rtol=1e-5)
+    mean = (expected / 2.0).softmax(-1).mean(0)
+    torch.testing.assert_close(ts.soft_targets, mean, atol=1e-6, rtol=1e-5)
+    assert len(summary["teachers"]) == 2 and "disagreement" in summary
+    assert ts.meta["class_names"] == TEXT_NAMES
+    assert ts.meta["teachers"][1]["class_order"] == [1, 0]
+
+
+def test_a_sharded_text_set_equals_the_single_file(tmp_path, tfidf, data, texts):
+    single, index = tmp_path / "one.safetensors", tmp_path / "set.index.json"
+    write([tfidf], data, single)
+    summary = write([tfidf], data, index, shard_size="3KB")
+    assert summary["shards"] > 2
+    a, b = load_transfer_set(single), load_transfer_set(index)
+    assert b.texts(slice(0, len(b))).strings() == texts
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0))
+    assert b.texts(order).strings() == [texts[i] for i in order]
+    torch.testing.assert_close(a.logits, b.logits)
+    assert a.meta["inputs_sha256"] == b.meta["inputs_sha256"]
+
+
+def test_inspect_shows_the_first_texts_and_the_teachers_top_classes(tmp_path, tfidf, data,
+                                                                    texts, cli):
+    out = tmp_path / "t.safetensors"
+    write([tfidf], data, out)
+    info = inspect_file(out, verify=True)
+    assert [r["text"] for r in info["rows"]] == texts[:5]
+    teacher = load_teacher(tfidf)
+    probs = teacher.logits(texts[:5]).softmax(-1)
+    for r, p in zip(info["rows"], probs, strict=True):
+        assert r["top"][0]["name"] == teacher.class_names[int(p.argmax())]
+        assert r["top"][0]["prob"] == pytest.approx(float(p.max()), abs=1e-4)
+    assert info["tensors"]["text_bytes"]["shape"] == [len("".join(texts).encode())]
+    shown = cli("inspect", str(out))
+    assert shown.exit_code == 0 and "teacher's top classes" in shown.stdout
+    assert texts[0][:20] in " ".join(shown.stdout.split())
+
+
+def test_train_student_refuses_a_text_set_in_one_line(tmp_path, tfidf, data, cli):
+    out = tmp_path / "t.safetensors"
+    write([tfidf], data, out)
+    with pytest.raises(UsageError, match="holds texts, and kdcli train-student"):
+        train_student(out, arch=Architecture.parse("mlp:8"), out=tmp_path / "s.safetensors")
+    r = cli("train-student", str(out), "--out", str(tmp_path / "s.safetensors"))
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_a_text_teacher_on_images_and_copies_of_texts_are_refused(tmp_path, tfidf, data):
+    from kdcli.errors import ModelError
+
+    with pytest.raises(ModelError, match="takes text, but the data holds examples of shape"):
+        soft_targets([str(tfidf)], data="mnist:test[:20]", out=tmp_path / "x.safetensors")
+    with pytest.raises(UsageError, match="text augmentation is not in kdcli yet"):
+        write([tfidf], data, tmp_path / "y.safetensors", copies=1, jitter=1)
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+def tampered(tmp_path, source, **change):
+    """A copy of the text set ``source`` with tensors or metadata changed (and its
+    checksums left stale: the structural checks come first)."""
+    from safetensors import safe_open
+
+    with safe_open(str(source), "pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(source)
+    for k, v in change.items():
+        if k.startswith("meta_"):
+            meta[k[5:]] = v
+        elif v is None:
+            tensors.pop(k)
+        else:
+            tensors[k] = v
+    out = tmp_path / "bad.safetensors"
+    save_file(tensors, out, metadata=meta)
+    return out
+
+
+@pytest.mark.parametrize("what,error", [
+    ("gap", "text 1 of row 2 spans bytes .* which do not follow the text before it"),
+    ("overlong", "the texts end at byte"),
+    ("bad_utf8", "text_bytes is not UTF-8 at byte"),
+    ("mid_char", "starts inside a UTF-8 character"),
+    ("shape", r"text_spans has shape \(\d+, 3, 2\)"),
+    ("no_kind", "holds text_bytes, text_spans but does not record text inputs"),
+    ("old_version", "from version 4, but is version 3"),
+    ("no_bytes", "lacks the tensor"),
+    ("columns", "text_columns .* does not name the 1 texts of a row"),
+])
+def test_the_reader_checks_every_promise_of_a_text_set(tmp_path, tfidf, data, texts,
+                                                      what, error):
+    out = tmp_path / "t.safetensors"
+    write([tfidf], data, out)
+    raw = load_file(out)
+    buf, spans = raw["text_bytes"], raw["text_spans"]
+    change = {
+        "gap": {"text_spans": spans.clone().index_put_((torch.tensor([2]),), spans[2] + 1)},
+        "overlong": {"text_bytes": torch.cat([buf, torch.tensor([65], dtype=torch.uint8)])},
+        "bad_utf8": {"text_bytes": buf.clone().index_fill_(0, torch.tensor([3]), 0xFF)},
+        "mid_char": {},
+        "shape": {"text_spans": spans.repeat(1, 3, 1)},
+        "no_kind": {"meta_inputs": "tensor"},
+        "old_version": {"meta_format_version": "3"},
+        "no_bytes": {"text_bytes": None},
+        "columns": {"meta_text_columns": json.dumps(["a", "b"])},
+    }[what]
+    if what == "mid_char":  # move a boundary into the 3-byte character 日
+        i = next(i for i, t in enumerate(texts) if t.startswith("日"))
+        s = spans.clone()
+        s[i - 1, 0, 1] += 1
+        s[i, 0, 0] += 1
+        change = {"text_spans": s}
+    with pytest.raises(FormatError, match=error):
+        load_transfer_set(tampered(tmp_path, out, **change), verify=False)
+
+
+def test_the_checksum_covers_the_texts(tmp_path, tfidf, data):
+    out = tmp_path / "t.safetensors"
+    write([tfidf], data, out)
+    raw = bytearray(out.read_bytes())
+    text = "Un film".encode()
+    at = raw.index(text)
+    raw[at:at + 2] = b"Ux"
+    out.write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match="fails its checksum"):
+        load_transfer_set(out)

@@ -144,7 +144,8 @@ def test_bad_texts_get_one_line_each(tmp_path):
     csv.write_bytes(b"text,label\n" + b'"fine",pos\n' * 30000 + b'"caf\xe9",neg\n')
     with pytest.raises(DataError, match=r"not UTF-8 in row 30001"):
         load_data(str(csv), options=text_options("text"))
-    long = write_jsonl(tmp_path / "long.jsonl", [{"text": "ok"}, {"text": "x" * (MAX_TEXT_BYTES + 1)}])
+    long = write_jsonl(tmp_path / "long.jsonl",
+                       [{"text": "ok"}, {"text": "x" * (MAX_TEXT_BYTES + 1)}])
     with pytest.raises(DataError, match=r"holds a text of 1,048,577 bytes in row 2"):
         load_data(long, options=text_options("text"))
     missing = write_jsonl(tmp_path / "m.jsonl", [{"text": "ok"}, {"text": None}, {"other": 1}])

@@ -55,8 +55,9 @@ def tfidf(tmp_path_factory, text_corpus):
     pipe.fit(text_corpus["train"], [TEXT_NAMES[y] for y in text_corpus["labels"]])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = skl2onnx.convert_sklearn(pipe, initial_types=[("text", StringTensorType([None, 1]))],
-                                         options={id(pipe.steps[-1][1]): {"zipmap": False}})
+        model = skl2onnx.convert_sklearn(
+            pipe, initial_types=[("text", StringTensorType([None, 1]))],
+            options={id(pipe.steps[-1][1]): {"zipmap": False}})
     path = tmp_path_factory.mktemp("onnx") / "tfidf.onnx"
     path.write_bytes(model.SerializeToString())
     return path
@@ -239,7 +240,7 @@ def test_the_checksum_covers_the_texts(tmp_path, tfidf, data):
     out = tmp_path / "t.safetensors"
     write([tfidf], data, out)
     raw = bytearray(out.read_bytes())
-    text = "Un film".encode()
+    text = b"Un film"
     at = raw.index(text)
     raw[at:at + 2] = b"Ux"
     out.write_bytes(bytes(raw))

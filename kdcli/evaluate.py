@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from kdcli.checks import check_batch_size
 from kdcli.data.base import (
+    Data,
     DataOptions,
     absent_text,
     align_classes,
@@ -21,8 +22,8 @@ from kdcli.data.base import (
 from kdcli.data.sources import load_data
 from kdcli.errors import DataError, ModelError, UsageError
 from kdcli.output import Reporter
-from kdcli.teachers.base import TeacherOptions
-from kdcli.teachers.formats import file_class_names, load_teacher
+from kdcli.teachers.base import Teacher, TeacherOptions
+from kdcli.teachers.formats import load_teacher
 
 
 def predict(fn: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
@@ -31,6 +32,25 @@ def predict(fn: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
     with torch.inference_mode():
         return torch.cat([fn(inputs[i:i + batch_size]).float().cpu()
                           for i in range(0, inputs.shape[0], batch_size)])
+
+
+def _in_one_order(ds: Data, models: list[Teacher], rep: Reporter,
+                  ) -> tuple[list[Teacher], list[str] | None, list[str]]:
+    """The models with their outputs in one class order (the first that names its classes),
+    the data's labels numbered in it (a test set may lack some of the classes, which is
+    said), the class names and the classes the data lacks; refused where names differ."""
+    named = [t.class_names if t.class_names is not None else t.fmt.class_names(t.path)
+             for t in models]
+    order = next((n for n in named if n is not None), None)
+    absent: list[str] = []
+    if order is not None:
+        models = [t.in_class_order(order) for t in models]
+        absent = align_classes(ds, order)
+        if absent:
+            rep.warn(absent_text(absent, ds.source))
+    for t in models:
+        check_same_classes(t.class_names, t.name, ds.class_names, ds.source)
+    return models, ds.class_names or order, absent
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,
@@ -98,19 +118,13 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
     if len(opts) not in (1, len(models)):
         raise UsageError(f"got options for {len(opts)} models but {len(models)} models",
                          "Give the model options once for all models, or once per model")
-    class_names, absent = ds.class_names, []
-    for path in models:
-        theirs = file_class_names(path)
-        absent = absent or align_classes(ds, theirs)
-        check_same_classes(theirs, Path(path).name, ds.class_names, ds.source)
-        class_names = ds.class_names or theirs
-    if absent:
-        rep.warn(absent_text(absent, ds.source))
+    loaded = [load_teacher(path, opts[i if len(opts) > 1 else 0], role="model",
+                           probe=ds.inputs[:batch_size],
+                           feature_names=names_to_match(ds, data_options))
+              for i, path in enumerate(models)]
+    loaded, class_names, absent = _in_one_order(ds, loaded, rep)
     results, preds = [], []
-    for i, path in enumerate(models):
-        t = load_teacher(path, opts[i if len(opts) > 1 else 0], role="model",
-                         probe=ds.inputs[:batch_size],
-                         feature_names=names_to_match(ds, data_options))
+    for path, t in zip(models, loaded, strict=True):
         with rep.progress(f"eval {t.name}", len(ds)) as advance:
             def fn(x, t=t, advance=advance):
                 y = t.logits(x)

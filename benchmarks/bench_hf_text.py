@@ -13,6 +13,9 @@ some long plot summaries mixed in (mixed lengths, as real corpora have), in batc
 * bare: the same sub-batches, each tokenized by transformers with ``padding=True`` and run
   under ``torch.inference_mode()``. The ratio bare / kdcli should be >= 0.95.
 * plain: each batch padded to its longest text in one call, kdcli and bare.
+* soft-targets: the whole command (``kdcli.soft_targets.soft_targets``) on the same texts as a
+  JSON Lines file, batch ``--batch``: reading them, loading and probing the teacher, running
+  it, writing the transfer set. The ratio bare (grouped) / soft-targets should be >= 0.95.
 """
 
 import argparse
@@ -20,6 +23,7 @@ import bz2
 import csv
 import importlib.util
 import io
+import json
 import random
 import tempfile
 from pathlib import Path
@@ -27,6 +31,8 @@ from pathlib import Path
 import torch
 from common import best_of, report
 
+from kdcli.data.base import DataOptions
+from kdcli.soft_targets import soft_targets
 from kdcli.teachers.formats import load_teacher
 from kdcli.teachers.hf_text import plan_batches
 
@@ -112,11 +118,19 @@ def main() -> None:
         teacher.runner.group = group
         return torch.cat([teacher.logits(batch) for batch in batches])
 
+    data = folder.parent / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    out = folder.parent / "transfer.safetensors"
+
+    def command(group: bool) -> None:  # the whole command: read, load, probe, run, write
+        soft_targets([folder], T=4.0, data=str(data), out=out, force=True, precision="fp32",
+                     batch_size=b, data_options=DataOptions(text_columns=("text",)))
+
     torch.testing.assert_close(kd(True), bare(False), atol=1e-4, rtol=1e-4)
     times: dict[tuple[str, bool], float] = {}
     for _ in range(args.repeats):  # interleaved, so that a busy spell hits every side
-        for who, f in (("bare", bare), ("kdcli", kd)):
-            for group in (True, False):
+        for who, f in (("bare", bare), ("kdcli", kd), ("soft-targets", command)):
+            for group in (True, False) if who != "soft-targets" else (True,):
                 t = best_of(lambda f=f, g=group: f(g), 1)
                 times[(who, group)] = min(t, times.get((who, group), t))
     lengths = [len(s) for s in tok(texts, truncation=True, max_length=args.max_len)["input_ids"]]
@@ -131,6 +145,7 @@ def main() -> None:
                  for (w, g), t in times.items()},
               "ratio_grouped": times[("bare", True)] / times[("kdcli", True)],
               "ratio_plain": times[("bare", False)] / times[("kdcli", False)],
+              "ratio_soft_targets": times[("bare", True)] / times[("soft-targets", True)],
               "grouped_speedup": times[("kdcli", False)] / times[("kdcli", True)]}
     rows = [("cpu", f"{result['cpu']} ({result['threads']} threads)"),
             ("texts", f"{n} (batch {b}; {sum(lengths):,} tokens, up to {max(lengths)})"),
@@ -139,6 +154,8 @@ def main() -> None:
               for (w, g), t in times.items()),
             ("ratio bare/kdcli", f"grouped {result['ratio_grouped']:.3f}, "
                                  f"plain {result['ratio_plain']:.3f}"),
+            ("bare/soft-targets", f"{result['ratio_soft_targets']:.3f} (the whole command: "
+                                  "reading the JSON Lines, loading, probing, writing)"),
             ("grouped vs plain", f"{result['grouped_speedup']:.2f}x faster")]
     report(f"Hugging Face text teacher (BERT hidden {args.hidden}, {args.layers} layers)",
            rows, result)

@@ -166,6 +166,10 @@ def test_train_student_refuses_a_text_set_in_one_line(tmp_path, tfidf, data, cli
     r = cli("train-student", str(out), "--out", str(tmp_path / "s.safetensors"))
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "s.safetensors").exists()
+    from kdcli.errors import DataError
+
+    with pytest.raises(DataError, match="is a transfer set of texts"):
+        soft_targets([str(tfidf)], data=str(out), out=tmp_path / "again.safetensors")
 
 
 def test_a_text_teacher_on_images_and_copies_of_texts_are_refused(tmp_path, tfidf, data):
@@ -246,3 +250,32 @@ def test_the_checksum_covers_the_texts(tmp_path, tfidf, data):
     out.write_bytes(bytes(raw))
     with pytest.raises(FormatError, match="fails its checksum"):
         load_transfer_set(out)
+
+
+def test_eval_reads_text_and_takes_each_models_classes_in_one_order(text_bert, tfidf, data,
+                                                                   texts):
+    from kdcli.evaluate import evaluate
+
+    result = evaluate([str(text_bert), str(tfidf)], data=data, data_options=_opts("review"))
+    assert result["class_names"] == TEXT_NAMES
+    labels = torch.tensor([i % 2 for i in range(len(texts))])  # rotten, fresh, ...
+    bert, lr = load_teacher(text_bert, precision="fp32"), load_teacher(tfidf)
+    for got, logits in zip(result["models"], [bert.logits(texts), lr.logits(texts)[:, [1, 0]]],
+                           strict=True):
+        assert got["errors"] == int((logits.argmax(-1) != labels).sum())
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_two_ranks_write_the_same_text_set_as_one_process(tmp_path, tfidf, data, texts):
+    from test_distributed import torchrun
+
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    write([tfidf], data, one)
+    r = torchrun("soft-targets", tfidf, "--data", data, "--text-column", "review", "--T", "4",
+                 "--batch-size", "7", "--precision", "fp32", "-q", "--out", two)
+    assert r.returncode == 0, r.stderr
+    a, b = load_transfer_set(one), load_transfer_set(two)
+    assert b.texts(slice(0, len(b))).strings() == texts
+    assert torch.equal(a.columns["text_spans"].whole(), b.columns["text_spans"].whole())
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.safetensors", "two.safetensors"]

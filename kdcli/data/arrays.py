@@ -70,6 +70,10 @@ def read_safetensors(path: Path, split: str, options: DataOptions) -> Loaded:
     except FormatError as e:
         raise DataError(f"{path} is not a valid safetensors file: {e.message}",
                         "The file is truncated or corrupt") from e
+    if "text_spans" in tensors:
+        raise DataError(f"{path} is a transfer set of texts, which is not read as data yet",
+                        "Give the text data it was made from (kdcli inspect shows its "
+                        "data_source)")
     if "inputs" not in tensors:
         raise DataError(f"{path} has no 'inputs' tensor (has {sorted(tensors)})",
                         "Store the examples under the name 'inputs'")

@@ -35,7 +35,7 @@ def settle(t: Teacher, probe: RawBatch | None) -> Teacher:
         ModelError: the shape is unknown, the model fails on the probe, or its output does
             not fit its classes.
     """
-    text_data = isinstance(probe, Texts)
+    text_data = probe is not None and not isinstance(probe, torch.Tensor)  # Texts, a list
     if probe is not None and text_data != t.takes_text:
         raise ModelError(f"teacher {t.name} takes text, but the data holds examples of shape "
                          f"{list(probe.shape[1:])}" if t.takes_text else
@@ -45,7 +45,8 @@ def settle(t: Teacher, probe: RawBatch | None) -> Teacher:
                          "files)" if t.takes_text else "Give a text teacher (a Hugging Face "
                          "text classifier, an ONNX text pipeline) or numeric data")
     if t.takes_text:
-        probe = probe.strings() if text_data else list(PROBE_TEXTS)
+        probe = probe.strings() if isinstance(probe, Texts) else \
+            list(probe if probe is not None else PROBE_TEXTS)
         shape = t.input_shape
     else:
         probe, shape = _tensor_probe(t, probe)

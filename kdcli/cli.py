@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from kdcli import __version__
-from kdcli.config import SWEEP_ALPHA, DistillConfig, TrainConfig, student_config
+from kdcli.config import SWEEP_ALPHA, DistillConfig, TrainConfig, WordsConfig, student_config
 from kdcli.errors import UsageError, one_line, user_message
 from kdcli.helpformat import Command, Group
 from kdcli.options import (
@@ -47,6 +47,7 @@ from kdcli.options import (
     model_options,
     output_options,
     train_options,
+    words_options,
 )
 from kdcli.students import examples
 
@@ -198,6 +199,7 @@ def _root(
 @output_options()
 @data_options()
 @augment_options()
+@words_options()
 @train_options(_TRAIN, "Peak learning rate.", "normalize, but not with --input-dropout, so that a dropped pixel is black")
 def train_cmd(
     *,
@@ -210,6 +212,7 @@ def train_cmd(
     input_dropout: Annotated[float, typer.Option(metavar="P", help="Dropout on inputs (MLP).")] = 0.0,
     max_norm: Annotated[float | None, typer.Option(metavar="X", help="Max L2 norm of each hidden unit's incoming weights (not the output layer's).")] = None,
     augmentation: "AugmentConfig",
+    words: WordsConfig,
     config: TrainConfig,
     eval_data: EvalDataOpt = "auto",
     limit: LimitOpt = None,
@@ -226,7 +229,7 @@ def train_cmd(
                      input_dropout=input_dropout, max_norm=max_norm)
     rep.result(train(data, arch=a, out=out, config=config, augment=augmentation,
                      eval_data=eval_data, limit=limit, num_classes=num_classes, force=force,
-                     resume=resume, reporter=rep, data_options=data_options))
+                     resume=resume, reporter=rep, data_options=data_options, words=words))
 
 
 @command("eval", "kdcli eval teacher.safetensors student.safetensors student.onnx --data mnist:test",
@@ -317,6 +320,7 @@ def soft_targets_cmd(
          "kdcli train-student --loss mse --center --out student.safetensors")
 @output_options()
 @data_options()
+@words_options()
 @train_options(_STUDENT, "Peak learning rate (T^2 makes early gradients large: keep a --warmup).",
                "normalize, but not for a student --arch with input dropout")
 def train_student_cmd(
@@ -332,6 +336,7 @@ def train_student_cmd(
     loss: Annotated[str, typer.Option(metavar="NAME", help="kd (soft targets at T) or mse (logits); see the loss above.")] = _DISTILL.loss,
     center: Annotated[bool, typer.Option(help="mse: centre both logit vectors per example.")] = _DISTILL.center,
     tail: Annotated[str, typer.Option(metavar="RULE", help="Top-k sets: how the mass outside the top K is spread: student, uniform or renormalize (see above).")] = _DISTILL.tail,
+    words: WordsConfig,
     config: TrainConfig,
     eval_data: EvalDataOpt = "auto",
     out: Annotated[Path, typer.Option(metavar="FILE", help="Output student model file.")] = Path("student.safetensors"),
@@ -359,7 +364,7 @@ def train_student_cmd(
     distill = DistillConfig(T=T, alpha=alpha, loss=loss, center=center, tail=tail)
     rep.result(train_student(transfer, arch=a, distill=distill, out=out, config=config,
                              eval_data=eval_data, force=force, resume=resume, reporter=rep,
-                             data_options=data_options))
+                             data_options=data_options, words=words))
 
 
 @command("export", "kdcli export student.onnx --model student.safetensors",

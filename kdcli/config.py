@@ -187,3 +187,36 @@ def _check_epochs_bound(epochs: int | None) -> None:
 
     if epochs is not None:
         check_count(epochs, "--epochs", MAX_EPOCHS, "Try --epochs 20")
+
+
+@dataclass(frozen=True)
+class WordsConfig:
+    """How a text student's words are chosen (``--vocab-size``, ``--min-count``,
+    ``--max-words``).
+
+    Attributes:
+        vocab_size: The most entries of the vocabulary, padding and unknown included.
+        min_count: A word seen fewer times in the training texts is unknown.
+        max_words: Texts are cut after this many words (said, with how many were).
+    """
+
+    vocab_size: int = 20000
+    min_count: int = 2
+    max_words: int = 128
+
+    def check(self) -> None:
+        """Raise UsageError for values no vocabulary can take."""
+        if not 3 <= self.vocab_size <= 1 << 22:
+            raise UsageError(f"--vocab-size must be from 3 to {1 << 22:,}, got "
+                             f"{self.vocab_size}", "Try --vocab-size 20000")
+        if not 1 <= self.min_count <= 1 << 20:
+            raise UsageError(f"--min-count must be 1 or more, got {self.min_count}",
+                             "Try --min-count 2")
+        if not 1 <= self.max_words <= 1 << 16:
+            raise UsageError(f"--max-words must be from 1 to {1 << 16:,}, got "
+                             f"{self.max_words}", "Try --max-words 128")
+
+    def settings(self) -> dict[str, Any]:
+        """The settings a model file's training record keeps."""
+        return {"vocab_size": self.vocab_size, "min_count": self.min_count,
+                "max_words": self.max_words}

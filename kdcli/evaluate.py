@@ -23,7 +23,7 @@ from kdcli.data.sources import load_data
 from kdcli.errors import DataError, ModelError, UsageError
 from kdcli.output import Reporter
 from kdcli.teachers.base import Teacher, TeacherOptions
-from kdcli.teachers.formats import load_teacher
+from kdcli.teachers.formats import load_teacher, one_class_order
 
 
 def predict(fn: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
@@ -39,12 +39,9 @@ def _in_one_order(ds: Data, models: list[Teacher], rep: Reporter,
     """The models with their outputs in one class order (the first that names its classes),
     the data's labels numbered in it (a test set may lack some of the classes, which is
     said), the class names and the classes the data lacks; refused where names differ."""
-    named = [t.class_names if t.class_names is not None else t.fmt.class_names(t.path)
-             for t in models]
-    order = next((n for n in named if n is not None), None)
+    models, order = one_class_order(models)
     absent: list[str] = []
     if order is not None:
-        models = [t.in_class_order(order) for t in models]
         absent = align_classes(ds, order)
         if absent:
             rep.warn(absent_text(absent, ds.source))

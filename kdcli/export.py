@@ -36,7 +36,8 @@ from kdcli.data.base import DataOptions, recorded_options
 from kdcli.data.sources import load_data, recorded_data
 from kdcli.errors import ExportError, FormatError, UsageError, first_line
 from kdcli.io.files import atomic_output, check_output, require_file, write_error
-from kdcli.modalities import modality_for
+from kdcli.modalities import modality_for, modality_of
+from kdcli.modalities.base import Modality
 from kdcli.output import Reporter
 from kdcli.resources import check_memory
 from kdcli.students.base import fold_batchnorm
@@ -91,18 +92,27 @@ def main_export(model: str | Path = "student.safetensors", output: str | Path = 
         raise FormatError(f"{e.message}; kdcli export takes a kdcli model file",
                           "Train one with kdcli train or kdcli train-student") from e
     _check_batch_memory(fixed, mf)
-    x_check = _check_inputs(mf, data, fixed, check_examples, data_options)
+    text = mf.preprocessing.words is not None
+    if text and fixed is not None:
+        raise UsageError("a text student is exported with a dynamic batch",
+                         "Leave out --batch")
+    x_check = (_text_inputs if text else _check_inputs)(mf, data, fixed, check_examples,
+                                                        data_options)
     start = time.perf_counter()
     with atomic_output(output, force) as tmp:
         # BatchNorm folded into its convolutions; verify() checks against the unfolded model
         log = _to_onnx(fold_batchnorm(mf.model), OUTPUT_MODES[outputs],
-                       list(mf.preprocessing.raw_shape), fixed, opset, tmp, verbose)
+                       list(mf.preprocessing.raw_shape), fixed, opset, tmp, verbose,
+                       modality_of(mf.preprocessing))
         if verbose and log.strip():
             rep.err.print(log.rstrip(), markup=False, highlight=False)
         proto = onnx.load(str(tmp))
+        if text:  # the words from strings, inside the graph: string [batch] in
+            _check_graph(proto)  # the student's part in full (see _check_graph)
+            proto = _with_words(proto, mf)
         _set_metadata(proto, mf, outputs)
         onnx.save(proto, str(tmp))
-        report = verify(tmp, mf.model, x_check, OUTPUT_MODES[outputs], atol)
+        report = verify(tmp, mf.model, x_check[0], OUTPUT_MODES[outputs], atol, x_check[1])
         if opset is not None and report["opset"] != opset:
             raise ExportError(f"--opset {opset} was asked for, but the exporter wrote opset "
                               f"{report['opset']}; nothing was written",
@@ -139,15 +149,53 @@ def _check_batch_memory(fixed: int | None, mf: ModelFile) -> None:
                      "Lower --batch, or use --batch dynamic")
 
 
-def _check_inputs(mf: ModelFile, data: str | None, fixed: int | None, count: int,
-                  data_options: DataOptions | None = None) -> dict[str, torch.Tensor]:
-    """Real raw inputs for the check, as the model's named inputs (``[n, *shape]`` each)."""
+def _check_data(mf: ModelFile, data: str | None, rows: int,
+                data_options: DataOptions | None) -> Any:
+    """The data the export is checked on: ``data``, else the data the model records."""
     spec = data or recorded_data(mf.training, "test_data", "data")
     if not spec:
         raise UsageError("the model records no data source to check the export on",
                          "Pass --data with examples the model takes")
-    ds = load_data(spec, limit=max(count, fixed or 0),
-                   options=recorded_options(data_options, mf.training), text="kdcli export")
+    ds = load_data(spec, limit=rows, options=recorded_options(data_options, mf.training))
+    if ds.is_text != (mf.preprocessing.words is not None):
+        raise UsageError(f"--data {spec} holds {'texts' if ds.is_text else 'no texts'}, but "
+                         f"the model takes {'texts' if mf.preprocessing.words else 'tensors'}",
+                         "Pass --data the model was trained on")
+    return ds
+
+
+def _text_inputs(mf: ModelFile, data: str | None, fixed: int | None, count: int,
+                 data_options: DataOptions | None = None
+                 ) -> tuple[dict[str, np.ndarray], tuple[torch.Tensor]]:
+    """Real texts for the check of a text student: the strings onnxruntime gets, and the
+    word ids torch gets."""
+    from kdcli.training.text import encode
+
+    strings = _check_data(mf, data, count, data_options).inputs.strings()
+    return ({"text": np.array(strings, dtype=object)},
+            (encode(strings, mf.preprocessing),))
+
+
+def _with_words(proto: onnx.ModelProto, mf: ModelFile) -> onnx.ModelProto:
+    """The student's graph (word ids in) with the vocabulary's nodes before it: string
+    texts ``[batch]`` in (see :func:`kdcli.students.words.onnx_nodes`)."""
+    from kdcli.students.words import WordVocab, onnx_model
+
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    words = onnx_model(WordVocab.from_json(mf.preprocessing.words),
+                       mf.preprocessing.raw_shape[0], "text", "words_ids", opset=opset)
+    words.ir_version = proto.ir_version
+    merged = onnx.compose.merge_models(words, proto, io_map=[("words_ids", "input_ids")])
+    merged.ir_version = proto.ir_version
+    return merged
+
+
+def _check_inputs(mf: ModelFile, data: str | None, fixed: int | None, count: int,
+                  data_options: DataOptions | None = None
+                  ) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
+    """Real raw inputs for the check, as the model's named inputs (``[n, *shape]`` each),
+    and as torch takes them."""
+    ds = _check_data(mf, data, max(count, fixed or 0), data_options)
     raw = ds.inputs
     if list(raw.shape[1:]) != list(mf.preprocessing.raw_shape):
         raise UsageError(f"--data examples have shape {list(raw.shape[1:])}, but the model "
@@ -158,7 +206,7 @@ def _check_inputs(mf: ModelFile, data: str | None, fixed: int | None, count: int
         reps = -(-fixed // len(raw))
         rows = fixed * max(1, len(raw) // fixed)
         batch = {k: torch.cat([v] * reps)[:rows] for k, v in batch.items()}
-    return batch
+    return batch, tuple(batch.values())
 
 
 class Exportable(nn.Module):
@@ -181,9 +229,10 @@ class Exportable(nn.Module):
 
 
 def _to_onnx(model: nn.Module, output_names: list[str], raw_shape: list[int],
-             fixed: int | None, opset: int | None, path: Path, verbose: bool = False) -> str:
+             fixed: int | None, opset: int | None, path: Path, verbose: bool = False,
+             modality: Modality | None = None) -> str:
     """Export with torch's exporter; return what it printed (shown only with --verbose)."""
-    modality = modality_for(raw_shape)
+    modality = modality or modality_for(raw_shape)
     first, *more = modality.example_inputs(raw_shape, fixed or 2).values()
     args = (first, tuple(more)) if more else (first,)  # as forward(input, more) takes them
     kwargs: dict[str, Any] = {"input_names": [s.name for s in modality.inputs(raw_shape)],
@@ -264,41 +313,56 @@ def _training_summary(training: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def verify(path: Path, model: nn.Module, x: Mapping[str, torch.Tensor],
-           output_names: list[str], atol: float) -> dict[str, Any]:
+def _check_graph(proto: onnx.ModelProto, full: bool = True) -> None:
+    """``onnx.checker`` on a graph, with shape inference (``full``) or without: onnx's
+    strict shape inference crashes the process on a ``LabelEncoder`` fed by the words'
+    ``Tokenizer`` (onnx 1.23), so a text student's graph is checked in full before its
+    words are joined, and the joined graph without it (onnxruntime then runs it).
+
+    Raises:
+        ExportError: the checker rejects the graph.
+    """
+    try:
+        onnx.checker.check_model(proto, full_check=full)
+    except Exception as e:  # noqa: BLE001 - checker raises ValidationError and others
+        raise ExportError(f"onnx.checker rejected the export: {first_line(e, limit=None)}",
+                          "Try another --opset, or report this bug") from e
+
+
+def verify(path: Path, model: nn.Module, x: Mapping[str, Any],
+           output_names: list[str], atol: float,
+           torch_x: tuple[torch.Tensor, ...] | None = None) -> dict[str, Any]:
     """Check an exported file: ``onnx.checker`` and onnxruntime against torch.
 
     Args:
         path: The ONNX file.
         model: The torch model it was exported from.
-        x: Real raw inputs by name, each ``[n, *shape]`` (see :func:`_check_inputs`).
+        x: Real raw inputs by name, each ``[n, *shape]`` (see :func:`_check_inputs`): tensors,
+            or numpy arrays (a text student's strings).
         output_names: The graph's outputs.
         atol: Largest allowed absolute logit difference.
+        torch_x: The same inputs as ``model`` takes them (default: ``x``'s values).
 
     Raises:
         ExportError: a check failed.
     """
     rows = len(next(iter(x.values())))
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as e:  # noqa: BLE001 - checker raises ValidationError and others
-        raise ExportError(f"onnx.checker rejected the export: {first_line(e, limit=None)}",
-                          "Try another --opset, or report this bug") from e
     proto = onnx.load(str(path))
+    _check_graph(proto, full=torch_x is None)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     try:
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         batch = sess.get_inputs()[0].shape[0]
         step = batch if isinstance(batch, int) else rows
-        got = [sess.run(None, {k: v[i:i + step].numpy() for k, v in x.items()})
+        got = [sess.run(None, {k: np.asarray(v[i:i + step]) for k, v in x.items()})
                for i in range(0, rows - step + 1, step)]
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"onnxruntime cannot run the export: {first_line(e, limit=None)}",
                           "Try another --opset") from e
     n = sum(len(g[0]) for g in got)
     with torch.inference_mode():
-        ref = model(*(v[:n] for v in x.values())).float()
+        ref = model(*(v[:n] for v in (torch_x or tuple(x.values())))).float()
     first = torch.from_numpy(np.concatenate([g[0] for g in got]))
     if output_names == ["probabilities"]:
         ref = torch.softmax(ref, -1)

@@ -19,7 +19,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from kdcli.checks import check_arch_spec, check_width, split_list
-from kdcli.config import TrainConfig
+from kdcli.config import TrainConfig, WordsConfig
 from kdcli.errors import UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -177,6 +177,18 @@ def augment_options() -> Callable[[F], F]:
                                           pad_mode=values["pad_mode"], flip=values["flip"])
 
     return _group("augmentation", params, build)
+
+
+def words_options() -> Callable[[F], F]:
+    """Decorator: a text student's vocabulary options, passed to the command as its
+    ``words`` parameter, a :class:`~kdcli.config.WordsConfig`."""
+    d = WordsConfig()
+    panel = "Text students"
+    params = [
+        _option("vocab_size", Annotated[int, typer.Option(metavar="N", help="Most words in the vocabulary, fitted on the training texts.", rich_help_panel=panel)], d.vocab_size),
+        _option("min_count", Annotated[int, typer.Option(metavar="N", help="Words seen fewer times are unknown.", rich_help_panel=panel)], d.min_count),
+        _option("max_words", Annotated[int, typer.Option(metavar="N", help="Texts are cut after this many words.", rich_help_panel=panel)], d.max_words)]
+    return _group("words", params, lambda values, _: WordsConfig(**values))
 
 
 def output_options(quiet: bool = True) -> Callable[[F], F]:

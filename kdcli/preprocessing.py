@@ -83,6 +83,9 @@ class Preprocessing:
             a teacher's, which takes the data's).
         units: Human-readable description of the raw units.
         size: ``[H, W]`` a teacher's images are resized to (image checkpoints), or None.
+        words: A text student's word vocabulary (:meth:`kdcli.students.words.WordVocab.
+            to_json`): its raw inputs are then word ids ``[B, L]``, L at most
+            ``raw_shape[0]``, from texts (None: not a text student).
     """
 
     scale: float = 1.0
@@ -91,6 +94,7 @@ class Preprocessing:
     raw_shape: list[int] = field(default_factory=list)
     units: str = "raw"
     size: list[int] | None = None
+    words: dict[str, Any] | None = None
 
     @classmethod
     def fit(cls, inputs: torch.Tensor, normalize: bool, rule: str) -> Preprocessing:
@@ -125,6 +129,8 @@ class Preprocessing:
             out.update(raw_shape=self.raw_shape, units=self.units)
         if self.size is not None:
             out["size"] = self.size
+        if self.words is not None:
+            out["words"] = self.words
         return out
 
     @property

@@ -28,7 +28,7 @@ from kdcli.errors import DataError, ModelError, UsageError
 from kdcli.io.files import check_output, data_files
 from kdcli.output import Reporter, Timer
 from kdcli.teachers.base import Teacher, TeacherOptions
-from kdcli.teachers.formats import check_teacher_options, load_teacher
+from kdcli.teachers.formats import check_teacher_options, load_teacher, one_class_order
 from kdcli.teachers.inputs import describe_preprocessing
 from kdcli.transfer.ensemble import COMBINE_RULES
 from kdcli.transfer.layout import (
@@ -232,19 +232,15 @@ def _classes(ds, members: list[Teacher]) -> tuple[int, list[str] | None]:
 
 def _in_one_order(ds, members: list[Teacher], rep: Reporter) -> list[Teacher]:
     """The teachers, each with its outputs in the class order of the first that names its
-    classes (of the data's, when only the data names them), so that an ensemble averages
-    like with like; say when string labels are taken as a teacher's unnamed classes."""
-    named = [t.class_names if t.class_names is not None else t.fmt.class_names(t.path)
-             for t in members]
-    order = next((n for n in named if n is not None), None)
-    if order is None:
-        if ds.class_names is not None:
-            rep.info(f"{ds.source} names its classes; numbered in sorted order "
-                     f"({', '.join(f'{i} {n}' for i, n in enumerate(ds.class_names[:5]))}"
-                     f"{', ...' if len(ds.class_names) > 5 else ''}) as the teacher's "
-                     "classes, which it does not name: check the accuracy column")
-        return members
-    return [t.in_class_order(order) for t in members]
+    classes (:func:`~kdcli.teachers.formats.one_class_order`), so that an ensemble averages
+    like with like; say when string labels are taken as unnamed classes."""
+    members, order = one_class_order(members)
+    if order is None and ds.class_names is not None:
+        rep.info(f"{ds.source} names its classes; numbered in sorted order "
+                 f"({', '.join(f'{i} {n}' for i, n in enumerate(ds.class_names[:5]))}"
+                 f"{', ...' if len(ds.class_names) > 5 else ''}) as the teacher's "
+                 "classes, which it does not name: check the accuracy column")
+    return members
 
 
 def _check_out(out: str | Path, force: bool, inputs: list[str | Path]) -> Path:

@@ -27,6 +27,7 @@ from kdcli.config import (  # noqa: F401 - the constants are re-exported, as kdc
     STUDENT_WARMUP,
     DistillConfig,
     TrainConfig,
+    WordsConfig,
     student_config,
 )
 from kdcli.data.augment import AugmentConfig
@@ -52,6 +53,7 @@ from kdcli.students.model_file import save_model
 from kdcli.training.checkpoint import check_train_outputs, checkpoint_path
 from kdcli.training.loop import StepLoss, fit
 from kdcli.training.losses import criterion, matches_logits
+from kdcli.training.text import check_kind, encoded, family_defaults, fit_words
 from kdcli.transfer.reader import TransferSet, check_unchanged, file_stamps, load_transfer_set
 from kdcli.transfer.rows import Rows
 from kdcli.transfer.targets import check_class_memory, to_device
@@ -131,8 +133,8 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
           config: TrainConfig | None = None, augment: AugmentConfig | None = None,
           eval_data: str | None = "auto", limit: int | None = None,
           num_classes: int | None = None, force: bool = False, resume: bool = False,
-          reporter: Reporter | None = None,
-          data_options: DataOptions | None = None) -> dict[str, Any]:
+          reporter: Reporter | None = None, data_options: DataOptions | None = None,
+          words: WordsConfig | None = None) -> dict[str, Any]:
     """Train a kdcli model on hard labels (how users make teachers and baselines).
 
     Args:
@@ -150,10 +152,14 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
         reporter: Output sink.
         data_options: How tables and image folders are read (for ``data`` and
             ``eval_data``).
+        words: A text student's vocabulary settings (see
+            :class:`~kdcli.training.text.WordsConfig`).
 
     Returns:
         The training summary (also stored in the model file).
     """
+    words = words or WordsConfig()
+    words.check()
     cfg = config or TrainConfig()
     cfg.check()
     aug = augment or AugmentConfig()
@@ -163,15 +169,22 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
     if not cfg.dry_run:
         check_train_outputs(out, force, resume, data_files(data) + data_files(eval_data))
     start = time.perf_counter()
-    ds = load_data(data, limit=limit, options=data_options, reporter=rep, text="kdcli train")
+    ds = load_data(data, limit=limit, options=data_options, reporter=rep)
+    check_kind(arch, ds.is_text, ds.source)
+    cfg = family_defaults(cfg, arch, TrainConfig(), rep)
     if ds.labels is None:
         raise no_labels(ds, "train on labelled data (kdcli train needs labels)", UsageError)
     cfg, precision_note = _concrete(cfg, len(ds))
     eval_ds = _eval_data(eval_data, ds.source, data_options, ds.class_names, ds.source,
                          list(ds.sample_shape), f"{ds.source} has", rep, ds.feature_names)
     num_classes = _train_classes(ds, eval_ds, num_classes)
+    if ds.is_text and aug.active:
+        raise UsageError("--augment, --jitter, --crop-pad and --flip augment images, not "
+                         "texts", "Drop them for text data")
     aug.check_shape(ds.sample_shape)
-    model, pre = _build(arch, cfg, ds.inputs, num_classes)
+    inputs, pre = fit_words(ds.inputs, words, rep) if ds.is_text else (ds.inputs, None)
+    model, pre = _build(arch, cfg, inputs, num_classes, pre)
+    eval_ds = encoded(eval_ds, pre)
     labels = ds.labels
 
     def step(z: torch.Tensor, idx: torch.Tensor):
@@ -182,12 +195,13 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
     fingerprint = {"command": "train", "data": ds.source, "arch": arch.to_dict(),
                    "config": cfg.settings(), "augment": aug.settings()}
     training = {"command": "train", "architecture": arch.spec(), "data": ds.source,
-                **_recorded(data_options), **cfg.settings(), **aug.settings()}
+                **_recorded(data_options), **cfg.settings(), **aug.settings(),
+                **(words.settings() if ds.is_text else {})}
     outputs = _Outputs(out, force, f"Trained {arch.spec()} on {ds.source}", start,
                        {"class_names": ds.class_names, "feature_names": ds.feature_names},
                        precision_note)
     with session(resolve_device(cfg.device)) as dist:
-        history = fit(model, arch, ds.inputs, step, ["train_loss", "train_error"], cfg,
+        history = fit(model, arch, inputs, step, ["train_loss", "train_error"], cfg,
                       eval_data=eval_ds, checkpoint=None if cfg.dry_run else checkpoint_path(out),
                       fingerprint=fingerprint, resume=resume, reporter=rep, dist=dist,
                       augment=aug)
@@ -207,11 +221,13 @@ def _concrete(cfg: TrainConfig, n: int) -> tuple[TrainConfig, str | None]:
 
 
 def _build(arch: Architecture, cfg: TrainConfig, inputs: torch.Tensor | Rows,
-           num_classes: int) -> tuple[nn.Module, Preprocessing]:
+           num_classes: int, pre: Preprocessing | None = None
+           ) -> tuple[nn.Module, Preprocessing]:
     """A freshly initialized model (seeded by ``cfg.seed``) and its input preprocessing,
-    fitted on ``inputs``."""
+    fitted on ``inputs`` (a text student's, with its vocabulary, is given as ``pre``)."""
     torch.manual_seed(cfg.seed)
-    pre = fit_preprocessing(inputs, _normalize(cfg, arch), cfg.normalize_by)
+    if pre is None:
+        pre = fit_preprocessing(inputs, _normalize(cfg, arch), cfg.normalize_by)
     return build_model(arch, pre, num_classes), pre
 
 
@@ -229,7 +245,7 @@ def _eval_data(eval_data: str | None, source: str, data_options: DataOptions | N
     if feature_names and (data_options is None or data_options.feature_columns is None):
         data_options = replace(data_options or DataOptions(),
                                feature_columns=tuple(feature_names))
-    eval_ds = load_data(spec, options=data_options, reporter=rep, text="kdcli train")
+    eval_ds = load_data(spec, options=data_options, reporter=rep)
     if eval_ds.labels is None:
         raise no_labels(eval_ds, "give labelled --eval-data, or pass --eval-data none",
                         UsageError)
@@ -300,7 +316,8 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
                   tail: str | None = None, out: str | Path = "student.safetensors",
                   config: TrainConfig | None = None, eval_data: str | None = "auto",
                   force: bool = False, resume: bool = False, reporter: Reporter | None = None,
-                  data_options: DataOptions | None = None) -> dict[str, Any]:
+                  data_options: DataOptions | None = None,
+                  words: WordsConfig | None = None) -> dict[str, Any]:
     """Train a student against a transfer set (Hinton et al. 2015).
 
     ``--loss kd``: ``L = alpha*CE(y, softmax(z)) + (1-alpha)*T^2*CE(p_T, softmax(z/T))``.
@@ -330,10 +347,14 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
         resume: Continue from ``out``'s checkpoint.
         reporter: Output sink.
         data_options: How a table or image folder given as ``eval_data`` is read.
+        words: A text student's vocabulary settings (a set of texts; see
+            :class:`~kdcli.training.text.WordsConfig`).
 
     Returns:
         The training summary (also stored in the student file).
     """
+    words = words or WordsConfig()
+    words.check()
     d = _with(distill or DistillConfig(), T=T, alpha=alpha, loss=loss, center=center, tail=tail)
     cfg = config or student_config()
     cfg.check()
@@ -345,22 +366,25 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
                             [transfer, *data_files(transfer), *data_files(eval_data)])
     start = time.perf_counter()
     ts = load_transfer_set(transfer)
-    ts.require_tensors("kdcli train-student")
+    check_kind(arch, ts.is_text, str(transfer))
+    cfg = family_defaults(cfg, arch, student_config(), rep)
     stamps = file_stamps(ts)
     if d.alpha > 0 and not ts.has_labels:
         raise UsageError(f"--alpha {d.alpha} needs labels, but {transfer} has none",
                          "Use --alpha 0 (pure distillation) or a labelled transfer set")
-    cfg, precision_note = _concrete(cfg, int(ts.columns["inputs"].shape[0]))
+    cfg, precision_note = _concrete(cfg, len(ts))
     check_class_memory(ts.path, ts.num_classes, cfg.batch_size)
     d = d.resolved(ts.T)
     _check_targets(ts, d, rep)
     step = _student_step(ts, d)
     eval_ds = _student_eval_data(ts, Path(transfer).name, eval_data, data_options, rep)
     transfer_sha = sha256_file(ts.path)
-    inputs = ts.columns["inputs"]
-    model, pre = _build(arch, cfg, inputs, ts.num_classes)
+    inputs, pre = fit_words(ts.texts(slice(0, len(ts))), words, rep) if ts.is_text else \
+        (ts.columns["inputs"], None)
+    model, pre = _build(arch, cfg, inputs, ts.num_classes, pre)
+    eval_ds = encoded(eval_ds, pre)
     training, fingerprint = _student_record(ts, Path(transfer).name, transfer_sha, arch, d, cfg,
-                                            data_options)
+                                            data_options, words if ts.is_text else None)
     outputs = _Outputs(out, force, f"Distilled {arch.spec()} from {Path(transfer).name}", start,
                        {"class_names": ts.meta.get("class_names"),
                         "feature_names": ts.meta.get("feature_names")}, precision_note)
@@ -418,7 +442,8 @@ def _student_eval_data(ts: TransferSet, name: str, eval_data: str | None,
     options = recorded_options(data_options, ts.meta)
     eval_ds = _eval_data(eval_data, str(ts.meta.get("data_source", "")), options,
                          ts.meta.get("class_names"), f"transfer set {name}",
-                         list(ts.columns["inputs"].shape[1:]), "the transfer set's are", rep,
+                         [] if ts.is_text else list(ts.columns["inputs"].shape[1:]),
+                         "the transfer set's are", rep,
                          ts.meta.get("feature_names"))
     if eval_ds is not None and eval_ds.labels is not None and (
             int(eval_ds.labels.max()) >= ts.num_classes):
@@ -428,8 +453,8 @@ def _student_eval_data(ts: TransferSet, name: str, eval_data: str | None,
 
 
 def _student_record(ts: TransferSet, name: str, transfer_sha: str, arch: Architecture,
-                    d: DistillConfig, cfg: TrainConfig,
-                    data_options: DataOptions | None) -> tuple[dict, dict]:
+                    d: DistillConfig, cfg: TrainConfig, data_options: DataOptions | None,
+                    words: WordsConfig | None = None) -> tuple[dict, dict]:
     """What a student's model file records of its training, and the fingerprint of the
     settings that a resumed run must match."""
     teachers = [{k: t.get(k) for k in ("file", "sha256", "format", "training")}
@@ -442,9 +467,10 @@ def _student_record(ts: TransferSet, name: str, transfer_sha: str, arch: Archite
                 "tail": d.tail if ts.form.has_tail and d.loss == "kd" else None,
                 "teachers": teachers,
                 **_recorded(recorded_options(data_options, ts.meta)),
-                **cfg.settings()}
+                **cfg.settings(), **(words.settings() if words else {})}
     if ts.meta.get("class_names"):
         training["class_names"] = ts.meta["class_names"]
     fingerprint = {"command": "train-student", "transfer_sha256": transfer_sha,
-                   "arch": arch.to_dict(), **d.settings(ts.form.has_tail), "config": cfg.settings()}
+                   "arch": arch.to_dict(), **d.settings(ts.form.has_tail), "config": cfg.settings(),
+                   **({"words": words.settings()} if words else {})}
     return training, fingerprint

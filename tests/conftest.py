@@ -249,3 +249,28 @@ def text_bert(tmp_path_factory, text_corpus) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     fast.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def text_tfidf(tmp_path_factory, text_corpus):
+    """A TF-IDF + logistic-regression pipeline exported with skl2onnx, its string input
+    [N, 1], with the default StringNormalizer. Its classes are the names, in scikit-learn's
+    sorted order (fresh, rotten): the BERT's are rotten, fresh."""
+    import warnings
+
+    import skl2onnx
+    from skl2onnx.common.data_types import StringTensorType
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    pipe = make_pipeline(TfidfVectorizer(), LogisticRegression(max_iter=500))
+    pipe.fit(text_corpus["train"], [TEXT_NAMES[y] for y in text_corpus["labels"]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = skl2onnx.convert_sklearn(
+            pipe, initial_types=[("text", StringTensorType([None, 1]))],
+            options={id(pipe.steps[-1][1]): {"zipmap": False}})
+    path = tmp_path_factory.mktemp("onnx") / "tfidf.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path

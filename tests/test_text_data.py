@@ -183,14 +183,3 @@ def test_a_table_of_text_without_text_column_names_the_option(tmp_path, reviews)
     path = write_jsonl(tmp_path / "r.jsonl", reviews)
     with pytest.raises(DataError, match="Pass --text-column text"):
         load_data(path)
-
-
-def test_commands_that_do_not_take_text_say_so_and_write_nothing(cli, tmp_path, reviews):
-    path = write_jsonl(tmp_path / "r.jsonl", reviews)
-    r = cli("train", "--data", path, "--text-column", "text", "--out", "m.safetensors")
-    assert r.exit_code == 1
-    assert r.stderr.strip().splitlines() == [
-        f"Error: {path} holds texts, and kdcli train does not take text yet. Write a "
-        "transfer set from a text teacher with kdcli soft-targets; text students are not in "
-        "kdcli yet"]
-    assert not (tmp_path / "m.safetensors").exists()

@@ -6,7 +6,6 @@ taken yet."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -42,25 +41,9 @@ def data(tmp_path_factory, texts) -> str:
 
 
 @pytest.fixture(scope="module")
-def tfidf(tmp_path_factory, text_corpus):
-    """A TF-IDF + logistic-regression pipeline exported with skl2onnx, its string input
-    [N, 1], with the default StringNormalizer. Its classes are the names, in scikit-learn's
-    sorted order (fresh, rotten): the BERT's are rotten, fresh."""
-    from skl2onnx.common.data_types import StringTensorType
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-
-    pipe = make_pipeline(TfidfVectorizer(), LogisticRegression(max_iter=500))
-    pipe.fit(text_corpus["train"], [TEXT_NAMES[y] for y in text_corpus["labels"]])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = skl2onnx.convert_sklearn(
-            pipe, initial_types=[("text", StringTensorType([None, 1]))],
-            options={id(pipe.steps[-1][1]): {"zipmap": False}})
-    path = tmp_path_factory.mktemp("onnx") / "tfidf.onnx"
-    path.write_bytes(model.SerializeToString())
-    return path
+def tfidf(text_tfidf):
+    """The TF-IDF + logistic-regression ONNX pipeline of conftest (classes fresh, rotten)."""
+    return text_tfidf
 
 
 def write(teachers, data, out, **kw):

@@ -1,9 +1,10 @@
 """Modalities: the kinds of examples kdcli distils on, and how to pick one.
 
 :data:`MODALITIES` names each modality by ``module:object`` and :func:`get` imports it on
-demand, so no modality imports this table. Today the modality follows from the shape of
-one raw example (:func:`modality_for`); adding one (text, keyed by the data's type) is a
-module with a :class:`~kdcli.modalities.base.Modality` and an entry here, plus its tests.
+demand, so no modality imports this table. The modality follows from the shape of one raw
+example (:func:`modality_for`), or for a student from its preprocessing
+(:func:`modality_of`: text students have a vocabulary); adding one is a module with a
+:class:`~kdcli.modalities.base.Modality` and an entry here, plus its tests.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from kdcli.preprocessing import NORMALIZE_BY, Preprocessing
 MODALITIES: dict[str, str] = {
     "image": "kdcli.modalities.image:IMAGE",
     "table": "kdcli.modalities.table:TABLE",
+    "text": "kdcli.modalities.text:TEXT",
 }
 
 
@@ -32,6 +34,12 @@ def modality_for(raw_shape: list[int] | tuple[int, ...]) -> Modality:
     """The modality of examples of ``raw_shape``: ``[F]`` is a table row; anything else
     (``[H, W]``, ``[C, H, W]``, ...) an image."""
     return get("table" if len(raw_shape) == 1 else "image")
+
+
+def modality_of(pre: Preprocessing) -> Modality:
+    """The modality of a student's inputs: text for a student with a vocabulary
+    (``pre.words``), else by the raw shape (:func:`modality_for`)."""
+    return get("text") if pre.words is not None else modality_for(pre.raw_shape)
 
 
 def normalize_by(rule: str, raw_shape: list[int] | tuple[int, ...]) -> str:

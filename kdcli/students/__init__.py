@@ -36,6 +36,7 @@ FAMILIES: dict[str, Family] = {
     "mlp": Family("kdcli.students.mlp:MlpConfig", "mlp:1200,1200"),
     "cnn": Family("kdcli.students.cnn:CnnConfig", "cnn:0.5"),
     "resnet": Family("kdcli.students.resnet:ResNetConfig", "resnet:20,0.5"),
+    "bow": Family("kdcli.students.bow:BowConfig", "bow:64"),
 }
 
 

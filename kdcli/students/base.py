@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from kdcli.errors import UsageError
-from kdcli.modalities import modality_for
+from kdcli.modalities import modality_of
 from kdcli.preprocessing import Preprocessing
 from kdcli.students import FAMILIES, family_config, usages
 
@@ -114,8 +114,20 @@ def build_model(arch: Architecture, pre: Preprocessing, num_classes: int) -> nn.
     """
     arch.check()
     raw = list(pre.raw_shape)
-    net, in_shape = arch.config.build(raw, num_classes)
-    return nn.Sequential(modality_for(raw).student_preprocess(pre, in_shape), net)
+    text = getattr(arch.config, "TEXT", False)
+    if text != (pre.words is not None):
+        raise UsageError(f"{arch.spec()} takes {'texts' if text else 'tensors'}, but the "
+                         f"data is {'texts' if pre.words is not None else 'not text'}",
+                         "Use a text family (bow:64) for text, and mlp, cnn or resnet for "
+                         "images and tables")
+    if text:
+        from kdcli.students.words import WordVocab
+
+        net, in_shape = arch.config.build(raw, num_classes,
+                                          vocab_size=len(WordVocab.from_json(pre.words)))
+    else:
+        net, in_shape = arch.config.build(raw, num_classes)
+    return nn.Sequential(modality_of(pre).student_preprocess(pre, in_shape), net)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

@@ -189,3 +189,14 @@ def check_teacher_options(path: str | Path, opts: TeacherOptions,
         raise UsageError(f"--scale/--mean/--std were given for {name}, a kdcli model that "
                          "does its own preprocessing (from its file)",
                          "Drop them, or give them once per model with 1/0/1 for this one")
+
+
+def one_class_order(models: list[Teacher]) -> tuple[list[Teacher], list[str] | None]:
+    """The models with their outputs in one class order: that of the first that names its
+    classes (its own names, or those its file records), each other model whose names are
+    the same classes in another order reordered to it (:meth:`Teacher.in_class_order`).
+    Returns the models and that order (None: none names its classes)."""
+    named = [t.class_names if t.class_names is not None else t.fmt.class_names(t.path)
+             for t in models]
+    order = next((n for n in named if n is not None), None)
+    return ([t.in_class_order(order) for t in models] if order is not None else models), order

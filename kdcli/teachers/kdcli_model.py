@@ -15,6 +15,7 @@ from kdcli.preprocessing import Preprocessing
 from kdcli.students.base import count_params
 from kdcli.students.model_file import MODEL_FORMAT, ModelFile, load_model
 from kdcli.teachers.base import (
+    TEXT,
     InputSpec,
     LoadRequest,
     Teacher,
@@ -39,6 +40,22 @@ def _class_names(mf: ModelFile) -> list[str] | None:
     return [str(n) for n in names] if ok else None
 
 
+def _words_sha256(pre: Preprocessing) -> str:
+    from kdcli.students.words import WordVocab
+
+    return WordVocab.from_json(pre.words).sha256()
+
+
+def _text_runner(runner: Any, pre: Preprocessing) -> Any:
+    """A text student's runner on texts: word ids by its vocabulary, then the model."""
+    from kdcli.training.text import encode
+
+    def run(texts: Any) -> Any:
+        return runner(encode(list(texts), pre))
+
+    return run
+
+
 class KdcliModelFormat(TeacherFormat):
     """A kdcli model file."""
 
@@ -51,11 +68,19 @@ class KdcliModelFormat(TeacherFormat):
 
     def load(self, req: LoadRequest) -> Teacher:
         mf = load_model(req.path)
-        meta = {"architecture": mf.arch.spec(),
-                "model_preprocessing": mf.preprocessing.to_dict(),
+        pre = mf.preprocessing.to_dict()
+        if mf.preprocessing.words is not None:  # a text student: its vocabulary's hash
+            pre["words"] = {"size": len(pre["words"]["words"]),
+                            "sha256": _words_sha256(mf.preprocessing)}
+        meta = {"architecture": mf.arch.spec(), "model_preprocessing": pre,
                 "training": {k: mf.training.get(k) for k in ("command", "test_errors")
                              if k in mf.training}}
         runner, module = torch_runner(mf.model, req.device, req.precision)
+        if mf.preprocessing.words is not None:  # texts in, tokenized as in training
+            return req.teacher(
+                self, _text_runner(runner, mf.preprocessing), module=module,
+                inputs=(InputSpec("text", TEXT),), preprocessing=Preprocessing(), meta=meta,
+                num_classes=mf.num_classes, class_names=_class_names(mf))
         shape = req.user_shape or tuple(mf.preprocessing.raw_shape)
         return req.teacher(
             self, runner, module=module, inputs=(InputSpec(shape=shape),),

@@ -1,0 +1,102 @@
+"""Training on texts: the word vocabulary a text student is built with, and texts turned into
+the word ids it trains and is evaluated on.
+
+``kdcli train`` and ``kdcli train-student`` call :func:`fit_words` on the training texts
+(the transfer set's, for a student) when the architecture is a text family
+(``bow:64``): the vocabulary is fitted there, every text is encoded once into word ids
+``[N, L]`` (L: the longest text, at most ``max_words``), and the vocabulary goes into the
+student's :class:`~kdcli.preprocessing.Preprocessing`, so that the model file, the teacher
+loader and the ONNX export tokenize exactly as training did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from kdcli.config import TrainConfig, WordsConfig
+from kdcli.data.base import Data
+from kdcli.data.text import Texts
+from kdcli.errors import UsageError
+from kdcli.output import Reporter
+from kdcli.preprocessing import Preprocessing
+
+
+def is_text_family(arch: Any) -> bool:
+    """Whether the architecture's family takes texts (``bow``)."""
+    return bool(getattr(arch.config, "TEXT", False))
+
+
+def check_kind(arch: Any, text: bool, source: str) -> None:
+    """Refuse a text family on data that is not text, and the other families on text.
+
+    Raises:
+        UsageError: naming the family to use instead.
+    """
+    if is_text_family(arch) and not text:
+        raise UsageError(f"{arch.spec()} is a text student, but {source} is not text",
+                         "Use mlp, cnn or resnet for images and tables")
+    if text and not is_text_family(arch):
+        raise UsageError(f"{source} holds texts, but {arch.spec()} does not take text",
+                         "Use a text student, e.g. --arch bow:64")
+
+
+def family_defaults(cfg: TrainConfig, arch: Any, base: TrainConfig, rep: Reporter
+                    ) -> TrainConfig:
+    """``cfg`` with the family's own optimizer and learning rate (``TRAIN_DEFAULTS``, e.g.
+    Adam at 0.005 for ``bow``) where both are still the command's defaults (``base``'s),
+    said once; given ones are kept."""
+    own = getattr(arch.config, "TRAIN_DEFAULTS", None)
+    if not own or (cfg.optimizer, cfg.lr) != (base.optimizer, base.lr):
+        return cfg
+    rep.info(f"{arch.family} trains with {own['optimizer']} at lr {own['lr']:g} by default "
+             "(--optimizer and --lr choose otherwise)")
+    return replace(cfg, **own)
+
+
+def fit_words(texts: Texts, words: WordsConfig, rep: Reporter
+              ) -> tuple[torch.Tensor, Preprocessing]:
+    """Fit the vocabulary on ``texts`` and encode them.
+
+    Returns:
+        Word ids ``[N, L]`` (int64, 0 = padding) and the student's preprocessing
+        (``raw_shape`` ``[max_words]``, the vocabulary in ``words``).
+    """
+    from kdcli.students.words import WordVocab
+
+    if texts.pairs:
+        raise UsageError("the text students take one text per example, not sentence pairs",
+                         "Give one --text-column")
+    strings = texts.strings()
+    vocab = WordVocab.fit(strings, size=words.vocab_size, min_count=words.min_count)
+    pre = Preprocessing(raw_shape=[words.max_words], units="word ids", words=vocab.to_json())
+    ids = encode(strings, pre, rep, "the training texts")
+    rep.info(f"vocabulary: {len(vocab):,} words (seen at least {words.min_count} times, "
+             f"at most {words.vocab_size:,})")
+    return ids, pre
+
+
+def encode(strings: list[str], pre: Preprocessing, rep: Reporter | None = None,
+           what: str = "the texts") -> torch.Tensor:
+    """Word ids ``[N, L]`` of ``strings`` by the vocabulary of ``pre``, cut after
+    ``pre.raw_shape[0]`` words (how many texts were cut is said on ``rep``)."""
+    from kdcli.students.words import WordVocab
+
+    vocab = WordVocab.from_json(pre.words)
+    max_words = pre.raw_shape[0]
+    ids, counts = vocab.encode(strings, max_words, return_counts=True)
+    if rep is not None:
+        cut = int((torch.as_tensor(counts) > max_words).sum())
+        if cut:
+            rep.info(f"{cut:,} of {len(strings):,} of {what} have more than {max_words} "
+                     "words and were cut (--max-words)")
+    return ids
+
+
+def encoded(ds: Data | None, pre: Preprocessing) -> Data | None:
+    """Text data with its texts replaced by word ids (for test errors); other data as is."""
+    if ds is None or not ds.is_text:
+        return ds
+    return replace(ds, inputs=encode(ds.inputs.strings(), pre))

@@ -125,6 +125,8 @@ def test_rules_and_encode():
     assert vocab.encode([], 5).shape == (0, 1)
     with pytest.raises(UsageError, match="maximum length"):
         vocab.encode(["a"], 0)
+    with pytest.raises(UsageError, match="maximum length"):
+        onnx_nodes(vocab, "text", "ids", max_len=0)
 
 
 def test_fit_is_deterministic_and_keeps_size_and_min_count():

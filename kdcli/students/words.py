@@ -56,6 +56,13 @@ def normalise(text: str) -> str:
     return text.translate(_LOWER)
 
 
+def _check_max_len(max_len: int) -> None:
+    """Refuse a ``max_len`` that is not a positive integer (UsageError)."""
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+        raise UsageError(f"the maximum length must be a positive integer, got {max_len}",
+                         "Try --max-len 64")
+
+
 def tokenize(text: str) -> list[str]:
     """The words of ``text``: normalised, then split (see the module's rules)."""
     return WORD_RE.findall(normalise(text))
@@ -130,9 +137,7 @@ class WordVocab:
         Raises:
             UsageError: ``max_len`` is not a positive integer.
         """
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-            raise UsageError(f"the maximum length must be a positive integer, got {max_len}",
-                             "Try --max-len 64")
+        _check_max_len(max_len)
         rows = [self.ids(text) for text in texts]
         width = max(1, min(max_len, max((len(r) for r in rows), default=0)))
         out = torch.zeros(len(rows), width, dtype=torch.long)
@@ -208,9 +213,7 @@ def onnx_nodes(vocab: WordVocab, input_name: str, output_name: str, max_len: int
     """
     from onnx import helper, numpy_helper
 
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-        raise UsageError(f"the maximum length must be a positive integer, got {max_len}",
-                         "Try --max-len 64")
+    _check_max_len(max_len)
     p = prefix
     inits = [numpy_helper.from_array(np.array(v, dtype=np.int64), p + name)
              for name, v in [("flat", [-1]), ("zero", [0]), ("one", [1]), ("two", [2]),

@@ -9,14 +9,11 @@ No ``from __future__ import annotations`` here: Typer reads the commands' signat
 the option groups of :mod:`kdcli.options` rewrite, with their annotations evaluated.
 """
 
-import contextlib
 import functools
-import logging
 import os
 import sys
 import traceback
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -24,7 +21,7 @@ import typer
 
 from kdcli import __version__
 from kdcli.config import SWEEP_ALPHA, DistillConfig, TrainConfig, WordsConfig, student_config
-from kdcli.errors import UsageError, one_line, user_message
+from kdcli.errors import UsageError, one_line, quiet_libraries, user_message
 from kdcli.helpformat import Command, Group
 from kdcli.options import (
     BatchOpt,
@@ -46,6 +43,7 @@ from kdcli.options import (
     ints,
     model_options,
     output_options,
+    text_augment_options,
     train_options,
     words_options,
 )
@@ -54,6 +52,7 @@ from kdcli.students import examples
 if TYPE_CHECKING:
     from kdcli.data.augment import AugmentConfig
     from kdcli.data.base import DataOptions
+    from kdcli.data.text_augment import TextAugment
     from kdcli.output import Reporter
     from kdcli.teachers.base import TeacherOptions
 
@@ -107,35 +106,6 @@ _TRAIN, _STUDENT, _DISTILL = TrainConfig(), student_config(), DistillConfig()
 DISTRIBUTED = ("train", "train-student", "soft-targets")
 
 
-@contextlib.contextmanager
-def _quiet_libraries(show: bool = True) -> Iterator[None]:
-    """Hold back library warnings and log records while a command runs.
-
-    torch and onnx warn or log (sometimes a whole traceback) before raising the error kdcli
-    then reports on one line. The held warnings are shown if the command succeeds (and
-    ``show``: not with --json or --quiet), and dropped if it fails; with KDCLI_DEBUG=1
-    everything is shown as it happens.
-    """
-    if os.environ.get("KDCLI_DEBUG") == "1":
-        yield
-        return
-    loggers = [logging.getLogger(n) for n in ("torch", "onnx", "onnxscript", "onnxruntime")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    ok = False
-    try:
-        with warnings.catch_warnings(record=True) as held:
-            yield
-        ok = True
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-        if ok and show:
-            for w in held:
-                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-
-
 def command(name: str, *examples: str) -> Callable[[F], F]:
     """Register a command whose errors become one ``Error: ...`` line and exit code 1.
 
@@ -154,7 +124,7 @@ def command(name: str, *examples: str) -> Callable[[F], F]:
                     raise UsageError(f"kdcli {name} does not run under torchrun",
                                      f"Run it as one process; {', '.join(DISTRIBUTED)} "
                                      "can be distributed")
-                with handle_signals(), _quiet_libraries(
+                with handle_signals(), quiet_libraries(
                         not (kwargs.get("json_out") or kwargs.get("quiet"))):
                     return fn(*args, **kwargs)
             except (typer.Exit, typer.Abort):
@@ -265,6 +235,7 @@ def eval_cmd(
 @data_options()
 @model_options(per="teachers")
 @augment_options()
+@text_augment_options()
 def soft_targets_cmd(
     teachers: Annotated[list[Path], typer.Argument(metavar="TEACHER", help="Teacher files or Hugging Face checkpoint folders; several form an ensemble.")],
     *,
@@ -283,6 +254,7 @@ def soft_targets_cmd(
     limit: LimitOpt = None,
     copies: Annotated[int, typer.Option(metavar="N", help="Augmented copies of each example to add (see the augmentation options).")] = 0,
     augmentation: "AugmentConfig",
+    text_augment: "TextAugment",
     top_k: Annotated[int | None, typer.Option(metavar="K", help="Store only the K largest logits per example (for many classes).")] = None,
     targets_dtype: Annotated[str, typer.Option(metavar="DTYPE", help="Dtype of stored top-k logits: float32 or float16.")] = "float32",
     shard_size: Annotated[str | None, typer.Option(metavar="SIZE", help="Largest shard file of a sharded set, e.g. 500MB (default: 1GB with an .index.json --out).")] = None,
@@ -310,9 +282,9 @@ def soft_targets_cmd(
         [str(t) for t in teachers], T, data, out, options=options, combine=combine,
         weights=floats(weights, "--weights"), batch_size=batch_size, device=device,
         precision=precision, classes=keep, exclude_classes=drop, limit=limit,
-        augment=augmentation, copies=copies, seed=seed, top_k=top_k,
-        targets_dtype=targets_dtype, shard_size=shard_size, force=force, reporter=rep,
-        data_options=data_options))
+        augment=augmentation, copies=copies, seed=seed, top_k=top_k, targets_dtype=targets_dtype,
+        shard_size=shard_size, force=force, reporter=rep, data_options=data_options,
+        text_augment=text_augment))
 
 
 @command("train-student", "kdcli train-student --hidden 300 --alpha 0.1 --out student.safetensors",

@@ -8,6 +8,12 @@ wrapper of every command (:func:`kdcli.cli.command`) prints after ``Error:``.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+
 
 class KdcliError(Exception):
     """Base class of every error kdcli reports to the user.
@@ -146,3 +152,32 @@ def _message(exc: BaseException) -> tuple[str, int]:
         "Rerun with KDCLI_DEBUG=1 for a traceback and report it",
         1,
     )
+
+
+@contextlib.contextmanager
+def quiet_libraries(show: bool = True) -> Iterator[None]:
+    """Hold back library warnings and log records while a command runs.
+
+    torch and onnx warn or log (sometimes a whole traceback) before raising the error kdcli
+    then reports on one line. The held warnings are shown if the command succeeds (and
+    ``show``: not with --json or --quiet), and dropped if it fails; with KDCLI_DEBUG=1
+    everything is shown as it happens.
+    """
+    if os.environ.get("KDCLI_DEBUG") == "1":
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("torch", "onnx", "onnxscript", "onnxruntime")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    ok = False
+    try:
+        with warnings.catch_warnings(record=True) as held:
+            yield
+        ok = True
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+        if ok and show:
+            for w in held:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)

@@ -179,6 +179,24 @@ def augment_options() -> Callable[[F], F]:
     return _group("augmentation", params, build)
 
 
+def text_augment_options() -> Callable[[F], F]:
+    """Decorator: the augmentation of the copies of texts (Tang et al. 2019), passed to the
+    command as its ``text_augment`` parameter, a
+    :class:`~kdcli.data.text_augment.TextAugment`."""
+    panel = "Text augmentation (the copies of --copies; the paper: 0.1, 0.1, 0.25)"
+    params = [
+        _option("word_mask", Annotated[float, typer.Option(metavar="P", help="Each word becomes [UNK] with probability P.", rich_help_panel=panel)], 0.0),
+        _option("word_replace", Annotated[float, typer.Option(metavar="P", help="Each word becomes one drawn from the data's words (by count) with probability P.", rich_help_panel=panel)], 0.0),
+        _option("ngram_sample", Annotated[float, typer.Option(metavar="P", help="With probability P a copy keeps only a random window of 1 to 5 words.", rich_help_panel=panel)], 0.0)]
+
+    def build(values: dict[str, Any], _: dict[str, Any]) -> Any:
+        from kdcli.data.text_augment import TextAugment
+
+        return TextAugment(values["word_mask"], values["word_replace"], values["ngram_sample"])
+
+    return _group("text_augment", params, build)
+
+
 def words_options() -> Callable[[F], F]:
     """Decorator: a text student's vocabulary options, passed to the command as its
     ``words`` parameter, a :class:`~kdcli.config.WordsConfig`."""

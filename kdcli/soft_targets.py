@@ -24,6 +24,7 @@ from kdcli.checks import (
 )
 from kdcli.data.augment import AugmentConfig
 from kdcli.data.base import names_to_match
+from kdcli.data.text_augment import TextAugment
 from kdcli.errors import DataError, ModelError, UsageError
 from kdcli.io.files import check_output, data_files
 from kdcli.output import Reporter, Timer
@@ -75,6 +76,7 @@ def soft_targets(
     device: str = "auto", precision: str = "auto", classes: list[int] | None = None,
     exclude_classes: list[int] | None = None, limit: int | None = None,
     augment: AugmentConfig | None = None, copies: int = 0, seed: int = 0, jitter: int = 0,
+    text_augment: TextAugment | None = None,
     top_k: int | None = None, targets_dtype: str = "float32",
     shard_size: str | int | None = None, force: bool = False,
     reporter: Reporter | None = None, data_options: DataOptions | None = None,
@@ -105,6 +107,8 @@ def soft_targets(
         copies: How many augmented copies of each example to add.
         seed: Seed of the augmentation.
         jitter: Shorthand for ``augment=AugmentConfig(jitter=jitter)``.
+        text_augment: The augmentation of the copies of texts (Tang et al. 2019; see
+            :mod:`kdcli.data.text_augment`).
         top_k: Store only the K largest logits per example, their classes and the tail mass
             (None: all C logits and probabilities).
         targets_dtype: ``float32`` or ``float16``, the dtype of stored top-k logits.
@@ -122,9 +126,12 @@ def soft_targets(
     # check every option before any file is read
     T = None if T is None else check_temperature(T)
     check_seed(seed)
+    text_augment = text_augment or TextAugment()
+    text_augment.check()
     augment = _check_options(teachers, combine=combine, precision=precision,
                              batch_size=batch_size, augment=augment, jitter=jitter,
-                             copies=copies, top_k=top_k, targets_dtype=targets_dtype, rep=rep)
+                             copies=copies, top_k=top_k, targets_dtype=targets_dtype, rep=rep,
+                             text=text_augment)
     max_shard = _max_shard(out, shard_size)
     weights, opts = _check_weights(weights, len(teachers)), _per_member(options, len(teachers))
     out = _check_out(out, force, inputs=[*teachers, *data_files(data)])
@@ -133,8 +140,8 @@ def soft_targets(
     dev = resolve_device(device)
     precision, precision_shown = _precision(precision, dev)
     # read the data, then probe the teachers with its first batch
-    source = _read(data, limit, data_options, classes, exclude_classes, copies, augment, seed,
-                   rep)
+    source = _read(data, limit, data_options, classes, exclude_classes, copies,
+                   (augment, text_augment), seed, rep)
     probe_x, probe_y = source.rows(0, min(source.n, batch_size))
     members = _load_members(teachers, opts, dev, precision, probe_x, rep,
                             names_to_match(source.ds, data_options))
@@ -161,7 +168,8 @@ def soft_targets(
 
 def _check_options(teachers: list[str | Path], *, combine: str, precision: str,
                    batch_size: int, augment: AugmentConfig | None, jitter: int, copies: int,
-                   top_k: int | None, targets_dtype: str, rep: Reporter) -> AugmentConfig:
+                   top_k: int | None, targets_dtype: str, rep: Reporter,
+                   text: TextAugment) -> AugmentConfig:
     """Check soft_targets()'s options; return the augmentation of the copies."""
     if not teachers:
         raise UsageError("no teacher given", "Name at least one teacher file")
@@ -176,11 +184,16 @@ def _check_options(teachers: list[str | Path], *, combine: str, precision: str,
     if copies < 0:
         raise UsageError(f"--copies must be 0 or more, got {copies}", "Try --copies 1")
     _check_copies_bound(copies)
-    if copies and not augment.active:
+    if copies and not augment.active and not text.active:
         raise UsageError("--copies needs an augmentation to make the copies differ",
-                         "Add --jitter 2, or --augment crop-flip")
-    if augment.active and not copies:
-        rep.warn(f"augmentation ({augment.describe()}) applies only to the copies, and "
+                         "Add --jitter 2 or --augment crop-flip (images), or --word-mask 0.1 "
+                         "(texts)")
+    if augment.active and text.active:
+        raise UsageError("image augmentation and text augmentation together",
+                         "Give the one that fits the data")
+    active = augment if augment.active else text if text.active else None
+    if active is not None and not copies:
+        rep.warn(f"augmentation ({active.describe()}) applies only to the copies, and "
                  "--copies is 0: add --copies 1 or more")
     check_form_options(top_k, targets_dtype)
     return augment
@@ -211,17 +224,25 @@ def _check_copies_bound(copies: int) -> None:
 
 def _read(data: str, limit: int | None, data_options: DataOptions | None,
           classes: list[int] | None, exclude_classes: list[int] | None, copies: int,
-          augment: AugmentConfig, seed: int, rep: Reporter | None = None) -> Source:
+          augments: tuple[AugmentConfig, TextAugment], seed: int,
+          rep: Reporter | None = None) -> Source:
     """The transfer set's inputs: the data, filtered by class, and its augmented copies."""
+    augment, text = augments
     from kdcli.data.sources import load_data
 
     ds = load_data(data, limit=limit, options=data_options, reporter=rep)
     keep = _filter_classes(ds, classes, exclude_classes)
-    if ds.is_text and copies:
-        raise UsageError("--copies makes augmented copies of images; text augmentation is "
-                         "not in kdcli yet", "Drop --copies for text data")
+    if text.active and not ds.is_text:
+        raise UsageError(f"--word-mask, --word-replace and --ngram-sample augment texts, but "
+                         f"{ds.source} is not text", "Use --jitter or --augment for images")
+    if ds.is_text and augment.active:
+        raise UsageError(f"--jitter, --crop-pad and --flip augment images, but {ds.source} "
+                         "is text", "Use --word-mask, --word-replace or --ngram-sample")
+    if ds.is_text and copies and ds.inputs.pairs:
+        raise UsageError("text augmentation takes one text per example, not sentence pairs",
+                         "Drop --copies for pairs")
     augment.check_shape(ds.sample_shape)
-    return Source(ds, keep, copies, augment, seed)
+    return Source(ds, keep, copies, augment, seed, text)
 
 
 def _classes(ds, members: list[Teacher]) -> tuple[int, list[str] | None]:
@@ -315,6 +336,7 @@ def _metadata(writer: RangeWriter, dist, *, precision: str, classes: list[int] |
     }
     if source.text:
         meta["inputs"] = "text"
+        meta["text_augment"] = json.dumps(source.text_augment.settings())
         if source.ds.inputs.columns:
             meta["text_columns"] = json.dumps(source.ds.inputs.columns)
     for key, value in (("class_names", class_names), ("feature_names", source.ds.feature_names),

@@ -423,9 +423,11 @@ def test_a_data_file_truncated_during_soft_targets_is_an_error_not_sigbus(tmp_pa
     np.save(tmp_path / "x.npy", np.arange(4000 * 784, dtype=np.float32).reshape(4000, 784))
     script = ("import os, sys\n"
               "from kdcli.data.augment import AugmentConfig\n"
+              "from kdcli.data.text_augment import TextAugment\n"
               "from kdcli.errors import FormatError\n"
               "from kdcli.soft_targets import _read\n"
-              "src = _read(sys.argv[1], None, None, None, None, 0, AugmentConfig(), 0)\n"
+              "src = _read(sys.argv[1], None, None, None, None, 0, "
+              "(AugmentConfig(), TextAugment()), 0)\n"
               "assert src.budget.files\n"  # memory-mapped
               "src.rows(0, 10)\n"
               "os.truncate(sys.argv[1], 4096)\n"

@@ -141,13 +141,16 @@ def test_inspect_shows_the_first_texts_and_the_teachers_top_classes(tmp_path, tf
     assert texts[0][:20] in " ".join(shown.stdout.split())
 
 
-def test_train_student_refuses_a_text_set_in_one_line(tmp_path, tfidf, data, cli):
+def test_a_student_that_takes_no_text_refuses_a_text_set_in_one_line(tmp_path, tfidf, data,
+                                                                    cli):
     out = tmp_path / "t.safetensors"
     write([tfidf], data, out)
-    with pytest.raises(UsageError, match="holds texts, and kdcli train-student"):
+    with pytest.raises(UsageError, match="holds texts, but mlp:8 does not take text"):
         train_student(out, arch=Architecture.parse("mlp:8"), out=tmp_path / "s.safetensors")
-    r = cli("train-student", str(out), "--out", str(tmp_path / "s.safetensors"))
-    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
+    r = cli("train-student", "--transfer", str(out), "--out", str(tmp_path / "s.safetensors"))
+    assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
+        f"Error: {out} holds texts, but mlp:300,300 does not take text. Use a text student, "
+        "e.g. --arch bow:64"]
     assert not (tmp_path / "s.safetensors").exists()
     from kdcli.errors import DataError
 
@@ -155,14 +158,50 @@ def test_train_student_refuses_a_text_set_in_one_line(tmp_path, tfidf, data, cli
         soft_targets([str(tfidf)], data=str(out), out=tmp_path / "again.safetensors")
 
 
-def test_a_text_teacher_on_images_and_copies_of_texts_are_refused(tmp_path, tfidf, data):
+def test_a_text_teacher_on_images_and_augmentation_of_the_wrong_kind_are_refused(
+        tmp_path, tfidf, teacher_file, data):
+    from kdcli.data.text_augment import TextAugment
     from kdcli.errors import ModelError
 
     with pytest.raises(ModelError, match="takes text, but the data holds examples of shape"):
         soft_targets([str(tfidf)], data="mnist:test[:20]", out=tmp_path / "x.safetensors")
-    with pytest.raises(UsageError, match="text augmentation is not in kdcli yet"):
+    with pytest.raises(UsageError, match="--jitter, --crop-pad and --flip augment images"):
         write([tfidf], data, tmp_path / "y.safetensors", copies=1, jitter=1)
+    with pytest.raises(UsageError, match="augment texts, but mnist"):
+        soft_targets([str(teacher_file)], data="mnist:test[:20]", out=tmp_path / "z.safetensors",
+                     copies=1, text_augment=TextAugment(mask=0.1))
+    with pytest.raises(UsageError, match="must be a probability in"):
+        write([tfidf], data, tmp_path / "w.safetensors", copies=1,
+              text_augment=TextAugment(ngram=1.5))
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_augmented_copies_of_texts_follow_tang_et_al_and_are_reproducible(tmp_path, tfidf,
+                                                                         data, texts):
+    from kdcli.data.text_augment import MASK, TextAugment
+
+    aug = TextAugment(mask=0.1, replace=0.1, ngram=0.25)
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.index.json"
+    write([tfidf], data, a, copies=3, text_augment=aug, seed=7)
+    write([tfidf], data, b, copies=3, text_augment=aug, seed=7, batch_size=5, shard_size="4KB")
+    ta, tb = load_transfer_set(a), load_transfer_set(b)
+    n = len(texts)
+    got = ta.texts(slice(0, len(ta))).strings()
+    assert len(ta) == 4 * n and got[:n] == texts  # the originals, then each copy
+    assert tb.texts(slice(0, len(tb))).strings() == got  # any batching, any shards
+    assert ta.labels.tolist() == ta.labels[:n].tolist() * 4
+    torch.testing.assert_close(ta.logits, load_teacher(tfidf).logits(got)[:, [0, 1]])
+    copies = got[n:]
+    words = sum(len(t.split()) for t in texts if len(t.split()) > 5)
+    masked = sum(t.split().count(MASK) for t in copies)
+    assert 0.03 * 3 * words < masked < 0.12 * 3 * words  # about 0.1 of the words, some cut
+    short = sum(1 for t, c in zip(texts * 3, copies, strict=True)
+                if len(t.split()) > 5 and len(c.split()) <= 5)
+    assert 0.1 * 3 * n < short < 0.45 * 3 * n  # n-gram windows of 1 to 5 words, p 0.25
+    assert ta.meta["text_augment"] == json.dumps(aug.settings()) and ta.meta["copies"] == "3"
+    other = tmp_path / "c.safetensors"
+    write([tfidf], data, other, copies=3, text_augment=aug, seed=8)
+    assert load_transfer_set(other).texts(slice(n, 4 * n)).strings() != copies
 
 
 def tampered(tmp_path, source, **change):

@@ -96,6 +96,15 @@ class Texts:
             key = torch.as_tensor(list(key), dtype=torch.long)
         return Texts(self.buffer, self.spans[key], self.columns)
 
+    @staticmethod
+    def cat(parts: list[Texts]) -> Texts:
+        """The examples of ``parts``, in order (one buffer; the spans moved along it)."""
+        spans, offset = [], 0
+        for t in parts:
+            spans.append(t.spans + offset)
+            offset += len(t.buffer)
+        return Texts(torch.cat([t.buffer for t in parts]), torch.cat(spans), parts[0].columns)
+
     def lengths(self) -> torch.Tensor:
         """``[N]`` int64: each example's bytes, over its texts."""
         return (self.spans[..., 1] - self.spans[..., 0]).sum(-1)

@@ -37,6 +37,7 @@ FAMILIES: dict[str, Family] = {
     "cnn": Family("kdcli.students.cnn:CnnConfig", "cnn:0.5"),
     "resnet": Family("kdcli.students.resnet:ResNetConfig", "resnet:20,0.5"),
     "bow": Family("kdcli.students.bow:BowConfig", "bow:64"),
+    "bilstm": Family("kdcli.students.bilstm:BiLstmConfig", "bilstm:150"),
 }
 
 

@@ -60,7 +60,7 @@ def _check_max_len(max_len: int) -> None:
     """Refuse a ``max_len`` that is not a positive integer (UsageError)."""
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
         raise UsageError(f"the maximum length must be a positive integer, got {max_len}",
-                         "Try --max-len 64")
+                         "Try --max-words 64")
 
 
 def tokenize(text: str) -> list[str]:

@@ -22,6 +22,8 @@ import torch
 
 from kdcli.data.augment import AugmentConfig, Draw
 from kdcli.data.text import Texts
+from kdcli.data.text_augment import TextAugment, WordPool
+from kdcli.data.text_augment import augment as augment_text
 from kdcli.errors import DistributedError, ModelError, OutputExistsError, UsageError
 from kdcli.io.files import atomic_output, check_output, remove_stale_temps, temp_path, write_error
 from kdcli.io.storage import PageBudget, SafetensorsWriter, read_safetensors, to_bytes
@@ -56,12 +58,15 @@ class Source:
 
     BLOCK = 4096
 
-    def __init__(self, ds, keep, copies: int, augment: AugmentConfig, seed: int) -> None:
+    def __init__(self, ds, keep, copies: int, augment: AugmentConfig, seed: int,
+                 text_augment: TextAugment | None = None) -> None:
         self.ds, self.keep, self.copies, self.augment, self.seed = ds, keep, copies, augment, seed
+        self.text_augment = text_augment or TextAugment()
         self.base = len(ds) if keep is None else len(keep)
         self.n = self.base * (copies + 1)
         self.budget = PageBudget(getattr(ds, "files", []))
         self.text = isinstance(ds.inputs, Texts)
+        self.pool: WordPool | None = None  # the words replacements are drawn from
         # bytes of one row's inputs (of a text set: its texts, on average, at least 1)
         self.row_bytes = -(-ds.inputs.nbytes // max(1, len(ds))) if self.text else \
             ds.inputs[0].numel() * ds.inputs.element_size()
@@ -85,11 +90,19 @@ class Source:
             xs.append(x)
             ys.append(y)
             self.budget.add((hi - lo) * self.row_bytes)
-        x = xs[0] if len(xs) == 1 else torch.cat(xs)  # copies: not of texts (refused)
+        x = xs[0] if len(xs) == 1 else Texts.cat(xs) if self.text else torch.cat(xs)
         y = None if ys[0] is None else (ys[0] if len(ys) == 1 else torch.cat(ys))
         return x, y
 
     def _augment(self, x, copy: int, lo: int, hi: int):
+        if self.text:  # each text's draws seeded by (seed, copy, row): see text_augment
+            if self.pool is None:
+                kept = self.ds.inputs if self.keep is None else self.ds.inputs[self.keep]
+                self.pool = WordPool(kept.strings())
+            strings = x.strings()
+            return Texts.from_strings([augment_text(t, self.text_augment, self.pool, self.seed,
+                                                    copy, lo + j)
+                                       for j, t in enumerate(strings)], x.columns)
         draws = []
         for blk in range(lo // self.BLOCK, (hi - 1) // self.BLOCK + 1):
             gen = torch.Generator().manual_seed(  # torch takes seeds below 2^64

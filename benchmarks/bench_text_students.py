@@ -114,7 +114,8 @@ def main() -> None:
                                                              for k, v in made.items()}
             for variant, (kind, rows) in runs.items():
                 epochs = max(1, math.ceil(args.steps / math.ceil(rows / 256)))
-                model = out / f"{family.replace(':', '-')}-{variant.split()[0]}-{seed}.safetensors"
+                tag = "".join(c for c in variant if c.isalnum())
+                model = out / f"{family.replace(':', '-')}-{tag}-{seed}.safetensors"
                 common = ["--arch", family, "--epochs", str(epochs), "--seed", str(seed),
                           "--eval-data", str(test), *text, "--out", str(model), "--force", "-q"]
                 t0 = time.perf_counter()
@@ -134,6 +135,10 @@ def main() -> None:
         onnx_path = Path(first["model"]).with_suffix(".onnx")
         kdcli("export", str(onnx_path), "--model", first["model"], "--data", str(test), *text,
               "--force", "-q")
+        both = kdcli("eval", first["model"], str(onnx_path), "--data", str(test), *text, "-q")
+        print(f"{family}: the ONNX export agrees with torch on "
+              f"{100 * both['agreement'][0][1]:.2f}% of the {len(texts):,} test texts "
+              f"({both['models'][0]['errors']} and {both['models'][1]['errors']} errors)")
         one, batch = latency(onnx_path, texts)
         for r in results:
             if r["family"] == family:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -130,15 +133,21 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
             logits = predict(fn, ds.inputs, batch_size)
         m = classification_metrics(logits, ds.labels)
         m.update(model=str(path), format=t.format, params=t.param_count(),
-                 file_bytes=Path(path).stat().st_size)
+                 file_bytes=_size(Path(path)))
+        if ds.is_text:  # what a text student is for: its speed, next to its teacher's
+            m.update(zip(("ms_per_text_1", "ms_per_text_64"), latency(t, ds.inputs),
+                         strict=True))
         results.append(m)
         preds.append(logits.argmax(-1))
     agreement = [[float((a == b).float().mean()) for b in preds] for a in preds]
+    speed = ["ms/text (1)", "ms/text (64)"] if ds.is_text else []
     rep.table(f"Evaluation on {ds.source} ({len(ds):,} examples)",
-              ["model", "errors", "accuracy", "NLL", "ECE", "params", "size"],
+              ["model", "errors", "accuracy", "NLL", "ECE", "params", "size", *speed],
               [[Path(r["model"]).name, r["errors"], f"{100 * r['accuracy']:.2f}%", r["nll"],
                 r["ece"], r["params"] if r["params"] is not None else "-",
-                _human_bytes(r["file_bytes"])] for r in results])
+                _human_bytes(r["file_bytes"]),
+                *(f"{r[k]:.3g}" for k in ("ms_per_text_1", "ms_per_text_64") if k in r)]
+               for r in results])
     if class_names:
         rep.info(f"classes: {', '.join(f'{i} {n}' for i, n in enumerate(class_names[:20]))}"
                  + (f", ... ({len(class_names)} in all)" if len(class_names) > 20 else ""))
@@ -149,6 +158,40 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
                    for i, row in enumerate(agreement)])
     return {"data": ds.source, "models": results, "agreement": agreement,
             "class_names": class_names, "absent_classes": absent}
+
+
+#: The texts :func:`latency` times one at a time, and the batches of 64 it times.
+LATENCY_SINGLE, LATENCY_BATCHES = 200, 20
+
+
+def latency(t: Teacher, texts: Any) -> tuple[float, float]:
+    """A model's milliseconds per text: the median over single texts (the first
+    :data:`LATENCY_SINGLE`) and over batches of 64 (the first :data:`LATENCY_BATCHES`),
+    after one warm-up call."""
+    strings = texts[:max(LATENCY_SINGLE, 64 * LATENCY_BATCHES)].strings()
+    with torch.inference_mode():
+        t.logits(strings[:64])
+
+        def median(batches: list[list[Any]]) -> float:
+            times = []
+            for b in batches:
+                start = time.perf_counter()
+                t.logits(b)
+                times.append((time.perf_counter() - start) / len(b))
+            return 1e3 * statistics.median(times)
+
+        one = median([[s] for s in strings[:LATENCY_SINGLE]])
+        many = [strings[i:i + 64] for i in range(0, len(strings) - 63, 64)] or [strings]
+        return one, median(many)
+
+
+def _size(path: Path) -> int:
+    """A model file's bytes, or a checkpoint folder's (its files, not its subfolders')."""
+    if path.is_dir():  # links are not followed (a link out of the folder is not read)
+        with os.scandir(path) as entries:
+            return sum(e.stat(follow_symlinks=False).st_size for e in entries
+                       if e.is_file(follow_symlinks=False))
+    return path.stat().st_size
 
 
 def _human_bytes(n: int) -> str:

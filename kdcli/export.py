@@ -281,13 +281,22 @@ def _write_failure(exc: BaseException, path: Path) -> BaseException | None:
 
 def _set_metadata(proto: onnx.ModelProto, mf: ModelFile, outputs: str) -> None:
     pre = mf.preprocessing.to_dict()
+    units = (f"{pre['units']} as float32, shape [batch, "
+             f"{', '.join(map(str, pre['raw_shape']))}]; normalization is inside")
+    if mf.preprocessing.words is not None:  # the vocabulary is in the graph: its hash here
+        from kdcli.students.words import WordVocab
+
+        vocab = WordVocab.from_json(mf.preprocessing.words)
+        pre["words"] = {"rules": pre["words"]["rules"], "size": len(vocab),
+                        "sha256": vocab.sha256()}
+        units = (f"UTF-8 strings, shape [batch]; split into words (at most "
+                 f"{pre['raw_shape'][0]}) and looked up in the vocabulary inside the graph")
     props = {
         "kdcli_version": __version__,
         "architecture": mf.arch.spec(),
         "architecture_json": json.dumps(mf.arch.to_dict()),
         "preprocessing": json.dumps(pre),
-        "input_units": f"{pre['units']} as float32, shape [batch, "
-                       f"{', '.join(map(str, pre['raw_shape']))}]; normalization is inside",
+        "input_units": units,
         "num_classes": str(mf.num_classes),
         "outputs": outputs,
         "training": json.dumps(_training_summary(mf.training), default=float),

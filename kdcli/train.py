@@ -193,7 +193,8 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
         return loss, torch.stack([loss.detach(), (z.argmax(-1) != y).float().mean()])
 
     fingerprint = {"command": "train", "data": ds.source, "arch": arch.to_dict(),
-                   "config": cfg.settings(), "augment": aug.settings()}
+                   "config": cfg.settings(), "augment": aug.settings(),
+                   **({"words": words.settings()} if ds.is_text else {})}
     training = {"command": "train", "architecture": arch.spec(), "data": ds.source,
                 **_recorded(data_options), **cfg.settings(), **aug.settings(),
                 **(words.settings() if ds.is_text else {})}
@@ -379,8 +380,8 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     step = _student_step(ts, d)
     eval_ds = _student_eval_data(ts, Path(transfer).name, eval_data, data_options, rep)
     transfer_sha = sha256_file(ts.path)
-    inputs, pre = fit_words(ts.texts(slice(0, len(ts))), words, rep) if ts.is_text else \
-        (ts.columns["inputs"], None)
+    inputs, pre = fit_words(ts.texts(slice(0, len(ts))), words, rep, _originals(ts)) \
+        if ts.is_text else (ts.columns["inputs"], None)
     model, pre = _build(arch, cfg, inputs, ts.num_classes, pre)
     eval_ds = encoded(eval_ds, pre)
     training, fingerprint = _student_record(ts, Path(transfer).name, transfer_sha, arch, d, cfg,
@@ -397,6 +398,12 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
         return _finish(model, arch=arch, pre=pre, num_classes=ts.num_classes,
                        training=training, history=history, eval_ds=eval_ds, cfg=cfg,
                        outputs=outputs, reporter=rep, dist=dist)
+
+
+def _originals(ts: TransferSet) -> int:
+    """The rows of a transfer set before its augmented copies (the copies follow them)."""
+    copies = int(ts.meta.get("copies", 0) or 0)
+    return len(ts) // (copies + 1)
 
 
 def _with(distill: DistillConfig, **fields: Any) -> DistillConfig:

@@ -147,3 +147,19 @@ def test_students_and_data_of_the_other_kind_are_refused_in_one_line(student, re
     assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
         f"Error: {reviews} holds texts, but mlp:800,800 does not take text. Use a text "
         "student, e.g. --arch bow:64"]
+
+
+def test_a_student_of_augmented_copies_takes_its_words_from_the_original_texts(
+        tmp_path, text_tfidf, reviews, text_corpus):
+    from kdcli.data.text_augment import TextAugment
+    from kdcli.students.words import WordVocab
+
+    transfer = tmp_path / "aug.safetensors"
+    soft_targets([str(text_tfidf)], T=2.0, data=reviews + "[:40]", out=transfer,
+                 data_options=TEXT, copies=3, text_augment=TextAugment(mask=0.3, replace=0.3))
+    out = tmp_path / "s.safetensors"
+    train_student(transfer, arch=Architecture.parse("bow:8"), out=out,
+                  config=student_config(epochs=1), eval_data=None)
+    vocab = WordVocab.from_json(load_model(out).preprocessing.words)
+    assert vocab == WordVocab.fit(text_corpus["train"][:40], size=20000, min_count=2)
+    assert "unk" not in vocab.words  # [UNK] of the masked copies is not a word of the data

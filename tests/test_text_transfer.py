@@ -285,6 +285,8 @@ def test_eval_reads_text_and_takes_each_models_classes_in_one_order(text_bert, t
     for got, logits in zip(result["models"], [bert.logits(texts), lr.logits(texts)[:, [1, 0]]],
                            strict=True):
         assert got["errors"] == int((logits.argmax(-1) != labels).sum())
+        assert got["ms_per_text_1"] > 0 and got["ms_per_text_64"] > 0  # text: latency too
+    assert result["models"][0]["file_bytes"] > 10_000  # the folder's files, not its entry
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")

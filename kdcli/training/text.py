@@ -56,9 +56,11 @@ def family_defaults(cfg: TrainConfig, arch: Any, base: TrainConfig, rep: Reporte
     return replace(cfg, **own)
 
 
-def fit_words(texts: Texts, words: WordsConfig, rep: Reporter
+def fit_words(texts: Texts, words: WordsConfig, rep: Reporter, originals: int | None = None,
               ) -> tuple[torch.Tensor, Preprocessing]:
-    """Fit the vocabulary on ``texts`` and encode them.
+    """Fit the vocabulary on ``texts`` (on the first ``originals`` of them: a transfer set's
+    texts before its augmented copies, whose masked and replaced words would otherwise make
+    the vocabulary) and encode them all.
 
     Returns:
         Word ids ``[N, L]`` (int64, 0 = padding) and the student's preprocessing
@@ -70,7 +72,8 @@ def fit_words(texts: Texts, words: WordsConfig, rep: Reporter
         raise UsageError("the text students take one text per example, not sentence pairs",
                          "Give one --text-column")
     strings = texts.strings()
-    vocab = WordVocab.fit(strings, size=words.vocab_size, min_count=words.min_count)
+    vocab = WordVocab.fit(strings[:originals], size=words.vocab_size,
+                          min_count=words.min_count)
     pre = Preprocessing(raw_shape=[words.max_words], units="word ids", words=vocab.to_json())
     ids = encode(strings, pre, rep, "the training texts")
     rep.info(f"vocabulary: {len(vocab):,} words (seen at least {words.min_count} times, "

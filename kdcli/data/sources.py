@@ -132,8 +132,8 @@ def load_data(spec: str, limit: int | None = None, options: DataOptions | None =
     if isinstance(inputs, Texts):
         if text is not None:
             raise DataError(f"{base} holds texts, and {text} does not take text yet",
-                            "Write a transfer set from a text teacher with kdcli soft-targets; "
-                            "text students are not in kdcli yet")
+                            "Text works with soft-targets, train, train-student, eval and "
+                            "export")
         inputs_t = inputs
     elif isinstance(inputs, tuple):  # memory-mapped: (tensor, MappedFile)
         inputs_t, mapped = inputs

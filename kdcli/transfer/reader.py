@@ -104,8 +104,8 @@ class TransferSet:
         """
         if self.is_text:
             raise UsageError(f"{self.path} holds texts, and {command} does not take text "
-                             "yet", "Text students are not in kdcli yet; a text set is for "
-                             "kdcli inspect and for training a text student when they come")
+                             "yet", "Train a text student on it with kdcli train-student "
+                             "--arch bow:64 (or bilstm:150)")
 
     def __repr__(self) -> str:
         return (f"TransferSet({self.path}, N={len(self)}, C={self.num_classes}, "

@@ -41,7 +41,8 @@ def main(out: Path) -> None:
                 if test_movie[r["movie_name"]] == side:
                     f.write(json.dumps({"text": r["text"].strip(), "label": r["category"]})
                             + "\n")
-    train = [json.loads(line) for line in open(out / "train.jsonl", encoding="utf-8")]
+    with open(out / "train.jsonl", encoding="utf-8") as f:
+        train = [json.loads(line) for line in f]
     # one-letter words kept and no sublinear tf: skl2onnx's graph would differ otherwise
     pipe = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2,
                                          token_pattern=r"\b\w+\b"),

@@ -50,7 +50,8 @@ kdcli eval teacher.onnx twin.safetensors student.safetensors student.onnx \
   --data test.jsonl "${text[@]}"
 
 python - <<'PY'
-import numpy as np, onnxruntime as ort
+import json, numpy as np, onnxruntime as ort
 session = ort.InferenceSession("student.onnx")
-print(session.run(None, {"text": np.array(["A moving, beautifully acted film."])})[0])
+names = json.loads(session.get_modelmeta().custom_metadata_map["class_names"])
+print(names[session.run(None, {"text": np.array(["A moving, beautifully acted film."])})[0].argmax()])
 PY

@@ -47,11 +47,14 @@ def _words_sha256(pre: Preprocessing) -> str:
 
 
 def _text_runner(runner: Any, pre: Preprocessing) -> Any:
-    """A text student's runner on texts: word ids by its vocabulary, then the model."""
-    from kdcli.training.text import encode
+    """A text student's runner on texts: word ids by its vocabulary (read once), then the
+    model."""
+    from kdcli.students.words import WordVocab
+
+    vocab, max_words = WordVocab.from_json(pre.words), pre.raw_shape[0]
 
     def run(texts: Any) -> Any:
-        return runner(encode(list(texts), pre))
+        return runner(vocab.encode(list(texts), max_words))
 
     return run
 

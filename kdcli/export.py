@@ -112,7 +112,8 @@ def main_export(model: str | Path = "student.safetensors", output: str | Path = 
             proto = _with_words(proto, mf)
         _set_metadata(proto, mf, outputs)
         onnx.save(proto, str(tmp))
-        report = verify(tmp, mf.model, x_check[0], OUTPUT_MODES[outputs], atol, x_check[1])
+        report = verify(tmp, mf.model, x_check[0], OUTPUT_MODES[outputs], atol, x_check[1],
+                        full_check=not text)
         if opset is not None and report["opset"] != opset:
             raise ExportError(f"--opset {opset} was asked for, but the exporter wrote opset "
                               f"{report['opset']}; nothing was written",
@@ -322,7 +323,7 @@ def _training_summary(training: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_graph(proto: onnx.ModelProto, full: bool = True) -> None:
+def _check_graph(proto: onnx.ModelProto | str, full: bool = True) -> None:
     """``onnx.checker`` on a graph, with shape inference (``full``) or without: onnx's
     strict shape inference crashes the process on a ``LabelEncoder`` fed by the words'
     ``Tokenizer`` (onnx 1.23), so a text student's graph is checked in full before its
@@ -340,7 +341,8 @@ def _check_graph(proto: onnx.ModelProto, full: bool = True) -> None:
 
 def verify(path: Path, model: nn.Module, x: Mapping[str, Any],
            output_names: list[str], atol: float,
-           torch_x: tuple[torch.Tensor, ...] | None = None) -> dict[str, Any]:
+           torch_x: tuple[torch.Tensor, ...] | None = None,
+           full_check: bool = True) -> dict[str, Any]:
     """Check an exported file: ``onnx.checker`` and onnxruntime against torch.
 
     Args:
@@ -351,13 +353,14 @@ def verify(path: Path, model: nn.Module, x: Mapping[str, Any],
         output_names: The graph's outputs.
         atol: Largest allowed absolute logit difference.
         torch_x: The same inputs as ``model`` takes them (default: ``x``'s values).
+        full_check: Run ``onnx.checker`` with shape inference (see :func:`_check_graph`).
 
     Raises:
         ExportError: a check failed.
     """
     rows = len(next(iter(x.values())))
+    _check_graph(str(path), full=full_check)  # by path: a model over 2 GB is checked too
     proto = onnx.load(str(path))
-    _check_graph(proto, full=torch_x is None)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     try:

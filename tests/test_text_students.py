@@ -81,6 +81,10 @@ def test_a_short_run_overfits_forty_reviews_and_exports_raw_strings(tmp_path, re
     assert mf.class_names == ["fresh", "rotten"] and mf.preprocessing.words["words"][:2] == [
         "<pad>", "<unk>"]
     assert summary["vocab_size"] == 20000 and summary["max_words"] == 128
+    from kdcli.inspection import inspect_file
+
+    shown = inspect_file(out)["preprocessing"]["words"]  # the vocabulary's size, not its words
+    assert shown["size"] == len(mf.preprocessing.words["words"]) and len(shown["sha256"]) == 64
     report = main_export(out, tmp_path / "student.onnx", data=reviews)
     assert report["agreement"] == 1.0 and report["max_abs_diff"] < 1e-4
 

@@ -40,10 +40,17 @@ def _class_names(mf: ModelFile) -> list[str] | None:
     return [str(n) for n in names] if ok else None
 
 
-def _words_sha256(pre: Preprocessing) -> str:
-    from kdcli.students.words import WordVocab
+def _preprocessing(mf: ModelFile) -> dict[str, Any]:
+    """The model's preprocessing as records show it: a text student's vocabulary as its
+    rules, size and hash, not its words."""
+    pre = mf.preprocessing.to_dict()
+    if mf.preprocessing.words is not None:
+        from kdcli.students.words import WordVocab
 
-    return WordVocab.from_json(pre.words).sha256()
+        vocab = WordVocab.from_json(mf.preprocessing.words)
+        pre["words"] = {"rules": pre["words"]["rules"], "size": len(vocab),
+                        "sha256": vocab.sha256()}
+    return pre
 
 
 def _text_runner(runner: Any, pre: Preprocessing) -> Any:
@@ -71,11 +78,7 @@ class KdcliModelFormat(TeacherFormat):
 
     def load(self, req: LoadRequest) -> Teacher:
         mf = load_model(req.path)
-        pre = mf.preprocessing.to_dict()
-        if mf.preprocessing.words is not None:  # a text student: its vocabulary's hash
-            pre["words"] = {"size": len(pre["words"]["words"]),
-                            "sha256": _words_sha256(mf.preprocessing)}
-        meta = {"architecture": mf.arch.spec(), "model_preprocessing": pre,
+        meta = {"architecture": mf.arch.spec(), "model_preprocessing": _preprocessing(mf),
                 "training": {k: mf.training.get(k) for k in ("command", "test_errors")
                              if k in mf.training}}
         runner, module = torch_runner(mf.model, req.device, req.precision)
@@ -104,7 +107,7 @@ class KdcliModelFormat(TeacherFormat):
         info = {"file": str(path), "kind": "model", "format": mf.metadata["format"],
                 "format_version": int(mf.metadata["format_version"]),
                 "architecture": mf.arch.spec(), "architecture_detail": mf.arch.to_dict(),
-                "preprocessing": mf.preprocessing.to_dict(), "classes": mf.num_classes,
+                "preprocessing": _preprocessing(mf), "classes": mf.num_classes,
                 "params": count_params(mf.model), "training": mf.training,
                 "created": mf.metadata.get("created"),
                 "kdcli_version": mf.metadata.get("kdcli_version"),

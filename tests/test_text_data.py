@@ -71,7 +71,7 @@ def test_two_text_columns_are_sentence_pairs_and_slices_keep_them(tmp_path, revi
     assert [by_text[p] for p in balanced.inputs.strings()] == balanced.labels.tolist()
 
 
-def test_texts_pack_and_hash_the_same_whatever_the_order_they_were_gathered_in():
+def test_texts_gathered_in_any_order_pack_into_one_buffer_that_tiles():
     texts = Texts.from_strings(["naïve", "", "a longer text", "日本語"])
     picked = texts[torch.tensor([3, 0, 1])]
     buf, spans = picked.compact()

@@ -18,7 +18,6 @@ The rules every text source follows (:func:`from_columns`):
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -136,14 +135,6 @@ class Texts:
         pieces = [buf[a:b] for a, b in flat.tolist()]
         packed = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
         return torch.from_numpy(packed), spans
-
-    def hash_into(self, h: hashlib._Hash) -> None:
-        """Feed the examples to a hash: each text as its byte length (8 bytes, little
-        endian) and its bytes, in example order (how ``inputs_sha256`` hashes texts)."""
-        buf = self.buffer.numpy()
-        for a, b in self.spans.reshape(-1, 2).tolist():
-            h.update((b - a).to_bytes(8, "little"))
-            h.update(buf[a:b].tobytes())
 
 
 def from_columns(columns: Sequence[Sequence[str | None]], where: str, *,

@@ -75,7 +75,7 @@ def fit_words(texts: Texts, words: WordsConfig, rep: Reporter, originals: int | 
     vocab = WordVocab.fit(strings[:originals], size=words.vocab_size,
                           min_count=words.min_count)
     pre = Preprocessing(raw_shape=[words.max_words], units="word ids", words=vocab.to_json())
-    ids = encode(strings, pre, rep, "the training texts")
+    ids = _encode(vocab, strings, words.max_words, rep, "the training texts")
     rep.info(f"vocabulary: {len(vocab):,} words (seen at least {words.min_count} times, "
              f"at most {words.vocab_size:,})")
     return ids, pre
@@ -87,11 +87,15 @@ def encode(strings: list[str], pre: Preprocessing, rep: Reporter | None = None,
     ``pre.raw_shape[0]`` words (how many texts were cut is said on ``rep``)."""
     from kdcli.students.words import WordVocab
 
-    vocab = WordVocab.from_json(pre.words)
-    max_words = pre.raw_shape[0]
+    return _encode(WordVocab.from_json(pre.words), strings, pre.raw_shape[0], rep, what)
+
+
+def _encode(vocab: Any, strings: list[str], max_words: int, rep: Reporter | None,
+            what: str) -> torch.Tensor:
+    """``vocab.encode(strings, max_words)``, saying on ``rep`` how many texts were cut."""
     ids, counts = vocab.encode(strings, max_words, return_counts=True)
     if rep is not None:
-        cut = int((torch.as_tensor(counts) > max_words).sum())
+        cut = int((counts > max_words).sum())
         if cut:
             rep.info(f"{cut:,} of {len(strings):,} of {what} have more than {max_words} "
                      "words and were cut (--max-words)")

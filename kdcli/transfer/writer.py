@@ -148,7 +148,9 @@ def write_set(out: Path, meta: dict[str, str], writer: RangeWriter, dist, force:
 
 def check_room(out: Path, n: int, writer: RangeWriter) -> None:
     """Refuse a set larger than the free space of its folder, before writing a byte."""
-    check_disk(n * bytes_per_row(writer.layout()) + writer.source.text_bytes(0, n), out.parent,
+    src = writer.source  # texts: about the originals' mean length a row
+    check_disk(n * (bytes_per_row(writer.layout()) + (src.row_bytes if src.text else 0)),
+               out.parent,
                f"the transfer set of {n:,} rows", "Lower --copies or --limit, or free space")
 
 

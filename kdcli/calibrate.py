@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kdcli.data.base import names_to_match
+from kdcli.data.base import table_columns
 from kdcli.errors import DataError, UsageError
 from kdcli.io.files import atomic_output, check_output, data_files
 from kdcli.output import Reporter
@@ -165,7 +165,7 @@ def _target(mf, data: str | None, teacher: str | Path | None, transfer: str | Pa
             pi = torch.bincount(ds.labels, minlength=c).double() / len(ds)
         else:
             t = load_teacher(teacher, options, probe=inputs[:1000],
-                             feature_names=names_to_match(ds, data_options))
+                             table=table_columns(ds, data_options))
             with rep.progress("teacher", len(inputs)) as advance:
                 def run(x, advance=advance):
                     advance(len(x))

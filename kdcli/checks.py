@@ -304,3 +304,15 @@ def check_seeds(seeds: list[int]) -> list[int]:
     for s in seeds:
         check_seed(s, "--seeds")
     return seeds
+
+
+def parse_shape(text: str) -> list[int]:
+    """Parse ``1,28,28`` into ``[1, 28, 28]``."""
+    try:
+        shape = [int(s) for s in text.replace("x", ",").split(",") if s.strip()]
+    except ValueError as e:
+        raise UsageError(f"bad --input-shape {text!r}",
+                         "Use comma-separated sizes, e.g. 1,28,28") from e
+    if not shape or any(s <= 0 for s in shape):
+        raise UsageError(f"bad --input-shape {text!r}", "Use positive sizes, e.g. 1,28,28")
+    return shape

@@ -72,6 +72,10 @@ class TrainConfig:
     # Rescale each step's gradient to at most this L2 norm (0: never). A safety net against
     # the rare huge step that kills a small net's ReLUs; healthy steps are far below it.
     grad_clip: float = 0.0
+    # A table's category column becomes at most this many one-hot inputs in the student: the
+    # most frequent categories, and one "other" input for the rest (see
+    # kdcli.students.table_encoding).
+    max_categories: int = 32
 
     def check(self) -> None:
         """Refuse settings out of range (UsageError, naming the option and a valid value)."""
@@ -102,6 +106,9 @@ class TrainConfig:
         if self.normalize_by not in NORMALIZE_BY:
             raise UsageError(f"unknown --normalize-by {self.normalize_by!r}",
                              f"Use one of {', '.join(NORMALIZE_BY)}")
+        if isinstance(self.max_categories, bool) or not 2 <= self.max_categories <= 1 << 16:
+            raise UsageError(f"--max-categories must be from 2 to {1 << 16}, got "
+                             f"{self.max_categories}", "Try --max-categories 32")
         if self.stop_after is not None and self.stop_after < 1:
             raise UsageError(f"--stop-after must be a positive epoch, got {self.stop_after}",
                              "Try --stop-after 10")

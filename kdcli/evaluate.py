@@ -19,8 +19,8 @@ from kdcli.data.base import (
     absent_text,
     align_classes,
     check_same_classes,
-    names_to_match,
     no_labels,
+    table_columns,
 )
 from kdcli.data.sources import load_data
 from kdcli.errors import DataError, ModelError, UsageError
@@ -120,7 +120,7 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
                          "Give the model options once for all models, or once per model")
     loaded = [load_teacher(path, opts[i if len(opts) > 1 else 0], role="model",
                            probe=ds.inputs[:batch_size],
-                           feature_names=names_to_match(ds, data_options))
+                           table=table_columns(ds, data_options))
               for i, path in enumerate(models)]
     loaded, class_names, absent = _in_one_order(ds, loaded, rep)
     results, preds = [], []

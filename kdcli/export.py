@@ -21,6 +21,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,13 @@ from kdcli.output import Reporter
 from kdcli.resources import check_memory
 from kdcli.students.base import fold_batchnorm
 from kdcli.students.model_file import ModelFile, load_model
+from kdcli.students.table_encoding import (
+    TableEncoding,
+    table_check_inputs,
+    table_columns_of,
+    table_units,
+    with_columns,
+)
 
 OUTPUT_MODES = {"logits": ["logits"], "probs": ["probabilities"],
                 "both": ["logits", "probabilities"]}
@@ -93,11 +101,12 @@ def main_export(model: str | Path = "student.safetensors", output: str | Path = 
                           "Train one with kdcli train or kdcli train-student") from e
     _check_batch_memory(fixed, mf)
     text = mf.preprocessing.words is not None
-    if text and fixed is not None:
-        raise UsageError("a text student is exported with a dynamic batch",
-                         "Leave out --batch")
-    x_check = (_text_inputs if text else _check_inputs)(mf, data, fixed, check_examples,
-                                                        data_options)
+    columns = table_columns_of(mf.preprocessing)
+    if (text or columns) and fixed is not None:
+        raise UsageError(f"a {'text' if text else 'table'} student is exported with a "
+                         "dynamic batch", "Leave out --batch")
+    x_check = (_text_inputs if text else _table_inputs if mf.preprocessing.table else
+               _check_inputs)(mf, data, fixed, check_examples, data_options)
     start = time.perf_counter()
     with atomic_output(output, force) as tmp:
         # BatchNorm folded into its convolutions; verify() checks against the unfolded model
@@ -110,6 +119,8 @@ def main_export(model: str | Path = "student.safetensors", output: str | Path = 
         if text:  # the words from strings, inside the graph: string [batch] in
             _check_graph(proto)  # the student's part in full (see _check_graph)
             proto = _with_words(proto, mf)
+        elif columns:  # one input per column, strings for categories
+            proto = with_columns(proto, mf.preprocessing)
         _set_metadata(proto, mf, outputs)
         onnx.save(proto, str(tmp))
         report = verify(tmp, mf.model, x_check[0], OUTPUT_MODES[outputs], atol, x_check[1],
@@ -175,6 +186,20 @@ def _text_inputs(mf: ModelFile, data: str | None, fixed: int | None, count: int,
     strings = _check_data(mf, data, count, data_options).inputs.strings()
     return ({"text": np.array(strings, dtype=object)},
             (encode(strings, mf.preprocessing),))
+
+
+def _table_inputs(mf: ModelFile, data: str | None, fixed: int | None, count: int,
+                  data_options: DataOptions | None = None
+                  ) -> tuple[dict[str, Any], tuple[torch.Tensor]]:
+    """Real table rows for the check of a student with a column encoding: what
+    onnxruntime gets (one input per column, strings for categories; or the rows as
+    ``input``), and the rows with the student's codes that torch gets."""
+    names = TableEncoding.from_json(mf.preprocessing.table).names
+    given = data_options or DataOptions()
+    if given.feature_columns is None:  # the model's columns, by name
+        given = replace(given, feature_columns=tuple(names))
+    ds = _check_data(mf, data, count, given)
+    return table_check_inputs(mf.preprocessing, ds.inputs, ds.categories)
 
 
 def _with_words(proto: onnx.ModelProto, mf: ModelFile) -> onnx.ModelProto:
@@ -284,6 +309,8 @@ def _set_metadata(proto: onnx.ModelProto, mf: ModelFile, outputs: str) -> None:
     pre = mf.preprocessing.to_dict()
     units = (f"{pre['units']} as float32, shape [batch, "
              f"{', '.join(map(str, pre['raw_shape']))}]; normalization is inside")
+    if mf.preprocessing.table is not None:
+        units = table_units(mf.preprocessing)
     if mf.preprocessing.words is not None:  # the vocabulary is in the graph: its hash here
         from kdcli.students.words import WordVocab
 

@@ -52,6 +52,7 @@ NORMALIZE_HELP = "Zero-mean, unit-variance inputs, or only scaled (8-bit pixels 
 def normalize_option(default: str) -> Any:
     """The --normalize/--no-normalize option, whose help names the command's default."""
     return Annotated[bool | None, typer.Option("--normalize/--no-normalize", help=f"{NORMALIZE_HELP}  [default: {default}]", show_default=False)]
+MaxCategoriesOpt = Annotated[int, typer.Option(metavar="N", help="Table: one-hot inputs per category column at most; rarer categories share an 'other' input.")]
 NormalizeByOpt = Annotated[str, typer.Option(metavar="HOW", help="How --normalize standardizes: auto (tables per feature, colour images per channel, else one mean and std), scalar, channel or feature.")]
 # Augmentation options of train and soft-targets (see augment_options).
 JitterOpt = Annotated[int, typer.Option(metavar="K", help="Shift images by up to K pixels, zero-filled.")]
@@ -62,7 +63,8 @@ FlipOpt = Annotated[bool | None, typer.Option("--flip/--no-flip", help="Mirror i
 # How tables and image folders are read, for every command that reads data (data_options).
 _PANEL = "Tables, text and image folders"
 LabelColumnOpt = Annotated[str | None, typer.Option(metavar="NAME", help="Table: the label column (default: label when present, else unlabelled; none: unlabelled).", rich_help_panel=_PANEL)]
-FeatureColumnsOpt = Annotated[str | None, typer.Option(metavar="NAMES", help="Table: feature columns, comma-separated (default: every other numeric column).", rich_help_panel=_PANEL)]
+FeatureColumnsOpt = Annotated[str | None, typer.Option(metavar="NAMES", help="Table: feature columns, comma-separated (default: every other column of numbers or categories).", rich_help_panel=_PANEL)]
+MissingOpt = Annotated[str | None, typer.Option(metavar="RULE", help="Table: missing numbers are impute (default: the student fills them in) or error.", rich_help_panel=_PANEL)]
 TextColumnOpt = Annotated[str | None, typer.Option(metavar="NAME[,NAME]", help="Table: the text column, or two for sentence pairs; the examples are texts.", rich_help_panel=_PANEL)]
 ChannelsOpt = Annotated[int | None, typer.Option(metavar="N", help="Images: 1 (grayscale) or 3 (RGB) channels (default: RGB if any image is in colour).", rich_help_panel=_PANEL)]
 ImageSizeOpt = Annotated[str | None, typer.Option(metavar="H,W", help="Images: resize all to H,W, e.g. 32,32 (needed when sizes differ).", rich_help_panel=_PANEL)]
@@ -118,7 +120,7 @@ def data_options(only_given: bool = False) -> Callable[[F], F]:
     ``data_options`` parameter, a :class:`~kdcli.data.base.DataOptions` (with
     ``only_given``: None when none of them is given)."""
     params = [_option("label_column", LabelColumnOpt), _option("feature_columns", FeatureColumnsOpt),
-              _option("text_column", TextColumnOpt), _option("channels", ChannelsOpt), _option("image_size", ImageSizeOpt)]
+              _option("missing", MissingOpt), _option("text_column", TextColumnOpt), _option("channels", ChannelsOpt), _option("image_size", ImageSizeOpt)]
 
     def build(values: dict[str, Any], _: dict[str, Any]) -> Any:
         if only_given and all(v is None for v in values.values()):
@@ -158,7 +160,8 @@ def train_options(defaults: TrainConfig, lr_help: str, normalize: str) -> Callab
               _option("precision", PrecisionOpt, d.precision), _option("seed", SeedOpt, d.seed),
               _option("dry_run", DryRunOpt, False), _option("stop_after", StopAfterOpt),
               _option("device", TrainDeviceOpt, d.device), _option("normalize", normalize_option(normalize)),
-              _option("normalize_by", NormalizeByOpt, d.normalize_by)]
+              _option("normalize_by", NormalizeByOpt, d.normalize_by),
+              _option("max_categories", MaxCategoriesOpt, d.max_categories)]
     return _group("config", params, lambda values, _: TrainConfig(**values))
 
 
@@ -227,7 +230,7 @@ def output_options(quiet: bool = True) -> Callable[[F], F]:
 
 
 def _data_options(label_column: str | None, feature_columns: str | None,
-                  text_column: str | None, channels: int | None, image_size: str | None) -> Any:
+                  missing: str | None, text_column: str | None, channels: int | None, image_size: str | None) -> Any:
     """The :class:`~kdcli.data.base.DataOptions` of the table/image options."""
     from kdcli.data.base import DataOptions
 
@@ -239,7 +242,7 @@ def _data_options(label_column: str | None, feature_columns: str | None,
     texts = tuple(c.strip() for c in text_column.split(",")) if text_column is not None else None
     opts = DataOptions(label_column=label_column or None,
                        feature_columns=tuple(columns) if feature_columns is not None else None,
-                       text_columns=texts,
+                       text_columns=texts, missing=missing,
                        channels=channels, image_size=tuple(size) if size else None)
     opts.check()
     return opts
@@ -254,8 +257,8 @@ def _teacher_options(count: int, *, arch: list[str] | None, input_shape: list[st
     Raises:
         UsageError: an option was given neither once nor once per model.
     """
-    from kdcli.checks import check_preprocessing_options
-    from kdcli.teachers.base import TeacherOptions, parse_shape
+    from kdcli.checks import check_preprocessing_options, parse_shape
+    from kdcli.teachers.base import TeacherOptions
 
     per = {"arch": arch, "input_shape": input_shape, "scale": scale, "mean": mean, "std": std,
            "teacher_output": teacher_output, "output": output}

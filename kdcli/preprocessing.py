@@ -86,6 +86,10 @@ class Preprocessing:
         words: A text student's word vocabulary (:meth:`kdcli.students.words.WordVocab.
             to_json`): its raw inputs are then word ids ``[B, L]``, L at most
             ``raw_shape[0]``, from texts (None: not a text student).
+        table: A table student's encoding of its columns (:meth:`kdcli.students.
+            table_encoding.TableEncoding.to_json`): missing numbers filled in and
+            categories one-hot inside the model, instead of ``mean`` and ``std`` (None:
+            the table is standardised by ``mean`` and ``std``).
     """
 
     scale: float = 1.0
@@ -95,6 +99,7 @@ class Preprocessing:
     units: str = "raw"
     size: list[int] | None = None
     words: dict[str, Any] | None = None
+    table: dict[str, Any] | None = None
 
     @classmethod
     def fit(cls, inputs: torch.Tensor, normalize: bool, rule: str) -> Preprocessing:
@@ -131,6 +136,8 @@ class Preprocessing:
             out["size"] = self.size
         if self.words is not None:
             out["words"] = self.words
+        if self.table is not None:
+            out["table"] = self.table
         return out
 
     @property

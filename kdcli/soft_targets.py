@@ -23,7 +23,7 @@ from kdcli.checks import (
     resolve_precision,
 )
 from kdcli.data.augment import AugmentConfig
-from kdcli.data.base import names_to_match
+from kdcli.data.base import Data, TableColumns, table_columns
 from kdcli.data.text_augment import TextAugment
 from kdcli.errors import DataError, ModelError, UsageError
 from kdcli.io.files import check_output, data_files
@@ -33,6 +33,7 @@ from kdcli.teachers.formats import check_teacher_options, load_teacher, one_clas
 from kdcli.teachers.inputs import describe_preprocessing
 from kdcli.transfer.ensemble import COMBINE_RULES
 from kdcli.transfer.layout import (
+    COLUMNS_VERSION,
     INDEX_SUFFIX,
     TENSOR_VERSION,
     TEXT_VERSION,
@@ -144,7 +145,7 @@ def soft_targets(
                    (augment, text_augment), seed, rep)
     probe_x, probe_y = source.rows(0, min(source.n, batch_size))
     members = _load_members(teachers, opts, dev, precision, probe_x, rep,
-                            names_to_match(source.ds, data_options))
+                            table_columns(source.ds, data_options))
     T = _temperature(T, members, rep)
     members = _in_one_order(source.ds, members, rep)
     c, class_names = _classes(source.ds, members)
@@ -274,11 +275,11 @@ def _check_out(out: str | Path, force: bool, inputs: list[str | Path]) -> Path:
 
 def _load_members(teachers: list[str | Path], opts: list[TeacherOptions], dev: str,
                   precision: str, probe_x, rep: Reporter,
-                  feature_names: list[str] | None) -> list[Teacher]:
+                  table: TableColumns | None) -> list[Teacher]:
     """Load each teacher (probed with ``probe_x``, given the table's columns by name where
     its file records them); warn of raw 8-bit inputs to a foreign one."""
     members = [load_teacher(p, o, device=dev, precision=precision, probe=probe_x,
-                            feature_names=feature_names)
+                            table=table)
                for p, o in zip(teachers, opts, strict=True)]
     for t in members:
         if hasattr(t.runner, "truncated"):
@@ -304,6 +305,13 @@ def _temperature(T: float | None, members: list[Teacher], rep: Reporter) -> floa
     return T
 
 
+def _has_columns(ds: Data) -> bool:
+    """Whether a table's rows need transfer-set version 5: categories or missing numbers."""
+    return not ds.is_text and ds.feature_names is not None and (
+        bool(ds.categories) or (ds.inputs.is_floating_point()
+                                and bool(torch.isnan(ds.inputs).any())))
+
+
 def _metadata(writer: RangeWriter, dist, *, precision: str, classes: list[int] | None,
               exclude_classes: list[int] | None, class_names: list[str] | None,
               data_options: DataOptions | None) -> dict[str, str]:
@@ -311,8 +319,10 @@ def _metadata(writer: RangeWriter, dist, *, precision: str, classes: list[int] |
     source, augment = writer.source, writer.source.augment
     meta = {
         "format": TRANSFER_FORMAT,
-        # the lowest version that holds the set: 3 (data_sha256), or 4 for texts
-        "format_version": str(TEXT_VERSION if source.text else TENSOR_VERSION),
+        # the lowest version that holds the set: 3 (data_sha256), 4 for texts, 5 for tables
+        # with categories or missing numbers
+        "format_version": str(TEXT_VERSION if source.text else COLUMNS_VERSION
+                              if _has_columns(source.ds) else TENSOR_VERSION),
         "kdcli_version": __version__,
         "created": dist.broadcast(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
         "T": repr(writer.T),
@@ -340,6 +350,7 @@ def _metadata(writer: RangeWriter, dist, *, precision: str, classes: list[int] |
         if source.ds.inputs.columns:
             meta["text_columns"] = json.dumps(source.ds.inputs.columns)
     for key, value in (("class_names", class_names), ("feature_names", source.ds.feature_names),
+                       ("categories", source.ds.categories),
                        ("data_options", data_options.recorded() if data_options else None)):
         if value:
             meta[key] = json.dumps(value)

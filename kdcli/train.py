@@ -53,6 +53,7 @@ from kdcli.students.model_file import save_model
 from kdcli.training.checkpoint import check_train_outputs, checkpoint_path
 from kdcli.training.loop import StepLoss, fit
 from kdcli.training.losses import criterion, matches_logits
+from kdcli.training.table import encoded_table, fit_table, needs_encoding, table_inputs
 from kdcli.training.text import check_kind, encoded, family_defaults, fit_words
 from kdcli.transfer.reader import TransferSet, check_unchanged, file_stamps, load_transfer_set
 from kdcli.transfer.rows import Rows
@@ -182,9 +183,11 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
         raise UsageError("--augment, --jitter, --crop-pad and --flip augment images, not "
                          "texts", "Drop them for text data")
     aug.check_shape(ds.sample_shape)
-    inputs, pre = fit_words(ds.inputs, words, rep) if ds.is_text else (ds.inputs, None)
+    inputs, pre = fit_words(ds.inputs, words, rep) if ds.is_text else \
+        fit_table(ds.inputs, ds.feature_names, ds.categories, cfg.max_categories, rep) \
+        if needs_encoding(ds.inputs, ds.feature_names, ds.categories) else (ds.inputs, None)
     model, pre = _build(arch, cfg, inputs, num_classes, pre)
-    eval_ds = encoded(eval_ds, pre)
+    eval_ds = encoded_table(encoded(eval_ds, pre), pre)
     labels = ds.labels
 
     def step(z: torch.Tensor, idx: torch.Tensor):
@@ -381,9 +384,9 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     eval_ds = _student_eval_data(ts, Path(transfer).name, eval_data, data_options, rep)
     transfer_sha = sha256_file(ts.path)
     inputs, pre = fit_words(ts.texts(slice(0, len(ts))), words, rep, _originals(ts)) \
-        if ts.is_text else (ts.columns["inputs"], None)
+        if ts.is_text else table_inputs(ts, cfg.max_categories, rep)
     model, pre = _build(arch, cfg, inputs, ts.num_classes, pre)
-    eval_ds = encoded(eval_ds, pre)
+    eval_ds = encoded_table(encoded(eval_ds, pre), pre)
     training, fingerprint = _student_record(ts, Path(transfer).name, transfer_sha, arch, d, cfg,
                                             data_options, words if ts.is_text else None)
     outputs = _Outputs(out, force, f"Distilled {arch.spec()} from {Path(transfer).name}", start,

@@ -239,13 +239,15 @@ def test_feature_and_label_columns_and_unlabelled_tables(tmp_path):
     p = tmp_path / "t.csv"
     p.write_text("id,name,a,b,label\n1,x,0.5,1,2\n2,y,1.5,1,0\n3,z,2.5,1,1\n")
     d = load_data(str(p))
-    assert d.feature_names == ["id", "a", "b"] and d.labels.tolist() == [2, 0, 1]
+    assert d.feature_names == ["id", "name", "a", "b"] and d.labels.tolist() == [2, 0, 1]
+    assert d.categories == {"name": ["x", "y", "z"]}
     d = load_data(str(p), options=DataOptions(feature_columns=("b", "a")))
     assert d.inputs.tolist() == [[1, 0.5], [1, 1.5], [1, 2.5]]
     d = load_data(f"{p}[1:]", options=DataOptions(label_column="none"))
     assert d.labels is None and len(d) == 2 and "label" in d.feature_names
     # A constant feature (b) gets std 1, not inf.
-    pre = fit_preprocessing(load_data(str(p)).inputs)
+    pre = fit_preprocessing(load_data(str(p), options=DataOptions(
+        feature_columns=("id", "a", "b"))).inputs)
     assert pre.std[2] == 1.0 and all(np.isfinite(pre.mean + pre.std))
 
 
@@ -338,7 +340,7 @@ def bad_inputs(tmp_path: Path, mnist600) -> dict[str, tuple[list[str], str]]:
     cases["non-numeric"] = (["--data", "text.csv"],
                             "'b' of text.csv is not numeric: 'oops' in row 2")
     (tmp_path / "gap.csv").write_text("a,b,label\n1,2,0\n3,,1\n")
-    cases["missing value"] = (["--data", "gap.csv"],
+    cases["missing value"] = (["--data", "gap.csv", "--missing", "error"],
                               "'b' of gap.csv has a missing value in row 2")
     (tmp_path / "ragged.csv").write_text("a,b,label\n1,2,0\n3,1\n5,6,1\n")
     cases["ragged row"] = (["--data", "ragged.csv"], "ragged.csv line 3 has 2 fields")

@@ -31,8 +31,10 @@ class DataOptions:
     Attributes:
         label_column: A table's label column. None: ``label`` when the table has one, else
             unlabelled; ``"none"``: unlabelled even if there is one.
-        feature_columns: A table's feature columns, in order (None: every other numeric
-            column).
+        feature_columns: A table's feature columns, in order (None: every other column of
+            numbers or categories).
+        missing: What a missing number in a table's features is: ``impute`` (None, the
+            default: NaN, filled in by the student) or ``error`` (refused, naming the row).
         text_columns: A table's text column, or two for sentence pairs: the examples are
             these texts (:mod:`kdcli.data.text`) instead of numeric features.
         channels: Images as 1 (grayscale) or 3 (RGB) channels (None: RGB if any image is in
@@ -42,6 +44,7 @@ class DataOptions:
 
     label_column: str | None = None
     feature_columns: tuple[str, ...] | None = None
+    missing: str | None = None
     text_columns: tuple[str, ...] | None = None
     channels: int | None = None
     image_size: tuple[int, int] | None = None
@@ -55,6 +58,9 @@ class DataOptions:
                                             or min(self.image_size) <= 0):
             raise UsageError(f"--image-size must be two positive numbers H,W, got "
                              f"{self.image_size}", "Try --image-size 32,32")
+        if self.missing not in (None, "impute", "error"):
+            raise UsageError(f"unknown --missing {self.missing!r}",
+                             "Use --missing impute (the default) or --missing error")
         if self.feature_columns is not None and not self.feature_columns:
             raise UsageError("--feature-columns is empty", "Name at least one column")
         if self.text_columns is not None:
@@ -85,6 +91,7 @@ def recorded_options(explicit: DataOptions | None, training: dict[str, Any]) -> 
         kept = DataOptions(
             label_column=rec.get("label_column"),
             feature_columns=tuple(rec["feature_columns"]) if rec.get("feature_columns") else None,
+            missing=rec.get("missing"),
             text_columns=tuple(rec["text_columns"]) if rec.get("text_columns") else None,
             channels=rec.get("channels"),
             image_size=tuple(rec["image_size"]) if rec.get("image_size") else None)
@@ -113,6 +120,9 @@ class Data:
             out, say).
         label_hint: For unlabelled data, a column that looks like its labels (named in the
             "has no labels" error), or None.
+        categories: A table's category columns, each with its categories in code order:
+            such a column of ``inputs`` holds codes (indices into them), the others
+            numbers, NaN where missing (see :mod:`kdcli.data.tables`). None: no categories.
     """
 
     inputs: torch.Tensor | Texts
@@ -123,6 +133,7 @@ class Data:
     feature_names: list[str] | None = None
     notes: list[str] = field(default_factory=list)
     label_hint: str | None = None
+    categories: dict[str, list[str]] | None = None
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -152,8 +163,8 @@ class Data:
 @dataclass
 class Loaded:
     """What a source's reader returns: inputs (a numpy array, or ``(tensor, MappedFile)``
-    when memory-mapped), labels (numpy, tensor or None), optional names, and the notes and
-    label hint of :class:`Data`."""
+    when memory-mapped), labels (numpy, tensor or None), optional names, and the notes,
+    label hint and categories of :class:`Data`."""
 
     inputs: Any
     labels: Any = None
@@ -161,6 +172,7 @@ class Loaded:
     feature_names: list[str] | None = None
     notes: list[str] = field(default_factory=list)
     label_hint: str | None = None
+    categories: dict[str, list[str]] | None = None
 
 
 class Reader(Protocol):
@@ -269,14 +281,17 @@ def validate(data: Data) -> None:
         raise DataError(f"inputs of {data.source} have dtype {data.inputs.dtype}",
                         "Store real-valued inputs")
     elif data.inputs.is_floating_point():
+        # a table's missing numbers are NaN (imputed by the student); infinities never are
+        finite = (lambda c: ~torch.isinf(c)) if data.feature_names is not None else torch.isfinite
         step = max(1, (64 << 20) // max(1, data.inputs[0].numel() * data.inputs.element_size()))
         for start in range(0, len(data), step):
             chunk = data.inputs[start:start + step]
             chunk = chunk.reshape(len(chunk), -1)
-            ok = torch.isfinite(chunk).all(1)
+            ok = finite(chunk).all(1)
             if not bool(ok.all()):
                 bad = (start + (~ok).nonzero()[:5, 0]).tolist()
-                raise DataError(f"inputs of {data.source} contain NaN or Inf (rows {bad})",
+                what = "an infinite value" if data.feature_names is not None else "NaN or Inf"
+                raise DataError(f"inputs of {data.source} contain {what} (rows {bad})",
                                 "Clean the data")
             data.release()
     if data.labels is not None:
@@ -289,10 +304,25 @@ def validate(data: Data) -> None:
                             "Labels must be class indices 0..C-1")
 
 
-def names_to_match(ds: Data, options: DataOptions | None) -> list[str] | None:
-    """The data's column names that a teacher recording its own is fed by, or None: the
-    columns go by position when the user chose them with ``--feature-columns`` (their
-    order is then the user's word)."""
-    if options is not None and options.feature_columns is not None:
+@dataclass(frozen=True)
+class TableColumns:
+    """A table's feature columns as the models that run on it see them.
+
+    Attributes:
+        names: The data's feature columns, in order.
+        categories: Its category columns, each with its categories in code order.
+        by_name: Whether a model that records its columns gets them by name (False: the
+            user chose them with ``--feature-columns``, and their order is the user's word).
+    """
+
+    names: list[str]
+    categories: dict[str, list[str]]
+    by_name: bool = True
+
+
+def table_columns(ds: Data, options: DataOptions | None) -> TableColumns | None:
+    """The columns of table data ``ds`` that a model is fed by (None: not a table)."""
+    if ds.feature_names is None or ds.is_text:
         return None
-    return ds.feature_names
+    return TableColumns(list(ds.feature_names), dict(ds.categories or {}),
+                        options is None or options.feature_columns is None)

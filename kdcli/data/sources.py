@@ -162,7 +162,8 @@ def load_data(spec: str, limit: int | None = None, options: DataOptions | None =
         inputs_t = inputs_t.contiguous()
     data = Data(inputs_t, labels_t,
                 spec if limit is None else f"{spec}[:{limit}]", files,
-                got.class_names, got.feature_names, list(got.notes), got.label_hint)
+                got.class_names, got.feature_names, list(got.notes), got.label_hint,
+                got.categories)
     validate(data)
     for note in data.notes if reporter is not None else ():
         reporter.info(escape(note))

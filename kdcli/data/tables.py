@@ -2,16 +2,29 @@
 
 One row is one example. The label column is ``--label-column`` (default ``label`` when the
 table has one; otherwise the table is unlabelled), the features are ``--feature-columns``
-(default: every other numeric column, in table order). Integer labels are class indices;
-string labels are class names, numbered in sorted order; an empty or missing label is an
-error naming its rows. Columns nobody asked for that hold no numbers (text, categories,
-dates) are left out, and so is an unnamed first column of distinct whole numbers (the index
-pandas' ``to_csv`` writes); both are said once (:attr:`Loaded.notes`). Such a column named
-in ``--feature-columns`` is refused with its name and a hint. Features become float32
-``[N, F]``, except the Kaggle MNIST layout: features named ``pixel0`` .. ``pixel{n-1}``
-with ``n`` a square and integer values in 0-255 become uint8 images ``[N, s, s]``, exactly
-what the IDX files give. Non-numeric values, missing values and ragged rows are refused
-with the column and row.
+(default: every other column that holds numbers or categories, in table order). Integer
+labels are class indices; string labels are class names, numbered in sorted order; an empty
+or missing label is an error naming its rows.
+
+Features become float32 ``[N, F]``:
+
+- **Numbers** (integers, floats, decimals, booleans as 0/1, strings that parse as numbers):
+  as they are; a missing value is NaN, imputed inside the student (see
+  :mod:`kdcli.students.table_encoding`), or refused naming its row with ``--missing
+  error``.
+- **Categories** (strings, pandas ``category``/Parquet dictionary columns): each value's
+  code, its index in the column's categories (sorted), which :attr:`Loaded.categories`
+  lists; a missing value is the category ``""``. A string column whose values are mostly
+  distinct (identifiers, free text: more than half the rows and more than 20 values, or
+  over 1,000 values) is no category and is left out, and said once.
+- **Dates, times and other types** are left out and said once; named in
+  ``--feature-columns`` they are refused with the column's name and a hint.
+
+An unnamed first column of distinct whole numbers (the index pandas' ``to_csv`` writes) is
+left out and said once (:attr:`Loaded.notes`). The Kaggle MNIST layout is images: features
+named ``pixel0`` .. ``pixel{n-1}`` with ``n`` a square and integer values in 0-255 become
+uint8 ``[N, s, s]``, exactly what the IDX files give. Non-numeric values in a numeric
+column and ragged rows are refused with the column and row.
 """
 
 from __future__ import annotations
@@ -34,6 +47,15 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from kdcli.data.base import DataOptions, Loaded, first_line
+from kdcli.data.table_columns import (
+    check_present,
+    codes,
+    kind,
+    numeric,
+    row,
+    rows,
+    rows_at,
+)
 from kdcli.errors import DataError, quote_name
 
 _PIXEL = re.compile(r"^pixel(\d+)$")
@@ -85,13 +107,20 @@ def from_table(table: pa.Table, path: Path, options: DataOptions) -> Loaded:
         return _texts(table, label, options.text_columns, path)
     index = _pandas_index(table, label, options)
     features, skipped = _feature_columns(table, label, index, options, path)
-    columns = []
+    columns, categories = [], {}
     for name in features:
         col = table.column(name)
-        _check_present(col, name, path)
-        columns.append(_numeric(col, name, path))
+        if options.missing == "error":
+            check_present(col, name, path)
+        if kind(col) == "category":
+            values, categories[name] = codes(col)
+            columns.append(values)
+        else:
+            columns.append(numeric(col, name, path))
     inputs = np.stack(columns, axis=1) if columns else np.zeros((table.num_rows, 0))
-    inputs = _as_images(inputs, features) if inputs.size else inputs.astype(np.float32)
+    if inputs.size and not categories:
+        inputs = _as_images(inputs, features)
+    inputs = inputs.astype(np.float32) if inputs.dtype != np.uint8 else inputs
     labels, class_names = (None, None) if label is None else _labels(table, label, path)
     notes = []
     if index is not None:
@@ -101,10 +130,10 @@ def from_table(table: pa.Table, path: Path, options: DataOptions) -> Loaded:
                      "to_csv writes")
     if skipped:
         notes.append(f"{path}: left out {len(skipped)} column{'s' if len(skipped) > 1 else ''} "
-                     f"that {'do' if len(skipped) > 1 else 'does'} not hold numbers: "
-                     f"{_few(skipped)} (only numeric columns are features)")
+                     f"that {'hold' if len(skipped) > 1 else 'holds'} neither numbers nor "
+                     f"categories: {_few(skipped)} (text, identifiers or dates)")
     hint = _label_like(table, skipped) if label is None else None
-    return Loaded(inputs, labels, class_names, features, notes, hint)
+    return Loaded(inputs, labels, class_names, features, notes, hint, categories or None)
 
 
 def _texts(table: pa.Table, label: str | None, text_columns: tuple[str, ...],
@@ -132,7 +161,7 @@ def _texts(table: pa.Table, label: str | None, text_columns: tuple[str, ...],
             row = next((i for i, v in enumerate(values) if v is not None and
                         not _is_utf8(v)), 0)
             raise DataError(f"column {name!r} of {path} holds bytes that are not UTF-8 in "
-                            f"{_rows_at(path, [row], lines=False)}", "Convert the file to "
+                            f"{rows_at(path, [row], lines=False)}", "Convert the file to "
                             "UTF-8 (e.g. iconv -f latin1 -t utf-8)")
         if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)):
             raise DataError(f"column {name!r} of {path} holds {t}, not text",
@@ -140,7 +169,7 @@ def _texts(table: pa.Table, label: str | None, text_columns: tuple[str, ...],
         columns.append(col.to_pylist())
     notes: list[str] = []
     texts = from_columns(columns, str(path), names=list(text_columns),
-                         say_rows=lambda rows: _rows_at(path, rows, lines=False),
+                         say_rows=lambda rows: rows_at(path, rows, lines=False),
                          notes=notes)
     labels, class_names = (None, None) if label is None else _labels(table, label, path)
     hint = _label_like(table, [c for c in names if c not in text_columns]) \
@@ -279,7 +308,7 @@ def _feature_columns(table: Any, label: str | None, index: str | None, opts: Dat
                             "Drop it from --feature-columns, or pick another --label-column")
         return list(opts.feature_columns), []
     rest = [c for c in names if c not in (label, index)]
-    skipped = [c for c in rest if not _holds_numbers(table.column(c))]
+    skipped = [c for c in rest if kind(table.column(c), named=False) == "other"]
     features = [c for c in rest if c not in skipped]
     if not features:
         like = _text_like(table, skipped)
@@ -290,19 +319,6 @@ def _feature_columns(table: Any, label: str | None, index: str | None, opts: Dat
         raise DataError(f"{path} has no numeric feature columns (columns: {_few(names)})",
                         "Pass --feature-columns, or give the table numeric columns")
     return features, skipped
-
-
-def _holds_numbers(col: Any) -> bool:
-    """Whether a column is a feature by default: numbers, booleans, all-missing (reported as
-    missing), or a string column holding some numbers (so that its first bad value is
-    reported). Text, categories, dates and other types hold none."""
-    t = col.type
-    if (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
-            or pa.types.is_decimal(t) or pa.types.is_null(t)):
-        return True
-    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
-        return False
-    return any(_parses(v) for v in col.to_pylist() if v is not None)
 
 
 def _pandas_index(table: Any, label: str | None, opts: DataOptions) -> str | None:
@@ -342,60 +358,10 @@ def _label_like(table: Any, skipped: list[str]) -> str | None:
         col = table.column(c)
         t = col.type
         if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t):
-            k = pc.count_distinct(col).as_py()
+            k = pc.count_distinct(col.cast(pa.string())).as_py()
             if 2 <= k <= min(20, table.num_rows // 2):
                 return c
     return None
-
-
-def _parses(v: Any) -> bool:
-    try:
-        float(v)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-def _check_present(col: Any, name: str, path: Path) -> None:
-    if col.null_count:
-        raise DataError(f"column {name!r} of {path} has a missing value in "
-                        f"{_rows(path, pc.is_null(col))}",
-                        "Fill or drop rows with missing values")
-
-
-def _numeric(col: Any, name: str, path: Path) -> np.ndarray:
-    """A numeric column as a numpy array (integers stay integers, bools become 0/1).
-
-    Raises:
-        DataError: a column of text, categories, dates or another type that holds no
-            numbers, or a value that is not a number, naming the column (and row).
-    """
-    t = col.type
-    if pa.types.is_integer(t) or pa.types.is_floating(t):
-        return col.to_numpy()
-    if pa.types.is_boolean(t) or pa.types.is_decimal(t):
-        return col.to_numpy().astype(np.float64)
-    one_hot = ("Leave it out of --feature-columns, or turn it into numbers first (one 0/1 "
-               "column per category)")
-    if pa.types.is_temporal(t):
-        raise DataError(f"column {name!r} of {path} holds dates or times ({t}), "
-                        "not numbers", "Leave it out of --feature-columns, or turn it into "
-                        "numbers first (say, days since a start date)")
-    if pa.types.is_dictionary(t):
-        raise DataError(f"column {name!r} of {path} holds categories, not numbers",
-                        one_hot)
-    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
-        raise DataError(f"column {name!r} of {path} has type {t}, not numbers",
-                        "Leave it out of --feature-columns")
-    values = col.to_pylist()
-    row = next((i for i, v in enumerate(values) if not _parses(v)), 0)
-    shown = str(values[row])[:40]  # a string: quoted, and escaped to one line
-    if not _holds_numbers(col):
-        raise DataError(f"column {name!r} of {path} holds text, not numbers "
-                        f"({shown!r} in {_row(path, row)})", one_hot)
-    raise DataError(f"column {name!r} of {path} is not numeric: {shown!r} in "
-                    f"{_row(path, row)}",
-                    "Fix the value, or leave the column out with --feature-columns")
 
 
 def _as_images(inputs: np.ndarray, features: list[str]) -> np.ndarray:
@@ -413,14 +379,14 @@ def _as_images(inputs: np.ndarray, features: list[str]) -> np.ndarray:
 def _labels(table: Any, label: str, path: Path) -> tuple[np.ndarray, list[str] | None]:
     """Integer class indices and, for string labels, the sorted class names."""
     col = table.column(label)
-    _check_present(col, label, path)
+    check_present(col, label, path)
     t = col.type
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t):
         values = [str(v) for v in col.to_pylist()]
         empty = pc.equal(pc.utf8_trim_whitespace(col.cast(pa.string())), "")
         if pc.any(empty).as_py():
             raise DataError(f"label column {label!r} of {path} is empty in "
-                            f"{_rows(path, empty)}", "Give every row a label, or drop the "
+                            f"{rows(path, empty)}", "Give every row a label, or drop the "
                             "unlabelled rows")
         _check_one_kind(values, label, path)
         names = sorted(set(values))
@@ -435,7 +401,7 @@ def _labels(table: Any, label: str, path: Path) -> tuple[np.ndarray, list[str] |
     bad = np.nonzero((y < 0) | ~np.isfinite(y) | (y != np.floor(y)) | (y > _MAX_LABEL))[0]
     if len(bad):
         raise DataError(f"label column {label!r} of {path} holds {y[bad[0]].item()!r} in "
-                        f"{_row(path, int(bad[0]))}",
+                        f"{row(path, int(bad[0]))}",
                         "Labels must be class indices 0, 1, ... or class names")
     return y.astype(np.int64), None
 
@@ -449,38 +415,9 @@ def _check_one_kind(values: list[str], label: str, path: Path) -> None:
     numbers = set(number)
     name = next(i for i in range(len(values)) if i not in numbers)
     raise DataError(f"label column {label!r} of {path} mixes numbers and names: "
-                    f"{values[number[0]]!r} in {_row(path, number[0])}, {values[name][:40]!r} "
-                    f"in {_row(path, name)}", "Use class indices 0, 1, ... or class names "
+                    f"{values[number[0]]!r} in {row(path, number[0])}, {values[name][:40]!r} "
+                    f"in {row(path, name)}", "Use class indices 0, 1, ... or class names "
                     "throughout")
-
-
-def _row(path: Path, i: int) -> str:
-    """Data row ``i`` (0-based) as a user counts it: 1-based, and the file line for an
-    uncompressed CSV/TSV (one header line; other sources' rows need not be lines)."""
-    if path.suffix.lower() in (".csv", ".tsv"):
-        return f"row {i + 1} (line {i + 2})"
-    return f"row {i + 1}"
-
-
-def _rows(path: Path, mask: Any) -> str:
-    """The rows where ``mask`` (a boolean column) is true, as :func:`_row` says them: the
-    first, or the first three and how many in all."""
-    rows = np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool))
-    return _rows_at(path, [int(i) for i in rows])
-
-
-def _rows_at(path: Path, rows: list[int], lines: bool = True) -> str:
-    """Rows (0-based) as :func:`_row` says them: the first, or the first three and how many
-    in all (without file lines when ``lines`` is False: quoted texts may span lines)."""
-    if not lines:
-        path = path.with_suffix(".table")
-    if len(rows) == 1:
-        return _row(path, int(rows[0]))
-    shown = ", ".join(str(int(i) + 1) for i in rows[:3])
-    more = f", ... ({len(rows)} rows in all)" if len(rows) > 3 else ""
-    lines = (" (lines " + ", ".join(str(int(i) + 2) for i in rows[:3]) + (", ..." if more else "")
-             + ")") if path.suffix.lower() in (".csv", ".tsv") else ""
-    return f"rows {shown}{more}{lines}"
 
 
 def _few(names: list[str], n: int = 8) -> str:

@@ -38,8 +38,11 @@ def modality_for(raw_shape: list[int] | tuple[int, ...]) -> Modality:
 
 def modality_of(pre: Preprocessing) -> Modality:
     """The modality of a student's inputs: text for a student with a vocabulary
-    (``pre.words``), else by the raw shape (:func:`modality_for`)."""
-    return get("text") if pre.words is not None else modality_for(pre.raw_shape)
+    (``pre.words``), a table for one with a table encoding (``pre.table``), else by the
+    raw shape (:func:`modality_for`)."""
+    if pre.words is not None:
+        return get("text")
+    return get("table") if pre.table is not None else modality_for(pre.raw_shape)
 
 
 def normalize_by(rule: str, raw_shape: list[int] | tuple[int, ...]) -> str:

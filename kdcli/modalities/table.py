@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from kdcli.errors import ModelError
 from kdcli.modalities.base import Modality
@@ -16,6 +17,15 @@ class Table(Modality):
 
     def normalize_by(self, raw_shape: list[int]) -> str:
         return "feature"
+
+    def student_preprocess(self, pre: Preprocessing, in_shape: list[int]) -> nn.Module:
+        """A student's encoding of its columns (missing numbers, categories) when it has
+        one, else per-feature standardisation."""
+        if pre.table is None:
+            return super().student_preprocess(pre, in_shape)
+        from kdcli.students.table_encoding import EncodeTable, TableEncoding
+
+        return EncodeTable(TableEncoding.from_json(pre.table))
 
     def teacher_layout(self, x: torch.Tensor, pre: Preprocessing, shape: list[int] | None,
                        name: str) -> torch.Tensor:

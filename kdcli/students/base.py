@@ -125,6 +125,11 @@ def build_model(arch: Architecture, pre: Preprocessing, num_classes: int) -> nn.
 
         net, in_shape = arch.config.build(raw, num_classes,
                                           vocab_size=len(WordVocab.from_json(pre.words)))
+    elif pre.table is not None:  # the network takes the encoded columns
+        from kdcli.students.table_encoding import TableEncoding
+
+        net, in_shape = arch.config.build([TableEncoding.from_json(pre.table).width],
+                                          num_classes)
     else:
         net, in_shape = arch.config.build(raw, num_classes)
     return nn.Sequential(modality_of(pre).student_preprocess(pre, in_shape), net)

@@ -25,11 +25,11 @@ import torch
 
 from kdcli.data.text import Texts
 from kdcli.devices import host_to_device, use_tf32
-from kdcli.errors import FormatError, ModelError, UsageError
+from kdcli.errors import FormatError, ModelError
 from kdcli.io.files import sha256_file
 from kdcli.output import Reporter
 from kdcli.preprocessing import Preprocessing
-from kdcli.teachers.inputs import IDENTITY, prepare_input
+from kdcli.teachers.inputs import IDENTITY, prepare_input, refuse_categories
 
 OUTPUT_KINDS = ("logits", "log-probs", "probs")
 #: The smallest logit a probability (or log-probability) output becomes: a probability of
@@ -383,6 +383,13 @@ class TeacherFormat(ABC):
         none; the columns are then taken by position)."""
         return None
 
+    def with_categories(self, t: Teacher, categories: list[list[str] | None],
+                        names: list[str]) -> Teacher:
+        """The teacher fed table rows whose category columns hold codes of the data's
+        categories (``categories[j]`` for its column ``names[j]``; None: numbers). A model
+        of numbers refuses a category column (ModelError, naming it)."""
+        return refuse_categories(t.name, categories, names, t)
+
 
 def to_logits(out: torch.Tensor, kind: str) -> torch.Tensor:
     """Turn a model's outputs of ``kind`` into logits ``[B, C]``.
@@ -467,18 +474,6 @@ def zip_names(p: Path) -> list[str]:
     except zipfile.BadZipFile as e:
         raise FormatError(f"{p} is a corrupt or truncated zip archive",
                           "Save the model again") from e
-
-
-def parse_shape(text: str) -> list[int]:
-    """Parse ``1,28,28`` into ``[1, 28, 28]``."""
-    try:
-        shape = [int(s) for s in text.replace("x", ",").split(",") if s.strip()]
-    except ValueError as e:
-        raise UsageError(f"bad --input-shape {text!r}",
-                         "Use comma-separated sizes, e.g. 1,28,28") from e
-    if not shape or any(s <= 0 for s in shape):
-        raise UsageError(f"bad --input-shape {text!r}", "Use positive sizes, e.g. 1,28,28")
-    return shape
 
 
 def names_from_json(text: str | None) -> list[str] | None:

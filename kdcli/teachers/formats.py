@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from kdcli.checks import check_preprocessing_options
+from kdcli.data.base import TableColumns
 from kdcli.errors import DataError, FormatError, UsageError
 from kdcli.io.files import require_file
 from kdcli.teachers.base import (
@@ -36,6 +37,7 @@ from kdcli.teachers.base import (
     Teacher,
     TeacherFormat,
     TeacherOptions,
+    short,
     zip_names,
 )
 from kdcli.teachers.inputs import IDENTITY, match_columns
@@ -127,7 +129,7 @@ def file_class_names(path: str | Path) -> list[str] | None:
 def load_teacher(path: str | Path, opts: TeacherOptions | None = None, device: str = "cpu",
                  precision: str = "fp32", role: str = "teacher",
                  probe: torch.Tensor | None = None,
-                 feature_names: list[str] | None = None) -> Teacher:
+                 table: TableColumns | None = None) -> Teacher:
     """Load a teacher from any supported format and probe it: its spec is then complete.
 
     Args:
@@ -139,8 +141,9 @@ def load_teacher(path: str | Path, opts: TeacherOptions | None = None, device: s
         probe: A few raw examples of the data the teacher will see. They settle the input
             shape (when the file does not say), the output kind and the classes. Without
             them, random inputs of the file's own input shape are used.
-        feature_names: The data's table columns: a model whose file records the columns it
-            takes gets them by name (see :func:`~kdcli.teachers.inputs.match_columns`).
+        table: The data's table columns: a model whose file records the columns it takes
+            gets them by name (see :func:`~kdcli.teachers.inputs.match_columns`), category
+            columns as the model takes them (see :meth:`TeacherFormat.with_categories`).
 
     Raises:
         DataError: the file is missing or empty.
@@ -157,13 +160,30 @@ def load_teacher(path: str | Path, opts: TeacherOptions | None = None, device: s
     req = LoadRequest(p, opts, fmt.digest(p), device, precision)
     check_teacher_options(p, opts, fmt)
     t = fmt.load(req)
-    columns = None if t.takes_text else match_columns(fmt.feature_names(p), feature_names,
-                                                      f"{role} {p.name}")
+    if table is not None and not t.takes_text:
+        t = _fed_columns(t, fmt, table, f"{role} {p.name}")
+    return settle(t, probe)
+
+
+def _fed_columns(t: Teacher, fmt: TeacherFormat, table: TableColumns, name: str) -> Teacher:
+    """The teacher given the data's table columns: by name where its file records them;
+    else by position, leaving out category columns (said once) when it takes numbers."""
+    theirs = fmt.feature_names(t.path)
+    columns = match_columns(theirs, table.names if table.by_name else None, name)
     if columns is not None:
-        t = replace(t, columns=columns, notes=(*t.notes, f"{p.name}: takes the table's "
+        t = replace(t, columns=columns, notes=(*t.notes, f"{t.name}: takes the table's "
                                                "columns by name, in the order its file "
                                                "records"))
-    return settle(t, probe)
+    elif theirs is None and table.categories and table.by_name:  # default columns
+        numbers = tuple(j for j, c in enumerate(table.names) if c not in table.categories)
+        left = [c for c in table.names if c in table.categories]
+        t = replace(t, columns=numbers, notes=(*t.notes, f"{t.name}: takes numbers, so it "
+                                               f"is given the table's {len(numbers)} number "
+                                               f"columns, not its category columns "
+                                               f"{short(left)}"))
+    order = list(t.columns) if t.columns is not None else range(len(table.names))
+    names = [table.names[j] for j in order]
+    return fmt.with_categories(t, [table.categories.get(c) for c in names], names)
 
 
 def check_teacher_options(path: str | Path, opts: TeacherOptions,

@@ -67,6 +67,23 @@ def match_columns(theirs: list[str] | None, ours: list[str] | None,
     return tuple(ours.index(c) for c in theirs)
 
 
+def refuse_categories(name: str, categories: list[list[str] | None], names: list[str],
+                      t: Any) -> Any:
+    """``t``, a model that takes numbers, unless one of its columns ``names`` holds
+    categories (``categories[j]`` not None).
+
+    Raises:
+        ModelError: naming the column.
+    """
+    j = next((j for j, c in enumerate(categories) if c is not None), None)
+    if j is None:
+        return t
+    raise ModelError(f"{name} takes numbers, but the data's column {names[j]!r} holds "
+                     "categories", "Leave it out with --feature-columns, or give a model that "
+                     "takes its columns by name (a kdcli model, or an ONNX pipeline with one "
+                     "input per column)")
+
+
 def describe_preprocessing(pre: dict[str, Any]) -> str:
     """A short text of a recorded preprocessing (see
     :meth:`~kdcli.preprocessing.Preprocessing.to_dict`), for tables: ``resize 224x224,

@@ -6,9 +6,11 @@ The model carries its own preprocessing, so the teacher's is the identity and
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from kdcli.errors import ModelError
 from kdcli.io.storage import read_safetensors_metadata
 from kdcli.output import Reporter
 from kdcli.preprocessing import Preprocessing
@@ -66,6 +68,19 @@ def _text_runner(runner: Any, pre: Preprocessing) -> Any:
     return run
 
 
+def _table_runner(runner: Any, lookups: dict[int, Any]) -> Any:
+    """A table student's runner on rows whose category columns hold the data's codes: the
+    student's codes (``lookups``: column -> data code -> student code), then the model."""
+
+    def run(x: Any) -> Any:
+        x = x.clone()
+        for j, lookup in lookups.items():
+            x[:, j] = lookup.to(x.device)[x[:, j].long()].to(x.dtype)
+        return runner(x)
+
+    return run
+
+
 class KdcliModelFormat(TeacherFormat):
     """A kdcli model file."""
 
@@ -95,6 +110,28 @@ class KdcliModelFormat(TeacherFormat):
 
     def class_names(self, path: Path) -> list[str] | None:
         return names_from_json((_metadata(path) or {}).get("class_names"))
+
+    def with_categories(self, t: Teacher, categories: list[list[str] | None],
+                        names: list[str]) -> Teacher:
+        """A table student with its own encoding gets its category columns' codes turned
+        into its own (:meth:`~kdcli.students.table_encoding.TableEncoding.code_lookup`)."""
+        table = Preprocessing.from_dict(t.meta["model_preprocessing"]).table
+        if table is None:
+            return super().with_categories(t, categories, names)
+        from kdcli.students.table_encoding import TableEncoding
+
+        enc = TableEncoding.from_json(table)
+        lookups = {}
+        for j, (col, cats) in enumerate(zip(enc.columns, categories, strict=False)):
+            if (col.kind == "category") != (cats is not None):
+                raise ModelError(f"{t.name} takes column {col.name!r} as "
+                                 f"{'categories' if cats is None else 'numbers'}, but the "
+                                 f"data's column {names[j]!r} holds "
+                                 f"{'numbers' if cats is None else 'categories'}",
+                                 "Give the table the model was trained on")
+            if cats is not None:
+                lookups[j] = enc.code_lookup(j, cats)
+        return replace(t, runner=_table_runner(t.runner, lookups)) if lookups else t
 
     def feature_names(self, path: Path) -> list[str] | None:
         return names_from_json((_metadata(path) or {}).get("feature_names"))

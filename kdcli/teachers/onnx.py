@@ -11,9 +11,11 @@ both shapes.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from kdcli.teachers.base import (
     names_from_json,
     short,
 )
+from kdcli.teachers.onnx_columns import ColumnsFeed, graph_columns, takes_columns
 from kdcli.teachers.onnx_session import open_session, run_session
 from kdcli.teachers.onnx_text import (
     STRING_TYPE,
@@ -49,6 +52,7 @@ ONNX_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64",
               "tensor(uint8)": "uint8", "tensor(float16)": "float16",
               "tensor(int64)": "int64", "tensor(int32)": "int32"}
 _LABEL_TYPES = ("tensor(int64)", "tensor(int32)", "tensor(string)")
+
 
 
 class OnnxFormat(TeacherFormat):
@@ -73,12 +77,14 @@ class OnnxFormat(TeacherFormat):
         meta: dict[str, Any] = {}
         sess, graph = open_session(path, req.device, notes, meta)
         inputs = sess.get_inputs()
+        out = choose_output(sess, req.opts.output_name, path, notes)
+        if takes_columns(inputs):
+            return self._load_columns(req, sess, graph, out, notes, meta)
         refuse_several_inputs(name, inputs)
         if len(inputs) != 1:
             raise ModelError(f"{path} takes {len(inputs)} inputs",
                              "kdcli teachers take one input")
         inp = inputs[0]
-        out = choose_output(sess, req.opts.output_name, path, notes)
         _refuse_non_scores(name, graph, out, sess.get_outputs())
         if takes_strings(inputs):
             return self._load_text(req, sess, graph, out, notes, meta)
@@ -99,6 +105,38 @@ class OnnxFormat(TeacherFormat):
             runner = _TensorRunner(sess, spec.name, out.name, path)
         return req.teacher(self, runner, inputs=(spec,), fixed_batch=fixed_batch,
                            meta={"onnx_output": out.name}, notes=tuple(notes), **fields)
+
+    def _load_columns(self, req: LoadRequest, sess: Any, graph: Any, out: Any,
+                      notes: list[str], meta: dict[str, Any]) -> Teacher:
+        """A model that takes a table one column per input (see
+        :mod:`kdcli.teachers.onnx_columns`): it is given rows ``[B, k]`` of its k columns
+        (by name, see :meth:`feature_names`), which its feed splits into its inputs."""
+        path = req.path
+        _refuse_non_scores(path.name, graph, out, sess.get_outputs())
+        feed = ColumnsFeed([(i.name, i.type, len(i.shape)) for i in sess.get_inputs()], path)
+        fields: dict[str, Any] = {}
+        if out.type.startswith("seq(map("):
+            keys = _zipmap_labels(graph, out.name)
+            fields = _classes(path.name, keys, notes)
+            fields["output"] = req.opts.output or "probs"
+            runner: _TensorRunner = _ZipMapRunner(sess, None, out.name, keys, path, feed)
+        else:
+            runner = _TensorRunner(sess, None, out.name, path, feed)
+            fields["class_names"] = classifier_labels(graph)
+        return req.teacher(self, runner, inputs=(InputSpec("columns", "float32",
+                                                           (len(feed.specs),)),),
+                           meta={"onnx_output": out.name, "onnx_inputs": feed.names, **meta},
+                           notes=tuple(notes), **fields)
+
+    def with_categories(self, t: Teacher, categories: list[list[str] | None],
+                        names: list[str]) -> Teacher:
+        """A model of one input per column gets its category columns as strings."""
+        feed = getattr(t.runner, "feed", None)
+        if not isinstance(feed, ColumnsFeed):
+            return super().with_categories(t, categories, names)
+        runner = copy.copy(t.runner)
+        runner.feed = feed.bound(categories, names)
+        return replace(t, runner=runner)
 
     def _load_text(self, req: LoadRequest, sess: Any, graph: Any, out: Any,
                    notes: list[str], meta: dict[str, Any]) -> Teacher:
@@ -139,9 +177,11 @@ class OnnxFormat(TeacherFormat):
         return classifier_labels(graph)
 
     def feature_names(self, path: Path) -> list[str] | None:
-        """The ``feature_names`` a kdcli export records in its metadata (skl2onnx and
-        onnxmltools record none for a model of one input)."""
-        return _recorded_names(path, "feature_names")
+        """The input names of a model of one input per column; else the
+        ``feature_names`` a kdcli export records in its metadata (skl2onnx and onnxmltools
+        record none for a model of one input)."""
+        columns = _column_inputs(path)
+        return columns if columns is not None else _recorded_names(path, "feature_names")
 
     def inspects(self, path: Path) -> bool:
         return path.is_file() and read_safetensors_metadata(path) is None and (
@@ -160,14 +200,18 @@ class _TensorRunner:
     """Runs the session on one input and returns the chosen output as a tensor; ``feed``
     makes the batch an array (a tensor's values, or a text model's strings)."""
 
-    def __init__(self, sess: Any, input_name: str, output: str, where: Path,
-                 feed: Callable[[Any], np.ndarray] = _tensor_feed) -> None:
+    def __init__(self, sess: Any, input_name: str | None, output: str, where: Path,
+                 feed: Callable[[Any], Any] = _tensor_feed) -> None:
         self.sess, self.input_name, self.output, self.where = sess, input_name, output, where
         self.feed = feed
 
+    def feeds(self, x: Any) -> dict[str, Any]:
+        """The session's inputs for a batch: the feed's array as the one input, or (no
+        ``input_name``) the feed's own mapping of inputs."""
+        return self.feed(x) if self.input_name is None else {self.input_name: self.feed(x)}
+
     def __call__(self, x: Any) -> torch.Tensor:
-        (y,) = run_session(self.sess, [self.output], {self.input_name: self.feed(x)},
-                           self.where)
+        (y,) = run_session(self.sess, [self.output], self.feeds(x), self.where)
         return torch.from_numpy(np.asarray(y))
 
 
@@ -175,15 +219,23 @@ class _ZipMapRunner(_TensorRunner):
     """Runs the session and turns its ZipMap output (one map per example) into a tensor
     whose columns follow ``keys``."""
 
-    def __init__(self, sess: Any, input_name: str, output: str, keys: list,
-                 where: Path, feed: Callable[[Any], np.ndarray] = _tensor_feed) -> None:
+    def __init__(self, sess: Any, input_name: str | None, output: str, keys: list,
+                 where: Path, feed: Callable[[Any], Any] = _tensor_feed) -> None:
         super().__init__(sess, input_name, output, where, feed)
         self.keys = keys
 
     def __call__(self, x: Any) -> torch.Tensor:
-        (rows,) = run_session(self.sess, [self.output], {self.input_name: self.feed(x)},
-                              self.where)
+        (rows,) = run_session(self.sess, [self.output], self.feeds(x), self.where)
         return torch.tensor([[row[k] for k in self.keys] for row in rows], dtype=torch.float32)
+
+
+def _column_inputs(path: Path) -> list[str] | None:
+    """The input names of a model that takes one input per table column, else None."""
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - not readable as ONNX: no names
+        return None
+    return graph_columns(graph)
 
 
 def _recorded_names(path: Path, key: str) -> list[str] | None:

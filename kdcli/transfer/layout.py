@@ -25,10 +25,11 @@ from kdcli.io.storage import DATA_SHA256, SafetensorsWriter
 
 TRANSFER_FORMAT = "kdcli.transfer-set"
 # 1: dense single files; 2 adds top-k targets and shards; 3 adds data_sha256 (required);
-# 4 adds text sets (text_bytes and text_spans in place of inputs)
-TRANSFER_FORMAT_VERSION = 4
+# 4 adds text sets (text_bytes and text_spans in place of inputs); 5 adds table columns
+# (categories as codes, named in the categories metadata; missing numbers as NaN)
+TRANSFER_FORMAT_VERSION = 5
 #: The version kdcli writes: the lowest that holds the set.
-TENSOR_VERSION, TEXT_VERSION = 3, 4
+TENSOR_VERSION, TEXT_VERSION, COLUMNS_VERSION = 3, 4, 5
 #: A text set's tensors: every text's UTF-8 bytes, in row order, and each row's spans in it.
 TEXT_BYTES, TEXT_SPANS = "text_bytes", "text_spans"
 INDEX_FORMAT = "kdcli.transfer-set.index"

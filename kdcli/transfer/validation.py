@@ -22,6 +22,7 @@ from kdcli.io.storage import DATA_SHA256, MappedFile, data_sha256
 from kdcli.students.model_file import check_format
 from kdcli.transfer.ensemble import COMBINE_RULES
 from kdcli.transfer.layout import (
+    COLUMNS_VERSION,
     TEXT_BYTES,
     TEXT_SPANS,
     TEXT_VERSION,
@@ -234,7 +235,7 @@ def decode_meta(p: Path, raw: dict[str, str]) -> dict[str, Any]:
     meta: dict[str, Any] = dict(raw)
     try:
         for k in ("weights", "teachers", "classes", "class_names", "feature_names",
-                  "data_options", "text_columns"):
+                  "data_options", "text_columns", "categories"):
             if k in meta:
                 meta[k] = json.loads(meta[k])
         T = float(meta["T"])
@@ -249,7 +250,27 @@ def decode_meta(p: Path, raw: dict[str, str]) -> dict[str, Any]:
                                       all(isinstance(n, str) for n in names)):
             raise FormatError(f"{p} records {k} that are not a list of strings",
                               "Regenerate it")
+    _check_categories(p, meta, int(raw["format_version"]))
     return meta
+
+
+def _check_categories(p: Path, meta: dict[str, Any], version: int) -> None:
+    """``categories`` (version 5 on): feature column name -> its distinct category strings,
+    for columns that ``feature_names`` names."""
+    cats = meta.get("categories")
+    if cats is None:
+        return
+    if version < COLUMNS_VERSION:
+        raise FormatError(f"{p} records categories, which {TRANSFER_FORMAT} has from version "
+                          f"{COLUMNS_VERSION}, but is version {version}",
+                          "The file is damaged; regenerate it")
+    names = meta.get("feature_names") or []
+    ok = isinstance(cats, dict) and all(
+        k in names and isinstance(v, list) and v and all(isinstance(c, str) for c in v)
+        and len(set(v)) == len(v) for k, v in cats.items())
+    if not ok:
+        raise FormatError(f"{p} records categories that are not feature columns, each with "
+                          "a list of distinct strings", "Regenerate it with kdcli soft-targets")
 
 
 def verify_file(p: Path, tensors: dict[str, torch.Tensor], raw_meta: dict[str, str],
@@ -326,8 +347,21 @@ def check_values(ts: StoredSet, form: Targets, path: Path) -> None:
 
 
 def _inputs_ok(ts: StoredSet, start: int, chunk: torch.Tensor):
-    ok = finite_rows(chunk)
-    return None if bool(ok.all()) else ("NaN or Inf in inputs", ok)
+    """Float inputs are finite, except (version 5 on) a table's missing numbers (NaN); its
+    category columns hold codes of their categories."""
+    if int(ts.meta.get("format_version", 0)) < COLUMNS_VERSION or chunk.dim() != 2:
+        ok = finite_rows(chunk)
+        return None if bool(ok.all()) else ("NaN or Inf in inputs", ok)
+    ok = ~torch.isinf(chunk).any(1)
+    if not bool(ok.all()):
+        return "infinite inputs", ok
+    names = ts.meta.get("feature_names") or []
+    for name, cats in (ts.meta.get("categories") or {}).items():
+        col = chunk[:, names.index(name)]
+        ok = (col >= 0) & (col < len(cats)) & (col == col.floor())
+        if not bool(ok.all()):
+            return f"codes of column {name!r} outside its {len(cats)} categories", ok
+    return None
 
 
 def _labels_ok(num_classes: int, ts: StoredSet, start: int, chunk: torch.Tensor):

@@ -1,0 +1,89 @@
+"""Training on tables with categories or missing values: the student's column encoding.
+
+``kdcli train`` and ``kdcli train-student`` call :func:`fit_table` on the training rows (the
+transfer set's, for a student) when they are table rows with category columns or missing
+numbers: the :class:`~kdcli.students.table_encoding.TableEncoding` is fitted there, the rows'
+category codes are turned into the student's codes once, and the encoding goes into the
+student's :class:`~kdcli.preprocessing.Preprocessing`, so that the model file, the teacher
+loader and the ONNX export encode exactly as training did. Other tables train as before
+(per-feature standardisation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from kdcli.data.base import Data
+from kdcli.errors import UsageError
+from kdcli.output import Reporter
+from kdcli.preprocessing import Preprocessing
+
+
+def needs_encoding(inputs: torch.Tensor, names: list[str] | None,
+                   categories: dict[str, list[str]] | None) -> bool:
+    """Whether table rows ``[N, F]`` need a student's column encoding: they have category
+    columns, or a missing number (NaN)."""
+    if names is None or inputs.dim() != 2 or not inputs.is_floating_point():
+        return False
+    return bool(categories) or bool(torch.isnan(inputs).any())
+
+
+def fit_table(inputs: torch.Tensor, names: list[str], categories: dict[str, list[str]] | None,
+              max_categories: int, rep: Reporter) -> tuple[torch.Tensor, Preprocessing]:
+    """Fit a student's column encoding on training rows and turn their category codes into
+    the student's.
+
+    Returns:
+        The rows ``[N, F]`` (float32) with the student's codes, and the student's
+        preprocessing (``raw_shape`` ``[F]``, the encoding in ``table``).
+    """
+    from kdcli.students.table_encoding import TableEncoding
+
+    if max_categories < 2:
+        raise UsageError(f"--max-categories must be 2 or more, got {max_categories}",
+                         "Try --max-categories 32")
+    enc = TableEncoding.fit(inputs, names, categories or {}, max_categories)
+    cats = [c for c in enc.columns if c.kind == "category"]
+    filled = [c.name for c in enc.columns if c.indicator]
+    parts = []
+    if cats:
+        parts.append(f"{len(cats)} category column{'s' if len(cats) > 1 else ''} one-hot "
+                     f"({sum(c.width for c in cats)} inputs"
+                     + (f"; {', '.join(c.name for c in cats if c.other)} share an 'other' "
+                        "column" if any(c.other for c in cats) else "") + ")")
+    if filled:
+        parts.append(f"missing numbers in {', '.join(filled[:5])}"
+                     f"{', ...' if len(filled) > 5 else ''} filled with the training median, "
+                     "with a 'was missing' input each")
+    rep.info("table encoding: " + "; ".join(parts) + f": {enc.width} inputs in all")
+    pre = Preprocessing(raw_shape=[len(names)], units="table columns (numbers, NaN where "
+                        "missing; category codes)", table=enc.to_json())
+    return enc.recode(inputs, categories), pre
+
+
+def table_inputs(ts: Any, max_categories: int, rep: Reporter) -> tuple[Any, Preprocessing | None]:
+    """A transfer set's inputs as a student trains on them: a table with categories or
+    missing numbers through the student's column encoding (:func:`fit_table`), others as
+    stored (``Rows``, and no preprocessing yet)."""
+    rows, names = ts.columns["inputs"], ts.meta.get("feature_names")
+    categories = ts.meta.get("categories")
+    if names is None or len(rows.shape) != 2 or not rows.dtype.is_floating_point:
+        return rows, None
+    whole = rows.whole()
+    if not needs_encoding(whole, names, categories):
+        return rows, None
+    return fit_table(whole, names, categories, max_categories, rep)
+
+
+def encoded_table(ds: Data | None, pre: Preprocessing) -> Data | None:
+    """Table data with its category codes turned into those of a student's encoding (for
+    test errors); other data as is."""
+    if ds is None or pre.table is None or ds.is_text:
+        return ds
+    from kdcli.students.table_encoding import TableEncoding
+
+    return replace(ds, inputs=TableEncoding.from_json(pre.table).recode(ds.inputs,
+                                                                       ds.categories))

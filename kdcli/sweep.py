@@ -83,8 +83,9 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
     made = not (folder / "transfer.safetensors").exists()
     transfer = _transfer_set(folder, teacher, data, temperatures[0], data_options, rep, config)
     ts = load_transfer_set(transfer)
-    _check_family(ts, _arch(family, hidden[0], layers), made)
-    config = family_defaults(config, _arch(family, hidden[0], layers), student_config(), rep)
+    first = _arch(family, hidden[0], layers)
+    _check_family(ts, first, made)
+    config = family_defaults(config, first, student_config(), rep)
     config = config.resolved(len(ts))
     fitted = fit_transfer_words(ts, words, rep) if ts.is_text else None
     points = []

@@ -12,6 +12,10 @@ that the student's mean predicted distribution on a set of inputs equals a targe
 transfer set's stored logits), or the label frequencies. It is solved by the fixed-point
 iteration ``b <- b + log(pi) - log(mean_n softmax(z_n + b))`` (the prior-shift update of
 Saerens et al., 2002), which converges monotonically.
+
+A text student (a model with a word vocabulary) is calibrated on texts alike: its logits
+are those of the texts' word ids by its vocabulary, and its shifted file still exports to an
+ONNX graph that takes strings.
 """
 
 from __future__ import annotations
@@ -139,8 +143,9 @@ def calibrate_bias(model: str | Path = "student.safetensors",
 def _target(mf, data: str | None, teacher: str | Path | None, transfer: str | Path | None,
             target: str, options: Any, data_options: DataOptions | None,
             rep: Reporter) -> tuple[Any, torch.Tensor, str]:
-    """The inputs to match on, the target distribution ``pi`` over the classes (refused
-    unless every class has some probability) and a description of the inputs."""
+    """The inputs to match on (as the model takes them: see :func:`_model_inputs`), the
+    target distribution ``pi`` over the classes (refused unless every class has some
+    probability) and a description of the inputs."""
     from kdcli.data.base import no_labels
     from kdcli.data.base import recorded_options as _options
     from kdcli.data.sources import load_data, recorded_data
@@ -151,26 +156,28 @@ def _target(mf, data: str | None, teacher: str | Path | None, transfer: str | Pa
     c = mf.num_classes
     if transfer is not None:
         ts = load_transfer_set(transfer)
-        ts.require_tensors("kdcli calibrate-bias")
-        inputs, pi = ts.columns["inputs"], ts.mean_targets(1.0)
         source = f"transfer set {Path(transfer).name}"
+        inputs = _model_inputs(mf, ts.texts(slice(0, len(ts))) if ts.is_text
+                               else ts.columns["inputs"], str(transfer),
+                               ts.meta.get("feature_names"), ts.meta.get("categories"))
+        pi = ts.mean_targets(1.0)
     else:
         spec = data or recorded_data(mf.training, "data") or "mnist:train"
-        ds = load_data(spec, options=_options(data_options, mf.training),
-                       text="kdcli calibrate-bias")
-        inputs, source = ds.inputs, ds.source
+        ds = load_data(spec, options=_options(data_options, mf.training))
+        inputs, source = _model_inputs(mf, ds.inputs, ds.source, ds.feature_names,
+                                       ds.categories), ds.source
         if target == "labels":
             if ds.labels is None:
                 raise no_labels(ds, "use --target teacher to match the teacher instead")
             pi = torch.bincount(ds.labels, minlength=c).double() / len(ds)
         else:
-            t = load_teacher(teacher, options, probe=inputs[:1000],
+            t = load_teacher(teacher, options, probe=ds.inputs[:1000],
                              table=table_columns(ds, data_options))
-            with rep.progress("teacher", len(inputs)) as advance:
+            with rep.progress("teacher", len(ds)) as advance:
                 def run(x, advance=advance):
                     advance(len(x))
                     return t.logits(x)
-                pi = torch.softmax(predict(run, inputs), -1).mean(0)
+                pi = torch.softmax(predict(run, ds.inputs), -1).mean(0)
             if t.num_classes != c:
                 raise UsageError(f"the teacher has {t.num_classes} classes, the model {c}",
                                  "Use the student's own teacher")
@@ -178,6 +185,36 @@ def _target(mf, data: str | None, teacher: str | Path | None, transfer: str | Pa
         raise DataError(f"the target gives classes {(pi <= 0).nonzero()[:, 0].tolist()} no "
                         "probability", "Use data in which every class can occur")
     return inputs, pi, source
+
+
+def _model_inputs(mf, inputs: Any, source: str, names: list[str] | None = None,
+                  categories: dict[str, list[str]] | None = None) -> Any:
+    """What the model ``mf`` takes of ``inputs``: a text student's word ids of texts (by
+    its vocabulary), a table student's columns by name (``names``, the data's) with its own
+    category codes (``categories``, the data's), other inputs as they are; refused where the
+    kinds differ.
+
+    Raises:
+        UsageError: a text student on other data, or another model on texts.
+        DataError: the data lacks a column of the table student.
+    """
+    from kdcli.data.text import Texts
+    from kdcli.training.text import check_kind, encode
+
+    text = isinstance(inputs, Texts)
+    check_kind(mf.arch, text, source, ("Calibrate it on the kind of data it was trained on",
+                                       "Calibrate a text student (bow, bilstm) on texts"))
+    if text:
+        return encode(inputs.strings(), mf.preprocessing)
+    if mf.preprocessing.table is None:
+        return inputs
+    from kdcli.students.table_encoding import TableEncoding
+    from kdcli.teachers.inputs import match_columns
+
+    enc = TableEncoding.from_json(mf.preprocessing.table)
+    rows = inputs[slice(0, len(inputs))]
+    order = match_columns(enc.names, names, f"model {mf.arch.spec()}")
+    return enc.recode(rows if order is None else rows[:, list(order)], categories)
 
 
 def _evaluate(mf, eval_data: str, shift: torch.Tensor,
@@ -188,11 +225,11 @@ def _evaluate(mf, eval_data: str, shift: torch.Tensor,
     from kdcli.data.sources import load_data
     from kdcli.evaluate import classification_metrics, predict
 
-    ev = load_data(eval_data, options=_options(data_options, mf.training),
-                   text="kdcli calibrate-bias")
+    ev = load_data(eval_data, options=_options(data_options, mf.training))
     if ev.labels is None:
         raise no_labels(ev, "give labelled --eval-data")
-    z = predict(mf.model, ev.inputs)
+    z = predict(mf.model, _model_inputs(mf, ev.inputs, ev.source, ev.feature_names,
+                                        ev.categories))
     evaluated: dict[str, Any] = {"data": ev.source}
     for name, zz in (("before", z), ("after", z + shift)):
         m = classification_metrics(zz, ev.labels)

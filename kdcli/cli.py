@@ -405,16 +405,21 @@ def calibrate_bias_cmd(
                               force=force, reporter=rep, data_options=data_options))
 
 
-@command("sweep", "kdcli sweep teacher.safetensors --T 1,2,2.5,4,8,20 --hidden 30,300 --seeds 0,1")
+@command("sweep", "kdcli sweep teacher.safetensors --T 1,2,2.5,4,8,20 --hidden 30,300 --seeds 0,1",
+         "# Text: bag-of-words students of widths 32 and 128, one vocabulary for all",
+         "kdcli sweep teacher.onnx --data train.jsonl --text-column text --family bow "
+         "--hidden 32,128 --T 1,4 --eval-data test.jsonl")
 @output_options()
 @data_options()
+@words_options()
 def sweep_cmd(
     teacher: Annotated[Path, typer.Argument(metavar="TEACHER", help="The teacher model file.")],
     *,
     data_options: "DataOptions",
     T: Annotated[str, typer.Option("--T", "-T", metavar="T,T,...", help="Temperatures, e.g. 1,2,2.5,4,8,20.")] = "1,2,4,8,20",
-    hidden: Annotated[str, typer.Option(metavar="N,N,...", help="Student widths, e.g. 30,300.")] = "30,300",
-    layers: Annotated[int, typer.Option(metavar="N", help="Hidden layers of each student.")] = 2,
+    hidden: Annotated[str, typer.Option(metavar="N,N,...", help="Student widths, e.g. 30,300 (a text family's D or H).")] = "30,300",
+    layers: Annotated[int, typer.Option(metavar="N", help="Hidden layers of each mlp student.")] = 2,
+    family: Annotated[str, typer.Option(metavar="NAME", help="Student family: mlp, or on texts bow or bilstm.")] = "mlp",
     data: Annotated[str, typer.Option(metavar="SPEC", help="Transfer data.")] = "mnist:train",
     alpha: Annotated[float, typer.Option(metavar="A", help="Weight on the hard labels.")] = SWEEP_ALPHA,
     epochs: EpochsOpt = None,
@@ -428,9 +433,15 @@ def sweep_cmd(
     out_dir: Annotated[Path, typer.Option(metavar="DIR", help="Folder for everything the sweep writes (finished points are kept).")] = Path("sweep"),
     force: Annotated[bool, typer.Option("--force", "-f", help="Start afresh: delete what an earlier sweep left in --out-dir.")] = False,
     device: TrainDeviceOpt = _STUDENT.device,
+    words: WordsConfig,
     rep: "Reporter",
 ) -> None:
-    """Train students over a grid of T and widths; print a table and plot errors against T."""
+    """Train students over a grid of T and widths; print a table and plot errors against T.
+
+    On texts (--text-column), the students are a text --family, trained with its own
+    optimizer and learning rate unless --lr is given; the vocabulary is fitted once on the
+    transfer set and shared by every student.
+    """
     from kdcli.sweep import sweep
 
     cfg = student_config(epochs=epochs, lr=lr, warmup=warmup, grad_clip=grad_clip,
@@ -439,7 +450,8 @@ def sweep_cmd(
                      hidden=ints(hidden, "--hidden") or [], layers=layers, data=data,
                      distill=DistillConfig(alpha=alpha), config=cfg,
                      seeds=ints(seeds, "--seeds") or [], eval_data=eval_data, out_dir=out_dir,
-                     force=force, reporter=rep, data_options=data_options))
+                     force=force, reporter=rep, data_options=data_options, family=family,
+                     words=words))
 
 
 @command("inspect", "kdcli inspect transfer.safetensors", "kdcli inspect teacher.onnx")

@@ -1,7 +1,11 @@
 """``kdcli sweep``: train-student over a grid of temperatures and widths against one teacher.
 
 The transfer set is derived once; each temperature re-derives its soft targets exactly from
-the stored logits. With several seeds, every grid point is trained once per seed and reported
+the stored logits. The students are MLPs (``--family mlp``, ``--layers`` hidden layers of
+each width), or, on texts, a text family (``--family bow`` or ``bilstm``, the width being
+``bow:D``'s D or ``bilstm:H``'s H) trained with the family's own optimizer and learning rate
+unless given; the vocabulary is fitted once on the transfer set's texts and shared by every
+student. With several seeds, every grid point is trained once per seed and reported
 as mean ± sample standard deviation, so the seed noise is visible next to the effect of T.
 Finished students are kept, so an interrupted sweep resumes where it stopped. Results go to
 ``OUT_DIR/results.json`` and, with matplotlib installed (``pip install kdcli[plot]``), a plot
@@ -16,13 +20,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcli.config import SWEEP_ALPHA, DistillConfig, TrainConfig, student_config
+from kdcli.config import SWEEP_ALPHA, DistillConfig, TrainConfig, WordsConfig, student_config
 from kdcli.errors import UsageError
 from kdcli.io.files import folder_write_error
 from kdcli.output import Reporter
 
 if TYPE_CHECKING:
     from kdcli.data.base import DataOptions
+    from kdcli.students.base import Architecture
+    from kdcli.transfer.reader import TransferSet
+
+#: The hints of the error that refuses a family of the other kind than the transfer set's.
+_KIND_FIX = ("Use --family mlp for images and tables", "Use a text student, e.g. --family bow")
 
 
 def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
@@ -30,7 +39,8 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
           config: TrainConfig | None = None, seeds: list[int] | None = None,
           eval_data: str | None = "auto", out_dir: str | Path = "sweep",
           force: bool = False, reporter: Reporter | None = None,
-          data_options: DataOptions | None = None) -> dict[str, Any]:
+          data_options: DataOptions | None = None, family: str = "mlp",
+          words: WordsConfig | None = None) -> dict[str, Any]:
     """Run the grid and return ``{"points": [...], "summary": [...], "plot": path or None}``.
 
     ``points`` has one entry per student (width, T, seed); ``summary`` one per grid point,
@@ -39,8 +49,9 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
     Args:
         teacher: The teacher model file (any format kdcli loads).
         temperatures: The T values.
-        hidden: The student widths (MLPs of ``layers`` hidden layers).
-        layers: Hidden layers of each student.
+        hidden: The student widths (MLPs of ``layers`` hidden layers; a text family's D or
+            H).
+        layers: Hidden layers of each MLP student.
         data: Transfer data.
         distill: Each student's distillation settings, without T (default: alpha
             :data:`~kdcli.config.SWEEP_ALPHA`, the kd loss); T is each of ``temperatures``.
@@ -52,28 +63,40 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
         force: Start afresh: delete what an earlier sweep left in ``out_dir``.
         reporter: Output sink.
         data_options: How a table or image folder given as ``data`` or ``eval_data`` is
-            read.
+            read (``text_columns`` for texts).
+        family: The students' family: ``mlp``, or on texts ``bow`` or ``bilstm``.
+        words: The text students' vocabulary settings, fitted once for all of them.
     """
+    from kdcli.training.text import family_defaults, fit_transfer_words
     from kdcli.transfer.reader import load_transfer_set
 
     rep = reporter or Reporter()
     distill = distill or DistillConfig(alpha=SWEEP_ALPHA)
-    seeds = _check_grid(temperatures, hidden, layers, [0] if seeds is None else seeds, distill)
+    seeds = _check_grid(temperatures, hidden, layers, [0] if seeds is None else seeds, distill,
+                        family)
+    words = words or WordsConfig()
+    words.check()
     config = config or student_config()
     config.check()
     folder = _folder(out_dir, force)
     config, precision_shown = _concrete_precision(config)
+    made = not (folder / "transfer.safetensors").exists()
     transfer = _transfer_set(folder, teacher, data, temperatures[0], data_options, rep, config)
     ts = load_transfer_set(transfer)
-    ts.require_tensors("kdcli sweep")
+    first = _arch(family, hidden[0], layers)
+    _check_family(ts, first, made)
+    config = family_defaults(config, first, student_config(), rep)
     config = config.resolved(len(ts))
+    fitted = fit_transfer_words(ts, words, rep) if ts.is_text else None
     points = []
     # Seeds outermost: an interrupted sweep has whole grids for its first seeds.
     grid = [(h, t, s) for s in seeds for h in hidden for t in temperatures]
     with rep.progress("sweep (students)", len(grid)) as advance:
         for h, t, s in grid:
-            point = _student(folder, transfer, h, t, s, layers=layers, distill=distill,
-                             config=config, eval_data=eval_data, data_options=data_options)
+            point = _student(folder, transfer, _arch(family, h, layers), (h, t, s),
+                             distill=distill, config=config, eval_data=eval_data,
+                             data_options=data_options,
+                             text=(words, fitted) if fitted is not None else None)
             points.append(point)
             rep.info(f"hidden {h:>5}  T {t:>5g}  seed {s}  test errors {point['test_errors']}"
                      f"  ({point['status']})")
@@ -90,10 +113,9 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
 
 
 def _check_grid(temperatures: list[float], hidden: list[int], layers: int, seeds: list[int],
-                distill: DistillConfig) -> list[int]:
+                distill: DistillConfig, family: str = "mlp") -> list[int]:
     """Refuse an empty or out-of-range grid; return the seeds."""
     from kdcli.checks import check_seeds, check_temperature
-    from kdcli.students.base import Architecture
 
     if not temperatures or not hidden:
         raise UsageError("the grid is empty", "Pass --T 2,4,8 and --hidden 30,300")
@@ -111,8 +133,30 @@ def _check_grid(temperatures: list[float], hidden: list[int], layers: int, seeds
     if not 0 <= layers <= 64:
         raise UsageError(f"--layers must be from 0 to 64, got {layers}", "Try --layers 2")
     for h in hidden:
-        Architecture("mlp", hidden=[h] * layers).check()
+        _arch(family, h, layers).check()
     return seeds
+
+
+def _arch(family: str, h: int, layers: int) -> Architecture:
+    """The student of width ``h``: an MLP of ``layers`` hidden layers, or ``family:h``."""
+    from kdcli.students.base import Architecture
+
+    if family == "mlp":
+        return Architecture("mlp", hidden=[h] * layers)
+    return Architecture.parse(f"{family}:{h}")
+
+
+def _check_family(ts: TransferSet, arch: Architecture, made: bool) -> None:
+    """Refuse students of another kind than the set's examples (texts or tensors), with the
+    set removed if this sweep ``made`` it."""
+    from kdcli.training.text import check_kind
+
+    try:
+        check_kind(arch, ts.is_text, str(ts.path), _KIND_FIX)
+    except UsageError:
+        if made:
+            ts.path.unlink(missing_ok=True)
+        raise
 
 
 def _folder(out_dir: str | Path, force: bool) -> Path:
@@ -176,33 +220,37 @@ def _transfer_set(folder: Path, teacher: str | Path, data: str, T: float,
     return transfer
 
 
-def _student(folder: Path, transfer: Path, h: int, t: float, s: int, *, layers: int,
-             distill: DistillConfig, config: TrainConfig, eval_data: str | None,
-             data_options: DataOptions | None) -> dict[str, Any]:
-    """One grid point's student of width ``h`` at T ``t`` and seed ``s``: kept from an
-    earlier sweep, or trained now."""
-    from kdcli.students.base import Architecture
+def _student(folder: Path, transfer: Path, arch: Architecture, point: tuple[int, float, int],
+             *, distill: DistillConfig, config: TrainConfig, eval_data: str | None,
+             data_options: DataOptions | None,
+             text: tuple[WordsConfig, Any] | None = None) -> dict[str, Any]:
+    """One grid point's student ``arch`` of width ``h`` at T ``t`` and seed ``s``
+    (``point``): kept from an earlier sweep, or trained now. ``text``: a set of texts'
+    vocabulary settings and its word ids and vocabulary, fitted once for every student."""
     from kdcli.students.model_file import load_model
     from kdcli.train import train_student
 
+    h, t, s = point
     out = folder / f"student-h{h}-T{t:g}-s{s}.safetensors"
-    arch = Architecture("mlp", hidden=[h] * layers)
     cfg = replace(config, seed=s)
+    words, fitted = text or (None, None)
     if out.exists():
         training = load_model(out).training
         _check_kept(out, training, {"architecture": arch.spec(), "T": t,
                                     "alpha": distill.alpha, "loss": distill.loss,
-                                    **cfg.settings()})
+                                    **cfg.settings(), **(words.settings() if words else {})})
         status = "kept"
     else:
         # force: out does not exist; a checkpoint of an interrupted student
         # (the sweep's own file) is restarted
         training = train_student(transfer, arch=arch, distill=replace(distill, T=t), out=out,
                                  eval_data=eval_data, reporter=Reporter("quiet"),
-                                 config=cfg, force=True, data_options=data_options)
+                                 config=cfg, force=True, data_options=data_options,
+                                 words=words, fitted=fitted)
         status = "trained"
-    return {"hidden": h, "T": t, "seed": s, "test_errors": training.get("test_errors"),
-            "file": str(out), "status": status}
+    return {"hidden": h, "T": t, "seed": s, "architecture": arch.spec(),
+            "test_errors": training.get("test_errors"),
+            "test_accuracy": training.get("test_accuracy"), "file": str(out), "status": status}
 
 
 def _show_table(summary: list[dict], hidden: list[int], temperatures: list[float],

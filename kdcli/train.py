@@ -54,7 +54,13 @@ from kdcli.training.checkpoint import check_train_outputs, checkpoint_path
 from kdcli.training.loop import StepLoss, fit
 from kdcli.training.losses import criterion, matches_logits
 from kdcli.training.table import encoded_table, fit_table, needs_encoding, table_inputs
-from kdcli.training.text import check_kind, encoded, family_defaults, fit_words
+from kdcli.training.text import (
+    check_kind,
+    encoded,
+    family_defaults,
+    fit_transfer_words,
+    fit_words,
+)
 from kdcli.transfer.reader import TransferSet, check_unchanged, file_stamps, load_transfer_set
 from kdcli.transfer.rows import Rows
 from kdcli.transfer.targets import check_class_memory, to_device
@@ -321,7 +327,8 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
                   config: TrainConfig | None = None, eval_data: str | None = "auto",
                   force: bool = False, resume: bool = False, reporter: Reporter | None = None,
                   data_options: DataOptions | None = None,
-                  words: WordsConfig | None = None) -> dict[str, Any]:
+                  words: WordsConfig | None = None,
+                  fitted: tuple[torch.Tensor, Preprocessing] | None = None) -> dict[str, Any]:
     """Train a student against a transfer set (Hinton et al. 2015).
 
     ``--loss kd``: ``L = alpha*CE(y, softmax(z)) + (1-alpha)*T^2*CE(p_T, softmax(z/T))``.
@@ -353,6 +360,10 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
         data_options: How a table or image folder given as ``eval_data`` is read.
         words: A text student's vocabulary settings (a set of texts; see
             :class:`~kdcli.training.text.WordsConfig`).
+        fitted: A set of texts: its word ids and vocabulary, as
+            :func:`~kdcli.training.text.fit_transfer_words` returns them for this set and
+            ``words`` (``kdcli sweep`` fits them once for all its students); default:
+            fitted here.
 
     Returns:
         The training summary (also stored in the student file).
@@ -383,8 +394,10 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     step = _student_step(ts, d)
     eval_ds = _student_eval_data(ts, Path(transfer).name, eval_data, data_options, rep)
     transfer_sha = sha256_file(ts.path)
-    inputs, pre = fit_words(ts.texts(slice(0, len(ts))), words, rep, _originals(ts)) \
-        if ts.is_text else table_inputs(ts, cfg.max_categories, rep)
+    if ts.is_text:
+        inputs, pre = fitted or fit_transfer_words(ts, words, rep)
+    else:
+        inputs, pre = table_inputs(ts, cfg.max_categories, rep)
     model, pre = _build(arch, cfg, inputs, ts.num_classes, pre)
     eval_ds = encoded_table(encoded(eval_ds, pre), pre)
     training, fingerprint = _student_record(ts, Path(transfer).name, transfer_sha, arch, d, cfg,
@@ -401,12 +414,6 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
         return _finish(model, arch=arch, pre=pre, num_classes=ts.num_classes,
                        training=training, history=history, eval_ds=eval_ds, cfg=cfg,
                        outputs=outputs, reporter=rep, dist=dist)
-
-
-def _originals(ts: TransferSet) -> int:
-    """The rows of a transfer set before its augmented copies (the copies follow them)."""
-    copies = int(ts.meta.get("copies", 0) or 0)
-    return len(ts) // (copies + 1)
 
 
 def _with(distill: DistillConfig, **fields: Any) -> DistillConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -209,6 +210,17 @@ def text_corpus() -> dict[str, list]:
             "labels": [TEXT_NAMES.index(r["category"]) for r in reviews[:200]],
             "mixed": ([r["text"].strip() for r in reviews[200:215]] + plots[:3]
                       + ["", "Great."])}
+
+
+@pytest.fixture(scope="session")
+def text_reviews(tmp_path_factory, text_corpus) -> str:
+    """The 200 labelled review sentences of ``text_corpus`` as JSON Lines (column ``text``;
+    label: rotten or fresh)."""
+    path = tmp_path_factory.mktemp("reviews") / "reviews.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": TEXT_NAMES[y]}) + "\n"
+                            for t, y in zip(text_corpus["train"], text_corpus["labels"],
+                                            strict=True)), encoding="utf-8")
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -4,12 +4,9 @@ strings and equals torch (real Rotten Tomatoes sentences)."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from conftest import TEXT_NAMES
 
 from kdcli.config import TrainConfig, WordsConfig, student_config
 from kdcli.data.base import DataOptions
@@ -28,13 +25,9 @@ TEXT = DataOptions(text_columns=("text",))
 
 
 @pytest.fixture(scope="module")
-def reviews(tmp_path_factory, text_corpus) -> str:
-    """200 labelled review sentences as JSON Lines (label: rotten or fresh)."""
-    path = tmp_path_factory.mktemp("reviews") / "reviews.jsonl"
-    path.write_text("".join(json.dumps({"text": t, "label": TEXT_NAMES[y]}) + "\n"
-                            for t, y in zip(text_corpus["train"], text_corpus["labels"],
-                                            strict=True)), encoding="utf-8")
-    return str(path)
+def reviews(text_reviews) -> str:
+    """conftest's 200 labelled review sentences (JSON Lines, column ``text``)."""
+    return text_reviews
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])

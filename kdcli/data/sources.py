@@ -104,7 +104,7 @@ SOURCES: list[Source] = [
 
 
 def load_data(spec: str, limit: int | None = None, options: DataOptions | None = None,
-              reporter: Reporter | None = None, text: str | None = None) -> Data:
+              reporter: Reporter | None = None) -> Data:
     """Load a data source.
 
     Args:
@@ -112,15 +112,12 @@ def load_data(spec: str, limit: int | None = None, options: DataOptions | None =
         limit: Keep only the first ``limit`` examples (after any slice).
         options: How tables and image folders are read (default: :class:`DataOptions`).
         reporter: Where the source's notes (``Data.notes``: columns left out, ...) are said.
-        text: None if the caller takes text data (:class:`~kdcli.data.text.Texts`); else
-            what it is, for the error that refuses text (``kdcli train``).
 
     Returns:
         The validated data.
 
     Raises:
-        DataError: The source is missing, malformed or empty, or is text where ``text``
-            says texts are not taken.
+        DataError: The source is missing, malformed or empty.
     """
     opts = options or DataOptions()
     opts.check()
@@ -130,10 +127,6 @@ def load_data(spec: str, limit: int | None = None, options: DataOptions | None =
     inputs, labels = got.inputs, got.labels
     files = []
     if isinstance(inputs, Texts):
-        if text is not None:
-            raise DataError(f"{base} holds texts, and {text} does not take text yet",
-                            "Text works with soft-targets, train, train-student, eval and "
-                            "export")
         inputs_t = inputs
     elif isinstance(inputs, tuple):  # memory-mapped: (tensor, MappedFile)
         inputs_t, mapped = inputs

@@ -2,7 +2,8 @@
 the word ids it trains and is evaluated on.
 
 ``kdcli train`` and ``kdcli train-student`` call :func:`fit_words` on the training texts
-(the transfer set's, for a student) when the architecture is a text family
+(the transfer set's, for a student, by :func:`fit_transfer_words`; ``kdcli sweep`` fits them
+once and gives them to every student of its grid) when the architecture is a text family
 (``bow:64``): the vocabulary is fitted there, every text is encoded once into word ids
 ``[N, L]`` (L: the longest text, at most ``max_words``), and the vocabulary goes into the
 student's :class:`~kdcli.preprocessing.Preprocessing`, so that the model file, the teacher
@@ -29,18 +30,26 @@ def is_text_family(arch: Any) -> bool:
     return bool(getattr(arch.config, "TEXT", False))
 
 
-def check_kind(arch: Any, text: bool, source: str) -> None:
+def check_kind(arch: Any, text: bool, source: str, fix: tuple[str, str] | None = None
+               ) -> None:
     """Refuse a text family on data that is not text, and the other families on text.
+
+    Args:
+        arch: The student's architecture.
+        text: Whether the data holds texts.
+        source: The data, as the error names it.
+        fix: The hints for a text student on other data and for another student on text
+            (default: the ``--arch`` families to use).
 
     Raises:
         UsageError: naming the family to use instead.
     """
+    other, texts = fix or ("Use mlp, cnn or resnet for images and tables",
+                           "Use a text student, e.g. --arch bow:64")
     if is_text_family(arch) and not text:
-        raise UsageError(f"{arch.spec()} is a text student, but {source} is not text",
-                         "Use mlp, cnn or resnet for images and tables")
+        raise UsageError(f"{arch.spec()} is a text student, but {source} is not text", other)
     if text and not is_text_family(arch):
-        raise UsageError(f"{source} holds texts, but {arch.spec()} does not take text",
-                         "Use a text student, e.g. --arch bow:64")
+        raise UsageError(f"{source} holds texts, but {arch.spec()} does not take text", texts)
 
 
 def family_defaults(cfg: TrainConfig, arch: Any, base: TrainConfig, rep: Reporter
@@ -79,6 +88,14 @@ def fit_words(texts: Texts, words: WordsConfig, rep: Reporter, originals: int | 
     rep.info(f"vocabulary: {len(vocab):,} words (seen at least {words.min_count} times, "
              f"at most {words.vocab_size:,})")
     return ids, pre
+
+
+def fit_transfer_words(ts: Any, words: WordsConfig, rep: Reporter
+                       ) -> tuple[torch.Tensor, Preprocessing]:
+    """:func:`fit_words` on the texts of the transfer set ``ts``, the vocabulary fitted on
+    its rows before their augmented copies (which follow them)."""
+    copies = int(ts.meta.get("copies", 0) or 0)
+    return fit_words(ts.texts(slice(0, len(ts))), words, rep, len(ts) // (copies + 1))
 
 
 def encode(strings: list[str], pre: Preprocessing, rep: Reporter | None = None,

@@ -96,17 +96,6 @@ class TransferSet:
         buffer = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.uint8)
         return Texts(buffer.clone(), out, self.meta.get("text_columns"))
 
-    def require_tensors(self, command: str) -> None:
-        """Refuse a text set where ``command`` takes tensor inputs.
-
-        Raises:
-            UsageError: the set holds texts.
-        """
-        if self.is_text:
-            raise UsageError(f"{self.path} holds texts, and {command} does not take text "
-                             "yet", "Train a text student on it with kdcli train-student "
-                             "--arch bow:64 (or bilstm:150)")
-
     def __repr__(self) -> str:
         return (f"TransferSet({self.path}, N={len(self)}, C={self.num_classes}, "
                 f"T={self.T:g}, {self.form.label()}, shards={len(self.shards)})")

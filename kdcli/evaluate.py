@@ -24,7 +24,7 @@ from kdcli.data.base import (
 )
 from kdcli.data.sources import load_data
 from kdcli.errors import DataError, ModelError, UsageError
-from kdcli.output import Reporter
+from kdcli.output import Reporter, distinct_names
 from kdcli.teachers.base import Teacher, TeacherOptions
 from kdcli.teachers.formats import load_teacher, one_class_order
 
@@ -124,8 +124,9 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
               for i, path in enumerate(models)]
     loaded, class_names, absent = _in_one_order(ds, loaded, rep)
     results, preds = [], []
-    for path, t in zip(models, loaded, strict=True):
-        with rep.progress(f"eval {t.name}", len(ds)) as advance:
+    names = distinct_names(models)  # runs/a/m.onnx and runs/b/m.onnx: a/m.onnx, b/m.onnx
+    for path, t, name in zip(models, loaded, names, strict=True):
+        with rep.progress(f"eval {name}", len(ds)) as advance:
             def fn(x, t=t, advance=advance):
                 y = t.logits(x)
                 advance(x.shape[0])
@@ -143,16 +144,15 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
     speed = ["ms/text (1)", "ms/text (64)"] if ds.is_text else []
     rep.table(f"Evaluation on {ds.source} ({len(ds):,} examples)",
               ["model", "errors", "accuracy", "NLL", "ECE", "params", "size", *speed],
-              [[Path(r["model"]).name, r["errors"], f"{100 * r['accuracy']:.2f}%", r["nll"],
+              [[name, r["errors"], f"{100 * r['accuracy']:.2f}%", r["nll"],
                 r["ece"], r["params"] if r["params"] is not None else "-",
                 _human_bytes(r["file_bytes"]),
                 *(f"{r[k]:.3g}" for k in ("ms_per_text_1", "ms_per_text_64") if k in r)]
-               for r in results])
+               for name, r in zip(names, results, strict=True)])
     if class_names:
         rep.info(f"classes: {', '.join(f'{i} {n}' for i, n in enumerate(class_names[:20]))}"
                  + (f", ... ({len(class_names)} in all)" if len(class_names) > 20 else ""))
     if len(models) > 1:
-        names = [Path(str(p)).name for p in models]
         rep.table("Top-1 agreement", ["", *names],
                   [[names[i], *(f"{100 * a:.2f}%" for a in row)]
                    for i, row in enumerate(agreement)])

@@ -11,6 +11,8 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from os import PathLike
+from pathlib import PurePath
 from typing import Any
 
 from rich.console import Console
@@ -24,7 +26,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from kdcli.distributed import launched_rank
@@ -82,15 +84,7 @@ class Reporter:
         if not self.chatty or not self.err.is_terminal:  # no bars in logs and pipes
             yield lambda n=1: None
             return
-        columns = [
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            _RateColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-        ]
+        description, columns = _progress_columns(description, total, self.err.width)
         with Progress(*columns, console=self.err, transient=True) as bar:
             task = bar.add_task(description, total=total)
             yield lambda n=1: bar.advance(task, n)
@@ -101,8 +95,9 @@ class Reporter:
             return
         self.out.print(f"[bold]{title}[/bold]")
         table = Table()
-        for c in columns:
-            table.add_column(c, justify="left" if c == columns[0] else "right")
+        for c in columns:  # folded, never cut: a narrow console shows every character
+            table.add_column(c, justify="left" if c == columns[0] else "right",
+                             overflow="fold")
         for row in rows:
             table.add_row(*(_fmt(v) for v in row))
         self.out.print(table)
@@ -112,6 +107,74 @@ class Reporter:
         if self.mode == "json":
             sys.stdout.write(json.dumps(data, indent=2, default=_json_default) + "\n")
             sys.stdout.flush()
+
+
+#: The widest a rate ("1,000,000 samples/s") and a time ("0:00:00") read, and the shortest bar.
+_RATE_WIDTH, _TIME_WIDTH, _MIN_BAR, _MAX_BAR = 19, 7, 10, 40
+
+
+def _progress_columns(description: str, total: int, width: int) -> tuple[str, list[Any]]:
+    """A progress line's columns, sized to fit on one line of ``width`` characters: where
+    it is narrow the elapsed time goes, then the bar shrinks, then the description loses
+    its middle (its start and end tell models apart).
+
+    Args:
+        description: Shown left of the bar.
+        total: Number of samples the bar counts to.
+        width: The console's width.
+
+    Returns:
+        The description as shown and the columns.
+    """
+    elapsed = [TimeElapsedColumn(table_column=Column(no_wrap=True))]
+    tail = [TextColumn("eta", table_column=Column(no_wrap=True)),
+            TimeRemainingColumn(table_column=Column(no_wrap=True))]
+    fixed = 2 * len(f"{total}") + 1 + _RATE_WIDTH + 3 + _TIME_WIDTH + 6  # 6 gaps of 1
+    if width - fixed - _TIME_WIDTH - 1 - len(description) < _MIN_BAR:
+        elapsed, fixed = [], fixed - 1
+    else:
+        fixed += _TIME_WIDTH + 1
+    room = width - fixed - 1  # what the description and the bar share
+    description = _middle(description, max(room - _MIN_BAR, 8))
+    bar = max(1, min(_MAX_BAR, room - len(description)))
+    return description, [
+        TextColumn("{task.description}", style="bold", markup=False,
+                   table_column=Column(no_wrap=True)),
+        BarColumn(bar_width=bar),
+        MofNCompleteColumn(table_column=Column(no_wrap=True)),
+        _RateColumn(table_column=Column(no_wrap=True)),
+        *elapsed, *tail,
+    ]
+
+
+def _middle(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, its middle replaced by "…" if longer."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
+
+
+def distinct_names(paths: Sequence[str | PathLike[str]]) -> list[str]:
+    """The shortest trailing parts of each path that tell it from the others: the file name
+    alone unless another path ends the same (``runs/a/m.onnx``, ``runs/b/m.onnx`` become
+    ``a/m.onnx``, ``b/m.onnx``). A path given twice keeps one name.
+
+    Args:
+        paths: Model files as the user named them.
+
+    Returns:
+        One name per path, in order.
+    """
+    parts = [PurePath(p).parts or (str(p),) for p in paths]
+    names = []
+    for mine in parts:
+        others = [q for q in parts if q != mine]
+        k = 1
+        while k < len(mine) and any(q[-k:] == mine[-k:] for q in others):
+            k += 1
+        names.append(str(PurePath(*mine[-k:])))
+    return names
 
 
 def _fmt(v: Any) -> str:

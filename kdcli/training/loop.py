@@ -99,7 +99,7 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
     # (the rest of the run keeps the lower rate); after MAX_LR_HALVINGS it is an error.
     lr_scale = history[-1].get("lr_scale", 1.0) if history else 1.0
     with reporter.progress("training", (cfg.epochs - start_epoch) * run.n) as advance:
-        epoch = start_epoch
+        epoch, shown_header = start_epoch, None
         while epoch < cfg.epochs:
             snapshot = _snapshot(model, run.opt, run.gen)
             t0 = time.perf_counter()
@@ -121,7 +121,7 @@ def fit(model: nn.Module, arch: Architecture, inputs: torch.Tensor | Rows, step_
             record["seconds"] = round(time.perf_counter() - t0, 3)
             history.append(record)
             if shown or cfg.dry_run:
-                reporter.info(_epoch_line(record, cfg.epochs))
+                shown_header = _show_epoch(record, cfg.epochs, shown_header, reporter)
             if cfg.dry_run:
                 break
             if checkpoint is not None and run.dist.main and shown:
@@ -413,11 +413,53 @@ def _warn_if_failed(history: list[dict[str, Any]], final: dict[str, float],
                       f"{bar:.0%} counts as chance): {why}")
 
 
-def _epoch_line(r: dict[str, Any], epochs: int) -> str:
-    parts = [f"epoch {r['epoch']:>3}/{epochs}"]
+#: How an epoch line heads its statistics (the history's own names stay as they are).
+EPOCH_LABELS = {"train_loss": "loss", "train_error": "error", "agreement": "agree",
+                "lr_scale": "lr", "test_errors": "test errors", "seconds": "time"}
+
+
+def _show_epoch(r: dict[str, Any], epochs: int, shown_header: str | None,
+                reporter: Reporter) -> str:
+    """Print an epoch's line, under its header unless the last line had the same one (it
+    changes when a column comes: the lr after a halving, the clipped share).
+
+    Returns:
+        The header now above the lines.
+    """
+    header, line = _epoch_line(r, epochs)
+    if header != shown_header:
+        reporter.info(header)
+    reporter.info(line)
+    return header
+
+
+def _epoch_line(r: dict[str, Any], epochs: int) -> tuple[str, str]:
+    """An epoch's progress line and the header above it, aligned in columns that fit in 80
+    characters (a terminal's and a pipe's width) whatever the statistics.
+
+    Args:
+        r: The epoch's history record.
+        epochs: The run's epochs.
+
+    Returns:
+        The header and the line.
+    """
+    cells = [("epoch", f"{r['epoch']}/{epochs}".rjust(2 * len(str(epochs)) + 1))]
     for k, v in r.items():
         if k in ("epoch", "seconds"):
             continue
-        parts.append(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}")
-    parts.append(f"{r['seconds']:.1f}s")
-    return "  ".join(parts)
+        if k == "lr_scale":
+            value = f"{v:.3g}"
+        elif k == "clipped":
+            value = f"{100 * v:.0f}%"
+        else:
+            value = f"{v}" if isinstance(v, int) else f"{v:.4f}"
+        cells.append((EPOCH_LABELS.get(k, k), value))
+    cells.append(("time", f"{r['seconds']:.1f}s"))
+    # widths from the labels alone, so the header changes only when a column comes
+    widths = [len(cells[0][1]), *(max(len(label), 6) for label, _ in cells[1:])]
+    gap = "  " if sum(widths) + 2 * (len(cells) - 1) <= 80 else " "
+    header = gap.join(label.ljust(w) if i == 0 else label.rjust(w)
+                      for i, ((label, _), w) in enumerate(zip(cells, widths, strict=True)))
+    line = gap.join(value.rjust(w) for (_, value), w in zip(cells, widths, strict=True))
+    return header.rstrip(), line

@@ -11,13 +11,14 @@ Per seed (0-2):
 
 * the teacher: ``ColumnTransformer`` (``OneHotEncoder(handle_unknown="ignore")`` on the
   categories; ``SimpleImputer(median)`` + ``StandardScaler`` on the numbers) before a
-  ``RandomForestClassifier(300)``, exported with skl2onnx (one input per column);
+  ``RandomForestClassifier(300)`` (``--teacher rf``) or a ``LogisticRegression`` (``--teacher
+  lr``), exported with skl2onnx (one input per column);
 * ``kdcli soft-targets`` on ``train.csv`` (T 4), ``kdcli train-student --arch mlp:32``,
   ``kdcli train --arch mlp:32`` (the twin), ``kdcli export`` of the student (checked against
   torch on the test rows), ``kdcli eval`` of the three;
 * scikit-learn's ``MLPClassifier((32,))`` after the same ColumnTransformer, for reference.
 
-Only the kdcli command line touches the CSV files. A table goes to stdout, ``results.json``
+Only the kdcli command line touches the CSV files. A table goes to stdout, ``results-TEACHER.json``
 to ``--out``; say which CPU it ran on.
 """
 
@@ -71,12 +72,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/kdcli-tables"))
     ap.add_argument("--hide", type=float, default=0.3)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--teacher", choices=("rf", "lr"), default="rf")
     args = ap.parse_args()
-    import pandas as pd
     from palmerpenguins import load_penguins
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType, StringTensorType
     from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
     from sklearn.neural_network import MLPClassifier
 
@@ -96,7 +98,8 @@ def main() -> None:
         d.mkdir(exist_ok=True)
         for f in ("train.csv", "test.csv"):
             (d / f).write_bytes((args.out / f).read_bytes())
-        teacher = _pipeline(RandomForestClassifier(300, random_state=seed))
+        teacher = _pipeline(RandomForestClassifier(300, random_state=seed)
+                            if args.teacher == "rf" else LogisticRegression(max_iter=2000))
         teacher.fit(_frame(tr), tr.species)
         types = [(c, StringTensorType([None, 1]) if c in CATS else FloatTensorType([None, 1]))
                  for c in _frame(tr).columns]
@@ -124,12 +127,12 @@ def main() -> None:
                      "export_max_diff": exp["max_abs_diff"], "test_rows": len(te)})
         print(rows[-1], flush=True)
     summary = {"rows": rows, "hidden_fraction": args.hide, "missing_cells": gaps,
-               "test_rows": len(te)}
-    (args.out / "results.json").write_text(json.dumps(summary, indent=2))
+               "test_rows": len(te), "teacher": args.teacher}
+    (args.out / f"results-{args.teacher}.json").write_text(json.dumps(summary, indent=2))
     print(f"\npenguins, {len(tr)} train / {len(te)} test rows, {args.hide:.0%} of number "
           f"cells hidden ({gaps} missing in all); test errors, seeds 0-{args.seeds - 1}")
     print(f"{'model':32} {'errors':>16} {'mean':>6}")
-    for key, name in (("teacher", "teacher (skl2onnx RF pipeline)"),
+    for key, name in (("teacher", f"teacher (skl2onnx {args.teacher} pipeline)"),
                       ("student", "distilled mlp:32 (kdcli)"),
                       ("student_onnx", "its ONNX export, raw columns"),
                       ("twin", "hard-label mlp:32 (kdcli train)"),

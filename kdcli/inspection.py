@@ -71,6 +71,7 @@ def _inspect_transfer(p: Path, rep: Reporter, verify: bool = False) -> dict[str,
                     for k, v in ts.columns.items()},
         "mean_entropy_nats": entropy / n, "dark_knowledge": dark, "verified": verify,
         "class_names": ts.meta.get("class_names"), "feature_names": ts.meta.get("feature_names"),
+        "categories": ts.meta.get("categories"),
     }
     if ts.is_text:
         info["tensors"]["text_bytes"] = {"dtype": "uint8",
@@ -161,6 +162,9 @@ def _show_transfer(info: dict[str, Any], ts, rep: Reporter) -> None:
                                             "class_names", "feature_names") if info[k]]
     if info.get("text_columns"):
         rows.append(["text columns", short(info["text_columns"])])
+    if info.get("categories"):
+        rows.append(["category columns", ", ".join(f"{k} ({len(v)})" for k, v in
+                                                   info["categories"].items())])
     rows.append(["verified", "checksums and every row" if info["verified"]
                  else "no (use --verify)"])
     rep.table(f"Transfer set {Path(info['file']).name}", ["", "value"], rows)

@@ -187,6 +187,9 @@ def test_pipeline_teacher_distilled_into_a_student_that_takes_raw_columns(
     ts = load_transfer_set(ts_path)
     assert ts.meta["format_version"] == "5" and ts.meta["categories"]["island"] == [
         "Biscoe", "Dream", "Torgersen"]
+    from kdcli.inspection import inspect_file
+
+    assert inspect_file(ts_path)["categories"]["sex"] == ["", "female", "male"]
     from kdcli.config import TrainConfig
     from kdcli.students.base import Architecture
 
@@ -204,6 +207,9 @@ def test_pipeline_teacher_distilled_into_a_student_that_takes_raw_columns(
            if i.type == "tensor(string)" else np.array([[np.nan]], dtype=np.float32)
            for i in sess.get_inputs()}
     assert np.isfinite(sess.run(None, row)[0]).all()
+    shown = inspect_file(tmp_path / "s.kdcli")
+    assert shown["preprocessing"]["table"]["columns"][0]["categories"] == [
+        "Biscoe", "Dream", "Torgersen"]
     result = evaluate([str(teacher), str(tmp_path / "s.kdcli"), str(tmp_path / "s.onnx")],
                       test, data_options=SPECIES)
     errors = [m["errors"] for m in result["models"]]
@@ -298,3 +304,26 @@ def _resave(tensors, meta, path):
     meta["data_sha256"] = data_sha256(mapped)
     save_file(tensors, str(path), metadata=meta)
     return path
+
+
+def test_calibrate_bias_on_a_table_student_with_categories(penguins, tmp_path):
+    """calibrate-bias reads the table by the student's columns and codes: the calibrated
+    mean prediction meets the label distribution, and the file still exports."""
+    from kdcli.calibrate import calibrate_bias
+    from kdcli.config import TrainConfig
+    from kdcli.export import main_export
+    from kdcli.students.base import Architecture
+    from kdcli.train import train
+
+    train(str(penguins / "train.csv"), arch=Architecture.parse("mlp:16"),
+          out=tmp_path / "m.kdcli", config=TrainConfig(epochs=3, precision="fp32"),
+          data_options=SPECIES, eval_data="none")
+    raw = pd.read_csv(penguins / "test.csv")
+    raw.iloc[:, ::-1].to_csv(tmp_path / "rev.csv", index=False)  # columns in another order
+    result = calibrate_bias(tmp_path / "m.kdcli", tmp_path / "c.kdcli",
+                            data=str(tmp_path / "rev.csv"), target="labels",
+                            data_options=SPECIES)
+    assert np.allclose(result["after"], result["target_distribution"], atol=1e-3)
+    report = main_export(tmp_path / "c.kdcli", tmp_path / "c.onnx",
+                         data=str(penguins / "test.csv"), data_options=SPECIES)
+    assert report["agreement"] == 1.0

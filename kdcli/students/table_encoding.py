@@ -142,6 +142,16 @@ class TableEncoding:
                 out[:, j] = self.code_lookup(j, have)[inputs[:, j].long()]
         return out
 
+    def describe(self) -> str:
+        """One line for ``inspect``: the category columns and the number columns."""
+        cats = [f"{c.name} ({len(c.categories)}{' + other' if c.other else ''})"
+                for c in self.columns if c.kind == "category"]
+        nums = [c for c in self.columns if c.kind == "number"]
+        gaps = sum(c.indicator for c in nums)
+        return "; ".join([*(["categories " + ", ".join(cats)] if cats else []),
+                          f"{len(nums)} numbers ({gaps} with a was-missing input)"]) + \
+            f"; {self.width} network inputs"
+
     def to_json(self) -> dict[str, Any]:
         """The form a model file records (``Preprocessing.table``)."""
         return {"columns": [

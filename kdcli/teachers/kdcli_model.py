@@ -153,6 +153,10 @@ class KdcliModelFormat(TeacherFormat):
                                               "params", "classes", "class_names",
                                               "feature_names", "preprocessing", "created")
                 if info[k] is not None]
+        if mf.preprocessing.table is not None:
+            from kdcli.students.table_encoding import TableEncoding
+
+            rows.append(["columns", TableEncoding.from_json(mf.preprocessing.table).describe()])
         rows += [[f"training.{k}", short(v)] for k, v in mf.training.items()
                  if k not in ("teachers",)]
         rep.table(f"Model {path.name}", ["", "value"], rows)

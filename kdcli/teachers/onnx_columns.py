@@ -29,12 +29,14 @@ COLUMN_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64,
 
 def takes_columns(inputs: Sequence[Any]) -> bool:
     """Whether a session's inputs are table columns: two or more, each ``[N, 1]`` or
-    ``[N]`` of a column type."""
+    ``[N]`` of a column type, one at least of numbers (several string inputs alone are
+    texts, which kdcli refuses: a text model takes one)."""
     def column(i: Any) -> bool:
         dims = list(i.shape)
         return i.type in COLUMN_TYPES and (len(dims) == 1 or (
             len(dims) == 2 and (dims[1] == 1 or not isinstance(dims[1], int))))
-    return len(inputs) >= 2 and all(column(i) for i in inputs)
+    return len(inputs) >= 2 and all(column(i) for i in inputs) and \
+        any(i.type != STRING for i in inputs)
 
 
 # ONNX element types by number, as onnxruntime names them in "tensor(...)"

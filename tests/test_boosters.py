@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from kdcli.data.base import DataOptions
 from kdcli.errors import DataError
 from kdcli.soft_targets import soft_targets
 from kdcli.transfer.reader import load_transfer_set
@@ -105,15 +107,18 @@ def test_xgboost_recipe_pitfalls_are_the_ones_the_readme_names():
 
 
 @pytest.mark.parametrize("name", sorted(BOOSTERS))
-def test_missing_values_are_refused_or_reach_the_booster_as_nan(tmp_path, name):
-    """A booster handles NaN itself (its own branch at each split). kdcli must not hand it
-    other values in their place: today it refuses the table, naming the column."""
+def test_missing_values_reach_the_booster_as_nan(tmp_path, name):
+    """A booster handles NaN itself (its own branch at each split): kdcli hands it NaN where
+    a number is missing, so its predictions are the booster's own on every row; with
+    --missing error the table is refused, naming the column."""
     model, data, predicted, _ = booster_and_table(tmp_path, name, missing=True)
     out = tmp_path / "transfer.safetensors"
-    try:
-        soft_targets([model], data=str(data), out=out, precision="fp32")
-    except DataError as e:
-        assert "alcalinity_of_ash" in str(e) and "missing value" in str(e)
-        assert not out.exists()
-        return
-    assert (load_transfer_set(out).teacher_argmax().numpy() == predicted).all()
+    soft_targets([model], data=str(data), out=out, precision="fp32")
+    ts = load_transfer_set(out)
+    assert ts.meta["format_version"] == "5"
+    assert torch.isnan(ts.columns["inputs"].whole()).any()
+    assert (ts.teacher_argmax().numpy() == predicted).all()
+    with pytest.raises(DataError, match="alcalinity_of_ash.*missing value"):
+        soft_targets([model], data=str(data), out=tmp_path / "strict.safetensors",
+                     data_options=DataOptions(missing="error"))
+    assert not (tmp_path / "strict.safetensors").exists()

@@ -327,3 +327,14 @@ def test_calibrate_bias_on_a_table_student_with_categories(penguins, tmp_path):
     report = main_export(tmp_path / "c.kdcli", tmp_path / "c.onnx",
                          data=str(penguins / "test.csv"), data_options=SPECIES)
     assert report["agreement"] == 1.0
+
+
+def test_a_label_like_column_read_as_a_feature_is_said(penguins):
+    """Without --label-column, the species (a string column named like labels) would be a
+    category feature of an unlabelled table: kdcli says so, naming the option."""
+    ds = load_data(str(penguins / "train.csv"))
+    assert ds.labels is None and "species" in ds.feature_names
+    assert any("'species' looks like labels" in n or "species looks like labels" in n
+               and "--label-column species" in n for n in ds.notes)
+    quiet = load_data(str(penguins / "train.csv"), options=DataOptions(label_column="none"))
+    assert not any("looks like labels" in n for n in quiet.notes)

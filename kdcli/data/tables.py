@@ -132,7 +132,11 @@ def from_table(table: pa.Table, path: Path, options: DataOptions) -> Loaded:
         notes.append(f"{path}: left out {len(skipped)} column{'s' if len(skipped) > 1 else ''} "
                      f"that {'hold' if len(skipped) > 1 else 'holds'} neither numbers nor "
                      f"categories: {_few(skipped)} (text, identifiers or dates)")
-    hint = _label_like(table, skipped) if label is None else None
+    hint = _label_like(table, skipped + list(categories)) if label is None else None
+    if hint in features and options.label_column is None:
+        notes.append(f"{path}: its column {quote_name(hint)} looks like labels but is read "
+                     f"as a feature (the table has no column 'label'); pass --label-column "
+                     f"{quote_name(hint)}, or --label-column none to read it as a feature")
     return Loaded(inputs, labels, class_names, features, notes, hint, categories or None)
 
 

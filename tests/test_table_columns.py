@@ -214,6 +214,8 @@ def test_pipeline_teacher_distilled_into_a_student_that_takes_raw_columns(
                       test, data_options=SPECIES)
     errors = [m["errors"] for m in result["models"]]
     assert errors[1] == errors[2] and errors[1] <= 8  # 104 test rows
+    params = [m["params"] for m in result["models"]]
+    assert params[1] == params[2]  # the encoding's constants are not parameters
 
 
 def test_a_test_set_with_other_categories_is_recoded(penguins, tmp_path):

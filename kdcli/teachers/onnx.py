@@ -158,10 +158,12 @@ class OnnxFormat(TeacherFormat):
 
     def param_count(self, t: Teacher) -> int:
         """Learned tensors only: not the preprocessing's constants (scale, mean, std, also
-        per channel or feature) or integer shapes."""
+        per channel or feature; a table encoding's fill values, means, stds and category
+        codes) or integer shapes."""
         m = onnx.load(str(t.path))
+        constants = ("raw_mean", "raw_std", "0.fill", "0.mean", "0.std", "0.codes")
         arrays = (numpy_helper.to_array(i) for i in m.graph.initializer
-                  if "raw_mean" not in i.name and "raw_std" not in i.name)
+                  if not any(c in i.name for c in constants))
         return int(sum(a.size for a in arrays if a.ndim >= 1 and a.dtype.kind == "f"))
 
     def class_names(self, path: Path) -> list[str] | None:

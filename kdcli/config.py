@@ -204,12 +204,18 @@ class WordsConfig:
     Attributes:
         vocab_size: The most entries of the vocabulary, padding and unknown included.
         min_count: A word seen fewer times in the training texts is unknown.
-        max_words: Texts are cut after this many words (said, with how many were).
+        max_words: Texts are cut after this many words (said, with how many were); with
+            ``tokenizer``, after this many tokens, special tokens included.
+        tokenizer: A subword tokenizer instead of the word vocabulary: ``teacher`` (the
+            Hugging Face teacher of the transfer set, found by its recorded name beside the
+            set or in the current folder), a Hugging Face folder (whose input embeddings
+            then start a ``transformer`` student's), or a ``tokenizer.json`` (None: words).
     """
 
     vocab_size: int = 20000
     min_count: int = 2
     max_words: int = 128
+    tokenizer: str | None = None
 
     def check(self) -> None:
         """Raise UsageError for values no vocabulary can take."""
@@ -226,4 +232,5 @@ class WordsConfig:
     def settings(self) -> dict[str, Any]:
         """The settings a model file's training record keeps."""
         return {"vocab_size": self.vocab_size, "min_count": self.min_count,
-                "max_words": self.max_words}
+                "max_words": self.max_words,
+                **({"tokenizer": self.tokenizer} if self.tokenizer else {})}

@@ -43,6 +43,14 @@ from kdcli.output import Reporter
 from kdcli.resources import check_memory
 from kdcli.students.base import fold_batchnorm
 from kdcli.students.model_file import ModelFile, load_model
+from kdcli.students.subwords import (
+    TOKENIZER_FILE,
+    TokenInputs,
+    export_json,
+    graph_inputs,
+    sha256_text,
+    summary,
+)
 from kdcli.students.table_encoding import (
     TableEncoding,
     table_check_inputs,
@@ -100,7 +108,8 @@ def main_export(model: str | Path = "student.safetensors", output: str | Path = 
         raise FormatError(f"{e.message}; kdcli export takes a kdcli model file",
                           "Train one with kdcli train or kdcli train-student") from e
     _check_batch_memory(fixed, mf)
-    text = mf.preprocessing.words is not None
+    text, tokens = mf.preprocessing.is_text, mf.preprocessing.tokenizer is not None
+    beside = _tokenizer_beside(mf, output, force, model)
     columns = table_columns_of(mf.preprocessing)
     if (text or columns) and fixed is not None:
         raise UsageError(f"a {'text' if text else 'table'} student is exported with a "
@@ -110,25 +119,31 @@ def main_export(model: str | Path = "student.safetensors", output: str | Path = 
     start = time.perf_counter()
     with atomic_output(output, force) as tmp:
         # BatchNorm folded into its convolutions; verify() checks against the unfolded model
-        log = _to_onnx(fold_batchnorm(mf.model), OUTPUT_MODES[outputs],
+        net = fold_batchnorm(mf.model)
+        log = _to_onnx(TokenInputs(net) if tokens else net, OUTPUT_MODES[outputs],
                        list(mf.preprocessing.raw_shape), fixed, opset, tmp, verbose,
                        modality_of(mf.preprocessing))
         if verbose and log.strip():
             rep.err.print(log.rstrip(), markup=False, highlight=False)
         proto = onnx.load(str(tmp))
-        if text:  # the words from strings, inside the graph: string [batch] in
+        if text and not tokens:  # the words from strings, inside the graph: string [batch] in
             _check_graph(proto)  # the student's part in full (see _check_graph)
             proto = _with_words(proto, mf)
         elif columns:  # one input per column, strings for categories
             proto = with_columns(proto, mf.preprocessing)
-        _set_metadata(proto, mf, outputs)
+        _set_metadata(proto, mf, outputs, x_check[2] if tokens else None)
         onnx.save(proto, str(tmp))
         report = verify(tmp, mf.model, x_check[0], OUTPUT_MODES[outputs], atol, x_check[1],
-                        full_check=not text)
+                        full_check=tokens or not text)
         if opset is not None and report["opset"] != opset:
             raise ExportError(f"--opset {opset} was asked for, but the exporter wrote opset "
                               f"{report['opset']}; nothing was written",
                               "Try another --opset, or leave it out")
+        if beside is not None:  # written last, so nothing stays when the check fails
+            with atomic_output(beside, force) as tok_tmp:
+                tok_tmp.write_text(x_check[2], encoding="utf-8")
+    if beside is not None:
+        report["tokenizer"] = str(beside)
     report.update(out=str(output), model=str(model), outputs=OUTPUT_MODES[outputs],
                   batch="dynamic" if fixed is None else fixed,
                   seconds=round(time.perf_counter() - start, 2))
@@ -169,9 +184,9 @@ def _check_data(mf: ModelFile, data: str | None, rows: int,
         raise UsageError("the model records no data source to check the export on",
                          "Pass --data with examples the model takes")
     ds = load_data(spec, limit=rows, options=recorded_options(data_options, mf.training))
-    if ds.is_text != (mf.preprocessing.words is not None):
+    if ds.is_text != mf.preprocessing.is_text:
         raise UsageError(f"--data {spec} holds {'texts' if ds.is_text else 'no texts'}, but "
-                         f"the model takes {'texts' if mf.preprocessing.words else 'tensors'}",
+                         f"the model takes {'texts' if mf.preprocessing.is_text else 'tensors'}",
                          "Pass --data the model was trained on")
     return ds
 
@@ -180,10 +195,15 @@ def _text_inputs(mf: ModelFile, data: str | None, fixed: int | None, count: int,
                  data_options: DataOptions | None = None
                  ) -> tuple[dict[str, np.ndarray], tuple[torch.Tensor]]:
     """Real texts for the check of a text student: the strings onnxruntime gets, and the
-    word ids torch gets."""
+    word ids torch gets; a subword student's ``input_ids`` and ``attention_mask`` by the
+    tokenizer written beside the graph, the token ids + 1 torch gets, and that
+    tokenizer's JSON."""
     from kdcli.training.text import encode
 
     strings = _check_data(mf, data, count, data_options).inputs.strings()
+    if mf.preprocessing.tokenizer is not None:
+        text = export_json(mf.preprocessing)
+        return graph_inputs(text, strings), (encode(strings, mf.preprocessing),), text
     return ({"text": np.array(strings, dtype=object)},
             (encode(strings, mf.preprocessing),))
 
@@ -305,7 +325,17 @@ def _write_failure(exc: BaseException, path: Path) -> BaseException | None:
     return None
 
 
-def _set_metadata(proto: onnx.ModelProto, mf: ModelFile, outputs: str) -> None:
+def _tokenizer_beside(mf: ModelFile, output: str | Path, force: bool, model: str | Path,
+                      ) -> Path | None:
+    """Where a subword student's tokenizer is written beside its graph (refused like the
+    ``.onnx`` when it exists, without ``--force``); None for other students."""
+    if mf.preprocessing.tokenizer is None:
+        return None
+    return check_output(Path(output).with_name(TOKENIZER_FILE), force, inputs=[model])
+
+
+def _set_metadata(proto: onnx.ModelProto, mf: ModelFile, outputs: str,
+                  tokenizer: str | None = None) -> None:
     pre = mf.preprocessing.to_dict()
     units = (f"{pre['units']} as float32, shape [batch, "
              f"{', '.join(map(str, pre['raw_shape']))}]; normalization is inside")
@@ -319,6 +349,10 @@ def _set_metadata(proto: onnx.ModelProto, mf: ModelFile, outputs: str) -> None:
                         "sha256": vocab.sha256()}
         units = (f"UTF-8 strings, shape [batch]; split into words (at most "
                  f"{pre['raw_shape'][0]}) and looked up in the vocabulary inside the graph")
+    if tokenizer is not None:  # the tokenizer beside the graph: its name and hash here
+        pre["tokenizer"] = summary(mf.preprocessing.tokenizer)
+        units = (f"input_ids and attention_mask, int64 [batch, tokens] (at most "
+                 f"{pre['raw_shape'][0]} tokens), from the {TOKENIZER_FILE} beside this file")
     props = {
         "kdcli_version": __version__,
         "architecture": mf.arch.spec(),
@@ -329,6 +363,8 @@ def _set_metadata(proto: onnx.ModelProto, mf: ModelFile, outputs: str) -> None:
         "outputs": outputs,
         "training": json.dumps(_training_summary(mf.training), default=float),
     }
+    if tokenizer is not None:
+        props.update(tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=sha256_text(tokenizer))
     if mf.class_names is not None:
         props["class_names"] = json.dumps(mf.class_names)
     if mf.feature_names is not None:

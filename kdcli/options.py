@@ -208,7 +208,8 @@ def words_options() -> Callable[[F], F]:
     params = [
         _option("vocab_size", Annotated[int, typer.Option(metavar="N", help="Most words in the vocabulary, fitted on the training texts.", rich_help_panel=panel)], d.vocab_size),
         _option("min_count", Annotated[int, typer.Option(metavar="N", help="Words seen fewer times are unknown.", rich_help_panel=panel)], d.min_count),
-        _option("max_words", Annotated[int, typer.Option(metavar="N", help="Texts are cut after this many words.", rich_help_panel=panel)], d.max_words)]
+        _option("max_words", Annotated[int, typer.Option(metavar="N", help="Texts are cut after this many words (tokens with --tokenizer).", rich_help_panel=panel)], d.max_words),
+        _option("tokenizer", Annotated[str | None, typer.Option(metavar="teacher|PATH", help="The teacher's subword tokenizer instead of words: teacher (the set's Hugging Face teacher, found by name beside the set), its folder (a transformer then starts from its embeddings) or a tokenizer.json.", rich_help_panel=panel)], d.tokenizer)]
     return _group("words", params, lambda values, _: WordsConfig(**values))
 
 

@@ -90,6 +90,10 @@ class Preprocessing:
             table_encoding.TableEncoding.to_json`): missing numbers filled in and
             categories one-hot inside the model, instead of ``mean`` and ``std`` (None:
             the table is standardised by ``mean`` and ``std``).
+        tokenizer: A subword text student's tokenizer (:func:`kdcli.students.subwords.
+            record`: ``json``, the tokenizer.json text; ``sha256``, its hash; ``size``, its
+            tokens): its raw inputs are then token ids + 1 ``[B, L]`` (0 = padding), L at
+            most ``raw_shape[0]`` (None: no subword tokenizer).
     """
 
     scale: float = 1.0
@@ -100,6 +104,7 @@ class Preprocessing:
     size: list[int] | None = None
     words: dict[str, Any] | None = None
     table: dict[str, Any] | None = None
+    tokenizer: dict[str, Any] | None = None
 
     @classmethod
     def fit(cls, inputs: torch.Tensor, normalize: bool, rule: str) -> Preprocessing:
@@ -138,7 +143,15 @@ class Preprocessing:
             out["words"] = self.words
         if self.table is not None:
             out["table"] = self.table
+        if self.tokenizer is not None:
+            out["tokenizer"] = self.tokenizer
         return out
+
+    @property
+    def is_text(self) -> bool:
+        """Whether a student of this preprocessing takes texts (a word vocabulary or a
+        subword tokenizer)."""
+        return self.words is not None or self.tokenizer is not None
 
     @property
     def per_value(self) -> bool:

@@ -60,6 +60,7 @@ from kdcli.training.text import (
     family_defaults,
     fit_transfer_words,
     fit_words,
+    init_student,
 )
 from kdcli.transfer.reader import TransferSet, check_unchanged, file_stamps, load_transfer_set
 from kdcli.transfer.rows import Rows
@@ -193,6 +194,7 @@ def train(data: str = "mnist", *, arch: Architecture, out: str | Path = "model.s
         fit_table(ds.inputs, ds.feature_names, ds.categories, cfg.max_categories, rep) \
         if needs_encoding(ds.inputs, ds.feature_names, ds.categories) else (ds.inputs, None)
     model, pre = _build(arch, cfg, inputs, num_classes, pre)
+    init_student(model, pre, words if ds.is_text else None, rep)
     eval_ds = encoded_table(encoded(eval_ds, pre), pre)
     labels = ds.labels
 
@@ -399,6 +401,7 @@ def train_student(transfer: str | Path = "transfer.safetensors", *, arch: Archit
     else:
         inputs, pre = table_inputs(ts, cfg.max_categories, rep)
     model, pre = _build(arch, cfg, inputs, ts.num_classes, pre)
+    init_student(model, pre, words if ts.is_text else None, rep, ts)
     eval_ds = encoded_table(encoded(eval_ds, pre), pre)
     training, fingerprint = _student_record(ts, Path(transfer).name, transfer_sha, arch, d, cfg,
                                             data_options, words if ts.is_text else None)

@@ -21,6 +21,7 @@ MODALITIES: dict[str, str] = {
     "image": "kdcli.modalities.image:IMAGE",
     "table": "kdcli.modalities.table:TABLE",
     "text": "kdcli.modalities.text:TEXT",
+    "tokens": "kdcli.modalities.text:TOKENS",
 }
 
 
@@ -37,9 +38,11 @@ def modality_for(raw_shape: list[int] | tuple[int, ...]) -> Modality:
 
 
 def modality_of(pre: Preprocessing) -> Modality:
-    """The modality of a student's inputs: text for a student with a vocabulary
-    (``pre.words``), a table for one with a table encoding (``pre.table``), else by the
-    raw shape (:func:`modality_for`)."""
+    """The modality of a student's inputs: tokens for a student with a subword tokenizer
+    (``pre.tokenizer``), text for one with a vocabulary (``pre.words``), a table for one
+    with a table encoding (``pre.table``), else by the raw shape (:func:`modality_for`)."""
+    if pre.tokenizer is not None:
+        return get("tokens")
     if pre.words is not None:
         return get("text")
     return get("table") if pre.table is not None else modality_for(pre.raw_shape)

@@ -30,3 +30,25 @@ class Text(Modality):
 
 
 TEXT = Text()
+
+
+class Tokens(Text):
+    """Subword tokens of texts (a student with the teacher's tokenizer): inside kdcli one
+    tensor of token ids + 1 (0 = padding), as :class:`Text`; its ONNX graph takes the
+    tokenizer's ``input_ids`` and ``attention_mask``, int64 ``[batch, tokens]``."""
+
+    name = "tokens"
+
+    def inputs(self, raw_shape: list[int]) -> list[InputSpec]:
+        return [InputSpec("input_ids", torch.int64, tuple(raw_shape)),
+                InputSpec("attention_mask", torch.int64, tuple(raw_shape))]
+
+    def example_inputs(self, raw_shape: list[int], rows: int) -> dict[str, torch.Tensor]:
+        return {s.name: torch.ones(rows, *s.shape, dtype=s.dtype)
+                for s in self.inputs(raw_shape)}
+
+    def dynamic_axes(self, raw_shape: list[int]) -> dict[str, dict[int, str]]:
+        return {s.name: {0: "batch", 1: "tokens"} for s in self.inputs(raw_shape)}
+
+
+TOKENS = Tokens()

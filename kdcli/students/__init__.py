@@ -38,6 +38,7 @@ FAMILIES: dict[str, Family] = {
     "resnet": Family("kdcli.students.resnet:ResNetConfig", "resnet:20,0.5"),
     "bow": Family("kdcli.students.bow:BowConfig", "bow:64"),
     "bilstm": Family("kdcli.students.bilstm:BiLstmConfig", "bilstm:150"),
+    "transformer": Family("kdcli.students.transformer:TransformerConfig", "transformer:2,128,4"),
 }
 
 

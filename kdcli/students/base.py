@@ -115,12 +115,19 @@ def build_model(arch: Architecture, pre: Preprocessing, num_classes: int) -> nn.
     arch.check()
     raw = list(pre.raw_shape)
     text = getattr(arch.config, "TEXT", False)
-    if text != (pre.words is not None):
+    if text != pre.is_text:
         raise UsageError(f"{arch.spec()} takes {'texts' if text else 'tensors'}, but the "
-                         f"data is {'texts' if pre.words is not None else 'not text'}",
+                         f"data is {'texts' if pre.is_text else 'not text'}",
                          "Use a text family (bow:64) for text, and mlp, cnn or resnet for "
                          "images and tables")
-    if text:
+    if getattr(arch.config, "SUBWORDS", False) and pre.tokenizer is None:
+        raise UsageError(f"{arch.spec()} takes the teacher's subword tokenizer, not a word "
+                         "vocabulary", "Pass --tokenizer path/to/teacher-folder (or its "
+                         "tokenizer.json)")
+    if pre.tokenizer is not None:  # token ids + 1, 0 = padding
+        net, in_shape = arch.config.build(raw, num_classes,
+                                          vocab_size=pre.tokenizer["size"] + 1)
+    elif text:
         from kdcli.students.words import WordVocab
 
         net, in_shape = arch.config.build(raw, num_classes,

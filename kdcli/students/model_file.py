@@ -186,6 +186,8 @@ def _model_metadata(p: Path, meta: dict[str, str]
     except UsageError as e:
         raise FormatError(f"{p} records impossible preprocessing: {e.message}",
                           "The file is damaged; regenerate it") from None
+    if pre.tokenizer is not None:
+        _check_tokenizer(p, pre.tokenizer)
     if not 1 <= num_classes <= 1 << 24:
         raise FormatError(f"{p} records num_classes={num_classes}",
                           "The file is damaged; regenerate it")
@@ -193,6 +195,17 @@ def _model_metadata(p: Path, meta: dict[str, str]
         raise FormatError(f"{p} has a training record that is not an object",
                           "The file is damaged; regenerate it")
     return arch, pre, num_classes, training, class_names, feature_names
+
+
+def _check_tokenizer(p: Path, field: Any) -> None:
+    """A subword student's tokenizer: the JSON its hash says, a tokenizer (FormatError)."""
+    from kdcli.students.subwords import check_record
+
+    try:
+        check_record(field)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own types
+        raise FormatError(f"{p} records a bad tokenizer: {str(e).splitlines()[0][:200]}",
+                          "The file is damaged; regenerate it") from None
 
 
 def _names(meta: dict[str, str], key: str, count: int | None) -> list[str] | None:

@@ -52,13 +52,27 @@ def _preprocessing(mf: ModelFile) -> dict[str, Any]:
         vocab = WordVocab.from_json(mf.preprocessing.words)
         pre["words"] = {"rules": pre["words"]["rules"], "size": len(vocab),
                         "sha256": vocab.sha256()}
+    if mf.preprocessing.tokenizer is not None:
+        from kdcli.students.subwords import summary
+
+        pre["tokenizer"] = summary(mf.preprocessing.tokenizer)
     return pre
 
 
 def _text_runner(runner: Any, pre: Preprocessing) -> Any:
-    """A text student's runner on texts: word ids by its vocabulary (read once), then the
-    model."""
+    """A text student's runner on texts: word ids by its vocabulary (read once; a subword
+    student's token ids by its tokenizer), then the model."""
     from kdcli.students.words import WordVocab
+
+    if pre.tokenizer is not None:
+        from kdcli.students.subwords import encode, load
+
+        tok = load(pre)
+
+        def run_tokens(texts: Any) -> Any:
+            return runner(encode(tok, list(texts), pre.raw_shape[0])[0])
+
+        return run_tokens
 
     vocab, max_words = WordVocab.from_json(pre.words), pre.raw_shape[0]
 
@@ -97,7 +111,7 @@ class KdcliModelFormat(TeacherFormat):
                 "training": {k: mf.training.get(k) for k in ("command", "test_errors")
                              if k in mf.training}}
         runner, module = torch_runner(mf.model, req.device, req.precision)
-        if mf.preprocessing.words is not None:  # texts in, tokenized as in training
+        if mf.preprocessing.is_text:  # texts in, tokenized as in training
             return req.teacher(
                 self, _text_runner(runner, mf.preprocessing), module=module,
                 inputs=(InputSpec("text", TEXT),), preprocessing=Preprocessing(), meta=meta,

@@ -66,10 +66,12 @@ def family_defaults(cfg: TrainConfig, arch: Any, base: TrainConfig, rep: Reporte
 
 
 def fit_words(texts: Texts, words: WordsConfig, rep: Reporter, originals: int | None = None,
-              ) -> tuple[torch.Tensor, Preprocessing]:
+              ts: Any = None) -> tuple[torch.Tensor, Preprocessing]:
     """Fit the vocabulary on ``texts`` (on the first ``originals`` of them: a transfer set's
     texts before its augmented copies, whose masked and replaced words would otherwise make
-    the vocabulary) and encode them all.
+    the vocabulary) and encode them all; with ``words.tokenizer``, read that tokenizer
+    instead (see :func:`kdcli.training.tokens.fit_tokens`; ``ts``: the transfer set, for
+    ``--tokenizer teacher``).
 
     Returns:
         Word ids ``[N, L]`` (int64, 0 = padding) and the student's preprocessing
@@ -81,6 +83,10 @@ def fit_words(texts: Texts, words: WordsConfig, rep: Reporter, originals: int | 
         raise UsageError("the text students take one text per example, not sentence pairs",
                          "Give one --text-column")
     strings = texts.strings()
+    if words.tokenizer:
+        from kdcli.training.tokens import fit_tokens
+
+        return fit_tokens(strings, words, rep, ts)
     vocab = WordVocab.fit(strings[:originals], size=words.vocab_size,
                           min_count=words.min_count)
     pre = Preprocessing(raw_shape=[words.max_words], units="word ids", words=vocab.to_json())
@@ -95,14 +101,20 @@ def fit_transfer_words(ts: Any, words: WordsConfig, rep: Reporter
     """:func:`fit_words` on the texts of the transfer set ``ts``, the vocabulary fitted on
     its rows before their augmented copies (which follow them)."""
     copies = int(ts.meta.get("copies", 0) or 0)
-    return fit_words(ts.texts(slice(0, len(ts))), words, rep, len(ts) // (copies + 1))
+    return fit_words(ts.texts(slice(0, len(ts))), words, rep, len(ts) // (copies + 1), ts)
 
 
 def encode(strings: list[str], pre: Preprocessing, rep: Reporter | None = None,
            what: str = "the texts") -> torch.Tensor:
     """Word ids ``[N, L]`` of ``strings`` by the vocabulary of ``pre``, cut after
-    ``pre.raw_shape[0]`` words (how many texts were cut is said on ``rep``)."""
+    ``pre.raw_shape[0]`` words (how many texts were cut is said on ``rep``); token ids + 1
+    by a subword student's tokenizer (see :func:`kdcli.training.tokens.encode`)."""
     from kdcli.students.words import WordVocab
+
+    if pre.tokenizer is not None:
+        from kdcli.training.tokens import encode as encode_tokens
+
+        return encode_tokens(strings, pre, rep, what)
 
     return _encode(WordVocab.from_json(pre.words), strings, pre.raw_shape[0], rep, what)
 
@@ -117,6 +129,16 @@ def _encode(vocab: Any, strings: list[str], max_words: int, rep: Reporter | None
             rep.info(f"{cut:,} of {len(strings):,} of {what} have more than {max_words} "
                      "words and were cut (--max-words)")
     return ids
+
+
+def init_student(model: Any, pre: Preprocessing, words: WordsConfig | None, rep: Reporter,
+                 ts: Any = None) -> None:
+    """A subword student's start from its teacher's embeddings, where ``--tokenizer`` named
+    the teacher's folder (see :func:`kdcli.training.tokens.init_student`); else nothing."""
+    if pre.tokenizer is not None:
+        from kdcli.training.tokens import init_student as from_teacher
+
+        from_teacher(model, pre, words, rep, ts)
 
 
 def encoded(ds: Data | None, pre: Preprocessing) -> Data | None:

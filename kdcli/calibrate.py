@@ -207,6 +207,9 @@ def _model_inputs(mf, inputs: Any, source: str, names: list[str] | None = None,
     if text:
         return encode(inputs.strings(), mf.preprocessing)
     if mf.preprocessing.table is None:
+        from kdcli.training.table import refuse_gaps
+
+        refuse_gaps(inputs, names, source, "the model")
         return inputs
     from kdcli.students.table_encoding import TableEncoding
     from kdcli.teachers.inputs import match_columns

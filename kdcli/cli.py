@@ -32,6 +32,7 @@ from kdcli.options import (
     ForceOpt,
     GradClipOpt,
     LimitOpt,
+    MaxCategoriesOpt,
     PrecisionOpt,
     ResumeOpt,
     TrainDeviceOpt,
@@ -433,6 +434,7 @@ def sweep_cmd(
     out_dir: Annotated[Path, typer.Option(metavar="DIR", help="Folder for everything the sweep writes (finished points are kept).")] = Path("sweep"),
     force: Annotated[bool, typer.Option("--force", "-f", help="Start afresh: delete what an earlier sweep left in --out-dir.")] = False,
     device: TrainDeviceOpt = _STUDENT.device,
+    max_categories: MaxCategoriesOpt = _STUDENT.max_categories,
     words: WordsConfig,
     rep: "Reporter",
 ) -> None:
@@ -445,7 +447,8 @@ def sweep_cmd(
     from kdcli.sweep import sweep
 
     cfg = student_config(epochs=epochs, lr=lr, warmup=warmup, grad_clip=grad_clip,
-                         batch_size=batch_size, precision=precision, device=device)
+                         batch_size=batch_size, precision=precision, device=device,
+                         max_categories=max_categories)
     rep.result(sweep(teacher, temperatures=floats(T, "--T") or [],
                      hidden=ints(hidden, "--hidden") or [], layers=layers, data=data,
                      distill=DistillConfig(alpha=alpha), config=cfg,

@@ -58,6 +58,7 @@ from kdcli.students.table_encoding import (
     table_units,
     with_columns,
 )
+from kdcli.teachers.inputs import match_columns
 
 OUTPUT_MODES = {"logits": ["logits"], "probs": ["probabilities"],
                 "both": ["logits", "probabilities"]}
@@ -219,7 +220,11 @@ def _table_inputs(mf: ModelFile, data: str | None, fixed: int | None, count: int
     if given.feature_columns is None:  # the model's columns, by name
         given = replace(given, feature_columns=tuple(names))
     ds = _check_data(mf, data, count, given)
-    return table_check_inputs(mf.preprocessing, ds.inputs, ds.categories)
+    rows = ds.inputs
+    order = match_columns(names, ds.feature_names, "the model")
+    if order is not None:  # --feature-columns named them in another order
+        rows = rows[:, list(order)]
+    return table_check_inputs(mf.preprocessing, rows, ds.categories)
 
 
 def _with_words(proto: onnx.ModelProto, mf: ModelFile) -> onnx.ModelProto:
@@ -247,6 +252,10 @@ def _check_inputs(mf: ModelFile, data: str | None, fixed: int | None, count: int
         raise UsageError(f"--data examples have shape {list(raw.shape[1:])}, but the model "
                          f"takes {mf.preprocessing.raw_shape}",
                          "Pass --data the model was trained on")
+    if ds.feature_names is not None:
+        from kdcli.training.table import refuse_gaps
+
+        refuse_gaps(raw, ds.feature_names, ds.source, "the model")
     batch = modality_for(list(raw.shape[1:])).batch(raw)
     if fixed is not None:
         reps = -(-fixed // len(raw))

@@ -64,7 +64,7 @@ FlipOpt = Annotated[bool | None, typer.Option("--flip/--no-flip", help="Mirror i
 _PANEL = "Tables, text and image folders"
 LabelColumnOpt = Annotated[str | None, typer.Option(metavar="NAME", help="Table: the label column (default: label when present, else unlabelled; none: unlabelled).", rich_help_panel=_PANEL)]
 FeatureColumnsOpt = Annotated[str | None, typer.Option(metavar="NAMES", help="Table: feature columns, comma-separated (default: every other column of numbers or categories).", rich_help_panel=_PANEL)]
-MissingOpt = Annotated[str | None, typer.Option(metavar="RULE", help="Table: missing numbers are impute (default: the student fills them in) or error.", rich_help_panel=_PANEL)]
+MissingOpt = Annotated[str | None, typer.Option(metavar="RULE", help="Table: a missing value is impute (default: NaN, or the category ''; a student trained on gaps fills them in) or error.", rich_help_panel=_PANEL)]
 TextColumnOpt = Annotated[str | None, typer.Option(metavar="NAME[,NAME]", help="Table: the text column, or two for sentence pairs; the examples are texts.", rich_help_panel=_PANEL)]
 ChannelsOpt = Annotated[int | None, typer.Option(metavar="N", help="Images: 1 (grayscale) or 3 (RGB) channels (default: RGB if any image is in colour).", rich_help_panel=_PANEL)]
 ImageSizeOpt = Annotated[str | None, typer.Option(metavar="H,W", help="Images: resize all to H,W, e.g. 32,32 (needed when sizes differ).", rich_help_panel=_PANEL)]

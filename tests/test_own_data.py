@@ -336,7 +336,8 @@ def bad_inputs(tmp_path: Path, mnist600) -> dict[str, tuple[list[str], str]]:
     cases: dict[str, tuple[list[str], str]] = {}
     (tmp_path / "t.csv").write_text("a,b,label\n1,2,0\n3,4,1\n")
     cases["missing label column"] = (["--data", "t.csv", "--label-column", "kind"], "'kind'")
-    (tmp_path / "text.csv").write_text("a,b,label\n1,2,0\n3,oops,1\n")
+    (tmp_path / "text.csv").write_text("a,b,label\n1,2,0\n3,oops,1\n"
+                                       + "".join(f"{i},{i},0\n" for i in range(10)))
     cases["non-numeric"] = (["--data", "text.csv"],
                             "'b' of text.csv is not numeric: 'oops' in row 2")
     (tmp_path / "gap.csv").write_text("a,b,label\n1,2,0\n3,,1\n")

@@ -289,6 +289,12 @@ def test_transfer_set_codes_are_checked(penguins, pipeline_teacher, tmp_path):
     with pytest.raises(FormatError, match="categories, which .* from version 5"):
         load_transfer_set(_resave(tensors, dict(meta, format_version="4"),
                                   tmp_path / "old.safetensors"))
+    names = json.loads(meta["feature_names"])
+    for wrong, expect in ((names[:6], "6 feature_names for inputs of 7 columns"),
+                          (names[:6] + names[:1], "name a column twice")):
+        with pytest.raises(FormatError, match=expect):
+            load_transfer_set(_resave(tensors, dict(meta, feature_names=json.dumps(wrong)),
+                                      tmp_path / "names.safetensors"))
 
 
 def _resave(tensors, meta, path):
@@ -340,3 +346,109 @@ def test_a_label_like_column_read_as_a_feature_is_said(penguins):
                and "--label-column species" in n for n in ds.notes)
     quiet = load_data(str(penguins / "train.csv"), options=DataOptions(label_column="none"))
     assert not any("looks like labels" in n for n in quiet.notes)
+
+
+@pytest.fixture(scope="module")
+def table_student(penguins, tmp_path_factory) -> Path:
+    """A kdcli student trained on the penguins (categories and gaps: its own encoding)."""
+    from kdcli.config import TrainConfig
+    from kdcli.students.base import Architecture
+    from kdcli.train import train
+
+    out = tmp_path_factory.mktemp("student") / "m.kdcli"
+    train(str(penguins / "train.csv"), arch=Architecture.parse("mlp:16"), out=out,
+          config=TrainConfig(epochs=3, precision="fp32"), data_options=SPECIES,
+          eval_data="none")
+    return out
+
+
+def _logits(model: Path, data: Path, options: DataOptions = SPECIES) -> torch.Tensor:
+    from kdcli.data.base import table_columns
+    from kdcli.teachers.formats import load_teacher
+
+    ds = load_data(str(data), options=options)
+    t = load_teacher(model, probe=ds.inputs[:4], table=table_columns(ds, options))
+    return t.logits(ds.inputs)
+
+
+def test_files_as_users_have_them_give_the_same_predictions(penguins, table_student,
+                                                            tmp_path):
+    """An all-empty category column (read as numbers by pyarrow), a category that looks
+    like a number, and --feature-columns naming the model's columns in another order all
+    give the predictions of the file as trained."""
+    raw = pd.read_csv(penguins / "test.csv")
+    full = _logits(table_student, penguins / "test.csv")
+    nosex = raw.assign(sex=None)
+    nosex.to_csv(tmp_path / "nosex.csv", index=False)
+    expect = _logits(table_student, _write(raw.assign(sex=""), tmp_path / "blank.csv"))
+    assert torch.allclose(_logits(table_student, tmp_path / "nosex.csv"), expect)
+    numeric = raw.assign(island=raw.island.where(raw.index % 10 != 0, "0"))
+    got = _logits(table_student, _write(numeric, tmp_path / "num.csv"))
+    kept = torch.tensor(np.asarray(raw.index % 10 != 0))
+    assert torch.allclose(got[kept], full[kept], atol=1e-6)
+    order = ("sex", "year", "island", "bill_depth_mm", "bill_length_mm", "body_mass_g",
+             "flipper_length_mm")
+    opts = DataOptions(label_column="species", feature_columns=order)
+    assert torch.allclose(_logits(table_student, penguins / "test.csv", opts), full)
+
+
+def _write(df, path: Path) -> Path:
+    df.to_csv(path, index=False)
+    return path
+
+
+def test_gaps_for_a_model_trained_without_them_are_refused(penguins, tmp_path):
+    """A student trained on complete rows cannot fill gaps in: eval, calibrate-bias and
+    export name the column and row instead of writing NaN."""
+    from kdcli.calibrate import calibrate_bias
+    from kdcli.config import TrainConfig
+    from kdcli.evaluate import evaluate
+    from kdcli.export import main_export
+    from kdcli.students.base import Architecture
+    from kdcli.train import train
+
+    cols = ("bill_length_mm", "bill_depth_mm", "flipper_length_mm")
+    opts = DataOptions(label_column="species", feature_columns=cols)
+    full = _write(pd.read_csv(penguins / "train.csv").dropna(), tmp_path / "full.csv")
+    train(str(full), arch=Architecture.parse("mlp:8"), out=tmp_path / "f.kdcli",
+          config=TrainConfig(epochs=1, precision="fp32"), data_options=opts, eval_data="none")
+    test = str(penguins / "test.csv")
+    gap = r"column 'bill_length_mm' of .*test.csv.* missing value in row \d+"
+    with pytest.raises(DataError, match=gap):
+        calibrate_bias(tmp_path / "f.kdcli", tmp_path / "c.kdcli", data=test,
+                       target="labels", data_options=opts)
+    assert not (tmp_path / "c.kdcli").exists()
+    with pytest.raises(DataError, match=gap):
+        main_export(tmp_path / "f.kdcli", tmp_path / "f.onnx", data=test, data_options=opts)
+    with pytest.raises(DataError, match="cannot take gaps"):
+        evaluate([str(tmp_path / "f.kdcli")], test, data_options=opts)
+
+
+def test_missing_error_refuses_an_empty_category_in_a_csv(penguins):
+    with pytest.raises(DataError, match=r"column 'sex' .* missing value"):
+        load_data(str(penguins / "train.csv"),
+                  options=DataOptions(label_column="species", missing="error",
+                                      feature_columns=("sex", "year")))
+
+
+def test_damaged_encodings_and_column_names_are_refused(penguins, table_student, tmp_path):
+    """A model file whose encoding is malformed, holds values float32 cannot, or names
+    other columns; a transfer set whose feature_names do not name its columns once."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from kdcli.students.model_file import load_model
+
+    with safe_open(str(table_student), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    cases = {"std": (lambda c: c[1].update(std=1e-320), "std 1e-320 is not a positive"),
+             "dup": (lambda c: c[2].update(name=c[1]["name"]), "listed twice"),
+             "kind": (lambda c: c[0].update(kind="text"), "kind 'text'")}
+    for name, (edit, expect) in cases.items():
+        pre = json.loads(meta["preprocessing"])
+        edit(pre["table"]["columns"])
+        bad = dict(meta, preprocessing=json.dumps(pre))
+        bad.pop("data_sha256")
+        save_file(tensors, str(tmp_path / f"{name}.kdcli"), metadata=bad)
+        with pytest.raises(FormatError, match=expect):
+            load_model(tmp_path / f"{name}.kdcli")

@@ -290,8 +290,12 @@ def validate(data: Data) -> None:
             ok = finite(chunk).all(1)
             if not bool(ok.all()):
                 bad = (start + (~ok).nonzero()[:5, 0]).tolist()
-                what = "an infinite value" if data.feature_names is not None else "NaN or Inf"
-                raise DataError(f"inputs of {data.source} contain {what} (rows {bad})",
+                if data.feature_names is not None and chunk.dim() == 2:  # a table's cell
+                    r, c = (int(v) for v in torch.isinf(chunk).nonzero()[0])
+                    raise DataError(f"column {data.feature_names[c]!r} of "
+                                    f"{data.source} holds an infinite value in row "
+                                    f"{start + r + 1}", "Fix the value, or leave the row out")
+                raise DataError(f"inputs of {data.source} contain NaN or Inf (rows {bad})",
                                 "Clean the data")
             data.release()
     if data.labels is not None:

@@ -47,17 +47,24 @@ def codes(col: Any) -> tuple[np.ndarray, list[str]]:
     return codes.to_numpy(zero_copy_only=False).astype(np.float32), cats
 
 
+# A string column is numbers with typos (its first bad value reported) when at least this
+# share of its values parse as numbers; otherwise it is categories (which may look like
+# numbers: an island called "0").
+NUMBER_SHARE = 0.9
+
+
 def holds_numbers(col: Any) -> bool:
-    """Whether a column is a feature by default: numbers, booleans, all-missing (reported as
-    missing), or a string column holding some numbers (so that its first bad value is
-    reported). Text, categories, dates and other types hold none."""
+    """Whether a column is numbers: numbers, booleans, all-missing, or a string column
+    whose values nearly all (:data:`NUMBER_SHARE`) parse as numbers (so that a typo is
+    reported, not read as a category). Text, categories, dates and other types are not."""
     t = col.type
     if (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
             or pa.types.is_decimal(t) or pa.types.is_null(t)):
         return True
     if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
         return False
-    return any(parses(v) for v in col.to_pylist() if v is not None)
+    values = [v for v in col.to_pylist() if v is not None]
+    return bool(values) and sum(map(parses, values)) >= NUMBER_SHARE * len(values)
 
 
 def parses(v: Any) -> bool:
@@ -68,7 +75,14 @@ def parses(v: Any) -> bool:
     return True
 
 
-def check_present(col: Any, name: str, path: Path) -> None:
+def check_present(col: Any, name: str, path: Path, empty: bool = False) -> None:
+    """Refuse a missing value (and, with ``empty``, an empty string: a CSV's missing
+    category), naming the column and rows."""
+    if empty and not col.null_count:
+        blank = pc.equal(pc.utf8_trim_whitespace(col.cast(pa.string())), "")
+        if pc.any(blank).as_py():
+            raise DataError(f"column {name!r} of {path} has a missing value in "
+                            f"{rows(path, blank)}", "Fill or drop rows with missing values")
     if col.null_count:
         raise DataError(f"column {name!r} of {path} has a missing value in "
                         f"{rows(path, pc.is_null(col))}",

@@ -111,7 +111,7 @@ def from_table(table: pa.Table, path: Path, options: DataOptions) -> Loaded:
     for name in features:
         col = table.column(name)
         if options.missing == "error":
-            check_present(col, name, path)
+            check_present(col, name, path, empty=kind(col) == "category")
         if kind(col) == "category":
             values, categories[name] = codes(col)
             columns.append(values)

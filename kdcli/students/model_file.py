@@ -127,7 +127,9 @@ def load_model(path: str | Path) -> ModelFile:
         model = build_model(arch, pre, num_classes)
         model.load_state_dict({k: v.clone() for k, v in tensors.items()}, strict=True)
     except (RuntimeError, UsageError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        first = next((ln for ln in lines if not ln.startswith("Error(s) in loading")),
+                     lines[0] if lines else type(e).__name__)[:300].rstrip(".")
         raise FormatError(f"{p} has tensors that do not fit its architecture: {first}",
                           "The file is damaged; regenerate it") from e
     model.eval()
@@ -188,6 +190,8 @@ def _model_metadata(p: Path, meta: dict[str, str]
                           "The file is damaged; regenerate it") from None
     if pre.tokenizer is not None:
         _check_tokenizer(p, pre.tokenizer)
+    if pre.table is not None:
+        _check_table(p, pre, feature_names)
     if not 1 <= num_classes <= 1 << 24:
         raise FormatError(f"{p} records num_classes={num_classes}",
                           "The file is damaged; regenerate it")
@@ -195,6 +199,20 @@ def _model_metadata(p: Path, meta: dict[str, str]
         raise FormatError(f"{p} has a training record that is not an object",
                           "The file is damaged; regenerate it")
     return arch, pre, num_classes, training, class_names, feature_names
+
+
+def _check_table(p: Path, pre: Preprocessing, feature_names: list[str] | None) -> None:
+    """A table student's encoding: well formed, its columns the file's ``feature_names``
+    and its raw shape (FormatError naming what is wrong)."""
+    from kdcli.students.table_encoding import TableEncoding
+
+    try:
+        enc = TableEncoding.from_json(pre.table, feature_names)
+    except FormatError as e:
+        raise FormatError(f"{p}: {e.message}", e.hint) from None
+    if list(pre.raw_shape) != [len(enc.columns)]:
+        raise FormatError(f"{p} records raw_shape {pre.raw_shape} for a table encoding of "
+                          f"{len(enc.columns)} columns", "The file is damaged; regenerate it")
 
 
 def _check_tokenizer(p: Path, field: Any) -> None:

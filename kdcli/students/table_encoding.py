@@ -161,38 +161,64 @@ class TableEncoding:
              "other": c.other} for c in self.columns]}
 
     @classmethod
-    def from_json(cls, doc: Any) -> TableEncoding:
-        """Read :meth:`to_json`'s form, checking every field.
+    def from_json(cls, doc: Any, names: list[str] | None = None) -> TableEncoding:
+        """Read :meth:`to_json`'s form, checking every field (and, given ``names``, that its
+        columns are the file's ``feature_names``).
 
         Raises:
-            FormatError: naming the field that is wrong.
+            FormatError: naming the column and field that are wrong.
         """
-        bad = FormatError("the model file's table encoding is malformed",
-                          "Re-train the model with this kdcli")
+        def bad(what: str) -> FormatError:
+            return FormatError(f"the model file's table encoding is malformed: {what}",
+                               "Re-train the model with this kdcli")
+
         if not isinstance(doc, dict) or not isinstance(doc.get("columns"), list) \
                 or not doc["columns"]:
-            raise bad
-        cols = []
-        for c in doc["columns"]:
-            if not isinstance(c, dict) or not isinstance(c.get("name"), str):
-                raise bad
-            if c.get("kind") == "number":
-                nums = [c.get(k) for k in ("fill", "mean", "std")]
-                if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                           and math.isfinite(v) for v in nums) or not nums[2] > 0 \
-                        or not isinstance(c.get("indicator"), bool):
-                    raise bad
-                cols.append(Column(c["name"], "number", *map(float, nums), c["indicator"]))
-            elif c.get("kind") == "category":
-                cats = c.get("categories")
-                if not isinstance(cats, list) or not all(isinstance(v, str) for v in cats) \
-                        or len(set(cats)) != len(cats) or not isinstance(c.get("other"), bool):
-                    raise bad
-                cols.append(Column(c["name"], "category", categories=tuple(cats),
-                                   other=c["other"]))
-            else:
-                raise bad
+            raise bad("no list of columns")
+        cols = [_column_from_json(c, i, bad) for i, c in enumerate(doc["columns"])]
+        got = [c.name for c in cols]
+        if len(set(got)) != len(got):
+            raise bad("a column is listed twice")
+        if names is not None and got != list(names):
+            raise bad(f"its columns {got[:5]} are not the file's feature_names {names[:5]}")
         return cls(tuple(cols))
+
+
+_TINY = float(torch.finfo(torch.float32).tiny)  # the smallest normal float32
+_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _column_from_json(c: Any, i: int, bad: Any) -> Column:
+    """One column of :meth:`TableEncoding.from_json` (``bad(what)``: the error to raise)."""
+    if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+        raise bad(f"column {i + 1} has no name")
+    where = f"column {c['name'][:60]!r}"
+    if c.get("kind") == "number":
+        nums = [c.get(k) for k in ("fill", "mean", "std")]
+        if not all(_is_float32(v) for v in nums):
+            raise bad(f"{where}: fill, mean and std must be float32 numbers, got "
+                      f"{[str(v)[:20] for v in nums]}")
+        if not nums[2] >= _TINY:
+            raise bad(f"{where}: std {nums[2]} is not a positive float32")
+        if not isinstance(c.get("indicator"), bool):
+            raise bad(f"{where}: indicator is not true or false")
+        return Column(c["name"], "number", *map(float, nums), c["indicator"])
+    if c.get("kind") == "category":
+        cats = c.get("categories")
+        if not isinstance(cats, list) or not cats or not all(isinstance(v, str) for v in cats):
+            raise bad(f"{where}: categories is not a list of strings")
+        if len(set(cats)) != len(cats):
+            raise bad(f"{where}: a category is listed twice")
+        if not isinstance(c.get("other"), bool):
+            raise bad(f"{where}: other is not true or false")
+        return Column(c["name"], "category", categories=tuple(cats), other=c["other"])
+    raise bad(f"{where}: kind {str(c.get('kind'))[:20]!r} is not number or category")
+
+
+def _is_float32(v: Any) -> bool:
+    """Whether ``v`` is a number that float32 holds (finite, not beyond its range)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
+        and abs(v) <= _MAX
 
 
 class EncodeTable(nn.Module):

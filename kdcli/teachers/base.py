@@ -29,7 +29,7 @@ from kdcli.errors import FormatError, ModelError
 from kdcli.io.files import sha256_file
 from kdcli.output import Reporter
 from kdcli.preprocessing import Preprocessing
-from kdcli.teachers.inputs import IDENTITY, prepare_input, refuse_categories
+from kdcli.teachers.inputs import IDENTITY, check_gaps, prepare_input, refuse_categories
 
 OUTPUT_KINDS = ("logits", "log-probs", "probs")
 #: The smallest logit a probability (or log-probability) output becomes: a probability of
@@ -223,7 +223,11 @@ class Teacher:
         Returns:
             ``[B, C]`` float32 logits on the CPU.
         """
-        out = self.check_output(self.forward(self.prepare(raw)), len(raw))
+        x = self.prepare(raw)
+        out = self.forward(x)
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 2:
+            check_gaps(self.name, x, out)
+        out = self.check_output(out, len(raw))
         z = to_logits(out, self.output or "logits")
         return z if self.class_order is None else z[:, list(self.class_order)]
 

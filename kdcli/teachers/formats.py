@@ -169,7 +169,8 @@ def _fed_columns(t: Teacher, fmt: TeacherFormat, table: TableColumns, name: str)
     """The teacher given the data's table columns: by name where its file records them;
     else by position, leaving out category columns (said once) when it takes numbers."""
     theirs = fmt.feature_names(t.path)
-    columns = match_columns(theirs, table.names if table.by_name else None, name)
+    same = theirs is not None and sorted(theirs) == sorted(table.names)  # another order
+    columns = match_columns(theirs, table.names if table.by_name or same else None, name)
     if columns is not None:
         t = replace(t, columns=columns, notes=(*t.notes, f"{t.name}: takes the table's "
                                                "columns by name, in the order its file "

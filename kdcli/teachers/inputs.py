@@ -84,6 +84,24 @@ def refuse_categories(name: str, categories: list[list[str] | None], names: list
                      "input per column)")
 
 
+def check_gaps(name: str, x: torch.Tensor, out: Any) -> None:
+    """Refuse a model of table rows that gives NaN for rows with missing numbers (a network
+    trained without gaps; boosters and kdcli students with gaps take them).
+
+    Raises:
+        DataError: naming the model.
+    """
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.dim() != 2 \
+            or len(out) != len(x):
+        return
+    bad = ~torch.isfinite(out).all(1) & torch.isnan(x).any(1)
+    if bool(bad.any()):
+        raise DataError(f"{name} gives no scores for rows with missing numbers: it cannot "
+                        "take gaps", "Fill the gaps in first (--missing error lists them), "
+                        "or use a teacher that takes them (a booster, a pipeline with an "
+                        "imputer, a kdcli student trained on data with gaps)")
+
+
 def describe_preprocessing(pre: dict[str, Any]) -> str:
     """A short text of a recorded preprocessing (see
     :meth:`~kdcli.preprocessing.Preprocessing.to_dict`), for tables: ``resize 224x224,

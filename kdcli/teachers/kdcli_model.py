@@ -10,6 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kdcli.errors import ModelError
 from kdcli.io.storage import read_safetensors_metadata
 from kdcli.output import Reporter
@@ -82,14 +84,23 @@ def _text_runner(runner: Any, pre: Preprocessing) -> Any:
     return run
 
 
-def _table_runner(runner: Any, lookups: dict[int, Any]) -> Any:
+def _table_runner(runner: Any, lookups: dict[int, Any], name: str) -> Any:
     """A table student's runner on rows whose category columns hold the data's codes: the
-    student's codes (``lookups``: column -> data code -> student code), then the model."""
+    student's codes (``lookups``: column -> (its name, data code -> student code, or None
+    for a column the data read as numbers, which must then be all missing: the category
+    ``""``, the student's code ``empty``)), then the model."""
 
     def run(x: Any) -> Any:
         x = x.clone()
-        for j, lookup in lookups.items():
-            x[:, j] = lookup.to(x.device)[x[:, j].long()].to(x.dtype)
+        for j, (col, lookup, empty) in lookups.items():
+            if lookup is None:
+                if not bool(torch.isnan(x[:, j]).all()):
+                    raise ModelError(f"{name} takes column {col!r} as categories, but the "
+                                     "data's column holds numbers",
+                                     "Give the table the model was trained on")
+                x[:, j] = empty
+            else:
+                x[:, j] = lookup.to(x.device)[x[:, j].long()].to(x.dtype)
         return runner(x)
 
     return run
@@ -137,15 +148,14 @@ class KdcliModelFormat(TeacherFormat):
         enc = TableEncoding.from_json(table)
         lookups = {}
         for j, (col, cats) in enumerate(zip(enc.columns, categories, strict=False)):
-            if (col.kind == "category") != (cats is not None):
-                raise ModelError(f"{t.name} takes column {col.name!r} as "
-                                 f"{'categories' if cats is None else 'numbers'}, but the "
-                                 f"data's column {names[j]!r} holds "
-                                 f"{'numbers' if cats is None else 'categories'}",
+            if col.kind == "number" and cats is not None:
+                raise ModelError(f"{t.name} takes column {col.name!r} as numbers, but the "
+                                 f"data's column {names[j]!r} holds categories",
                                  "Give the table the model was trained on")
-            if cats is not None:
-                lookups[j] = enc.code_lookup(j, cats)
-        return replace(t, runner=_table_runner(t.runner, lookups)) if lookups else t
+            if col.kind == "category":  # numbers: an all-empty column, checked as it runs
+                lookups[j] = (col.name, None if cats is None else enc.code_lookup(j, cats),
+                              float(enc.code_lookup(j, [""])[0]))
+        return replace(t, runner=_table_runner(t.runner, lookups, t.name)) if lookups else t
 
     def feature_names(self, path: Path) -> list[str] | None:
         return names_from_json((_metadata(path) or {}).get("feature_names"))

@@ -74,9 +74,11 @@ class ColumnsFeed:
     """
 
     def __init__(self, specs: list[tuple[str, str, int]], where: Path,
-                 categories: list[list[str] | None] | None = None) -> None:
+                 categories: list[list[str] | None] | None = None,
+                 columns: list[str] | None = None) -> None:
         self.specs, self.where = specs, where
         self.categories = categories or [None] * len(specs)
+        self.columns = columns or [name for name, _, _ in specs]
 
     @property
     def names(self) -> list[str]:
@@ -89,6 +91,8 @@ class ColumnsFeed:
             ModelError: a string input given numbers, or a number input given categories.
         """
         for (inp, kind, _), cats, col in zip(self.specs, categories, names, strict=True):
+            if kind == STRING and cats is None:
+                continue  # an all-empty column reads as numbers: checked as it runs
             if (kind == STRING) != (cats is not None):
                 raise ModelError(
                     f"{self.where.name} takes {'strings' if kind == STRING else 'numbers'} "
@@ -96,7 +100,8 @@ class ColumnsFeed:
                     f"{'numbers' if cats is None else 'categories'}",
                     "Give the table the model was trained on, with the same column types")
         return ColumnsFeed(self.specs, self.where,
-                           [np.array(c, dtype=object) if c else None for c in categories])
+                           [np.array(c, dtype=object) if c else None for c in categories],
+                           names)
 
     def __call__(self, x: torch.Tensor) -> dict[str, np.ndarray]:
         """The inputs of a batch of rows ``[B, k]``.
@@ -109,8 +114,13 @@ class ColumnsFeed:
             col = x[:, j]
             if kind == STRING:
                 cats = self.categories[j]
+                if cats is None and not bool(torch.isnan(col).all()):
+                    raise ModelError(f"{self.where.name} takes strings as its input {name!r}, "
+                                     f"but the data's column {self.columns[j]!r} holds "
+                                     "numbers", "Give the table the model was trained on, "
+                                     "with the same column types")
                 arr = cats[col.long().numpy()] if cats is not None else \
-                    np.array([str(v) for v in col.tolist()], dtype=object)
+                    np.full(len(col), "", dtype=object)  # an all-empty column
             else:
                 values = col.double().numpy()
                 if COLUMN_TYPES[kind] not in (np.float32, np.float64) and \

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from kdcli.data.base import Data
-from kdcli.errors import UsageError
+from kdcli.errors import DataError, UsageError
 from kdcli.output import Reporter
 from kdcli.preprocessing import Preprocessing
 
@@ -78,10 +78,35 @@ def table_inputs(ts: Any, max_categories: int, rep: Reporter) -> tuple[Any, Prep
     return fit_table(whole, names, categories, max_categories, rep)
 
 
+def refuse_gaps(inputs: Any, names: list[str] | None, source: str, model: str) -> None:
+    """Refuse table rows with a missing number (NaN) for a model that cannot fill gaps in
+    (one trained on rows without them), naming the column and row.
+
+    Raises:
+        DataError: the first gap.
+    """
+    if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
+        return
+    nan = torch.isnan(inputs.reshape(len(inputs), -1))
+    if not bool(nan.any()):
+        return
+    r, c = (int(v) for v in nan.nonzero()[0])
+    col = names[c] if names is not None and c < len(names) else f"#{c + 1}"
+    raise DataError(f"column {col!r} of {source} has a missing value in row {r + 1}, but "
+                    f"{model} was trained on rows without gaps and cannot fill them in",
+                    "Fill the gaps in first (--missing error lists them), or train the "
+                    "model on data with gaps: kdcli students then fill them in themselves")
+
+
 def encoded_table(ds: Data | None, pre: Preprocessing) -> Data | None:
     """Table data with its category codes turned into those of a student's encoding (for
-    test errors); other data as is."""
-    if ds is None or pre.table is None or ds.is_text:
+    test errors); other data as is. Gaps are refused for a student without an encoding
+    (:func:`refuse_gaps`)."""
+    if ds is None or ds.is_text:
+        return ds
+    if pre.table is None:
+        if ds.feature_names is not None:
+            refuse_gaps(ds.inputs, ds.feature_names, ds.source, "the model")
         return ds
     from kdcli.students.table_encoding import TableEncoding
 

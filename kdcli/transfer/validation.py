@@ -193,6 +193,19 @@ def _check_meta_agrees(p: Path, tensors: dict[str, torch.Tensor], meta: dict[str
     if len(set(known.values())) > 1:
         raise bad("different member counts: " +
                   ", ".join(f"{name} {v}" for name, v in known.items()))
+    _check_feature_names(tensors, meta, bad)
+
+
+def _check_feature_names(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                         bad: Any) -> None:
+    """A table's ``feature_names`` name each column of ``inputs`` once."""
+    names, inputs = meta.get("feature_names"), tensors.get("inputs")
+    if names is not None and inputs is not None and inputs.dim() == 2:
+        if len(names) != int(inputs.shape[1]):
+            raise bad(f"{len(names)} feature_names for inputs of {int(inputs.shape[1])} "
+                      "columns")
+        if len(set(names)) != len(names):
+            raise bad(f"feature_names name a column twice ({clip(names)})")
 
 
 def _check_meta_describes(p: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],

@@ -409,7 +409,7 @@ def test_names_with_line_breaks_stay_on_one_line(tmp_path, cli):
     evil.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     line = one_line_error(cli("train", "--data", root, "--epochs", 1, "--out", "m.safetensors"))
     assert "x\\nError: all is fine.png" in line, line
-    (tmp_path / "t.csv").write_text('"a\nError: fine",label\n1,0\nzz,1\n')
+    (tmp_path / "t.csv").write_text('"a\nError: fine",label\n' + "1,0\n" * 10 + "zz,1\n")
     line = one_line_error(cli("train", "--data", "t.csv", "--epochs", 1, "--out",
                               "m.safetensors"))
     assert "a\\nError: fine" in line, line

@@ -19,7 +19,14 @@ from tokenizers import Tokenizer
 
 from kdcli.config import TrainConfig, WordsConfig, student_config
 from kdcli.data.base import DataOptions
-from kdcli.errors import FormatError, OutputExistsError, UnsafePickleError, UsageError
+from kdcli.errors import (
+    FormatError,
+    ModelError,
+    OutputExistsError,
+    UnsafePickleError,
+    UsageError,
+)
+from kdcli.evaluate import evaluate
 from kdcli.export import main_export
 from kdcli.io.storage import read_safetensors
 from kdcli.soft_targets import soft_targets
@@ -27,6 +34,7 @@ from kdcli.students.base import Architecture
 from kdcli.students.model_file import load_model
 from kdcli.students.subwords import read_beside, sha256_text
 from kdcli.students.transformer import TransformerClassifier
+from kdcli.teachers import base as teacher_base
 from kdcli.teachers.formats import load_teacher
 from kdcli.train import train, train_student
 
@@ -173,3 +181,77 @@ def test_distilled_from_the_bert_teacher_with_its_tokenizer_and_embeddings(
                       out=tmp_path / "s2.safetensors", config=student_config(epochs=1),
                       eval_data="none", words=WordsConfig(tokenizer="teacher"))
     assert "--tokenizer path/to/bert" in e.value.hint
+
+
+@pytest.fixture(scope="module")
+def exported(overfit, text_reviews, tmp_path_factory) -> tuple:
+    """The overfit student's ONNX export, with its tokenizer.json beside it."""
+    out, _ = overfit
+    onnx_path = tmp_path_factory.mktemp("export") / "student.onnx"
+    main_export(out, onnx_path, data=text_reviews)
+    return out, onnx_path
+
+
+def test_eval_and_soft_targets_take_the_export_as_they_take_the_model_file(
+        exported, text_reviews, tmp_path):
+    out, onnx_path = exported
+    result = evaluate([str(out), str(onnx_path)], data=text_reviews, data_options=TEXT)
+    file_row, onnx_row = result["models"]
+    assert file_row["errors"] == onnx_row["errors"]
+    assert file_row["accuracy"] == onnx_row["accuracy"]
+    assert result["agreement"][0][1] == 1.0
+    t = load_teacher(onnx_path)
+    assert t.inputs[0].dtype == teacher_base.TEXT  # texts in, as onnx_text's
+    # as a teacher: the export's soft targets are the model file's
+    sets = []
+    for i, teacher in enumerate((out, onnx_path)):
+        transfer = tmp_path / f"t{i}.safetensors"
+        soft_targets([str(teacher)], T=2.0, data=text_reviews + "[:32]", out=transfer,
+                     data_options=TEXT, precision="fp32")
+        sets.append(read_safetensors(transfer)[0])
+    logits = [k for k in sets[0] if "logit" in k or "target" in k]
+    assert logits
+    for k in logits:
+        torch.testing.assert_close(sets[0][k], sets[1][k], atol=1e-4, rtol=1e-4)
+
+
+def _copy_export(onnx_path, folder, **props) -> object:
+    """The export and its tokenizer copied to ``folder``, its metadata changed by
+    ``props`` (None: removed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(onnx_path.with_name("tokenizer.json"), folder / "tokenizer.json")
+    proto = onnx.load(str(onnx_path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    meta.update(props)
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, {k: v for k, v in meta.items() if v is not None})
+    onnx.save(proto, str(folder / "student.onnx"))
+    return folder / "student.onnx"
+
+
+def test_the_exports_tokenizer_missing_tampered_or_outside_is_refused(exported, tmp_path):
+    _, onnx_path = exported
+    cases = []
+    missing = _copy_export(onnx_path, tmp_path / "missing")
+    (tmp_path / "missing" / "tokenizer.json").unlink()
+    cases.append((missing, FormatError, "no tokenizer.json is beside it"))
+    tampered = _copy_export(onnx_path, tmp_path / "tampered")
+    beside = tmp_path / "tampered" / "tokenizer.json"
+    beside.write_text(beside.read_text(encoding="utf-8").replace("[UNK]", "[unk]"))
+    cases.append((tampered, FormatError, "SHA-256"))
+    # a name that leads out of the folder, where a good tokenizer waits: never read
+    shutil.copy(onnx_path.with_name("tokenizer.json"), tmp_path / "x.json")
+    outside = _copy_export(onnx_path, tmp_path / "outside", tokenizer_file="../x.json")
+    cases.append((outside, FormatError, "not a file name in its folder"))
+    pickled = _copy_export(onnx_path, tmp_path / "pickled")
+    (tmp_path / "pickled" / "tokenizer.json").write_bytes(pickle.dumps({"model": "x"}))
+    cases.append((pickled, UnsafePickleError, "pickle"))
+    # a foreign model with the same inputs but no kdcli tokenizer: the folder is asked
+    foreign = _copy_export(onnx_path, tmp_path / "foreign", tokenizer_file=None,
+                           tokenizer_sha256=None)
+    cases.append((foreign, ModelError, "names no tokenizer"))
+    for path, error, words in cases:
+        with pytest.raises(error, match=words) as e:
+            load_teacher(path)
+        assert "\n" not in e.value.message, path
+    assert "Hugging Face folder" in e.value.hint

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from kdcli.errors import FormatError, UnsafePickleError, UsageError, quote_name
-from kdcli.io.files import require_file
+from kdcli.io.files import inside_folder, require_file
 from kdcli.preprocessing import Preprocessing
 
 #: The file a subword student's tokenizer is read from in a folder, and written beside its
@@ -149,21 +150,33 @@ def export_json(pre: Preprocessing) -> str:
     return tok.to_str()
 
 
-def graph_inputs(text: str, strings: list[str]) -> dict[str, np.ndarray]:
-    """What an exported graph gets for ``strings`` by the tokenizer JSON ``text``."""
-    enc = Tokenizer.from_str(text).encode_batch(list(strings))
+def graph_inputs(tok: str | Tokenizer, strings: list[str]) -> dict[str, np.ndarray]:
+    """What an exported graph gets for ``strings`` by the tokenizer ``tok`` (or its JSON)."""
+    tok = Tokenizer.from_str(tok) if isinstance(tok, str) else tok
+    enc = tok.encode_batch(list(strings))
     return {"input_ids": np.array([e.ids for e in enc], dtype=np.int64),
             "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64)}
 
 
 def read_beside(onnx_path: str | Path, meta: dict[str, str]) -> str:
     """The tokenizer written beside the ONNX file ``onnx_path`` (its metadata ``meta``),
-    checked against the SHA-256 the graph records.
+    checked against the SHA-256 the graph records. The metadata's ``tokenizer_file`` must
+    be a plain file name in the model's folder: a path, ``..`` or a link that leads out of
+    the folder is refused before anything there is looked at.
 
     Raises:
-        FormatError: no tokenizer beside it, or one with another hash (a pickle too).
+        FormatError: no tokenizer beside it, a name that leads out of the folder, or one
+            with another hash (a pickle too).
     """
-    p = Path(onnx_path).with_name(meta.get("tokenizer_file", TOKENIZER_FILE))
+    name = meta.get("tokenizer_file", TOKENIZER_FILE)
+    where = Path(onnx_path).parent
+    real = inside_folder(where, name) if _plain_name(name) else None
+    if real is None or real.parent != Path(os.path.realpath(where)):
+        raise FormatError(f"{quote_name(onnx_path)} names its tokenizer {name[:100]!r}, "
+                          "which is not a file name in its folder",
+                          f"Put the {TOKENIZER_FILE} written by kdcli export beside the "
+                          "model, and export it again")
+    p = Path(onnx_path).with_name(name)
     if not p.is_file():
         raise FormatError(f"{quote_name(onnx_path)} takes token ids, but no "
                           f"{p.name} is beside it", f"Put the {p.name} written by kdcli "
@@ -175,6 +188,12 @@ def read_beside(onnx_path: str | Path, meta: dict[str, str]) -> str:
                           "tokenizer_sha256)", "Export the model again, or put its own "
                           "tokenizer.json beside it")
     return text
+
+
+def _plain_name(name: Any) -> bool:
+    """Whether ``name`` is one file name: no folder, no ``..``, nothing odd."""
+    return isinstance(name, str) and name not in ("", ".", "..") and \
+        not any(c in name for c in "/\\\0:")
 
 
 class TokenInputs(nn.Module):

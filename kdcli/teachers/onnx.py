@@ -47,6 +47,7 @@ from kdcli.teachers.onnx_text import (
     takes_strings,
     text_rank,
 )
+from kdcli.teachers.onnx_tokens import takes_tokens, tokens_feed
 
 ONNX_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64",
               "tensor(uint8)": "uint8", "tensor(float16)": "float16",
@@ -78,6 +79,8 @@ class OnnxFormat(TeacherFormat):
         sess, graph = open_session(path, req.device, notes, meta)
         inputs = sess.get_inputs()
         out = choose_output(sess, req.opts.output_name, path, notes)
+        if takes_tokens(inputs):
+            return self._load_tokens(req, sess, graph, out, notes, meta)
         if takes_columns(inputs):
             return self._load_columns(req, sess, graph, out, notes, meta)
         refuse_several_inputs(name, inputs)
@@ -155,6 +158,18 @@ class OnnxFormat(TeacherFormat):
         return req.teacher(self, runner, inputs=(InputSpec(inp.name, TEXT),),
                            meta={"onnx_output": out.name, **meta}, notes=tuple(notes),
                            **fields)
+
+    def _load_tokens(self, req: LoadRequest, sess: Any, graph: Any, out: Any,
+                     notes: list[str], meta: dict[str, Any]) -> Teacher:
+        """A text teacher that takes ``input_ids`` and ``attention_mask``: a kdcli export of
+        a subword student, whose tokenizer beside it makes them from the batch's texts (see
+        :mod:`kdcli.teachers.onnx_tokens`)."""
+        path = req.path
+        _refuse_non_scores(path.name, graph, out, sess.get_outputs())
+        feed = tokens_feed(path, sess.get_modelmeta().custom_metadata_map)
+        runner = _TensorRunner(sess, None, out.name, path, feed)
+        return req.teacher(self, runner, inputs=(InputSpec("text", TEXT),),
+                           meta={"onnx_output": out.name, **meta}, notes=tuple(notes))
 
     def param_count(self, t: Teacher) -> int:
         """Learned tensors only: not the preprocessing's constants (scale, mean, std, also
@@ -337,7 +352,10 @@ def describe_onnx(path: Any, output_name: str | None = None) -> dict[str, Any]:
     elif out is not None and out.shape and isinstance(out.shape[-1], int):
         info["classes"] = out.shape[-1] if out.shape[-1] > 1 else 2
     inp = sess.get_inputs()[0] if len(sess.get_inputs()) == 1 else None
-    info["preprocessing"] = ("none: inputs as given" if inp is None else
+    tokenizer = sess.get_modelmeta().custom_metadata_map.get("tokenizer_file")
+    info["preprocessing"] = (f"texts in: tokenized by the {tokenizer} beside it"
+                             if takes_tokens(sess.get_inputs()) and tokenizer else
+                             "none: inputs as given" if inp is None else
                              "none: texts as given" if inp.type == STRING_TYPE else
                              f"none: inputs as given, cast to {ONNX_TYPES.get(inp.type, inp.type)}")
     return info

@@ -29,7 +29,7 @@ from kdcli.errors import FormatError, ModelError
 from kdcli.io.files import sha256_file
 from kdcli.output import Reporter
 from kdcli.preprocessing import Preprocessing
-from kdcli.teachers.inputs import IDENTITY, prepare_input, refuse_categories
+from kdcli.teachers.inputs import IDENTITY, prepare_input, raw_layout, refuse_categories
 
 OUTPUT_KINDS = ("logits", "log-probs", "probs")
 #: The smallest logit a probability (or log-probability) output becomes: a probability of
@@ -41,6 +41,9 @@ LOG_PROB_FLOOR = -1000.0
 DEFAULT_INPUT = "input"
 #: The dtype of an input that is raw text (one string, or a pair, per example).
 TEXT = "string"
+#: The dtype of an input the model takes as the data stores it (any dtype): a model that
+#: converts and standardizes the values itself, so preparing a batch only lays it out.
+RAW = "raw"
 #: A batch of raw examples: ``[B, *shape]`` values, or ``B`` texts or ``(text, text)`` pairs.
 RawBatch = torch.Tensor | Texts | Sequence[str] | Sequence[tuple[str, str]]
 
@@ -210,6 +213,8 @@ class Teacher:
             return raw
         if self.columns is not None:  # by name: the flat row's columns, then its layout
             raw = raw.reshape(len(raw), -1)[:, list(self.columns)]
+        if self.input_dtype == RAW:  # no float copy: the model makes its own
+            return raw_layout(raw, self.preprocessing, shape or self.input_shape, self.name)
         return prepare_input(raw, self.preprocessing, shape or self.input_shape,
                              self.input_dtype, self.name)
 

@@ -203,8 +203,10 @@ class RangeWriter:
                     preds = z.argmax(-1)
                     self.stats[m + 1] += int((preds != preds[0]).any(0).sum())
                 if y is not None:
-                    self.stats[:m] += (z.argmax(-1) == y).sum(-1)
-                    self.stats[m] += int((logits.argmax(-1) == y).sum())
+                    right = (z.argmax(-1) == y).sum(-1)
+                    self.stats[:m] += right  # one teacher: the ensemble is its logits
+                    self.stats[m] += int(right[0] if m == 1 else
+                                         (logits.argmax(-1) == y).sum())
                 advance(stop - start)
 
 
@@ -354,8 +356,9 @@ def check_sharded_output(index: Path, force: bool) -> None:
 
 def _check_finite(z, members: list[Teacher], start: int) -> None:
     """Refuse teacher logits ``z`` ``[M, B, C]`` (of rows from ``start`` on) with NaN or Inf."""
-    ok = torch.isfinite(z).all(-1)  # [M, B]
+    ok = torch.isfinite(z)
     if not bool(ok.all()):
+        ok = ok.all(-1)  # [M, B]
         i, row = (~ok).nonzero()[0].tolist()
         rows = (start + (~ok[i]).nonzero()[:5, 0]).tolist()
         raise ModelError(f"teacher {members[i].name} output NaN or Inf (first bad rows {rows})",

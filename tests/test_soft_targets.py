@@ -1,5 +1,6 @@
 """kdcli soft-targets: exactness, ensembles, the file format, options and bad input."""
 
+import hashlib
 import json
 import math
 import sys
@@ -12,10 +13,13 @@ from safetensors.torch import load_file
 
 from kdcli.data.sources import load_data
 from kdcli.errors import FormatError, KdcliError, ModelError
+from kdcli.io.storage import SafetensorsWriter
 from kdcli.soft_targets import soft_targets
 from kdcli.teachers.base import TeacherOptions
 from kdcli.teachers.formats import load_teacher
+from kdcli.teachers.inputs import prepare_input
 from kdcli.transfer.reader import load_transfer_set
+from kdcli.transfer.writer import weight_cast_cache
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TinyMLP  # noqa: E402
@@ -240,3 +244,37 @@ def test_inspect_shows_dark_knowledge(cli, transfer_file):
     assert "Dark knowledge" in r.stdout
     with pytest.raises(FormatError, match="transfer set, not a model"):
         soft_targets([transfer_file], out="x.safetensors")
+
+
+def test_kdcli_teacher_takes_raw_inputs_with_the_same_logits(teacher_file):
+    x = load_data("mnist[:300]").inputs
+    for precision in ("fp32", "bf16"):
+        t = load_teacher(teacher_file, precision=precision)
+        assert t.prepare(x).dtype == torch.uint8  # no float copy: the model converts them
+        floats = prepare_input(x, t.preprocessing, t.input_shape, "float32")
+        with weight_cast_cache([t]):
+            old = t.check_output(t.forward(floats), len(x))
+            torch.testing.assert_close(t.logits(x), old, rtol=0, atol=0)
+
+
+def test_set_checksum_continues_the_inputs_hash(tmp_path, teacher_file, monkeypatch):
+    taken = []
+    own = SafetensorsWriter.already_hashed
+    monkeypatch.setattr(SafetensorsWriter, "already_hashed",
+                        lambda w, name, state: (taken.append(name), own(w, name, state)))
+    out = tmp_path / "ts.safetensors"
+    soft_targets([teacher_file], T=20, data="mnist[:1000]", out=out, batch_size=300)
+    assert taken == ["inputs"]  # hashed once, for inputs_sha256, not again for the file
+    raw = out.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    meta = json.loads(raw[8:8 + n])["__metadata__"]
+    assert meta["data_sha256"] == hashlib.sha256(raw[8 + n:]).hexdigest()
+    inputs = load_data("mnist[:1000]").inputs.numpy().tobytes()
+    assert meta["inputs_sha256"] == hashlib.sha256(inputs).hexdigest()
+    w = SafetensorsWriter(tmp_path / "x.safetensors", {"a": (torch.uint8, (4,)),
+                                                       "b": (torch.uint8, (4,))}, {})
+    with w:
+        with pytest.raises(ValueError):  # not the first tensor
+            w.already_hashed("b", hashlib.sha256())
+        w.write("a", 0, torch.zeros(4, dtype=torch.uint8))
+        w.write("b", 0, torch.zeros(4, dtype=torch.uint8))

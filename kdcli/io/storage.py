@@ -402,6 +402,20 @@ class SafetensorsWriter:
         if start + first * itemsize == self.hashed and len(buf):
             self._hash_later(buf)
 
+    def already_hashed(self, name: str, state: Any) -> None:
+        """Take ``state``, a hashlib SHA-256 object that has hashed exactly the bytes tensor
+        ``name`` will be written with, as the hash of the data section so far; its chunks
+        are then written without being hashed again. Call before any write; ``name`` must
+        be the first tensor of the file.
+
+        Raises:
+            ValueError: ``name`` is not first, or something was already hashed.
+        """
+        start, _, size = self.layout[name]
+        if start != 0 or self.hashed != 0:
+            raise ValueError(f"{name} is not the first tensor, or bytes were already hashed")
+        self.hash, self.hashed = state.copy(), size
+
     def _hash_later(self, buf: memoryview) -> None:
         """Hash ``buf``, the next bytes of the data section, on the worker thread (which
         keeps ``buf``, and so its tensor, alive until then)."""

@@ -14,7 +14,6 @@ turned into logits (``log p``, exact up to a constant per row, floored at
 from __future__ import annotations
 
 import json
-import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,11 +24,11 @@ import torch
 
 from kdcli.data.text import Texts
 from kdcli.devices import host_to_device, use_tf32
-from kdcli.errors import FormatError, ModelError
+from kdcli.errors import ModelError
 from kdcli.io.files import sha256_file
 from kdcli.output import Reporter
 from kdcli.preprocessing import Preprocessing
-from kdcli.teachers.inputs import IDENTITY, check_gaps, prepare_input, refuse_categories
+from kdcli.teachers.inputs import IDENTITY, check_gaps, prepare_input, raw_layout, refuse_categories
 
 OUTPUT_KINDS = ("logits", "log-probs", "probs")
 #: The smallest logit a probability (or log-probability) output becomes: a probability of
@@ -41,6 +40,9 @@ LOG_PROB_FLOOR = -1000.0
 DEFAULT_INPUT = "input"
 #: The dtype of an input that is raw text (one string, or a pair, per example).
 TEXT = "string"
+#: The dtype of an input the model takes as the data stores it (any dtype): a model that
+#: converts and standardizes the values itself, so preparing a batch only lays it out.
+RAW = "raw"
 #: A batch of raw examples: ``[B, *shape]`` values, or ``B`` texts or ``(text, text)`` pairs.
 RawBatch = torch.Tensor | Texts | Sequence[str] | Sequence[tuple[str, str]]
 
@@ -210,6 +212,8 @@ class Teacher:
             return raw
         if self.columns is not None:  # by name: the flat row's columns, then its layout
             raw = raw.reshape(len(raw), -1)[:, list(self.columns)]
+        if self.input_dtype == RAW:  # no float copy: the model makes its own
+            return raw_layout(raw, self.preprocessing, shape or self.input_shape, self.name)
         return prepare_input(raw, self.preprocessing, shape or self.input_shape,
                              self.input_dtype, self.name)
 
@@ -460,24 +464,6 @@ def torch_runner(module: Any, device: str, precision: str,
             return module(host_to_device(x, dev))
 
     return run, module
-
-
-def zip_names(p: Path) -> list[str]:
-    """The member names of the zip archive at ``p`` ([] if it is not one).
-
-    Raises:
-        FormatError: a zip archive that is corrupt or truncated.
-    """
-    if p.is_dir():
-        return []
-    with open(p, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":
-            return []
-    try:
-        return zipfile.ZipFile(p).namelist()
-    except zipfile.BadZipFile as e:
-        raise FormatError(f"{p} is a corrupt or truncated zip archive",
-                          "Save the model again") from e
 
 
 def names_from_json(text: str | None) -> list[str] | None:

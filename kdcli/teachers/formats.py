@@ -38,10 +38,10 @@ from kdcli.teachers.base import (
     TeacherFormat,
     TeacherOptions,
     short,
-    zip_names,
 )
 from kdcli.teachers.inputs import IDENTITY, match_columns
 from kdcli.teachers.probe import settle
+from kdcli.teachers.safety import zip_names
 
 
 class Entry(NamedTuple):

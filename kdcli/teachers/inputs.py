@@ -44,6 +44,22 @@ def prepare_input(raw: torch.Tensor, pre: Preprocessing, shape: list[int] | None
     return standardize(x, pre.scale, mean, std).to(getattr(torch, dtype))
 
 
+def raw_layout(raw: torch.Tensor, pre: Preprocessing, shape: list[int] | None,
+               name: str = "teacher") -> torch.Tensor:
+    """Raw examples in the layout a model that converts its inputs itself takes: reshaped
+    to ``shape`` (None: the data's), in their own dtype: the model's own ``float()`` then
+    gives the values :func:`prepare_input` gives with the identity ``pre``, without a
+    float copy of the batch here.
+
+    Raises:
+        ModelError: ``pre`` is not the identity, or ``shape`` does not fit the data.
+    """
+    if pre.size or (pre.scale, pre.mean, pre.std) != (1.0, 0.0, 1.0):
+        raise ModelError(f"internal: teacher {name} takes raw inputs but has preprocessing "
+                         f"{pre.to_dict()}", "Report this bug")
+    return modality_for(list(raw.shape[1:])).teacher_layout(raw, pre, shape, name)
+
+
 def match_columns(theirs: list[str] | None, ours: list[str] | None,
                   name: str) -> tuple[int, ...] | None:
     """Where the columns a model takes (``theirs``, the feature names its file records) are

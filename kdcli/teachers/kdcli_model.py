@@ -17,8 +17,10 @@ from kdcli.io.storage import read_safetensors_metadata
 from kdcli.output import Reporter
 from kdcli.preprocessing import Preprocessing
 from kdcli.students.base import count_params
+from kdcli.students.layers import Preprocess
 from kdcli.students.model_file import MODEL_FORMAT, ModelFile, load_model
 from kdcli.teachers.base import (
+    RAW,
     TEXT,
     InputSpec,
     LoadRequest,
@@ -128,8 +130,11 @@ class KdcliModelFormat(TeacherFormat):
                 inputs=(InputSpec("text", TEXT),), preprocessing=Preprocessing(), meta=meta,
                 num_classes=mf.num_classes, class_names=_class_names(mf))
         shape = req.user_shape or tuple(mf.preprocessing.raw_shape)
+        # a model whose first layer is Preprocess converts raw values itself: no float copy
+        first = next(iter(mf.model.children()), None)
+        dtype = RAW if type(first) is Preprocess else "float32"
         return req.teacher(
-            self, runner, module=module, inputs=(InputSpec(shape=shape),),
+            self, runner, module=module, inputs=(InputSpec(shape=shape, dtype=dtype),),
             preprocessing=Preprocessing(),  # the model does its own
             meta=meta, num_classes=mf.num_classes, class_names=_class_names(mf))
 

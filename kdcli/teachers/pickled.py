@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from kdcli.errors import FormatError, UnsafePickleError, first_line
-from kdcli.teachers.base import LoadRequest, Teacher, TeacherFormat, torch_runner, zip_names
+from kdcli.teachers.base import LoadRequest, Teacher, TeacherFormat, torch_runner
+from kdcli.teachers.safety import zip_names
 from kdcli.teachers.state_dict import state_dict_teacher
 
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")

@@ -202,3 +202,21 @@ def _installed(top: str) -> bool:
         return False
     places = [spec.origin or "", *(spec.submodule_search_locations or [])]
     return any(_PACKAGES & set(Path(p).parts) for p in places if p)
+
+
+def zip_names(p: Path) -> list[str]:
+    """The member names of the zip archive at ``p`` ([] if it is not one).
+
+    Raises:
+        FormatError: a zip archive that is corrupt or truncated.
+    """
+    if p.is_dir():
+        return []
+    with open(p, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return []
+    try:
+        return zipfile.ZipFile(p).namelist()
+    except zipfile.BadZipFile as e:
+        raise FormatError(f"{p} is a corrupt or truncated zip archive",
+                          "Save the model again") from e

@@ -18,9 +18,8 @@ from kdcli.teachers.base import (
     Teacher,
     TeacherFormat,
     torch_runner,
-    zip_names,
 )
-from kdcli.teachers.safety import check_export_archive
+from kdcli.teachers.safety import check_export_archive, zip_names
 
 
 class TorchExportFormat(TeacherFormat):

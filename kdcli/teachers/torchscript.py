@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from kdcli.errors import FormatError, first_line
-from kdcli.teachers.base import LoadRequest, Teacher, TeacherFormat, torch_runner, zip_names
+from kdcli.teachers.base import LoadRequest, Teacher, TeacherFormat, torch_runner
+from kdcli.teachers.safety import zip_names
 
 
 class TorchScriptFormat(TeacherFormat):

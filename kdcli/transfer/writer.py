@@ -67,6 +67,9 @@ class Source:
         self.budget = PageBudget(getattr(ds, "files", []))
         self.text = isinstance(ds.inputs, Texts)
         self.pool: WordPool | None = None  # the words replacements are drawn from
+        # the SHA-256 state after all the inputs' bytes (set by sha256()): a file whose data
+        # section starts with all of them continues it instead of hashing them again
+        self.inputs_hash: Any = None
         # bytes of one row's inputs (of a text set: its texts, on average, at least 1)
         self.row_bytes = -(-ds.inputs.nbytes // max(1, len(ds))) if self.text else \
             ds.inputs[0].numel() * ds.inputs.element_size()
@@ -120,6 +123,8 @@ class Source:
         for a in range(0, self.n, chunk):
             x, _ = self.rows(a, min(self.n, a + chunk))
             h.update(to_bytes(x.compact()[0] if self.text else x))
+        if not self.text:
+            self.inputs_hash = h.copy()
         return h.hexdigest()
 
     def text_bytes(self, a: int, b: int) -> int:
@@ -179,6 +184,8 @@ class RangeWriter:
         cursor = 0  # of a text set: where the next batch's texts go in text_bytes
         with SafetensorsWriter(path, file_specs(layout, n, src.text_bytes(a, b)), meta) as w, \
                 weight_cast_cache(self.members):
+            if (a, b) == (0, src.n) and src.inputs_hash is not None:
+                w.already_hashed("inputs", src.inputs_hash)  # the same bytes, in row order
             for start in range(a, b, self.batch_size):
                 stop = min(b, start + self.batch_size)
                 x, y = src.rows(start, stop)
@@ -196,8 +203,10 @@ class RangeWriter:
                     preds = z.argmax(-1)
                     self.stats[m + 1] += int((preds != preds[0]).any(0).sum())
                 if y is not None:
-                    self.stats[:m] += (z.argmax(-1) == y).sum(-1)
-                    self.stats[m] += int((logits.argmax(-1) == y).sum())
+                    right = (z.argmax(-1) == y).sum(-1)
+                    self.stats[:m] += right  # one teacher: the ensemble is its logits
+                    self.stats[m] += int(right[0] if m == 1 else
+                                         (logits.argmax(-1) == y).sum())
                 advance(stop - start)
 
 
@@ -347,8 +356,9 @@ def check_sharded_output(index: Path, force: bool) -> None:
 
 def _check_finite(z, members: list[Teacher], start: int) -> None:
     """Refuse teacher logits ``z`` ``[M, B, C]`` (of rows from ``start`` on) with NaN or Inf."""
-    ok = torch.isfinite(z).all(-1)  # [M, B]
+    ok = torch.isfinite(z)
     if not bool(ok.all()):
+        ok = ok.all(-1)  # [M, B]
         i, row = (~ok).nonzero()[0].tolist()
         rows = (start + (~ok[i]).nonzero()[:5, 0]).tolist()
         raise ModelError(f"teacher {members[i].name} output NaN or Inf (first bad rows {rows})",

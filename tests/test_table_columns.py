@@ -38,13 +38,10 @@ def penguins(tmp_path_factory) -> Path:
 
 
 def _frame(df):
-    X = df.drop(columns="species").copy()
-    for c in CATS:
-        X[c] = X[c].fillna("").astype(str)
-    for c in X.columns:
-        if c not in CATS:
-            X[c] = X[c].astype(np.float32)
-    return X
+    """The features as a DataFrame of str categories ("" for missing) and float32 numbers."""
+    X = df.drop(columns="species")
+    X[CATS] = X[CATS].fillna("")
+    return X.astype({c: str if c in CATS else np.float32 for c in X.columns})
 
 
 @pytest.fixture(scope="module")

@@ -71,6 +71,7 @@ class ColumnsFeed:
         where: The model, for error messages.
         categories: For each input, the data's categories of its column (None: numbers);
             set by :meth:`bound`.
+        columns: For each input, the data's column that feeds it (named in errors).
     """
 
     def __init__(self, specs: list[tuple[str, str, int]], where: Path,

@@ -157,3 +157,19 @@ def test_kdcli_help_imports_no_heavy_library():
                          check=True)
     assert "Usage" in out.stdout
     assert out.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_the_commands_run_without_the_optional_libraries():
+    """The base install (torch, onnx, onnxruntime, pyarrow, ...) runs every command on
+    images and tables: importing the commands' modules imports no optional library (the
+    text and test extras: tokenizers, transformers, scikit-learn, pandas). The quickstart of
+    a fresh install once failed at export on ``import tokenizers``."""
+    code = ("import sys\n"
+            "import kdcli.export, kdcli.evaluate, kdcli.train, kdcli.soft_targets\n"
+            "import kdcli.sweep, kdcli.calibrate, kdcli.inspection, kdcli.teachers.formats\n"
+            "import kdcli.teachers.onnx, kdcli.teachers.kdcli_model\n"
+            "print(sorted(m for m in ('tokenizers', 'transformers', 'sklearn', 'pandas',\n"
+            "                         'scattertext') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout

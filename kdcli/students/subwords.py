@@ -19,16 +19,18 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 from torch import nn
 
 from kdcli.errors import FormatError, UnsafePickleError, UsageError, quote_name
 from kdcli.io.files import inside_folder, require_file
 from kdcli.preprocessing import Preprocessing
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 #: The file a subword student's tokenizer is read from in a folder, and written beside its
 #: ONNX export.
@@ -36,6 +38,21 @@ TOKENIZER_FILE = "tokenizer.json"
 #: Padding tokens looked for (in this order) when the exported tokenizer pads.
 _PAD_TOKENS = ("[PAD]", "<pad>", "<|pad|>", "<PAD>", "[pad]")
 
+
+def tokenizer_class() -> Any:
+    """The ``tokenizers`` library's ``Tokenizer``, imported when a subword student needs it
+    (kdcli's other commands run without the library).
+
+    Raises:
+        UsageError: the library is not installed.
+    """
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as e:
+        raise UsageError("a subword student's tokenizer needs the tokenizers library",
+                         'pip install tokenizers (it comes with pip install "kdcli[hf]")') \
+            from e
+    return Tokenizer
 
 def sha256_text(text: str) -> str:
     """The SHA-256 of ``text``'s UTF-8 bytes, in hex."""
@@ -79,7 +96,7 @@ def read_json(path: str | Path) -> str:
         text = p.read_text(encoding="utf-8")
         if not isinstance(json.loads(text), dict):
             raise ValueError("not a JSON object")
-        Tokenizer.from_str(text)
+        tokenizer_class().from_str(text)
     except (OSError, UnicodeDecodeError, ValueError, Exception) as e:  # noqa: BLE001
         raise FormatError(f"{quote_name(p)} is not a tokenizer.json the tokenizers library "
                           f"reads ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})",
@@ -89,7 +106,7 @@ def read_json(path: str | Path) -> str:
 
 def record(text: str) -> dict[str, Any]:
     """The preprocessing's ``tokenizer`` field for the tokenizer JSON ``text``."""
-    tok = Tokenizer.from_str(text)
+    tok = tokenizer_class().from_str(text)
     return {"json": text, "sha256": sha256_text(text),
             "size": tok.get_vocab_size(with_added_tokens=True)}
 
@@ -111,7 +128,7 @@ def check_record(field: Any) -> None:
         raise ValueError("tokenizer record without json, sha256 and size")
     if sha256_text(field["json"]) != field["sha256"]:
         raise ValueError("the tokenizer's JSON does not have the SHA-256 it records")
-    if Tokenizer.from_str(field["json"]).get_vocab_size(with_added_tokens=True) != \
+    if tokenizer_class().from_str(field["json"]).get_vocab_size(with_added_tokens=True) != \
             field["size"]:
         raise ValueError("the tokenizer's size is not the one it records")
 
@@ -119,7 +136,7 @@ def check_record(field: Any) -> None:
 def load(pre: Preprocessing, max_len: int | None = None) -> Tokenizer:
     """The tokenizer of ``pre``, truncating at ``max_len`` (default ``raw_shape[0]``) and not
     padding."""
-    tok = Tokenizer.from_str(pre.tokenizer["json"])
+    tok = tokenizer_class().from_str(pre.tokenizer["json"])
     tok.no_padding()
     tok.enable_truncation(max_len or pre.raw_shape[0])
     return tok
@@ -152,7 +169,7 @@ def export_json(pre: Preprocessing) -> str:
 
 def graph_inputs(tok: str | Tokenizer, strings: list[str]) -> dict[str, np.ndarray]:
     """What an exported graph gets for ``strings`` by the tokenizer ``tok`` (or its JSON)."""
-    tok = Tokenizer.from_str(tok) if isinstance(tok, str) else tok
+    tok = tokenizer_class().from_str(tok) if isinstance(tok, str) else tok
     enc = tok.encode_batch(list(strings))
     return {"input_ids": np.array([e.ids for e in enc], dtype=np.int64),
             "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64)}

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from kdcli.errors import ModelError, quote_name
-from kdcli.students.subwords import graph_inputs, read_beside
+from kdcli.students.subwords import graph_inputs, read_beside, tokenizer_class
 from kdcli.teachers.onnx_text import TextFeed
 
 #: The inputs of a kdcli subword export, in its order.
@@ -65,7 +64,7 @@ class TokensFeed:
 
     def __init__(self, text: str, where: Path) -> None:
         self.text, self.where = text, where
-        self.tokenizer = Tokenizer.from_str(text)
+        self.tokenizer = tokenizer_class().from_str(text)
         self._texts = TextFeed(1, where)  # one text per example, or a one-line refusal
 
     def __call__(self, texts: Sequence[Any]) -> dict[str, np.ndarray]:

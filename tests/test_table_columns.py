@@ -449,3 +449,21 @@ def test_damaged_encodings_and_column_names_are_refused(penguins, table_student,
         save_file(tensors, str(tmp_path / f"{name}.kdcli"), metadata=bad)
         with pytest.raises(FormatError, match=expect):
             load_model(tmp_path / f"{name}.kdcli")
+
+
+def test_a_pipeline_given_the_wrong_column_types_is_refused(penguins, pipeline_teacher,
+                                                            tmp_path):
+    """A pipeline of one input per column given numbers for a string input, or categories
+    for a number input, stops in one line naming both; a column it needs is named when
+    missing."""
+    raw = pd.read_csv(penguins / "test.csv")
+    codes = raw.assign(island=raw.island.astype("category").cat.codes)
+    with pytest.raises(ModelError, match=r"takes strings as its input 'island', but the "
+                                         r"data's column 'island' holds numbers"):
+        _logits(pipeline_teacher[0], _write(codes, tmp_path / "codes.csv"))
+    words = raw.assign(year=raw.year.map(lambda y: f"y{y}"))
+    with pytest.raises(ModelError, match=r"takes numbers as its input 'year', but the "
+                                         r"data's column 'year' holds categories"):
+        _logits(pipeline_teacher[0], _write(words, tmp_path / "words.csv"))
+    with pytest.raises(DataError, match="no column '?sex'?, which teacher pipeline.onnx"):
+        _logits(pipeline_teacher[0], _write(raw.drop(columns="sex"), tmp_path / "nosex.csv"))

@@ -315,8 +315,10 @@ class TableColumns:
     Attributes:
         names: The data's feature columns, in order.
         categories: Its category columns, each with its categories in code order.
-        by_name: Whether a model that records its columns gets them by name (False: the
-            user chose them with ``--feature-columns``, and their order is the user's word).
+        by_name: Whether these are the table's default columns (False: the user chose
+            them with ``--feature-columns``: a model that records its columns then gets them
+            by position, the user's order, unless they are its own columns in another
+            order; and category columns are not left out for a model of numbers).
     """
 
     names: list[str]

@@ -110,9 +110,10 @@ def from_table(table: pa.Table, path: Path, options: DataOptions) -> Loaded:
     columns, categories = [], {}
     for name in features:
         col = table.column(name)
+        category = kind(col) == "category"  # parses every string once: asked once
         if options.missing == "error":
-            check_present(col, name, path, empty=kind(col) == "category")
-        if kind(col) == "category":
+            check_present(col, name, path, empty=category)
+        if category:
             values, categories[name] = codes(col)
             columns.append(values)
         else:

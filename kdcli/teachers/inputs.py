@@ -110,8 +110,8 @@ def check_gaps(name: str, x: torch.Tensor, out: Any) -> None:
     if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.dim() != 2 \
             or len(out) != len(x):
         return
-    bad = ~torch.isfinite(out).all(1) & torch.isnan(x).any(1)
-    if bool(bad.any()):
+    lost = ~torch.isfinite(out).all(1)  # [B]: cheap; the inputs are looked at only then
+    if bool(lost.any()) and bool((lost & torch.isnan(x).any(1)).any()):
         raise DataError(f"{name} gives no scores for rows with missing numbers: it cannot "
                         "take gaps", "Fill the gaps in first (--missing error lists them), "
                         "or use a teacher that takes them (a booster, a pipeline with an "

@@ -45,15 +45,18 @@ def main() -> None:
                              batch_size=BATCH, precision=precision, device="cpu")
             loop_times.append(s["seconds"])
 
-        # Interleaved rounds, each a bare pass then a kdcli call: a round's ratio compares
-        # two passes that ran under the same load; the median over rounds, with the spread.
-        bare_t, call_t = [], []
+        # Interleaved: bare, kdcli, bare, kdcli, ..., bare. Each kdcli call is compared with
+        # the mean of the bare passes just before and after it, which cancels a steady drift
+        # of the machine's speed (other jobs on the host); the median over rounds, with the
+        # spread.
+        bare_t, call_t = [best_of(bare, 1)], []
         for _ in range(ROUNDS):
-            bare_t.append(best_of(bare, 1))
             out.unlink(missing_ok=True)  # a new file, as a first run writes: replacing
             call_t.append(best_of(kd, 1))  # a 50 MB one would add the freeing of its pages
-        ratios = sorted(b / t for b, t in zip(bare_t, loop_times, strict=True))
-        wholes = sorted(b / t for b, t in zip(bare_t, call_t, strict=True))
+            bare_t.append(best_of(bare, 1))
+        around = [(a + b) / 2 for a, b in zip(bare_t, bare_t[1:])]
+        ratios = sorted(b / t for b, t in zip(around, loop_times, strict=True))
+        wholes = sorted(b / t for b, t in zip(around, call_t, strict=True))
         t_bare, t_loop, t_kd = (statistics.median(x) for x in (bare_t, loop_times, call_t))
         ratio, whole = statistics.median(ratios), statistics.median(wholes)
         result[precision] = {"bare_samples_per_s": n / t_bare,

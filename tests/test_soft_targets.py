@@ -19,7 +19,7 @@ from kdcli.teachers.base import TeacherOptions
 from kdcli.teachers.formats import load_teacher
 from kdcli.teachers.inputs import prepare_input
 from kdcli.transfer.reader import load_transfer_set
-from kdcli.transfer.writer import weight_cast_cache
+from kdcli.transfer.writer import _check_finite, weight_cast_cache
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TinyMLP  # noqa: E402
@@ -69,7 +69,7 @@ def test_ensemble_combination(tmp_path, combine):
     w = [0.5, 0.3, 0.2]
     out = tmp_path / "ens.safetensors"
     summary = soft_targets(paths, T=3.0, data="mnist[:400]", out=out, combine=combine,
-                           weights=w, options=[TeacherOptions(scale=255.0)])
+                           weights=w, options=[TeacherOptions(scale=255.0)], batch_size=96)
     ts = load_transfer_set(out)
     x = ts.inputs.float() / 255
     with torch.no_grad():
@@ -83,7 +83,14 @@ def test_ensemble_combination(tmp_path, combine):
     torch.testing.assert_close(ts.soft_targets, ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(torch.softmax(ts.logits / 3.0, -1), ts.soft_targets,
                                atol=1e-6, rtol=1e-5)
-    assert len(summary["teachers"]) == 3 and 0 <= summary["disagreement"] <= 1
+    assert len(summary["teachers"]) == 3
+    # the counts, over batches of 96: each member's, the ensemble's, the rows they split on
+    preds = z.argmax(-1)  # [3, 400]
+    for record, p in zip(summary["teachers"], preds, strict=True):
+        assert record["accuracy"] == float((p == ts.labels).double().mean())
+    assert summary["ensemble_accuracy"] == float((ts.logits.argmax(-1) == ts.labels)
+                                                 .double().mean())
+    assert summary["disagreement"] == float((preds != preds[0]).any(0).double().mean()) > 0
     # re-deriving at another T uses each member's logits exactly
     ref5 = (wt * torch.softmax(z / 5.0, -1)).sum(0) if combine == "mean-probs" else \
         torch.softmax((wt * z).sum(0) / 5.0, -1)
@@ -278,3 +285,40 @@ def test_set_checksum_continues_the_inputs_hash(tmp_path, teacher_file, monkeypa
             w.already_hashed("b", hashlib.sha256())
         w.write("a", 0, torch.zeros(4, dtype=torch.uint8))
         w.write("b", 0, torch.zeros(4, dtype=torch.uint8))
+
+
+def test_finite_check_takes_huge_logits_and_finds_every_bad_one(tmp_path):
+    t = [load_teacher(scripted(tmp_path), TeacherOptions(), probe=torch.zeros(1, 28, 28))]
+    _check_finite(torch.full((1, 4, 3), 3e38), t, 0)  # finite, though their sum is not
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        z = torch.zeros(1, 4, 3)
+        z[0, 2, 1] = bad
+        with pytest.raises(ModelError, match=r"first bad rows \[12\]"):
+            _check_finite(z, t, 10)
+    z = torch.full((1, 4, 3), 3e38)
+    z[0, 3, 0] = -float("inf")  # the sum overflows to +inf as well
+    with pytest.raises(ModelError, match=r"first bad rows \[3\]"):
+        _check_finite(z, t, 0)
+
+
+def test_writer_hashes_in_file_order_and_replaces_a_longer_file(tmp_path):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"x" * 5_000_000)  # longer than the new file: cut to its size
+    a = torch.arange(600_000, dtype=torch.int32)  # 2.4 MB: some chunks hashed on the thread
+    b = torch.arange(1000, dtype=torch.float32)
+    sizes = [100, 300_000, 7, 70_000, 200_000, 29_893]  # small and large chunks, in order
+    with SafetensorsWriter(path, {"a": (torch.int32, (600_000,)), "b": (torch.float32, (1000,))},
+                           {"k": "v"}) as w:
+        w.write("b", 500, b[500:])  # out of file order: hashed when read back
+        start = 0
+        for n in sizes:
+            w.write("a", start, a[start:start + n])
+            start += n
+        w.write("b", 0, b[:500])
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert len(raw) == 8 + n + 2_404_000
+    meta = json.loads(raw[8:8 + n])["__metadata__"]
+    assert meta["data_sha256"] == hashlib.sha256(raw[8 + n:]).hexdigest()
+    got = load_file(path)
+    assert torch.equal(got["a"], a) and torch.equal(got["b"], b)

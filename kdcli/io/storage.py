@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import errno
 import hashlib
 import json
 import math
@@ -349,14 +350,15 @@ def map_npy(path: str | Path) -> tuple[torch.Tensor, MappedFile] | None:
 class SafetensorsWriter:
     """Write a safetensors file whose tensors arrive in chunks, in any order.
 
-    The header is laid out up front from the declared shapes; ``write`` seeks to each
-    chunk's place, so memory does not grow with the file. Closing checks that every byte
-    was written.
+    The header is laid out up front from the declared shapes; each chunk is written at its
+    place, so memory does not grow with the file. Closing checks that every byte was written.
 
     The data section's SHA-256 is computed in file order. A chunk that continues the bytes
-    hashed so far (the first tensor's rows, written in order) is hashed at once on a worker
-    thread, which hashlib runs outside the GIL, so it overlaps the work that makes the next
-    chunk; closing reads back and hashes only the rest.
+    hashed so far (the first tensor's rows, written in order) is hashed at once: a large one
+    on a worker thread, which hashlib runs outside the GIL, so it overlaps the work that
+    makes the next chunk; a small one (under :data:`_HASH_INLINE` bytes) in the calling
+    thread, where handing it over would cost more than hashing it. Closing reads back and
+    hashes only the rest.
 
     Args:
         path: The file to write (normally a temporary path).
@@ -388,19 +390,26 @@ class SafetensorsWriter:
         self.hashed = 0  # bytes of the data section handed to the hash, in order
         self.pending: collections.deque[concurrent.futures.Future] = collections.deque()
         self.pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self.f = open(path, "w+b")  # noqa: SIM115 - closed in __exit__ (read back to hash)
-        self.f.write(len(raw).to_bytes(8, "little") + raw)
-        self.f.truncate(self.base + offset)
+        # Opened without truncating: ext4 starts writing back, when it is closed, a file that
+        # was truncated to zero (its auto_da_alloc rule), which cost 16 ms a 50 MB set here.
+        # The size is set exactly below, and every byte is then written.
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            _pwrite_all(self.fd, len(raw).to_bytes(8, "little") + raw, 0)
+            os.ftruncate(self.fd, self.base + offset)
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def write(self, name: str, first: int, chunk: torch.Tensor) -> None:
         """Write ``chunk`` into tensor ``name`` from flat (row-major) element ``first`` on."""
         start, itemsize, _ = self.layout[name]
         buf = to_bytes(chunk)
-        self.f.seek(self.base + start + first * itemsize)
-        self.f.write(buf)
+        at = start + first * itemsize
+        _pwrite_all(self.fd, buf, self.base + at)
         self.written[name] += len(buf)
-        if start + first * itemsize == self.hashed and len(buf):
-            self._hash_later(buf)
+        if at == self.hashed and len(buf):
+            self._hash(buf)
 
     def already_hashed(self, name: str, state: Any) -> None:
         """Take ``state``, a hashlib SHA-256 object that has hashed exactly the bytes tensor
@@ -416,15 +425,20 @@ class SafetensorsWriter:
             raise ValueError(f"{name} is not the first tensor, or bytes were already hashed")
         self.hash, self.hashed = state.copy(), size
 
-    def _hash_later(self, buf: memoryview) -> None:
-        """Hash ``buf``, the next bytes of the data section, on the worker thread (which
-        keeps ``buf``, and so its tensor, alive until then)."""
+    def _hash(self, buf: memoryview) -> None:
+        """Hash ``buf``, the next bytes of the data section: on the worker thread (which
+        keeps ``buf``, and so its tensor, alive until then) unless it is small and nothing
+        is waiting there."""
+        while self.pending and (len(self.pending) >= _MAX_PENDING_HASHES
+                                or self.pending[0].done()):
+            self.pending.popleft().result()  # bounded memory
+        self.hashed += len(buf)
+        if len(buf) < _HASH_INLINE and not self.pending:
+            self.hash.update(buf)
+            return
         if self.pool is None:
             self.pool = concurrent.futures.ThreadPoolExecutor(1, "kdcli-sha256")
-        while len(self.pending) >= _MAX_PENDING_HASHES:  # bounded memory
-            self.pending.popleft().result()
         self.pending.append(self.pool.submit(self.hash.update, buf))
-        self.hashed += len(buf)
 
     def _finish_hashing(self) -> None:
         if self.pool is not None:
@@ -443,21 +457,18 @@ class SafetensorsWriter:
                     if self.written[name] != size:
                         raise FormatError(f"internal: tensor {name} got {self.written[name]} "
                                           f"of {size} bytes", "Report this bug")
-                self.f.flush()
-                self.f.seek(self.hash_at)
-                self.f.write(self._digest().encode())
+                _pwrite_all(self.fd, self._digest().encode(), self.hash_at)
         finally:
-            self.f.close()
+            os.close(self.fd)
 
     def _digest(self, chunk: int = 8 << 20) -> str:
         """The data section's SHA-256: the bytes hashed while writing, then the rest read
         back from the file."""
         h = self.hash
-        fd = self.f.fileno()
         pos = self.base + self.hashed
         end = self.base + sum(size for _, _, size in self.layout.values())
         while pos < end:
-            block = os.pread(fd, min(chunk, end - pos), pos)
+            block = os.pread(self.fd, min(chunk, end - pos), pos)
             if not block:
                 break
             h.update(block)
@@ -467,6 +478,17 @@ class SafetensorsWriter:
 
 # Chunks handed to the hashing thread and not yet hashed, at most (each holds its tensor).
 _MAX_PENDING_HASHES = 8
+_HASH_INLINE = 256 << 10  # hashed in the caller: a hand-over took ~150 us, 8 KB ~5 us
+
+
+def _pwrite_all(fd: int, buf: bytes | memoryview, pos: int) -> None:
+    """Write all of ``buf`` at ``pos`` (a write may take only part of it)."""
+    view = memoryview(buf).cast("B")
+    while view:
+        n = os.pwrite(fd, view, pos)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view, pos = view[n:], pos + n
 
 
 def to_bytes(t: torch.Tensor) -> memoryview:

@@ -167,8 +167,14 @@ class RangeWriter:
                  rep: Reporter) -> None:
         self.members, self.source, self.weights, self.combine = members, source, weights, combine
         self.T, self.form, self.batch_size, self.rep = T, form, batch_size, rep
-        m = len(members)
-        self.stats = torch.zeros(m + 2, dtype=torch.long)  # correct per member, ensemble; disagree
+        # correct per member, then the ensemble; then the rows the members disagree on
+        # (Python ints: a tensor's in-place adds cost more than the counting, per batch)
+        self.counts = [0] * (len(members) + 2)
+
+    @property
+    def stats(self) -> torch.Tensor:
+        """:attr:`counts` as a tensor ``[M + 2]`` (what ranks sum)."""
+        return torch.tensor(self.counts, dtype=torch.long)
 
     def layout(self) -> Layout:
         """The tensors of a transfer-set file of these rows."""
@@ -177,7 +183,7 @@ class RangeWriter:
 
     def write(self, path: Path, a: int, b: int, meta: dict[str, str], advance) -> None:
         """Write rows ``[a, b)`` as a complete transfer-set file at ``path``."""
-        src, m, n = self.source, len(self.members), b - a
+        src, n = self.source, b - a
         if n <= 0:
             return
         layout = self.layout()
@@ -199,15 +205,26 @@ class RangeWriter:
                     inputs = {"inputs": x}
                 write_rows(w, layout, n, start - a, {**inputs, **labels,
                                                      **self.form.rows(z, logits, probs, self.T)})
-                if m > 1:
-                    preds = z.argmax(-1)
-                    self.stats[m + 1] += int((preds != preds[0]).any(0).sum())
-                if y is not None:
-                    right = (z.argmax(-1) == y).sum(-1)
-                    self.stats[:m] += right  # one teacher: the ensemble is its logits
-                    self.stats[m] += int(right[0] if m == 1 else
-                                         (logits.argmax(-1) == y).sum())
+                self._count(z, logits, y)
                 advance(stop - start)
+
+    def _count(self, z: torch.Tensor, logits: torch.Tensor, y: torch.Tensor | None) -> None:
+        """Add a batch to :attr:`counts`: members' logits ``z`` ``[M, B, C]``, the
+        ensemble's ``logits`` ``[B, C]``, labels ``y`` ``[B]`` or None."""
+        m = len(self.members)
+        preds = z.argmax(-1)  # [M, B]
+        if m > 1:
+            self.counts[m + 1] += int((preds != preds[0]).any(0).sum())
+        if y is None:
+            return
+        if m == 1:  # the ensemble is its one member
+            right = int((preds[0] == y).sum())
+            self.counts[0] += right
+            self.counts[1] += right
+            return
+        for i, r in enumerate((preds == y).sum(-1).tolist()):
+            self.counts[i] += r
+        self.counts[m] += int((logits.argmax(-1) == y).sum())
 
 
 def _write_texts(w: SafetensorsWriter, x: Texts, cursor: int) -> tuple[int, dict[str, Any]]:
@@ -356,6 +373,8 @@ def check_sharded_output(index: Path, force: bool) -> None:
 
 def _check_finite(z, members: list[Teacher], start: int) -> None:
     """Refuse teacher logits ``z`` ``[M, B, C]`` (of rows from ``start`` on) with NaN or Inf."""
+    if math.isfinite(float(z.sum())):  # no NaN or Inf in z: the sum is finite (a sum
+        return  # that overflows is checked element by element below); 10x cheaper
     ok = torch.isfinite(z)
     if not bool(ok.all()):
         ok = ok.all(-1)  # [M, B]

@@ -94,13 +94,15 @@ class Reporter:
         if not self.chatty:
             return
         self.out.print(f"[bold]{title}[/bold]")
-        table = Table()
-        for c in columns:  # folded, never cut: a narrow console shows every character
-            table.add_column(c, justify="left" if c == columns[0] else "right",
-                             overflow="fold")
-        for row in rows:
-            table.add_row(*(_fmt(v) for v in row))
-        self.out.print(table)
+        cells = [[_fmt(v) for v in row] for row in rows]
+        for group in column_groups(columns, cells, self.out.width):
+            table = Table()
+            for i in (0, *group):  # folded, never cut: a narrow console shows every character
+                table.add_column(columns[i], justify="left" if i == 0 else "right",
+                                 overflow="fold")
+            for row in cells:
+                table.add_row(*(row[i] for i in (0, *group)))
+            self.out.print(table)
 
     def result(self, data: dict[str, Any]) -> None:
         """Emit the command's machine-readable result (json mode only)."""
@@ -175,6 +177,46 @@ def distinct_names(paths: Sequence[str | PathLike[str]]) -> list[str]:
             k += 1
         names.append(str(PurePath(*mine[-k:])))
     return names
+
+
+#: The least a table's first column (the names) gets when a table is split, and the most a
+#: column's header asks for (a longer header word folds).
+_MIN_NAMES, _HEADER_WORD = 16, 10
+
+
+def column_groups(columns: Sequence[str], cells: Sequence[Sequence[str]],
+                  width: int) -> list[list[int]]:
+    """The columns after the first, in groups that each fit ``width`` beside the first
+    column: one group when the table fits, else as many tables as it takes (each repeats
+    the first column), so that a number is never split across lines. Names fold in the
+    first column, headers at their spaces.
+
+    Args:
+        columns: The headers.
+        cells: The rows' cells as shown.
+        width: The console's width.
+
+    Returns:
+        Indices of the columns of each table, in order.
+    """
+    def need(i: int) -> int:  # a cell's text and 3 characters of padding and border
+        widest = max((len(row[i]) for row in cells), default=0)
+        header = max((len(w) for w in columns[i].split()), default=0)
+        return max(widest, min(header, _HEADER_WORD)) + 3
+
+    rest = list(range(1, len(columns)))
+    if 1 + need(0) + sum(map(need, rest)) <= width or not rest:
+        return [rest]
+    names = min(need(0), max(_MIN_NAMES, width // 3))
+    groups: list[list[int]] = [[]]
+    used = 1 + names
+    for i in rest:
+        if groups[-1] and used + need(i) > width:
+            groups.append([])
+            used = 1 + names
+        groups[-1].append(i)
+        used += need(i)
+    return groups
 
 
 def _fmt(v: Any) -> str:

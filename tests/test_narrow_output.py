@@ -5,6 +5,7 @@ lines stay on one line."""
 from __future__ import annotations
 
 import io
+import json
 import re
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from kdcli.cli import app
-from kdcli.output import Reporter, distinct_names
+from kdcli.output import Reporter, column_groups, distinct_names
 from kdcli.training.loop import _epoch_line
 
 NARROW = {"COLUMNS": "80", "TERM": "dumb", "NO_COLOR": "1"}
@@ -50,10 +51,38 @@ def test_eval_at_80_columns_names_each_model_in_full_and_apart(tmp_path):
     names = [f"experiment-2026-12-07-learning-rate-sweep-{run}/{LONG}" for run in "ab"]
     assert distinct_names(models) == names
     results, agreement = r.stdout.split("Top-1 agreement")
-    assert first_column(results) == "".join(names)  # folded, not cut: every character
+    tables = results.split("┏")[1:]
+    assert len(tables) == 2  # too wide for 80 columns: two tables, each naming the models
+    for table in tables:
+        assert first_column(table) == "".join(names)  # folded, not cut: every character
     assert first_column(agreement) == "".join(names)
     assert "…" not in r.stdout
     assert max(map(len, r.stdout.splitlines())) <= 80
+    # each number whole on one line, as --json gives it
+    j = CliRunner().invoke(app, ["eval", *map(str, models), "--data", str(data), "--json"])
+    shown = [line.split("│")[2:-1] for line in results.splitlines() if line.startswith("│")]
+    for m in json.loads(j.stdout)["models"]:
+        assert [f"{m['errors']:,}", f"{100 * m['accuracy']:.2f}%"] in \
+            [[c.strip() for c in row[:2]] for row in shown]
+        assert f"{m['params']:,}" in {c.strip() for row in shown for c in row}
+
+
+def test_wide_tables_split_into_groups_that_fit():
+    columns = ["model", "errors", "accuracy", "NLL", "ECE", "params", "size", "ms/text (1)",
+               "ms/text (64)"]
+    cells = [["teacher.onnx", "530", "76.72%", "0.4871", "0.0213", "30,460", "1.2 MB", "0.42",
+              "0.146"], ["student-bow64-distilled.safetensors", "573", "74.84%", "0.5171",
+                         "0.0313", "1,298,498", "5.2 MB", "0.17", "0.0251"]]
+    assert column_groups(columns, cells, 200) == [list(range(1, 9))]
+    groups = column_groups(columns, cells, 80)
+    assert len(groups) == 2 and sum(groups, []) == list(range(1, 9))  # all, in order, once
+    rep = Reporter("rich")
+    rep.out = Console(file=io.StringIO(), width=80, color_system=None)
+    rep.table("t", columns, cells)
+    text = rep.out.file.getvalue()
+    assert max(map(len, text.splitlines())) <= 80
+    for cell in cells[1][1:]:  # every number on one line, whole
+        assert cell in text
 
 
 def test_distinct_names_are_the_shortest_telling_suffixes():

@@ -123,6 +123,9 @@ def evaluate(models: list[str | Path], data: str = "mnist:test", *, limit: int |
                            table=table_columns(ds, data_options))
               for i, path in enumerate(models)]
     loaded, class_names, absent = _in_one_order(ds, loaded, rep)
+    for t in loaded:  # how each model takes the data (columns by name, unknown categories)
+        for note in t.notes:
+            rep.info(note)
     results, preds = [], []
     names = distinct_names(models)  # runs/a/m.onnx and runs/b/m.onnx: a/m.onnx, b/m.onnx
     for path, t, name in zip(models, loaded, names, strict=True):

@@ -467,3 +467,27 @@ def test_a_pipeline_given_the_wrong_column_types_is_refused(penguins, pipeline_t
         _logits(pipeline_teacher[0], _write(words, tmp_path / "words.csv"))
     with pytest.raises(DataError, match="no column '?sex'?, which teacher pipeline.onnx"):
         _logits(pipeline_teacher[0], _write(raw.drop(columns="sex"), tmp_path / "nosex.csv"))
+
+
+def test_constant_columns_and_unknown_categories_are_said(penguins, cli, tmp_path):
+    """A column that tells the student nothing is warned of when it trains; categories it
+    has no input for are named when it is evaluated, with where those rows go."""
+    tr = pd.read_csv(penguins / "train.csv")
+    tr = tr[(tr.island != "Torgersen") & tr.sex.notna()].assign(gone=np.nan, year_const=2007)
+    tr.to_csv(tmp_path / "train.csv", index=False)
+    te = pd.read_csv(penguins / "test.csv").assign(gone=np.nan, year_const=2007)
+    te.to_csv(tmp_path / "test.csv", index=False)
+    r = cli("train", "--data", "train.csv", "--label-column", "species", "--arch", "mlp:8",
+            "--epochs", "1", "--eval-data", "none", "--out", "m.kdcli")
+    assert r.exit_code == 0, r.output
+    assert "column 'gone' is missing in every training row" in r.output
+    assert "column 'year_const' is the same value in every training row" in r.output
+    assert "column 'island' is" not in r.output
+    r = cli("eval", "m.kdcli", "--data", "test.csv", "--label-column", "species")
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.output.split())
+    assert ("m.kdcli: column 'island' has 1 category it has no input of its own for "
+            "(Torgersen); those rows go to none of its inputs (all 0)") in said
+    assert "column 'sex' has 1 category it has no input of its own for ((missing))" in said
+    r = cli("eval", "m.kdcli", "--data", "train.csv", "--label-column", "species")
+    assert "no input of its own" not in r.output  # the categories it was trained on

@@ -151,7 +151,7 @@ class KdcliModelFormat(TeacherFormat):
         from kdcli.students.table_encoding import TableEncoding
 
         enc = TableEncoding.from_json(table)
-        lookups = {}
+        lookups, notes = {}, []
         for j, (col, cats) in enumerate(zip(enc.columns, categories, strict=False)):
             if col.kind == "number" and cats is not None:
                 raise ModelError(f"{t.name} takes column {col.name!r} as numbers, but the "
@@ -160,7 +160,11 @@ class KdcliModelFormat(TeacherFormat):
             if col.kind == "category":  # numbers: an all-empty column, checked as it runs
                 lookups[j] = (col.name, None if cats is None else enc.code_lookup(j, cats),
                               float(enc.code_lookup(j, [""])[0]))
-        return replace(t, runner=_table_runner(t.runner, lookups, t.name)) if lookups else t
+                notes += _unknown_note(t.name, col, cats)
+        if not lookups:
+            return t
+        return replace(t, runner=_table_runner(t.runner, lookups, t.name),
+                       notes=(*t.notes, *notes))
 
     def feature_names(self, path: Path) -> list[str] | None:
         return names_from_json((_metadata(path) or {}).get("feature_names"))
@@ -193,3 +197,17 @@ class KdcliModelFormat(TeacherFormat):
 
 
 FORMAT = KdcliModelFormat()
+
+
+def _unknown_note(model: str, col: Any, cats: list[str] | None) -> list[str]:
+    """What a table student does with the data's categories of column ``col`` that it has
+    no input of its own for (never seen in training, or too rare to keep), or nothing."""
+    kept = set(col.categories)
+    unknown = [c or "(missing)" for c in cats or [] if c not in kept]
+    if not unknown:
+        return []
+    where = "its 'other' input" if col.other else "none of its inputs (all 0)"
+    return [f"{model}: column {col.name!r} has {len(unknown)} "
+            f"categor{'y' if len(unknown) == 1 else 'ies'} it has no input of its own for "
+            f"({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}); those rows "
+            f"go to {where}"]

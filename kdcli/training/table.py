@@ -59,9 +59,26 @@ def fit_table(inputs: torch.Tensor, names: list[str], categories: dict[str, list
                      f"{', ...' if len(filled) > 5 else ''} filled with the training median, "
                      "with a 'was missing' input each")
     rep.info("table encoding: " + "; ".join(parts) + f": {enc.width} inputs in all")
+    for name, what in constant_columns(inputs, names).items():
+        rep.warn(f"column {name!r} is {what} in every training row: the student can learn "
+                 "nothing from it. Leave it out of the data (--feature-columns)")
     pre = Preprocessing(raw_shape=[len(names)], units="table columns (numbers, NaN where "
                         "missing; category codes)", table=enc.to_json())
     return enc.recode(inputs, categories), pre
+
+
+def constant_columns(inputs: torch.Tensor, names: list[str]) -> dict[str, str]:
+    """The columns of rows ``[N, F]`` that hold no information: name -> ``missing`` (NaN in
+    every row) or ``the same value`` (one value or code, and no gaps)."""
+    out = {}
+    for j, name in enumerate(names):
+        v = inputs[:, j]
+        missing = torch.isnan(v)
+        if bool(missing.all()):
+            out[name] = "missing"
+        elif not bool(missing.any()) and bool((v == v[0]).all()):
+            out[name] = "the same value"
+    return out
 
 
 def table_inputs(ts: Any, max_categories: int, rep: Reporter) -> tuple[Any, Preprocessing | None]:

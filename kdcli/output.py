@@ -187,9 +187,10 @@ _MIN_NAMES, _HEADER_WORD = 16, 10
 def column_groups(columns: Sequence[str], cells: Sequence[Sequence[str]],
                   width: int) -> list[list[int]]:
     """The columns after the first, in groups that each fit ``width`` beside the first
-    column: one group when the table fits, else as many tables as it takes (each repeats
-    the first column), so that a number is never split across lines. Names fold in the
-    first column, headers at their spaces.
+    column: one group when the table fits with its names folded to :data:`_MIN_NAMES`
+    characters, else as many tables as it takes (each repeats the first column), so that a
+    number is never split across lines. Names fold in the first column, headers at their
+    spaces.
 
     Args:
         columns: The headers.
@@ -205,8 +206,8 @@ def column_groups(columns: Sequence[str], cells: Sequence[Sequence[str]],
         return max(widest, min(header, _HEADER_WORD)) + 3
 
     rest = list(range(1, len(columns)))
-    if 1 + need(0) + sum(map(need, rest)) <= width or not rest:
-        return [rest]
+    if 1 + min(need(0), _MIN_NAMES) + sum(map(need, rest)) <= width or not rest:
+        return [rest]  # it fits, folding the names if need be
     names = min(need(0), max(_MIN_NAMES, width // 3))
     groups: list[list[int]] = [[]]
     used = 1 + names

@@ -255,3 +255,39 @@ def test_the_exports_tokenizer_missing_tampered_or_outside_is_refused(exported, 
             load_teacher(path)
         assert "\n" not in e.value.message, path
     assert "Hugging Face folder" in e.value.hint
+
+
+def test_a_sweep_of_transformers_shares_one_tokenizer(cli, tmp_path, text_reviews, text_bert,
+                                                      monkeypatch):
+    """``kdcli sweep --family transformer --tokenizer teacher`` over a Hugging Face teacher:
+    the folder is identified by its digest (not read as one file), its tokenizer is found
+    although the set is in --out-dir, fitted once for the grid, and the width is D."""
+    from kdcli.training import tokens
+
+    fits = []
+    fit_tokens = tokens.fit_tokens
+    monkeypatch.setattr(tokens, "fit_tokens", lambda *a, **k: fits.append(1) or
+                        fit_tokens(*a, **k))
+    args = ["sweep", text_bert, "--family", "transformer", "--layers", "1", "--hidden",
+            "16,32", "--T", "2", "--data", text_reviews, "--text-column", "text",
+            "--tokenizer", "teacher", "--max-words", "32", "--epochs", "1",
+            "--eval-data", text_reviews, "--out-dir", "sw", "--json"]
+    r = cli(*args)
+    assert r.exit_code == 0, r.stderr
+    points = json.loads(r.stdout)["points"]
+    assert [(p["architecture"], p["status"]) for p in points] == [
+        ("transformer:1,16", "trained"), ("transformer:1,32", "trained")]
+    assert len(fits) == 1  # one tokenizer for the grid
+    shas = set()
+    for p in points:
+        mf = load_model(p["file"])
+        net = mf.model[-1]
+        assert isinstance(net, TransformerClassifier)
+        assert net.tokens.weight.shape[1] == p["hidden"]
+        shas.add(mf.preprocessing.tokenizer["sha256"])
+        (row,) = evaluate([p["file"]], data=text_reviews, data_options=TEXT)["models"]
+        assert row["errors"] == p["test_errors"]
+    assert shas == {sha256_text((text_bert / "tokenizer.json").read_text(encoding="utf-8"))}
+    r = cli(*args)  # resumed: the set's teacher is the same folder, the students are kept
+    assert r.exit_code == 0, r.stderr
+    assert [p["status"] for p in json.loads(r.stdout)["points"]] == ["kept", "kept"]

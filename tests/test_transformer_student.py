@@ -199,6 +199,9 @@ def test_eval_and_soft_targets_take_the_export_as_they_take_the_model_file(
     file_row, onnx_row = result["models"]
     assert file_row["errors"] == onnx_row["errors"]
     assert file_row["accuracy"] == onnx_row["accuracy"]
+    # learned tensors only in both: not the graph's attention scale (0.5 at head width 16)
+    assert file_row["params"] == onnx_row["params"] == sum(
+        p.numel() for p in load_model(out).model.parameters())
     assert result["agreement"][0][1] == 1.0
     t = load_teacher(onnx_path)
     assert t.inputs[0].dtype == teacher_base.TEXT  # texts in, as onnx_text's

@@ -294,3 +294,42 @@ def test_a_sweep_of_transformers_shares_one_tokenizer(cli, tmp_path, text_review
     r = cli(*args)  # resumed: the set's teacher is the same folder, the students are kept
     assert r.exit_code == 0, r.stderr
     assert [p["status"] for p in json.loads(r.stdout)["points"]] == ["kept", "kept"]
+
+
+def test_a_folder_of_the_teachers_name_with_another_tokenizer_is_refused(
+        cli, tmp_path, text_reviews, text_bert):
+    """``--tokenizer teacher`` finds the teacher by name; a folder of that name whose
+    tokenizer was trained on other texts (the plot summaries) is not the teacher the set
+    records: one line naming both digests and ``--tokenizer PATH``."""
+    from conftest import rotten_tomatoes_rows
+    from tokenizers import models, normalizers, pre_tokenizers, trainers
+
+    made = tmp_path / "made"
+    shutil.copytree(text_bert, made / "bert")
+    transfer = tmp_path / "t.safetensors"
+    soft_targets([str(made / "bert")], T=2.0, data=text_reviews + "[:32]", out=transfer,
+                 data_options=TEXT, precision="fp32")
+    other = tmp_path / "bert"  # beside the set: the same weights, another tokenizer
+    shutil.copytree(text_bert, other)
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    plots = [r["text"] for r in rotten_tomatoes_rows() if r["category"] == "plot"][:300]
+    tok.train_from_iterator(plots, trainers.WordPieceTrainer(
+        vocab_size=600, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    tok.save(str(other / "tokenizer.json"))
+    assert tok.get_vocab() != Tokenizer.from_file(str(text_bert / "tokenizer.json")).get_vocab()
+    r = cli("train-student", "--transfer", transfer, "--arch", "transformer:1,32,2",
+            "--tokenizer", "teacher", "--epochs", "1", "--eval-data", "none", "--out",
+            "s.safetensors")
+    assert r.exit_code == 1
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("Error:")]
+    recorded = json.loads(read_safetensors(transfer)[1]["teachers"])[0]["sha256"]
+    assert "is not the teacher" in line and f"teachers record {recorded[:12]}" in line
+    assert "tokenizer files hash to SHA-256" in line
+    assert "--tokenizer PATH" in line and not (tmp_path / "s.safetensors").exists()
+    # the folder it was made from, given by path, is taken
+    r = cli("train-student", "--transfer", transfer, "--arch", "transformer:1,32,2",
+            "--tokenizer", made / "bert", "--epochs", "1", "--eval-data", "none", "--out",
+            "s.safetensors")
+    assert r.exit_code == 0, r.stderr

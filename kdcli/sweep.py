@@ -2,11 +2,13 @@
 
 The transfer set is derived once; each temperature re-derives its soft targets exactly from
 the stored logits. The students are MLPs (``--family mlp``, ``--layers`` hidden layers of
-each width), or, on texts, a text family (``--family bow`` or ``bilstm``, the width being
-``bow:D``'s D or ``bilstm:H``'s H) trained with the family's own optimizer and learning rate
-unless given; the vocabulary is fitted once on the transfer set's texts and shared by every
-student. With several seeds, every grid point is trained once per seed and reported
-as mean ± sample standard deviation, so the seed noise is visible next to the effect of T.
+each width), or, on texts, a text family (``--family bow``, ``bilstm`` or ``transformer``,
+the width being ``bow:D``'s D, ``bilstm:H``'s H or ``transformer:L,D``'s D with ``--layers``
+L) trained with the family's own optimizer and learning rate unless given; the vocabulary
+(or the subword tokenizer, ``--tokenizer``) is fitted once on the transfer set's texts and
+shared by every student; ``--tokenizer teacher`` is the sweep's teacher folder's. With
+several seeds, every grid point is trained once per seed and reported as mean ± sample
+standard deviation, so the seed noise is visible next to the effect of T.
 Finished students are kept, so an interrupted sweep resumes where it stopped. Results go to
 ``OUT_DIR/results.json`` and, with matplotlib installed (``pip install kdcli[plot]``), a plot
 of test errors against T, one line per width (error bars with several seeds).
@@ -51,7 +53,7 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
         temperatures: The T values.
         hidden: The student widths (MLPs of ``layers`` hidden layers; a text family's D or
             H).
-        layers: Hidden layers of each MLP student.
+        layers: Hidden layers of each MLP student (a transformer student's layers).
         data: Transfer data.
         distill: Each student's distillation settings, without T (default: alpha
             :data:`~kdcli.config.SWEEP_ALPHA`, the kd loss); T is each of ``temperatures``.
@@ -64,8 +66,10 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
         reporter: Output sink.
         data_options: How a table or image folder given as ``data`` or ``eval_data`` is
             read (``text_columns`` for texts).
-        family: The students' family: ``mlp``, or on texts ``bow`` or ``bilstm``.
-        words: The text students' vocabulary settings, fitted once for all of them.
+        family: The students' family: ``mlp``, or on texts ``bow``, ``bilstm`` or
+            ``transformer``.
+        words: The text students' vocabulary settings, fitted once for all of them
+            (``tokenizer="teacher"``: the tokenizer of ``teacher``, a Hugging Face folder).
     """
     from kdcli.training.text import family_defaults, fit_transfer_words
     from kdcli.transfer.reader import load_transfer_set
@@ -74,7 +78,7 @@ def sweep(teacher: str | Path, *, temperatures: list[float], hidden: list[int],
     distill = distill or DistillConfig(alpha=SWEEP_ALPHA)
     seeds = _check_grid(temperatures, hidden, layers, [0] if seeds is None else seeds, distill,
                         family)
-    words = words or WordsConfig()
+    words = _teacher_tokenizer(words or WordsConfig(), teacher)
     words.check()
     config = config or student_config()
     config.check()
@@ -138,12 +142,23 @@ def _check_grid(temperatures: list[float], hidden: list[int], layers: int, seeds
 
 
 def _arch(family: str, h: int, layers: int) -> Architecture:
-    """The student of width ``h``: an MLP of ``layers`` hidden layers, or ``family:h``."""
+    """The student of width ``h``: an MLP of ``layers`` hidden layers, a transformer of
+    ``layers`` layers (``transformer:layers,h``), or ``family:h``."""
     from kdcli.students.base import Architecture
 
     if family == "mlp":
         return Architecture("mlp", hidden=[h] * layers)
+    if family == "transformer":  # transformer:L,D: its width is the second number
+        return Architecture.parse(f"{family}:{layers},{h}")
     return Architecture.parse(f"{family}:{h}")
+
+
+def _teacher_tokenizer(words: WordsConfig, teacher: str | Path) -> WordsConfig:
+    """``words`` with ``--tokenizer teacher`` made the sweep's teacher folder: the set is in
+    ``--out-dir``, where the teacher's name alone finds no folder."""
+    if words.tokenizer == "teacher" and Path(teacher).is_dir():
+        return replace(words, tokenizer=str(teacher))
+    return words
 
 
 def _check_family(ts: TransferSet, arch: Architecture, made: bool) -> None:
@@ -191,18 +206,19 @@ def _transfer_set(folder: Path, teacher: str | Path, data: str, T: float,
                   data_options: DataOptions | None, rep: Reporter, config: TrainConfig) -> Path:
     """The sweep's transfer set: an earlier sweep's, if it has the same teacher and data,
     else a new one at ``T``."""
-    from kdcli.io.files import sha256_file
     from kdcli.soft_targets import soft_targets
+    from kdcli.teachers.formats import find_format
     from kdcli.transfer.reader import load_transfer_set
 
     transfer = folder / "transfer.safetensors"
-    teacher_sha = sha256_file(teacher)
     if not transfer.exists():
         soft_targets([teacher], T=T, data=data, out=transfer, reporter=Reporter("quiet"),
                      data_options=data_options, device=config.device,
                      precision=config.precision)
         return transfer
     old_meta = load_transfer_set(transfer).meta
+    # the digest the set records: a file's SHA-256, a Hugging Face folder's over its files
+    teacher_sha = find_format(Path(teacher)).digest(Path(teacher))
     recorded = [t["sha256"] for t in old_meta["teachers"]]
     if recorded != [teacher_sha]:
         raise UsageError(f"{transfer} was made from another teacher",

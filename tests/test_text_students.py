@@ -80,6 +80,9 @@ def test_a_short_run_overfits_forty_reviews_and_exports_raw_strings(tmp_path, re
     assert shown["size"] == len(mf.preprocessing.words["words"]) and len(shown["sha256"]) == 64
     report = main_export(out, tmp_path / "student.onnx", data=reviews)
     assert report["agreement"] == 1.0 and report["max_abs_diff"] < 1e-4
+    # learned tensors only, in both formats: not the vocabulary's nodes' constants
+    counts = [load_teacher(p).param_count() for p in (out, tmp_path / "student.onnx")]
+    assert counts[0] == counts[1] == sum(p.numel() for p in mf.model.parameters())
 
 
 @pytest.fixture(scope="module")

@@ -199,6 +199,9 @@ def test_eval_and_soft_targets_take_the_export_as_they_take_the_model_file(
     file_row, onnx_row = result["models"]
     assert file_row["errors"] == onnx_row["errors"]
     assert file_row["accuracy"] == onnx_row["accuracy"]
+    # learned tensors only in both: not the graph's attention scale (0.5 at head width 16)
+    assert file_row["params"] == onnx_row["params"] == sum(
+        p.numel() for p in load_model(out).model.parameters())
     assert result["agreement"][0][1] == 1.0
     t = load_teacher(onnx_path)
     assert t.inputs[0].dtype == teacher_base.TEXT  # texts in, as onnx_text's
@@ -255,3 +258,78 @@ def test_the_exports_tokenizer_missing_tampered_or_outside_is_refused(exported, 
             load_teacher(path)
         assert "\n" not in e.value.message, path
     assert "Hugging Face folder" in e.value.hint
+
+
+def test_a_sweep_of_transformers_shares_one_tokenizer(cli, tmp_path, text_reviews, text_bert,
+                                                      monkeypatch):
+    """``kdcli sweep --family transformer --tokenizer teacher`` over a Hugging Face teacher:
+    the folder is identified by its digest (not read as one file), its tokenizer is found
+    although the set is in --out-dir, fitted once for the grid, and the width is D."""
+    from kdcli.training import tokens
+
+    fits = []
+    fit_tokens = tokens.fit_tokens
+    monkeypatch.setattr(tokens, "fit_tokens", lambda *a, **k: fits.append(1) or
+                        fit_tokens(*a, **k))
+    args = ["sweep", text_bert, "--family", "transformer", "--layers", "1", "--hidden",
+            "16,32", "--T", "2", "--data", text_reviews, "--text-column", "text",
+            "--tokenizer", "teacher", "--max-words", "32", "--epochs", "1",
+            "--eval-data", text_reviews, "--out-dir", "sw", "--json"]
+    r = cli(*args)
+    assert r.exit_code == 0, r.stderr
+    points = json.loads(r.stdout)["points"]
+    assert [(p["architecture"], p["status"]) for p in points] == [
+        ("transformer:1,16", "trained"), ("transformer:1,32", "trained")]
+    assert len(fits) == 1  # one tokenizer for the grid
+    shas = set()
+    for p in points:
+        mf = load_model(p["file"])
+        net = mf.model[-1]
+        assert isinstance(net, TransformerClassifier)
+        assert net.tokens.weight.shape[1] == p["hidden"]
+        shas.add(mf.preprocessing.tokenizer["sha256"])
+        (row,) = evaluate([p["file"]], data=text_reviews, data_options=TEXT)["models"]
+        assert row["errors"] == p["test_errors"]
+    assert shas == {sha256_text((text_bert / "tokenizer.json").read_text(encoding="utf-8"))}
+    r = cli(*args)  # resumed: the set's teacher is the same folder, the students are kept
+    assert r.exit_code == 0, r.stderr
+    assert [p["status"] for p in json.loads(r.stdout)["points"]] == ["kept", "kept"]
+
+
+def test_a_folder_of_the_teachers_name_with_another_tokenizer_is_refused(
+        cli, tmp_path, text_reviews, text_bert):
+    """``--tokenizer teacher`` finds the teacher by name; a folder of that name whose
+    tokenizer was trained on other texts (the plot summaries) is not the teacher the set
+    records: one line naming both digests and ``--tokenizer PATH``."""
+    from conftest import rotten_tomatoes_rows
+    from tokenizers import models, normalizers, pre_tokenizers, trainers
+
+    made = tmp_path / "made"
+    shutil.copytree(text_bert, made / "bert")
+    transfer = tmp_path / "t.safetensors"
+    soft_targets([str(made / "bert")], T=2.0, data=text_reviews + "[:32]", out=transfer,
+                 data_options=TEXT, precision="fp32")
+    other = tmp_path / "bert"  # beside the set: the same weights, another tokenizer
+    shutil.copytree(text_bert, other)
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    plots = [r["text"] for r in rotten_tomatoes_rows() if r["category"] == "plot"][:300]
+    tok.train_from_iterator(plots, trainers.WordPieceTrainer(
+        vocab_size=600, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    tok.save(str(other / "tokenizer.json"))
+    assert tok.get_vocab() != Tokenizer.from_file(str(text_bert / "tokenizer.json")).get_vocab()
+    r = cli("train-student", "--transfer", transfer, "--arch", "transformer:1,32,2",
+            "--tokenizer", "teacher", "--epochs", "1", "--eval-data", "none", "--out",
+            "s.safetensors")
+    assert r.exit_code == 1
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("Error:")]
+    recorded = json.loads(read_safetensors(transfer)[1]["teachers"])[0]["sha256"]
+    assert "is not the teacher" in line and f"teachers record {recorded[:12]}" in line
+    assert "tokenizer files hash to SHA-256" in line
+    assert "--tokenizer PATH" in line and not (tmp_path / "s.safetensors").exists()
+    # the folder it was made from, given by path, is taken
+    r = cli("train-student", "--transfer", transfer, "--arch", "transformer:1,32,2",
+            "--tokenizer", made / "bert", "--epochs", "1", "--eval-data", "none", "--out",
+            "s.safetensors")
+    assert r.exit_code == 0, r.stderr

@@ -172,14 +172,17 @@ class OnnxFormat(TeacherFormat):
                            meta={"onnx_output": out.name, **meta}, notes=tuple(notes))
 
     def param_count(self, t: Teacher) -> int:
-        """Learned tensors only: not the preprocessing's constants (scale, mean, std, also
-        per channel or feature; a table encoding's fill values, means, stds and category
-        codes) or integer shapes."""
+        """Learned tensors only: float initializers of more than one value. Not the
+        preprocessing's constants (scale, mean, std, also per channel or feature; a table
+        encoding's fill values, means, stds and category codes), integer shapes, or a single
+        value of any shape (``[]``, ``[1]``: a scale, an epsilon or an exponent the exporter
+        wrote, such as attention's ``head_dim ** -0.25``; a learned tensor of one value is
+        then not counted)."""
         m = onnx.load(str(t.path))
         constants = ("raw_mean", "raw_std", "0.fill", "0.mean", "0.std", "0.codes")
         arrays = (numpy_helper.to_array(i) for i in m.graph.initializer
                   if not any(c in i.name for c in constants))
-        return int(sum(a.size for a in arrays if a.ndim >= 1 and a.dtype.kind == "f"))
+        return int(sum(a.size for a in arrays if a.size > 1 and a.dtype.kind == "f"))
 
     def class_names(self, path: Path) -> list[str] | None:
         """The ``class_names`` a kdcli export records in its metadata, else the string class

@@ -26,30 +26,62 @@ def resolve(given: str, ts: Any = None) -> tuple[Path, Path | None]:
     """The ``tokenizer.json`` and the Hugging Face folder (None for a file) that
     ``--tokenizer`` names; ``teacher`` is the first Hugging Face teacher of the transfer set
     ``ts``, found by its recorded name beside the set or in the current folder (a set
-    records teachers by name only).
+    records teachers by name only) and checked against the digest the set records.
 
     Raises:
         UsageError: ``teacher`` without a transfer set or without a Hugging Face teacher
-            found, or a path that is not a tokenizer.
+            found, a folder of its name that is not the teacher, or a path that is not a
+            tokenizer.
     """
     if given != "teacher":
         return subwords.tokenizer_path(given)
     if ts is None:
         raise UsageError("--tokenizer teacher needs a transfer set, and kdcli train has none",
                          "Give the teacher's folder or tokenizer.json: --tokenizer PATH")
-    names = [t.get("file") for t in ts.meta.get("teachers") or []
-             if str(t.get("format", "")).startswith("huggingface")]
-    if not names:
+    records = [t for t in ts.meta.get("teachers") or []
+               if str(t.get("format", "")).startswith("huggingface")]
+    if not records:
         raise UsageError(f"{quote_name(ts.path)} has no Hugging Face teacher, whose "
                          "tokenizer --tokenizer teacher means", "Give a tokenizer.json: "
                          "--tokenizer PATH")
-    for where in (Path(ts.path).parent / names[0], Path(names[0])):
+    name = str(records[0].get("file"))
+    for where in (Path(ts.path).parent / name, Path(name)):
         if (where / subwords.TOKENIZER_FILE).is_file():
+            _check_teacher_folder(where, records[0], ts.path)
             return subwords.tokenizer_path(where)
     raise UsageError(f"the transfer set records its teacher by name only "
-                     f"({quote_name(names[0])}), and no such folder is beside it or here",
+                     f"({quote_name(name)}), and no such folder is beside it or here",
                      "Give its path: "
-                     f"--tokenizer path/to/{names[0]}")
+                     f"--tokenizer path/to/{name}")
+
+
+def _check_teacher_folder(folder: Path, record: dict[str, Any], set_path: Path) -> None:
+    """Refuse a folder found by the teacher's name that is not the teacher the set records:
+    its digest (SHA-256 over its config, weights and tokenizer files, as
+    :meth:`~kdcli.teachers.base.TeacherFormat.digest` computes it when the set is written)
+    differs from the one the set's ``teachers`` metadata records. A record without one
+    is not checked.
+
+    Raises:
+        UsageError: another folder of the same name, naming both digests and the fix.
+    """
+    from kdcli.errors import DataError, FormatError
+    from kdcli.teachers.formats import find_format
+
+    recorded = record.get("sha256")
+    if not recorded:
+        return
+    try:
+        found = find_format(folder).digest(folder)
+        what = f"hash to SHA-256 {found[:12]}..."
+    except (DataError, FormatError):
+        found, what = None, "are no checkpoint"
+    if found != recorded:
+        raise UsageError(f"{quote_name(folder)} is not the teacher {quote_name(set_path)} "
+                         f"was made from: its config, weights and tokenizer files {what}, "
+                         f"and the set's teachers record {recorded[:12]}... for "
+                         f"{quote_name(str(record.get('file')))}",
+                         "Give the teacher's folder or tokenizer.json: --tokenizer PATH")
 
 
 def fit_tokens(strings: list[str], words: WordsConfig, rep: Reporter, ts: Any = None,

@@ -1,5 +1,6 @@
 """soft_targets() against a bare inference loop over the same teacher, data and batch."""
 
+import itertools
 import os
 import statistics
 import tempfile
@@ -54,7 +55,7 @@ def main() -> None:
             out.unlink(missing_ok=True)  # a new file, as a first run writes: replacing
             call_t.append(best_of(kd, 1))  # a 50 MB one would add the freeing of its pages
             bare_t.append(best_of(bare, 1))
-        around = [(a + b) / 2 for a, b in zip(bare_t, bare_t[1:])]
+        around = [(a + b) / 2 for a, b in itertools.pairwise(bare_t)]
         ratios = sorted(b / t for b, t in zip(around, loop_times, strict=True))
         wholes = sorted(b / t for b, t in zip(around, call_t, strict=True))
         t_bare, t_loop, t_kd = (statistics.median(x) for x in (bare_t, loop_times, call_t))

@@ -171,6 +171,21 @@ def test_read_idx_rejects_wrong_magic(tmp_path):
         read_idx(p)
 
 
+def test_read_idx_rejects_damaged_gzip_in_one_line(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 5, 5), dtype=np.uint8)
+    good = write_idx(tmp_path / "g-images-idx3-ubyte.gz", pixels)
+    raw = good.read_bytes()
+    assert read_idx(good).shape == (4, 5, 5)
+    mid = len(raw) // 2  # inside the deflate stream
+    damaged = {"truncated": raw[:-6], "stream": raw[:mid] + b"\xff" * 5 + raw[mid + 5:],
+               "checksum": raw[:-8] + bytes(4) + raw[-4:]}
+    for name, data in damaged.items():
+        p = tmp_path / f"{name}-images-idx3-ubyte.gz"
+        p.write_bytes(data)
+        with pytest.raises(DataError, match="cannot read"):
+            read_idx(p)
+
+
 def test_labels_beyond_the_model_classes_are_rejected(tmp_path):
     from kdcli.evaluate import classification_metrics
 

@@ -420,7 +420,7 @@ def sweep_cmd(
     T: Annotated[str, typer.Option("--T", "-T", metavar="T,T,...", help="Temperatures, e.g. 1,2,2.5,4,8,20.")] = "1,2,4,8,20",
     hidden: Annotated[str, typer.Option(metavar="N,N,...", help="Student widths, e.g. 30,300 (a text family's D or H).")] = "30,300",
     layers: Annotated[int, typer.Option(metavar="N", help="Hidden layers of each mlp student (a transformer's layers).")] = 2,
-    family: Annotated[str, typer.Option(metavar="NAME", help="Student family: mlp, or on texts bow, bilstm or transformer (width D).")] = "mlp",
+    family: Annotated[str, typer.Option(metavar="NAME", help="Student family: mlp, or on texts bow, bilstm, kimcnn or transformer (width D).")] = "mlp",
     data: Annotated[str, typer.Option(metavar="SPEC", help="Transfer data.")] = "mnist:train",
     alpha: Annotated[float, typer.Option(metavar="A", help="Weight on the hard labels.")] = SWEEP_ALPHA,
     epochs: EpochsOpt = None,

@@ -2,13 +2,14 @@
 
 The transfer set is derived once; each temperature re-derives its soft targets exactly from
 the stored logits. The students are MLPs (``--family mlp``, ``--layers`` hidden layers of
-each width), or, on texts, a text family (``--family bow``, ``bilstm`` or ``transformer``,
-the width being ``bow:D``'s D, ``bilstm:H``'s H or ``transformer:L,D``'s D with ``--layers``
-L) trained with the family's own optimizer and learning rate unless given; the vocabulary
-(or the subword tokenizer, ``--tokenizer``) is fitted once on the transfer set's texts and
-shared by every student; ``--tokenizer teacher`` is the sweep's teacher folder's. With
-several seeds, every grid point is trained once per seed and reported as mean ± sample
-standard deviation, so the seed noise is visible next to the effect of T.
+each width), or, on texts, a text family (``--family bow``, ``bilstm``, ``kimcnn`` or
+``transformer``, the width being ``bow:D``'s D, ``bilstm:H``'s H, ``kimcnn:F``'s F or
+``transformer:L,D``'s D with ``--layers`` L) trained with the family's own optimizer and
+learning rate unless given; the vocabulary (or the subword tokenizer, ``--tokenizer``) is
+fitted once on the transfer set's texts and shared by every student; ``--tokenizer
+teacher`` is the sweep's teacher folder's. With several seeds, every grid point is trained
+once per seed and reported as mean ± sample standard deviation, so the seed noise is
+visible next to the effect of T.
 Finished students are kept, so an interrupted sweep resumes where it stopped. Results go to
 ``OUT_DIR/results.json`` and, with matplotlib installed (``pip install kdcli[plot]``), a plot
 of test errors against T, one line per width (error bars with several seeds).

@@ -16,6 +16,7 @@ from kdcli.soft_targets import soft_targets
 from kdcli.students.base import Architecture
 from kdcli.students.bilstm import BiLSTM
 from kdcli.students.bow import BagOfWords
+from kdcli.students.kimcnn import KimCNN
 from kdcli.students.model_file import load_model
 from kdcli.teachers.formats import load_teacher
 from kdcli.train import train, train_student
@@ -61,7 +62,25 @@ def test_the_bilstm_reads_each_text_alone_whatever_the_padding():
         assert not torch.allclose(net(torch.tensor([[7, 6, 5]])), z[:1])
 
 
-@pytest.mark.parametrize("spec,epochs,batch", [("bow:16", 60, 8), ("bilstm:16,16", 40, 8)])
+def test_the_kim_cnn_reads_each_text_alone_whatever_the_padding():
+    torch.manual_seed(0)
+    net = KimCNN(vocab_size=50, filters=4, dim=6, num_classes=3).eval()
+    ids = torch.tensor([[5, 6, 7, 0, 0, 0], [9, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0],
+                        [4, 3, 2, 1, 8, 11]])
+    with torch.no_grad():
+        z = net(ids)
+        assert z.shape == (4, 3) and torch.isfinite(z).all()
+        for i, n in enumerate([3, 1, 0, 6]):  # each text alone, unpadded (shorter than 5)
+            alone = net(ids[i:i + 1, :max(n, 1)])
+            torch.testing.assert_close(alone, z[i:i + 1], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(z[2], net.head.bias)  # no word: every feature 0
+        # windows of two or more words: order matters, and one word differs from none
+        assert not torch.allclose(net(torch.tensor([[7, 6, 5]])), z[:1])
+        assert not torch.allclose(z[1], z[2])
+
+
+@pytest.mark.parametrize("spec,epochs,batch", [("bow:16", 60, 8), ("bilstm:16,16", 40, 8),
+                                               ("kimcnn:8,16", 40, 8)])
 def test_a_short_run_overfits_forty_reviews_and_exports_raw_strings(tmp_path, reviews, spec,
                                                                     epochs, batch):
     out = tmp_path / "student.safetensors"

@@ -39,6 +39,7 @@ FAMILIES: dict[str, Family] = {
     "bow": Family("kdcli.students.bow:BowConfig", "bow:64"),
     "bilstm": Family("kdcli.students.bilstm:BiLstmConfig", "bilstm:150"),
     "transformer": Family("kdcli.students.transformer:TransformerConfig", "transformer:2,128,4"),
+    "kimcnn": Family("kdcli.students.kimcnn:KimCnnConfig", "kimcnn:100"),
 }
 
 

@@ -203,7 +203,7 @@ def _model_inputs(mf, inputs: Any, source: str, names: list[str] | None = None,
 
     text = isinstance(inputs, Texts)
     check_kind(mf.arch, text, source, ("Calibrate it on the kind of data it was trained on",
-                                       "Calibrate a text student (bow, bilstm, kimcnn) on texts"))
+                                       "Calibrate a text student on texts"))
     if text:
         return encode(inputs.strings(), mf.preprocessing)
     if mf.preprocessing.table is None:

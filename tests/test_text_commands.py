@@ -165,5 +165,5 @@ def test_calibrate_bias_refuses_a_model_and_data_of_other_kinds(tmp_path, bow, t
             "text", "--target", "labels", "--out", tmp_path / "y.safetensors")
     assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
         f"Error: {text_reviews} holds texts, but mlp:64 does not take text. Calibrate a text "
-        "student (bow, bilstm) on texts"]
+        "student on texts"]
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()

@@ -16,9 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kdcli.checks import check_width
-from kdcli.errors import UsageError
-from kdcli.students.common import check_dropout
+from kdcli.students.common import check_dropout, check_two_widths, parse_two_widths
 
 #: The embedding width when the spec gives none.
 DEFAULT_EMBEDDING = 128
@@ -83,20 +81,13 @@ class BiLstmConfig:
     @staticmethod
     def parse(rest: str) -> dict[str, Any]:
         """The fields of the spec after ``bilstm:`` (ValueError when unreadable)."""
-        parts = [int(p) for p in rest.split(",")] if rest.strip() else []
-        if not 1 <= len(parts) <= 2:
-            raise ValueError(rest)
-        return {"hidden": parts}
+        return parse_two_widths(rest)
 
     def spec(self) -> str:
         return ",".join(map(str, self.hidden))
 
     def check(self) -> None:
-        if not (isinstance(self.hidden, list) and 1 <= len(self.hidden) <= 2):
-            raise UsageError(f"a BiLSTM takes one or two widths, got {self.hidden!r}",
-                             "Use e.g. bilstm:150 or bilstm:150,300")
-        for width in self.hidden:
-            check_width(width)
+        check_two_widths(self.hidden, "BiLSTM", "bilstm")
         check_dropout("dropout", self.dropout)
 
     def build(self, raw: list[int], num_classes: int, vocab_size: int = 2,

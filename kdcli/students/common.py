@@ -1,11 +1,12 @@
 """Checks and shapes that several model families share: dropout, max-norm, width
-multipliers and image inputs."""
+multipliers, a text family's one or two widths, and image inputs."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
-from kdcli.checks import MAX_CNN_WIDTH
+from kdcli.checks import MAX_CNN_WIDTH, check_width
 from kdcli.errors import UsageError
 
 
@@ -32,6 +33,24 @@ def check_width_multiplier(width: object, family: str, title: str, base: int,
                                        1 / base <= width <= MAX_CNN_WIDTH):
         raise UsageError(f"the {title} width multiplier must be from 1/{base} (one channel) "
                          f"to {MAX_CNN_WIDTH:g}, got {width}", f"Use e.g. {family}:{example}")
+
+
+def parse_two_widths(rest: str) -> dict[str, Any]:
+    """``hidden`` of a spec of one or two widths, such as ``150`` or ``150,300`` (a text
+    family's size and embedding width); ValueError when unreadable."""
+    parts = [int(p) for p in rest.split(",")] if rest.strip() else []
+    if not 1 <= len(parts) <= 2:
+        raise ValueError(rest)
+    return {"hidden": parts}
+
+
+def check_two_widths(hidden: object, title: str, family: str) -> None:
+    """``hidden``: one or two widths (see :func:`parse_two_widths`)."""
+    if not (isinstance(hidden, list) and 1 <= len(hidden) <= 2):
+        raise UsageError(f"a {title} takes one or two widths, got {hidden!r}",
+                         f"Use e.g. {family}:100 or {family}:100,300")
+    for width in hidden:
+        check_width(width)
 
 
 def image_shape(raw: list[int], what: str, smallest: int) -> list[int]:

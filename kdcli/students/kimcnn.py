@@ -17,9 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kdcli.checks import check_width
-from kdcli.errors import UsageError
-from kdcli.students.common import check_dropout
+from kdcli.students.common import check_dropout, check_two_widths, parse_two_widths
 
 #: The embedding width when the spec gives none, and the filter widths (Kim's).
 DEFAULT_EMBEDDING, WIDTHS = 128, (3, 4, 5)
@@ -82,20 +80,13 @@ class KimCnnConfig:
     @staticmethod
     def parse(rest: str) -> dict[str, Any]:
         """The fields of the spec after ``kimcnn:`` (ValueError when unreadable)."""
-        parts = [int(p) for p in rest.split(",")] if rest.strip() else []
-        if not 1 <= len(parts) <= 2:
-            raise ValueError(rest)
-        return {"hidden": parts}
+        return parse_two_widths(rest)
 
     def spec(self) -> str:
         return ",".join(map(str, self.hidden))
 
     def check(self) -> None:
-        if not (isinstance(self.hidden, list) and 1 <= len(self.hidden) <= 2):
-            raise UsageError(f"a Kim CNN takes one or two widths, got {self.hidden!r}",
-                             "Use e.g. kimcnn:100 or kimcnn:100,300")
-        for width in self.hidden:
-            check_width(width)
+        check_two_widths(self.hidden, "Kim CNN", "kimcnn")
         check_dropout("dropout", self.dropout)
 
     def build(self, raw: list[int], num_classes: int, vocab_size: int = 2,

@@ -186,6 +186,35 @@ def test_read_idx_rejects_damaged_gzip_in_one_line(tmp_path):
             read_idx(p)
 
 
+def test_idx_bombs_are_refused_before_they_are_inflated(tmp_path, monkeypatch):
+    from kdcli.data import idx
+    from kdcli.errors import ResourceError
+
+    # a header promising 10^15 bytes: refused from the header, nothing decompressed after it
+    header = bytes([0, 0, 0x08, 3]) + b"".join(n.to_bytes(4, "big") for n in (10**5,) * 3)
+    (tmp_path / "h-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + bytes(100)))
+    limits = []
+    real = idx._gunzip
+    monkeypatch.setattr(idx, "_gunzip", lambda raw, limit: (limits.append(limit),
+                                                            real(raw, limit))[1])
+    with pytest.raises(ResourceError, match=r"shape \(100000, 100000, 100000\)"):
+        read_idx(tmp_path / "h-images-idx3-ubyte.gz")
+    assert limits == [idx._MAX_HEADER]  # the header only
+    # 2x2 pixels promised, 64 MB of zeros inflated from 64 KB: stopped one byte past
+    small = bytes([0, 0, 0x08, 2]) + (2).to_bytes(4, "big") * 2
+    (tmp_path / "b-images-idx3-ubyte.gz").write_bytes(gzip.compress(small + bytes(64 << 20)))
+    limits.clear()
+    with pytest.raises(DataError, match=r"holds more data bytes, but its header promises "
+                                        r"shape \(2, 2\) \(4 bytes\)"):
+        read_idx(tmp_path / "b-images-idx3-ubyte.gz")
+    assert limits == [idx._MAX_HEADER, 12 + 4 + 1]
+    # a file of several gzip members (and zero padding) reads as their concatenation
+    body = small + bytes([1, 2, 3, 4])
+    (tmp_path / "m-images-idx3-ubyte.gz").write_bytes(
+        gzip.compress(body[:6]) + gzip.compress(body[6:]) + bytes(8))
+    assert read_idx(tmp_path / "m-images-idx3-ubyte.gz").tolist() == [[1, 2], [3, 4]]
+
+
 def test_labels_beyond_the_model_classes_are_rejected(tmp_path):
     from kdcli.evaluate import classification_metrics
 

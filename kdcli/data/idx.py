@@ -100,29 +100,73 @@ def _looks_like_idx(path: Path) -> bool:
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (raw or gzipped) into a numpy array.
 
+    The header is read first: an array too large for the available memory is refused
+    before it is decompressed, and a gzipped file is decompressed no further than its
+    header's promise (a small file that inflates to gigabytes is stopped there).
+
     Raises:
-        DataError: wrong magic number, truncated or corrupt file.
+        DataError: wrong magic number, truncated, corrupt, or more data than the header
+            promises.
+        ResourceError: the header's array does not fit in memory.
     """
+    from kdcli.resources import check_memory
+
+    gz = path.suffix == ".gz"
     try:
         raw = path.read_bytes()
-        if path.suffix == ".gz":  # in one call: 10% faster than reading a GzipFile
-            raw = gzip.decompress(raw)
+        prefix = _gunzip(raw, _MAX_HEADER) if gz else raw[:_MAX_HEADER]
+        dtype, shape, start = _header(prefix, path)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if nbytes == 0:
+            raise DataError(f"{path} holds no examples", "Check the file")
+        check_memory(nbytes, f"{path} (an array of shape {shape})",
+                     "Check the file: its header may be damaged")
+        if gz:  # one byte past the promise shows there is more
+            raw = _gunzip(raw, start + nbytes + 1)
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"cannot read {path}: {e}", "The file is corrupt; fetch it again") from e
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES:
-        raise DataError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})",
-                        "Give a standard IDX file such as train-images-idx3-ubyte.gz")
-    ndim = raw[3]
-    if ndim == 0 or len(raw) < 4 + 4 * ndim:
-        raise DataError(f"{path} has a corrupt IDX header", "The file is corrupt")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    count = int(np.prod(shape))
-    body = memoryview(raw)[4 + 4 * ndim:]  # not a copy of the data
-    if len(body) != count * dtype.itemsize:
-        raise DataError(
-            f"{path} holds {len(body)} data bytes, but its header promises shape {shape}",
-            "The file is truncated or corrupt")
-    if count == 0:
-        raise DataError(f"{path} holds no examples", "Check the file")
+    body = memoryview(raw)[start:]  # not a copy of the data
+    if len(body) != nbytes:
+        got = "more" if len(body) > nbytes else f"{len(body)}"
+        raise DataError(f"{path} holds {got} data bytes, but its header promises shape {shape} "
+                        f"({nbytes} bytes)", "The file is truncated or corrupt")
     return np.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+# zlib's window bits for the gzip wrapper, and the longest IDX header (255 dimensions).
+_GZIP, _MAX_HEADER = 31, 4 + 4 * 255
+
+
+def _header(prefix: bytes, path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
+    """The dtype, shape and data offset an IDX file's first bytes declare.
+
+    Raises:
+        DataError: wrong magic number, or a header cut short.
+    """
+    if len(prefix) < 4 or prefix[:2] != b"\0\0" or prefix[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number {prefix[:4].hex()})",
+                        "Give a standard IDX file such as train-images-idx3-ubyte.gz")
+    ndim = prefix[3]
+    if ndim == 0 or len(prefix) < 4 + 4 * ndim:
+        raise DataError(f"{path} has a corrupt IDX header", "The file is corrupt")
+    shape = tuple(int.from_bytes(prefix[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.dtype(_IDX_DTYPES[prefix[2]]), shape, 4 + 4 * ndim
+
+
+def _gunzip(raw: bytes, limit: int) -> bytes:
+    """The gzip members of ``raw`` decompressed, but no more than ``limit`` bytes; each
+    member read to its end has had its checksum checked.
+
+    Raises:
+        EOFError: a member ends before its end-of-stream marker.
+        zlib.error: a damaged stream or checksum.
+    """
+    parts, n, data = [], 0, raw
+    while data and n < limit:
+        d = zlib.decompressobj(_GZIP)
+        parts.append(d.decompress(data, limit - n))
+        n += len(parts[-1])
+        if n < limit and not d.eof:
+            raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+        data = d.unused_data.lstrip(b"\0")  # members may be padded with zeros, as gzip allows
+    return b"".join(parts)

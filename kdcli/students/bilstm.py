@@ -16,10 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kdcli.students.common import check_dropout, check_two_widths, parse_two_widths
-
-#: The embedding width when the spec gives none.
-DEFAULT_EMBEDDING = 128
+from kdcli.students.common import WordWidthsConfig
 
 
 class BiLSTM(nn.Module):
@@ -60,38 +57,21 @@ class BiLSTM(nn.Module):
 
 
 @dataclass
-class BiLstmConfig:
+class BiLstmConfig(WordWidthsConfig):
     """A BiLSTM text classifier (``bilstm:150`` or ``bilstm:150,300``).
 
     Attributes:
-        hidden: ``[H]`` or ``[H, E]``: LSTM units per direction, and the embedding width
-            (default :data:`DEFAULT_EMBEDDING`).
+        hidden: ``[H]`` or ``[H, E]``: LSTM units per direction, and the embedding width (default
+            :data:`~kdcli.students.common.DEFAULT_EMBEDDING`).
         dropout: Dropout probability in the head.
     """
 
     USAGE: ClassVar[str] = "bilstm:H[,E] (e.g. bilstm:150; E: embedding width, default 128)"
     OTHERS: ClassVar[tuple[str, str]] = ("a BiLSTM takes its hidden and embedding widths and "
                                          "dropout only", "Use e.g. bilstm:150")
-    TEXT: ClassVar[bool] = True  # takes word ids of a text, see kdcli.students.words
     TRAIN_DEFAULTS: ClassVar[dict[str, Any]] = {"optimizer": "adam", "lr": 0.002}
+    TITLE: ClassVar[str] = "BiLSTM"
+    NAME: ClassVar[str] = "bilstm"
+    NETWORK: ClassVar[Any] = BiLSTM
 
     hidden: list[int] = field(default_factory=lambda: [150])
-    dropout: float = 0.0
-
-    @staticmethod
-    def parse(rest: str) -> dict[str, Any]:
-        """The fields of the spec after ``bilstm:`` (ValueError when unreadable)."""
-        return parse_two_widths(rest)
-
-    def spec(self) -> str:
-        return ",".join(map(str, self.hidden))
-
-    def check(self) -> None:
-        check_two_widths(self.hidden, "BiLSTM", "bilstm")
-        check_dropout("dropout", self.dropout)
-
-    def build(self, raw: list[int], num_classes: int, vocab_size: int = 2,
-              ) -> tuple[nn.Module, list[int]]:
-        """The network for word ids ``[B, L]`` (``raw`` is ``[max_len]``)."""
-        dim = self.hidden[1] if len(self.hidden) > 1 else DEFAULT_EMBEDDING
-        return BiLSTM(vocab_size, self.hidden[0], dim, num_classes, self.dropout), list(raw)

@@ -1,10 +1,11 @@
 """Checks and shapes that several model families share: dropout, max-norm, width
-multipliers, a text family's one or two widths, and image inputs."""
+multipliers, image inputs, and the configuration of a word family of one or two widths."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from kdcli.checks import MAX_CNN_WIDTH, check_width
 from kdcli.errors import UsageError
@@ -35,22 +36,61 @@ def check_width_multiplier(width: object, family: str, title: str, base: int,
                          f"to {MAX_CNN_WIDTH:g}, got {width}", f"Use e.g. {family}:{example}")
 
 
-def parse_two_widths(rest: str) -> dict[str, Any]:
-    """``hidden`` of a spec of one or two widths, such as ``150`` or ``150,300`` (a text
-    family's size and embedding width); ValueError when unreadable."""
-    parts = [int(p) for p in rest.split(",")] if rest.strip() else []
-    if not 1 <= len(parts) <= 2:
-        raise ValueError(rest)
-    return {"hidden": parts}
+#: A word family's embedding width when its spec gives none.
+DEFAULT_EMBEDDING = 128
 
 
-def check_two_widths(hidden: object, title: str, family: str) -> None:
-    """``hidden``: one or two widths (see :func:`parse_two_widths`)."""
-    if not (isinstance(hidden, list) and 1 <= len(hidden) <= 2):
-        raise UsageError(f"a {title} takes one or two widths, got {hidden!r}",
-                         f"Use e.g. {family}:100 or {family}:100,300")
-    for width in hidden:
-        check_width(width)
+@dataclass
+class WordWidthsConfig:
+    """The configuration shared by word families sized ``NAME:W[,E]``: W (the family's own
+    width) and the embedding width E (default :data:`DEFAULT_EMBEDDING`). A family
+    subclasses it with its ``USAGE``, ``OTHERS``, ``TRAIN_DEFAULTS``, ``TITLE`` (how
+    errors name it), ``NAME``, default ``hidden`` and ``NETWORK``, called as
+    ``NETWORK(vocab_size, W, E, num_classes, dropout)``.
+
+    Attributes:
+        hidden: ``[W]`` or ``[W, E]``.
+        dropout: Dropout probability (where the family puts it).
+    """
+
+    TEXT: ClassVar[bool] = True  # takes word ids of a text, see kdcli.students.words
+    TITLE: ClassVar[str]
+    NAME: ClassVar[str]
+    NETWORK: ClassVar[Any]
+
+    hidden: list[int] = field(default_factory=lambda: [100])
+    dropout: float = 0.0
+
+    @staticmethod
+    def parse(rest: str) -> dict[str, Any]:
+        """The fields of the spec after ``NAME:`` (ValueError when unreadable)."""
+        parts = [int(p) for p in rest.split(",")] if rest.strip() else []
+        if not 1 <= len(parts) <= 2:
+            raise ValueError(rest)
+        return {"hidden": parts}
+
+    def spec(self) -> str:
+        return ",".join(map(str, self.hidden))
+
+    def check(self) -> None:
+        if not (isinstance(self.hidden, list) and 1 <= len(self.hidden) <= 2):
+            raise UsageError(f"a {self.TITLE} takes one or two widths, got {self.hidden!r}",
+                             f"Use e.g. {self.NAME}:{self.hidden_default()} or "
+                             f"{self.NAME}:{self.hidden_default()},300")
+        for width in self.hidden:
+            check_width(width)
+        check_dropout("dropout", self.dropout)
+
+    @classmethod
+    def hidden_default(cls) -> int:
+        """The family's default W."""
+        return cls.__dataclass_fields__["hidden"].default_factory()[0]
+
+    def build(self, raw: list[int], num_classes: int, vocab_size: int = 2) -> tuple[Any, list[int]]:
+        """The network for word ids ``[B, L]`` (``raw`` is ``[max_len]``)."""
+        dim = self.hidden[1] if len(self.hidden) > 1 else DEFAULT_EMBEDDING
+        return self.NETWORK(vocab_size, self.hidden[0], dim, num_classes, self.dropout), \
+            list(raw)
 
 
 def image_shape(raw: list[int], what: str, smallest: int) -> list[int]:

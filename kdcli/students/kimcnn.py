@@ -17,10 +17,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kdcli.students.common import check_dropout, check_two_widths, parse_two_widths
+from kdcli.students.common import WordWidthsConfig
 
-#: The embedding width when the spec gives none, and the filter widths (Kim's).
-DEFAULT_EMBEDDING, WIDTHS = 128, (3, 4, 5)
+#: The filter widths (Kim's).
+WIDTHS = (3, 4, 5)
 
 
 class KimCNN(nn.Module):
@@ -58,12 +58,12 @@ class KimCNN(nn.Module):
 
 
 @dataclass
-class KimCnnConfig:
+class KimCnnConfig(WordWidthsConfig):
     """A Kim CNN text classifier (``kimcnn:100`` or ``kimcnn:100,300``).
 
     Attributes:
         hidden: ``[F]`` or ``[F, E]``: filters of each width (3, 4 and 5), and the embedding
-            width (default :data:`DEFAULT_EMBEDDING`).
+            width (default :data:`~kdcli.students.common.DEFAULT_EMBEDDING`).
         dropout: Dropout probability on the pooled features (Kim used 0.5).
     """
 
@@ -71,26 +71,9 @@ class KimCnnConfig:
                             "5; E: embedding width, default 128)")
     OTHERS: ClassVar[tuple[str, str]] = ("a Kim CNN takes its filter count, embedding width "
                                          "and dropout only", "Use e.g. kimcnn:100")
-    TEXT: ClassVar[bool] = True  # takes word ids of a text, see kdcli.students.words
     TRAIN_DEFAULTS: ClassVar[dict[str, Any]] = {"optimizer": "adam", "lr": 0.001}
+    TITLE: ClassVar[str] = "Kim CNN"
+    NAME: ClassVar[str] = "kimcnn"
+    NETWORK: ClassVar[Any] = KimCNN
 
     hidden: list[int] = field(default_factory=lambda: [100])
-    dropout: float = 0.0
-
-    @staticmethod
-    def parse(rest: str) -> dict[str, Any]:
-        """The fields of the spec after ``kimcnn:`` (ValueError when unreadable)."""
-        return parse_two_widths(rest)
-
-    def spec(self) -> str:
-        return ",".join(map(str, self.hidden))
-
-    def check(self) -> None:
-        check_two_widths(self.hidden, "Kim CNN", "kimcnn")
-        check_dropout("dropout", self.dropout)
-
-    def build(self, raw: list[int], num_classes: int, vocab_size: int = 2,
-              ) -> tuple[nn.Module, list[int]]:
-        """The network for word ids ``[B, L]`` (``raw`` is ``[max_len]``)."""
-        dim = self.hidden[1] if len(self.hidden) > 1 else DEFAULT_EMBEDDING
-        return KimCNN(vocab_size, self.hidden[0], dim, num_classes, self.dropout), list(raw)
